@@ -1,0 +1,64 @@
+"""The attention seam: one signature, the reference math and the fast implementations.
+
+Every implementation computes ``softmax(q @ k^T + bias) @ v`` over the windows of a batch:
+
+- ``q, k, v``: ``(B * nW, nH, N, d)``; ``q`` already carries its scale (``d**-0.5`` in V1, the
+  clamped ``exp(logit_scale)`` of cosine attention in V2);
+- ``bias``: ``(nH, N, N)`` (relative position bias only) or ``(nW, nH, N, N)`` (bias plus the
+  shift mask of each of the ``nW`` windows; windows are batch-major, so window ``i`` of the
+  flattened batch uses ``bias[i % nW]``).
+
+The result is ``(B * nW, nH, N, d)``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_IMPLS = ("reference", "sdpa")
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool) -> Tensor:
+    """The paper's Eq. 4, written out: the path tests and exports compare against."""
+    windows, heads, tokens, _ = q.shape
+    attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
+    groups = bias.shape[0] if bias.dim() == 4 else 1
+    attn = attn.view(windows // groups, groups, heads, tokens, tokens) + bias
+    attn = attn.view(windows, heads, tokens, tokens).softmax(dim=-1)
+    attn = F.dropout(attn, dropout_p, training=training)
+    return attn @ v
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool) -> Tensor:
+    """PyTorch's fused ``scaled_dot_product_attention`` with the bias as an additive float mask."""
+    windows, heads, tokens, _ = q.shape
+    if bias.dim() == 4:
+        groups = bias.shape[0]
+        mask = bias.unsqueeze(0).expand(windows // groups, -1, -1, -1, -1).reshape(windows, heads, tokens, tokens)
+    else:
+        mask = bias.unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, scale=1.0)
+
+
+_IMPLEMENTATIONS = {"reference": reference_attention, "sdpa": sdpa_attention}
+
+
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool, impl: str = "reference"
+) -> Tensor:
+    """Dispatch to the implementation named ``impl`` (one of :data:`ATTENTION_IMPLS`)."""
+    return _IMPLEMENTATIONS[impl](q, k, v, bias, dropout_p, training)
+
+
+def check_impl(impl: str) -> str:
+    if impl not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown attn_impl {impl!r}; accepted: {', '.join(ATTENTION_IMPLS)}")
+    return impl
+
+
+def combine_bias_and_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
+    """``(nH, N, N)`` bias and ``(nW, N, N)`` mask -> ``(nW, nH, N, N)`` (or the bias alone)."""
+    if mask is None:
+        return bias
+    return bias.unsqueeze(0) + mask.unsqueeze(1)

@@ -1,0 +1,117 @@
+"""Recognising a checkpoint: which layout (format), which family (V1 / V2), which architecture."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .io import CheckpointError, StateDict
+
+FORMATS = ("official", "timm", "torchvision", "hf", "swinkit")
+
+_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+def detect_format(state_dict: StateDict) -> str:
+    """Name the layout of a state dict: one of :data:`FORMATS` (``swinkit`` is the official layout).
+
+    Raises :class:`CheckpointError` when the keys are not those of any Swin layout.
+    """
+    keys = list(state_dict)
+    if any(key.startswith("features.0.0.") for key in keys):
+        return "torchvision"
+    if any(key.startswith(("swin.", "swinv2.", "embeddings.patch_embeddings", "encoder.layers.")) for key in keys):
+        return "hf"
+    keys = [key[len("backbone.") :] if key.startswith("backbone.") else key for key in keys]
+    if any(_BLOCK.match(key) for key in keys) and any(key.startswith("patch_embed.") for key in keys):
+        if any(re.match(r"^layers\.0\.downsample\.", key) for key in keys):
+            return "official"
+        if any(re.match(r"^layers\.[1-9]\d*\.downsample\.", key) for key in keys) or "head.fc.weight" in keys:
+            return "timm"
+        return "official"
+    sample = ", ".join(keys[:5])
+    raise CheckpointError(
+        f"the state dict is not a Swin Transformer checkpoint of any known layout "
+        f"({', '.join(FORMATS)}); its first keys are: {sample}"
+    )
+
+
+def detect_family(state_dict: StateDict) -> str:
+    """``"v2"`` if the weights have V2's cosine attention / continuous position bias, else ``"v1"``."""
+    v2_markers = ("logit_scale", "cpb_mlp", "continuous_position_bias_mlp")
+    return "v2" if any(marker in key for key in state_dict for marker in v2_markers) else "v1"
+
+
+def infer_config(state_dict: StateDict) -> dict[str, Any]:
+    """Architecture fields that a swinkit-layout state dict determines (a partial :class:`SwinConfig`)."""
+    try:
+        proj = state_dict["patch_embed.proj.weight"]
+    except KeyError:
+        raise CheckpointError("the state dict has no patch_embed.proj.weight: not a Swin checkpoint") from None
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        match = _BLOCK.match(key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    stages = range(len(depths))
+    family = detect_family(state_dict)
+    fields: dict[str, Any] = {
+        "family": family,
+        "embed_dim": embed_dim,
+        "in_chans": in_chans,
+        "patch_size": patch_size,
+        "depths": tuple(depths[i] for i in stages),
+        "num_heads": tuple(_heads(state_dict, i, family) for i in stages),
+        "mlp_ratio": state_dict["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "patch_norm": "patch_embed.norm.weight" in state_dict,
+        "ape": "absolute_pos_embed" in state_dict,
+    }
+    if family == "v1":
+        rows = state_dict["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+        fields["window_size"] = (math.isqrt(rows) + 1) // 2
+        construction = _clamped_size(state_dict, fields["window_size"], patch_size, len(depths))
+        if construction:
+            fields["img_size"] = construction
+        fields["qkv_bias"] = "layers.0.blocks.0.attn.qkv.bias" in state_dict
+    else:
+        fields["qkv_bias"] = "layers.0.blocks.0.attn.q_bias" in state_dict
+    if "head.weight" in state_dict:
+        fields["num_classes"] = state_dict["head.weight"].shape[0]
+    elif "norm.weight" not in state_dict:
+        fields["features_only"] = True
+        fields["out_indices"] = tuple(i for i in stages if f"norm{i}.weight" in state_dict) or tuple(stages)
+        fields["stage_norms"] = any(f"norm{i}.weight" in state_dict for i in stages)
+    else:
+        fields["num_classes"] = 0
+    if fields["ape"]:
+        fields["img_size"] = math.isqrt(state_dict["absolute_pos_embed"].shape[1]) * patch_size
+    return fields
+
+
+def _clamped_size(state_dict: StateDict, window: int, patch_size: int, stages: int) -> int | None:
+    """The construction size implied by a stage whose bias table was clamped below the window."""
+    for stage in range(stages):
+        rows = state_dict[f"layers.{stage}.blocks.0.attn.relative_position_bias_table"].shape[0]
+        side = (math.isqrt(rows) + 1) // 2
+        if side < window:
+            return side * 2**stage * patch_size
+    return None
+
+
+def _heads(state_dict: StateDict, stage: int, family: str) -> int:
+    prefix = f"layers.{stage}.blocks.0.attn."
+    if family == "v1":
+        return state_dict[prefix + "relative_position_bias_table"].shape[1]
+    return state_dict[prefix + "logit_scale"].shape[0]
+
+
+def describe(fields: dict[str, Any]) -> str:
+    """A short human description of an architecture, for error messages."""
+    parts = [f"Swin {fields.get('family', 'v1').upper()}"]
+    for name in ("embed_dim", "depths", "num_heads", "window_size", "num_classes"):
+        if name in fields:
+            parts.append(f"{name}={fields[name]}")
+    return " ".join(parts)

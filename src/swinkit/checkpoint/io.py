@@ -1,0 +1,153 @@
+"""Reading and writing checkpoint files safely.
+
+``.pth`` / ``.bin`` files are read with ``torch.load(weights_only=True)`` only: a pickle that
+would need to run code is refused. safetensors files are recognised by their header, whatever
+their name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+# Top-level keys under which training scripts nest the weights (official: "model", timm: "state_dict").
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+# Prefixes added by DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not fit the model it is loaded into."""
+
+
+def _file_kind(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+            return "safetensors"
+    return "unknown"
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass a checkpoint file (.pth, .bin or .safetensors)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes)")
+
+
+def _load_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except Exception as error:  # safetensors raises its own SafetensorError, not a subclass we can name
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    return tensors, metadata
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "GLOBAL" in message or "global" in message:
+            culprit = next((line.strip() for line in message.splitlines() if "GLOBAL" in line), "")
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that needs to import and run code to load "
+                f"({culprit or 'an unsupported global'}). swinkit reads .pth/.bin files with "
+                "torch.load(weights_only=True) so that a checkpoint can never execute code. If you trust "
+                "the file, re-save only its tensors (e.g. torch.save(state_dict, ...)) or convert it to "
+                ".safetensors, then load that."
+            ) from None
+        raise CheckpointError(f"{path} is not a valid PyTorch checkpoint (corrupt or not a checkpoint)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"could not read {path} as a PyTorch checkpoint (truncated or corrupt?): {first}"
+        ) from None
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
+    """Find the state dict inside a training checkpoint and strip DDP / compile prefixes."""
+    while isinstance(obj, Mapping):
+        wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    non_tensors = [key for key, value in obj.items() if not isinstance(value, Tensor)]
+    if non_tensors:
+        raise CheckpointError(
+            f"{source} is not a state dict: entries {non_tensors[:5]} are not tensors "
+            "(expected a mapping of parameter names to tensors, or {'model': state_dict})"
+        )
+    state_dict = {}
+    for key, value in obj.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        state_dict[key] = value
+    return state_dict
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file: (state dict, safetensors metadata or {})."""
+    path = Path(path)
+    _check_path(path)
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        tensors, metadata = _load_safetensors(path)
+        return unwrap_state_dict(tensors, str(path)), metadata
+    if kind == "torch":
+        return unwrap_state_dict(_load_pickle(path), str(path)), {}
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
+    )
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(state_dict: StateDict, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write tensors (made contiguous, shared storage broken) and string metadata atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
+    text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=text))
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,168 @@
+"""Loading any supported checkpoint into a swinkit model, with a report of what happened."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import official, timm
+from .formats import describe, detect_family, detect_format, infer_config
+from .io import CheckpointError, StateDict, read_checkpoint, unwrap_state_dict
+
+logger = logging.getLogger(__name__)
+
+_TO_SWINKIT = {"official": official.to_swinkit, "swinkit": official.to_swinkit, "timm": timm.to_swinkit}
+
+
+@dataclass
+class LoadReport:
+    """What a load did: the file's layout and family, keys that did not fit, parts re-initialised."""
+
+    source: str
+    format: str
+    family: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every model parameter was loaded from the file and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.source} ({self.format} layout, Swin {self.family.upper()})"]
+        for title, items in (("missing from the file", self.missing), ("unexpected in the file", self.unexpected)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+                lines.append(f"  {title}: {shown}")
+        for key, model_shape, file_shape in self.mismatched[:10]:
+            lines.append(f"  shape mismatch {key}: model {model_shape}, file {file_shape}")
+        if len(self.mismatched) > 10:
+            lines.append(f"  ... {len(self.mismatched)} shape mismatches in all")
+        lines += [f"  re-initialised: {item}" for item in self.reinitialized]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory and brought to swinkit's key names."""
+
+    source: str
+    format: str
+    family: str
+    state_dict: StateDict
+    metadata: dict[str, str]
+
+
+def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
+    """Read a file (or take an in-memory state dict) and convert it to swinkit's layout."""
+    if isinstance(source, Mapping):
+        state_dict, metadata, label = unwrap_state_dict(source, "state dict"), {}, "state dict"
+    else:
+        state_dict, metadata = read_checkpoint(source)
+        label = str(Path(source))
+    fmt = "swinkit" if "swinkit_config" in metadata else detect_format(state_dict)
+    converter = _TO_SWINKIT.get(fmt)
+    if converter is None:
+        raise CheckpointError(f"{label}: loading the {fmt} layout is not supported yet")
+    converted = converter(state_dict)
+    return Checkpoint(label, fmt, detect_family(converted), converted, metadata)
+
+
+def load_checkpoint(
+    model: nn.Module, source: str | os.PathLike | Mapping[str, Any] | Checkpoint, strict: bool = True
+) -> LoadReport:
+    """Load ``source`` (a file path, a state dict in any supported layout, or a :class:`Checkpoint`).
+
+    With ``strict`` (the default) any missing, unexpected or mis-shaped key raises
+    :class:`CheckpointError` naming them; a different classifier size is not an error: the head is
+    re-initialised and the report says so. Returns the :class:`LoadReport` (also logged).
+    """
+    checkpoint = source if isinstance(source, Checkpoint) else read_any(source)
+    config = model.config
+    report = LoadReport(checkpoint.source, checkpoint.format, checkpoint.family)
+    if checkpoint.family != config.family:
+        raise CheckpointError(
+            f"{checkpoint.source} is a Swin {checkpoint.family.upper()} checkpoint but the model is Swin "
+            f"{config.family.upper()}; create a {'swinv2_*' if checkpoint.family == 'v2' else 'swin_*'} model "
+            "for it (or load it with create_model(checkpoint=...) and no name)"
+        )
+    state_dict = _adapt_outputs(dict(checkpoint.state_dict), model, report)
+    _compare(state_dict, model.state_dict(), report)
+    if strict and not report.ok:
+        raise CheckpointError(_mismatch_message(checkpoint, model, report))
+    expected = model.state_dict()
+    fitting = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    logger.log(logging.INFO if report.ok and not report.reinitialized else logging.WARNING, "%s", report)
+    return report
+
+
+def _adapt_outputs(state_dict: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
+    """Fit the file's classifier / output norms to the model's: re-initialise or drop, and say so."""
+    config = model.config
+    expected = model.state_dict()
+    if config.features_only:
+        dropped = [k for k in state_dict if k.startswith(("head.", "norm.")) and k not in expected]
+        for key in dropped:
+            del state_dict[key]
+        if dropped:
+            report.notes.append("the file's classifier head and final norm are not used by a features_only backbone")
+        fresh = [k for k in expected if k.split(".")[0] in {f"norm{i}" for i in config.out_indices}]
+        fresh = [k for k in fresh if k not in state_dict]
+        if fresh:
+            report.reinitialized.append(f"output norms {sorted({k.split('.')[0] for k in fresh})} (not in the file)")
+            for key in fresh:
+                state_dict[key] = expected[key]
+        return state_dict
+    file_head = state_dict.get("head.weight")
+    model_head = expected.get("head.weight")
+    if file_head is not None and (model_head is None or file_head.shape != model_head.shape):
+        model_classes = 0 if model_head is None else model_head.shape[0]
+        report.reinitialized.append(
+            f"head: the file has {file_head.shape[0]} classes, the model {model_classes}; the model keeps its own head"
+        )
+        return _keep_model_head(state_dict, expected)
+    if file_head is None and model_head is not None:
+        report.reinitialized.append("head: the file has no classifier; the model keeps its own head")
+        return _keep_model_head(state_dict, expected)
+    return state_dict
+
+
+def _keep_model_head(state_dict: StateDict, expected: dict[str, Tensor]) -> StateDict:
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    state_dict.update({k: v for k, v in expected.items() if k.startswith("head.")})
+    return state_dict
+
+
+def _compare(state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport) -> None:
+    report.missing = [k for k in expected if k not in state_dict]
+    report.unexpected = [k for k in state_dict if k not in expected]
+    report.mismatched = [
+        (k, tuple(expected[k].shape), tuple(v.shape))
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+
+
+def _mismatch_message(checkpoint: Checkpoint, model: nn.Module, report: LoadReport) -> str:
+    try:
+        file_arch = describe(infer_config(checkpoint.state_dict))
+    except (CheckpointError, KeyError):
+        file_arch = "an architecture swinkit could not identify"
+    model_arch = describe(model.config.to_dict())
+    return (
+        f"{checkpoint.source} does not fit the model: the file is {file_arch}, the model is {model_arch}.\n"
+        f"{report}\nPass strict=False to load what fits, or create the model from the file with "
+        "create_model(checkpoint=path) and no name."
+    )

@@ -1,0 +1,44 @@
+"""swinkit's own format: a safetensors file whose metadata carries the model's whole config,
+the class names and the preprocessing, so that nothing else is needed to predict or evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from torch import nn
+
+from ..variants import SwinConfig
+from .io import CheckpointError, save_safetensors
+
+
+def _version() -> str:
+    try:
+        return version("swinkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save(model: nn.Module, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> None:
+    """Write ``model`` as a swinkit safetensors file (atomically): weights, config, class names."""
+    config: SwinConfig = model.config
+    if class_names is not None and len(class_names) != config.num_classes:
+        raise ValueError(f"{len(class_names)} class names given for a model with {config.num_classes} classes")
+    metadata = {"swinkit_config": json.dumps(config.to_dict()), "swinkit_version": _version()}
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    save_safetensors(model.state_dict(), path, metadata)
+
+
+def config_from_metadata(metadata: dict[str, str], source: str) -> SwinConfig:
+    try:
+        return SwinConfig.from_dict(json.loads(metadata["swinkit_config"]))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{source}: the swinkit config in the file's metadata is invalid: {error}") from None
+
+
+def class_names_from_metadata(metadata: dict[str, str]) -> list[str] | None:
+    names = metadata.get("class_names")
+    return json.loads(names) if names else None

@@ -1,0 +1,73 @@
+"""Building models from a preset name, a config, or a checkpoint file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from .checkpoint.formats import infer_config
+from .checkpoint.load import Checkpoint, load_checkpoint, read_any
+from .checkpoint.native import config_from_metadata
+from .variants import Preprocessing, SwinConfig, get_config
+
+logger = logging.getLogger(__name__)
+
+# The construction sizes of the published V1 checkpoints, by window (a file does not store it).
+_V1_SIZE_FOR_WINDOW = {7: 224, 12: 384}
+
+
+def build_model(config: SwinConfig, attn_impl: str = "reference") -> nn.Module:
+    """A randomly initialised model for ``config`` (V1 or V2)."""
+    if config.family == "v2":
+        from .model_v2 import SwinTransformerV2
+
+        return SwinTransformerV2(config, attn_impl=attn_impl)
+    from .model import SwinTransformer
+
+    return SwinTransformer(config, attn_impl=attn_impl)
+
+
+def config_from_checkpoint(checkpoint: Checkpoint) -> SwinConfig:
+    """The config stored in a swinkit file, or the one the weights of a foreign file imply."""
+    if checkpoint.format == "swinkit":
+        return config_from_metadata(checkpoint.metadata, checkpoint.source)
+    fields = infer_config(checkpoint.state_dict)
+    if "img_size" not in fields and fields["family"] == "v1":
+        fields["img_size"] = _V1_SIZE_FOR_WINDOW.get(fields.get("window_size", 7), 224)
+    img_size = fields.get("img_size", 224)
+    fields["preprocessing"] = Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing()
+    return SwinConfig(**fields)
+
+
+def create_model(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    strict: bool = True,
+    attn_impl: str = "reference",
+    **overrides: Any,
+) -> nn.Module:
+    """Build a Swin model by preset ``name``, optionally loading ``checkpoint`` (any supported layout).
+
+    ``overrides`` change any :class:`~swinkit.variants.SwinConfig` field (``num_classes``,
+    ``img_size``, ``window_size``, ``drop_path_rate``, ``features_only``, ``out_indices``, ...).
+    With no ``name`` the architecture comes from the checkpoint. Without an explicit
+    ``num_classes`` the model takes the checkpoint's classifier size; with one, a different head
+    in the file is re-initialised (see the load report, logged and kept in ``model.load_report``).
+    """
+    if name is None and checkpoint is None:
+        raise ValueError("create_model needs a model name or a checkpoint (or both)")
+    loaded = read_any(checkpoint) if checkpoint is not None else None
+    if name is None:
+        config = config_from_checkpoint(loaded).replace(**overrides) if overrides else config_from_checkpoint(loaded)
+    else:
+        if loaded is not None and "num_classes" not in overrides and "head.weight" in loaded.state_dict:
+            overrides["num_classes"] = loaded.state_dict["head.weight"].shape[0]
+        config = get_config(name, **overrides)
+    model = build_model(config, attn_impl=attn_impl)
+    if loaded is not None:
+        model.load_report = load_checkpoint(model, loaded, strict=strict)
+    return model

@@ -1,0 +1,94 @@
+"""Analytic FLOPs the way the Swin papers count them: multiply-adds of linear layers, the two
+attention matmuls and the LayerNorms (one per element); softmax, GELU, adds and the V2 position-bias
+MLP are not counted. At the construction size the totals equal the papers' tables.
+
+Counts follow the actual input size: padding to the patch size, the window clamp or shift rule,
+padding to a multiple of the window (padded tokens are computed, so they are counted) and odd maps
+padded before merging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .model import stage_window, window_and_shift
+from .variants import SwinConfig
+
+
+@dataclass
+class FlopsReport:
+    """Multiply-adds per part of the network for one image of ``input_size`` ``(C, H, W)``."""
+
+    input_size: tuple[int, int, int]
+    patch_embed: int
+    stages: list[int]
+    head: int
+    stage_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (C, H, W) of each stage
+
+    @property
+    def total(self) -> int:
+        return self.patch_embed + sum(self.stages) + self.head
+
+    def __str__(self) -> str:
+        lines = [f"FLOPs for input {self.input_size}: {self.total / 1e9:.2f} G"]
+        lines.append(f"  patch embed     {self.patch_embed / 1e9:8.3f} G")
+        for i, (count, shape) in enumerate(zip(self.stages, self.stage_shapes, strict=True)):
+            lines.append(f"  stage {i} {shape!s:<16} {count / 1e9:8.3f} G")
+        lines.append(f"  norm + head     {self.head / 1e9:8.3f} G")
+        return "\n".join(lines)
+
+
+def _block_flops(dim: int, H: int, W: int, window: tuple[int, int], mlp_ratio: float) -> int:
+    Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
+    N = window[0] * window[1]
+    windows = (Hp * Wp) // N
+    attention = N * dim * 3 * dim + 2 * N * N * dim + N * dim * dim  # qkv, q @ k^T and attn @ v, proj
+    return 2 * dim * H * W + windows * attention + int(2 * H * W * dim * dim * mlp_ratio)
+
+
+def _merge_flops(dim: int, H: int, W: int, family: str) -> int:
+    tokens = math.ceil(H / 2) * math.ceil(W / 2)
+    norm = tokens * (4 * dim if family == "v1" else 2 * dim)  # V2 normalises after the reduction
+    return norm + tokens * 4 * dim * 2 * dim
+
+
+def count_flops(config: SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224)) -> FlopsReport:
+    """FLOPs of ``config`` on one image of ``input_size`` ``(C, H, W)``."""
+    _, H, W = input_size
+    p = config.patch_size
+    H, W = math.ceil(H / p), math.ceil(W / p)
+    patch_embed = H * W * config.embed_dim * config.in_chans * p * p + (
+        H * W * config.embed_dim if config.patch_norm else 0
+    )
+    stages, shapes = [], []
+    last = len(config.depths) - 1
+    for i, depth in enumerate(config.depths):
+        dim, table = config.embed_dim * 2**i, stage_window(config, i)
+        shapes.append((dim, H, W))
+        count = 0
+        for j in range(depth):
+            window, _ = window_and_shift(H, W, table, 0 if j % 2 == 0 else table // 2, config.always_shift)
+            count += _block_flops(dim, H, W, window, config.mlp_ratio)
+            if config.extra_norm_period and (j + 1) % config.extra_norm_period == 0:
+                count += dim * H * W
+        if config.stage_norms and i in config.out_indices:
+            count += dim * H * W
+        if i < last:
+            count += _merge_flops(dim, H, W, config.family)
+            H, W = math.ceil(H / 2), math.ceil(W / 2)
+        stages.append(count)
+    head = 0 if config.features_only else config.num_features * H * W + config.num_features * config.num_classes
+    return FlopsReport((config.in_chans, *input_size[1:]), patch_embed, stages, head, shapes)
+
+
+def flops(model: nn.Module | SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224)) -> FlopsReport:
+    """FLOPs of a swinkit model (or config) on one image of ``input_size`` ``(C, H, W)``."""
+    config = model if isinstance(model, SwinConfig) else model.config
+    return count_flops(config, tuple(input_size))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

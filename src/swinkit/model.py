@@ -1,0 +1,528 @@
+"""Swin Transformer V1 (Liu et al., "Hierarchical Vision Transformer using Shifted Windows", ICCV 2021).
+
+Read it beside the paper's Section 3: patch partition and linear embedding (3.1), window
+partition, W-MSA with the relative position bias (3.2, Eq. 4), SW-MSA with the cyclic shift and
+its mask (3.2, "efficient batch computation"), the Swin Transformer block (Eq. 3), patch merging
+(3.1) and the stages. Parameter names are the official checkpoint's, so an official ``.pth``
+loads after dropping its derived buffers.
+
+Inside the backbone tensors are channels-last ``(B, H, W, C)``; images in and maps out are NCHW.
+Nothing here depends on a stored input size: padding, window clamp, shift mask and index tables
+follow the actual feature size and are cached by (size, dtype, device).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from .attention import check_impl, combine_bias_and_mask, window_attention
+from .variants import SwinConfig
+
+Pair = tuple[int, int]
+POSITION_PARAMETERS = ("absolute_pos_embed", "relative_position_bias_table")
+
+# ---------------------------------------------------------------------------------------------
+# 3.1 Patch partition and linear embedding
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Split the image into ``patch_size`` x ``patch_size`` patches and project each to ``embed_dim``.
+
+    A strided convolution is the patch partition and the linear embedding in one op. The image is
+    padded right/bottom to a multiple of the patch size (never cropped).
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, -W % self.patch_size, 0, -H % self.patch_size))
+        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.2 Window partition, relative position bias, shift mask
+# ---------------------------------------------------------------------------------------------
+
+
+def window_partition(x: Tensor, window: Pair) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B * nW, Wh * Ww, C)``; windows batch-major, then row, then column."""
+    B, H, W, C = x.shape
+    Wh, Ww = window
+    x = x.view(B, H // Wh, Wh, W // Ww, Ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Wh * Ww, C)
+
+
+def window_reverse(windows: Tensor, window: Pair, H: int, W: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, Wh * Ww, C)`` -> ``(B, H, W, C)``."""
+    Wh, Ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // Wh, W // Ww, Wh, Ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_shift: bool) -> tuple[Pair, Pair]:
+    """The window and shift a block uses on an ``H`` x ``W`` map.
+
+    Classification rule (official code): along a side no longer than the window, the window
+    shrinks to the side and does not shift (so Swin-T at 224 does not shift in stage 4).
+    Detection rule (``always_shift``): the window and shift stay; the map is padded instead.
+    """
+    if always_shift:
+        return (window_size, window_size), (shift_size, shift_size)
+    window = (min(H, window_size), min(W, window_size))
+    shift = (0 if window_size >= H else shift_size, 0 if window_size >= W else shift_size)
+    return window, shift
+
+
+def _derived(fn):
+    """Cache a derived tensor by its arguments; built outside autograd and inference mode.
+
+    Inference-mode tensors cannot be saved for backward, so a table first built under
+    ``torch.inference_mode`` must still be an ordinary tensor when training uses it later.
+    """
+
+    @functools.lru_cache(maxsize=256)
+    def cached(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args)
+
+    return functools.wraps(fn)(cached)
+
+
+@_derived
+def relative_position_index(window: Pair, table_window: Pair, device: torch.device) -> Tensor:
+    """Index of Eq. 4's bias table for every token pair of a window, flattened to ``(N * N,)``.
+
+    ``index[i, j] = (h_i - h_j + Th - 1) * (2 Tw - 1) + (w_i - w_j + Tw - 1)`` into a table of
+    ``(2 Th - 1) * (2 Tw - 1)`` rows built for windows of ``table_window``; a smaller ``window``
+    (a clamped one) reads the central part of the table.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    relative = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    index = (relative[0] + table_window[0] - 1) * (2 * table_window[1] - 1) + (relative[1] + table_window[1] - 1)
+    return index.flatten().to(device)
+
+
+def _bands(length: int, window: int, shift: int) -> list[slice]:
+    # After a cyclic shift by -shift, the last window along a side holds rows from two regions.
+    if shift == 0:
+        return [slice(0, length)]
+    return [slice(0, length - window), slice(length - window, length - shift), slice(length - shift, length)]
+
+
+@_derived
+def shift_window_mask(H: int, W: int, window: Pair, shift: Pair, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """SW-MSA mask for a padded ``H`` x ``W`` map: ``(nW, N, N)``, ``-100`` across regions, else 0.
+
+    The shifted map is cut into up to 3 x 3 regions that were not adjacent before the shift;
+    tokens of one window in different regions must not attend to each other. The official code
+    adds ``-100`` (not ``-inf``), which we keep: it changes the softmax by ``e^-100``.
+    """
+    regions = torch.zeros(1, H, W, 1)
+    label = 0
+    for rows in _bands(H, window[0], shift[0]):
+        for cols in _bands(W, window[1], shift[1]):
+            regions[:, rows, cols, :] = label
+            label += 1
+    regions = window_partition(regions, window).squeeze(-1)  # (nW, N)
+    different = regions.unsqueeze(1) != regions.unsqueeze(2)  # (nW, N, N)
+    return torch.zeros(different.shape, dtype=dtype).masked_fill(different, -100.0).to(device)
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """The block's two-layer MLP with GELU (exact erf form)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class WindowAttention(nn.Module):
+    """W-MSA: multi-head self-attention inside each window, with relative position bias (Eq. 4).
+
+    Args:
+        dim: channels of the tokens.
+        num_heads: attention heads; ``dim`` must divide by it.
+        table_window: window the bias table is built for (the block's construction window).
+        qkv_bias: learnable bias on q, k and v.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, table_window: int, qkv_bias: bool, attn_drop: float, proj_drop: float
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.table_window = (table_window, table_window)
+        self.scale = (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.attn_impl = "reference"
+        # \hat{B} of Eq. 4: one learnable bias per relative offset and head.
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * table_window - 1) ** 2, num_heads))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self, window: Pair) -> Tensor:
+        """B of Eq. 4 for ``window``: ``(nH, N, N)``."""
+        N = window[0] * window[1]
+        index = relative_position_index(window, self.table_window, self.relative_position_bias_table.device)
+        return self.relative_position_bias_table[index].view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
+        """``x``: ``(B * nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B*nW, nH, N, d)
+        bias = combine_bias_and_mask(self.relative_position_bias(window), mask)
+        x = window_attention(q * self.scale, k, v, bias, self.attn_drop, self.training, self.attn_impl)
+        x = x.transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair) -> Tensor:
+    """(S)W-MSA on a ``(B, H, W, C)`` map: pad, cyclic shift, partition, attend, reverse, crop.
+
+    Padding comes before the shift (right/bottom, to a multiple of the window), so the mask is
+    built on the padded map, as in the official detection code.
+    """
+    H, W = x.shape[1:3]
+    pad_bottom, pad_right = -H % window[0], -W % window[1]
+    x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+    Hp, Wp = H + pad_bottom, W + pad_right
+    shifted = shift[0] > 0 or shift[1] > 0
+    if shifted:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
+    windows = attn(window_partition(x, window), window, mask)  # (B*nW, N, C)
+    x = window_reverse(windows, window, Hp, Wp)
+    if shifted:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :H, :W, :]
+
+
+class SwinTransformerBlock(nn.Module):
+    """Eq. 3, pre-norm: ``x + DropPath((S)W-MSA(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: construction window (the bias table's size).
+        shift_size: cyclic shift of SW-MSA blocks (``window_size // 2``), 0 for W-MSA blocks.
+        mlp_ratio: MLP hidden width over ``dim``.
+        qkv_bias, drop, attn_drop: see :class:`WindowAttention`.
+        drop_path: stochastic depth rate of both residual branches.
+        always_shift: the detection-style window rule (see :func:`window_and_shift`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+        always_shift: bool,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.always_shift = always_shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[1:3]
+        window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
+        x = x + self.drop_path(shifted_window_attention(self.norm1(x), self.attn, window, shift))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift_size={self.shift_size}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.1 Patch merging and the stages
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_patches(x: Tensor) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 4C)``: concatenate each 2 x 2 group.
+
+    Odd sides are padded right/bottom first. The order ``(0,0), (1,0), (0,1), (1,1)`` (row,
+    column offsets) is the official one; the reduction weights depend on it.
+    """
+    H, W = x.shape[1:3]
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+
+
+class PatchMerging(nn.Module):
+    """Halve the resolution and double the channels: gather 2 x 2, ``LayerNorm(4C)``, ``Linear(4C, 2C)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reduction(self.norm(merge_patches(x)))
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then (optionally) patch merging.
+
+    Merging sits at the end of the stage, as in the official code (keys ``layers.{i}.downsample``).
+    """
+
+    def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the stage's output map (before merging) and the next stage's input."""
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+def stage_window(config: SwinConfig, stage: int) -> int:
+    """The window a stage is built with: clamped to its map at ``img_size`` unless ``always_shift``."""
+    side = config.img_size // config.patch_size // 2**stage
+    if config.always_shift or side > config.window_size:
+        return config.window_size
+    return max(side, 1)
+
+
+def drop_path_rates(config: SwinConfig) -> list[list[float]]:
+    """Stochastic depth grows linearly over all blocks: ``linspace(0, rate, sum(depths))``."""
+    rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+    starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+    return [rates[start : start + depth] for start, depth in zip(starts, config.depths, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole network
+# ---------------------------------------------------------------------------------------------
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer V1 for classification, or as a backbone (``config.features_only``).
+
+    ``forward(x)`` maps ``(B, in_chans, H, W)`` images of any size to ``(B, num_classes)`` logits
+    (or, for a backbone, to the list of maps :meth:`forward_features` gives).
+    """
+
+    def __init__(self, config: SwinConfig, attn_impl: str = "reference") -> None:
+        super().__init__()
+        if config.family != "v1":
+            raise ValueError(f"SwinTransformer builds V1 configs; got family {config.family!r} (use model_v2)")
+        self.config = config
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
+        self.grid = config.img_size // config.patch_size
+        if config.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, config.embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        self.layers = nn.ModuleList(self._build_stage(i, rates) for i, rates in enumerate(drop_path_rates(config)))
+        self._build_outputs()
+        self.apply(_init_weights)
+        self.set_attn_impl(attn_impl)
+
+    def _build_stage(self, stage: int, rates: list[float]) -> BasicLayer:
+        c = self.config
+        dim, window = c.embed_dim * 2**stage, stage_window(c, stage)
+        blocks = [
+            SwinTransformerBlock(
+                dim,
+                c.num_heads[stage],
+                window_size=window,
+                shift_size=0 if j % 2 == 0 else window // 2,
+                mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias,
+                drop=c.drop_rate,
+                attn_drop=c.attn_drop_rate,
+                drop_path=rate,
+                always_shift=c.always_shift,
+            )
+            for j, rate in enumerate(rates)
+        ]
+        last = stage == len(c.depths) - 1
+        return BasicLayer(blocks, None if last else PatchMerging(dim))
+
+    def _build_outputs(self) -> None:
+        c = self.config
+        if c.stage_norms:
+            for i in c.out_indices:
+                self.add_module(f"norm{i}", nn.LayerNorm(c.embed_dim * 2**i))
+        if not c.features_only:
+            self.norm = nn.LayerNorm(c.num_features)
+            self.head = nn.Linear(c.num_features, c.num_classes) if c.num_classes > 0 else nn.Identity()
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Choose the attention implementation of every block (see :mod:`swinkit.attention`)."""
+        check_impl(impl)
+        for module in self.modules():
+            if hasattr(module, "attn_impl"):
+                module.attn_impl = impl
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
+        if self.config.features_only:
+            raise ValueError("a features_only backbone has no classifier to reset")
+        self.head = nn.Linear(self.config.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+        self.config = self.config.replace(num_classes=num_classes)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position tables and embeddings: trained without weight decay, like norms and biases."""
+        return {name for name, _ in self.named_parameters() if name.endswith(POSITION_PARAMETERS)}
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` -> tokens ``(B, H/4, W/4, C)`` with the optional absolute position."""
+        check_images(x, self.config.in_chans)
+        x = self.patch_embed(x)
+        if self.config.ape:
+            x = x + resize_pos_embed(self.absolute_pos_embed, self.grid, x.shape[1:3])
+        return self.pos_drop(x)
+
+    def stage_maps(self, x: Tensor, last_stage: int | None = None) -> list[Tensor]:
+        """Channels-last output of each stage up to ``last_stage`` (before its patch merging)."""
+        last_stage = len(self.layers) - 1 if last_stage is None else last_stage
+        x = self.embed(x)
+        maps = []
+        for layer in self.layers[: last_stage + 1]:
+            out, x = layer(x)
+            maps.append(out)
+        return maps
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """The maps of ``config.out_indices`` as NCHW tensors (strides 4, 8, 16, 32; C, 2C, 4C, 8C).
+
+        With ``config.stage_norms`` each map passes its own LayerNorm (``norm{i}``) first.
+        """
+        maps = self.stage_maps(x, max(self.config.out_indices))
+        outputs = []
+        for i in self.config.out_indices:
+            out = getattr(self, f"norm{i}")(maps[i]) if self.config.stage_norms else maps[i]
+            outputs.append(out.permute(0, 3, 1, 2).contiguous())
+        return outputs
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Last stage map ``(B, H, W, C)`` -> final norm, global average pool, head."""
+        x = self.norm(x).mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.config.features_only:
+            return self.forward_features(x)
+        return self.forward_head(self.stage_maps(x)[-1])
+
+
+def check_images(x: Tensor, in_chans: int) -> None:
+    """Fail early, naming the shape, instead of deep inside a convolution."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images (normalised), got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: int, size: torch.Size | tuple[int, int]) -> Tensor:
+    """Absolute position embedding ``(1, grid*grid, C)`` as a ``(1, H, W, C)`` map, bicubic if resized."""
+    H, W = size
+    embed = pos_embed.view(1, grid, grid, -1)
+    if (grid, grid) == (H, W):
+        return embed
+    embed = F.interpolate(embed.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+    return embed.permute(0, 2, 3, 1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official initialisation: truncated normal (std 0.02) linears, zero biases, unit norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+__all__ = [
+    "PatchEmbed",
+    "PatchMerging",
+    "SwinTransformer",
+    "SwinTransformerBlock",
+    "WindowAttention",
+    "relative_position_index",
+    "shift_window_mask",
+    "window_and_shift",
+    "window_partition",
+    "window_reverse",
+]

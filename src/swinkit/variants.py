@@ -1,0 +1,180 @@
+"""Named Swin configurations as frozen dataclasses.
+
+A :class:`SwinConfig` describes one architecture completely (it is what swinkit's own checkpoint
+files store), so ``create_model(name, **overrides)`` is ``dataclasses.replace(PRESETS[name], ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# ImageNet statistics, the ones every published Swin checkpoint was trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the model: resize the short side, center crop, normalise."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def for_size(cls, img_size: int, crop_pct: float = 0.875) -> Preprocessing:
+        """The official evaluation rule: bicubic resize to ``img_size / crop_pct``, then center crop."""
+        return cls(resize=int(img_size / crop_pct), crop=img_size)
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Every architectural choice of a Swin V1 or V2 model.
+
+    ``img_size`` is the construction size: it fixes the clamped window of stages whose map is not
+    larger than the window (the official classification rule) and the absolute position embedding
+    grid. The model itself runs on any input size.
+    """
+
+    family: str = "v1"  # "v1" or "v2"
+    img_size: int = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    ape: bool = False  # absolute position embedding
+    patch_norm: bool = True
+    # Detection-style window rule: never clamp the window to the map, always shift, pad instead.
+    always_shift: bool = False
+    # Backbone mode: no final norm and head; the stage maps in ``out_indices`` are the output.
+    features_only: bool = False
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    # A LayerNorm on each output stage (``norm0`` .. ``norm3``, as the official detection backbone).
+    stage_norms: bool = False
+    # V2 only: window size each stage was pretrained with (0 = the current window).
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    # V2 huge/giant: a LayerNorm on the main branch after every this many blocks (0 = none).
+    extra_norm_period: int = 0
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def __post_init__(self) -> None:
+        if self.family not in ("v1", "v2"):
+            raise ValueError(f"family must be 'v1' or 'v2', got {self.family!r}")
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
+        for stage, heads in enumerate(self.num_heads):
+            dim = self.embed_dim * 2**stage
+            if dim % heads:
+                raise ValueError(f"stage {stage}: dim {dim} is not divisible by num_heads {heads}")
+        if self.window_size < 1 or self.patch_size < 1 or self.img_size < 1:
+            raise ValueError(
+                f"window_size, patch_size and img_size must be positive, got {self.window_size}, "
+                f"{self.patch_size}, {self.img_size}"
+            )
+        bad = [i for i in self.out_indices if not 0 <= i < len(self.depths)]
+        if bad or not self.out_indices:
+            raise ValueError(f"out_indices {self.out_indices} must name stages in 0..{len(self.depths) - 1}")
+        if len(self.pretrained_window_sizes) != len(self.depths):
+            raise ValueError(
+                f"pretrained_window_sizes {self.pretrained_window_sizes} needs one entry per stage ({len(self.depths)})"
+            )
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the last stage."""
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    def stage_dims(self) -> list[int]:
+        return [self.embed_dim * 2**i for i in range(len(self.depths))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SwinConfig:
+        """Build from :meth:`to_dict` output (lists become tuples); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SwinConfig fields {unknown}; accepted: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("preprocessing"), dict):
+            values["preprocessing"] = Preprocessing(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in values["preprocessing"].items()}
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> SwinConfig:
+        """A copy with ``overrides``; an unknown name fails listing the accepted ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown model option(s) {unknown}; accepted: {sorted(known)}")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        if "img_size" in overrides and "preprocessing" not in overrides:
+            overrides["preprocessing"] = Preprocessing.for_size(overrides["img_size"])
+        if overrides.get("features_only") and "stage_norms" not in overrides:
+            overrides["stage_norms"] = True
+        return dataclasses.replace(self, **overrides)
+
+
+def _v1(embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], **kw: Any) -> SwinConfig:
+    img_size = kw.get("img_size", 224)
+    return SwinConfig(
+        family="v1",
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=num_heads,
+        preprocessing=Preprocessing.for_size(img_size),
+        **kw,
+    )
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+# Drop-path rates are those of the official training configs for each variant.
+PRESETS: dict[str, SwinConfig] = {
+    "swin_t": _v1(**_T, drop_path_rate=0.2),
+    "swin_s": _v1(**_S, drop_path_rate=0.3),
+    "swin_b": _v1(**_B, drop_path_rate=0.5),
+    "swin_l": _v1(**_L, drop_path_rate=0.2),
+    # The 384 models are fine-tuned at 384 with window 12; evaluated without crop (TEST.CROP False).
+    "swin_b_384": dataclasses.replace(
+        _v1(**_B, img_size=384, window_size=12, drop_path_rate=0.2),
+        preprocessing=Preprocessing(resize=384, crop=384),
+    ),
+    "swin_l_384": dataclasses.replace(
+        _v1(**_L, img_size=384, window_size=12, drop_path_rate=0.2),
+        preprocessing=Preprocessing(resize=384, crop=384),
+    ),
+    # Small configurations for tests and quick experiments (every stage has a shifted block).
+    "swin_test": _v1(
+        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), img_size=64, window_size=4, drop_path_rate=0.0
+    ),
+}
+
+
+def variant_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> SwinConfig:
+    """The preset ``name`` with ``overrides`` applied; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(variant_names())}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,58 @@
+"""Shared test helpers: perturbed random weights and the relative error measure."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:
+    """Add noise to every parameter and buffer-free weight so nothing sits at its (often zero) init."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype)
+        param.add_(noise * scale)
+    return model
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def timm_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a timm Swin state dict to the official Microsoft layout (written here, independently)."""
+    out = {}
+    for key, value in state_dict.items():
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if match:
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        if key.startswith("head.fc."):
+            key = "head." + key[len("head.fc.") :]
+        out[key] = value
+    return out
+
+
+def torchvision_to_official(state_dict: dict[str, Tensor], depths: tuple[int, ...]) -> dict[str, Tensor]:
+    """Rename a torchvision V1 Swin state dict to the official layout (independent of swinkit's converter)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index"):
+            continue
+        parts = key.split(".")
+        if parts[0] == "features":
+            index = int(parts[1])
+            if index == 0:
+                key = {"0": "patch_embed.proj", "2": "patch_embed.norm"}[parts[2]] + "." + parts[3]
+            elif index % 2 == 1:
+                stage = (index - 1) // 2
+                rest = ".".join(parts[3:]).replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+                key = f"layers.{stage}.blocks.{parts[2]}.{rest}"
+            else:
+                key = f"layers.{index // 2 - 1}.downsample." + ".".join(parts[2:])
+        out[key] = value
+    assert len([k for k in out if k.endswith("qkv.weight")]) == sum(depths)
+    return out
