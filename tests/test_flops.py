@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import swinkit
 from swinkit.flops import count_flops
@@ -15,6 +16,20 @@ PAPER = [
     ("swin_b_384", 88, 47.1),
     ("swin_l", 197, 34.5),
     ("swin_l_384", 197, 103.9),
+]
+
+
+# Swin V2 (official model zoo; SwinV2-L is the 192 -> 256 / 384 fine-tuning): (variant, params in M, GFLOPs).
+PAPER_V2 = [
+    ("swinv2_t", 28, 5.9),
+    ("swinv2_s", 50, 11.5),
+    ("swinv2_b", 88, 20.3),
+    ("swinv2_t_w16", 28, 6.6),
+    ("swinv2_s_w16", 50, 12.6),
+    ("swinv2_b_w16", 88, 21.8),
+    ("swinv2_b_384", 88, 54.7),
+    ("swinv2_l_256", 197, 47.5),
+    ("swinv2_l_384", 197, 115.4),
 ]
 
 
@@ -51,3 +66,22 @@ def test_swin_t_stage_one_by_hand():
     block = 2 * C * H * W + windows * (N * C * 3 * C + 2 * N * N * C + N * C * C) + 2 * H * W * C * 4 * C
     merge = H * W * C + (H // 2) * (W // 2) * 4 * C * 2 * C
     assert swinkit.flops(swinkit.get_config("swin_t")).stages[0] == 2 * block + merge
+
+
+@pytest.mark.parametrize("variant,params_m,gflops", PAPER_V2)
+def test_v2_table(variant, params_m, gflops):
+    config = swinkit.get_config(variant)
+    assert round(count_flops(config, (3, config.img_size, config.img_size)).total / 1e9, 1) == gflops
+    with torch.device("meta"):  # counted without allocating the weights
+        model = swinkit.build_model(config)
+    assert round(swinkit.count_parameters(model) / 1e6) == params_m
+
+
+def test_swinv2_t_stage_one_by_hand():
+    # Stage 1 of SwinV2-T at 256: 2 blocks on 64x64x96 with 8x8 windows, then merging normalised over 2C after it.
+    H = W = 64
+    C, N = 96, 64
+    windows = H * W // N
+    block = 2 * C * H * W + windows * (N * C * 3 * C + 2 * N * N * C + N * C * C) + 2 * H * W * C * 4 * C
+    merge = (H // 2) * (W // 2) * 2 * C + (H // 2) * (W // 2) * 4 * C * 2 * C
+    assert swinkit.flops(swinkit.get_config("swinv2_t"), (3, 256, 256)).stages[0] == 2 * block + merge

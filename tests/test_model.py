@@ -9,7 +9,14 @@ import torch.nn.functional as F
 import torchvision
 
 import swinkit
-from helpers import perturb, relative_error, timm_to_official, torchvision_to_official
+from helpers import (
+    assert_checkpointing_keeps_gradients,
+    assert_forward_backward,
+    perturb,
+    relative_error,
+    timm_to_official,
+    torchvision_to_official,
+)
 from swinkit.model import (
     SwinTransformerBlock,
     WindowAttention,
@@ -172,13 +179,7 @@ def test_odd_sizes_and_dtypes(shape, dtype):
 
 @pytest.mark.parametrize("shape", [(1, 3, 17, 9), (3, 3, 64, 64), (5, 3, 130, 40), (2, 3, 3, 3)])
 def test_any_size_small_model_forward_backward(shape):
-    model = swinkit.create_model("swin_test", num_classes=5)
-    x = torch.randn(shape, requires_grad=True)
-    out = model(x)
-    out.sum().backward()
-    assert out.shape == (shape[0], 5)
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert_forward_backward(swinkit.create_model("swin_test", num_classes=5), shape, 5)
 
 
 def test_window_clamp_rule_and_detection_rule():
@@ -258,14 +259,7 @@ def test_state_dict_has_no_derived_buffers_and_round_trips(tmp_path):
 
 def test_grad_checkpointing_gives_same_gradients():
     model = perturb(swinkit.create_model("swin_test", num_classes=3)).double()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    model(x).square().sum().backward()
-    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for name, param in model.named_parameters():
-        assert torch.allclose(param.grad, plain[name], rtol=1e-10, atol=1e-12), name
+    assert_checkpointing_keeps_gradients(model, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_drop_path_rates_are_linear_over_blocks():

@@ -14,6 +14,7 @@ follow the actual feature size and are cached by (size, dtype, device).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +82,11 @@ def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_s
     """
     if always_shift:
         return (window_size, window_size), (shift_size, shift_size)
-    window = (min(H, window_size), min(W, window_size))
-    shift = (0 if window_size >= H else shift_size, 0 if window_size >= W else shift_size)
-    return window, shift
+    # Written without branches on the sizes so that symbolic sizes (torch.export) stay symbolic.
+    window = (torch.sym_min(H, window_size), torch.sym_min(W, window_size))
+    larger_h = torch.sym_min(torch.sym_max(H - window_size, 0), 1)  # 1 if H > window_size else 0
+    larger_w = torch.sym_min(torch.sym_max(W - window_size, 0), 1)
+    return window, (shift_size * larger_h, shift_size * larger_w)
 
 
 def _derived(fn):
@@ -98,7 +101,17 @@ def _derived(fn):
         with torch.inference_mode(False), torch.no_grad():
             return fn(*args)
 
-    return functools.wraps(fn)(cached)
+    @functools.wraps(fn)
+    def derived(*args):
+        if any(isinstance(a, torch.SymInt) for a in _flat(args)):
+            return fn(*args)  # traced for symbolic sizes (torch.export): part of the graph, not cached
+        return cached(*args)
+
+    return derived
+
+
+def _flat(args: tuple) -> list:
+    return [item for a in args for item in (a if isinstance(a, tuple) else (a,))]
 
 
 @_derived
@@ -116,11 +129,15 @@ def relative_position_index(window: Pair, table_window: Pair, device: torch.devi
     return index.flatten().to(device)
 
 
-def _bands(length: int, window: int, shift: int) -> list[slice]:
-    # After a cyclic shift by -shift, the last window along a side holds rows from two regions.
-    if shift == 0:
-        return [slice(0, length)]
-    return [slice(0, length - window), slice(length - window, length - shift), slice(length - shift, length)]
+def _bands(length: int, window: int, shift: int) -> Tensor:
+    """Region of each row of a shifted side: 0 before the last window, 1 and 2 inside it.
+
+    After a cyclic shift by ``-shift`` the last window holds rows from two regions: those from
+    ``[length - window, length - shift)`` and those wrapped around from the start. With no shift
+    bands 0 and 1 never share a window, so the same formula serves unshifted sides.
+    """
+    rows = torch.arange(length)
+    return (rows >= length - window).long() + (rows >= length - shift).long()
 
 
 @_derived
@@ -131,13 +148,8 @@ def shift_window_mask(H: int, W: int, window: Pair, shift: Pair, dtype: torch.dt
     tokens of one window in different regions must not attend to each other. The official code
     adds ``-100`` (not ``-inf``), which we keep: it changes the softmax by ``e^-100``.
     """
-    regions = torch.zeros(1, H, W, 1)
-    label = 0
-    for rows in _bands(H, window[0], shift[0]):
-        for cols in _bands(W, window[1], shift[1]):
-            regions[:, rows, cols, :] = label
-            label += 1
-    regions = window_partition(regions, window).squeeze(-1)  # (nW, N)
+    regions = _bands(H, window[0], shift[0])[:, None] * 3 + _bands(W, window[1], shift[1])[None, :]  # (H, W)
+    regions = window_partition(regions[None, :, :, None], window).squeeze(-1)  # (nW, N)
     different = regions.unsqueeze(1) != regions.unsqueeze(2)  # (nW, N, N)
     return torch.zeros(different.shape, dtype=dtype).masked_fill(different, -100.0).to(device)
 
@@ -231,7 +243,8 @@ def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pa
     pad_bottom, pad_right = -H % window[0], -W % window[1]
     x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
     Hp, Wp = H + pad_bottom, W + pad_right
-    shifted = shift[0] > 0 or shift[1] > 0
+    # Symbolic sizes (torch.export) cannot be branched on: take the shifted path, a zero shift is a no-op.
+    shifted = isinstance(shift[0], torch.SymInt) or shift[0] > 0 or shift[1] > 0
     if shifted:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
@@ -254,6 +267,8 @@ class SwinTransformerBlock(nn.Module):
         qkv_bias, drop, attn_drop: see :class:`WindowAttention`.
         drop_path: stochastic depth rate of both residual branches.
         always_shift: the detection-style window rule (see :func:`window_and_shift`).
+        attn: the attention module, if not :class:`WindowAttention` built from the arguments above
+            (Swin V2's block passes its own).
     """
 
     def __init__(
@@ -268,13 +283,16 @@ class SwinTransformerBlock(nn.Module):
         attn_drop: float,
         drop_path: float,
         always_shift: bool,
+        attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
         self.always_shift = always_shift
+        if attn is None:
+            attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop)
+        self.attn = attn
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -349,7 +367,8 @@ def stage_window(config: SwinConfig, stage: int) -> int:
 
 def drop_path_rates(config: SwinConfig) -> list[list[float]]:
     """Stochastic depth grows linearly over all blocks: ``linspace(0, rate, sum(depths))``."""
-    rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+    # On the CPU explicitly, so that models can be built under ``torch.device("meta")`` (huge models, FSDP).
+    rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
     starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
     return [rates[start : start + depth] for start, depth in zip(starts, config.depths, strict=True)]
 
@@ -363,13 +382,22 @@ class SwinTransformer(nn.Module):
     """Swin Transformer V1 for classification, or as a backbone (``config.features_only``).
 
     ``forward(x)`` maps ``(B, in_chans, H, W)`` images of any size to ``(B, num_classes)`` logits
-    (or, for a backbone, to the list of maps :meth:`forward_features` gives).
+    (or, for a backbone, to the list of maps :meth:`forward_features` gives). Swin V2
+    (:class:`swinkit.model_v2.SwinTransformerV2`) is this network with other blocks and merging:
+    it overrides :attr:`family`, :attr:`block_class`, :attr:`merging_class` and :meth:`_block_options`.
     """
+
+    family = "v1"
+    block_class: type[nn.Module] = SwinTransformerBlock
+    merging_class: type[nn.Module] = PatchMerging
 
     def __init__(self, config: SwinConfig, attn_impl: str = "reference") -> None:
         super().__init__()
-        if config.family != "v1":
-            raise ValueError(f"SwinTransformer builds V1 configs; got family {config.family!r} (use model_v2)")
+        if config.family != self.family:
+            raise ValueError(
+                f"{type(self).__name__} builds Swin {self.family.upper()} configs; got family {config.family!r} "
+                "(build_model / create_model pick the class from the config)"
+            )
         self.config = config
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim, config.patch_norm)
         self.grid = config.img_size // config.patch_size
@@ -386,7 +414,7 @@ class SwinTransformer(nn.Module):
         c = self.config
         dim, window = c.embed_dim * 2**stage, stage_window(c, stage)
         blocks = [
-            SwinTransformerBlock(
+            self.block_class(
                 dim,
                 c.num_heads[stage],
                 window_size=window,
@@ -397,11 +425,16 @@ class SwinTransformer(nn.Module):
                 attn_drop=c.attn_drop_rate,
                 drop_path=rate,
                 always_shift=c.always_shift,
+                **self._block_options(stage, j),
             )
             for j, rate in enumerate(rates)
         ]
         last = stage == len(c.depths) - 1
-        return BasicLayer(blocks, None if last else PatchMerging(dim))
+        return BasicLayer(blocks, None if last else self.merging_class(dim))
+
+    def _block_options(self, stage: int, index: int) -> dict[str, Any]:
+        """Keyword arguments of block ``index`` of ``stage`` beyond V1's (for subclasses' blocks)."""
+        return {}
 
     def _build_outputs(self) -> None:
         c = self.config

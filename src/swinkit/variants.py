@@ -147,6 +147,25 @@ _S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 _L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 
+
+def _v2(
+    embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], crop: bool = True, **kw: Any
+) -> SwinConfig:
+    """A Swin V2 preset; ``crop=False`` evaluates at full size (the official ``TEST.CROP: False``)."""
+    img_size = kw["img_size"]
+    preprocessing = Preprocessing.for_size(img_size) if crop else Preprocessing(resize=img_size, crop=img_size)
+    return SwinConfig(
+        family="v2", embed_dim=embed_dim, depths=depths, num_heads=num_heads, preprocessing=preprocessing, **kw
+    )
+
+
+# V2 paper Sec. 3.6. The paper gives no head counts for H and G: 32 channels per head, as in every other Swin.
+_H = dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88))
+_G = dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128))
+# Fine-tuned from the ImageNet-22K models (192 px, window 12, stage 4's map and window 6): each stage's
+# pretraining window, which scales the continuous position bias coordinates.
+_FROM_192 = dict(pretrained_window_sizes=(12, 12, 12, 6), drop_path_rate=0.2)
+
 # Drop-path rates are those of the official training configs for each variant.
 PRESETS: dict[str, SwinConfig] = {
     "swin_t": _v1(**_T, drop_path_rate=0.2),
@@ -164,6 +183,41 @@ PRESETS: dict[str, SwinConfig] = {
     ),
     # Small configurations for tests and quick experiments (every stage has a shifted block).
     "swin_test": _v1(
+        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), img_size=64, window_size=4, drop_path_rate=0.0
+    ),
+    # For the bundled 8x8 digits shown at 32x32: patch 4 gives one token per original pixel, window 4.
+    "swin_digits": dataclasses.replace(
+        _v1(
+            embed_dim=48,
+            depths=(2, 2, 2, 2),
+            num_heads=(2, 4, 8, 16),
+            img_size=32,
+            patch_size=4,
+            window_size=4,
+            num_classes=10,
+            drop_path_rate=0.1,
+        ),
+        preprocessing=Preprocessing(resize=32, crop=32, interpolation="bilinear", mean=(0.305,) * 3, std=(0.376,) * 3),
+    ),
+    # Swin V2 (official configs/swinv2): ImageNet-1K at 256 with window 8 or 16.
+    "swinv2_t": _v2(**_T, img_size=256, window_size=8, drop_path_rate=0.2),
+    "swinv2_s": _v2(**_S, img_size=256, window_size=8, drop_path_rate=0.3),
+    "swinv2_b": _v2(**_B, img_size=256, window_size=8, drop_path_rate=0.5),
+    "swinv2_t_w16": _v2(**_T, img_size=256, window_size=16, drop_path_rate=0.2),
+    "swinv2_s_w16": _v2(**_S, img_size=256, window_size=16, drop_path_rate=0.3),
+    "swinv2_b_w16": _v2(**_B, img_size=256, window_size=16, drop_path_rate=0.5),
+    # ImageNet-22K pretraining size, and the 1K fine-tunings from it (window 12 -> 16 at 256, -> 24 at 384).
+    "swinv2_b_192": _v2(**_B, img_size=192, window_size=12, num_classes=21841, drop_path_rate=0.2),
+    "swinv2_l_192": _v2(**_L, img_size=192, window_size=12, num_classes=21841, drop_path_rate=0.2),
+    "swinv2_b_256": _v2(**_B, img_size=256, window_size=16, **_FROM_192),
+    "swinv2_l_256": _v2(**_L, img_size=256, window_size=16, **_FROM_192),
+    "swinv2_b_384": _v2(**_B, img_size=384, window_size=24, crop=False, **_FROM_192),
+    "swinv2_l_384": _v2(**_L, img_size=384, window_size=24, crop=False, **_FROM_192),
+    # The paper's huge (658M) and giant (3.0B) models, with the extra main-branch norm every 6 blocks, at the
+    # 192 px / window 12 pretraining geometry. No official weights or config: drop path 0.2 is our choice.
+    "swinv2_h": _v2(**_H, img_size=192, window_size=12, extra_norm_period=6, drop_path_rate=0.2),
+    "swinv2_g": _v2(**_G, img_size=192, window_size=12, extra_norm_period=6, drop_path_rate=0.2),
+    "swinv2_test": _v2(
         embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), img_size=64, window_size=4, drop_path_rate=0.0
     ),
 }
