@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import swinkit
+from helpers import perturb
 from swinkit.checkpoint import CheckpointError, detect_format, read_checkpoint
 
 
@@ -19,7 +22,7 @@ def tiny():
 
 def test_random_bytes_file_is_not_a_checkpoint(tmp_path, tiny):
     path = tmp_path / "weights.pth"
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(b"\x00" + random.Random(0).randbytes(4095))  # seeded; byte 0 is no pickle / zip / JSON header
     with pytest.raises(CheckpointError, match=r"weights\.pth is not a checkpoint"):
         swinkit.load_checkpoint(tiny, path)
 
@@ -141,3 +144,146 @@ def test_backbone_from_classifier_file_reports_fresh_output_norms():
     report = swinkit.load_checkpoint(backbone, source.state_dict())
     assert report.ok and "norm0" in report.reinitialized[0]
     assert torch.equal(backbone.layers[3].blocks[1].mlp.fc1.weight, source.layers[3].blocks[1].mlp.fc1.weight)
+
+
+def test_malicious_pickle_is_refused_by_every_entry_point(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Payload(str(marker))}, tmp_path / "evil.bin")
+    for load in (
+        lambda: swinkit.create_model(checkpoint=tmp_path / "evil.bin"),
+        lambda: swinkit.load_checkpoint(swinkit.create_model("swin_test"), tmp_path / "evil.bin"),
+        lambda: swinkit.checkpoint.convert(tmp_path / "evil.bin", tmp_path / "out.safetensors"),
+    ):
+        with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.bin.*weights_only=True.*safetensors"):
+            load()
+    assert not marker.exists()  # the payload's open() never ran
+
+
+def test_errors_name_the_file(tmp_path):
+    torch.save({"encoder.layer.0.attention.query.weight": torch.zeros(4, 4)}, tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match=r"vit\.pth: the state dict is not a Swin Transformer checkpoint"):
+        swinkit.create_model(checkpoint=tmp_path / "vit.pth")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder is a directory; .*Hugging Face model directory"):
+        swinkit.create_model(checkpoint=tmp_path / "folder")
+
+
+def test_load_checkpoint_takes_either_argument_order():
+    source = swinkit.create_model("swin_test", num_classes=3)
+    model = swinkit.create_model("swin_test", num_classes=3)
+    assert swinkit.load_checkpoint(source.state_dict(), model).ok
+    assert torch.equal(model.head.weight, source.head.weight)
+
+
+def test_non_strict_load_returns_and_logs_the_report(caplog):
+    state = dict(swinkit.create_model("swin_test", num_classes=3).state_dict())
+    del state["layers.1.blocks.0.norm1.weight"]
+    model = swinkit.create_model("swin_test", num_classes=3)
+    with caplog.at_level("WARNING", logger="swinkit.checkpoint.load"):
+        report = swinkit.load_checkpoint(model, state, strict=False)
+    assert report.missing == ["layers.1.blocks.0.norm1.weight"]
+    assert "layers.1.blocks.0.norm1.weight" in caplog.text
+
+
+def test_official_detection_backbone_loads_into_features_only(tmp_path):
+    """An mmdet-style file: ``backbone.`` keys with per-stage norm0..norm3, index buffers, neck and head."""
+    source = swinkit.create_model("swin_test", features_only=True)
+    perturb(source)
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    for i, depth in enumerate(source.config.depths):
+        for j in range(depth):
+            state[f"backbone.layers.{i}.blocks.{j}.attn.relative_position_index"] = torch.zeros(
+                16, 16, dtype=torch.long
+            )
+    state["neck.lateral_convs.0.conv.weight"] = torch.zeros(8, 16, 1, 1)
+    state["roi_head.bbox_head.fc_cls.weight"] = torch.zeros(81, 8)
+    torch.save({"meta": {"epoch": 12}, "state_dict": state}, tmp_path / "mask_rcnn_swin.pth")
+
+    model = swinkit.create_model("swin_test", features_only=True, checkpoint=tmp_path / "mask_rcnn_swin.pth")
+    assert model.load_report.ok and model.load_report.format == "official"
+    assert "neck" in str(model.load_report) and "roi_head" in str(model.load_report)
+    inferred = swinkit.create_model(checkpoint=tmp_path / "mask_rcnn_swin.pth")
+    assert inferred.config.features_only and inferred.config.out_indices == (0, 1, 2, 3)
+    assert inferred.config.always_shift  # the official detection rule
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(model(x), source(x), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_window_7_to_12_resizes_tables_bicubic_and_runs_at_384(tmp_path):
+    source = swinkit.create_model("swin_test", img_size=224, window_size=7)
+    torch.save({"model": source.state_dict()}, tmp_path / "window7.pth")
+    model = swinkit.create_model("swin_test", img_size=384, window_size=12, checkpoint=tmp_path / "window7.pth")
+    report = model.load_report
+    assert report.ok and "13x13 to 23x23" in report.adapted[0] and "window 7 -> 12" in report.adapted[0]
+    for i in range(4):
+        old = source.layers[i].blocks[1].attn.relative_position_bias_table  # (169, nH)
+        heads = old.shape[1]
+        expected = F.interpolate(old.detach().T.reshape(1, heads, 13, 13), size=(23, 23), mode="bicubic")
+        new = model.layers[i].blocks[1].attn.relative_position_bias_table
+        assert torch.equal(new.detach(), expected.reshape(heads, 23 * 23).T)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_absolute_position_embedding_is_resized_with_the_resolution():
+    source = swinkit.create_model("swin_test", ape=True)  # 16 x 16 grid at 64
+    model = swinkit.create_model("swin_test", ape=True, img_size=96, checkpoint=None)
+    report = swinkit.load_checkpoint(model, source.state_dict())
+    assert report.ok and "16x16 to a 24x24 grid" in report.adapted[-1]  # (stage 3's clamped table grows too)
+    grid = source.absolute_pos_embed.detach().reshape(1, 16, 16, 16).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(24, 24), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 576, 16)
+    assert torch.equal(model.absolute_pos_embed.detach(), expected)
+
+
+def test_imagenet22k_head_selects_the_official_1k_rows(tmp_path):
+    source = swinkit.create_model("swin_test", num_classes=21841)
+    perturb(source)
+    torch.save({"model": source.state_dict()}, tmp_path / "swin_22k.pth")
+    model = swinkit.create_model("swin_test", num_classes=1000, checkpoint=tmp_path / "swin_22k.pth")
+    assert model.load_report.ok and "ImageNet-22K" in model.load_report.adapted[0]
+    lines = (Path(swinkit.__file__).parent / "assets" / "map22kto1k.txt").read_text().split()
+    rows = [int(line) for line in lines]
+    assert len(rows) == 1000 and rows[:3] == [359, 368, 460]
+    for k in (0, 1, 500, 999):
+        assert torch.equal(model.head.weight[k], source.head.weight[rows[k]])
+        assert torch.equal(model.head.bias[k], source.head.bias[rows[k]])
+    other = swinkit.create_model("swin_test", num_classes=10, checkpoint=tmp_path / "swin_22k.pth")
+    assert "21841 classes" in other.load_report.reinitialized[0]  # any other size: re-initialised
+
+
+def test_official_file_buffers_give_the_construction_size(tmp_path):
+    source = swinkit.create_model("swin_test", img_size=96, window_size=3)
+    swinkit.checkpoint.write_checkpoint(source.state_dict(), source.config, tmp_path / "o.pth", "official")
+    assert "layers.0.blocks.1.attn_mask" in torch.load(tmp_path / "o.pth", weights_only=True)["model"]
+    assert swinkit.create_model(checkpoint=tmp_path / "o.pth").config.img_size == 96
+
+
+def test_swinkit_file_carries_config_class_names_and_preprocessing(tmp_path):
+    model = swinkit.create_model("swin_test", num_classes=3, img_size=96)
+    swinkit.save(model, tmp_path / "m.safetensors", class_names=["cat", "dog", "eel"])
+    checkpoint = swinkit.checkpoint.read_any(tmp_path / "m.safetensors")
+    assert checkpoint.format == "swinkit" and checkpoint.class_names == ["cat", "dog", "eel"]
+    loaded = swinkit.create_model(checkpoint=tmp_path / "m.safetensors")
+    assert loaded.config == model.config and loaded.config.preprocessing.crop == 96
+
+
+def test_download_uses_the_cache_and_explains_offline(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from swinkit.checkpoint import hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ConnectionError, match=r"could not download swin_tiny_patch4_window7_224 .*put it at"):
+        hub.download("swin_tiny_patch4_window7_224", tmp_path)
+    cached = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    cached.write_bytes(b"weights")
+    assert hub.download("swin_tiny_patch4_window7_224", tmp_path) == cached
+    with pytest.raises(ValueError, match="unknown published weights 'swin_huge'"):
+        hub.download("swin_huge", tmp_path)
+    assert hub.PUBLISHED["swin_base_patch4_window7_224_22k"].num_classes == 21841

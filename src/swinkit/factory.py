@@ -34,17 +34,20 @@ def config_from_checkpoint(checkpoint: Checkpoint) -> SwinConfig:
     """The config stored in a swinkit file, or the one the weights of a foreign file imply."""
     if checkpoint.format == "swinkit":
         return config_from_metadata(checkpoint.metadata, checkpoint.source)
-    fields = infer_config(checkpoint.state_dict)
+    fields = {**infer_config(checkpoint.state_dict), **checkpoint.hints}
     if "img_size" not in fields and fields["family"] == "v1":
         fields["img_size"] = _V1_SIZE_FOR_WINDOW.get(fields.get("window_size", 7), 224)
     img_size = fields.get("img_size", 224)
-    fields["preprocessing"] = Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing()
+    # The official evaluation: center crop at 224 and below; the fine-tuned larger models without crop.
+    fields["preprocessing"] = (
+        Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing.for_size(img_size)
+    )
     return SwinConfig(**fields)
 
 
 def create_model(
     name: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
     *,
     strict: bool = True,
     attn_impl: str = "reference",
@@ -60,7 +63,7 @@ def create_model(
     """
     if name is None and checkpoint is None:
         raise ValueError("create_model needs a model name or a checkpoint (or both)")
-    loaded = read_any(checkpoint) if checkpoint is not None else None
+    loaded = checkpoint if isinstance(checkpoint, Checkpoint) or checkpoint is None else read_any(checkpoint)
     if name is None:
         config = config_from_checkpoint(loaded).replace(**overrides) if overrides else config_from_checkpoint(loaded)
     else:

@@ -6,7 +6,8 @@ import math
 import re
 from typing import Any
 
-from .io import CheckpointError, StateDict
+from .adapt import IMAGENET22K_CLASSES
+from .io import CheckpointError, StateDict, unwrap_state_dict
 
 FORMATS = ("official", "timm", "torchvision", "hf", "swinkit")
 
@@ -16,9 +17,10 @@ _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 def detect_format(state_dict: StateDict) -> str:
     """Name the layout of a state dict: one of :data:`FORMATS` (``swinkit`` is the official layout).
 
-    Raises :class:`CheckpointError` when the keys are not those of any Swin layout.
+    Training-checkpoint wrappers and DDP / ``torch.compile`` prefixes are looked through. Raises
+    :class:`CheckpointError` when the keys are not those of any Swin layout.
     """
-    keys = list(state_dict)
+    keys = list(unwrap_state_dict(state_dict, "the state dict"))
     if any(key.startswith("features.0.0.") for key in keys):
         return "torchvision"
     if any(key.startswith(("swin.", "swinv2.", "embeddings.patch_embeddings", "encoder.layers.")) for key in keys):
@@ -78,12 +80,14 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
         fields["qkv_bias"] = "layers.0.blocks.0.attn.qkv.bias" in state_dict
     else:
         fields["qkv_bias"] = "layers.0.blocks.0.attn.q_bias" in state_dict
+        fields.update(_v2_geometry(state_dict))
+    stage_norms = tuple(i for i in stages if f"norm{i}.weight" in state_dict)
     if "head.weight" in state_dict:
         fields["num_classes"] = state_dict["head.weight"].shape[0]
-    elif "norm.weight" not in state_dict:
+    elif stage_norms or "norm.weight" not in state_dict:
         fields["features_only"] = True
-        fields["out_indices"] = tuple(i for i in stages if f"norm{i}.weight" in state_dict) or tuple(stages)
-        fields["stage_norms"] = any(f"norm{i}.weight" in state_dict for i in stages)
+        fields["out_indices"] = stage_norms or tuple(stages)
+        fields["stage_norms"] = bool(stage_norms)
     else:
         fields["num_classes"] = 0
     if fields["ape"]:
@@ -101,6 +105,30 @@ def _clamped_size(state_dict: StateDict, window: int, patch_size: int, stages: i
     return None
 
 
+# The published V2 geometries: ImageNet-22K pretraining at 192 px with window 12, ImageNet-1K at 256 with window 8.
+_V2_PRETRAINING = {"window_size": 12, "img_size": 192}
+_V2_DEFAULT = {"window_size": 8, "img_size": 256}
+_EXTRA_NORM = re.compile(r"^layers\.\d+\.blocks\.(\d+)\.norm3\.")
+
+
+def _v2_geometry(state_dict: StateDict) -> dict[str, Any]:
+    """Window, construction size and extra-norm period of V2 weights.
+
+    The continuous position bias is an MLP, so no V2 parameter shape shows the window. Official
+    files carry ``relative_coords_table`` buffers, from which the reader takes the window, the
+    pretrained windows and the size (config hints, which override what is returned here). For
+    other files (timm, ...) the published geometry is assumed: 192 px with window 12 for an
+    ImageNet-22K head, else 256 px with window 8; pass ``window_size``, ``img_size`` and
+    ``pretrained_window_sizes`` (or a preset name) when the file is another one.
+    """
+    head = state_dict.get("head.weight")
+    fields = dict(_V2_PRETRAINING if head is not None and head.shape[0] == IMAGENET22K_CLASSES else _V2_DEFAULT)
+    extra = sorted({int(match.group(1)) for key in state_dict if (match := _EXTRA_NORM.match(key))})
+    if extra:  # the huge / giant models: ``norm3`` ends every ``period``-th block of a stage
+        fields["extra_norm_period"] = extra[0] + 1
+    return fields
+
+
 def _heads(state_dict: StateDict, stage: int, family: str) -> int:
     prefix = f"layers.{stage}.blocks.0.attn."
     if family == "v1":
@@ -115,3 +143,10 @@ def describe(fields: dict[str, Any]) -> str:
         if name in fields:
             parts.append(f"{name}={fields[name]}")
     return " ".join(parts)
+
+
+def require_representable(fmt: str, problems: dict[str, bool]) -> None:
+    """Raise naming every problem whose condition holds: the ways a model cannot be written as ``fmt``."""
+    found = [problem for problem, present in problems.items() if present]
+    if found:
+        raise ValueError(f"this model cannot be written in the {fmt} layout: " + "; ".join(found))

@@ -25,6 +25,8 @@ StateDict = dict[str, Tensor]
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 # Prefixes added by DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The weight files of a Hugging Face model directory, in the order transformers prefers them.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class CheckpointError(ValueError):
@@ -47,7 +49,10 @@ def _check_path(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a checkpoint file (.pth, .bin or .safetensors)")
+        raise CheckpointError(
+            f"{path} is a directory; pass a checkpoint file (.pth, .bin or .safetensors) or a Hugging Face "
+            f"model directory (config.json with {' or '.join(HF_WEIGHT_FILES)})"
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint file {path} is empty (0 bytes)")
 
@@ -110,9 +115,7 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
     return state_dict
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
-    """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file: (state dict, safetensors metadata or {})."""
-    path = Path(path)
+def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
     _check_path(path)
     kind = _file_kind(path)
     if kind == "safetensors":
@@ -123,6 +126,45 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     raise CheckpointError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
     )
+
+
+def _read_hf_directory(path: Path) -> tuple[StateDict, dict[str, str]] | None:
+    """A Hugging Face model directory: its weights (sharded or not) and ``config.json`` as ``hf_config``."""
+    files = []
+    for name in HF_WEIGHT_FILES:
+        index = path / f"{name}.index.json"
+        if (path / name).is_file():
+            files = [path / name]
+        elif index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as error:
+                raise CheckpointError(f"{index} is not a valid shard index: {error}") from None
+            files = [path / shard for shard in shards]
+        if files:
+            break
+    if not files:
+        return None
+    state_dict: StateDict = {}
+    for file in files:
+        state_dict.update(_read_file(file)[0])
+    config = path / "config.json"
+    metadata = {"hf_config": config.read_text()} if config.is_file() else {}
+    return state_dict, metadata
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file or a Hugging Face model directory.
+
+    Returns the state dict and the metadata: a safetensors file's own, ``{"hf_config": text}`` for a
+    directory with a ``config.json``, else ``{}``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = _read_hf_directory(path)
+        if found is not None:
+            return found
+    return _read_file(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:

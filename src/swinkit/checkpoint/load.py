@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,13 +13,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import official, timm
+from . import adapt, hf, official, timm, torchvision
 from .formats import describe, detect_family, detect_format, infer_config
 from .io import CheckpointError, StateDict, read_checkpoint, unwrap_state_dict
+from .native import class_names_from_metadata
 
 logger = logging.getLogger(__name__)
 
-_TO_SWINKIT = {"official": official.to_swinkit, "swinkit": official.to_swinkit, "timm": timm.to_swinkit}
+# One converter module per layout: ``to_swinkit(state_dict)`` and ``from_swinkit(state_dict, config)``.
+CONVERTERS = {"official": official, "swinkit": official, "timm": timm, "torchvision": torchvision, "hf": hf}
 
 
 @dataclass
@@ -31,6 +35,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     reinitialized: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -49,6 +54,7 @@ class LoadReport:
         if len(self.mismatched) > 10:
             lines.append(f"  ... {len(self.mismatched)} shape mismatches in all")
         lines += [f"  re-initialised: {item}" for item in self.reinitialized]
+        lines += [f"  adapted: {item}" for item in self.adapted]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -62,21 +68,36 @@ class Checkpoint:
     family: str
     state_dict: StateDict
     metadata: dict[str, str]
+    # Config fields the file fixes beyond its weights (construction size, V2 pretrained windows, ...).
+    hints: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
-    """Read a file (or take an in-memory state dict) and convert it to swinkit's layout."""
+    """Read a file or Hugging Face directory (or take an in-memory state dict) and convert it to swinkit's layout."""
     if isinstance(source, Mapping):
         state_dict, metadata, label = unwrap_state_dict(source, "state dict"), {}, "state dict"
     else:
         state_dict, metadata = read_checkpoint(source)
         label = str(Path(source))
-    fmt = "swinkit" if "swinkit_config" in metadata else detect_format(state_dict)
-    converter = _TO_SWINKIT.get(fmt)
-    if converter is None:
-        raise CheckpointError(f"{label}: loading the {fmt} layout is not supported yet")
-    converted = converter(state_dict)
-    return Checkpoint(label, fmt, detect_family(converted), converted, metadata)
+    try:
+        fmt = "swinkit" if "swinkit_config" in metadata else detect_format(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{label}: {error}") from None
+    converted = CONVERTERS[fmt].to_swinkit(state_dict)
+    checkpoint = Checkpoint(label, fmt, detect_family(converted), converted, metadata)
+    if fmt == "swinkit":
+        checkpoint.class_names = class_names_from_metadata(metadata)
+    elif fmt == "hf" and "hf_config" in metadata:
+        hf_config = json.loads(metadata["hf_config"])
+        checkpoint.hints, checkpoint.class_names = hf.config_hints(hf_config), hf.class_names(hf_config)
+    elif fmt in ("official", "torchvision"):
+        checkpoint.hints = CONVERTERS[fmt].config_hints(state_dict)
+    _, others = official.split_backbone(state_dict) if fmt == "official" else (None, [])
+    if others:
+        checkpoint.notes.append(f"took the backbone of a dense model; its other parts are not loaded: {others}")
+    return checkpoint
 
 
 def load_checkpoint(
@@ -84,28 +105,58 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load ``source`` (a file path, a state dict in any supported layout, or a :class:`Checkpoint`).
 
-    With ``strict`` (the default) any missing, unexpected or mis-shaped key raises
-    :class:`CheckpointError` naming them; a different classifier size is not an error: the head is
-    re-initialised and the report says so. Returns the :class:`LoadReport` (also logged).
+    ``load_checkpoint(source, model)`` (the other order) works too. With ``strict`` (the default)
+    any missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming them. Not
+    errors, but adaptations the report lists: a V1 window change (bias tables resized bicubic),
+    a resolution change with an absolute position embedding (resized bicubic), an ImageNet-22K
+    head into a 1000-class model (the ImageNet-1K rows selected) and any other classifier size
+    (the head re-initialised). Returns the :class:`LoadReport` (also logged).
     """
+    if isinstance(source, nn.Module) and not isinstance(model, nn.Module):
+        model, source = source, model
     checkpoint = source if isinstance(source, Checkpoint) else read_any(source)
     config = model.config
-    report = LoadReport(checkpoint.source, checkpoint.format, checkpoint.family)
+    report = LoadReport(checkpoint.source, checkpoint.format, checkpoint.family, notes=list(checkpoint.notes))
     if checkpoint.family != config.family:
         raise CheckpointError(
             f"{checkpoint.source} is a Swin {checkpoint.family.upper()} checkpoint but the model is Swin "
             f"{config.family.upper()}; create a {'swinv2_*' if checkpoint.family == 'v2' else 'swin_*'} model "
             "for it (or load it with create_model(checkpoint=...) and no name)"
         )
-    state_dict = _adapt_outputs(dict(checkpoint.state_dict), model, report)
-    _compare(state_dict, model.state_dict(), report)
+    state_dict = _adapt_positions(dict(checkpoint.state_dict), model.state_dict(), report)
+    state_dict = _adapt_outputs(state_dict, model, report)
+    compare_keys(state_dict, model.state_dict(), report)
     if strict and not report.ok:
-        raise CheckpointError(_mismatch_message(checkpoint, model, report))
+        raise CheckpointError(mismatch_message(checkpoint, model, report))
     expected = model.state_dict()
     fitting = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(fitting, strict=False)
     logger.log(logging.INFO if report.ok and not report.reinitialized else logging.WARNING, "%s", report)
     return report
+
+
+def _adapt_positions(state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport) -> StateDict:
+    """Resize V1 bias tables to the model's windows and an absolute position embedding to its grid."""
+    resized: dict[tuple[int, int], list[int]] = {}
+    for key, value in list(state_dict.items()):
+        target = expected.get(key)
+        if not key.endswith("relative_position_bias_table") or target is None or value.shape == target.shape:
+            continue
+        if value.dim() == 2 and value.shape[1] == target.shape[1]:
+            state_dict[key] = adapt.resize_relative_position_table(value, target.shape[0])
+            sides = (math.isqrt(value.shape[0]), math.isqrt(target.shape[0]))
+            resized.setdefault(sides, []).append(int(key.split(".")[1]))
+    for (old, new), stages in resized.items():
+        report.adapted.append(
+            f"relative position bias tables of stages {sorted(set(stages))} resized bicubic from {old}x{old} to "
+            f"{new}x{new} (window {(old + 1) // 2} -> {(new + 1) // 2}, the official fine-tuning rule)"
+        )
+    embed, target = state_dict.get("absolute_pos_embed"), expected.get("absolute_pos_embed")
+    if embed is not None and target is not None and embed.shape != target.shape and embed.shape[2] == target.shape[2]:
+        state_dict["absolute_pos_embed"] = adapt.resize_absolute_pos_embed(embed, target.shape[1])
+        old, new = math.isqrt(embed.shape[1]), math.isqrt(target.shape[1])
+        report.adapted.append(f"absolute position embedding resized bicubic from a {old}x{old} to a {new}x{new} grid")
+    return state_dict
 
 
 def _adapt_outputs(state_dict: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
@@ -127,6 +178,14 @@ def _adapt_outputs(state_dict: StateDict, model: nn.Module, report: LoadReport) 
         return state_dict
     file_head = state_dict.get("head.weight")
     model_head = expected.get("head.weight")
+    if file_head is not None and model_head is not None and _is_imagenet22k_into_1k(file_head, model_head):
+        state_dict["head.weight"] = adapt.select_imagenet1k_rows(file_head)
+        state_dict["head.bias"] = adapt.select_imagenet1k_rows(state_dict["head.bias"])
+        report.adapted.append(
+            "head: the 1000 ImageNet-1K rows of the file's 21841-class ImageNet-22K classifier "
+            "(the official map22kto1k index list)"
+        )
+        return state_dict
     if file_head is not None and (model_head is None or file_head.shape != model_head.shape):
         model_classes = 0 if model_head is None else model_head.shape[0]
         report.reinitialized.append(
@@ -139,13 +198,22 @@ def _adapt_outputs(state_dict: StateDict, model: nn.Module, report: LoadReport) 
     return state_dict
 
 
+def _is_imagenet22k_into_1k(file_head: Tensor, model_head: Tensor) -> bool:
+    return (
+        file_head.shape[0] == adapt.IMAGENET22K_CLASSES
+        and model_head.shape[0] == adapt.IMAGENET1K_CLASSES
+        and file_head.shape[1:] == model_head.shape[1:]
+    )
+
+
 def _keep_model_head(state_dict: StateDict, expected: dict[str, Tensor]) -> StateDict:
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     state_dict.update({k: v for k, v in expected.items() if k.startswith("head.")})
     return state_dict
 
 
-def _compare(state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport) -> None:
+def compare_keys(state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport) -> None:
+    """Fill ``report`` with the keys missing from, unexpected in and mis-shaped in ``state_dict``."""
     report.missing = [k for k in expected if k not in state_dict]
     report.unexpected = [k for k in state_dict if k not in expected]
     report.mismatched = [
@@ -155,7 +223,8 @@ def _compare(state_dict: StateDict, expected: dict[str, Tensor], report: LoadRep
     ]
 
 
-def _mismatch_message(checkpoint: Checkpoint, model: nn.Module, report: LoadReport) -> str:
+def mismatch_message(checkpoint: Checkpoint, model: nn.Module, report: LoadReport) -> str:
+    """The error for a file that does not fit: both architectures, then the report."""
     try:
         file_arch = describe(infer_config(checkpoint.state_dict))
     except (CheckpointError, KeyError):

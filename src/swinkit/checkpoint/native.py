@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..variants import SwinConfig
 from .io import CheckpointError, save_safetensors
@@ -21,15 +21,32 @@ def _version() -> str:
         return "unknown"
 
 
-def save(model: nn.Module, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> None:
-    """Write ``model`` as a swinkit safetensors file (atomically): weights, config, class names."""
-    config: SwinConfig = model.config
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    state_dict: dict[str, Tensor] | None = None,
+) -> None:
+    """Write ``model`` as a swinkit safetensors file (atomically): weights, config, class names.
+
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered weights of a sharded model).
+    """
+    write(model.state_dict() if state_dict is None else state_dict, model.config, path, class_names)
+
+
+def write(
+    state_dict: dict[str, Tensor],
+    config: SwinConfig,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Write swinkit-layout weights with ``config`` (architecture, num_classes, preprocessing) and class names."""
     if class_names is not None and len(class_names) != config.num_classes:
         raise ValueError(f"{len(class_names)} class names given for a model with {config.num_classes} classes")
-    metadata = {"swinkit_config": json.dumps(config.to_dict()), "swinkit_version": _version()}
+    metadata = {"format": "pt", "swinkit_config": json.dumps(config.to_dict()), "swinkit_version": _version()}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
-    save_safetensors(model.state_dict(), path, metadata)
+    save_safetensors(state_dict, path, metadata)
 
 
 def config_from_metadata(metadata: dict[str, str], source: str) -> SwinConfig:

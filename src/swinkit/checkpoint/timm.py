@@ -1,10 +1,12 @@
 """timm's layout: the official block names, but patch merging at the *start* of stages 1..3
-(``layers.{i+1}.downsample``) and the classifier under ``head.fc``."""
+(``layers.{i+1}.downsample``), the classifier under ``head.fc`` and no derived buffers."""
 
 from __future__ import annotations
 
 import re
 
+from ..variants import SwinConfig
+from .formats import require_representable
 from .io import StateDict
 from .official import is_derived
 
@@ -21,7 +23,16 @@ def to_swinkit(state_dict: StateDict) -> StateDict:
     return out
 
 
-def from_swinkit(state_dict: StateDict) -> StateDict:
+def from_swinkit(state_dict: StateDict, config: SwinConfig) -> StateDict:
+    """swinkit keys -> timm's ``SwinTransformer`` / ``SwinTransformerV2`` state dict."""
+    require_representable(
+        "timm",
+        {
+            "timm has no backbone state dict of its own (features_only; use official or hf)": config.features_only,
+            "timm's Swin has no absolute position embedding (ape=True)": config.ape,
+            "timm's Swin always has the patch-embedding LayerNorm (patch_norm=False)": not config.patch_norm,
+        },
+    )
     out = {}
     for key, value in state_dict.items():
         key = _DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
