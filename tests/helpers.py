@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
+
+from swinkit.data import DigitsDataset
 
 
 @torch.no_grad()
@@ -16,6 +19,27 @@ def perturb(model: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype)
         param.add_(noise * scale)
     return model
+
+
+def assert_checkpointing_keeps_gradients(model: nn.Module, x: Tensor) -> None:
+    """Gradient checkpointing on and off give the same gradients (``model`` and ``x`` in float64)."""
+    model(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, plain[name], rtol=1e-10, atol=1e-12), name
+
+
+def assert_forward_backward(model: nn.Module, shape: tuple[int, ...], num_classes: int) -> None:
+    """Images of ``shape`` give ``(B, num_classes)`` logits and finite gradients for inputs and parameters."""
+    x = torch.randn(shape, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (shape[0], num_classes)
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
@@ -56,3 +80,17 @@ def torchvision_to_official(state_dict: dict[str, Tensor], depths: tuple[int, ..
         out[key] = value
     assert len([k for k in out if k.endswith("qkv.weight")]) == sum(depths)
     return out
+
+
+def write_digit_folder(root, classes=(0, 1, 2), per_class=6, formats=("png", "jpg")):
+    """Real handwritten digits from the bundled set, as PNG and JPEG files in class folders."""
+    digits = DigitsDataset()
+    counts = dict.fromkeys(classes, 0)
+    for index, sample in enumerate(digits.samples):
+        if sample.label in counts and counts[sample.label] < per_class:
+            folder = root / f"digit{sample.label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            extension = formats[counts[sample.label] % len(formats)]
+            digits.load(index).resize((32, 32), Image.BILINEAR).save(folder / f"{index}.{extension}")
+            counts[sample.label] += 1
+    return root

@@ -1,29 +1,49 @@
-"""``swinkit demo``: the main job on the bundled data (see ``make demo``)."""
+"""``swinkit demo`` (what ``make demo`` runs): train on the bundled digits, evaluate, predict."""
 
 from __future__ import annotations
 
 import logging
 from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from .factory import create_model
-from .info import describe_model
+from .data import DigitsDataset, split_dataset
+from .evaluate import evaluate_checkpoint
+from .predict import format_results, predict
+from .train import fit, resolve_config
+from .train.data import SPLIT_SEED
 
 logger = logging.getLogger(__name__)
 
 
-def run_demo() -> dict[str, object]:
-    """Describe Swin-T, then run a small Swin on the bundled handwritten digits."""
-    print(describe_model("swin_t")["text"])
-    with np.load(files("swinkit") / "assets" / "digits.npz") as data:
-        images = torch.from_numpy(data["images"][:16]).float().div(16.0)
-        labels = data["labels"][:16]
-    x = F.interpolate(images[:, None].expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", align_corners=False)
-    model = create_model("swin_test", num_classes=10, img_size=32).eval()
-    with torch.no_grad():
-        logits = model(x)
-    print(f"forward pass on {len(x)} bundled digit images (labels {labels.tolist()}): logits {tuple(logits.shape)}")
-    return {"logits_shape": tuple(logits.shape)}
+def write_image_folder(dataset: DigitsDataset, root: Path) -> Path:
+    """Save a dataset as PNG files, one sub-folder per class (what ``swinkit eval`` reads)."""
+    for index, sample in enumerate(dataset.samples):
+        folder = root / dataset.classes[sample.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset.load(index).convert("L").save(folder / f"{index:04d}.png")
+    return root
+
+
+def run_demo(output: str = "runs/demo", epochs: int | None = None) -> dict[str, Any]:
+    """Train the digits preset, evaluate the result from PNG files on disk, predict the bundled samples."""
+    overrides: dict[str, Any] = {"output": output, "resume": "never"}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    config = resolve_config(overrides)
+    print(f"training {config.model} on the bundled handwritten digits for {config.epochs} epochs ...")
+    result = fit(config)
+    print(f"trained in {result.seconds:.0f} s: best validation top-1 {result.best_top1:.2f}%")
+
+    _, val = split_dataset(DigitsDataset(), config.val_fraction, SPLIT_SEED)
+    folder = write_image_folder(val, Path(output) / "val-images")
+    metrics = evaluate_checkpoint(folder, result.final_model, output=Path(output) / "eval", workers=0)
+    print(f"swinkit eval on {metrics['images']} PNG files: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%")
+
+    samples = files("swinkit") / "assets" / "samples"
+    predictions = predict([str(samples)], result.final_model, topk=3)
+    print("swinkit predict on the bundled sample images (file name = true digit):")
+    print(format_results(predictions))
+    print(f"checkpoint: {result.final_model}\ncurves: {result.output / 'curves.png'}")
+    print(f"confusion matrix: {Path(output) / 'eval' / 'confusion.png'}; metrics: {result.output / 'metrics.jsonl'}")
+    return {"train": result, "eval": metrics, "predict": predictions}

@@ -1,0 +1,32 @@
+"""Datasets, image decoding and transforms."""
+
+from .datasets import (
+    AugmentedDataset,
+    BadItem,
+    DigitsDataset,
+    FileDataset,
+    SeededTransform,
+    collate_skipping_bad,
+    csv_list,
+    image_folder,
+    split_dataset,
+)
+from .images import IMAGE_EXTENSIONS, BadImageError, load_image
+from .transforms import eval_transform, train_transform
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AugmentedDataset",
+    "BadImageError",
+    "BadItem",
+    "DigitsDataset",
+    "FileDataset",
+    "SeededTransform",
+    "collate_skipping_bad",
+    "csv_list",
+    "eval_transform",
+    "image_folder",
+    "load_image",
+    "split_dataset",
+    "train_transform",
+]

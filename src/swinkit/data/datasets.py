@@ -1,0 +1,222 @@
+"""Classification datasets: image folders, CSV lists and the bundled handwritten digits.
+
+Every dataset yields ``(image, label)`` for good items and ``None`` for an image that cannot be
+decoded (unless built ``strict``); :func:`collate_skipping_bad` drops the ``None`` items and
+counts them, so one bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from .images import IMAGE_EXTENSIONS, BadImageError, load_image
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], Any]
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+class FileDataset(Dataset):
+    """Images listed as (path, label) samples; decoding failures give ``None`` (or raise if ``strict``)."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        classes: Sequence[str],
+        transform: Transform | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        return load_image(self.samples[index].path)
+
+    def label(self, index: int) -> int:
+        return self.samples[index].label
+
+    def name(self, index: int) -> str:
+        return self.samples[index].path
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadItem:
+        try:
+            image = self.load(index)
+        except BadImageError as error:
+            if self.strict:
+                raise
+            logger.warning("skipping %s", error)
+            return BadItem(self.name(index), str(error))
+        return (self.transform(image) if self.transform else image), self.label(index)
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """Stands in for an item whose image could not be decoded."""
+
+    path: str
+    reason: str
+
+
+def image_folder(root: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
+    """One sub-folder per class (sorted names are the classes), like torchvision's ImageFolder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
+    samples = [
+        Sample(str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not samples:
+        raise ValueError(f"{root} has class folders {classes[:5]} but no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return FileDataset(samples, classes, transform, strict)
+
+
+def csv_list(path: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
+    """A CSV file of ``path,label`` rows (a header row is allowed); paths are relative to the file.
+
+    Labels may be class names or integers; names are sorted to give class indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV list {path} does not exist")
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and not row[0].startswith("#")]
+    if rows and rows[0][:2] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2 or not row[0].strip() or not row[1].strip()]
+    if bad or not rows:
+        raise ValueError(f"{path}: expected rows 'path,label'; rows {bad[:5] or 'none'} are malformed or missing")
+    labels = [row[1].strip() for row in rows]
+    numeric = all(label.isdigit() for label in labels)
+    classes = [str(i) for i in range(max(map(int, labels)) + 1)] if numeric else sorted(set(labels))
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [Sample(str(path.parent / row[0].strip()), index[label]) for row, label in zip(rows, labels, strict=True)]
+    return FileDataset(samples, classes, transform, strict)
+
+
+class DigitsDataset(FileDataset):
+    """The bundled 8x8 handwritten digits (UCI / scikit-learn; see ``swinkit/assets/README.md``)."""
+
+    def __init__(self, transform: Transform | None = None, indices: Sequence[int] | None = None) -> None:
+        with np.load(files("swinkit") / "assets" / "digits.npz") as data:
+            images, labels = data["images"], data["labels"]
+        keep = range(len(labels)) if indices is None else indices
+        self.images = images
+        super().__init__([Sample(f"digits[{i}]", int(labels[i])) for i in keep], [str(d) for d in range(10)], transform)
+
+    def load(self, index: int) -> Image.Image:
+        position = int(self.samples[index].path[len("digits[") : -1])
+        # Values 0..16 (counts of set pixels in 4x4 blocks of the original 32x32 bitmap).
+        pixels = (self.images[position].astype(np.float32) * (255.0 / 16.0)).round().astype(np.uint8)
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+
+
+def split_dataset(dataset: FileDataset, val_fraction: float, seed: int) -> tuple[FileDataset, FileDataset]:
+    """Stratified split by a fraction with a fixed seed: the same files land in val on every run."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, sample in enumerate(dataset.samples):
+        by_class.setdefault(sample.label, []).append(i)
+    train, val = [], []
+    for indices in by_class.values():
+        rng.shuffle(indices)
+        cut = max(1, round(len(indices) * val_fraction)) if len(indices) > 1 else 0
+        val += indices[:cut]
+        train += indices[cut:]
+    return _subset(dataset, sorted(train)), _subset(dataset, sorted(val))
+
+
+def _subset(dataset: FileDataset, indices: list[int]) -> FileDataset:
+    subset = object.__new__(type(dataset))
+    subset.__dict__.update(dataset.__dict__)
+    subset.samples = [dataset.samples[i] for i in indices]
+    return subset
+
+
+class SeededTransform:
+    """Apply a random transform with RNGs seeded by (seed, epoch, index).
+
+    Augmentation then depends only on which item is drawn in which epoch, not on worker count,
+    process rank or where a resumed run restarts, which is what makes resuming exact.
+    """
+
+    def __init__(self, transform: Transform, seed: int) -> None:
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, image: Image.Image, index: int) -> Any:
+        seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**31)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image)
+        finally:
+            # The caller's RNG streams (dropout, mixup) must not depend on how many items were loaded.
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class AugmentedDataset(Dataset):
+    """Wrap a dataset (built without transform) with a :class:`SeededTransform`."""
+
+    def __init__(self, dataset: FileDataset, transform: SeededTransform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.transform.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadItem:
+        item = self.dataset[index]
+        if isinstance(item, BadItem):
+            return item
+        image, label = item
+        return self.transform(image, index), label
+
+
+def collate_skipping_bad(items: list[Any]) -> dict[str, Any]:
+    """Batch the good items; report the bad ones by path under ``"bad"``."""
+    good = [item for item in items if not isinstance(item, BadItem)]
+    bad = [item.path for item in items if isinstance(item, BadItem)]
+    if not good:
+        return {"images": None, "labels": None, "bad": bad}
+    images, labels = default_collate(good)
+    return {"images": images, "labels": labels, "bad": bad}

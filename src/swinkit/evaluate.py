@@ -1,0 +1,183 @@
+"""Evaluation: top-1 / top-5 / loss / per-class accuracy / confusion matrix, and throughput."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    confusion: torch.Tensor  # (true class, predicted class) counts
+    bad_items: list[str] = field(default_factory=list)
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diag() / totals * 100.0).tolist()
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        names = list(class_names) if class_names else [str(i) for i in range(self.confusion.shape[0])]
+        return {
+            "loss": self.loss,
+            "top1": self.top1,
+            "top5": self.top5,
+            "images": self.count,
+            "bad_images": len(self.bad_items),
+            "per_class_accuracy": dict(zip(names, self.per_class_accuracy, strict=True)),
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    distributed: Any = None,
+) -> EvalResult:
+    """Run ``model`` over ``loader`` (batches from :func:`swinkit.data.collate_skipping_bad`)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0.0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    bad: list[str] = []
+    for batch in loader:
+        bad += batch["bad"]
+        if batch["images"] is None:
+            continue
+        images, labels = batch["images"].to(device), batch["labels"].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        count += len(labels)
+        confusion.index_put_(
+            (labels.cpu(), top[:, 0].cpu()), torch.ones(len(labels), dtype=torch.float64), accumulate=True
+        )
+    if distributed is not None and distributed.enabled:
+        loss_sum, correct1, correct5, count = distributed.sum([loss_sum, correct1, correct5, count])
+        confusion = distributed.sum_tensor(confusion)
+    model.train(was_training)
+    total = max(count, 1.0)
+    return EvalResult(loss_sum / total, correct1 / total * 100, correct5 / total * 100, int(count), confusion, bad)
+
+
+def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike) -> None:
+    """Row-normalised confusion matrix as a PNG (class names on the axes when there are few)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    size = min(12.0, 3.0 + 0.4 * len(class_names))
+    figure, axis = plt.subplots(figsize=(size, size))
+    image = axis.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if len(class_names) <= 40:
+        ticks = range(len(class_names))
+        axis.set_xticks(ticks, class_names, rotation=90)
+        axis.set_yticks(ticks, class_names)
+        if len(class_names) <= 15:
+            for i in ticks:
+                for j in ticks:
+                    if confusion[i, j] > 0:
+                        axis.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8)
+    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised)")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, images: torch.Tensor, warmup: int = 50, iterations: int = 30) -> float:
+    """Images per second the way the official code measures it: eval mode, a fixed batch, warm-up first."""
+    model.eval()
+    for _ in range(warmup):
+        model(images)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        model(images)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return iterations * images.shape[0] / (time.perf_counter() - start)
+
+
+def _label_map(folder_classes: Sequence[str], model_classes: Sequence[str], named: bool, source: str) -> list[int]:
+    """Model class index of each folder class: by name when the checkpoint has names, else by position."""
+    if named:
+        unknown = [name for name in folder_classes if name not in model_classes]
+        if unknown:
+            raise ValueError(
+                f"{source} has classes the model does not know: {unknown[:10]}; the model's classes are "
+                f"{list(model_classes)[:20]}"
+            )
+        return [list(model_classes).index(name) for name in folder_classes]
+    if len(folder_classes) > len(model_classes):
+        raise ValueError(f"{source} has {len(folder_classes)} classes but the model predicts {len(model_classes)}")
+    return list(range(len(folder_classes)))
+
+
+def evaluate_checkpoint(
+    data: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    batch_size: int = 64,
+    workers: int = 2,
+    output: str | os.PathLike | None = None,
+    strict_data: bool = False,
+    measure_throughput: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on an image folder or CSV list with the preprocessing stored in the file.
+
+    Writes ``metrics.json`` and ``confusion.png`` to ``output`` when given; returns the metrics.
+    """
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from .checkpoint.load import read_any
+    from .checkpoint.native import class_names_from_metadata
+    from .data import collate_skipping_bad, csv_list, eval_transform, image_folder
+    from .factory import create_model
+
+    loaded = read_any(checkpoint)
+    model = create_model(checkpoint=loaded).to(device).eval()
+    stored = class_names_from_metadata(loaded.metadata)
+    names = stored or [str(i) for i in range(model.config.num_classes)]
+    load = csv_list if str(data).lower().endswith(".csv") else image_folder
+    dataset = load(data, transform=eval_transform(model.config.preprocessing), strict=strict_data)
+    mapping = _label_map(dataset.classes, names, stored is not None, str(data))
+    dataset.samples = [type(s)(s.path, mapping[s.label]) for s in dataset.samples]
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad)
+    result = evaluate(model, loader, len(names), torch.device(device))
+    metrics = result.summary(names)
+    if result.bad_items:
+        metrics["bad_image_paths"] = result.bad_items
+    if measure_throughput:
+        first = next(batch for batch in loader if batch["images"] is not None)
+        metrics["throughput_images_per_second"] = throughput(model, first["images"].to(device), warmup=5, iterations=10)
+    if output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_confusion(result.confusion, names, Path(output) / "confusion.png")
+    return metrics

@@ -1,0 +1,93 @@
+"""Prediction on image files: top-k classes and probabilities, batched; bad images reported."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint.load import read_any
+from .checkpoint.native import class_names_from_metadata
+from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
+from .factory import create_model
+
+logger = logging.getLogger(__name__)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files given directly, plus the image files found (recursively, sorted) in folders."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return paths
+
+
+def load_for_inference(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, list[str]]:
+    """A model in eval mode and its class names (indices as names when the file has none)."""
+    loaded = read_any(checkpoint)
+    model = create_model(checkpoint=loaded)
+    names = class_names_from_metadata(loaded.metadata) or [str(i) for i in range(model.config.num_classes)]
+    return model.to(device).eval(), names
+
+
+@torch.no_grad()
+def predict(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Classify every image in ``inputs``; one result per file, in order.
+
+    A result is ``{"path", "predictions": [{"class", "index", "probability"}, ...]}``, or
+    ``{"path", "error"}`` for a file that could not be decoded.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+    model, names = load_for_inference(checkpoint, device)
+    transform = eval_transform(model.config.preprocessing)
+    paths = expand_inputs(inputs)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        batch, good = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append(transform(load_image(path)))
+                good.append(len(results))
+                results.append({"path": str(path)})
+            except BadImageError as error:
+                logger.warning("%s", error)
+                results.append({"path": str(path), "error": str(error)})
+        if batch:
+            probabilities = model(torch.stack(batch).to(device)).float().softmax(dim=-1)
+            values, indices = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)
+            for position, top_values, top_indices in zip(good, values.tolist(), indices.tolist(), strict=True):
+                results[position]["predictions"] = [
+                    {"class": names[i], "index": i, "probability": p}
+                    for p, i in zip(top_values, top_indices, strict=True)
+                ]
+    return results
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    """One line per image: ``path: class (probability), ...`` or ``path: ERROR ...``."""
+    lines = []
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['path']}: ERROR {result['error']}")
+        else:
+            top = ", ".join(f"{p['class']} ({p['probability']:.3f})" for p in result["predictions"])
+            lines.append(f"{result['path']}: {top}")
+    return "\n".join(lines)

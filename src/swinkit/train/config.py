@@ -1,0 +1,222 @@
+"""Training configuration: one dataclass, named recipes, YAML files and command-line flags.
+
+Values resolve in this order, later winning: the dataclass defaults (the official ImageNet-1K
+recipe), the chosen ``recipe``, a YAML file (``--config``), then explicit command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.yaml`` beside its checkpoints."""
+
+    # Data: an image folder (with train/ and val/ sub-folders, or class folders split by
+    # val_fraction) or a CSV list of path,label; None trains on the bundled handwritten digits.
+    data: str | None = None
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    strict_data: bool = False  # stop at the first undecodable image instead of skipping it
+    workers: int = 2
+    # Model and fine-tuning.
+    model: str = "swin_t"
+    checkpoint: str | None = None
+    img_size: int | None = None
+    window_size: int | None = None
+    drop_path_rate: float | None = None  # None: the preset's
+    layer_decay: float | None = None  # layer-wise learning-rate decay for fine-tuning, e.g. 0.9
+    freeze_stages: int = 0  # freeze patch embedding and the first k stages
+    grad_checkpointing: bool = False
+    compile: bool = False
+    attn_impl: str = "reference"
+    # Optimisation: AdamW, linear warm-up then cosine, per iteration; lr scaled by batch / 512.
+    epochs: int = 300
+    batch_size: int = 128  # per process
+    accum_steps: int = 1
+    base_lr: float = 5e-4
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    warmup_epochs: float = 20.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 5.0  # 0 disables clipping
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    # Augmentation (timm's building blocks).
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    # Machinery.
+    amp: str = "none"  # none, bf16, fp16
+    ema: bool = False
+    ema_decay: float = 0.9998
+    seed: int = 0
+    deterministic: bool = False
+    fsdp: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # Output.
+    output: str = "runs/train"
+    resume: str = "auto"  # auto (continue a run found in output), never, or a checkpoint path
+    checkpoint_every: int = 0  # also save every N optimizer steps (0: at epoch ends only)
+    max_steps: int = 0  # stop after N optimizer steps (0: run all epochs); for tests and smoke runs
+    progress: bool = True
+    recipe: str = "imagenet"
+
+    def total_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.accum_steps
+
+    def scaled(self, value: float, world_size: int) -> float:
+        """The official linear scaling rule: rates are given for a total batch of 512."""
+        return value * self.total_batch(world_size) / 512.0
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The official ImageNet-1K recipe is the dataclass defaults.
+    "imagenet": {},
+    # Official 22K -> 1K fine-tuning.
+    "finetune": dict(
+        epochs=30, warmup_epochs=5, base_lr=2e-5, warmup_lr=2e-8, min_lr=2e-7, weight_decay=1e-8, drop_path_rate=0.2
+    ),
+    # The bundled 8x8 digits: a small model, light augmentation (no flips: a flipped 2 is no digit).
+    "digits": dict(
+        model="swin_digits",
+        epochs=20,
+        batch_size=64,
+        base_lr=8e-3,
+        warmup_lr=8e-6,
+        min_lr=8e-5,
+        warmup_epochs=2,
+        mixup=0.0,
+        cutmix=0.0,
+        auto_augment="none",
+        reprob=0.0,
+        hflip=0.0,
+        color_jitter=0.0,
+        crop_scale=(0.7, 1.0),
+        crop_ratio=(0.85, 1.15),
+        output="runs/digits",
+    ),
+}
+
+
+def _field_types(options: type = TrainConfig) -> dict[str, Any]:
+    return typing.get_type_hints(options)
+
+
+def _without_none(kind: Any) -> Any:
+    """``X | None`` -> ``X``; other types unchanged."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return kind
+
+
+def _coerce(name: str, value: Any, options: type = TrainConfig) -> Any:
+    """Check and convert a value from YAML or the command line to the field's type."""
+    kind = _without_none(_field_types(options)[name])
+    if value is None:
+        return None
+    origin = typing.get_origin(kind)
+    try:
+        if origin is tuple:
+            return tuple(typing.get_args(kind)[0](v) for v in value)
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"training option {name!r} must be {kind}, got {value!r}") from None
+
+
+def resolve_config(explicit: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None) -> TrainConfig:
+    """Defaults, then the recipe, then ``config_file`` (YAML), then ``explicit`` values."""
+    return resolve_options(
+        TrainConfig,
+        RECIPES,
+        explicit,
+        config_file,
+        lambda values: "imagenet" if values.get("data") is not None else "digits",
+    )
+
+
+def resolve_options(
+    options: type,
+    recipes: dict[str, dict[str, Any]],
+    explicit: dict[str, Any] | None,
+    config_file: str | os.PathLike | None,
+    default_recipe: Callable[[dict[str, Any]], str],
+) -> Any:
+    """Build the ``options`` dataclass (one with a ``recipe`` field): defaults, recipe, YAML, explicit values.
+
+    ``default_recipe`` picks the recipe from the file and explicit values when neither names one.
+    """
+    explicit = dict(explicit or {})
+    from_file = load_yaml(config_file) if config_file else {}
+    known = {f.name for f in dataclasses.fields(options)}
+    unknown = sorted((set(from_file) | set(explicit)) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; accepted: {sorted(known)}")
+    recipe = explicit.get("recipe", from_file.get("recipe", default_recipe({**from_file, **explicit})))
+    if recipe not in recipes:
+        raise ValueError(f"unknown recipe {recipe!r}; accepted: {', '.join(recipes)}")
+    values = {**recipes[recipe], **from_file, **explicit, "recipe": recipe}
+    return options(**{name: _coerce(name, value, options) for name, value in values.items()})
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: type = TrainConfig) -> None:
+    """One ``--flag`` per field of ``options``; unset flags keep the recipe / file value."""
+    parser.add_argument("--config", help="YAML file of training options (flags given here win)")
+    for f in dataclasses.fields(options):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _without_none(_field_types(options)[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"(default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            items = typing.get_args(kind)
+            count = "+" if items[-1] is Ellipsis else len(items)
+            parser.add_argument(flag, nargs=count, type=items[0], default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    explicit = {name: value for name, value in vars(args).items() if name in names}
+    return resolve_config(explicit, getattr(args, "config", None))

@@ -1,0 +1,132 @@
+"""Building the training and validation data for a run, and the sampler that makes resuming exact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..data import (
+    AugmentedDataset,
+    DigitsDataset,
+    FileDataset,
+    SeededTransform,
+    collate_skipping_bad,
+    csv_list,
+    eval_transform,
+    image_folder,
+    split_dataset,
+    train_transform,
+)
+from ..variants import Preprocessing
+from .config import TrainConfig
+from .distributed import Distributed
+
+SPLIT_SEED = 0  # the train/val split by fraction never changes with the training seed
+
+
+@dataclass
+class RunData:
+    train: FileDataset
+    val: FileDataset
+    classes: list[str]
+    source: str
+
+
+def _load(path: str, strict: bool) -> FileDataset:
+    if Path(path).suffix.lower() == ".csv":
+        return csv_list(path, strict=strict)
+    return image_folder(path, strict=strict)
+
+
+def load_datasets(config: TrainConfig) -> RunData:
+    """Train / val datasets (without transforms): bundled digits, a folder, or a CSV list."""
+    if config.data is None:
+        train, val = split_dataset(DigitsDataset(), config.val_fraction, SPLIT_SEED)
+        return RunData(train, val, train.classes, "bundled handwritten digits")
+    root = Path(config.data)
+    if config.val_data is not None:
+        train, val = _load(config.data, config.strict_data), _load(config.val_data, config.strict_data)
+    elif root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = (
+            image_folder(root / "train", strict=config.strict_data),
+            image_folder(root / "val", strict=config.strict_data),
+        )
+    else:
+        train, val = split_dataset(_load(config.data, config.strict_data), config.val_fraction, SPLIT_SEED)
+    if train.classes != val.classes:
+        raise ValueError(
+            f"train and val classes differ: {sorted(set(train.classes) ^ set(val.classes))[:10]} are in only one"
+        )
+    return RunData(train, val, train.classes, str(config.data))
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """This process's share of each global batch, in an order fixed by (seed, epoch).
+
+    Global step ``s`` of an epoch covers items ``perm[s*G:(s+1)*G]`` (``G`` = batch x world size);
+    rank ``r`` takes every ``world``-th of them, so any number of processes sees the same global
+    batches. Incomplete global batches are dropped. ``start_step`` skips steps a resumed run did.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, dist: Distributed) -> None:
+        self.size, self.batch_size, self.seed, self.dist = size, batch_size, seed, dist
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps(self) -> int:
+        return self.size // (self.batch_size * self.dist.world_size)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        global_batch = self.batch_size * self.dist.world_size
+        for step in range(self.start_step, self.steps):
+            chunk = order[step * global_batch : (step + 1) * global_batch]
+            yield chunk[self.dist.rank :: self.dist.world_size]
+
+
+def train_loader(
+    dataset: FileDataset, preprocessing: Preprocessing, config: TrainConfig, dist: Distributed
+) -> tuple[DataLoader, EpochBatchSampler, AugmentedDataset]:
+    augmented = AugmentedDataset(dataset, SeededTransform(train_transform(preprocessing, config), config.seed))
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, dist)
+    if sampler.steps == 0:
+        raise ValueError(
+            f"the training set has {len(dataset)} images, fewer than one global batch "
+            f"({config.batch_size} x {dist.world_size} processes); lower --batch-size"
+        )
+    loader = DataLoader(
+        augmented,
+        batch_sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=collate_skipping_bad,
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=dist.device.type == "cuda",
+    )
+    return loader, sampler, augmented
+
+
+def eval_loader(
+    dataset: FileDataset, preprocessing: Preprocessing, batch_size: int, workers: int, dist: Distributed
+) -> DataLoader:
+    """Each process evaluates every ``world``-th item (no padding, so summed metrics are exact)."""
+    dataset.transform = eval_transform(preprocessing)
+    shard = list(range(dist.rank, len(dataset), dist.world_size))
+    return DataLoader(
+        torch.utils.data.Subset(dataset, shard),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        generator=torch.Generator().manual_seed(0),
+    )

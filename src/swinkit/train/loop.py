@@ -1,0 +1,470 @@
+"""The training loop: one :class:`Trainer` holds a run's state; :func:`fit` runs it end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.native import save as save_model
+from ..evaluate import EvalResult, evaluate
+from ..factory import create_model
+from . import distributed
+from .config import TrainConfig, save_yaml
+from .data import RunData, eval_loader, load_datasets, train_loader
+from .ema import ModelEma
+from .metrics import MetricsLog, plot_curves
+from .optim import WarmupCosine, build_optimizer
+from .state import TRAIN_CHECKPOINT, load_training_state, save_training_state
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its files, and its headline numbers."""
+
+    output: Path
+    final_model: Path
+    best_model: Path | None
+    best_top1: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    bad_images: int = 0
+    seconds: float = 0.0
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The model to train: a preset, optionally initialised from any supported checkpoint."""
+    overrides: dict[str, Any] = {"num_classes": num_classes}
+    for name in ("img_size", "window_size", "drop_path_rate"):
+        if getattr(config, name) is not None:
+            overrides[name] = getattr(config, name)
+    model = create_model(config.model, checkpoint=config.checkpoint, attn_impl=config.attn_impl, **overrides)
+    report = getattr(model, "load_report", None)
+    if report is not None:
+        logger.info("%s", report)
+    freeze_stages(model, config.freeze_stages)
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    return model
+
+
+def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
+    """The patch embedding (and absolute position) plus the first ``stages`` stages."""
+    if not 0 <= stages <= len(model.layers):
+        raise ValueError(f"freeze_stages must be between 0 and {len(model.layers)}, got {stages}")
+    return [model.patch_embed, *model.layers[:stages]] if stages else []
+
+
+def freeze_stages(model: nn.Module, stages: int) -> None:
+    for module in frozen_modules(model, stages):
+        for param in module.parameters():
+            param.requires_grad_(False)
+    if stages and getattr(model, "absolute_pos_embed", None) is not None:
+        model.absolute_pos_embed.requires_grad_(False)
+
+
+class TrainingLoop:
+    """The epoch / step / checkpoint skeleton shared by classification and dense training runs.
+
+    A subclass sets ``config`` (``epochs``, ``resume``, ``seed``, ``accum_steps``, ``clip_grad``,
+    ``checkpoint_every``, ``max_steps``, ``progress``), ``dist``, ``output``, ``model``,
+    ``forward_model`` (the wrapped one), ``loader`` / ``sampler`` / ``augmented`` (see
+    :mod:`swinkit.train.data`), ``optimizer``, ``scheduler``, ``scaler``, ``metrics``,
+    ``steps_per_epoch``, ``epoch_totals`` and the counters ``epoch``, ``step_in_epoch``,
+    ``global_step``, ``skipped_steps``; and implements ``_forward_backward``, ``validate``,
+    ``save``, ``_load_state``, ``_log_epoch`` and ``_finish``.
+    """
+
+    ema: ModelEma | None = None
+
+    def resume(self) -> bool:
+        """Continue from ``config.resume`` (a path, or ``auto``: the output folder's checkpoint)."""
+        if self.config.resume == "never":
+            return False
+        path = self.output / TRAIN_CHECKPOINT if self.config.resume == "auto" else Path(self.config.resume)
+        if self.config.resume == "auto" and not path.exists():
+            return False
+        state = load_training_state(path)
+        check_same_run(state["config"], dataclasses.asdict(self.config), path)
+        self._load_state(state)
+        logger.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step_in_epoch)
+        return True
+
+    def run(self) -> Any:
+        start = time.perf_counter()
+        self.output.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        if self.dist.is_main:
+            save_yaml(self.config, self.output / "config.yaml")
+            if resumed:
+                self.metrics.truncate_after(self.epoch)
+        best_path = self.output / "model-best.safetensors"
+        while self.epoch < self.config.epochs:
+            row = {"epoch": self.epoch, **self.train_epoch(), "lr": self.scheduler.current_lr}
+            if self.config.max_steps and self.global_step >= self.config.max_steps:
+                break
+            row.update(self.validate(), skipped_steps=self.skipped_steps)
+            self._log_epoch(row, best_path)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save()
+        return self._finish(best_path, time.perf_counter() - start)
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train from ``step_in_epoch`` to the end of ``epoch``; returns the epoch's train metrics."""
+        self._train_mode()
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch * self.config.accum_steps)
+        self.augmented.set_epoch(self.epoch)
+        totals = self.epoch_totals  # carried over when resuming mid-epoch
+        start = time.perf_counter()
+        progress = self._progress()
+        for index, batch in enumerate(self.loader):
+            self._seed_step(self.global_step * self.config.accum_steps + index % self.config.accum_steps)
+            totals["bad"] += len(batch["bad"])
+            loss, images = self._forward_backward(batch)
+            totals["loss"] += loss * images
+            totals["images"] += images
+            if (index + 1) % self.config.accum_steps == 0:
+                self._optimizer_step()
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.current_lr:.2e}")
+                if self._should_stop_or_save():
+                    break
+        progress.close()
+        loss_sum, count, bad = self.dist.sum([totals["loss"], totals["images"], totals["bad"]])
+        self.epoch_totals = {"loss": 0.0, "images": 0.0, "bad": 0.0}
+        seconds = time.perf_counter() - start
+        return {"train_loss": loss_sum / max(count, 1), "images_per_second": count / seconds, "bad_images": int(bad)}
+
+    def _seed_step(self, micro_step: int) -> None:
+        seed_step(self.config.seed, self.dist.rank, micro_step)
+
+    def _train_mode(self) -> None:
+        self.forward_model.train()
+
+    def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.config.clip_grad if self.config.clip_grad > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip) if parameters else torch.tensor(0.0)
+        if torch.isfinite(norm):
+            self.scaler.step(self.optimizer)
+        else:
+            self.skipped_steps += 1
+            logger.warning(
+                "step %d skipped: non-finite gradients (%d skipped so far)", self.global_step, self.skipped_steps
+            )
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def _should_stop_or_save(self) -> bool:
+        every = self.config.checkpoint_every
+        if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+            self.save()
+        return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
+
+    def _progress(self) -> Any:
+        from tqdm import tqdm
+
+        enabled = self.config.progress and self.dist.is_main and sys.stderr.isatty()
+        return tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            disable=not enabled,
+            unit="step",
+            leave=False,
+        )
+
+
+class Trainer(TrainingLoop):
+    """A training run: model, optimizer, schedule, data and everything needed to resume it."""
+
+    def __init__(self, config: TrainConfig, dist: distributed.Distributed) -> None:
+        self.config, self.dist = config, dist
+        self.output = Path(config.output)
+        self.data: RunData = load_datasets(config)
+        self.model = build_model(config, len(self.data.classes)).to(dist.device)
+        preprocessing = self.model.config.preprocessing
+        self.loader, self.sampler, self.augmented = train_loader(self.data.train, preprocessing, config, dist)
+        self.val_loader = eval_loader(self.data.val, preprocessing, config.batch_size, config.workers, dist)
+        self.steps_per_epoch = self.sampler.steps // config.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"accum_steps {config.accum_steps} exceeds the {self.sampler.steps} batches of an epoch")
+        # Wrap first: FSDP replaces the parameters, and the optimizer must hold the sharded ones.
+        self.forward_model = self._wrap(self.model)
+        self.optimizer = build_optimizer(
+            self.model, config.weight_decay, config.layer_decay, betas=config.betas, eps=config.eps
+        )
+        world = dist.world_size
+        self.scheduler = WarmupCosine(
+            self.optimizer,
+            lr=config.scaled(config.base_lr, world),
+            warmup_lr=config.scaled(config.warmup_lr, world),
+            min_lr=config.scaled(config.min_lr, world),
+            warmup_steps=round(config.warmup_epochs * self.steps_per_epoch),
+            total_steps=config.epochs * self.steps_per_epoch,
+        )
+        self.amp_dtype = AMP_DTYPES[config.amp] if config.amp in AMP_DTYPES else _bad_amp(config.amp)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
+        if config.ema and config.fsdp:
+            raise ValueError("--ema with --fsdp is not supported: the EMA copy would not be sharded")
+        self.ema = ModelEma(self.model, config.ema_decay) if config.ema else None
+        self.mixup = _mixup(config, len(self.data.classes))
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.skipped_steps, self.best_top1 = 0, -1.0
+        self.epoch_totals = {"loss": 0.0, "images": 0.0, "bad": 0.0}
+        self.metrics = MetricsLog(self.output) if dist.is_main else None
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.config.fsdp:
+            if not self.dist.enabled:
+                raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.layers:
+                for block in layer.blocks:
+                    fully_shard(block)
+            wrapped: nn.Module = fully_shard(model)
+        elif self.dist.enabled:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            wrapped = model
+        return torch.compile(wrapped) if self.config.compile else wrapped
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return self.optimizer.state_dict()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the full training state atomically (rank 0; FSDP gathers on every rank first)."""
+        model_state, optimizer_state = self.model_state(), self.optimizer_state()
+        if not self.dist.is_main:
+            return
+        state = {
+            "config": plain(dataclasses.asdict(self.config)),
+            "model_config": plain(self.model.config.to_dict()),
+            "classes": self.data.classes,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "best_top1": self.best_top1,
+            "epoch_totals": self.epoch_totals,
+        }
+        save_training_state(self.output / TRAIN_CHECKPOINT, state)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.skipped_steps = state["global_step"], state["skipped_steps"]
+        self.best_top1 = state["best_top1"]
+        self.epoch_totals = dict(state["epoch_totals"])
+        from .state import set_rng_state
+
+        set_rng_state(state["rng"])
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _train_mode(self) -> None:
+        self.forward_model.train()
+        for module in frozen_modules(self.model, self.config.freeze_stages):
+            module.eval()  # frozen stages keep dropout / drop path off
+
+    def _forward_backward(self, batch: dict[str, Any]) -> tuple[float, int]:
+        if batch["images"] is None:
+            if not self.dist.enabled:
+                return 0.0, 0
+            # Every process must join the gradient all-reduce: an all-bad batch contributes zero.
+            images = torch.zeros(1, self.model.config.in_chans, 8, 8)
+            batch = {"images": images, "labels": torch.zeros(1, dtype=torch.long)}
+            weight = 0.0
+        else:
+            weight = 1.0
+        images = batch["images"].to(self.dist.device, non_blocking=True)
+        labels = batch["labels"].to(self.dist.device, non_blocking=True)
+        targets: torch.Tensor = labels
+        if self.mixup is not None and len(images) % 2 == 0:
+            images, targets = self.mixup(images, labels)
+        with torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.forward_model(images)
+        smoothing = self.config.label_smoothing if targets.dim() == 1 else 0.0
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        self.scaler.scale(loss * weight / self.config.accum_steps).backward()
+        return loss.item(), int(weight * len(images))
+
+    # -- evaluation and the whole run ------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        num_classes = len(self.data.classes)
+        result: EvalResult = evaluate(
+            self.forward_model, self.val_loader, num_classes, self.dist.device, self.amp_dtype, self.dist
+        )
+        row = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5}
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, num_classes, self.dist.device, self.amp_dtype, self.dist)
+            row.update(val_ema_loss=ema.loss, val_ema_top1=ema.top1, val_ema_top5=ema.top5)
+        return row
+
+    def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
+        if not self.dist.is_main:
+            return
+        self.metrics.append(row)
+        message = "epoch %d/%d  train loss %.4f  val loss %.4f  val top-1 %.2f%%  top-5 %.2f%%  lr %.2e  %.0f img/s"
+        logger.info(
+            message,
+            row["epoch"] + 1,
+            self.config.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_top1"],
+            row["val_top5"],
+            row["lr"],
+            row["images_per_second"],
+        )
+        if row["bad_images"]:
+            logger.warning(
+                "epoch %d: %d images could not be decoded and were skipped", row["epoch"] + 1, row["bad_images"]
+            )
+        if row["val_top1"] > self.best_top1:
+            self.best_top1 = row["val_top1"]
+            save_model(self.model, best_path, class_names=self.data.classes, state_dict=self.model_state())
+
+    def _finish(self, best_path: Path, seconds: float) -> TrainResult:
+        final_path = self.output / "model-final.safetensors"
+        model_state = self.model_state()
+        history: list[dict[str, Any]] = []
+        if self.dist.is_main:
+            save_model(self.model, final_path, class_names=self.data.classes, state_dict=model_state)
+            if self.ema is not None:
+                save_model(self.ema.module, self.output / "model-ema.safetensors", class_names=self.data.classes)
+            history = self.metrics.history()
+            if history:
+                plot_curves(history, self.output / "curves.png")
+            self.metrics.close()
+        bad = history[-1]["bad_images"] if history else 0
+        return TrainResult(
+            self.output,
+            final_path,
+            best_path if best_path.exists() else None,
+            self.best_top1,
+            history,
+            self.skipped_steps,
+            bad,
+            seconds,
+        )
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    """Seed dropout / drop path / mixup from (seed, rank, step): a resumed run draws the same numbers."""
+    value = (seed * 1_000_003 + rank * 7_919 + micro_step) % (2**31)
+    torch.manual_seed(value)
+    np.random.seed(value)
+
+
+def _mixup(config: TrainConfig, num_classes: int) -> Any:
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        prob=config.mixup_prob,
+        switch_prob=config.mixup_switch_prob,
+        label_smoothing=config.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def _bad_amp(value: str) -> None:
+    raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {value!r}")
+
+
+def plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Tuples to lists and nested dataclass dicts kept: a structure ``weights_only`` loading accepts."""
+    return {k: (list(v) if isinstance(v, tuple) else plain(v) if isinstance(v, dict) else v) for k, v in values.items()}
+
+
+# Options that may differ between a run and its resumption without changing its result.
+_RESUMABLE = {"resume", "epochs", "workers", "progress", "checkpoint_every", "max_steps", "device"}
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    current = plain(current)
+    changed = sorted(k for k in current if k not in _RESUMABLE and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed[:6])
+        raise ValueError(
+            f"{path} belongs to a run with different options ({details}); resume with the same options, "
+            "choose another --output, or pass --resume never to start over"
+        )
+
+
+def fit(config: TrainConfig) -> TrainResult:
+    """Train as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    dist = distributed.setup(config.device)
+    # The same seed on every rank: FSDP shards a model each rank built, so they must agree.
+    torch.manual_seed(config.seed)
+    try:
+        return Trainer(config, dist).run()
+    finally:
+        distributed.teardown()

@@ -1,0 +1,115 @@
+"""AdamW parameter groups (weight decay, layer-wise lr decay) and the per-iteration lr schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+# Position tables / embeddings and V2's continuous-bias MLP and logit scale train without weight
+# decay, as in the official code (besides every norm and bias).
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale")
+
+
+def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim > 1 and not name.endswith(".bias") and not any(k in name for k in NO_DECAY_KEYWORDS)
+
+
+def layer_id(name: str, depths: tuple[int, ...]) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the stem, block k -> k + 1, head last."""
+    if name.startswith(("patch_embed.", "absolute_pos_embed")):
+        return 0
+    block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if block:
+        stage, index = int(block.group(1)), int(block.group(2))
+        return sum(depths[:stage]) + index + 1
+    merge = re.match(r"layers\.(\d+)\.downsample\.", name)
+    if merge:  # merging at the end of stage i goes with that stage's last block
+        return sum(depths[: int(merge.group(1)) + 1])
+    return sum(depths) + 1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+    """AdamW groups: decay / no-decay, split further by layer when ``layer_decay`` is set.
+
+    Each group carries ``lr_scale`` (``layer_decay ** (num_layers - layer_id)``), applied by the schedule.
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    # Depths only matter for layer decay, so any model (a dense one too) can be grouped without it.
+    depths = tuple(model.config.depths) if layer_decay is not None else ()
+    top = sum(depths) + 1
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = uses_weight_decay(name, param)
+        layer = layer_id(name, depths) if layer_decay is not None else top
+        key = (decay, layer)
+        if key not in groups:
+            scale = layer_decay ** (top - layer) if layer_decay is not None else 1.0
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+class WarmupCosine:
+    """Per-iteration schedule: linear from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_lr: float,
+        min_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+    ) -> None:
+        self.optimizer = optimizer
+        self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        self.step_count = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    @property
+    def current_lr(self) -> float:
+        return self.lr_at(self.step_count)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
+def build_optimizer(
+    model: nn.Module, weight_decay: float, layer_decay: float | None, **adamw: Any
+) -> torch.optim.AdamW:
+    groups = parameter_groups(model, weight_decay, layer_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: every stage is frozen")
+    return torch.optim.AdamW(groups, **adamw)

@@ -1,0 +1,60 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint.io import CheckpointError, save_torch
+
+TRAIN_CHECKPOINT = "checkpoint-last.pt"
+FORMAT = "swinkit-train-v1"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop draws from: torch (CPU and CUDA), numpy (mixup) and Python."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's state holds an ndarray, which weights_only loading refuses: keep it as a tensor.
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    save_torch({"format": FORMAT, **state, "rng": rng_state()}, path)
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only``); raises a clear error for any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to read is the same user-facing problem
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"cannot read training checkpoint {path} (truncated or corrupt?): {first}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a swinkit training checkpoint (expected format {FORMAT}); "
+            "to fine-tune from model weights use --checkpoint instead of --resume"
+        )
+    return state

@@ -1,0 +1,50 @@
+"""Evaluation metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swinkit.evaluate import evaluate, throughput
+
+
+class FixedLogits(nn.Module):
+    """Returns preset logits for the images, whose first pixel holds the row index."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits[images[:, 0, 0, 0].long()]
+
+
+def test_metrics_match_hand_computation():
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # true 0: top-1 right
+            [1.0, 5.0, 0.0, 0.0, 0.0, 0.0],  # true 0: wrong, in top-2
+            [0.0, 0.0, 0.0, 0.0, 0.0, 9.0],  # true 2: wrong; 2 ties at the bottom
+            [0.0, 0.0, 3.0, 1.0, 0.0, 0.0],  # true 2: right
+        ]
+    )
+    labels = torch.tensor([0, 0, 2, 2])
+    images = torch.zeros(4, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(4).float()
+    batches = [{"images": images[:3], "labels": labels[:3], "bad": ["x.png"]},
+               {"images": images[3:], "labels": labels[3:], "bad": []}]  # fmt: skip
+    result = evaluate(FixedLogits(logits), batches, num_classes=6, device=torch.device("cpu"))
+    assert result.top1 == 50.0
+    top5 = [True, True, labels[2].item() in logits[2].topk(5).indices.tolist(), True]
+    assert result.top5 == 100.0 * sum(top5) / 4
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert abs(result.loss - expected_loss) < 1e-6
+    assert result.confusion[0].tolist() == [1, 1, 0, 0, 0, 0]
+    assert result.confusion[2].tolist() == [0, 0, 1, 0, 0, 1]
+    assert result.per_class_accuracy[0] == 50.0 and result.per_class_accuracy[2] == 50.0
+    assert result.bad_items == ["x.png"] and result.count == 4
+
+
+def test_throughput_counts_images():
+    rate = throughput(nn.Identity(), torch.zeros(4, 3, 8, 8), warmup=1, iterations=3)
+    assert rate > 0

@@ -1,0 +1,400 @@
+"""Training: overfitting, the CLI end to end, exact resume after SIGKILL, torchrun DDP, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import swinkit
+from helpers import write_digit_folder
+from swinkit.cli import main
+from swinkit.data import DigitsDataset
+from swinkit.data.transforms import eval_transform
+from swinkit.train import parameter_groups, resolve_config
+from swinkit.train.optim import WarmupCosine, layer_id
+
+# A small, fast configuration shared by the end-to-end runs.
+FAST = ["--model", "swin_test", "--img-size", "32", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    return write_digit_folder(tmp_path_factory.mktemp("data") / "digits", classes=(0, 1, 2), per_class=10)
+
+
+def test_tiny_model_overfits_a_batch():
+    digits = DigitsDataset(transform=eval_transform(swinkit.get_config("swin_digits").preprocessing))
+    images = torch.stack([digits[i][0] for i in range(8)])
+    labels = torch.tensor([digits[i][1] for i in range(8)])
+    model = swinkit.create_model("swin_test", img_size=32, num_classes=10)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05, None), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+def test_weight_decay_groups_by_name():
+    model = swinkit.create_model("swin_test", num_classes=3, ape=True)
+    groups = parameter_groups(model, weight_decay=0.05, layer_decay=None)
+    no_decay = {name for g in groups if g["weight_decay"] == 0 for name in g["names"]}
+    decay = {name for g in groups if g["weight_decay"] > 0 for name in g["names"]}
+    assert "layers.0.blocks.0.attn.relative_position_bias_table" in no_decay
+    assert "absolute_pos_embed" in no_decay
+    assert {"patch_embed.norm.weight", "layers.1.blocks.0.norm1.weight", "norm.bias", "head.bias"} <= no_decay
+    assert "layers.0.downsample.norm.weight" in no_decay and "layers.0.blocks.0.attn.qkv.bias" in no_decay
+    assert {"layers.0.blocks.0.attn.qkv.weight", "layers.0.downsample.reduction.weight", "head.weight"} <= decay
+    assert not any("norm" in n or n.endswith(".bias") or "position" in n for n in decay)
+    assert len(no_decay) + len(decay) == len(list(model.parameters()))
+
+
+def test_layer_decay_ids_and_scales():
+    depths = (2, 2, 6, 2)
+    assert layer_id("patch_embed.proj.weight", depths) == 0
+    assert layer_id("layers.0.blocks.0.mlp.fc1.weight", depths) == 1
+    assert layer_id("layers.2.blocks.5.norm1.weight", depths) == 10
+    assert layer_id("layers.1.downsample.reduction.weight", depths) == 4
+    assert layer_id("head.weight", depths) == layer_id("norm.weight", depths) == 13
+    model = swinkit.create_model("swin_test", num_classes=3)
+    groups = parameter_groups(model, 0.05, layer_decay=0.5)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    assert scale["head.weight"] == 1.0 and scale["patch_embed.proj.weight"] == 0.5**9
+
+
+def test_warmup_cosine_schedule():
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}])
+    schedule = WarmupCosine(optimizer, lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_steps=10, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(schedule.current_lr)
+        schedule.step()
+    assert lrs[0] == 1e-6 and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert schedule.current_lr == pytest.approx(1e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-5)
+
+
+def test_config_resolution_order(tmp_path):
+    (tmp_path / "run.yaml").write_text("epochs: 7\nbatch-size: 16\nbase_lr: 0.001\n")
+    config = resolve_config({"batch_size": 8}, tmp_path / "run.yaml")
+    assert (config.epochs, config.batch_size, config.base_lr, config.recipe) == (7, 8, 0.001, "digits")
+    assert config.scaled(config.base_lr, world_size=2) == pytest.approx(0.001 * 16 / 512)
+    imagenet = resolve_config({"data": "somewhere"})
+    assert imagenet.recipe == "imagenet" and imagenet.mixup == 0.8 and imagenet.epochs == 300
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['epoch'\]"):
+        resolve_config({"epoch": 3})
+    with pytest.raises(ValueError, match="'epochs' must be"):
+        resolve_config({"epochs": "many"})
+
+
+def test_cli_train_eval_predict_end_to_end(digit_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(digit_folder), *FAST, "--epochs", "1", "--batch-size", "4", "--output", str(out)]
+    assert main(args) == 0
+    assert "best val top-1" in capsys.readouterr().out
+    for name in (
+        "checkpoint-last.pt",
+        "model-final.safetensors",
+        "model-best.safetensors",
+        "curves.png",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and {"train_loss", "val_top1", "val_top5", "lr"} <= set(rows[0])
+    assert any((out / "tensorboard").iterdir())
+
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                str(digit_folder),
+                "--checkpoint",
+                str(out / "model-final.safetensors"),
+                "--output",
+                str(tmp_path / "eval"),
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 30 and set(metrics["per_class_accuracy"]) == {"digit0", "digit1", "digit2"}
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == metrics["top1"]
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    image = next((digit_folder / "digit1").glob("*.png"))
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                str(tmp_path / "broken.png"),
+                "--checkpoint",
+                str(out / "model-final.safetensors"),
+                "--topk",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert len(results[0]["predictions"]) == 2 and results[0]["predictions"][0]["class"].startswith("digit")
+    assert "cannot decode image" in results[1]["error"]
+
+
+def test_bad_images_in_training_data_are_skipped_and_counted(digit_folder, tmp_path):
+    data = tmp_path / "dirty"
+    data.mkdir()
+    for folder in digit_folder.iterdir():
+        (data / folder.name).mkdir()
+        for file in folder.iterdir():
+            (data / folder.name / file.name).write_bytes(file.read_bytes())
+    (data / "digit0" / "empty.png").write_bytes(b"")
+    (data / "digit1" / "garbage.jpg").write_bytes(os.urandom(300))
+    good = next((data / "digit2").glob("*.png")).read_bytes()
+    (data / "digit2" / "cut.png").write_bytes(good[:40])
+    out = tmp_path / "run"
+    config = resolve_config(
+        {
+            "data": str(data),
+            "model": "swin_test",
+            "img_size": 32,
+            "workers": 0,
+            "epochs": 1,
+            "batch_size": 2,
+            "progress": False,
+            "output": str(out),
+            "val_fraction": 0.01,
+        }
+    )
+    result = swinkit.train.fit(config)
+    # The three bad files are all in the training split (val keeps one image per class).
+    assert result.bad_images == 3
+    assert result.history[0]["bad_images"] == 3
+    strict = resolve_config(
+        {
+            **{k: getattr(config, k) for k in ("data", "model", "img_size", "workers", "epochs")},
+            "batch_size": 2,
+            "strict_data": True,
+            "output": str(tmp_path / "strict"),
+        }
+    )
+    with pytest.raises(ValueError, match="cannot decode image"):
+        swinkit.train.fit(strict)
+
+
+def _train_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "swinkit",
+        "train",
+        "--data",
+        str(data),
+        *FAST,
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--deterministic",
+        "--output",
+        str(out),
+        "--mixup",
+        "0.8",
+        "--drop-path-rate",
+        "0.1",
+        *extra,
+    ]
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1, 2), per_class=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(data, reference, "--checkpoint-every", "4"), check=True, env=env, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        _train_command(data, interrupted, "--checkpoint-every", "4"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = interrupted / "checkpoint-last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 24  # killed in the middle of the first epoch
+    assert not (interrupted / "model-final.safetensors").exists()
+
+    subprocess.run(
+        _train_command(data, interrupted, "--checkpoint-every", "4"), check=True, env=env, capture_output=True
+    )
+    expected = load_file(reference / "model-final.safetensors")
+    resumed = load_file(interrupted / "model-final.safetensors")
+    for key, value in expected.items():
+        assert torch.allclose(resumed[key], value, rtol=0, atol=1e-6), key
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    reference_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[-1]["val_top1"] == reference_rows[-1]["val_top1"]
+    assert rows[0]["train_loss"] == pytest.approx(reference_rows[0]["train_loss"], rel=1e-6)
+
+
+def test_resume_refuses_a_different_run(digit_folder, tmp_path):
+    out = tmp_path / "run"
+    base = {
+        "data": str(digit_folder),
+        "model": "swin_test",
+        "img_size": 32,
+        "workers": 0,
+        "progress": False,
+        "batch_size": 4,
+        "output": str(out),
+        "max_steps": 1,
+    }
+    swinkit.train.fit(resolve_config({**base, "checkpoint_every": 1, "epochs": 1}))
+    with pytest.raises(ValueError, match="different options.*batch_size"):
+        swinkit.train.fit(resolve_config({**base, "batch_size": 2, "epochs": 1}))
+
+
+TORCHRUN_COMMON = [
+    "--epochs",
+    "1",
+    "--max-steps",
+    "3",
+    "--deterministic",
+    "--mixup",
+    "0",
+    "--cutmix",
+    "0",
+    "--drop-path-rate",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(digit_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    command = [sys.executable, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "--batch-size", "4", "--output", str(out)], check=True, env=env, capture_output=True)
+    return load_file(out / "model-final.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(mode, digit_folder, one_process_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON]
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    result = subprocess.run(
+        [*command, "--batch-size", "2", "--output", str(tmp_path), *extra], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = load_file(tmp_path / "model-final.safetensors")
+    initial = swinkit.create_model("swin_test", img_size=32, num_classes=3).state_dict()
+    moved = 0
+    for key, value in one_process_run.items():
+        assert torch.allclose(two[key], value, rtol=1e-5, atol=1e-6), key
+        moved += not torch.equal(value, initial[key])
+    assert moved > len(one_process_run) // 2  # the runs really trained
+
+
+def test_finetune_from_official_file_with_new_classes_and_window(digit_folder, tmp_path, caplog):
+    source = swinkit.create_model("swin_test", num_classes=7, img_size=32)
+    torch.save({"model": source.state_dict()}, tmp_path / "official.pth")
+    out = tmp_path / "finetune"
+    config = resolve_config(
+        {
+            "data": str(digit_folder),
+            "model": "swin_test",
+            "img_size": 32,
+            "checkpoint": str(tmp_path / "official.pth"),
+            "workers": 0,
+            "progress": False,
+            "batch_size": 4,
+            "epochs": 1,
+            "output": str(out),
+            "layer_decay": 0.8,
+            "freeze_stages": 1,
+            "recipe": "finetune",
+        }
+    )
+    with caplog.at_level("INFO"):
+        result = swinkit.train.fit(config)
+    assert "head: the file has 7 classes, the model 3" in caplog.text
+    tuned = load_file(result.final_model)
+    assert tuned["head.weight"].shape == (3, 128)
+    # Frozen: patch embedding and stage 1 are exactly the file's weights; later stages trained.
+    assert torch.equal(tuned["layers.0.blocks.0.attn.qkv.weight"], source.layers[0].blocks[0].attn.qkv.weight)
+    assert not torch.equal(tuned["layers.2.blocks.0.attn.qkv.weight"], source.layers[2].blocks[0].attn.qkv.weight)
+
+
+def _trainer(digit_folder, tmp_path, **options):
+    from swinkit.train.distributed import Distributed
+    from swinkit.train.loop import Trainer
+
+    values = {
+        "data": str(digit_folder),
+        "model": "swin_test",
+        "img_size": 32,
+        "workers": 0,
+        "progress": False,
+        "batch_size": 4,
+        "epochs": 1,
+        "output": str(tmp_path),
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        **options,
+    }
+    return Trainer(resolve_config(values), Distributed())
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_non_finite_step_is_skipped_and_counted(digit_folder, tmp_path, amp):
+    trainer = _trainer(digit_folder, tmp_path, amp=amp)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = {"images": torch.full((2, 3, 32, 32), float("nan")), "labels": torch.tensor([0, 1]), "bad": []}
+    trainer._forward_backward(batch)
+    trainer._optimizer_step()
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    good = next(iter(trainer.loader))
+    trainer._forward_backward(good)
+    trainer._optimizer_step()
+    assert trainer.skipped_steps == 1
+    assert not torch.equal(trainer.model.state_dict()["head.weight"], before["head.weight"])
+
+
+def test_bf16_autocast_ema_and_accumulation_run(digit_folder, tmp_path):
+    trainer = _trainer(digit_folder, tmp_path, amp="bf16", ema=True, ema_decay=0.5, accum_steps=2, batch_size=2)
+    result = trainer.run()
+    assert result.history[0]["train_loss"] > 0 and "val_ema_top1" in result.history[0]
+    assert (tmp_path / "model-ema.safetensors").is_file()
+    ema = load_file(tmp_path / "model-ema.safetensors")
+    final = load_file(tmp_path / "model-final.safetensors")
+    assert not torch.equal(ema["head.weight"], final["head.weight"])
+    assert trainer.steps_per_epoch == trainer.sampler.steps // 2
