@@ -1,0 +1,47 @@
+"""Swin as a general-purpose backbone: semantic segmentation (UPerNet) and detection / instance
+segmentation (torchvision's Faster / Mask R-CNN), in plain PyTorch."""
+
+from .backbone import SwinBackbone, create_backbone
+from .config import DetectionConfig, SegmentationConfig, resolve_dense_config
+from .detection import SwinFPN, build_detector, create_detector, evaluate_detection
+from .detection_data import CocoDetection
+from .heads import FCNHead, FPNNeck, UPerHead
+from .metrics import coco_map, confusion_matrix, segmentation_scores
+from .predict import evaluate_dense, predict_dense
+from .segmentation import Segmentor, build_segmentor, create_segmentor, infer, segmentation_loss
+from .segmentation_data import SegmentationFolder
+from .train import DenseResult, fit_dense
+from .weights import DenseSpec, load_dense, load_dense_weights, save_dense
+
+__all__ = [
+    "CocoDetection",
+    "DenseResult",
+    "DenseSpec",
+    "DetectionConfig",
+    "FCNHead",
+    "FPNNeck",
+    "SegmentationConfig",
+    "SegmentationFolder",
+    "Segmentor",
+    "SwinBackbone",
+    "SwinFPN",
+    "UPerHead",
+    "build_detector",
+    "build_segmentor",
+    "coco_map",
+    "confusion_matrix",
+    "create_backbone",
+    "create_detector",
+    "create_segmentor",
+    "evaluate_dense",
+    "evaluate_detection",
+    "fit_dense",
+    "infer",
+    "load_dense",
+    "load_dense_weights",
+    "predict_dense",
+    "resolve_dense_config",
+    "save_dense",
+    "segmentation_loss",
+    "segmentation_scores",
+]

@@ -1,0 +1,91 @@
+"""Arguments and summaries of ``swinkit segment {train,eval,predict}`` and ``swinkit detect {train,eval,predict}``.
+
+:func:`run` calls one library function per action and returns the text the CLI prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """The ``train``, ``eval`` and ``predict`` sub-commands of ``task`` (``segment`` or ``detect``)."""
+    from .config import add_train_arguments
+
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = actions.add_parser("train", help="train (torchrun -m swinkit ... for several processes)")
+    add_train_arguments(train, task)
+
+    evaluate = actions.add_parser("eval", help="mIoU / accuracy or COCO mAP of a trained model file")
+    evaluate.add_argument("--checkpoint", required=True, help="model file written by training")
+    if task == "segment":
+        evaluate.add_argument("--data", required=True, help="folder with images/ and annotations/")
+        evaluate.add_argument("--split", default="validation", help="sub-folder of images/ and annotations/")
+    else:
+        evaluate.add_argument("--data", required=True, help="COCO JSON annotation file")
+        evaluate.add_argument("--images", help="image folder (default: the JSON file's folder)")
+    evaluate.add_argument("--output", help="write metrics.json here")
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--strict-data", action="store_true", help="stop at the first bad image")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--json", action="store_true", help="print all metrics as JSON")
+
+    predict = actions.add_parser("predict", help="overlay PNGs and results.json for image files or folders")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--checkpoint", required=True, help="model file written by training")
+    predict.add_argument("--output", default=f"runs/{task}-predict", help="folder for overlays and results.json")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
+    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
+    """Carry out ``args.action``; returns the text to print and the exit code."""
+    if args.action == "train":
+        from .config import config_from_args
+        from .train import fit_dense
+
+        result = fit_dense(config_from_args(args, task))
+        if not result.history:
+            return f"stopped early; outputs in {result.output}/", 0
+        return f"best val {result.metric} {result.best:.2f} in {result.seconds:.0f} s; outputs in {result.output}/", 0
+    if args.action == "eval":
+        from .predict import evaluate_dense
+
+        options = {"split": args.split} if task == "segment" else {"images": args.images}
+        metrics = evaluate_dense(
+            args.checkpoint, args.data, output=args.output, device=args.device, workers=args.workers,
+            strict_data=args.strict_data, **options,
+        )  # fmt: skip
+        return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
+    from .predict import predict_dense
+
+    results = predict_dense(args.inputs, args.checkpoint, args.output, args.device, args.score_threshold)
+    text = json.dumps(results, indent=2) if args.json else summarise_predictions(results)
+    return text, 1 if results and all("error" in r for r in results) else 0
+
+
+def summarise_metrics(metrics: dict[str, Any]) -> str:
+    if "mIoU" in metrics:
+        line = f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%"
+        bad = len(metrics["bad_images"])
+    else:
+        line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox_AP", "segm_AP")))
+        bad = metrics["bad_images"]
+    return f"{line}  ({metrics['images']} images, {bad} unreadable)"
+
+
+def summarise_predictions(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['path']}: ERROR {result['error']}")
+        elif "detections" in result:
+            found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"][:5]) or "nothing"
+            lines.append(f"{result['path']}: {found} -> {result['overlay']}")
+        else:
+            top = sorted(result["class_fractions"].items(), key=lambda item: -item[1])[:3]
+            lines.append(f"{result['path']}: " + ", ".join(f"{k} {v:.0%}" for k, v in top) + f" -> {result['overlay']}")
+    return "\n".join(lines)

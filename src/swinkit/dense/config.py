@@ -1,0 +1,152 @@
+"""Options of the dense training runs: one dataclass per task, the paper's recipes as defaults.
+
+They resolve like classification's :class:`~swinkit.train.TrainConfig` (defaults, recipe, YAML
+file, command-line flags, later winning) through the same functions. Learning rates here are
+absolute, as in the official dense configs (no scaling by batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..train.config import add_arguments, resolve_options
+
+
+@dataclass
+class DenseConfig:
+    """What segmentation and detection runs share: backbone, optimisation, machinery, output."""
+
+    data: str | None = None
+    val_data: str | None = None
+    strict_data: bool = False  # stop at the first bad image instead of skipping it
+    workers: int = 2
+    # Backbone: a preset; ``checkpoint`` initialises it from any file swinkit reads (ImageNet or dense).
+    model: str = "swin_t"
+    checkpoint: str | None = None
+    window_size: int | None = None
+    drop_path_rate: float = 0.2
+    frozen_stages: int = -1  # -1 none, 0 patch embedding, k: also stages 0..k-1
+    always_shift: bool = True  # the official dense window rule
+    # Optimisation: AdamW (no weight decay on norms, biases, position tables), warm-up then cosine per step.
+    epochs: int = 36
+    batch_size: int = 16  # per process
+    accum_steps: int = 1
+    base_lr: float = 1e-4
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-6
+    warmup_steps: int = 1000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # 0 disables clipping
+    # Machinery.
+    amp: str = "none"  # none, bf16, fp16
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    output: str = "runs/dense"
+    resume: str = "auto"  # auto, never, or a checkpoint path
+    checkpoint_every: int = 0
+    max_steps: int = 0
+    progress: bool = True
+    recipe: str = ""
+
+
+@dataclass
+class SegmentationConfig(DenseConfig):
+    """Semantic segmentation with UPerNet. ``data``: a folder with ``images/`` and ``annotations/``
+    (each with ``training/`` and ``validation/`` sub-folders, ADE20K's layout, or the files directly);
+    masks are PNG label maps named like their images."""
+
+    num_classes: int | None = None  # None: the lines of classes.txt in the data folder
+    reduce_zero_label: bool = False  # ADE20K: label 0 is "other" and ignored, 1..150 become 0..149
+    ignore_index: int = 255
+    train_split: str = "training"
+    val_split: str = "validation"
+    crop_size: int = 512
+    scale: tuple[int, int] | None = (2048, 512)  # (long, short) before the random ratio; None: the image's own
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75  # re-draw crops where one class covers more than this
+    hflip: float = 0.5
+    photometric: bool = True
+    channels: int = 512  # UPerNet width
+    aux_channels: int = 256
+    aux_weight: float = 0.4  # 0 disables the auxiliary FCN head on stage 3
+    test_mode: str = "whole"  # whole or slide
+    slide_stride: int = 341
+
+
+@dataclass
+class DetectionConfig(DenseConfig):
+    """Detection (Faster R-CNN) or instance segmentation (Mask R-CNN) with torchvision's engine.
+    ``data`` / ``val_data``: COCO-format JSON files; images are looked up under ``images`` /
+    ``val_images`` (default: the JSON file's folder)."""
+
+    images: str | None = None
+    val_images: str | None = None
+    masks: bool = True  # Mask R-CNN; --no-masks gives Faster R-CNN
+    min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # multi-scale training; testing uses the last
+    max_size: int = 1333
+    hflip: float = 0.5
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    mask_head_dim: int = 256
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    roi_batch_size: int = 512  # sampled proposals per image for the box head's loss
+    score_threshold: float = 0.05
+    detections_per_img: int = 100
+
+
+SEGMENTATION_RECIPES: dict[str, dict[str, Any]] = {
+    # Swin + UPerNet on ADE20K: AdamW 6e-5, weight decay 0.01, 1500 warm-up iterations, 160k iterations
+    # of batch 16 (about 128 epochs of 20,210 images), drop path 0.3, 512 crops. The paper decays
+    # polynomially; swinkit's schedule is cosine. For ADE20K itself add --reduce-zero-label.
+    "ade20k": dict(
+        base_lr=6e-5,
+        warmup_lr=6e-11,
+        min_lr=0.0,
+        weight_decay=0.01,
+        warmup_steps=1500,
+        epochs=128,
+        batch_size=16,
+        drop_path_rate=0.3,
+        output="runs/segment",
+    ),
+}
+
+DETECTION_RECIPES: dict[str, dict[str, Any]] = {
+    # Swin + Mask R-CNN on COCO, the 3x multi-scale schedule: AdamW 1e-4, weight decay 0.05, 1000
+    # warm-up iterations, 36 epochs of batch 16, drop path 0.2, shorter side 480..800, longer <= 1333.
+    # The paper steps the rate down at epochs 27 and 33; swinkit's schedule is cosine.
+    "coco": dict(output="runs/detect"),
+}
+
+TASKS: dict[str, tuple[type, dict[str, dict[str, Any]], str]] = {
+    "segment": (SegmentationConfig, SEGMENTATION_RECIPES, "ade20k"),
+    "detect": (DetectionConfig, DETECTION_RECIPES, "coco"),
+}
+
+
+def resolve_dense_config(
+    task: str, explicit: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
+) -> DenseConfig:
+    """Defaults, then the task's recipe, then ``config_file`` (YAML), then ``explicit`` values."""
+    if task not in TASKS:
+        raise ValueError(f"unknown dense task {task!r}; accepted: {', '.join(TASKS)}")
+    options, recipes, default = TASKS[task]
+    return resolve_options(options, recipes, explicit, config_file, lambda values: default)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """One ``--flag`` per option of ``task``'s config (``--config FILE`` for a YAML file)."""
+    add_arguments(parser, TASKS[task][0])
+
+
+def config_from_args(args: argparse.Namespace, task: str) -> DenseConfig:
+    names = {f.name for f in dataclasses.fields(TASKS[task][0])}
+    explicit = {name: value for name, value in vars(args).items() if name in names}
+    return resolve_dense_config(task, explicit, getattr(args, "config", None))

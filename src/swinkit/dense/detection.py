@@ -1,0 +1,171 @@
+"""Detection and instance segmentation: torchvision's Faster R-CNN / Mask R-CNN on a Swin backbone + FPN.
+
+Everything after the backbone is torchvision's detection engine (FPN, anchors, RPN, RoIAlign, box
+and mask heads, losses, resizing and batching): swinkit only supplies the backbone, as the paper
+plugs Swin into the standard frameworks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .backbone import SwinBackbone, create_backbone
+
+# The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
+MIN_SIZES = tuple(range(480, 801, 32))
+
+
+class SwinFPN(nn.Module):
+    """Swin maps through torchvision's FPN (+ a max-pooled P6): the backbone torchvision's detectors take."""
+
+    def __init__(self, body: SwinBackbone, out_channels: int = 256) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        maps = self.body(images)
+        return self.fpn(OrderedDict((str(i), x) for i, x in enumerate(maps)))
+
+
+def build_detector(
+    backbone: SwinBackbone,
+    num_classes: int,
+    masks: bool = True,
+    *,
+    min_size: int | tuple[int, ...] = MIN_SIZES,
+    max_size: int = 1333,
+    fpn_channels: int = 256,
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+    box_head_dim: int = 1024,
+    mask_head_dim: int = 256,
+    roi_batch_size: int = 512,
+    score_threshold: float = 0.05,
+    detections_per_img: int = 100,
+) -> FasterRCNN:
+    """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
+
+    ``num_classes`` excludes the background (torchvision's label 0). In training a ``min_size``
+    tuple picks a random shorter side per batch; evaluation uses its last value. Images go in as
+    RGB in [0, 1]; the detector normalises them with the backbone's mean and std.
+    """
+    fpn = SwinFPN(backbone, fpn_channels)
+    levels = len(backbone.out_channels) + 1  # the FPN adds a max-pooled level
+    if len(anchor_sizes) != levels:
+        raise ValueError(f"anchor_sizes needs one size per FPN level ({levels}), got {anchor_sizes}")
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    resolution = 7  # RoIAlign output of the box head
+    preprocessing = backbone.config.preprocessing
+    options: dict[str, Any] = dict(
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(preprocessing.mean),
+        image_std=list(preprocessing.std),
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+        box_head=TwoMLPHead(fpn_channels * resolution**2, box_head_dim),
+        box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
+        box_batch_size_per_image=roi_batch_size,
+        box_score_thresh=score_threshold,
+        box_detections_per_img=detections_per_img,
+    )
+    if not masks:
+        return FasterRCNN(fpn, **options)
+    options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
+    options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
+    return MaskRCNN(fpn, **options)
+
+
+def create_detector(
+    name: str = "swin_t",
+    num_classes: int = 80,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    masks: bool = True,
+    frozen_stages: int = -1,
+    always_shift: bool = True,
+    detector_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> FasterRCNN:
+    """Swin + FPN + Mask R-CNN (``masks``) or Faster R-CNN; ``checkpoint`` initialises the backbone.
+
+    ``detector_options`` go to :func:`build_detector` (``min_size``, ``max_size``, ``anchor_sizes``, ...);
+    ``overrides`` change the backbone's :class:`~swinkit.variants.SwinConfig`.
+    """
+    backbone = create_backbone(name, checkpoint, frozen_stages=frozen_stages, always_shift=always_shift, **overrides)
+    return build_detector(backbone, num_classes, masks, **(detector_options or {}))
+
+
+def to_coco_results(
+    output: dict[str, Tensor], image_id: Any, category_ids: list[int], mask_threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """One image's torchvision detections as COCO result entries (``bbox`` ``[x, y, w, h]``, mask RLE)."""
+    from .metrics import mask_to_rle
+
+    boxes = output["boxes"].detach().cpu().tolist()
+    scores = output["scores"].detach().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    masks = output["masks"][:, 0].detach().cpu() > mask_threshold if "masks" in output else None
+    results = []
+    for i, ((x1, y1, x2, y2), score, label) in enumerate(zip(boxes, scores, labels, strict=True)):
+        entry = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": [x1, y1, x2 - x1, y2 - y1]}
+        entry["score"] = score
+        if masks is not None:
+            entry["segmentation"] = mask_to_rle(masks[i].numpy())
+        results.append(entry)
+    return results
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, loader: Any, dataset: Any, distributed: Any = None) -> dict[str, Any]:
+    """COCO box (and, for Mask R-CNN, mask) mAP of ``model`` on ``dataset`` (a :class:`CocoDetection`).
+
+    ``loader`` yields :func:`~swinkit.dense.data.collate_lists` batches of that dataset (or a shard of
+    it per process: results are gathered before scoring). Returns ``bbox_AP``, ``bbox_AP50``, ...,
+    ``segm_AP``, ... in percent, and ``bad_images``.
+    """
+    from .metrics import coco_map
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for batch in loader:
+        bad += batch["bad"]
+        if batch["images"] is None:
+            continue
+        outputs = model([image.to(device) for image in batch["images"]])
+        for output, target in zip(outputs, batch["targets"], strict=True):
+            image_id = dataset.records[target["image_id"]].id
+            results += to_coco_results(output, image_id, dataset.category_ids)
+    if distributed is not None and distributed.enabled:
+        results, bad = _gather(results), _gather(bad)
+    model.train(was_training)
+    ground_truth = dataset.ground_truth()
+    scores: dict[str, Any] = {f"bbox_{k}": v for k, v in coco_map(ground_truth, results, "bbox").items()}
+    if dataset.masks:
+        scores.update({f"segm_{k}": v for k, v in coco_map(ground_truth, results, "segm").items()})
+    scores["bad_images"] = len(bad)
+    return scores
+
+
+def _gather(items: list[Any]) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]

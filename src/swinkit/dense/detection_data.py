@@ -1,0 +1,288 @@
+"""COCO-format detection data, validated: bad annotations are repaired or skipped and reported, never fatal.
+
+Checked once when the file is read (counted by kind and logged as one summary):
+annotations of unknown images or with unknown category ids, boxes that are malformed, empty or
+entirely outside their image (skipped), boxes partly outside (clipped), instances without a usable
+mask when masks are trained (skipped). Crowd regions are not trained on but count in evaluation,
+as COCO's evaluation expects. An image that cannot be decoded, or whose size differs from the
+file's, is a :class:`~swinkit.data.BadItem` when loaded (reported, skipped by the loader).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from ..data import BadImageError, BadItem, load_image
+from .data import Problems, photometric_distortion
+
+logger = logging.getLogger(__name__)
+
+MIN_BOX_SIDE = 1.0  # pixels; a box thinner than this after clipping is treated as outside the image
+
+
+@dataclass
+class ImageRecord:
+    """One image of the file and its validated annotations (boxes ``[x1, y1, x2, y2]``, labels 1..K)."""
+
+    id: Any
+    path: str
+    width: int
+    height: int
+    annotations: list[dict[str, Any]] = field(default_factory=list)  # trained on
+    crowd: list[dict[str, Any]] = field(default_factory=list)  # evaluation only
+
+
+class CocoDetection(Dataset):
+    """A COCO JSON file (``images``, ``annotations``, ``categories``) and its image folder.
+
+    Items are ``(PIL image, target)`` with torchvision's target keys: ``boxes`` (N, 4) float32 in
+    pixels, ``labels`` (N,) int64 in ``1..K`` (0 is the background), ``masks`` (N, H, W) uint8
+    when ``masks``, and ``image_id``. Category ids map to labels in sorted id order.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | os.PathLike,
+        images: str | os.PathLike | None = None,
+        masks: bool = True,
+        strict: bool = False,
+    ) -> None:
+        self.source = Path(annotation_file)
+        self.root = Path(images) if images is not None else self.source.parent
+        self.masks, self.strict = masks, strict
+        data = read_coco_json(self.source)
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in self.categories]
+        self.classes = [str(c.get("name", c["id"])) for c in self.categories]
+        self.label_of = {cid: label for label, cid in enumerate(self.category_ids, start=1)}
+        self.problems = Problems(str(self.source))
+        self.records = self._read_images(data["images"])
+        by_id = {record.id: record for record in self.records}
+        for annotation in data["annotations"]:
+            self._add_annotation(annotation, by_id)
+        self.problems.log()
+        if not self.records:
+            raise ValueError(f"{self.source} lists no usable images")
+
+    def _read_images(self, entries: list[Any]) -> list[ImageRecord]:
+        records, seen = [], set()
+        for entry in entries:
+            try:
+                record = ImageRecord(
+                    entry["id"], str(self.root / entry["file_name"]), int(entry["width"]), int(entry["height"])
+                )
+            except (KeyError, TypeError, ValueError):
+                self.problems.add("invalid image entries", repr(entry)[:80])
+                continue
+            if record.id in seen or record.width < 1 or record.height < 1:
+                self.problems.add("invalid image entries", f"image id {record.id!r}")
+                continue
+            seen.add(record.id)
+            records.append(record)
+        return records
+
+    def _add_annotation(self, annotation: Any, by_id: dict[Any, ImageRecord]) -> None:
+        ident = f"annotation {annotation.get('id', '?')}" if isinstance(annotation, dict) else repr(annotation)[:40]
+        record = by_id.get(annotation.get("image_id")) if isinstance(annotation, dict) else None
+        if record is None:
+            self.problems.add("annotations of unknown images", ident)
+            return
+        if annotation.get("category_id") not in self.label_of:
+            self.problems.add("unknown category ids", f"{ident}: category_id {annotation.get('category_id')!r}")
+            return
+        box = self._checked_box(annotation.get("bbox"), record, ident)
+        if box is None:
+            return
+        crowd = bool(annotation.get("iscrowd", 0))
+        segmentation = annotation.get("segmentation")
+        if self.masks and not crowd and not has_area(segmentation, record.height, record.width):
+            self.problems.add("empty or missing masks", ident)
+            return
+        x1, y1, x2, y2 = box
+        area = annotation.get("area")
+        clean = {
+            "id": annotation.get("id", len(record.annotations) + len(record.crowd) + 1),
+            "label": self.label_of[annotation["category_id"]],
+            "category_id": annotation["category_id"],
+            "box": box,
+            "area": float(area) if isinstance(area, int | float) and area > 0 else (x2 - x1) * (y2 - y1),
+            "segmentation": segmentation,
+        }
+        (record.crowd if crowd else record.annotations).append(clean)
+
+    def _checked_box(self, bbox: Any, record: ImageRecord, ident: str) -> list[float] | None:
+        """``[x, y, w, h]`` -> clipped ``[x1, y1, x2, y2]``, or None (reported) when unusable."""
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
+            self.problems.add("malformed boxes", f"{ident}: bbox {bbox!r}")
+            return None
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            self.problems.add("empty or non-finite boxes", f"{ident}: bbox {bbox!r}")
+            return None
+        clipped = [min(max(x, 0.0), record.width), min(max(y, 0.0), record.height)]
+        clipped += [min(max(x + w, 0.0), record.width), min(max(y + h, 0.0), record.height)]
+        if clipped[2] - clipped[0] < MIN_BOX_SIDE or clipped[3] - clipped[1] < MIN_BOX_SIDE:
+            self.problems.add("boxes outside the image", f"{ident}: bbox {bbox!r} in {record.width}x{record.height}")
+            return None
+        if clipped != [x, y, x + w, y + h]:
+            self.problems.add("boxes clipped to the image", f"{ident}: bbox {bbox!r}")
+        return clipped
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, dict[str, Any]] | BadItem:
+        record = self.records[index]
+        try:
+            image = load_image(record.path)
+            if image.size != (record.width, record.height):
+                raise BadImageError(
+                    f"image {record.path} is {image.size[0]}x{image.size[1]}, "
+                    f"the annotation file says {record.width}x{record.height}"
+                )
+        except BadImageError as error:
+            if self.strict:
+                raise
+            logger.warning("skipping %s", error)
+            return BadItem(record.path, str(error))
+        return image, self.target(index)
+
+    def target(self, index: int) -> dict[str, Any]:
+        """The torchvision target of image ``index`` (boxes, labels, masks, image_id)."""
+        record = self.records[index]
+        annotations = record.annotations
+        target: dict[str, Any] = {
+            "boxes": torch.tensor([a["box"] for a in annotations], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([a["label"] for a in annotations], dtype=torch.int64),
+            "image_id": index,
+        }
+        if self.masks:
+            decoded = [decode_segmentation(a["segmentation"], record.height, record.width) for a in annotations]
+            stacked = np.stack(decoded) if decoded else np.zeros((0, record.height, record.width), np.uint8)
+            target["masks"] = torch.from_numpy(stacked)
+        return target
+
+    def ground_truth(self) -> dict[str, Any]:
+        """The validated annotations (boxes clipped) as COCO JSON, for :func:`~swinkit.dense.metrics.coco_map`."""
+        images, annotations = [], []
+        for record in self.records:
+            images.append({"id": record.id, "width": record.width, "height": record.height})
+            for a, crowd in [(a, 0) for a in record.annotations] + [(a, 1) for a in record.crowd]:
+                x1, y1, x2, y2 = a["box"]
+                entry = {
+                    "id": len(annotations) + 1,
+                    "image_id": record.id,
+                    "category_id": a["category_id"],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": a["area"],
+                    "iscrowd": crowd,
+                }
+                if self.masks and a["segmentation"]:
+                    entry["segmentation"] = a["segmentation"]
+                annotations.append(entry)
+        return {"images": images, "annotations": annotations, "categories": self.categories}
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """Read and check the top-level structure of a COCO file; errors name the file and the key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: key {key!r} must be a list, got {type(data.get(key)).__name__}")
+    bad = [c for c in data["categories"] if not isinstance(c, dict) or not isinstance(c.get("id"), int)]
+    if bad or not data["categories"]:
+        raise ValueError(f"{path}: categories must be objects with an integer 'id'; bad entries: {bad[:3]}")
+    return data
+
+
+def _rle(segmentation: Any, height: int, width: int) -> Any:
+    """COCO polygons / uncompressed RLE / compressed RLE -> one compressed RLE (pycocotools)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            raise ValueError("no polygon with at least three points")
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        if isinstance(segmentation["counts"], list):
+            return mask_utils.frPyObjects(segmentation, height, width)
+        counts = segmentation["counts"]
+        return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    raise ValueError(f"segmentation must be polygons or an RLE, got {type(segmentation).__name__}")
+
+
+def has_area(segmentation: Any, height: int, width: int) -> bool:
+    """Whether ``segmentation`` decodes to a mask with at least one pixel."""
+    from pycocotools import mask as mask_utils
+
+    try:
+        return bool(mask_utils.area(_rle(segmentation, height, width)) > 0)
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` uint8 binary mask of a COCO segmentation."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(_rle(segmentation, height, width)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: (PIL image, target) -> ((3, H, W) float tensor in [0, 1], target); torchvision's
+# detector resizes (multi-scale in training) and normalises.
+# ---------------------------------------------------------------------------------------------
+
+
+class DetectionTrainTransform:
+    """Horizontal flip (boxes and masks with it) and, optionally, photometric distortion. Draws from :mod:`random`."""
+
+    def __init__(self, hflip: float = 0.5, photometric: bool = False) -> None:
+        self.hflip, self.photometric = hflip, photometric
+
+    def __call__(self, item: tuple[Image.Image, dict[str, Any]]) -> tuple[Tensor, dict[str, Any]]:
+        image, target = item
+        if random.random() < self.hflip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            target = flip_target(target, image.size[0])
+        if self.photometric:
+            image = photometric_distortion(image)
+        return TF.to_tensor(image), target
+
+
+def flip_target(target: dict[str, Any], width: int) -> dict[str, Any]:
+    """Mirror boxes (``x -> width - x``) and masks left to right."""
+    flipped = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    flipped["boxes"] = boxes
+    if "masks" in target:
+        flipped["masks"] = target["masks"].flip(-1)
+    return flipped
+
+
+def detection_eval_transform(item: tuple[Image.Image, dict[str, Any]]) -> tuple[Tensor, dict[str, Any]]:
+    image, target = item
+    return TF.to_tensor(image), target

@@ -1,0 +1,230 @@
+"""Evaluating and running trained dense models: metrics on a labelled set, overlays and JSON on images."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import functional as TF
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ..data import BadImageError, load_image
+from ..predict import expand_inputs
+from .data import Transformed, collate_lists
+from .weights import DenseSpec, load_dense
+
+logger = logging.getLogger(__name__)
+
+
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """``count`` well-separated RGB colours (golden-ratio hues), the same for every run."""
+    colors = []
+    for i in range(count):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 0.95)
+        colors.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colors
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic segmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def segment_image(model: nn.Module, spec: DenseSpec, image: Image.Image) -> Tensor:
+    """The ``(H, W)`` class map of one image at its own size, with the file's test settings."""
+    from .heads import resize
+    from .segmentation import infer
+    from .segmentation_data import SegmentationEvalTransform
+
+    settings = spec.inference
+    preprocessing = spec.backbone.preprocessing
+    pixels = SegmentationEvalTransform(settings["scale"], preprocessing.mean, preprocessing.std).image(image)
+    device = next(model.parameters()).device
+    logits = infer(model, pixels[None].to(device), settings["mode"], settings["crop_size"], settings["stride"])
+    return resize(logits.float(), (image.height, image.width)).argmax(dim=1)[0].cpu()
+
+
+def segmentation_overlay(image: Image.Image, labels: Tensor, num_classes: int, alpha: float = 0.5) -> Image.Image:
+    """The image with each pixel tinted by its class colour."""
+    colors = np.array(palette(num_classes), dtype=np.float32)
+    tint = colors[labels.numpy()]
+    blended = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * tint
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def _segment_result(model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path) -> dict[str, Any]:
+    labels = segment_image(model, spec, image)
+    segmentation_overlay(image, labels, len(spec.classes)).save(f"{stem}_overlay.png")
+    Image.fromarray(labels.numpy().astype(np.uint8 if len(spec.classes) <= 256 else np.int32)).save(
+        f"{stem}_labels.png"
+    )
+    counts = torch.bincount(labels.flatten(), minlength=len(spec.classes)).tolist()
+    total = labels.numel()
+    fractions = {name: count / total for name, count in zip(spec.classes, counts, strict=True) if count}
+    return {"overlay": f"{stem}_overlay.png", "labels": f"{stem}_labels.png", "class_fractions": fractions}
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection and instance segmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def detection_overlay(
+    image: Image.Image, detections: dict[str, Tensor], classes: Sequence[str], mask_threshold: float = 0.5
+) -> Image.Image:
+    """Boxes with ``class score`` labels, and masks (Mask R-CNN) tinted in the class colour."""
+    canvas = TF.pil_to_tensor(image)
+    colors = palette(len(classes))
+    chosen = [colors[label - 1] for label in detections["labels"].tolist()]
+    if len(chosen) and "masks" in detections:
+        masks = detections["masks"][:, 0] > mask_threshold
+        canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=chosen)
+    if len(chosen):
+        names = [
+            f"{classes[label - 1]} {score:.2f}"
+            for label, score in zip(detections["labels"].tolist(), detections["scores"].tolist(), strict=True)
+        ]
+        canvas = draw_bounding_boxes(canvas, detections["boxes"], labels=names, colors=chosen, width=2)
+    return TF.to_pil_image(canvas)
+
+
+def _detect_result(
+    model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path, score_threshold: float
+) -> dict[str, Any]:
+    from .detection import to_coco_results
+
+    device = next(model.parameters()).device
+    output = {k: v.cpu() for k, v in model([TF.to_tensor(image).to(device)])[0].items()}
+    keep = output["scores"] >= score_threshold
+    output = {k: v[keep] for k, v in output.items()}
+    detection_overlay(image, output, spec.classes).save(f"{stem}_overlay.png")
+    detections = []
+    for entry, label in zip(
+        to_coco_results(output, None, spec.inference["category_ids"]), output["labels"].tolist(), strict=True
+    ):
+        x, y, w, h = entry["bbox"]
+        detection = {
+            "class": spec.classes[label - 1],
+            "category_id": entry["category_id"],
+            "score": entry["score"],
+            "box": [x, y, x + w, y + h],
+        }
+        if "segmentation" in entry:
+            detection["mask_rle"] = entry["segmentation"]
+        detections.append(detection)
+    return {"overlay": f"{stem}_overlay.png", "detections": detections}
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands' library functions
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_dense(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    device: str = "cpu",
+    score_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Run a dense model file on images; writes ``<name>_overlay.png`` (and ``_labels.png``) and ``results.json``.
+
+    One result per image: ``{"path", "overlay", ...}`` with ``class_fractions`` (segmentation) or
+    ``detections`` (class, category id, score, box ``[x1, y1, x2, y2]``, mask RLE); ``{"path",
+    "error"}`` for a file that cannot be decoded. Detections below ``score_threshold`` are dropped.
+    """
+    model, spec = load_dense(checkpoint, device)
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for index, path in enumerate(expand_inputs(inputs)):
+        try:
+            image = load_image(path)
+        except BadImageError as error:
+            logger.warning("%s", error)
+            results.append({"path": str(path), "error": str(error)})
+            continue
+        stem = folder / f"{index:04d}_{path.stem}"
+        if spec.task == "segment":
+            result = _segment_result(model, spec, image, stem)
+        else:
+            result = _detect_result(model, spec, image, stem, score_threshold)
+        results.append({"path": str(path), **result})
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def evaluate_dense(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    split: str = "validation",
+    output: str | os.PathLike | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+    strict_data: bool = False,
+) -> dict[str, Any]:
+    """Score a dense model file: mIoU / accuracies on a segmentation folder (``data``, its ``split``), or
+    COCO box / mask mAP on a COCO JSON file (``data``, images under ``images``). Writes ``metrics.json``
+    to ``output`` when given."""
+    model, spec = load_dense(checkpoint, device)
+    if spec.task == "segment":
+        metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data)
+    else:
+        metrics = _evaluate_detection(model, spec, data, images, workers, strict_data)
+    if output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _evaluate_segmentation(
+    model: nn.Module, spec: DenseSpec, data: str | os.PathLike, split: str, workers: int, strict: bool
+) -> dict[str, Any]:
+    from ..data import collate_skipping_bad
+    from .metrics import segmentation_scores
+    from .segmentation import evaluate_segmentation
+    from .segmentation_data import SegmentationEvalTransform, SegmentationFolder, find_split
+
+    s, p = spec.inference, spec.backbone.preprocessing
+    dataset = SegmentationFolder(
+        *find_split(data, split), len(spec.classes), s["reduce_zero_label"], s["ignore_index"], strict
+    )
+    transform = SegmentationEvalTransform(s["scale"], p.mean, p.std)
+    loader = DataLoader(
+        Transformed(dataset, transform), batch_size=1, num_workers=workers, collate_fn=collate_skipping_bad
+    )
+    confusion, bad = evaluate_segmentation(
+        model, loader, len(spec.classes), s["ignore_index"], s["mode"], s["crop_size"], s["stride"]
+    )
+    return {**segmentation_scores(confusion, spec.classes), "images": len(dataset) - len(bad), "bad_images": bad}
+
+
+def _evaluate_detection(
+    model: nn.Module, spec: DenseSpec, data: str | os.PathLike, images: Any, workers: int, strict: bool
+) -> dict[str, Any]:
+    from .detection import evaluate_detection
+    from .detection_data import CocoDetection, detection_eval_transform
+
+    dataset = CocoDetection(data, images, masks=spec.head.get("masks", False), strict=strict)
+    if dataset.category_ids != spec.inference["category_ids"]:
+        raise ValueError(
+            f"{data} has categories {dataset.category_ids}, the model was trained on {spec.inference['category_ids']}"
+        )
+    loader = DataLoader(
+        Transformed(dataset, detection_eval_transform), batch_size=2, num_workers=workers, collate_fn=collate_lists
+    )
+    scores = evaluate_detection(model, loader, dataset)
+    problems = dict(dataset.problems.counts)
+    return {**scores, "images": len(dataset) - scores["bad_images"], "annotation_problems": problems}

@@ -1,0 +1,171 @@
+"""Semantic segmentation: Swin + UPerNet (+ auxiliary FCN head), its loss and whole / sliding-window inference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import SwinBackbone, create_backbone
+from .heads import FCNHead, UPerHead, resize
+from .metrics import confusion_matrix
+
+# The auxiliary head reads stage 3 (index 2), as in the paper's ADE20K setup.
+AUX_STAGE = 2
+
+
+class Segmentor(nn.Module):
+    """Backbone, optional neck, decode head and optional auxiliary head (``mmseg``'s EncoderDecoder).
+
+    ``forward(images)`` returns ``{"out": (B, K, H, W)}`` logits at the input resolution, plus
+    ``"aux"`` (at the auxiliary map's resolution) when there is an auxiliary head.
+    """
+
+    def __init__(
+        self,
+        backbone: SwinBackbone,
+        decode_head: nn.Module,
+        auxiliary_head: nn.Module | None = None,
+        neck: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.decode_head = decode_head
+        self.auxiliary_head = auxiliary_head
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.conv_seg.out_channels
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(images)
+        if self.neck is not None:
+            features = self.neck(features)
+        outputs = {"out": resize(self.decode_head(features), images.shape[-2:])}
+        if self.auxiliary_head is not None:
+            outputs["aux"] = self.auxiliary_head(features)
+        return outputs
+
+
+def build_segmentor(
+    backbone: SwinBackbone, num_classes: int, channels: int = 512, aux_channels: int = 256, aux: bool = True
+) -> Segmentor:
+    """UPerNet on all four maps of ``backbone`` and (``aux``) an FCN head on stage 3."""
+    if tuple(backbone.out_indices) != (0, 1, 2, 3):
+        raise ValueError(f"UPerNet takes the four stage maps; the backbone gives stages {backbone.out_indices}")
+    decode_head = UPerHead(backbone.out_channels, num_classes, channels)
+    auxiliary_head = FCNHead(backbone.out_channels[AUX_STAGE], num_classes, AUX_STAGE, aux_channels) if aux else None
+    return Segmentor(backbone, decode_head, auxiliary_head)
+
+
+def create_segmentor(
+    name: str = "swin_t",
+    num_classes: int = 150,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    frozen_stages: int = -1,
+    channels: int = 512,
+    aux_channels: int = 256,
+    aux: bool = True,
+    always_shift: bool = True,
+    **overrides: Any,
+) -> Segmentor:
+    """Swin + UPerNet for ``num_classes`` classes; ``checkpoint`` initialises the backbone (any format).
+
+    ``overrides`` change the backbone's :class:`~swinkit.variants.SwinConfig` (``drop_path_rate``, ...).
+    """
+    backbone = create_backbone(name, checkpoint, frozen_stages=frozen_stages, always_shift=always_shift, **overrides)
+    return build_segmentor(backbone, num_classes, channels, aux_channels, aux)
+
+
+def segmentation_loss(
+    outputs: dict[str, Tensor], masks: Tensor, ignore_index: int = 255, aux_weight: float = 0.4
+) -> Tensor:
+    """Cross-entropy over labelled pixels of the main logits, plus ``aux_weight`` times the auxiliary one.
+
+    Logits are resized (bilinear) to the masks' size first. A batch without a labelled pixel gives a
+    zero loss (not NaN), so a crop of ignored pixels cannot poison a run.
+    """
+    loss = pixel_cross_entropy(outputs["out"], masks, ignore_index)
+    if "aux" in outputs and aux_weight > 0:
+        loss = loss + aux_weight * pixel_cross_entropy(outputs["aux"], masks, ignore_index)
+    return loss
+
+
+def pixel_cross_entropy(logits: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
+    logits = resize(logits.float(), masks.shape[-2:])
+    total = F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum")
+    return total / (masks != ignore_index).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def infer(model: nn.Module, images: Tensor, mode: str = "whole", crop_size: int = 512, stride: int = 341) -> Tensor:
+    """Logits ``(B, K, H, W)`` for ``images``: one pass (``whole``) or overlapping crops (``slide``).
+
+    Sliding windows of ``crop_size`` every ``stride`` pixels, the last one flush with the border,
+    average the logits where they overlap (``mmseg``'s slide inference); an image no larger than the
+    crop is one window.
+    """
+    if mode == "whole":
+        return model(images)["out"]
+    if mode != "slide":
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    if not 0 < stride <= crop_size:
+        raise ValueError(f"slide stride must be between 1 and the crop size {crop_size}, got {stride}")
+    H, W = images.shape[-2:]
+    logits: Tensor | None = None
+    counts = images.new_zeros(1, 1, H, W)
+    for top in _starts(H, crop_size, stride):
+        for left in _starts(W, crop_size, stride):
+            window = (slice(None), slice(None), slice(top, top + crop_size), slice(left, left + crop_size))
+            out = model(images[window])["out"].float()
+            if logits is None:
+                logits = images.new_zeros(images.shape[0], out.shape[1], H, W, dtype=torch.float32)
+            logits[window] += out
+            counts[window] += 1
+    return logits / counts
+
+
+def _starts(length: int, crop: int, stride: int) -> list[int]:
+    steps = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride, length - crop), 0) for i in range(steps)]
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    loader: Any,
+    num_classes: int,
+    ignore_index: int = 255,
+    mode: str = "whole",
+    crop_size: int = 512,
+    stride: int = 341,
+    distributed: Any = None,
+) -> tuple[Tensor, list[str]]:
+    """The confusion matrix of ``model`` over ``loader`` (batches of one image and its full-size label map).
+
+    Logits are resized to the label map's size before the argmax, so scores are at the original
+    resolution whatever the test scale. Returns the ``(K, K)`` counts (summed over processes) and
+    the paths of bad items.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    bad: list[str] = []
+    for batch in loader:
+        bad += batch["bad"]
+        if batch["images"] is None:
+            continue
+        masks = batch["labels"]
+        logits = infer(model, batch["images"].to(device), mode, crop_size, stride)
+        prediction = resize(logits.float(), masks.shape[-2:]).argmax(dim=1).cpu()
+        confusion += confusion_matrix(prediction, masks, num_classes, ignore_index)
+    if distributed is not None and distributed.enabled:
+        confusion = distributed.sum_tensor(confusion)
+    model.train(was_training)
+    return confusion, bad

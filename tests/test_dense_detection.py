@@ -1,0 +1,282 @@
+"""Detection / instance segmentation: COCO mAP by hand, annotation validation, a training step, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from swinkit.cli import main
+from swinkit.data import BadItem
+from swinkit.dense import CocoDetection, coco_map, create_detector
+from swinkit.dense.detection_data import DetectionTrainTransform, flip_target
+from swinkit.dense.metrics import mask_to_rle
+from swinkit.dense.shapes import write_shapes_dataset
+from swinkit.train.optim import build_optimizer
+
+TINY = dict(
+    min_size=64,
+    max_size=96,
+    fpn_channels=16,
+    box_head_dim=32,
+    mask_head_dim=8,
+    roi_batch_size=64,
+    anchor_sizes=(16, 32, 64, 128, 256),
+)
+FAST = ["--model", "swin_test", "--min-sizes", "64", "--max-size", "96", "--fpn-channels", "16", "--box-head-dim",
+        "32", "--mask-head-dim", "8", "--roi-batch-size", "64", "--anchor-sizes", "16", "32", "64", "128", "256",
+        "--workers", "0", "--no-progress", "--warmup-steps", "1", "--base-lr", "1e-3"]  # fmt: skip
+
+
+def _rectangle(x, y, w, h, size=64):
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[y : y + h, x : x + w] = 1
+    return mask
+
+
+def _truth(ident, image_id, category_id, x, y, w, h):
+    mask = mask_to_rle(_rectangle(x, y, w, h))
+    return {"id": ident, "image_id": image_id, "category_id": category_id, "bbox": [x, y, w, h], "area": w * h,
+            "iscrowd": 0, "segmentation": mask}  # fmt: skip
+
+
+def _result(image_id, category_id, box, score, mask_box):
+    return {"image_id": image_id, "category_id": category_id, "bbox": box, "score": score,
+            "segmentation": mask_to_rle(_rectangle(*mask_box))}  # fmt: skip
+
+
+def test_coco_map_matches_a_hand_computed_example():
+    ground_truth = {
+        "images": [{"id": 1, "width": 64, "height": 64}, {"id": 2, "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            _truth(1, 1, 1, 0, 0, 10, 10),
+            _truth(2, 2, 1, 20, 20, 10, 10),
+            _truth(3, 1, 2, 30, 30, 10, 10),
+        ],
+    }
+    results = [
+        # Class a: a hit (score 0.9), a false positive (0.8), a hit (0.7); masks equal to the boxes.
+        _result(1, 1, [0, 0, 10, 10], 0.9, (0, 0, 10, 10)),
+        _result(2, 1, [50, 50, 10, 10], 0.8, (50, 50, 10, 10)),
+        _result(2, 1, [20, 20, 10, 10], 0.7, (20, 20, 10, 10)),
+        # Class b: box IoU 0.64 (a hit at thresholds 0.50, 0.55, 0.60), mask IoU 0.72 (0.50 .. 0.70).
+        _result(1, 2, [30, 30, 10, 6.4], 0.6, (30, 30, 9, 8)),
+    ]
+    # Class a: precision 1 up to recall 0.5, then 2/3 up to recall 1; COCO's 101-point interpolation.
+    a = (51 * 1.0 + 50 * 2 / 3) / 101
+    boxes = coco_map(ground_truth, results, "bbox")
+    assert boxes["AP"] == pytest.approx((a + 3 / 10) / 2 * 100)
+    assert boxes["AP50"] == pytest.approx((a + 1) / 2 * 100) and boxes["AP75"] == pytest.approx(a / 2 * 100)
+    assert boxes["APs"] == pytest.approx(boxes["AP"]) and boxes["APm"] == boxes["APl"] == 0.0
+    masks = coco_map(ground_truth, results, "segm")
+    assert masks["AP"] == pytest.approx((a + 5 / 10) / 2 * 100)
+    assert coco_map(ground_truth, [], "bbox")["AP"] == 0.0
+    with pytest.raises(ValueError, match="'bbox' or 'segm'"):
+        coco_map(ground_truth, results, "keypoints")
+
+
+def _polygon(x, y, w, h):
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+@pytest.fixture
+def messy_coco(tmp_path):
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(tmp_path / "good.png")
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(tmp_path / "resized.png")
+    data = {
+        "images": [
+            {"id": 1, "file_name": "good.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "missing.png", "width": 40, "height": 30},
+            {"id": 3, "file_name": "resized.png", "width": 50, "height": 50},
+            {"id": 4, "file_name": "no_size.png"},
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 1, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 8], "segmentation": _polygon(2, 3, 10, 8)},
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [35, 25, 10, 10],
+                "segmentation": _polygon(35, 25, 5, 5),
+            },
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [50, 50, 5, 5], "segmentation": _polygon(0, 0, 2, 2)},
+            {"id": 4, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 8], "segmentation": _polygon(2, 3, 10, 8)},
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5], "segmentation": _polygon(1, 1, 1, 5)},
+            {"id": 6, "image_id": 1, "category_id": 1, "bbox": [20, 5, 6, 6], "segmentation": []},
+            {"id": 7, "image_id": 99, "category_id": 1, "bbox": [2, 3, 10, 8]},
+            {
+                "id": 8,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [0, 0, 40, 30],
+                "iscrowd": 1,
+                "segmentation": mask_to_rle(np.ones((30, 40), np.uint8)),
+            },
+            {"id": 9, "image_id": 1, "category_id": 3, "bbox": "abc"},
+            {"id": 10, "image_id": 1, "category_id": 3, "bbox": [float("nan"), 0, 4, 4]},
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    return tmp_path / "instances.json"
+
+
+def test_coco_annotations_are_validated_repaired_and_reported(messy_coco, caplog):
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(messy_coco)
+    assert dataset.classes == ["dog", "cat"] and dataset.category_ids == [1, 3]
+    assert dict(dataset.problems.counts) == {
+        "invalid image entries": 1,
+        "boxes clipped to the image": 1,
+        "boxes outside the image": 1,
+        "unknown category ids": 1,
+        "empty or non-finite boxes": 2,
+        "empty or missing masks": 1,
+        "annotations of unknown images": 1,
+        "malformed boxes": 1,
+    }
+    assert "unknown category ids (e.g. annotation 4: category_id 7)" in caplog.text
+    image, target = dataset[0]
+    assert image.size == (40, 30) and target["labels"].tolist() == [2, 1]
+    assert target["boxes"].tolist() == [[2, 3, 12, 11], [35, 25, 40, 30]]
+    assert target["masks"].shape == (2, 30, 40) and target["masks"][1].sum() > 0
+    assert isinstance(dataset[1], BadItem) and "cannot decode image" in dataset[1].reason
+    assert "is 40x30, the annotation file says 50x50" in dataset[2].reason
+    truth = dataset.ground_truth()
+    assert [a["iscrowd"] for a in truth["annotations"]] == [0, 0, 1]
+    assert truth["annotations"][1]["bbox"] == [35, 25, 5, 5]
+    # Without masks, an instance without one is still a box.
+    assert CocoDetection(messy_coco, masks=False).target(0)["labels"].tolist() == [2, 1, 1]
+    with pytest.raises(ValueError, match="cannot decode image"):
+        CocoDetection(messy_coco, strict=True)[1]
+
+
+def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match="a.json is not valid JSON"):
+        CocoDetection(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"images": [], "annotations": {}, "categories": []}))
+    with pytest.raises(ValueError, match="key 'annotations' must be a list, got dict"):
+        CocoDetection(tmp_path / "b.json")
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        CocoDetection(tmp_path / "missing.json")
+
+
+def test_flip_moves_boxes_and_masks_together():
+    masks = torch.zeros(1, 4, 10, dtype=torch.uint8)
+    masks[0, :, 1:3] = 1
+    flipped = flip_target({"boxes": torch.tensor([[1.0, 0.0, 3.0, 4.0]]), "masks": masks}, width=10)
+    assert flipped["boxes"].tolist() == [[7.0, 0.0, 9.0, 4.0]]
+    assert flipped["masks"][0, 0].nonzero().flatten().tolist() == [7, 8]
+    image = Image.fromarray(np.zeros((4, 10, 3), np.uint8))
+    pixels, target = DetectionTrainTransform(hflip=1.0)((image, {"boxes": torch.tensor([[1.0, 0.0, 3.0, 4.0]])}))
+    assert pixels.shape == (3, 4, 10) and target["boxes"].tolist() == [[7.0, 0.0, 9.0, 4.0]]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), {"training": 8, "validation": 4}, size=64)
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["faster_rcnn", "mask_rcnn"])
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(shapes, masks):
+    dataset = CocoDetection(shapes / "instances_training.json", shapes / "images" / "training", masks=masks)
+    batch = [DetectionTrainTransform(hflip=0.0)(dataset[i]) for i in range(4)]
+    images, targets = [image for image, _ in batch], [target for _, target in batch]
+    model = create_detector("swin_test", 3, masks=masks, detector_options=TINY).train()
+    optimizer = build_optimizer(model, 0.05, None, lr=1e-4)  # the paper's detection rate
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)  # the same proposal sampling before and after the step
+        losses = model(images, targets)
+        assert ("loss_mask" in losses) == masks
+        return sum(losses.values())
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    assert loss().item() < before.item()
+
+
+def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path, capsys):
+    train_json = json.loads((shapes / "instances_training.json").read_text())
+    train_json["annotations"].append({"id": 999, "image_id": 1, "category_id": 42, "bbox": [1, 1, 5, 5]})
+    train_json["images"].append({"id": 100, "file_name": "gone.png", "width": 64, "height": 64})
+    (tmp_path / "train.json").write_text(json.dumps(train_json))
+    out = tmp_path / "run"
+    args = [
+        "detect",
+        "train",
+        "--data",
+        str(tmp_path / "train.json"),
+        "--images",
+        str(shapes / "images" / "training"),
+        "--val-data",
+        str(shapes / "instances_validation.json"),
+        "--val-images",
+        str(shapes / "images" / "validation"),
+        *FAST,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "3",
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "best val bbox_AP" in capsys.readouterr().out
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert {"val_bbox_AP", "val_bbox_AP50", "val_segm_AP"} <= set(row) and row["bad_images"] <= 1
+
+    model = str(out / "model-final.safetensors")
+    assert (
+        main(
+            [
+                "detect",
+                "eval",
+                "--checkpoint",
+                model,
+                "--data",
+                str(shapes / "instances_validation.json"),
+                "--images",
+                str(shapes / "images" / "validation"),
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 4 and metrics["bbox_AP"] == pytest.approx(row["val_bbox_AP"])
+    assert 0.0 <= metrics["segm_AP"] <= 100.0
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    image = shapes / "images" / "validation" / "validation_00000.png"
+    assert (
+        main(
+            [
+                "detect",
+                "predict",
+                str(image),
+                str(tmp_path / "broken.jpg"),
+                "--checkpoint",
+                model,
+                "--score-threshold",
+                "0",
+                "--output",
+                str(tmp_path / "predicted"),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "predicted" / "results.json").read_text())
+    assert "cannot decode image" in results[1]["error"]
+    assert Image.open(results[0]["overlay"]).size == (64, 64)
+    for detection in results[0]["detections"]:
+        assert detection["class"] in {"circle", "square", "triangle"} and len(detection["box"]) == 4
+        assert detection["mask_rle"]["size"] == [64, 64]

@@ -1,0 +1,292 @@
+"""Semantic segmentation: mIoU by hand, PNG mask folders with bad items, training, inference, CLI, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from swinkit.cli import main
+from swinkit.data import BadItem
+from swinkit.dense import (
+    SegmentationFolder,
+    confusion_matrix,
+    create_segmentor,
+    fit_dense,
+    infer,
+    resolve_dense_config,
+    segmentation_loss,
+    segmentation_scores,
+)
+from swinkit.dense.segmentation_data import SegmentationTrainTransform, find_split
+from swinkit.dense.shapes import write_shapes_dataset
+from swinkit.train.optim import build_optimizer
+
+# A tiny, fast run: swin_test backbone, narrow heads, 64-pixel scenes.
+FAST = ["--model", "swin_test", "--crop-size", "64", "--scale", "64", "64", "--channels", "16", "--aux-channels", "8",
+        "--workers", "0", "--no-progress", "--warmup-steps", "1", "--base-lr", "1e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), {"training": 8, "validation": 4}, size=64)
+
+
+def test_miou_and_accuracy_match_a_hand_computed_example():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255], [2, 2, 2, 255]])
+    prediction = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 2], [2, 2, 1, 0]])
+    confusion = confusion_matrix(prediction, target, num_classes=4)
+    assert confusion.tolist() == [[3, 1, 0, 0], [1, 2, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]
+    scores = segmentation_scores(confusion, ["a", "b", "c", "never seen"])
+    # IoU: a 3/(4+4-3) = 0.6, b 2/(3+4-2) = 0.4, c 2/(3+2-2) = 2/3; the fourth class has no pixels: left out.
+    assert scores["mIoU"] == pytest.approx((0.6 + 0.4 + 2 / 3) / 3 * 100)
+    assert scores["mAcc"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 3) / 3 * 100)
+    assert scores["aAcc"] == pytest.approx(7 / 10 * 100) and scores["pixels"] == 10
+    assert scores["per_class"]["never seen"] == {"IoU": None, "Acc": None}
+    # A class predicted but absent from the ground truth has IoU 0 and counts in the mean.
+    assert segmentation_scores(confusion_matrix(torch.tensor([1]), torch.tensor([0]), 2))["mIoU"] == 0.0
+
+
+def _write(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode).save(path)
+
+
+def test_folder_reports_and_skips_bad_samples(tmp_path, caplog):
+    images, masks = tmp_path / "images", tmp_path / "annotations"
+    rgb = np.full((12, 16, 3), 100)
+    labels = np.ones((12, 16))
+    labels[:, :8] = 3  # with reduce_zero_label: class 2
+    _write(images / "good.png", rgb)
+    _write(masks / "good.png", labels)
+    _write(images / "unknown.png", rgb)
+    _write(masks / "unknown.png", np.full((12, 16), 9))  # label 8 after reduction: not a class
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    _write(masks / "broken.png", labels)
+    _write(images / "small_mask.png", rgb)
+    _write(masks / "small_mask.png", labels[:6])
+    _write(images / "all_zero.png", rgb)
+    _write(masks / "all_zero.png", np.zeros((12, 16)))  # label 0 is ignored by reduce_zero_label
+    _write(images / "no_mask.png", rgb)
+    with caplog.at_level("WARNING"):
+        dataset = SegmentationFolder(images, masks, num_classes=3, reduce_zero_label=True)
+        items = {os.path.basename(s.image): dataset[i] for i, s in enumerate(dataset.samples)}
+    assert "1 images have no label map" in caplog.text and "no_mask.png" in caplog.text
+    image, mask = items["good.png"]
+    assert image.size == (16, 12) and mask.dtype == np.int64
+    assert (mask[:, :8] == 2).all() and (mask[:, 8:] == 0).all()
+    assert isinstance(items["unknown.png"], BadItem) and "no labelled pixel" in items["unknown.png"].reason
+    assert "labels [8]" in caplog.text
+    assert "cannot decode image" in items["broken.png"].reason
+    assert "is 16x6, its image 16x12" in items["small_mask.png"].reason
+    assert "no labelled pixel" in items["all_zero.png"].reason
+    strict = SegmentationFolder(images, masks, num_classes=3, reduce_zero_label=True, strict=True)
+    with pytest.raises(ValueError, match="all_zero.png has no labelled pixel"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_train_transform_crops_flips_and_pads_with_the_ignore_index():
+    transform = SegmentationTrainTransform(32, None, (0.5, 0.5), (0.5,) * 3, (0.25,) * 3, hflip=1.0)
+    image = Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8))
+    labels = np.zeros((40, 50), dtype=np.int64)
+    labels[:, :10] = 1
+    pixels, mask = transform((image, labels))
+    assert pixels.shape == (3, 32, 32) and mask.shape == (32, 32)
+    # Rescaled by 0.5 to 25x20: the crop covers it all, flipped (class 1 on the right), padded with 255.
+    assert (mask[:20, 20:25] == 1).all() and (mask[:20, :20] == 0).all()
+    assert (mask[20:] == 255).all() and (mask[:, 25:] == 255).all() and (pixels[:, 20:] == 0).all()
+
+
+@pytest.mark.parametrize("aux", [True, False])
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(aux):
+    model = create_segmentor("swin_test", num_classes=4, channels=16, aux_channels=8, aux=aux).train()
+    images, masks = torch.randn(2, 3, 48, 48), torch.randint(0, 4, (2, 48, 48))
+    masks[0, :4] = 255
+    optimizer = build_optimizer(model, 0.05, None, lr=1e-3)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)  # the same dropout draws before and after the step
+        return segmentation_loss(model(images), masks)
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    assert loss().item() < before.item()
+
+
+def test_an_all_ignored_batch_gives_zero_loss_not_nan():
+    model = create_segmentor("swin_test", num_classes=3, channels=16, aux_channels=8)
+    loss = segmentation_loss(model(torch.randn(1, 3, 32, 32)), torch.full((1, 32, 32), 255))
+    assert loss.item() == 0.0
+
+
+class PixelClassifier(nn.Module):
+    """A per-pixel model: sliding windows must then reproduce the whole-image logits exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(images)}
+
+
+def test_sliding_window_inference_covers_the_image_and_averages_overlaps():
+    model, images = PixelClassifier(), torch.randn(2, 3, 50, 77)
+    whole = infer(model, images)
+    for crop, stride in [(32, 20), (16, 16), (64, 10), (50, 1)]:
+        assert torch.allclose(infer(model, images, "slide", crop, stride), whole, atol=1e-6), (crop, stride)
+    real = create_segmentor("swin_test", num_classes=3, channels=16, aux_channels=8).eval()
+    assert torch.equal(infer(real, images, "slide", 96, 64), infer(real, images))
+    assert infer(real, images, "slide", 32, 24).shape == (2, 3, 50, 77)
+    with pytest.raises(ValueError, match="'whole' or 'slide'"):
+        infer(model, images, "tiles")
+
+
+def test_cli_train_eval_predict(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    train = [
+        "segment",
+        "train",
+        "--data",
+        str(shapes),
+        *FAST,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--output",
+        str(out),
+        "--test-mode",
+        "slide",
+        "--slide-stride",
+        "32",
+    ]
+    assert main(train) == 0
+    assert "best val mIoU" in capsys.readouterr().out
+    for name in ("checkpoint-last.pt", "model-final.safetensors", "model-best.safetensors", "config.yaml"):
+        assert (out / name).is_file(), name
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr"} <= set(row)
+    # The file keeps the official layout for the backbone: a plain Swin model reads it.
+    assert "backbone.norm3.weight" in load_file(out / "model-final.safetensors")
+
+    model = str(out / "model-final.safetensors")
+    assert (
+        main(
+            [
+                "segment",
+                "eval",
+                "--checkpoint",
+                model,
+                "--data",
+                str(shapes),
+                "--workers",
+                "0",
+                "--json",
+                "--output",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 4 and metrics["mIoU"] == pytest.approx(row["val_mIoU"])
+    assert set(metrics["per_class"]) == {"background", "circle", "square", "triangle"}
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+    (tmp_path / "broken.png").write_bytes(b"")
+    images = find_split(shapes, "validation")[0]
+    assert (
+        main(
+            [
+                "segment",
+                "predict",
+                str(images),
+                str(tmp_path / "broken.png"),
+                "--checkpoint",
+                model,
+                "--output",
+                str(tmp_path / "predicted"),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "predicted" / "results.json").read_text())
+    assert len(results) == 5 and "cannot decode image" in results[-1]["error"]
+    overlay = Image.open(results[0]["overlay"])
+    labels = np.asarray(Image.open(results[0]["labels"]))
+    assert overlay.size == (64, 64) and labels.shape == (64, 64) and labels.max() < 4
+    assert sum(results[0]["class_fractions"].values()) == pytest.approx(1.0)
+
+
+def _config(shapes, out, **options):
+    values = {
+        "data": str(shapes),
+        "model": "swin_test",
+        "crop_size": 48,
+        "scale": (64, 64),
+        "channels": 16,
+        "aux_channels": 8,
+        "workers": 0,
+        "progress": False,
+        "warmup_steps": 1,
+        "base_lr": 1e-3,
+        "drop_path_rate": 0.1,
+        "batch_size": 2,
+        "epochs": 1,
+        "output": str(out),
+        **options,
+    }
+    return resolve_dense_config("segment", values)
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(shapes, tmp_path):
+    reference = fit_dense(_config(shapes, tmp_path / "reference", checkpoint_every=2))
+    interrupted = tmp_path / "interrupted"
+    fit_dense(_config(shapes, interrupted, checkpoint_every=2, max_steps=2))
+    assert torch.load(interrupted / "checkpoint-last.pt", weights_only=True)["step_in_epoch"] == 2
+    resumed = fit_dense(_config(shapes, interrupted, checkpoint_every=2))
+    expected, got = load_file(reference.final_model), load_file(resumed.final_model)
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, rtol=0, atol=1e-6), key
+    assert resumed.history[-1]["val_mIoU"] == pytest.approx(reference.history[-1]["val_mIoU"])
+    with pytest.raises(ValueError, match="different options.*crop_size"):
+        fit_dense(_config(shapes, interrupted, crop_size=32))
+
+
+def test_torchrun_two_processes_train_with_a_bad_image(shapes, tmp_path):
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(shapes), str(data)], check=True)
+    (data / "images" / "training" / "training_00000.png").write_bytes(b"broken")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [
+        *launch,
+        "-m",
+        "swinkit",
+        "segment",
+        "train",
+        "--data",
+        str(data),
+        *FAST,
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["bad_images"] == 1 and np.isfinite(row["train_loss"])
+    assert (tmp_path / "run" / "model-final.safetensors").is_file()
