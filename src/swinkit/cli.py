@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -46,19 +47,134 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options yet
+    parser.add_argument("--output", default="runs/demo", help="folder for the run (default: runs/demo)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the digits recipe's epochs")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo()
+    run_demo(args.output, args.epochs)
     return 0
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    from .train.config import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import fit
+    from .train.config import config_from_args
+
+    result = fit(config_from_args(args))
+    if result.history:
+        print(f"best val top-1 {result.best_top1:.2f}% in {result.seconds:.0f} s; outputs in {result.output}/")
+    return 0
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image folder (one sub-folder per class) or CSV of path,label")
+    parser.add_argument("--checkpoint", required=True, help="model file (any supported format)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--output", help="write metrics.json and confusion.png here")
+    parser.add_argument("--strict-data", action="store_true", help="stop at the first undecodable image")
+    parser.add_argument("--throughput", action="store_true", help="also measure images/s (official method)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.data,
+        args.checkpoint,
+        args.batch_size,
+        args.workers,
+        args.output,
+        args.strict_data,
+        args.throughput,
+        args.device,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(
+            f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+            f"({metrics['images']} images, {metrics['bad_images']} unreadable)"
+        )
+        if "throughput_images_per_second" in metrics:
+            print(f"throughput {metrics['throughput_images_per_second']:.1f} images/s")
+    return 0
+
+
+def _add_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("--checkpoint", required=True, help="model file (any supported format)")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .predict import format_results, predict
+
+    results = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 1 if results and all("error" in r for r in results) else 0
+
+
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    from .checkpoint import FORMATS
+
+    parser.add_argument("src", help="checkpoint file or Hugging Face directory, any supported layout")
+    parser.add_argument("dst", help="output file (.safetensors or .pth by extension; a directory for --to hf)")
+    parser.add_argument("--to", choices=FORMATS, default="swinkit", help="target layout (default: swinkit)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert
+
+    print(convert(args.src, args.dst, to=args.to))
+    return 0
+
+
+def _add_dense(task: str, parser: argparse.ArgumentParser) -> None:
+    from .dense.commands import add_arguments
+
+    add_arguments(parser, task)
+
+
+def _run_dense(task: str, args: argparse.Namespace) -> int:
+    from .dense.commands import run
+
+    text, code = run(args, task)
+    print(text)
+    return code
 
 
 COMMANDS: dict[str, Command] = {
     "info": ("parameters, FLOPs and per-stage shapes of a model", _add_info, _run_info),
     "demo": ("the main job on the bundled handwritten digits", _add_demo, _run_demo),
+    "train": ("train or fine-tune (torchrun -m swinkit train ... for several processes)", _add_train, _run_train),
+    "eval": ("top-1 / top-5 / per-class accuracy of a checkpoint on labelled images", _add_eval, _run_eval),
+    "predict": ("classify image files with a checkpoint", _add_predict, _run_predict),
+    "convert": ("convert a checkpoint between official, timm, torchvision, hf and swinkit", _add_convert, _run_convert),
+    # Nested: ``swinkit segment {train,eval,predict}``, ``swinkit detect {train,eval,predict}``.
+    "segment": (
+        "semantic segmentation: Swin + UPerNet on image / PNG label-map folders",
+        functools.partial(_add_dense, "segment"),
+        functools.partial(_run_dense, "segment"),
+    ),
+    "detect": (
+        "detection / instance segmentation: Swin + FPN + Mask or Faster R-CNN on COCO JSON",
+        functools.partial(_add_dense, "detect"),
+        functools.partial(_run_dense, "detect"),
+    ),
 }
 
 
