@@ -438,3 +438,18 @@ def test_bad_configs_and_images():
     model = swinkit.create_model("swinv2_test")
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\), got \(1, 1, 32, 32\)"):
         model(torch.randn(1, 1, 32, 32))
+
+
+def test_window_change_on_load_takes_the_files_windows_as_pretrained(tmp_path):
+    from swinkit.checkpoint.convert import export_state_dict
+
+    source = swinkit.create_model("swinv2_test")
+    torch.save({"model": export_state_dict(source.state_dict(), source.config, "official")}, tmp_path / "v2.pth")
+    bigger = source.config.window_size * 2
+    model = swinkit.create_model("swinv2_test", window_size=bigger, checkpoint=tmp_path / "v2.pth")
+    expected = tuple(swinkit.model.stage_window(source.config, i) for i in range(len(source.config.depths)))
+    assert model.config.pretrained_window_sizes == expected and model.load_report.ok
+    explicit = swinkit.create_model(
+        "swinv2_test", window_size=bigger, pretrained_window_sizes=(0, 0, 0, 0), checkpoint=tmp_path / "v2.pth"
+    )
+    assert explicit.config.pretrained_window_sizes == (0, 0, 0, 0)

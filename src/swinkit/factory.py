@@ -70,7 +70,27 @@ def create_model(
         if loaded is not None and "num_classes" not in overrides and "head.weight" in loaded.state_dict:
             overrides["num_classes"] = loaded.state_dict["head.weight"].shape[0]
         config = get_config(name, **overrides)
+        if loaded is not None and "pretrained_window_sizes" not in overrides:
+            config = _with_pretrained_windows(config, loaded)
     model = build_model(config, attn_impl=attn_impl)
     if loaded is not None:
         model.load_report = load_checkpoint(model, loaded, strict=strict)
     return model
+
+
+def _with_pretrained_windows(config: SwinConfig, loaded: Checkpoint) -> SwinConfig:
+    """V2 transfer: a model whose window differs from the file's scales its position coordinates by
+    the windows the file was trained with (the official fine-tuning rule), unless told otherwise."""
+    if config.family != "v2" or loaded.family != "v2":
+        return config
+    from .model import stage_window
+
+    source = config_from_checkpoint(loaded)
+    if source.window_size == config.window_size and source.img_size == config.img_size:
+        return config
+    windows = tuple(
+        pretrained or stage_window(source, stage) for stage, pretrained in enumerate(source.pretrained_window_sizes)
+    )
+    if windows != config.pretrained_window_sizes:
+        logger.info("pretrained_window_sizes %s taken from %s", windows, loaded.source)
+    return config.replace(pretrained_window_sizes=windows)
