@@ -13,10 +13,17 @@ The result is ``(B * nW, nH, N, d)``.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTENTION_IMPLS = ("reference", "sdpa")
+# ``fused`` is a block-level path (swinkit.fast): whole blocks in window order; its attention core
+# is the reference math, so at this seam it is the reference. ``auto`` picks per device.
+ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused")
+
+# The fastest exact implementation per device type: measured on CPU (benchmarks/RESULTS.md);
+# on CUDA PyTorch's fused SDPA kernels (not measured here: no GPU was available).
+AUTO_IMPL = {"cpu": "fused", "cuda": "sdpa"}
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool) -> Tensor:
@@ -41,18 +48,23 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: flo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, scale=1.0)
 
 
-_IMPLEMENTATIONS = {"reference": reference_attention, "sdpa": sdpa_attention}
+_IMPLEMENTATIONS = {"reference": reference_attention, "sdpa": sdpa_attention, "fused": reference_attention}
 
 
 def window_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool, impl: str = "reference"
 ) -> Tensor:
     """Dispatch to the implementation named ``impl`` (one of :data:`ATTENTION_IMPLS`)."""
-    return _IMPLEMENTATIONS[impl](q, k, v, bias, dropout_p, training)
+    return _IMPLEMENTATIONS[resolve_impl(impl, q.device)](q, k, v, bias, dropout_p, training)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``auto`` -> the implementation chosen for ``device``; other names unchanged."""
+    return AUTO_IMPL.get(device.type, "reference") if impl == "auto" else impl
 
 
 def check_impl(impl: str) -> str:
-    if impl not in _IMPLEMENTATIONS:
+    if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attn_impl {impl!r}; accepted: {', '.join(ATTENTION_IMPLS)}")
     return impl
 

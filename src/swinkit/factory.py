@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _V1_SIZE_FOR_WINDOW = {7: 224, 12: 384}
 
 
-def build_model(config: SwinConfig, attn_impl: str = "reference") -> nn.Module:
+def build_model(config: SwinConfig, attn_impl: str = "auto") -> nn.Module:
     """A randomly initialised model for ``config`` (V1 or V2)."""
     if config.family == "v2":
         from .model_v2 import SwinTransformerV2
@@ -50,7 +50,7 @@ def create_model(
     checkpoint: str | os.PathLike | Checkpoint | None = None,
     *,
     strict: bool = True,
-    attn_impl: str = "reference",
+    attn_impl: str = "auto",
     **overrides: Any,
 ) -> nn.Module:
     """Build a Swin model by preset ``name``, optionally loading ``checkpoint`` (any supported layout).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .attention import check_impl, combine_bias_and_mask, window_attention
+from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
 from .variants import SwinConfig
 
 Pair = tuple[int, int]
@@ -103,15 +103,16 @@ def _derived(fn):
 
     @functools.wraps(fn)
     def derived(*args):
-        if any(isinstance(a, torch.SymInt) for a in _flat(args)):
-            return fn(*args)  # traced for symbolic sizes (torch.export): part of the graph, not cached
+        if tracing():
+            return fn(*args)  # under torch.compile / torch.export: part of the graph, never cached
         return cached(*args)
 
     return derived
 
 
-def _flat(args: tuple) -> list:
-    return [item for a in args for item in (a if isinstance(a, tuple) else (a,))]
+def tracing() -> bool:
+    """True while torch.compile or torch.export traces: tensors made then are fake, not cacheable."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 @_derived
@@ -208,7 +209,7 @@ class WindowAttention(nn.Module):
         self.table_window = (table_window, table_window)
         self.scale = (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
-        self.attn_impl = "reference"
+        self.attn_impl = "auto"
         # \hat{B} of Eq. 4: one learnable bias per relative offset and head.
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * table_window - 1) ** 2, num_heads))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -222,13 +223,19 @@ class WindowAttention(nn.Module):
         index = relative_position_index(window, self.table_window, self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index].view(N, N, -1).permute(2, 0, 1)
 
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B * nW, N, C)`` windows -> q (scaled by ``d**-0.5``), k, v, each ``(B * nW, nH, N, d)``."""
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q * self.scale, k, v
+
     def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
         """``x``: ``(B * nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B*nW, nH, N, d)
+        q, k, v = self.qkv_heads(x)
         bias = combine_bias_and_mask(self.relative_position_bias(window), mask)
-        x = window_attention(q * self.scale, k, v, bias, self.attn_drop, self.training, self.attn_impl)
+        x = window_attention(q, k, v, bias, self.attn_drop, self.training, self.attn_impl)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -298,6 +305,10 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if resolve_impl(self.attn.attn_impl, x.device) == "fused" and not tracing():
+            from .fast import fused_block_forward  # the same function, computed in window order
+
+            return fused_block_forward(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
         x = x + self.drop_path(shifted_window_attention(self.norm1(x), self.attn, window, shift))
@@ -391,7 +402,7 @@ class SwinTransformer(nn.Module):
     block_class: type[nn.Module] = SwinTransformerBlock
     merging_class: type[nn.Module] = PatchMerging
 
-    def __init__(self, config: SwinConfig, attn_impl: str = "reference") -> None:
+    def __init__(self, config: SwinConfig, attn_impl: str = "auto") -> None:
         super().__init__()
         if config.family != self.family:
             raise ValueError(

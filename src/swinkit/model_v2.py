@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import combine_bias_and_mask, window_attention
+from .attention import combine_bias_and_mask, resolve_impl, window_attention
 from .model import (
     Pair,
     SwinTransformer,
@@ -36,6 +36,7 @@ from .model import (
     merge_patches,
     relative_position_index,
     shifted_window_attention,
+    tracing,
     window_and_shift,
 )
 from .variants import SwinConfig
@@ -109,7 +110,7 @@ class WindowAttentionV2(nn.Module):
         scale_window = pretrained_window if pretrained_window > 0 else table_window
         self.scale_window = (scale_window, scale_window)
         self.attn_drop = attn_drop
-        self.attn_impl = "reference"
+        self.attn_impl = "auto"
         # log(1 / tau) of Eq. 2, one per head.
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), INIT_LOGIT_SCALE))
         # G of Eq. 3: 2 -> 512 -> ReLU -> num_heads.
@@ -131,17 +132,22 @@ class WindowAttentionV2(nn.Module):
         index = relative_position_index(window, window, weight.device)
         return table[index].view(N, N, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
-        """``x``: ``(B * nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B * nW, N, C)`` windows -> unit q times ``1 / tau``, unit k, and v, each ``(B * nW, nH, N, d)``."""
         B_, N, C = x.shape
         bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, nH, N, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         # cos(q, k) / tau: unit q and k, with 1 / tau folded into q so the seam computes q @ k^T + B.
         scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (nH, 1, 1)
         # Padded tokens have k = 0 (no k bias): F.normalize's eps 1e-12 is 0 in float16, which would give 0 / 0.
         eps = max(1e-12, torch.finfo(x.dtype).tiny)
-        q, k = F.normalize(q, dim=-1, eps=eps) * scale, F.normalize(k, dim=-1, eps=eps)
+        return F.normalize(q, dim=-1, eps=eps) * scale, F.normalize(k, dim=-1, eps=eps), v
+
+    def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
+        """``x``: ``(B * nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
+        B_, N, C = x.shape
+        q, k, v = self.qkv_heads(x)
         attn_bias = combine_bias_and_mask(self.relative_position_bias(window), mask)
         x = window_attention(q, k, v, attn_bias, self.attn_drop, self.training, self.attn_impl)
         x = x.transpose(1, 2).reshape(B_, N, C)
@@ -188,6 +194,10 @@ class SwinTransformerBlockV2(SwinTransformerBlock):
         self.norm3 = nn.LayerNorm(dim) if extra_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if resolve_impl(self.attn.attn_impl, x.device) == "fused" and not tracing():
+            from .fast import fused_block_forward  # the same function, computed in window order
+
+            return fused_block_forward(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
         x = x + self.drop_path(self.norm1(shifted_window_attention(x, self.attn, window, shift)))
@@ -230,7 +240,7 @@ class SwinTransformerV2(SwinTransformer):
     block_class = SwinTransformerBlockV2
     merging_class = PatchMergingV2
 
-    def __init__(self, config: SwinConfig, attn_impl: str = "reference") -> None:
+    def __init__(self, config: SwinConfig, attn_impl: str = "auto") -> None:
         super().__init__(config, attn_impl)
         for layer in self.layers:
             for block in layer.blocks:

@@ -40,7 +40,7 @@ class TrainConfig:
     freeze_stages: int = 0  # freeze patch embedding and the first k stages
     grad_checkpointing: bool = False
     compile: bool = False
-    attn_impl: str = "reference"
+    attn_impl: str = "auto"
     # Optimisation: AdamW, linear warm-up then cosine, per iteration; lr scaled by batch / 512.
     epochs: int = 300
     batch_size: int = 128  # per process

@@ -1,0 +1,223 @@
+"""The ``fused`` block path: the same function as the reference blocks, computed in window order.
+
+The reference block pads, rolls, partitions, attends, reverses, rolls back and crops, and every
+step copies the whole map. Here one precomputed gather takes the map straight into window order
+(shift, padding and partition at once) and one gather takes it back; everything between is
+per token or per window, so the whole block (norm, attention, projection, residual, MLP, residual)
+runs in window order. Without autograd it runs a few images at a time, so the large intermediates
+(``qkv``, the MLP's hidden layer) stay small and cache-resident instead of being fresh
+page-faulting allocations, and the bias is added into the linear outputs instead of copied.
+
+Padded tokens enter attention as zeros after the first norm, exactly like the reference (the
+official detection code's padding), and are dropped on the way back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import reference_attention
+from .model import Pair, shift_window_mask, tracing, window_and_shift
+
+WindowOrder = tuple[Tensor, Tensor, Tensor | None]
+
+# Tokens per chunk when no gradient is needed: about 1.5-5 MB per intermediate for Swin-T.
+CHUNK_TOKENS = 4096
+
+
+def window_order(
+    H: int, W: int, window: Pair, shift: Pair, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gather indices between a row-major ``H`` x ``W`` map and its shifted, padded windows (cached).
+
+    Returns ``index`` (``nW * N``: the map position each window token reads; padded tokens read
+    position 0 and are masked), ``inverse`` (``H * W``: the window token each map position comes
+    back from) and ``padded`` (``nW * N`` booleans, or None without padding).
+    """
+    if tracing():
+        return _window_order(H, W, window, shift, device)
+    return _cached_window_order(H, W, window, shift, device)
+
+
+def _window_order(
+    H: int, W: int, window: Pair, shift: Pair, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    with torch.inference_mode(False), torch.no_grad():
+        Wh, Ww = window
+        Hp, Wp = -(-H // Wh) * Wh, -(-W // Ww) * Ww
+        # Token (i, j) of a window of the shifted map shows padded-map row (r + shift) mod Hp.
+        rows = ((torch.arange(Hp) + shift[0]) % Hp).view(Hp // Wh, 1, Wh, 1)
+        cols = ((torch.arange(Wp) + shift[1]) % Wp).view(1, Wp // Ww, 1, Ww)
+        rows, cols = torch.broadcast_tensors(rows, cols)  # (nWh, nWw, Wh, Ww)
+        valid = ((rows < H) & (cols < W)).reshape(-1)
+        index = torch.where(valid, (rows * W + cols).reshape(-1), 0)
+        inverse = torch.empty(H * W, dtype=torch.long)
+        inverse[index[valid]] = torch.arange(index.numel())[valid]
+        padded = None if bool(valid.all()) else (~valid).to(device)
+        return index.to(device), inverse.to(device), padded
+
+
+_cached_window_order = functools.lru_cache(maxsize=128)(_window_order)
+
+
+def _parameter_versions(module: nn.Module) -> tuple[int, ...]:
+    return tuple(p._version for p in module.parameters(recurse=True))
+
+
+def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype: torch.dtype) -> Tensor:
+    """Position bias plus shift mask, ``(nW or 1, nH, N, N)``; cached without autograd.
+
+    The cache key holds the version counters of the module's parameters, so loading or
+    training new weights rebuilds it.
+    """
+    device = next(attn.parameters()).device
+    if torch.is_grad_enabled() or tracing():
+        return _build_bias(attn, window, shift, Hp, Wp, dtype, device)
+    key = (window, shift, Hp, Wp, dtype, device, _parameter_versions(attn))
+    cache = attn.__dict__.setdefault("_fused_bias_cache", {})
+    if key not in cache:
+        cache.clear()  # one geometry per block at a time keeps memory flat
+        cache[key] = _build_bias(attn, window, shift, Hp, Wp, dtype, device)
+    return cache[key]
+
+
+def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype, device) -> Tensor:
+    bias = attn.relative_position_bias(window).to(dtype)
+    if shift[0] or shift[1]:
+        return bias.unsqueeze(0) + shift_window_mask(Hp, Wp, window, shift, dtype, device).unsqueeze(1)
+    return bias.unsqueeze(0)
+
+
+def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
+    """Attention of ``h`` (``(c * nW, N, C)`` windows) through the output projection, before its bias."""
+    if torch.is_grad_enabled() or (attn.training and attn.attn_drop > 0):
+        windows, N, C = h.shape
+        q, k, v = attn.qkv_heads(h)  # each (c*nW, nH, N, d), q scaled
+        # Per-window bias as the reference seam expects it.
+        out = reference_attention(q, k, v, bias.expand(window_count, -1, -1, -1), attn.attn_drop, attn.training)
+        return out.transpose(1, 2).reshape(windows * N, C)
+    return _attend_by_head(attn, h, window_count, bias)
+
+
+def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
+    """No-grad attention one head at a time, each head's q, k, v copied out of ``qkv`` while in cache.
+
+    Permuting the whole ``qkv`` tensor into head-major layout is a strided copy that costs as much
+    as the attention itself at 12 heads; per-head slices keep every copy and batched matmul small
+    and contiguous (a strided or non-contiguous operand makes ``bmm`` loop over single matrices).
+    """
+    windows, N, C = h.shape
+    heads = attn.num_heads
+    d = C // heads
+    qkv = _qkv_linear(attn, h)  # (c*nW, N, 3C)
+    cosine = hasattr(attn, "logit_scale")
+    eps = max(1e-12, torch.finfo(h.dtype).tiny)
+    scales = _head_scales(attn)
+    out = torch.empty(heads, windows, N, d, dtype=h.dtype, device=h.device)
+    images = windows // window_count
+    for head in range(heads):
+        q, k, v = (qkv[:, :, part * C + head * d : part * C + (head + 1) * d] for part in range(3))
+        if cosine:
+            q, k = F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
+        else:
+            q, k = q.contiguous(), k.contiguous()
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scales[head])  # (c*nW, N, N)
+        scores.view(images, window_count, N, N).add_(bias[:, head])
+        torch.bmm(torch.softmax(scores, dim=-1), v.contiguous(), out=out[head])
+    return out.permute(1, 2, 0, 3).reshape(windows * N, C)
+
+
+def _qkv_linear(attn: nn.Module, h: Tensor) -> Tensor:
+    if hasattr(attn, "q_bias"):  # V2: q and v biases, none for k
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        return F.linear(h, attn.qkv.weight, bias)
+    return attn.qkv(h)
+
+
+def _head_scales(attn: nn.Module) -> list[float]:
+    if hasattr(attn, "logit_scale"):
+        from .model_v2 import MAX_LOGIT_SCALE
+
+        return torch.clamp(attn.logit_scale, max=MAX_LOGIT_SCALE).exp().flatten().tolist()
+    return [attn.scale] * attn.num_heads
+
+
+def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
+    """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
+    out = torch.addmm(residual, x, linear.weight.t())
+    return out.add_(linear.bias) if linear.bias is not None else out
+
+
+def _mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
+    hidden = F.linear(x, mlp.fc1.weight, mlp.fc1.bias)
+    if torch.is_grad_enabled() or (mlp.training and mlp.drop.p > 0):
+        return mlp.drop(F.gelu(hidden))
+    return torch.ops.aten.gelu_(hidden)  # in place: about 1.5x faster than a fresh output (no dropout in eval)
+
+
+def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+    """V1 block (pre-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
+    C = x.shape[-1]
+    h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    if pad is not None:
+        h = h.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
+    attended = _attend(block.attn, h.view(-1, N, C), nW, bias)
+    if _plain_residuals(block):
+        x = _linear_into(x, attended, block.attn.proj)
+        hidden = _mlp_hidden(block.mlp, F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps))
+        return _linear_into(x, hidden, block.mlp.fc2)
+    x = x + _drop_path(block, block.attn.proj_drop(block.attn.proj(attended)), nW * N)
+    hidden = _mlp_hidden(block.mlp, block.norm2(x))
+    return x + _drop_path(block, block.mlp.drop(block.mlp.fc2(hidden)), nW * N)
+
+
+def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+    """V2 block (res-post-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
+    C = x.shape[-1]
+    h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
+    attended = block.attn.proj_drop(block.attn.proj(_attend(block.attn, h.view(-1, N, C), nW, bias)))
+    x = x + _drop_path(block, block.norm1(attended), nW * N)
+    x = x + _drop_path(block, block.norm2(block.mlp.drop(block.mlp.fc2(_mlp_hidden(block.mlp, x)))), nW * N)
+    return block.norm3(x)
+
+
+def _plain_residuals(block: nn.Module) -> bool:
+    """No dropout or drop path is active, so the residual adds can be fused into the GEMMs."""
+    if not block.training:
+        return True
+    return block.drop_path.p == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
+
+
+def _drop_path(block: nn.Module, x: Tensor, tokens_per_image: int) -> Tensor:
+    if not block.training or block.drop_path.p == 0:
+        return x
+    return block.drop_path(x.view(-1, tokens_per_image, x.shape[-1])).view_as(x)
+
+
+def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The block's function on ``(B, H, W, C)``, computed in window order (see the module docstring)."""
+    B, H, W, C = x.shape
+    window, shift = window_and_shift(H, W, block.window_size, block.shift_size, block.always_shift)
+    index, inverse, pad = window_order(H, W, window, shift, x.device)
+    N = window[0] * window[1]
+    nW = index.numel() // N
+    Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
+    bias = attention_bias(block.attn, window, shift, Hp, Wp, x.dtype)
+    chunk = _chunk_v2 if hasattr(block, "norm3") else _chunk_v1
+    flat = x.reshape(B, H * W, C)
+    if torch.is_grad_enabled():
+        tokens = flat.index_select(1, index)  # (B, nW*N, C) in window order
+        return chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C).index_select(1, inverse).view_as(x)
+    # A few images at a time: gathered into window order, through the block and scattered back
+    # while they are in cache, so the map is read once and written once.
+    per = max(1, CHUNK_TOKENS // (nW * N))
+    out = torch.empty_like(flat)
+    for start in range(0, B, per):
+        tokens = flat[start : start + per].index_select(1, index)
+        result = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view_as(tokens)
+        torch.index_select(result, 1, inverse, out=out[start : start + per])
+    return out.view_as(x)

@@ -1,0 +1,124 @@
+"""Every attention implementation against the reference: outputs and gradients, V1 and V2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swinkit
+from helpers import perturb, relative_error
+from swinkit.attention import ATTENTION_IMPLS
+from swinkit.fast import window_order
+
+FAST_IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "reference"]
+# 64x64: every map a multiple of the window (shifted and unshifted blocks, stage 4 clamped);
+# 33x71: padding to the window in every stage, odd maps before merging.
+SHAPES = [(2, 3, 64, 64), (3, 3, 33, 71)]
+
+
+def _run(model, impl, x):
+    model.set_attn_impl(impl)
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_outputs_and_gradients_match_reference_in_training(impl, variant, shape, dtype):
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).to(dtype).train()
+    x = torch.randn(shape, dtype=dtype)
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    out, input_grad, grads = _run(model, impl, x)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(out, expected) < tolerance
+    assert relative_error(input_grad, expected_input_grad) < tolerance
+    for name, grad in grads.items():
+        reference = expected_grads[name]
+        assert torch.allclose(grad, reference, rtol=tolerance, atol=tolerance * max(1.0, reference.abs().max())), name
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_eval_outputs_match_reference(impl, variant):
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).eval()
+    for shape in [*SHAPES, (5, 3, 160, 96)]:  # 5 images: the no-grad path runs in chunks of images
+        x = torch.randn(shape)
+        with torch.no_grad():
+            model.set_attn_impl("reference")
+            expected = model(x)
+            model.set_attn_impl(impl)
+            assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_chunks_and_whole_batch_agree_under_inference_mode():
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).double().eval()
+    model.set_attn_impl("fused")
+    x = torch.randn(40, 3, 64, 64, dtype=torch.float64)  # several chunks of 4096 tokens in stage 1
+    with torch.inference_mode():
+        chunked = model(x)
+    with torch.enable_grad():
+        whole = model(x)  # grad mode: one chunk
+    assert relative_error(chunked, whole.detach()) < 1e-13
+
+
+def test_fused_bias_cache_follows_weight_changes():
+    model = perturb(swinkit.create_model("swin_test", num_classes=4)).eval()
+    model.set_attn_impl("fused")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        table = model.layers[0].blocks[1].attn.relative_position_bias_table
+        table.add_(torch.randn_like(table))  # not a constant: softmax ignores a uniform shift
+        after = model(x)
+        model.set_attn_impl("reference")
+        assert torch.allclose(after, model(x), atol=1e-5) and not torch.allclose(after, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_eval_is_deterministic_with_attention_dropout(impl):
+    model = swinkit.create_model("swin_test", num_classes=4, attn_drop_rate=0.5, drop_rate=0.3, drop_path_rate=0.3)
+    model.set_attn_impl(impl)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout is really on in training
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_training_with_dropout_and_drop_path_runs_and_learns(impl):
+    model = swinkit.create_model("swin_test", num_classes=4, attn_drop_rate=0.1, drop_rate=0.1, drop_path_rate=0.2)
+    model.set_attn_impl(impl)
+    x, y = torch.randn(4, 3, 48, 48), torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 2
+
+
+def test_window_order_is_a_permutation_of_the_shifted_windows():
+    H, W, window, shift = 6, 9, (3, 3), (1, 1)
+    index, inverse, padded = window_order(H, W, window, shift, torch.device("cpu"))
+    assert padded is None and sorted(index.tolist()) == list(range(H * W))
+    x = torch.arange(H * W).view(1, H, W, 1).float()
+    shifted = torch.roll(x, (-1, -1), (1, 2))
+    expected = swinkit.model.window_partition(shifted, window).flatten()
+    assert torch.equal(x.flatten()[index], expected)
+    assert torch.equal(x.flatten()[index][inverse], x.flatten())
+
+
+def test_window_order_marks_padding():
+    index, inverse, padded = window_order(5, 5, (3, 3), (0, 0), torch.device("cpu"))
+    assert index.numel() == 36 and int(padded.sum()) == 11
+    assert sorted(index[~padded].tolist()) == list(range(25)) and inverse.numel() == 25
