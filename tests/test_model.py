@@ -164,7 +164,7 @@ def test_window_partition_round_trip_and_order():
     windows = window_partition(x, (2, 3))
     assert windows.shape == (8, 6, 1)
     assert windows[1, :, 0].tolist() == [3, 4, 5, 9, 10, 11]  # second window of image 0, row-major inside
-    assert torch.equal(window_reverse(windows, (2, 3), 4, 6), x)
+    assert torch.equal(window_reverse(windows, (2, 3), 2, 2, 2), x)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 225, 300), (2, 3, 97, 61)])

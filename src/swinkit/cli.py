@@ -143,6 +143,76 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    from .export import DEFAULT_OPSET, FORMATS
+
+    parser.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
+    parser.add_argument("--checkpoint", help="model file (any supported format)")
+    parser.add_argument("--model", help="preset name, for a randomly initialised model (no --checkpoint)")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--img-size", type=_parse_size, help="input N or HxW fixed in the file (default: model's)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint.load import read_any
+    from .checkpoint.native import class_names_from_metadata
+    from .export import export
+    from .factory import create_model
+
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("give exactly one of --checkpoint FILE or --model NAME")
+    class_names = None
+    if args.checkpoint:
+        loaded = read_any(args.checkpoint)
+        model = create_model(checkpoint=loaded)
+        class_names = class_names_from_metadata(loaded.metadata)
+    else:
+        model = create_model(args.model)
+    report = export(model, args.output, args.format, args.img_size, args.opset, not args.no_check, class_names)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="swin_t", help="preset name (default swin_t)")
+    parser.add_argument("--batch-size", type=int, default=16, help="inference batch (default 16)")
+    parser.add_argument("--train-batch-size", type=int, default=8, help="training-step batch (default 8)")
+    parser.add_argument("--compare", default="", help="peers, comma-separated: timm,torchvision,hf")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile variants of every contender")
+    parser.add_argument("--onnxruntime", action="store_true", help="add onnxruntime variants (inference)")
+    parser.add_argument("--impls", default="", help="also time these swinkit attn_impl values, e.g. reference")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
+    parser.add_argument("--modes", default="inference,training", help="inference, training or both")
+    parser.add_argument("--memory", action="store_true", help="peak memory of a training step (fresh processes)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import format_rows, run_bench
+
+    report = run_bench(
+        args.model,
+        args.batch_size,
+        args.train_batch_size,
+        [c for c in args.compare.split(",") if c],
+        args.rounds,
+        tuple(m for m in args.modes.split(",") if m),
+        args.memory,
+        args.threads,
+        impls=[i for i in args.impls.split(",") if i],
+        compiled=args.compile,
+        onnxruntime=args.onnxruntime,
+    )
+    print(format_rows(report))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    return 0
+
+
 def _add_dense(task: str, parser: argparse.ArgumentParser) -> None:
     from .dense.commands import add_arguments
 
@@ -164,6 +234,8 @@ COMMANDS: dict[str, Command] = {
     "eval": ("top-1 / top-5 / per-class accuracy of a checkpoint on labelled images", _add_eval, _run_eval),
     "predict": ("classify image files with a checkpoint", _add_predict, _run_predict),
     "convert": ("convert a checkpoint between official, timm, torchvision, hf and swinkit", _add_convert, _run_convert),
+    "export": ("export to ONNX or a torch.export program, checked against eager", _add_export, _run_export),
+    "bench": ("images/s, latency and memory side by side with timm, torchvision, hf", _add_bench, _run_bench),
     # Nested: ``swinkit segment {train,eval,predict}``, ``swinkit detect {train,eval,predict}``.
     "segment": (
         "semantic segmentation: Swin + UPerNet on image / PNG label-map folders",

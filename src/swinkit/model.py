@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
 from .variants import SwinConfig
@@ -47,7 +48,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, -W % self.patch_size, 0, -H % self.patch_size))
+        p = self.patch_size
+        x = pad_end(x, (cells(H, p) * p, cells(W, p) * p), first_dim=2)
         x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
         return self.norm(x)
 
@@ -57,20 +59,64 @@ class PatchEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def cells(length: int, size: int) -> int:
+    """How many cells of ``size`` cover ``length`` (the last one padded): ``ceil(length / size)``.
+
+    Sizes are written as such counts times the cell size, never as ``length + (-length % size)``
+    or with ``-1`` in reshapes: under torch.compile / torch.export the sizes are symbolic, and
+    these plain floor divisions keep their expressions small enough to simplify quickly.
+    """
+    if statically_known_true(length == size):  # a side clamped to its window; symbolic (2n-1)//n stays unsimplified
+        return 1
+    return (length + size - 1) // size
+
+
+def pad_end(x: Tensor, size: Pair, first_dim: int = 1) -> Tensor:
+    """Zero-pad the two dims from ``first_dim`` (rows, columns) at their end to ``size``.
+
+    While tracing, a gather and a select pad instead of ``F.pad``: the padding op's
+    shape function branches on a pad being zero, which would tie an exported graph with dynamic
+    height and width to the example's padding pattern.
+    """
+    H, W = x.shape[first_dim : first_dim + 2]
+    if not tracing():
+        return F.pad(x, (0, 0) * (x.dim() - first_dim - 2) + (0, size[1] - W, 0, size[0] - H))
+    for dim, (length, target) in enumerate(zip((H, W), size, strict=True), start=first_dim):
+        positions = torch.arange(target, device=x.device)
+        x = x.index_select(dim, positions.clamp(max=length - 1))  # repeat the last row / column
+        inside = (positions < length).view([-1 if d == dim else 1 for d in range(x.dim())])
+        x = torch.where(inside, x, 0.0)
+    return x
+
+
+def crop_end(x: Tensor, size: Pair) -> Tensor:
+    """Inverse of :func:`pad_end` on ``(B, H, W, C)``: keep the first ``size`` rows and columns.
+
+    While tracing, a gather instead of a slice, for the reason :func:`pad_end` gives: the slice's
+    layout (a view or not) depends on whether anything was padded.
+    """
+    if not tracing():
+        return x[:, : size[0], : size[1]]
+    for dim, length in enumerate(size, start=1):
+        x = x.index_select(dim, torch.arange(length, device=x.device))
+    return x
+
+
 def window_partition(x: Tensor, window: Pair) -> Tensor:
     """``(B, H, W, C)`` -> ``(B * nW, Wh * Ww, C)``; windows batch-major, then row, then column."""
     B, H, W, C = x.shape
     Wh, Ww = window
-    x = x.view(B, H // Wh, Wh, W // Ww, Ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Wh * Ww, C)
+    rows, cols = H // Wh, W // Ww
+    x = x.view(B, rows, Wh, cols, Ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B * rows * cols, Wh * Ww, C)
 
 
-def window_reverse(windows: Tensor, window: Pair, H: int, W: int) -> Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nW, Wh * Ww, C)`` -> ``(B, H, W, C)``."""
+def window_reverse(windows: Tensor, window: Pair, B: int, rows: int, cols: int) -> Tensor:
+    """Inverse of :func:`window_partition` for ``B`` images of ``rows`` x ``cols`` windows -> ``(B, H, W, C)``."""
     Wh, Ww = window
     C = windows.shape[-1]
-    x = windows.view(-1, H // Wh, W // Ww, Wh, Ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+    x = windows.view(B, rows, cols, Wh, Ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, rows * Wh, cols * Ww, C)
 
 
 def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_shift: bool) -> tuple[Pair, Pair]:
@@ -82,11 +128,10 @@ def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_s
     """
     if always_shift:
         return (window_size, window_size), (shift_size, shift_size)
-    # Written without branches on the sizes so that symbolic sizes (torch.export) stay symbolic.
-    window = (torch.sym_min(H, window_size), torch.sym_min(W, window_size))
-    larger_h = torch.sym_min(torch.sym_max(H - window_size, 0), 1)  # 1 if H > window_size else 0
-    larger_w = torch.sym_min(torch.sym_max(W - window_size, 0), 1)
-    return window, (shift_size * larger_h, shift_size * larger_w)
+    # Plain comparisons: under torch.compile / torch.export they become guards on the size.
+    window_h, shift_h = (H, 0) if window_size >= H else (window_size, shift_size)
+    window_w, shift_w = (W, 0) if window_size >= W else (window_size, shift_size)
+    return (window_h, window_w), (shift_h, shift_w)
 
 
 def _derived(fn):
@@ -221,7 +266,7 @@ class WindowAttention(nn.Module):
         """B of Eq. 4 for ``window``: ``(nH, N, N)``."""
         N = window[0] * window[1]
         index = relative_position_index(window, self.table_window, self.relative_position_bias_table.device)
-        return self.relative_position_bias_table[index].view(N, N, -1).permute(2, 0, 1)
+        return self.relative_position_bias_table[index].view(N, N, self.num_heads).permute(2, 0, 1)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> q (scaled by ``d**-0.5``), k, v, each ``(B * nW, nH, N, d)``."""
@@ -246,20 +291,19 @@ def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pa
     Padding comes before the shift (right/bottom, to a multiple of the window), so the mask is
     built on the padded map, as in the official detection code.
     """
-    H, W = x.shape[1:3]
-    pad_bottom, pad_right = -H % window[0], -W % window[1]
-    x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-    Hp, Wp = H + pad_bottom, W + pad_right
-    # Symbolic sizes (torch.export) cannot be branched on: take the shifted path, a zero shift is a no-op.
-    shifted = isinstance(shift[0], torch.SymInt) or shift[0] > 0 or shift[1] > 0
+    B, H, W, _ = x.shape
+    rows, cols = cells(H, window[0]), cells(W, window[1])
+    Hp, Wp = rows * window[0], cols * window[1]
+    x = pad_end(x, (Hp, Wp))
+    shifted = shift[0] > 0 or shift[1] > 0
     if shifted:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
     windows = attn(window_partition(x, window), window, mask)  # (B*nW, N, C)
-    x = window_reverse(windows, window, Hp, Wp)
+    x = window_reverse(windows, window, B, rows, cols)
     if shifted:
         x = torch.roll(x, shifts=shift, dims=(1, 2))
-    return x[:, :H, :W, :]
+    return crop_end(x, (H, W))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -329,9 +373,11 @@ def merge_patches(x: Tensor) -> Tensor:
     Odd sides are padded right/bottom first. The order ``(0,0), (1,0), (0,1), (1,1)`` (row,
     column offsets) is the official one; the reduction weights depend on it.
     """
-    H, W = x.shape[1:3]
-    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    B, H, W, C = x.shape
+    rows, cols = cells(H, 2), cells(W, 2)
+    x = pad_end(x, (2 * rows, 2 * cols)).view(B, rows, 2, cols, 2, C)
+    # (row offset, column offset) -> channel group ``2 * column + row``: the official order.
+    return x.permute(0, 1, 3, 4, 2, 5).reshape(B, rows, cols, 4 * C)
 
 
 class PatchMerging(nn.Module):

@@ -130,7 +130,7 @@ class WindowAttentionV2(nn.Module):
         coords = log_spaced_coords(window, self.scale_window, weight.dtype, weight.device)
         table = CPB_BIAS_RANGE * torch.sigmoid(self.cpb_mlp(coords))  # ((2Wh-1)(2Ww-1), nH)
         index = relative_position_index(window, window, weight.device)
-        return table[index].view(N, N, -1).permute(2, 0, 1)
+        return table[index].view(N, N, self.num_heads).permute(2, 0, 1)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> unit q times ``1 / tau``, unit k, and v, each ``(B * nW, nH, N, d)``."""

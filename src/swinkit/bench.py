@@ -1,0 +1,308 @@
+"""``swinkit bench``: throughput, latency and peak memory, side by side with the peers in one run.
+
+Contenders run interleaved in the same process (one timed call each per round), so machine noise
+hits them alike; the medians and the ratios to the first peer are what to quote. Peak memory of a
+training step is measured in a fresh process per contender (the maximum resident set size).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
+# the benchmark builds it from swinkit's config, with random weights, offline).
+PEERS: dict[str, dict[str, Any]] = {
+    "swin_t": {"timm": "swin_tiny_patch4_window7_224", "torchvision": "swin_t", "hf": "microsoft/swin-tiny"},
+    "swin_s": {"timm": "swin_small_patch4_window7_224", "torchvision": "swin_s", "hf": "microsoft/swin-small"},
+    "swin_b": {"timm": "swin_base_patch4_window7_224", "torchvision": "swin_b", "hf": "microsoft/swin-base"},
+    "swinv2_t": {"timm": "swinv2_tiny_window8_256", "torchvision": "swin_v2_t", "hf": "microsoft/swinv2-tiny"},
+}
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    run: Callable[[torch.Tensor], Any]
+
+
+@dataclass
+class BenchResult:
+    """Per contender: seconds of every timed call (median used), and derived numbers."""
+
+    mode: str
+    batch: int
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def images_per_second(self, name: str) -> float:
+        return self.batch / statistics.median(self.times[name])
+
+    def table(self, reference: str | None = None) -> list[dict[str, Any]]:
+        reference = reference if reference in self.times else next(iter(self.times))
+        base = self.images_per_second(reference)
+        rows = []
+        for name, times in self.times.items():
+            rows.append(
+                {
+                    "contender": name,
+                    "mode": self.mode,
+                    "batch": self.batch,
+                    "images_per_second": self.images_per_second(name),
+                    "latency_ms": statistics.median(times) * 1000,
+                    "ratio": self.images_per_second(name) / base,
+                    "rounds": len(times),
+                }
+            )
+        return rows
+
+
+def _timm(model_name: str, num_classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(PEERS[model_name]["timm"], pretrained=False, num_classes=num_classes)
+
+
+def _torchvision(model_name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, PEERS[model_name]["torchvision"])(weights=None, num_classes=num_classes)
+
+
+def _hf(model_name: str, num_classes: int) -> nn.Module:
+    import transformers
+
+    from .checkpoint.hf import config_dict
+    from .variants import get_config
+
+    values = config_dict(get_config(model_name, num_classes=num_classes))
+    if values["model_type"] == "swinv2":
+        model = transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**values))
+    else:
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(**values))
+    return _LogitsOnly(model)
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def _swinkit(model_name: str, num_classes: int, attn_impl: str | None) -> nn.Module:
+    from .factory import create_model
+
+    kwargs = {"attn_impl": attn_impl} if attn_impl else {}
+    return create_model(model_name, num_classes=num_classes, **kwargs)
+
+
+def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
+    """A contender's model: ``swinkit``, ``swinkit:<attn_impl>``, ``timm``, ``torchvision`` or ``hf``."""
+    if name == "swinkit" or name.startswith("swinkit:"):
+        return _swinkit(model_name, num_classes, name.partition(":")[2] or None)
+    builders = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}
+    if name not in builders:
+        raise ValueError(f"unknown contender {name!r}; accepted: swinkit, swinkit:<attn_impl>, {', '.join(builders)}")
+    if model_name not in PEERS:
+        raise ValueError(f"no peer models known for {model_name!r}; peers exist for {', '.join(PEERS)}")
+    return builders[name](model_name, num_classes)
+
+
+def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    """Export ``model`` to ONNX and return a function that runs it in onnxruntime (CPU)."""
+    import onnxruntime
+
+    from .export import export_onnx_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        export_onnx_model(model, path, example)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {input_name: x.numpy()})
+
+
+def compile_model(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    from .export import compile_model as compile_swin
+
+    return compile_swin(model)
+
+
+def inference_contenders(names: list[str], model_name: str, example: torch.Tensor) -> list[Contender]:
+    contenders = []
+    for name in names:
+        base, _, variant = name.partition("+")
+        model = build(base, model_name).eval()
+        if variant == "compile":
+            run: Callable[[torch.Tensor], Any] = compile_model(model)
+        elif variant == "ort":
+            run = onnxruntime_runner(model, example)
+        elif variant:
+            raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort")
+        else:
+            run = model
+        contenders.append(Contender(name, model, run))
+    return contenders
+
+
+def bench_inference(contenders: list[Contender], x: torch.Tensor, rounds: int, warmup: int = 2) -> BenchResult:
+    """Interleaved timing: each round calls every contender once, in turn."""
+    result = BenchResult("inference", x.shape[0], {c.name: [] for c in contenders})
+    with torch.inference_mode():
+        for contender in contenders:
+            for _ in range(warmup):
+                contender.run(x)
+        for _ in range(rounds):
+            for contender in contenders:
+                start = time.perf_counter()
+                contender.run(x)
+                result.times[contender.name].append(time.perf_counter() - start)
+    return result
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def bench_training(names: list[str], model_name: str, x: torch.Tensor, rounds: int, warmup: int = 1) -> BenchResult:
+    """Forward + backward + AdamW step, interleaved like :func:`bench_inference`."""
+    y = torch.randint(0, 1000, (x.shape[0],))
+    setups = []
+    for name in names:
+        base, _, variant = name.partition("+")
+        model = build(base, model_name).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        setups.append((name, compile_model(model) if variant == "compile" else model, optimizer))
+    result = BenchResult("training", x.shape[0], {name: [] for name in names})
+    for _, model, optimizer in setups:
+        for _ in range(warmup):
+            _train_step(model, optimizer, x, y)
+    for _ in range(rounds):
+        for name, model, optimizer in setups:
+            start = time.perf_counter()
+            _train_step(model, optimizer, x, y)
+            result.times[name].append(time.perf_counter() - start)
+    return result
+
+
+def peak_training_memory(name: str, model_name: str, batch: int, size: int) -> float:
+    """MiB of resident memory a training step adds to a fresh process holding the model and optimizer.
+
+    Read from ``VmHWM`` (Linux): ``ru_maxrss`` would carry over the parent's peak through exec.
+    """
+    code = (
+        "import torch, swinkit.bench as b\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        f"m = b.build({name!r}, {model_name!r}).train(); o = torch.optim.AdamW(m.parameters())\n"
+        f"x = torch.randn({batch}, 3, {size}, {size}); y = torch.randint(0, 1000, ({batch},))\n"
+        "base = b.peak_rss_mib()\n"
+        "b._train_step(m, o, x, y); b._train_step(m, o, x, y)\n"
+        "print(b.peak_rss_mib() - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_bench(
+    model_name: str = "swin_t",
+    batch: int = 16,
+    train_batch: int = 8,
+    compare: list[str] | None = None,
+    rounds: int = 7,
+    modes: tuple[str, ...] = ("inference", "training"),
+    memory: bool = False,
+    threads: int | None = None,
+    impls: list[str] | None = None,
+    compiled: bool = False,
+    onnxruntime: bool = False,
+) -> dict[str, Any]:
+    """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
+
+    ``impls`` adds swinkit with other ``attn_impl`` values; ``compiled`` adds a ``torch.compile``
+    variant of every contender, ``onnxruntime`` an exported one (inference only).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    from .variants import get_config
+
+    size = get_config(model_name).img_size
+    base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
+    names = list(base)
+    if compiled:
+        names += [f"{name}+compile" for name in base]
+    if onnxruntime:
+        names += [f"{name}+ort" for name in base]
+    reference = (compare or ["swinkit"])[0]
+    rows: list[dict[str, Any]] = []
+    if "inference" in modes:
+        x = torch.randn(batch, 3, size, size)
+        contenders = inference_contenders(names, model_name, x)
+        rows += bench_inference(contenders, x, rounds).table(reference)
+        del contenders
+        gc.collect()
+    if "training" in modes:
+        trainable = [n for n in names if "+ort" not in n]
+        x = torch.randn(train_batch, 3, size, size)
+        table = bench_training(trainable, model_name, x, rounds).table(reference.partition("+")[0])
+        if memory:
+            for row in (r for r in table if "+" not in r["contender"]):
+                row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size)
+        rows += table
+    return {"model": model_name, "machine": machine(), "rows": rows, "max_rss_mib": peak_rss_mib()}
+
+
+def format_rows(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']} on {json.dumps(report['machine'])}"]
+    lines.append(f"{'mode':<10} {'contender':<28} {'batch':>5} {'img/s':>8} {'ms':>9} {'ratio':>6} {'mem MiB':>8}")
+    for row in report["rows"]:
+        memory = f"{row['peak_memory_mib']:8.0f}" if "peak_memory_mib" in row else ""
+        lines.append(
+            f"{row['mode']:<10} {row['contender']:<28} {row['batch']:>5} {row['images_per_second']:8.2f} "
+            f"{row['latency_ms']:9.1f} {row['ratio']:6.2f} {memory}"
+        )
+    return "\n".join(lines)
