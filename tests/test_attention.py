@@ -66,6 +66,17 @@ def test_fused_chunks_and_whole_batch_agree_under_inference_mode():
     assert relative_error(chunked, whole.detach()) < 1e-13
 
 
+def test_model_built_under_inference_mode_runs_the_fused_path():
+    # Inference tensors have no version counter, which the fused path's bias cache keys on.
+    with torch.inference_mode():
+        model = perturb(swinkit.create_model("swin_test", num_classes=4)).eval()
+        x = torch.randn(2, 3, 64, 64)
+        model.set_attn_impl("fused")
+        fused = model(x)
+        model.set_attn_impl("reference")
+        assert relative_error(fused, model(x)) < 1e-5
+
+
 def test_fused_bias_cache_follows_weight_changes():
     model = perturb(swinkit.create_model("swin_test", num_classes=4)).eval()
     model.set_attn_impl("fused")

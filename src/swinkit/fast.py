@@ -65,7 +65,10 @@ _cached_window_order = functools.lru_cache(maxsize=128)(_window_order)
 
 
 def _parameter_versions(module: nn.Module) -> tuple[int, ...]:
-    return tuple(p._version for p in module.parameters(recurse=True))
+    # Parameters made under torch.inference_mode have no version counter; their storage address
+    # stands in (a model built that way is not trained, and loading replaces or copies in place
+    # only under inference mode too, where nothing could be tracked anyway).
+    return tuple(p.data_ptr() if p.is_inference() else p._version for p in module.parameters(recurse=True))
 
 
 def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype: torch.dtype) -> Tensor:
