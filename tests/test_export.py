@@ -80,6 +80,8 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(metadata["swinkit.class_names"]) == ["cat", "dog", "owl"]
     assert main(["export", str(tmp_path / "x.onnx")]) == 2  # neither --checkpoint nor --model
+    assert main(["export", str(tmp_path / "missing" / "x.onnx"), "--model", "swin_test"]) == 2
+    assert "folder" in capsys.readouterr().err
 
 
 def test_compiled_model_matches_eager_without_graph_breaks():

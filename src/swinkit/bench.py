@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .export import compile_model, export_onnx_model, onnx_session
+
 # swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
 # the benchmark builds it from swinkit's config, with random weights, offline).
 PEERS: dict[str, dict[str, Any]] = {
@@ -127,24 +129,12 @@ def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], Any]:
     """Export ``model`` to ONNX and return a function that runs it in onnxruntime (CPU)."""
-    import onnxruntime
-
-    from .export import export_onnx_model
-
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         export_onnx_model(model, path, example)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x.numpy()})
-
-
-def compile_model(model: nn.Module) -> Callable[[torch.Tensor], Any]:
-    from .export import compile_model as compile_swin
-
-    return compile_swin(model)
 
 
 def inference_contenders(names: list[str], model_name: str, example: torch.Tensor) -> list[Contender]:

@@ -208,6 +208,8 @@ def export(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    if not Path(path).parent.is_dir():  # fail before a minute of tracing, not after
+        raise FileNotFoundError(f"cannot write {path}: folder {Path(path).parent} does not exist")
     model = model.eval()
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
