@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from swinkit import get_config
 from swinkit.bench import build, format_rows, run_bench
+from swinkit.flops import count_flops
 
 
 def test_bench_reports_every_contender_with_ratios_to_the_first():
@@ -21,7 +23,16 @@ def test_bench_reports_every_contender_with_ratios_to_the_first():
         assert row["ratio"] == pytest.approx(
             row["images_per_second"] / rows[0 if row["mode"] == "inference" else 2]["images_per_second"]
         )
-    assert "swinkit:reference" in format_rows(report)
+    # Achieved FLOP rate: the analytic FLOPs (2 per multiply-add; a training step counts three
+    # forwards), and its fraction of the matrix product timed in the same rounds.
+    forward = 2 * count_flops(get_config("swin_test"), (3, 64, 64)).total
+    for row in rows:
+        per_image = forward * (3 if row["mode"] == "training" else 1)
+        assert row["gflops"] == pytest.approx(row["images_per_second"] * per_image / 1e9)
+        assert row["gemm_gflops"] > 0
+        assert row["gemm_fraction"] == pytest.approx(row["gflops"] / row["gemm_gflops"])
+    text = format_rows(report)
+    assert "swinkit:reference" in text and "GEMM%" in text and "GFLOP/s" in text
 
 
 def test_unknown_contenders_are_named():

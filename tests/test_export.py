@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import onnx
+import onnxruntime
+import pytest
 import torch
 
 import swinkit
@@ -47,6 +49,13 @@ def test_onnx_matches_eager_at_two_sizes_and_batches(tmp_path):
         assert onnx_error(session, model, torch.randn(shape)) < 1e-5
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(metadata["swinkit.size_range"]) == {"height": [65, 96], "width": [65, 96]}
+    # Outside the range (another window regime) onnxruntime cannot run the program's assertions.
+    # Below it every output is NaN; above it the traced gathers go out of bounds and the run fails.
+    for shape in [(2, 3, 96, 64), (1, 3, 40, 40)]:
+        (logits,) = session.run(None, {"images": torch.randn(shape).numpy()})
+        assert logits.shape == (shape[0], 7) and torch.from_numpy(logits).isnan().all(), shape
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument):
+        session.run(None, {"images": torch.randn(1, 3, 96, 97).numpy()})
 
 
 def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):

@@ -20,7 +20,7 @@ from swinkit.cli import main
 from swinkit.data import DigitsDataset
 from swinkit.data.transforms import eval_transform
 from swinkit.train import parameter_groups, resolve_config
-from swinkit.train.optim import WarmupCosine, layer_id
+from swinkit.train.optim import WarmupCosine, build_optimizer, can_fuse, layer_id
 
 # A small, fast configuration shared by the end-to-end runs.
 FAST = ["--model", "swin_test", "--img-size", "32", "--workers", "0", "--no-progress"]
@@ -72,6 +72,32 @@ def test_layer_decay_ids_and_scales():
     groups = parameter_groups(model, 0.05, layer_decay=0.5)
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
     assert scale["head.weight"] == 1.0 and scale["patch_embed.proj.weight"] == 0.5**9
+
+
+def test_optimizer_is_fused_where_it_can_be_and_matches_the_default():
+    """The fused AdamW is an implementation choice only: the same steps as torch's default loop."""
+    torch.manual_seed(0)
+    fused_model = swinkit.create_model("swin_test", img_size=32, num_classes=3)
+    plain_model = swinkit.create_model("swin_test", img_size=32, num_classes=3)
+    plain_model.load_state_dict(fused_model.state_dict())
+    initial = {name: p.detach().clone() for name, p in fused_model.named_parameters()}
+    fused = build_optimizer(fused_model, 0.05, 0.8, lr=1e-3)
+    plain = build_optimizer(plain_model, 0.05, 0.8, lr=1e-3, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    # The same gradients for both (the key bias's true gradient is zero, and Adam turns rounding
+    # noise there into full steps, so gradients from two diverging models would not compare).
+    for _ in range(3):
+        for a in fused_model.parameters():
+            a.grad = torch.randn_like(a)
+        for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters(), strict=True):
+        assert not torch.equal(a, initial[name]), name  # every parameter was updated
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    # Sharded parameters (FSDP's DTensors) or integer tensors keep the default implementation.
+    assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
 
 
 def test_warmup_cosine_schedule():

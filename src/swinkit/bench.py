@@ -1,8 +1,11 @@
 """``swinkit bench``: throughput, latency and peak memory, side by side with the peers in one run.
 
 Contenders run interleaved in the same process (one timed call each per round), so machine noise
-hits them alike; the medians and the ratios to the first peer are what to quote. Peak memory of a
-training step is measured in a fresh process per contender (the maximum resident set size).
+hits them alike; the medians and the ratios to the first peer are what to quote. Every round also
+times one large float32 matrix product, the machine's matrix-multiply rate under the same noise;
+each row says what fraction of that rate it reaches (the model's analytic FLOPs per second, three
+times the forward's for a training step). Peak memory of a training step is measured in a fresh
+process per contender (the maximum resident set size).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from .export import compile_model, export_onnx_model, onnx_session
+from .flops import count_flops
 
 # swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
 # the benchmark builds it from swinkit's config, with random weights, offline).
@@ -43,34 +47,67 @@ class Contender:
     run: Callable[[torch.Tensor], Any]
 
 
+# Side of the square float32 matrix product timed each round: large enough to run at the BLAS
+# library's full rate, small enough (7 GFLOP) to cost well under a second.
+GEMM_SIDE = 1536
+
+
 @dataclass
 class BenchResult:
-    """Per contender: seconds of every timed call (median used), and derived numbers."""
+    """Per contender: seconds of every timed call (median used), and derived numbers.
+
+    ``gemm_times`` holds the reference matrix product's seconds, one per round.
+    """
 
     mode: str
     batch: int
     times: dict[str, list[float]] = field(default_factory=dict)
+    gemm_times: list[float] = field(default_factory=list)
+
+    @property
+    def gemm_gflops(self) -> float:
+        return 2 * GEMM_SIDE**3 / statistics.median(self.gemm_times) / 1e9
 
     def images_per_second(self, name: str) -> float:
         return self.batch / statistics.median(self.times[name])
 
-    def table(self, reference: str | None = None) -> list[dict[str, Any]]:
+    def table(self, reference: str | None = None, flops_per_image: float | None = None) -> list[dict[str, Any]]:
+        """One row per contender; ``flops_per_image`` (floating-point operations, not multiply-adds)
+        adds the achieved GFLOP/s and its fraction of the measured matrix-multiply rate."""
         reference = reference if reference in self.times else next(iter(self.times))
         base = self.images_per_second(reference)
         rows = []
         for name, times in self.times.items():
-            rows.append(
-                {
-                    "contender": name,
-                    "mode": self.mode,
-                    "batch": self.batch,
-                    "images_per_second": self.images_per_second(name),
-                    "latency_ms": statistics.median(times) * 1000,
-                    "ratio": self.images_per_second(name) / base,
-                    "rounds": len(times),
-                }
-            )
+            row = {
+                "contender": name,
+                "mode": self.mode,
+                "batch": self.batch,
+                "images_per_second": self.images_per_second(name),
+                "latency_ms": statistics.median(times) * 1000,
+                "ratio": self.images_per_second(name) / base,
+                "rounds": len(times),
+            }
+            if flops_per_image and self.gemm_times:
+                row["gflops"] = self.images_per_second(name) * flops_per_image / 1e9
+                row["gemm_gflops"] = self.gemm_gflops
+                row["gemm_fraction"] = row["gflops"] / self.gemm_gflops
+            rows.append(row)
         return rows
+
+
+def time_gemm(operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+    """Seconds of one ``GEMM_SIDE``-square float32 matrix product (the machine's reference rate)."""
+    a, b, out = operands
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    return time.perf_counter() - start
+
+
+def gemm_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b = torch.randn(GEMM_SIDE, GEMM_SIDE), torch.randn(GEMM_SIDE, GEMM_SIDE)
+    out = torch.empty(GEMM_SIDE, GEMM_SIDE)
+    torch.mm(a, b, out=out)  # warm: the output's pages are mapped before the first timed call
+    return a, b, out
 
 
 def _timm(model_name: str, num_classes: int) -> nn.Module:
@@ -157,11 +194,13 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
 def bench_inference(contenders: list[Contender], x: torch.Tensor, rounds: int, warmup: int = 2) -> BenchResult:
     """Interleaved timing: each round calls every contender once, in turn."""
     result = BenchResult("inference", x.shape[0], {c.name: [] for c in contenders})
+    gemm = gemm_operands()
     with torch.inference_mode():
         for contender in contenders:
             for _ in range(warmup):
                 contender.run(x)
         for _ in range(rounds):
+            result.gemm_times.append(time_gemm(gemm))
             for contender in contenders:
                 start = time.perf_counter()
                 contender.run(x)
@@ -176,6 +215,25 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.step()
 
 
+def training_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW the way each library's own training recipe builds it (lr and weight decay of the Swin recipe).
+
+    swinkit: :func:`swinkit.train.optim.build_optimizer` (what ``swinkit train`` runs); timm: its
+    ``create_optimizer_v2`` (what timm's ``train.py`` runs); torchvision and Hugging Face have no
+    optimizer factory, so their users' plain ``torch.optim.AdamW``.
+    """
+    lr, weight_decay = 1e-4, 0.05
+    if name.startswith("swinkit"):
+        from .train.optim import build_optimizer
+
+        return build_optimizer(model, weight_decay, None, lr=lr)
+    if name == "timm":
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
 def bench_training(names: list[str], model_name: str, x: torch.Tensor, rounds: int, warmup: int = 1) -> BenchResult:
     """Forward + backward + AdamW step, interleaved like :func:`bench_inference`."""
     y = torch.randint(0, 1000, (x.shape[0],))
@@ -183,13 +241,15 @@ def bench_training(names: list[str], model_name: str, x: torch.Tensor, rounds: i
     for name in names:
         base, _, variant = name.partition("+")
         model = build(base, model_name).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = training_optimizer(base, model)
         setups.append((name, compile_model(model) if variant == "compile" else model, optimizer))
     result = BenchResult("training", x.shape[0], {name: [] for name in names})
+    gemm = gemm_operands()
     for _, model, optimizer in setups:
         for _ in range(warmup):
             _train_step(model, optimizer, x, y)
     for _ in range(rounds):
+        result.gemm_times.append(time_gemm(gemm))
         for name, model, optimizer in setups:
             start = time.perf_counter()
             _train_step(model, optimizer, x, y)
@@ -205,7 +265,7 @@ def peak_training_memory(name: str, model_name: str, batch: int, size: int) -> f
     code = (
         "import torch, swinkit.bench as b\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
-        f"m = b.build({name!r}, {model_name!r}).train(); o = torch.optim.AdamW(m.parameters())\n"
+        f"m = b.build({name!r}, {model_name!r}).train(); o = b.training_optimizer({name!r}, m)\n"
         f"x = torch.randn({batch}, 3, {size}, {size}); y = torch.randint(0, 1000, ({batch},))\n"
         "base = b.peak_rss_mib()\n"
         "b._train_step(m, o, x, y); b._train_step(m, o, x, y)\n"
@@ -260,7 +320,9 @@ def run_bench(
         torch.set_num_threads(threads)
     from .variants import get_config
 
-    size = get_config(model_name).img_size
+    config = get_config(model_name)
+    size = config.img_size
+    flops_per_image = 2 * count_flops(config, (3, size, size)).total  # multiply-adds -> FLOPs
     base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
     names = list(base)
     if compiled:
@@ -272,13 +334,15 @@ def run_bench(
     if "inference" in modes:
         x = torch.randn(batch, 3, size, size)
         contenders = inference_contenders(names, model_name, x)
-        rows += bench_inference(contenders, x, rounds).table(reference)
+        rows += bench_inference(contenders, x, rounds).table(reference, flops_per_image)
         del contenders
         gc.collect()
     if "training" in modes:
         trainable = [n for n in names if "+ort" not in n]
         x = torch.randn(train_batch, 3, size, size)
-        table = bench_training(trainable, model_name, x, rounds).table(reference.partition("+")[0])
+        # A training step is counted as three forwards (the backward's two products per forward one).
+        result = bench_training(trainable, model_name, x, rounds)
+        table = result.table(reference.partition("+")[0], 3 * flops_per_image)
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
                 row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size)
@@ -288,11 +352,19 @@ def run_bench(
 
 def format_rows(report: dict[str, Any]) -> str:
     lines = [f"{report['model']} on {json.dumps(report['machine'])}"]
-    lines.append(f"{'mode':<10} {'contender':<28} {'batch':>5} {'img/s':>8} {'ms':>9} {'ratio':>6} {'mem MiB':>8}")
+    header = f"{'mode':<10} {'contender':<28} {'batch':>5} {'img/s':>8} {'ms':>9} {'ratio':>6} {'GEMM%':>6}"
+    lines.append(header + f" {'mem MiB':>8}")
     for row in report["rows"]:
+        fraction = f"{100 * row['gemm_fraction']:6.0f}" if "gemm_fraction" in row else " " * 6
         memory = f"{row['peak_memory_mib']:8.0f}" if "peak_memory_mib" in row else ""
         lines.append(
             f"{row['mode']:<10} {row['contender']:<28} {row['batch']:>5} {row['images_per_second']:8.2f} "
-            f"{row['latency_ms']:9.1f} {row['ratio']:6.2f} {memory}"
+            f"{row['latency_ms']:9.1f} {row['ratio']:6.2f} {fraction} {memory}"
+        )
+    rates = {row["mode"]: row["gemm_gflops"] for row in report["rows"] if "gemm_gflops" in row}
+    for mode, rate in rates.items():
+        lines.append(
+            f"{mode}: reference {GEMM_SIDE}-square float32 matrix product {rate:.0f} GFLOP/s (median of the "
+            "rounds); GEMM% = the model's FLOPs per second as a percentage of it"
         )
     return "\n".join(lines)

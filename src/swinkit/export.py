@@ -9,8 +9,9 @@ stage whose map is no larger than the window, which changes the graph, so one fi
 sizes whose stages shrink the same way as the example's. For Swin-T (window 7) exported at 224,
 stage 4 (7 x 7) shrinks, and the file takes any side in 113..224; exported at 256 or more, no
 stage shrinks, and it takes any side from 225 up. :func:`side_range` computes the range; the
-exporter reports it and the program asserts it at run time. Models with ``always_shift`` (the
-detection rule) never shrink windows, so one file covers every size.
+exporter reports it, the program asserts it at run time and an ONNX file returns NaN outside
+it. Models with ``always_shift`` (the detection rule) never shrink windows, so one file covers
+every size.
 """
 
 from __future__ import annotations
@@ -77,19 +78,48 @@ def export_program(
     img_size: tuple[int, int] | None = None,
     dynamic_size: bool = True,
     example: torch.Tensor | None = None,
+    nan_outside_range: bool = False,
 ) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of ``model`` in eval mode, dynamic in batch (and height / width).
 
     Guards that the shape engine cannot prove (they hold for every size in the range) become
-    run-time assertions instead of export errors.
+    run-time assertions instead of export errors. ``nan_outside_range`` makes every output NaN for
+    an image size outside the range, for runtimes that drop those assertions (ONNX).
     """
     model = model.eval()
     example = _example(model, img_size, 2) if example is None else example
     shapes = dynamic_shapes(model, example, dynamic_size)
+    if nan_outside_range and len(shapes["x"]) == 3:
+        ranges = [side_range(model, side) for side in example.shape[2:]]
+        model = _NaNOutsideRange(model, ranges).eval()
     with torch.no_grad():
         return torch.export.export(
             model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
         )
+
+
+class _NaNOutsideRange(nn.Module):
+    """Every output NaN when the height or width is outside its range; the outputs unchanged inside.
+
+    onnxruntime cannot run the program's range assertions, and a graph traced for one window
+    regime gives plausible but wrong numbers for a size of another; NaN makes that impossible to
+    miss. The check is made on tensors built from the input's shape, so it stays in the graph.
+    """
+
+    def __init__(self, model: nn.Module, ranges: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.model, self.ranges = model, ranges
+
+    def forward(self, x: torch.Tensor) -> Any:
+        inside = torch.ones((), dtype=torch.bool, device=x.device)
+        for side, (low, high) in zip(x.shape[2:], self.ranges, strict=True):
+            size = torch.full((), side, dtype=torch.int64, device=x.device)
+            inside = inside & (size >= low) & (size <= high)
+        outputs = self.model(x)
+        nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+        if isinstance(outputs, list | tuple):
+            return type(outputs)(torch.where(inside, output, nan) for output in outputs)
+        return torch.where(inside, outputs, nan)
 
 
 def save_program(
@@ -115,7 +145,8 @@ def export_onnx_model(
 
     ``example`` picks the window regime (default: the model's own size); see :func:`side_range`.
     The file's metadata holds the swinkit config (with its preprocessing), the accepted size range
-    and the class names, so a runtime user needs nothing else.
+    and the class names, so a runtime user needs nothing else. Outside the range every output is
+    NaN (onnxruntime cannot assert the range; see :class:`_NaNOutsideRange`).
     """
     path = Path(path)
     model = model.eval()
@@ -123,7 +154,7 @@ def export_onnx_model(
     config = getattr(model, "config", None)
     features = _is_swinkit(model) and config.features_only
     outputs = [f"features{i}" for i in config.out_indices] if features else ["logits"]
-    program = export_program(model, dynamic_size=dynamic_size, example=example)
+    program = export_program(model, dynamic_size=dynamic_size, example=example, nan_outside_range=True)
     with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "torch.onnx"):
         # The exporter warns and logs about its own internals (deprecated fields, optimizer passes).
         warnings.simplefilter("ignore")

