@@ -146,14 +146,18 @@ class _LogitsOnly(nn.Module):
 
 
 def _swinkit(model_name: str, num_classes: int, attn_impl: str | None) -> nn.Module:
+    """``attn_impl`` None: the default model; ``serial``: the default without image-parallel threads."""
     from .factory import create_model
 
-    kwargs = {"attn_impl": attn_impl} if attn_impl else {}
-    return create_model(model_name, num_classes=num_classes, **kwargs)
+    kwargs = {"attn_impl": attn_impl} if attn_impl and attn_impl != "serial" else {}
+    model = create_model(model_name, num_classes=num_classes, **kwargs)
+    model.image_parallel = attn_impl != "serial"
+    return model
 
 
 def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
-    """A contender's model: ``swinkit``, ``swinkit:<attn_impl>``, ``timm``, ``torchvision`` or ``hf``."""
+    """A contender's model: ``swinkit``, ``swinkit:<attn_impl>``, ``swinkit:serial`` (no image-parallel
+    threads), ``timm``, ``torchvision`` or ``hf``."""
     if name == "swinkit" or name.startswith("swinkit:"):
         return _swinkit(model_name, num_classes, name.partition(":")[2] or None)
     builders = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}

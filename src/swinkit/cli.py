@@ -182,7 +182,12 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", default="", help="peers, comma-separated: timm,torchvision,hf")
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants of every contender")
     parser.add_argument("--onnxruntime", action="store_true", help="add onnxruntime variants (inference)")
-    parser.add_argument("--impls", default="", help="also time these swinkit attn_impl values, e.g. reference")
+    parser.add_argument(
+        "--impls",
+        default="",
+        help="also time swinkit with these attn_impl values, e.g. reference "
+        "(serial: the default path without image-parallel threads)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
     parser.add_argument("--modes", default="inference,training", help="inference, training or both")
     parser.add_argument("--memory", action="store_true", help="peak memory of a training step (fresh processes)")

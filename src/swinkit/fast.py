@@ -82,10 +82,12 @@ def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int,
         return _build_bias(attn, window, shift, Hp, Wp, dtype, device)
     key = (window, shift, Hp, Wp, dtype, device, _parameter_versions(attn))
     cache = attn.__dict__.setdefault("_fused_bias_cache", {})
-    if key not in cache:
+    bias = cache.get(key)  # one read: image-parallel workers (swinkit.parallel) share this cache
+    if bias is None:
+        bias = _build_bias(attn, window, shift, Hp, Wp, dtype, device)
         cache.clear()  # one geometry per block at a time keeps memory flat
-        cache[key] = _build_bias(attn, window, shift, Hp, Wp, dtype, device)
-    return cache[key]
+        cache[key] = bias
+    return bias
 
 
 def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype, device) -> Tensor:

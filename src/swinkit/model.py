@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
+from .parallel import image_splits, run_split
 from .variants import SwinConfig
 
 Pair = tuple[int, int]
@@ -445,6 +446,7 @@ class SwinTransformer(nn.Module):
     """
 
     family = "v1"
+    image_parallel = True  # no-grad CPU batches of the fused path split over threads (swinkit.parallel)
     block_class: type[nn.Module] = SwinTransformerBlock
     merging_class: type[nn.Module] = PatchMerging
 
@@ -566,6 +568,13 @@ class SwinTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        check_images(x, self.config.in_chans)
+        parts = image_splits(self, x)  # fused CPU inference: images over worker threads (swinkit.parallel)
+        if parts > 1:
+            return run_split(self._forward, x, parts)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.config.features_only:
             return self.forward_features(x)
         return self.forward_head(self.stage_maps(x)[-1])
