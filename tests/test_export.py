@@ -83,11 +83,19 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     model = swinkit.create_model("swin_test", num_classes=3)
     checkpoint = tmp_path / "model.safetensors"
     swinkit.save(model, checkpoint, class_names=["cat", "dog", "owl"])
-    assert main(["export", str(tmp_path / "m.onnx"), "--checkpoint", str(checkpoint)]) == 0
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(out), "--checkpoint", str(checkpoint), "--img-size", "48x64", "--static-size"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["max_abs_error"] < 1e-5
-    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert report["size_range"] == {"height": [48, 48], "width": [64, 64]}
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["swinkit.class_names"]) == ["cat", "dog", "owl"]
+    assert json.loads(metadata["swinkit.size_range"]) == report["size_range"]
+    # A static file takes any batch at its size, and onnxruntime refuses any other size.
+    session = onnx_session(out)
+    assert onnx_error(session, model.eval(), torch.randn(5, 3, 48, 64)) < 1e-5
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="dimensions"):
+        session.run(None, {"images": torch.randn(1, 3, 64, 64).numpy()})
     assert main(["export", str(tmp_path / "x.onnx")]) == 2  # neither --checkpoint nor --model
     assert main(["export", str(tmp_path / "missing" / "x.onnx"), "--model", "swin_test"]) == 2
     assert "folder" in capsys.readouterr().err

@@ -172,10 +172,14 @@ def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
 
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-    """Export ``model`` to ONNX and return a function that runs it in onnxruntime (CPU)."""
+    """Export ``model`` to ONNX and return a function that runs it in onnxruntime (CPU).
+
+    Every contender is exported alike: dynamic batch, height and width fixed to the example's
+    (the peers' exporters know no other way; swinkit's ``swinkit export --static-size``).
+    """
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        export_onnx_model(model, path, example)
+        export_onnx_model(model, path, example, dynamic_size=False)
         session = onnx_session(path)
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x.numpy()})

@@ -150,7 +150,14 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="model file (any supported format)")
     parser.add_argument("--model", help="preset name, for a randomly initialised model (no --checkpoint)")
     parser.add_argument("--format", choices=FORMATS, default="onnx")
-    parser.add_argument("--img-size", type=_parse_size, help="input N or HxW fixed in the file (default: model's)")
+    parser.add_argument(
+        "--img-size", type=_parse_size, help="example input N or HxW; picks the window regime (default: model's)"
+    )
+    parser.add_argument(
+        "--static-size",
+        action="store_true",
+        help="fix height and width to --img-size (a leaner, faster graph); the batch stays dynamic",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
 
@@ -170,7 +177,9 @@ def _run_export(args: argparse.Namespace) -> int:
         class_names = class_names_from_metadata(loaded.metadata)
     else:
         model = create_model(args.model)
-    report = export(model, args.output, args.format, args.img_size, args.opset, not args.no_check, class_names)
+    report = export(
+        model, args.output, args.format, args.img_size, args.opset, not args.no_check, class_names, args.static_size
+    )
     print(json.dumps(report, indent=2))
     return 0
 

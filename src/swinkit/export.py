@@ -155,7 +155,7 @@ def export_onnx_model(
     features = _is_swinkit(model) and config.features_only
     outputs = [f"features{i}" for i in config.out_indices] if features else ["logits"]
     program = export_program(model, dynamic_size=dynamic_size, example=example, nan_outside_range=True)
-    with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "torch.onnx"):
+    with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
         # The exporter warns and logs about its own internals (deprecated fields, optimizer passes).
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
@@ -169,7 +169,8 @@ def export_onnx_model(
         )
     onnx_program.save(str(_temporary(path)))
     if _is_swinkit(model):
-        _add_metadata(_temporary(path), _model_metadata(model, tuple(example.shape[2:]), class_names))
+        metadata = _model_metadata(model, tuple(example.shape[2:]), class_names, static_size=not dynamic_size)
+        _add_metadata(_temporary(path), metadata)
     os.replace(_temporary(path), path)
     return path
 
@@ -231,11 +232,14 @@ def export(
     opset: int = DEFAULT_OPSET,
     check: bool = True,
     class_names: list[str] | None = None,
+    static_size: bool = False,
 ) -> dict[str, Any]:
     """Export and, with ``check``, compare the file with eager (:func:`check_export`).
 
     Returns ``{"path", "format", "example_size", "size_range", "max_abs_error"}``: the file takes
-    any batch and any height / width inside ``size_range`` (see :func:`side_range`).
+    any batch and any height / width inside ``size_range`` (see :func:`side_range`). With
+    ``static_size`` height and width are fixed to the example's: the graph pads and crops with
+    plain ops instead of size-generic gathers, and runs faster.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
@@ -245,19 +249,28 @@ def export(
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
     if fmt == "onnx":
-        path = export_onnx_model(model, path, example, opset, class_names)
+        path = export_onnx_model(model, path, example, opset, class_names, dynamic_size=not static_size)
     else:
-        path = save_program(model, path, size)
-    ranges = {"height": list(side_range(model, size[0])), "width": list(side_range(model, size[1]))}
+        path = save_program(model, path, size, dynamic_size=not static_size)
+    ranges = size_ranges(model, size, static_size)
     report: dict[str, Any] = {"path": str(path), "format": fmt, "example_size": list(size), "size_range": ranges}
     if check:
-        report["max_abs_error"] = check_export(model, path, fmt, size)
+        report["max_abs_error"] = check_export(model, path, fmt, size, static_size)
     logger.info("wrote %s (%s; dynamic batch, height in %s, width in %s)", path, fmt, ranges["height"], ranges["width"])
     return report
 
 
-def check_sizes(model: nn.Module, size: tuple[int, ...]) -> list[tuple[int, int]]:
+def size_ranges(model: nn.Module, size: tuple[int, ...], static_size: bool = False) -> dict[str, list[int]]:
+    """The height and width range an exported file accepts (``[side, side]`` when static)."""
+    if static_size:
+        return {"height": [size[0], size[0]], "width": [size[1], size[1]]}
+    return {"height": list(side_range(model, size[0])), "width": list(side_range(model, size[1]))}
+
+
+def check_sizes(model: nn.Module, size: tuple[int, ...], static_size: bool = False) -> list[tuple[int, int]]:
     """The example size and a second, different size in the exported range (odd, so padding differs)."""
+    if static_size:
+        return [tuple(size), tuple(size)]
     other = []
     for side in size:
         low, high = side_range(model, side)
@@ -265,11 +278,13 @@ def check_sizes(model: nn.Module, size: tuple[int, ...]) -> list[tuple[int, int]
     return [tuple(size), tuple(other)]
 
 
-def check_export(model: nn.Module, path: str | os.PathLike, fmt: str, size: tuple[int, ...]) -> float:
+def check_export(
+    model: nn.Module, path: str | os.PathLike, fmt: str, size: tuple[int, ...], static_size: bool = False
+) -> float:
     """Largest absolute error of the exported file against eager: batch 1 and 3, two image sizes."""
     generator = torch.Generator().manual_seed(0)
     channels = model.config.in_chans
-    sizes = check_sizes(model, size)
+    sizes = check_sizes(model, size, static_size)
     batches = [torch.randn(n, channels, *hw, generator=generator) for n, hw in zip((1, 3), sizes, strict=True)]
     if fmt == "onnx":
         session = onnx_session(path)
@@ -287,12 +302,14 @@ def _listed(output: Any) -> list[torch.Tensor]:
     return list(output) if isinstance(output, list | tuple) else [output]
 
 
-def _model_metadata(model: nn.Module, size: tuple[int, ...], class_names: list[str] | None) -> dict[str, str]:
+def _model_metadata(
+    model: nn.Module, size: tuple[int, ...], class_names: list[str] | None, static_size: bool = False
+) -> dict[str, str]:
     """The ONNX file's metadata: config, accepted height / width range, class names."""
     import dataclasses
 
     config = model.config
-    ranges = {"height": side_range(model, size[0]), "width": side_range(model, size[1])}
+    ranges = size_ranges(model, size, static_size)
     metadata = {"swinkit.config": json.dumps(dataclasses.asdict(config)), "swinkit.size_range": json.dumps(ranges)}
     if class_names:
         metadata["swinkit.class_names"] = json.dumps(list(class_names))

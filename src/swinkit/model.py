@@ -79,12 +79,14 @@ def cells(length: int, size: int) -> int:
 def pad_end(x: Tensor, size: Pair, first_dim: int = 1) -> Tensor:
     """Zero-pad the two dims from ``first_dim`` (rows, columns) at their end to ``size``.
 
-    While tracing, a gather and a select pad instead of ``F.pad``: the padding op's
-    shape function branches on a pad being zero, which would tie an exported graph with dynamic
-    height and width to the example's padding pattern.
+    With a symbolic (traced, dynamic) height or width, a gather and a select pad instead of
+    ``F.pad``: the padding op's shape function branches on a pad being zero, which would tie an
+    exported graph with dynamic height and width to the example's padding pattern.
     """
     H, W = x.shape[first_dim : first_dim + 2]
-    if not tracing():
+    if not symbolic(H, W, *size):
+        if tuple(size) == (H, W):
+            return x  # nothing to pad: no copy
         return F.pad(x, (0, 0) * (x.dim() - first_dim - 2) + (0, size[1] - W, 0, size[0] - H))
     for dim, (length, target) in enumerate(zip((H, W), size, strict=True), start=first_dim):
         positions = torch.arange(target, device=x.device)
@@ -97,11 +99,11 @@ def pad_end(x: Tensor, size: Pair, first_dim: int = 1) -> Tensor:
 def crop_end(x: Tensor, size: Pair) -> Tensor:
     """Inverse of :func:`pad_end` on ``(B, H, W, C)``: keep the first ``size`` rows and columns.
 
-    While tracing, a gather instead of a slice, for the reason :func:`pad_end` gives: the slice's
-    layout (a view or not) depends on whether anything was padded.
+    With a symbolic size, a gather instead of a slice, for the reason :func:`pad_end` gives: the
+    slice's layout (a view or not) depends on whether anything was padded.
     """
-    if not tracing():
-        return x[:, : size[0], : size[1]]
+    if not symbolic(*x.shape[1:3], *size):
+        return x if tuple(x.shape[1:3]) == tuple(size) else x[:, : size[0], : size[1]]
     for dim, length in enumerate(size, start=1):
         x = x.index_select(dim, torch.arange(length, device=x.device))
     return x
@@ -112,7 +114,7 @@ def window_partition(x: Tensor, window: Pair) -> Tensor:
     B, H, W, C = x.shape
     Wh, Ww = window
     rows, cols = H // Wh, W // Ww
-    x = x.view(B, rows, Wh, cols, Ww, C)
+    x = x.reshape(B, rows, Wh, cols, Ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B * rows * cols, Wh * Ww, C)
 
 
@@ -158,6 +160,11 @@ def _derived(fn):
         return cached(*args)
 
     return derived
+
+
+def symbolic(*sizes: int) -> bool:
+    """True for sizes torch.export / torch.compile traces as symbols (a dynamic height or width)."""
+    return any(isinstance(size, torch.SymInt) for size in sizes)
 
 
 def tracing() -> bool:
@@ -380,7 +387,7 @@ def merge_patches(x: Tensor) -> Tensor:
     """
     B, H, W, C = x.shape
     rows, cols = cells(H, 2), cells(W, 2)
-    x = pad_end(x, (2 * rows, 2 * cols)).view(B, rows, 2, cols, 2, C)
+    x = pad_end(x, (2 * rows, 2 * cols)).reshape(B, rows, 2, cols, 2, C)
     # (row offset, column offset) -> channel group ``2 * column + row``: the official order.
     return x.permute(0, 1, 3, 4, 2, 5).reshape(B, rows, cols, 4 * C)
 
