@@ -349,6 +349,40 @@ def test_torchrun_two_processes_match_one_process(mode, digit_folder, one_proces
     assert moved > len(one_process_run) // 2  # the runs really trained
 
 
+RESUMED_TOTALS = """
+import json
+import sys
+from swinkit.train import distributed
+from swinkit.train.loop import TrainingLoop
+
+dist = distributed.setup("cpu")
+loop = TrainingLoop()
+loop.dist = dist
+# Before the checkpoint rank r has seen r + 1 images (loss 2 each) and r bad ones.
+loop.epoch_totals = {"loss": 2.0 * (dist.rank + 1), "images": dist.rank + 1.0, "bad": float(dist.rank)}
+saved = loop.summed_totals()  # what rank 0 writes into the checkpoint
+loop.restore_totals(saved)  # every rank of the resumed run reads it
+loop.epoch_totals["images"] += 1.0  # one more image per rank after the resume
+after = dist.sum([loop.epoch_totals[key] for key in ("loss", "images", "bad")])
+with open(f"{sys.argv[1]}/rank{dist.rank}.json", "w") as report:
+    json.dump({"saved": saved, "after": after}, report)
+distributed.teardown()
+"""
+
+
+def test_epoch_totals_stay_exact_across_a_multi_process_resume(tmp_path):
+    script = tmp_path / "totals.py"
+    script.write_text(RESUMED_TOTALS)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["saved"] == {"loss": 6.0, "images": 3.0, "bad": 1.0}  # both ranks' totals
+        assert report["after"] == [6.0, 5.0, 1.0]  # counted once, plus the two new images
+
+
 def test_finetune_from_official_file_with_new_classes_and_window(digit_folder, tmp_path, caplog):
     source = swinkit.create_model("swin_test", num_classes=7, img_size=32)
     torch.save({"model": source.state_dict()}, tmp_path / "official.pth")

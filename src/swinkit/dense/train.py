@@ -177,6 +177,7 @@ class DenseTrainer(TrainingLoop):
 
     def save(self) -> None:
         """Write the full training state atomically (rank 0)."""
+        totals = self.summed_totals()
         if not self.dist.is_main:
             return
         state = {
@@ -191,7 +192,7 @@ class DenseTrainer(TrainingLoop):
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "best": self.best,
-            "epoch_totals": self.epoch_totals,
+            "epoch_totals": totals,
         }
         save_training_state(self.output / TRAIN_CHECKPOINT, state)
 
@@ -202,7 +203,8 @@ class DenseTrainer(TrainingLoop):
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.skipped_steps = state["global_step"], state["skipped_steps"]
-        self.best, self.epoch_totals = state["best"], dict(state["epoch_totals"])
+        self.best = state["best"]
+        self.restore_totals(state["epoch_totals"])
         set_rng_state(state["rng"])
 
     # -- training ---------------------------------------------------------------------------------

@@ -91,6 +91,17 @@ class TrainingLoop:
 
     ema: ModelEma | None = None
 
+    def summed_totals(self) -> dict[str, float]:
+        """This epoch's running totals summed over processes; a collective, so every rank calls
+        ``save``. The checkpoint keeps the sums: rank 0 alone restores them (:meth:`restore_totals`)."""
+        keys = list(self.epoch_totals)
+        return dict(zip(keys, self.dist.sum([self.epoch_totals[k] for k in keys]), strict=True))
+
+    def restore_totals(self, saved: dict[str, float]) -> None:
+        """Rank 0 carries the saved sums, the others start from zero: the epoch's sums stay exact
+        whatever the number of processes."""
+        self.epoch_totals = {k: float(v) if self.dist.is_main else 0.0 for k, v in saved.items()}
+
     def resume(self) -> bool:
         """Continue from ``config.resume`` (a path, or ``auto``: the output folder's checkpoint)."""
         if self.config.resume == "never":
@@ -273,6 +284,7 @@ class Trainer(TrainingLoop):
     def save(self) -> None:
         """Write the full training state atomically (rank 0; FSDP gathers on every rank first)."""
         model_state, optimizer_state = self.model_state(), self.optimizer_state()
+        totals = self.summed_totals()
         if not self.dist.is_main:
             return
         state = {
@@ -289,7 +301,7 @@ class Trainer(TrainingLoop):
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "best_top1": self.best_top1,
-            "epoch_totals": self.epoch_totals,
+            "epoch_totals": totals,
         }
         save_training_state(self.output / TRAIN_CHECKPOINT, state)
 
@@ -314,7 +326,7 @@ class Trainer(TrainingLoop):
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.skipped_steps = state["global_step"], state["skipped_steps"]
         self.best_top1 = state["best_top1"]
-        self.epoch_totals = dict(state["epoch_totals"])
+        self.restore_totals(state["epoch_totals"])
         from .state import set_rng_state
 
         set_rng_state(state["rng"])
