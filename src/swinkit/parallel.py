@@ -5,8 +5,8 @@ fused path issues thousands of small operations per batch (per-head matmuls and 
 layer norms and gathers on one image's tokens), many below PyTorch's grain size, so they run on
 one core while the others wait, and each of the rest pays a fork and a join. Images are
 independent, so the batch is split instead: each worker thread runs its share of the images from
-start to end with one intra-op thread, and every core stays busy (1.02-1.14x on two cores across runs, see
-benchmarks/RESULTS.md). Each image's numbers are those of the serial fused path up to the
+start to end with one intra-op thread, and every core stays busy (1.02-1.14x on two cores across
+runs, see benchmarks/RESULTS.md). Each image's numbers are those of the serial fused path up to the
 rounding of matrix products of another row count.
 
 Workers copy the caller's thread-local state that matters (inference mode); the split is skipped
