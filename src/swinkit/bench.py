@@ -2,7 +2,7 @@
 
 Contenders run interleaved in the same process (one timed call each per round), so machine noise
 hits them alike; the medians and the ratios to the first peer are what to quote. Every round also
-times one large float32 matrix product, the machine's matrix-multiply rate under the same noise;
+times a large float32 matrix product (repeated), the machine's matrix-multiply rate under the same noise;
 each row says what fraction of that rate it reaches (the model's analytic FLOPs per second, three
 times the forward's for a training step). Peak memory of a training step is measured in a fresh
 process per contender (the maximum resident set size).
@@ -10,6 +10,7 @@ process per contender (the maximum resident set size).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -204,19 +205,24 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
 
 def bench_inference(contenders: list[Contender], x: torch.Tensor, rounds: int, warmup: int = 2) -> BenchResult:
     """Interleaved timing: each round calls every contender once, in turn."""
-    result = BenchResult("inference", x.shape[0], {c.name: [] for c in contenders})
-    gemm = gemm_operands()
+    result = BenchResult("inference", x.shape[0])
     with torch.inference_mode():
-        for contender in contenders:
-            for _ in range(warmup):
-                contender.run(x)
-        for _ in range(rounds):
-            result.gemm_times.append(time_gemm(gemm))
-            for contender in contenders:
-                start = time.perf_counter()
-                contender.run(x)
-                result.times[contender.name].append(time.perf_counter() - start)
+        _interleave(result, [(c.name, functools.partial(c.run, x)) for c in contenders], rounds, warmup)
     return result
+
+
+def _interleave(result: BenchResult, calls: list[tuple[str, Callable[[], Any]]], rounds: int, warmup: int) -> None:
+    """Warm every call up, then per round: the reference matrix product, then each call once, timed."""
+    gemm = gemm_operands()
+    for _, call in calls:
+        for _ in range(warmup):
+            call()
+    for _ in range(rounds):
+        result.gemm_times.append(time_gemm(gemm))
+        for name, call in calls:
+            start = time.perf_counter()
+            call()
+            result.times.setdefault(name, []).append(time.perf_counter() - start)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -254,17 +260,9 @@ def bench_training(names: list[str], model_name: str, x: torch.Tensor, rounds: i
         model = build(base, model_name).train()
         optimizer = training_optimizer(base, model)
         setups.append((name, compile_model(model) if variant == "compile" else model, optimizer))
-    result = BenchResult("training", x.shape[0], {name: [] for name in names})
-    gemm = gemm_operands()
-    for _, model, optimizer in setups:
-        for _ in range(warmup):
-            _train_step(model, optimizer, x, y)
-    for _ in range(rounds):
-        result.gemm_times.append(time_gemm(gemm))
-        for name, model, optimizer in setups:
-            start = time.perf_counter()
-            _train_step(model, optimizer, x, y)
-            result.times[name].append(time.perf_counter() - start)
+    result = BenchResult("training", x.shape[0])
+    calls = [(name, functools.partial(_train_step, model, optimizer, x, y)) for name, model, optimizer in setups]
+    _interleave(result, calls, rounds, warmup)
     return result
 
 

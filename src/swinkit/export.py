@@ -89,9 +89,9 @@ def export_program(
     model = model.eval()
     example = _example(model, img_size, 2) if example is None else example
     shapes = dynamic_shapes(model, example, dynamic_size)
-    if nan_outside_range and len(shapes["x"]) == 3:
-        ranges = [side_range(model, side) for side in example.shape[2:]]
-        model = _NaNOutsideRange(model, ranges).eval()
+    if nan_outside_range and len(shapes["x"]) == 3:  # height and width are dynamic
+        ranges = size_ranges(model, tuple(example.shape[2:]))
+        model = _NaNOutsideRange(model, [ranges["height"], ranges["width"]]).eval()
     with torch.no_grad():
         return torch.export.export(
             model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
@@ -106,7 +106,7 @@ class _NaNOutsideRange(nn.Module):
     miss. The check is made on tensors built from the input's shape, so it stays in the graph.
     """
 
-    def __init__(self, model: nn.Module, ranges: list[tuple[int, int]]) -> None:
+    def __init__(self, model: nn.Module, ranges: list[list[int]]) -> None:
         super().__init__()
         self.model, self.ranges = model, ranges
 
