@@ -23,6 +23,16 @@ def test_info_json_and_size(capsys):
     assert [(s["height"], s["width"]) for s in info["stages"]] == [(24, 16), (12, 8), (6, 4), (3, 2)]
 
 
+def test_bad_image_sizes_are_refused_by_name(capsys):
+    for bad in ("12x", "x12", "1x2x3", "0", "big"):
+        try:
+            code = main(["info", "swin_test", "--img-size", bad])
+        except SystemExit as exit:  # argparse rejects the value itself
+            code = exit.code
+        assert code == 2, bad
+        assert repr(bad) in capsys.readouterr().err
+
+
 def test_unknown_model_is_one_clear_line(capsys):
     assert main(["info", "swin_xl"]) == 2
     err = capsys.readouterr().err

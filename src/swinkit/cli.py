@@ -16,7 +16,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 def _parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", ",").split(",")
     try:
-        sizes = [int(p) for p in parts if p]
+        sizes = [int(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}") from None
     if len(sizes) == 1:
