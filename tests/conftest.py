@@ -7,6 +7,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # attn_impl="triton" on a CPU-only machine: its kernel runs in Triton's interpreter, which
+    # must be chosen before anything imports triton (swinkit and timm do).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

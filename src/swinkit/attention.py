@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ``fused`` is a block-level path (swinkit.fast): whole blocks in window order; its attention core
-# is the reference math, so at this seam it is the reference. ``auto`` picks per device.
-ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused")
+# ``fused`` (swinkit.fast: whole blocks in window order) and ``triton`` (swinkit.triton_attention:
+# one kernel reading the map through an index table) are block-level paths; where a block still
+# reaches this seam (tracing, export) they are the reference. ``auto`` picks per device.
+ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused", "triton")
 
 # The fastest exact implementation per device type: measured on CPU (benchmarks/RESULTS.md);
 # on CUDA PyTorch's fused SDPA kernels (not measured here: no GPU was available).
@@ -48,7 +49,12 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: flo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, scale=1.0)
 
 
-_IMPLEMENTATIONS = {"reference": reference_attention, "sdpa": sdpa_attention, "fused": reference_attention}
+_IMPLEMENTATIONS = {
+    "reference": reference_attention,
+    "sdpa": sdpa_attention,
+    "fused": reference_attention,
+    "triton": reference_attention,
+}
 
 
 def window_attention(

@@ -14,6 +14,7 @@ follow the actual feature size and are cached by (size, dtype, device).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -318,6 +319,26 @@ def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pa
     return crop_end(x, (H, W))
 
 
+def block_path(block: nn.Module, x: Tensor) -> Callable[[nn.Module, Tensor], Tensor] | None:
+    """The block-level fast path ``block.attn.attn_impl`` names on ``x``'s device, or None.
+
+    ``fused`` (swinkit.fast) and ``triton`` (swinkit.triton_attention) compute the same function as
+    the blocks below in another order; while tracing (compile, export) the blocks run as written.
+    """
+    if tracing():
+        return None
+    impl = resolve_impl(block.attn.attn_impl, x.device)
+    if impl == "fused":
+        from .fast import fused_block_forward
+
+        return fused_block_forward
+    if impl == "triton":
+        from .triton_attention import triton_block_forward
+
+        return triton_block_forward
+    return None
+
+
 class SwinTransformerBlock(nn.Module):
     """Eq. 3, pre-norm: ``x + DropPath((S)W-MSA(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``.
 
@@ -361,10 +382,9 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if resolve_impl(self.attn.attn_impl, x.device) == "fused" and not tracing():
-            from .fast import fused_block_forward  # the same function, computed in window order
-
-            return fused_block_forward(self, x)
+        fast = block_path(self, x)
+        if fast is not None:
+            return fast(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
         x = x + self.drop_path(shifted_window_attention(self.norm1(x), self.attn, window, shift))

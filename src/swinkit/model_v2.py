@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import combine_bias_and_mask, resolve_impl, window_attention
+from .attention import combine_bias_and_mask, window_attention
 from .model import (
     Pair,
     SwinTransformer,
     SwinTransformerBlock,
     _derived,
+    block_path,
     merge_patches,
     relative_position_index,
     shifted_window_attention,
-    tracing,
     window_and_shift,
 )
 from .variants import SwinConfig
@@ -194,10 +194,9 @@ class SwinTransformerBlockV2(SwinTransformerBlock):
         self.norm3 = nn.LayerNorm(dim) if extra_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if resolve_impl(self.attn.attn_impl, x.device) == "fused" and not tracing():
-            from .fast import fused_block_forward  # the same function, computed in window order
-
-            return fused_block_forward(self, x)
+        fast = block_path(self, x)
+        if fast is not None:
+            return fast(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
         x = x + self.drop_path(self.norm1(shifted_window_attention(x, self.attn, window, shift)))

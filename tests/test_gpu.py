@@ -1,0 +1,65 @@
+"""On a CUDA GPU: every attn_impl against the reference path, float32 and bfloat16 (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swinkit
+from helpers import perturb, relative_error
+from swinkit.attention import ATTENTION_IMPLS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "reference"]
+SHAPES = [(2, 3, 64, 64), (3, 3, 33, 71)]  # whole windows; padding in every stage
+
+
+def _run(model, impl, x, dtype=None):
+    """Output, input gradient and parameter gradients of ``impl`` (under autocast to ``dtype`` if given)."""
+    model.set_attn_impl(impl)
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        out = model(x)
+    out.float().square().sum().backward()
+    return out.detach().float(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_outputs_and_gradients_match_reference(impl, variant, shape):
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().train()
+    x = torch.randn(shape, device="cuda")
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    out, input_grad, grads = _run(model, impl, x)
+    assert relative_error(out, expected) < 1e-5
+    assert relative_error(input_grad, expected_input_grad) < 1e-5
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_bfloat16_is_close_to_the_float32_reference(impl, variant):
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().train()
+    x = torch.randn(SHAPES[1], device="cuda")
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    out, input_grad, grads = _run(model, impl, x, torch.bfloat16)
+    assert relative_error(out, expected) < 3e-2
+    assert relative_error(input_grad, expected_input_grad) < 5e-2
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) < 1e-1, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eval_is_deterministic_and_matches_reference(impl):
+    model = perturb(swinkit.create_model("swin_test", num_classes=4, attn_drop_rate=0.5), scale=0.05).cuda().eval()
+    x = torch.randn(SHAPES[1], device="cuda")
+    with torch.no_grad():
+        model.set_attn_impl("reference")
+        expected = model(x)
+        model.set_attn_impl(impl)
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)
+    assert relative_error(first, expected) < 1e-5

@@ -1,0 +1,81 @@
+"""The Triton window-attention kernel of ``attn_impl="triton"``, against its PyTorch form.
+
+Whole models against the reference path are in test_attention.py (every attn_impl). Without a
+GPU the kernel runs in Triton's interpreter (conftest.py sets ``TRITON_INTERPRET``); with one,
+these tests run the compiled kernel on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import relative_error
+from swinkit.triton_attention import kernel_index, launch, map_window_attention
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _problem(H, W, window, shift, heads, d, dtype, generator):
+    """Random map-order qkv, padded-token qkv, bias (+ a mask-like pattern) and head scales."""
+    index, inverse = kernel_index(H, W, window, shift, DEVICE)
+    N = window[0] * window[1]
+    windows = index.numel() // N
+    C = heads * d
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+    bias = rand(windows if shift[0] else 1, heads, N, N)
+    bias[..., :3] = -100.0  # like the shift mask: some keys all but switched off
+    scales = (0.5 + torch.rand(heads, generator=generator, dtype=torch.float64)).to(DEVICE)
+    return rand(2, H * W, 3 * C), rand(3 * C), bias, scales, index, inverse
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_kernel_over_several_tiles_matches_its_pytorch_form(cosine, dtype, tolerance):
+    # Window 12: 144 tokens, three 64-token row tiles and three key tiles (the running-max softmax),
+    # on a 20 x 17 map: padded to 24 x 24, shifted by 6.
+    generator = torch.Generator().manual_seed(1)
+    qkv, qkv_bias, bias, scales, index, inverse = _problem(20, 17, (12, 12), (6, 6), 2, 16, dtype, generator)
+    args = (qkv, qkv_bias, bias, scales, index)
+    out = launch(*args, heads=2, cosine=cosine, eps=1e-12)
+    expected = map_window_attention(*args, inverse, heads=2, cosine=cosine, eps=1e-12)
+    assert out.shape == (2, 20 * 17, 32)
+    assert relative_error(out, expected) < tolerance
+
+
+def test_kernel_in_half_precision_is_close_to_float32():
+    generator = torch.Generator().manual_seed(2)
+    qkv, qkv_bias, bias, scales, index, inverse = _problem(8, 8, (4, 4), (2, 2), 2, 16, torch.float32, generator)
+    expected = map_window_attention(qkv, qkv_bias, bias, scales, index, inverse, heads=2, cosine=False, eps=1e-12)
+    half = [t.half() for t in (qkv, qkv_bias, bias)]
+    out = launch(*half, scales, index, heads=2, cosine=False, eps=1e-12)
+    assert out.dtype == torch.float16
+    assert relative_error(out.float(), expected) < 5e-3
+
+
+def test_padded_tokens_are_dropped_and_every_map_token_is_written():
+    index, inverse = kernel_index(5, 7, (4, 4), (0, 0), torch.device("cpu"))
+    assert index.dtype == torch.int32 and int((index < 0).sum()) == 4 * 16 - 35
+    assert sorted(index[index >= 0].tolist()) == list(range(35))
+    assert torch.equal(index[inverse].long(), torch.arange(35))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel is compiled, not refused")
+def test_cpu_tensors_without_the_interpreter_are_refused_by_name():
+    code = (
+        "import torch, swinkit\n"
+        "m = swinkit.create_model('swin_test', num_classes=2, attn_impl='triton')\n"
+        "m(torch.randn(1, 3, 32, 32))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "attn_impl='triton' runs on CUDA GPUs, not on cpu tensors" in result.stderr
