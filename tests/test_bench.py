@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from swinkit import get_config
-from swinkit.bench import build, format_rows, run_bench
+from swinkit.bench import build, format_rows, parse_target, run_bench
 from swinkit.flops import count_flops
 
 
@@ -40,3 +41,42 @@ def test_unknown_contenders_are_named():
         build("mxnet", "swin_t")
     with pytest.raises(ValueError, match="no peer models known for 'swin_test'"):
         build("timm", "swin_test")
+
+
+def test_reduced_precision_runs_every_contender_under_autocast():
+    report = run_bench("swin_test", batch=2, train_batch=2, rounds=1, dtype="bfloat16", memory=True)
+    assert report["machine"]["dtype"] == "bfloat16" and report["machine"]["device"] == "cpu"
+    assert [r["contender"] for r in report["rows"]] == ["swinkit", "swinkit"]
+    assert all(r["images_per_second"] > 0 for r in report["rows"])
+    assert report["rows"][1]["peak_memory_mib"] > 0
+    assert "reference 1536-square bfloat16 matrix product" in format_rows(report)
+
+
+def test_bad_devices_and_dtypes_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; accepted: float32, bfloat16, float16"):
+        parse_target("cpu", "fp8")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        parse_target("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA device is available here"):
+            run_bench("swin_test", batch=1, rounds=1, device="cuda")
+    else:
+        with pytest.raises(ValueError, match="onnxruntime contenders run on the CPU"):
+            run_bench("swin_test", batch=1, rounds=1, device="cuda", onnxruntime=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bench_times_every_attention_implementation_in_bfloat16():
+    report = run_bench(
+        "swin_test",
+        batch=4,
+        train_batch=4,
+        rounds=2,
+        impls=["sdpa", "triton", "reference"],
+        device="cuda",
+        dtype="bfloat16",
+        memory=True,
+    )
+    assert report["machine"]["device"] == "cuda" and report["machine"]["cuda"]
+    assert len(report["rows"]) == 8 and all(r["images_per_second"] > 0 for r in report["rows"])
+    assert all(r["peak_memory_mib"] > 0 for r in report["rows"] if r["mode"] == "training")

@@ -2,10 +2,14 @@
 
 Contenders run interleaved in the same process (one timed call each per round), so machine noise
 hits them alike; the medians and the ratios to the first peer are what to quote. Every round also
-times a large float32 matrix product (repeated), the machine's matrix-multiply rate under the same noise;
+times a large matrix product (repeated), the machine's matrix-multiply rate under the same noise;
 each row says what fraction of that rate it reaches (the model's analytic FLOPs per second, three
 times the forward's for a training step). Peak memory of a training step is measured in a fresh
-process per contender (the maximum resident set size).
+process per contender (the maximum resident set size; on a GPU, the peak of allocated memory).
+
+On a GPU (``device="cuda"``) every call is synchronized before its clock stops, and
+``dtype="bfloat16"`` / ``"float16"`` runs every contender under ``torch.autocast`` (the way their
+training recipes run mixed precision); the reference product is then in that dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +53,52 @@ class Contender:
     run: Callable[[torch.Tensor], Any]
 
 
-# The square float32 matrix product timed each round: large enough to run at the BLAS library's
-# full rate; repeated so that one measurement lasts about as long as a contender's call (half a
-# second on two cores) and sees the same kind of noise from a shared machine.
-GEMM_SIDE = 1536
+# The square matrix product timed each round: large enough to run at the BLAS library's full rate;
+# repeated so that one measurement lasts about as long as a contender's call (half a second on two
+# CPU cores) and sees the same kind of noise from a shared machine. A GPU needs a larger one.
+GEMM_SIDE = {"cpu": 1536, "cuda": 8192}
 GEMM_REPEATS = 8
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and in which precision the contenders run."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def gemm_side(self) -> int:
+        return GEMM_SIDE.get(self.device.type, GEMM_SIDE["cpu"])
+
+    @contextmanager
+    def precision(self) -> Iterator[None]:
+        """Autocast to ``dtype`` (nothing for float32)."""
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            yield
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def parse_target(device: str = "cpu", dtype: str = "float32") -> Target:
+    """``device`` cpu or cuda[:n], ``dtype`` one of :data:`DTYPES`; refused by name otherwise."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:<index>") from None
+    if where.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:<index>")
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here (torch.cuda.is_available() is False)")
+    return Target(where, DTYPES[dtype])
 
 
 @dataclass
@@ -66,10 +112,11 @@ class BenchResult:
     batch: int
     times: dict[str, list[float]] = field(default_factory=dict)
     gemm_times: list[float] = field(default_factory=list)
+    gemm_side: int = GEMM_SIDE["cpu"]
 
     @property
     def gemm_gflops(self) -> float:
-        return 2 * GEMM_SIDE**3 * GEMM_REPEATS / statistics.median(self.gemm_times) / 1e9
+        return 2 * self.gemm_side**3 * GEMM_REPEATS / statistics.median(self.gemm_times) / 1e9
 
     def images_per_second(self, name: str) -> float:
         return self.batch / statistics.median(self.times[name])
@@ -98,18 +145,22 @@ class BenchResult:
         return rows
 
 
-def time_gemm(operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
-    """Seconds of ``GEMM_REPEATS`` ``GEMM_SIDE``-square float32 matrix products (the reference rate)."""
+def time_gemm(operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor], target: Target = Target()) -> float:
+    """Seconds of ``GEMM_REPEATS`` square matrix products (the reference rate)."""
     a, b, out = operands
+    target.synchronize()
     start = time.perf_counter()
     for _ in range(GEMM_REPEATS):
         torch.mm(a, b, out=out)
+    target.synchronize()
     return time.perf_counter() - start
 
 
-def gemm_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, b = torch.randn(GEMM_SIDE, GEMM_SIDE), torch.randn(GEMM_SIDE, GEMM_SIDE)
-    out = torch.empty(GEMM_SIDE, GEMM_SIDE)
+def gemm_operands(target: Target = Target()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Operands of the reference product: ``target``'s side, device and dtype."""
+    side = target.gemm_side
+    a, b = (torch.randn(side, side, device=target.device, dtype=target.dtype) for _ in range(2))
+    out = torch.empty(side, side, device=target.device, dtype=target.dtype)
     torch.mm(a, b, out=out)  # warm: the output's pages are mapped before the first timed call
     return a, b, out
 
@@ -187,10 +238,13 @@ def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[tor
 
 
 def inference_contenders(names: list[str], model_name: str, example: torch.Tensor) -> list[Contender]:
+    """The models of ``names`` on ``example``'s device, each with the call that runs it."""
     contenders = []
     for name in names:
         base, _, variant = name.partition("+")
-        model = build(base, model_name).eval()
+        if variant == "ort" and example.device.type != "cpu":
+            raise ValueError(f"{name!r}: onnxruntime contenders run on the CPU, not on {example.device}")
+        model = build(base, model_name).eval().to(example.device)
         if variant == "compile":
             run: Callable[[torch.Tensor], Any] = compile_model(model)
         elif variant == "ort":
@@ -203,26 +257,33 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
     return contenders
 
 
-def bench_inference(contenders: list[Contender], x: torch.Tensor, rounds: int, warmup: int = 2) -> BenchResult:
+def bench_inference(
+    contenders: list[Contender], x: torch.Tensor, rounds: int, warmup: int = 2, target: Target = Target()
+) -> BenchResult:
     """Interleaved timing: each round calls every contender once, in turn."""
-    result = BenchResult("inference", x.shape[0])
+    result = BenchResult("inference", x.shape[0], gemm_side=target.gemm_side)
     with torch.inference_mode():
-        _interleave(result, [(c.name, functools.partial(c.run, x)) for c in contenders], rounds, warmup)
+        _interleave(result, [(c.name, functools.partial(c.run, x)) for c in contenders], rounds, warmup, target)
     return result
 
 
-def _interleave(result: BenchResult, calls: list[tuple[str, Callable[[], Any]]], rounds: int, warmup: int) -> None:
+def _interleave(
+    result: BenchResult, calls: list[tuple[str, Callable[[], Any]]], rounds: int, warmup: int, target: Target
+) -> None:
     """Warm every call up, then per round: the reference matrix product, then each call once, timed."""
-    gemm = gemm_operands()
-    for _, call in calls:
-        for _ in range(warmup):
-            call()
-    for _ in range(rounds):
-        result.gemm_times.append(time_gemm(gemm))
-        for name, call in calls:
-            start = time.perf_counter()
-            call()
-            result.times.setdefault(name, []).append(time.perf_counter() - start)
+    gemm = gemm_operands(target)
+    with target.precision():
+        for _, call in calls:
+            for _ in range(warmup):
+                call()
+        for _ in range(rounds):
+            result.gemm_times.append(time_gemm(gemm, target))
+            for name, call in calls:
+                target.synchronize()
+                start = time.perf_counter()
+                call()
+                target.synchronize()
+                result.times.setdefault(name, []).append(time.perf_counter() - start)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -251,37 +312,51 @@ def training_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def bench_training(names: list[str], model_name: str, x: torch.Tensor, rounds: int, warmup: int = 1) -> BenchResult:
-    """Forward + backward + AdamW step, interleaved like :func:`bench_inference`."""
-    y = torch.randint(0, 1000, (x.shape[0],))
+def bench_training(
+    names: list[str], model_name: str, x: torch.Tensor, rounds: int, warmup: int = 1, target: Target = Target()
+) -> BenchResult:
+    """Forward + backward + AdamW step, interleaved like :func:`bench_inference` (on ``x``'s device)."""
+    y = torch.randint(0, 1000, (x.shape[0],), device=x.device)
     setups = []
     for name in names:
         base, _, variant = name.partition("+")
-        model = build(base, model_name).train()
+        model = build(base, model_name).train().to(x.device)
         optimizer = training_optimizer(base, model)
         setups.append((name, compile_model(model) if variant == "compile" else model, optimizer))
-    result = BenchResult("training", x.shape[0])
+    result = BenchResult("training", x.shape[0], gemm_side=target.gemm_side)
     calls = [(name, functools.partial(_train_step, model, optimizer, x, y)) for name, model, optimizer in setups]
-    _interleave(result, calls, rounds, warmup)
+    _interleave(result, calls, rounds, warmup, target)
     return result
 
 
-def peak_training_memory(name: str, model_name: str, batch: int, size: int) -> float:
-    """MiB of resident memory a training step adds to a fresh process holding the model and optimizer.
+def peak_training_memory(name: str, model_name: str, batch: int, size: int, target: Target = Target()) -> float:
+    """MiB of memory a training step adds to a fresh process holding the model and optimizer.
 
-    Read from ``VmHWM`` (Linux): ``ru_maxrss`` would carry over the parent's peak through exec.
+    CPU: resident memory, read from ``VmHWM`` (Linux; ``ru_maxrss`` would carry over the parent's
+    peak through exec). GPU: ``torch.cuda.max_memory_allocated``.
     """
+    device, dtype = str(target.device), str(target.dtype).removeprefix("torch.")
     code = (
         "import torch, swinkit.bench as b\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
-        f"m = b.build({name!r}, {model_name!r}).train(); o = b.training_optimizer({name!r}, m)\n"
-        f"x = torch.randn({batch}, 3, {size}, {size}); y = torch.randint(0, 1000, ({batch},))\n"
-        "base = b.peak_rss_mib()\n"
-        "b._train_step(m, o, x, y); b._train_step(m, o, x, y)\n"
-        "print(b.peak_rss_mib() - base)\n"
+        f"t = b.parse_target({device!r}, {dtype!r})\n"
+        f"m = b.build({name!r}, {model_name!r}).train().to(t.device); o = b.training_optimizer({name!r}, m)\n"
+        f"x = torch.randn({batch}, 3, {size}, {size}, device=t.device)\n"
+        f"y = torch.randint(0, 1000, ({batch},), device=t.device)\n"
+        "base = b.peak_memory_mib(t)\n"
+        "with t.precision():\n"
+        "    b._train_step(m, o, x, y); b._train_step(m, o, x, y)\n"
+        "print(b.peak_memory_mib(t) - base)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def peak_memory_mib(target: Target = Target()) -> float:
+    """Peak MiB so far: allocated GPU memory on a GPU target, else this process's resident set."""
+    if target.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(target.device) / 2**20
+    return peak_rss_mib()
 
 
 def peak_rss_mib() -> float:
@@ -296,8 +371,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def machine() -> dict[str, Any]:
+def machine(target: Target = Target()) -> dict[str, Any]:
     return {
+        "device": str(target.device),
+        "dtype": str(target.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
@@ -319,12 +396,19 @@ def run_bench(
     impls: list[str] | None = None,
     compiled: bool = False,
     onnxruntime: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
 
     ``impls`` adds swinkit with other ``attn_impl`` values; ``compiled`` adds a ``torch.compile``
-    variant of every contender, ``onnxruntime`` an exported one (inference only).
+    variant of every contender, ``onnxruntime`` an exported one (inference only, CPU only).
+    ``device`` (cpu, cuda) and ``dtype`` (float32, or bfloat16 / float16 under autocast): see
+    the module docstring.
     """
+    target = parse_target(device, dtype)
+    if onnxruntime and target.device.type != "cpu":
+        raise ValueError(f"--onnxruntime: onnxruntime contenders run on the CPU, not on {device}")
     if threads:
         torch.set_num_threads(threads)
     from .variants import get_config
@@ -341,22 +425,22 @@ def run_bench(
     reference = (compare or ["swinkit"])[0]
     rows: list[dict[str, Any]] = []
     if "inference" in modes:
-        x = torch.randn(batch, 3, size, size)
+        x = torch.randn(batch, 3, size, size, device=target.device)
         contenders = inference_contenders(names, model_name, x)
-        rows += bench_inference(contenders, x, rounds).table(reference, flops_per_image)
+        rows += bench_inference(contenders, x, rounds, target=target).table(reference, flops_per_image)
         del contenders
         gc.collect()
     if "training" in modes:
         trainable = [n for n in names if "+ort" not in n]
-        x = torch.randn(train_batch, 3, size, size)
+        x = torch.randn(train_batch, 3, size, size, device=target.device)
         # A training step is counted as three forwards (the backward's two products per forward one).
-        result = bench_training(trainable, model_name, x, rounds)
+        result = bench_training(trainable, model_name, x, rounds, target=target)
         table = result.table(reference.partition("+")[0], 3 * flops_per_image)
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
-                row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size)
+                row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size, target)
         rows += table
-    return {"model": model_name, "machine": machine(), "rows": rows, "max_rss_mib": peak_rss_mib()}
+    return {"model": model_name, "machine": machine(target), "rows": rows, "max_rss_mib": peak_rss_mib()}
 
 
 def format_rows(report: dict[str, Any]) -> str:
@@ -371,9 +455,11 @@ def format_rows(report: dict[str, Any]) -> str:
             f"{row['latency_ms']:9.1f} {row['ratio']:6.2f} {fraction} {memory}"
         )
     rates = {row["mode"]: row["gemm_gflops"] for row in report["rows"] if "gemm_gflops" in row}
+    where = report["machine"].get("device", "cpu")
+    side = GEMM_SIDE.get(where.partition(":")[0], GEMM_SIDE["cpu"])
     for mode, rate in rates.items():
         lines.append(
-            f"{mode}: reference {GEMM_SIDE}-square float32 matrix product {rate:.0f} GFLOP/s (median of the "
-            "rounds); GEMM% = the model's FLOPs per second as a percentage of it"
+            f"{mode}: reference {side}-square {report['machine'].get('dtype', 'float32')} matrix product "
+            f"{rate:.0f} GFLOP/s (median of the rounds); GEMM% = the model's FLOPs per second as a percentage of it"
         )
     return "\n".join(lines)

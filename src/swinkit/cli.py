@@ -201,6 +201,10 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="inference,training", help="inference, training or both")
     parser.add_argument("--memory", action="store_true", help="peak memory of a training step (fresh processes)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32 (default), or bfloat16 / float16: every contender under autocast"
+    )
     parser.add_argument("--json", help="also write the report to this JSON file")
 
 
@@ -219,6 +223,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         impls=[i for i in args.impls.split(",") if i],
         compiled=args.compile,
         onnxruntime=args.onnxruntime,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(format_rows(report))
     if args.json:
