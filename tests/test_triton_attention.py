@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import relative_error
-from swinkit.triton_attention import kernel_index, launch, map_window_attention
+from swinkit.triton_attention import Settings, kernel_index, launch, launch_backward, map_window_attention
 
 pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,7 +23,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def _problem(H, W, window, shift, heads, d, dtype, generator):
     """Random map-order qkv, padded-token qkv, bias (+ a mask-like pattern) and head scales."""
-    index, inverse = kernel_index(H, W, window, shift, DEVICE)
+    index, inverse, padded_count = kernel_index(H, W, window, shift, DEVICE)
     N = window[0] * window[1]
     windows = index.numel() // N
     C = heads * d
@@ -34,7 +34,7 @@ def _problem(H, W, window, shift, heads, d, dtype, generator):
     bias = rand(windows if shift[0] else 1, heads, N, N)
     bias[..., :3] = -100.0  # like the shift mask: some keys all but switched off
     scales = (0.5 + torch.rand(heads, generator=generator, dtype=torch.float64)).to(DEVICE)
-    return rand(2, H * W, 3 * C), rand(3 * C), bias, scales, index, inverse
+    return rand(2, H * W, 3 * C), rand(3 * C), bias, scales, index, inverse, padded_count
 
 
 @pytest.mark.parametrize("cosine", [False, True])
@@ -43,9 +43,9 @@ def test_kernel_over_several_tiles_matches_its_pytorch_form(cosine, dtype, toler
     # Window 12: 144 tokens, three 64-token row tiles and three key tiles (the running-max softmax),
     # on a 20 x 17 map: padded to 24 x 24, shifted by 6.
     generator = torch.Generator().manual_seed(1)
-    qkv, qkv_bias, bias, scales, index, inverse = _problem(20, 17, (12, 12), (6, 6), 2, 16, dtype, generator)
+    qkv, qkv_bias, bias, scales, index, inverse, _ = _problem(20, 17, (12, 12), (6, 6), 2, 16, dtype, generator)
     args = (qkv, qkv_bias, bias, scales, index)
-    out = launch(*args, heads=2, cosine=cosine, eps=1e-12)
+    out, _ = launch(*args, Settings(heads=2, cosine=cosine, eps=1e-12))
     expected = map_window_attention(*args, inverse, heads=2, cosine=cosine, eps=1e-12)
     assert out.shape == (2, 20 * 17, 32)
     assert relative_error(out, expected) < tolerance
@@ -53,18 +53,42 @@ def test_kernel_over_several_tiles_matches_its_pytorch_form(cosine, dtype, toler
 
 def test_kernel_in_half_precision_is_close_to_float32():
     generator = torch.Generator().manual_seed(2)
-    qkv, qkv_bias, bias, scales, index, inverse = _problem(8, 8, (4, 4), (2, 2), 2, 16, torch.float32, generator)
+    qkv, qkv_bias, bias, scales, index, inverse, _ = _problem(8, 8, (4, 4), (2, 2), 2, 16, torch.float32, generator)
     expected = map_window_attention(qkv, qkv_bias, bias, scales, index, inverse, heads=2, cosine=False, eps=1e-12)
     half = [t.half() for t in (qkv, qkv_bias, bias)]
-    out = launch(*half, scales, index, heads=2, cosine=False, eps=1e-12)
+    out, _ = launch(*half, scales, index, Settings(heads=2, cosine=False, eps=1e-12))
     assert out.dtype == torch.float16
     assert relative_error(out.float(), expected) < 5e-3
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+def test_backward_kernels_match_autograd_of_the_pytorch_form(cosine, dtype, tolerance):
+    # The same multi-tile, padded, shifted geometry: gradients of qkv, of the qkv bias (through the
+    # padded tokens), of the per-window bias (summed over images) and of the head scales.
+    generator = torch.Generator().manual_seed(3)
+    qkv, qkv_bias, bias, scales, index, inverse, padded_count = _problem(
+        20, 17, (12, 12), (6, 6), 2, 16, dtype, generator
+    )
+    assert padded_count == 24 * 24 - 20 * 17  # per image: 576 window tokens, 340 of them real
+    settings = Settings(heads=2, cosine=cosine, eps=1e-12)
+    out, lse = launch(qkv, qkv_bias, bias, scales, index, settings, save_lse=True)
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
+    grads = launch_backward(qkv, qkv_bias, bias, scales, index, out, lse, grad, settings, padded_count)
+
+    inputs = [t.detach().clone().requires_grad_(True) for t in (qkv, qkv_bias, bias, scales)]
+    expected = map_window_attention(*inputs, index, inverse, *settings)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    for name, value, reference in zip(("qkv", "qkv_bias", "bias", "scales"), grads, expected_grads, strict=True):
+        assert value.shape == reference.shape and value.dtype == reference.dtype, name
+        assert relative_error(value, reference) < tolerance, name
+
+
 def test_padded_tokens_are_dropped_and_every_map_token_is_written():
-    index, inverse = kernel_index(5, 7, (4, 4), (0, 0), torch.device("cpu"))
-    assert index.dtype == torch.int32 and int((index < 0).sum()) == 4 * 16 - 35
+    index, inverse, padded_count = kernel_index(5, 7, (4, 4), (0, 0), torch.device("cpu"))
+    assert index.dtype == torch.int32 and padded_count == 4 * 16 - 35
     assert sorted(index[index >= 0].tolist()) == list(range(35))
+    assert sorted((-1 - index[index < 0]).tolist()) == list(range(padded_count))  # one slot each
     assert torch.equal(index[inverse].long(), torch.arange(35))
 
 

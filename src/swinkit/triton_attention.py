@@ -9,10 +9,13 @@ the qkv bias, as the reference's zero padding gives), adds the position bias and
 takes the softmax in float32, multiplies by v and writes the result back to the tokens' map
 positions. No per-window copy of the map and no ``(windows, heads, N, N)`` tensor is ever made.
 
-The backward pass recomputes the same function with PyTorch ops (:func:`map_window_attention`)
-and differentiates that: exact gradients, but no faster than the reference path's backward.
+The backward pass is two more kernels in the same layout (flash-attention style, from the
+forward's saved log-sum-exp): one per key tile for dK, dV, the bias gradient and V2's scale
+gradient, one per query tile for dQ; V2's normalisation is differentiated inside them. Gradients
+of padded tokens go to the qkv bias. Only the bias gradient, ``(windows, heads, N, N)`` per image
+before it is summed, is materialised, as every implementation must for a learned bias.
 
-The kernel is compiled for CUDA GPUs. On CPU it runs only under Triton's interpreter
+The kernels are compiled for CUDA GPUs. On CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is imported; slow): that is how the test suite checks it
 on machines without a GPU. Not chosen by ``attn_impl="auto"``: its speed against
 PyTorch's SDPA has not been measured on a GPU yet (benchmarks/RESULTS.md).
@@ -21,6 +24,7 @@ PyTorch's SDPA has not been measured on a GPU yet (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +51,12 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
         return fused_block_forward(block, x)  # the kernel has no attention dropout
     B, H, W, C = x.shape
     window, shift = window_and_shift(H, W, block.window_size, block.shift_size, block.always_shift)
-    index, inverse = kernel_index(H, W, window, shift, x.device)
+    geometry = kernel_index(H, W, window, shift, x.device)
     Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
     bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype)
     post_norm = hasattr(block, "norm3")  # V2: res-post-norm, attention on the block input itself
     tokens = (x if post_norm else block.norm1(x)).reshape(B, H * W, C)
-    attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, index, inverse))).view_as(x)
+    attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))).view_as(x)
     if post_norm:
         x = x + block.drop_path(block.norm1(attended))
         x = x + block.drop_path(block.norm2(block.mlp(x)))
@@ -62,15 +66,21 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=128)
-def kernel_index(H: int, W: int, window: Pair, shift: Pair, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``index`` (``nW * N`` int32, -1 for padded tokens) and ``inverse`` of :func:`~swinkit.fast.window_order`."""
+def kernel_index(H: int, W: int, window: Pair, shift: Pair, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """``index``, ``inverse`` and the padded-token count of one map geometry (cached).
+
+    ``index`` (``nW * N`` int32) is :func:`~swinkit.fast.window_order`'s, except that padded
+    token ``s`` (in window order) is ``-1 - s``: the kernels read the qkv bias for it, and the
+    backward pass writes its gradient to slot ``s``.
+    """
     index, inverse, padded = window_order(H, W, window, shift, device)
-    if padded is not None:
-        index = torch.where(padded, -1, index)
-    return index.to(torch.int32), inverse
+    if padded is None:
+        return index.to(torch.int32), inverse, 0
+    slots = -torch.cumsum(padded.long(), 0)  # -1, -2, ... at the padded tokens
+    return torch.where(padded, slots, index).to(torch.int32), inverse, int(padded.sum())
 
 
-def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
     """Attention of every map token of ``tokens`` ``(B, L, C)``, before the output projection."""
     C = tokens.shape[-1]
     cosine = hasattr(attn, "logit_scale")
@@ -86,7 +96,7 @@ def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, index: Tensor, invers
     if qkv_bias is None:
         qkv_bias = torch.zeros(3 * C, dtype=qkv.dtype, device=qkv.device)
     eps = max(1e-12, torch.finfo(tokens.dtype).tiny)
-    return MapWindowAttention.apply(qkv, qkv_bias, bias, scales, index, inverse, attn.num_heads, cosine, eps)
+    return MapWindowAttention.apply(qkv, qkv_bias, bias, scales, geometry, attn.num_heads, cosine, eps)
 
 
 def map_window_attention(
@@ -123,60 +133,148 @@ def map_window_attention(
 
 
 class MapWindowAttention(torch.autograd.Function):
-    """The kernel forward; the backward differentiates :func:`map_window_attention` (recomputed)."""
+    """Forward and backward by the kernels; gradients for qkv, the qkv bias, the bias and the scales."""
 
     @staticmethod
-    def forward(ctx, qkv, qkv_bias, bias, scales, index, inverse, heads, cosine, eps):
-        ctx.save_for_backward(qkv, qkv_bias, bias, scales, index, inverse)
-        ctx.settings = (heads, cosine, eps)
-        return launch(qkv, qkv_bias, bias, scales, index, heads, cosine, eps)
+    def forward(ctx, qkv, qkv_bias, bias, scales, geometry, heads, cosine, eps):
+        index, _, padded_count = geometry
+        settings = Settings(heads, cosine, eps)
+        out, lse = launch(qkv, qkv_bias, bias, scales, index, settings, save_lse=True)
+        ctx.save_for_backward(qkv, qkv_bias, bias, scales, index, out, lse)
+        ctx.settings, ctx.padded_count = settings, padded_count
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        qkv, qkv_bias, bias, scales, index, inverse = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((qkv, qkv_bias, bias, scales), needs, strict=True)]
-        with torch.enable_grad():
-            out = map_window_attention(*inputs, index, inverse, *ctx.settings)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None, None, None)
+        qkv, qkv_bias, bias, scales, index, out, lse = ctx.saved_tensors
+        wanted = ctx.needs_input_grad
+        grads = launch_backward(
+            qkv, qkv_bias, bias, scales, index, out, lse, grad, ctx.settings, ctx.padded_count, wanted[2], wanted[3]
+        )
+        return (*grads, None, None, None, None)
+
+
+class Settings(NamedTuple):
+    heads: int
+    cosine: bool
+    eps: float
 
 
 def launch(
-    qkv: Tensor, qkv_bias: Tensor, bias: Tensor, scales: Tensor, index: Tensor, heads: int, cosine: bool, eps: float
-) -> Tensor:
-    """Run the kernel: ``(B, L, 3C)`` map-order qkv -> ``(B, L, C)`` attention output."""
-    B, L, three_C = qkv.shape
-    C, N = three_C // 3, bias.shape[-1]
-    d = C // heads
-    windows = index.numel() // N
-    out = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)
-    block_m = min(64, max(16, _power_of_two(N)))
-    grid = (B * windows * heads, -(-N // block_m))
-    wide = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    _kernel()[grid](
+    qkv: Tensor,
+    qkv_bias: Tensor,
+    bias: Tensor,
+    scales: Tensor,
+    index: Tensor,
+    settings: Settings,
+    save_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The forward kernel: ``(B, L, 3C)`` map-order qkv -> ``(B, L, C)`` output (and the log-sum-exp)."""
+    shape = _Shape.of(qkv, bias, index, settings.heads)
+    out = torch.empty(shape.B, shape.L, shape.C, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(shape.programs, shape.N, dtype=shape.wide, device=qkv.device) if save_lse else out
+    _kernels().window_attention_forward[(shape.programs, shape.tiles)](
         qkv.contiguous(),
         qkv_bias.to(qkv.dtype).contiguous(),
         index,
         bias.contiguous(),
-        scales.to(wide).contiguous(),
+        scales.to(shape.wide).contiguous(),
         out,
-        L,
-        N,
-        windows,
-        heads,
-        bias.shape[0],
-        d,
-        C,
-        eps,
-        COSINE=cosine,
-        BLOCK_M=block_m,
-        BLOCK_N=block_m,
-        BLOCK_D=max(16, _power_of_two(d)),
-        ACC=_triton_dtype(wide),
+        lse,
+        *shape.sizes(),
+        settings.eps,
+        COSINE=settings.cosine,
+        SAVE_LSE=save_lse,
+        **shape.blocks(),
     )
-    return out
+    return out, (lse if save_lse else None)
+
+
+def launch_backward(
+    qkv: Tensor,
+    qkv_bias: Tensor,
+    bias: Tensor,
+    scales: Tensor,
+    index: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad: Tensor,
+    settings: Settings,
+    padded_count: int,
+    bias_grad: bool = True,
+    scale_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The two backward kernels: gradients of ``qkv``, ``qkv_bias``, ``bias`` and ``scales``."""
+    shape = _Shape.of(qkv, bias, index, settings.heads)
+    device, wide = qkv.device, shape.wide
+    qkv, qkv_bias, bias = qkv.contiguous(), qkv_bias.to(qkv.dtype).contiguous(), bias.contiguous()
+    grad = grad.to(qkv.dtype).contiguous()
+    scales_wide = scales.to(wide).contiguous()
+    delta = (grad.to(wide) * out.to(wide)).view(shape.B, shape.L, settings.heads, -1).sum(-1)
+    qkv_grad = torch.empty_like(qkv)
+    pad_grad = torch.empty(shape.B, max(padded_count, 1), 3 * shape.C, dtype=wide, device=device)
+    dS = torch.empty(shape.programs, shape.N, shape.N, dtype=wide, device=device) if bias_grad else lse
+    scale_parts = torch.empty(shape.programs, shape.tiles, dtype=wide, device=device) if scale_grad else lse
+    common = (qkv, qkv_bias, index, bias, scales_wide, lse, delta, grad, qkv_grad, pad_grad)
+    sizes = (*shape.sizes(), padded_count, settings.eps)
+    kernels = _kernels()
+    kernels.window_attention_backward_keys[(shape.programs, shape.tiles)](
+        *common, dS, scale_parts, *sizes,
+        COSINE=settings.cosine, BIAS_GRAD=bias_grad, SCALE_GRAD=scale_grad, **shape.blocks(),
+    )  # fmt: skip
+    kernels.window_attention_backward_queries[(shape.programs, shape.tiles)](
+        *common, *sizes, COSINE=settings.cosine, **shape.blocks()
+    )
+    qkv_bias_grad = pad_grad[:, :padded_count].sum((0, 1)).to(qkv_bias.dtype)
+    if bias_grad:  # window w used bias[w % nWb]: sum over images and the windows sharing one
+        dS = dS.view(shape.B, shape.windows // bias.shape[0], *bias.shape).sum((0, 1)).to(bias.dtype)
+    if scale_grad:
+        scale_parts = scale_parts.view(-1, settings.heads, shape.tiles).sum((0, 2)).to(scales.dtype)
+    return qkv_grad, qkv_bias_grad, dS if bias_grad else None, scale_parts if scale_grad else None
+
+
+class _Shape(NamedTuple):
+    """Sizes of one launch: images, map tokens, channels, window tokens, windows, heads, bias windows."""
+
+    B: int
+    L: int
+    C: int
+    N: int
+    windows: int
+    heads: int
+    bias_windows: int
+    wide: torch.dtype
+
+    @classmethod
+    def of(cls, qkv: Tensor, bias: Tensor, index: Tensor, heads: int) -> _Shape:
+        B, L, three_C = qkv.shape
+        N = bias.shape[-1]
+        wide = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        return cls(B, L, three_C // 3, N, index.numel() // N, heads, bias.shape[0], wide)
+
+    @property
+    def programs(self) -> int:
+        return self.B * self.windows * self.heads
+
+    @property
+    def block(self) -> int:  # tokens per tile: a 7 x 7 window is one 64-token tile
+        return min(64, max(16, _power_of_two(self.N)))
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.N // self.block)
+
+    def sizes(self) -> tuple[int, ...]:
+        return (self.L, self.N, self.windows, self.heads, self.bias_windows, self.C // self.heads, self.C)
+
+    def blocks(self) -> dict:
+        d = self.C // self.heads
+        return {
+            "BLOCK_M": self.block,
+            "BLOCK_N": self.block,
+            "BLOCK_D": max(16, _power_of_two(d)),
+            "ACC": _triton_dtype(self.wide),
+        }
 
 
 def _power_of_two(n: int) -> int:
@@ -189,14 +287,11 @@ def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@functools.cache
-def _kernel():
-    """The kernel, compiled by ``triton.jit`` (an interpreted function under ``TRITON_INTERPRET=1``)."""
-    import triton
+def _kernels():
+    """The kernel module (importing it imports triton, whose interpreter setting is read then)."""
+    from . import _triton_kernels
 
-    from ._triton_kernels import window_attention_forward
-
-    return triton.jit(window_attention_forward)
+    return _triton_kernels
 
 
 def check_runnable(device: torch.device) -> None:
