@@ -96,6 +96,8 @@ def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, geometry: tuple[Tenso
     if qkv_bias is None:
         qkv_bias = torch.zeros(3 * C, dtype=qkv.dtype, device=qkv.device)
     eps = max(1e-12, torch.finfo(tokens.dtype).tiny)
+    if not torch.is_grad_enabled():  # eval / inference: no log-sum-exp to keep, no autograd node
+        return launch(qkv, qkv_bias, bias, scales, geometry[0], Settings(attn.num_heads, cosine, eps))[0]
     return MapWindowAttention.apply(qkv, qkv_bias, bias, scales, geometry, attn.num_heads, cosine, eps)
 
 
