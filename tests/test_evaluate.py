@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from swinkit.evaluate import evaluate, throughput
+import swinkit
+from helpers import perturb, write_digit_folder
+from swinkit.checkpoint.native import save
+from swinkit.evaluate import evaluate, evaluate_checkpoint, throughput
+from swinkit.predict import predict
 
 
 class FixedLogits(nn.Module):
@@ -48,3 +53,31 @@ def test_metrics_match_hand_computation():
 def test_throughput_counts_images():
     rate = throughput(nn.Identity(), torch.zeros(4, 3, 8, 8), warmup=1, iterations=3)
     assert rate > 0
+
+
+def test_predict_and_eval_under_bf16_autocast_stay_close_to_float32(tmp_path):
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=3)
+    model = perturb(swinkit.create_model("swin_test", img_size=32, num_classes=2), scale=0.05)
+    checkpoint = tmp_path / "model.safetensors"
+    save(model, checkpoint, class_names=["digit0", "digit1"])
+
+    def probabilities(amp):
+        results = predict([folder], checkpoint, topk=2, amp=amp)
+        return torch.tensor(
+            [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in results]
+        )
+
+    plain, reduced = probabilities("none"), probabilities("bf16")
+    assert plain.shape == (6, 2)
+    assert not torch.equal(plain, reduced)  # the model did run in bfloat16
+    assert torch.allclose(plain, reduced, atol=2e-2)
+
+    metrics = {amp: evaluate_checkpoint(folder, checkpoint, workers=0, amp=amp) for amp in ("none", "bf16")}
+    assert metrics["bf16"]["images"] == metrics["none"]["images"] == 6
+    assert metrics["bf16"]["loss"] == pytest.approx(metrics["none"]["loss"], abs=2e-2)
+    for call in (
+        lambda: predict([folder], checkpoint, amp="fp8"),
+        lambda: evaluate_checkpoint(folder, checkpoint, amp="int8"),
+    ):
+        with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, got '(fp8|int8)'"):
+            call()

@@ -83,6 +83,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict-data", action="store_true", help="stop at the first undecodable image")
     parser.add_argument("--throughput", action="store_true", help="also measure images/s (official method)")
     parser.add_argument("--device", default="cpu")
+    _add_amp(parser)
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
 
 
@@ -98,6 +99,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         args.strict_data,
         args.throughput,
         args.device,
+        args.amp,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -117,13 +119,23 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    _add_amp(parser)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _add_amp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amp",
+        default="none",
+        choices=["none", "bf16", "fp16"],
+        help="autocast the model to bfloat16 / float16 (GPUs; CPUs with AVX-512 BF16 or AMX for bf16)",
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .predict import format_results, predict
 
-    results = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device)
+    results = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.amp)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 1 if results and all("error" in r for r in results) else 0
 

@@ -39,6 +39,17 @@ class EvalResult:
         }
 
 
+# Mixed precision by name, as train, eval and predict take it: autocast to this dtype, or none.
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype named ``name`` (``none``, ``bf16``, ``fp16``); other names are refused."""
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {name!r}")
+    return AMP_DTYPES[name]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -145,8 +156,11 @@ def evaluate_checkpoint(
     strict_data: bool = False,
     measure_throughput: bool = False,
     device: str = "cpu",
+    amp: str = "none",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on an image folder or CSV list with the preprocessing stored in the file.
+
+    ``amp`` (``bf16``, ``fp16``) runs the model under autocast; metrics are computed in float32.
 
     Writes ``metrics.json`` and ``confusion.png`` to ``output`` when given; returns the metrics.
     """
@@ -160,6 +174,7 @@ def evaluate_checkpoint(
     from .data import collate_skipping_bad, csv_list, eval_transform, image_folder
     from .factory import create_model
 
+    dtype = amp_dtype(amp)
     loaded = read_any(checkpoint)
     model = create_model(checkpoint=loaded).to(device).eval()
     stored = class_names_from_metadata(loaded.metadata)
@@ -169,7 +184,7 @@ def evaluate_checkpoint(
     mapping = _label_map(dataset.classes, names, stored is not None, str(data))
     dataset.samples = [type(s)(s.path, mapping[s.label]) for s in dataset.samples]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad)
-    result = evaluate(model, loader, len(names), torch.device(device))
+    result = evaluate(model, loader, len(names), torch.device(device), dtype)
     metrics = result.summary(names)
     if result.bad_items:
         metrics["bad_image_paths"] = result.bad_items

@@ -14,6 +14,7 @@ from torch import nn
 from .checkpoint.load import read_any
 from .checkpoint.native import class_names_from_metadata
 from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
+from .evaluate import amp_dtype
 from .factory import create_model
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,17 @@ def predict(
     topk: int = 5,
     batch_size: int = 32,
     device: str = "cpu",
+    amp: str = "none",
 ) -> list[dict[str, Any]]:
     """Classify every image in ``inputs``; one result per file, in order.
 
     A result is ``{"path", "predictions": [{"class", "index", "probability"}, ...]}``, or
-    ``{"path", "error"}`` for a file that could not be decoded.
+    ``{"path", "error"}`` for a file that could not be decoded. ``amp`` (``bf16``, ``fp16``) runs
+    the model under autocast; probabilities are computed in float32.
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
+    dtype = amp_dtype(amp)
     model, names = load_for_inference(checkpoint, device)
     transform = eval_transform(model.config.preprocessing)
     paths = expand_inputs(inputs)
@@ -71,7 +75,9 @@ def predict(
                 logger.warning("%s", error)
                 results.append({"path": str(path), "error": str(error)})
         if batch:
-            probabilities = model(torch.stack(batch).to(device)).float().softmax(dim=-1)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+                logits = model(torch.stack(batch).to(device))
+            probabilities = logits.float().softmax(dim=-1)
             values, indices = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)
             for position, top_values, top_indices in zip(good, values.tolist(), indices.tolist(), strict=True):
                 results[position]["predictions"] = [

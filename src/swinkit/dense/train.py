@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import collate_skipping_bad
+from ..evaluate import amp_dtype
 from ..train import distributed
 from ..train.data import EpochBatchSampler
-from ..train.loop import AMP_DTYPES, TrainingLoop, plain
+from ..train.loop import TrainingLoop, plain
 from ..train.metrics import MetricsLog
 from ..train.optim import WarmupCosine, build_optimizer
 from ..train.state import TRAIN_CHECKPOINT, save_training_state, set_rng_state
@@ -69,8 +70,7 @@ class DenseTrainer(TrainingLoop):
     def __init__(self, config: DenseConfig, dist: distributed.Distributed) -> None:
         if config.data is None:
             raise ValueError("--data is required for dense training")
-        if config.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {config.amp!r}")
+        amp_dtype(config.amp)  # a bad name stops the run before any data is read
         self.config, self.dist = config, dist
         self.output = Path(config.output)
         self.train_set, self.val_set = self.load_data()
@@ -95,7 +95,7 @@ class DenseTrainer(TrainingLoop):
             warmup_steps=config.warmup_steps,
             total_steps=config.epochs * self.steps_per_epoch,
         )
-        self.amp_dtype = AMP_DTYPES[config.amp]
+        self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step, self.skipped_steps = 0, 0, 0, 0
         self.best = -1.0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.native import save as save_model
-from ..evaluate import EvalResult, evaluate
+from ..evaluate import EvalResult, amp_dtype, evaluate
 from ..factory import create_model
 from . import distributed
 from .config import TrainConfig, save_yaml
@@ -29,8 +29,6 @@ from .optim import WarmupCosine, build_optimizer
 from .state import TRAIN_CHECKPOINT, load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -234,7 +232,7 @@ class Trainer(TrainingLoop):
             warmup_steps=round(config.warmup_epochs * self.steps_per_epoch),
             total_steps=config.epochs * self.steps_per_epoch,
         )
-        self.amp_dtype = AMP_DTYPES[config.amp] if config.amp in AMP_DTYPES else _bad_amp(config.amp)
+        self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         if config.ema and config.fsdp:
             raise ValueError("--ema with --fsdp is not supported: the EMA copy would not be sharded")
@@ -442,10 +440,6 @@ def _mixup(config: TrainConfig, num_classes: int) -> Any:
         label_smoothing=config.label_smoothing,
         num_classes=num_classes,
     )
-
-
-def _bad_amp(value: str) -> None:
-    raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {value!r}")
 
 
 def plain(values: dict[str, Any]) -> dict[str, Any]:
