@@ -44,6 +44,21 @@ def test_split_batch_matches_the_serial_and_reference_paths(two_threads, mode):
     torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_split_batch_under_autocast_runs_every_worker_in_bfloat16(two_threads):
+    fused, reference = _models(num_classes=5)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert image_splits(fused, x) == 2  # autocast is per thread: the workers take the caller's
+        split = fused(x)
+        serial = fused._forward(x)
+    with torch.inference_mode():
+        plain = reference(x)
+    assert split.dtype == serial.dtype == torch.bfloat16
+    torch.testing.assert_close(split, serial, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(split.float(), plain)
+    torch.testing.assert_close(split.float(), plain, rtol=0.05, atol=0.05)
+
+
 def test_split_backbone_returns_every_map(two_threads):
     fused, reference = _models(features_only=True, out_indices=(1, 3))
     x = torch.randn(4, 3, 64, 64)
@@ -64,8 +79,6 @@ def test_no_split_where_it_could_change_results_or_semantics(two_threads):
         assert image_splits(fused, x[:1]) == 1
         assert image_splits(fused.train(), x) == 1  # dropout's random numbers would reorder
         fused.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert image_splits(fused, x) == 1  # autocast is per thread
         fused.image_parallel = False  # the caller's switch
         assert image_splits(fused, x) == 1
         fused.image_parallel = True
