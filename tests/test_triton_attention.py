@@ -7,9 +7,11 @@ these tests run the compiled kernel on it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +86,29 @@ def test_backward_kernels_match_autograd_of_the_pytorch_form(cosine, dtype, tole
         assert relative_error(value, reference) < tolerance, name
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+def test_backward_kernels_in_half_precision_are_close_to_float32(cosine):
+    generator = torch.Generator().manual_seed(4)
+    # An 11 x 9 map in 4 x 4 windows shifted by 2: padding in both directions; bias stays float32
+    # (under autocast the block's bias is the residual stream's dtype).
+    problem = _problem(11, 9, (4, 4), (2, 2), 2, 16, torch.float32, generator)
+    qkv, qkv_bias, bias, scales, index, _, padded_count = problem
+    settings = Settings(heads=2, cosine=cosine, eps=1e-12)
+    grad = torch.randn(2, 11 * 9, 32, generator=generator).to(DEVICE)
+
+    def gradients(dtype):
+        half_qkv, half_bias = qkv.to(dtype), qkv_bias.to(dtype)
+        out, lse = launch(half_qkv, half_bias, bias, scales, index, settings, save_lse=True)
+        return launch_backward(
+            half_qkv, half_bias, bias, scales, index, out, lse, grad.to(dtype), settings, padded_count
+        )
+
+    for name, half, full in zip(
+        ("qkv", "qkv_bias", "bias", "scales"), gradients(torch.float16), gradients(torch.float32), strict=True
+    ):
+        assert relative_error(half.float(), full) < 2e-2, name
+
+
 def test_padded_tokens_are_dropped_and_every_map_token_is_written():
     index, inverse, padded_count = kernel_index(5, 7, (4, 4), (0, 0), torch.device("cpu"))
     assert index.dtype == torch.int32 and padded_count == 4 * 16 - 35
@@ -103,3 +128,18 @@ def test_cpu_tensors_without_the_interpreter_are_refused_by_name():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "attn_impl='triton' runs on CUDA GPUs, not on cpu tensors" in result.stderr
+
+
+def test_kernels_compile_for_hopper_gpus_without_one(tmp_path):
+    # Triton lowers each kernel to PTX and runs its bundled ptxas for sm_90 (H100 / H200): a real
+    # compile, which catches what the interpreter lets through (types, shapes of tl.dot, layouts).
+    from triton_compile import variants
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    script = Path(__file__).with_name("triton_compile.py")
+    result = subprocess.run([sys.executable, str(script), "90"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["kernel"], r["dtype"], r["cosine"]) for r in rows] == [(k, d, f["COSINE"]) for k, d, f in variants()]
+    assert all(r["arch"] == 90 and r["cubin_bytes"] > 0 for r in rows)
+    assert all(r["mma"] for r in rows if r["dtype"] in ("bfloat16", "float16"))  # on the tensor cores

@@ -1,0 +1,73 @@
+"""Compile the Triton kernels of ``attn_impl="triton"`` for NVIDIA GPUs, on any machine.
+
+Run as a script (``python tests/triton_compile.py ARCH...``, e.g. ``90`` for H100 / H200): Triton
+lowers each kernel through its IR to PTX and a cubin with the ``ptxas`` its wheel ships, which
+needs no GPU. Prints one JSON line per compiled variant. Run without ``TRITON_INTERPRET``: the
+interpreter replaces the kernels with Python functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from swinkit import _triton_kernels as kernels
+
+# Element types of the pointer arguments: the data's own, the float32 / float64 accumulator's,
+# or fixed. Every other argument is an int32 size, except eps.
+DATA = {"qkv", "qkv_bias", "out", "out_grad", "qkv_grad"}
+WIDE = {"scales", "lse", "delta", "pad_grad", "bias_grad", "scale_grad"}
+FIXED = {"index": "*i32", "bias": "*fp32", "eps": "fp32"}
+TRITON_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def variants() -> list[tuple[str, str, dict]]:
+    """(kernel, dtype, flags): every kernel in bf16 (V1 and V2), and float16 / float32 forwards."""
+    chosen = []
+    for name in ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries"):
+        for cosine in (False, True):
+            chosen.append((name, "bfloat16", {"COSINE": cosine}))
+    chosen += [("window_attention_forward", "float16", {"COSINE": False})]
+    chosen += [("window_attention_forward", "float32", {"COSINE": True})]
+    chosen += [("window_attention_backward_keys", "float32", {"COSINE": True})]
+    return chosen
+
+
+def compile_variant(name: str, dtype: str, flags: dict, arch: int) -> dict:
+    fn = getattr(kernels, name)
+    data, wide = TRITON_NAMES[dtype], "fp64" if dtype == "float64" else "fp32"
+    constants = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "ACC": tl.float64 if wide == "fp64" else tl.float32}
+    constants |= {"SAVE_LSE": True, "BIAS_GRAD": True, "SCALE_GRAD": True} | flags
+    constants = {key: value for key, value in constants.items() if key in fn.arg_names}
+    signature = {}
+    for argument in fn.arg_names:
+        if argument in constants:
+            signature[argument] = "constexpr"
+        elif argument in DATA:
+            signature[argument] = f"*{data}"
+        elif argument in WIDE:
+            signature[argument] = f"*{wide}"
+        else:
+            signature[argument] = FIXED.get(argument, "i32")
+    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return {
+        "kernel": name,
+        "dtype": dtype,
+        "cosine": flags["COSINE"],
+        "arch": arch,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "shared_bytes": compiled.metadata.shared,
+        "mma": "mma" in compiled.asm["ptx"],
+    }
+
+
+if __name__ == "__main__":
+    for arch in [int(a) for a in sys.argv[1:]] or [90]:
+        for name, dtype, flags in variants():
+            print(json.dumps(compile_variant(name, dtype, flags, arch)), flush=True)
