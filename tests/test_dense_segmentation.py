@@ -28,6 +28,7 @@ from swinkit.dense import (
 )
 from swinkit.dense.segmentation_data import SegmentationTrainTransform, find_split
 from swinkit.dense.shapes import write_shapes_dataset
+from swinkit.dense.train import build_schedule
 from swinkit.train.optim import build_optimizer
 
 # A tiny, fast run: swin_test backbone, narrow heads, 64-pixel scenes.
@@ -247,6 +248,18 @@ def _config(shapes, out, **options):
         **options,
     }
     return resolve_dense_config("segment", values)
+
+
+def test_recipes_pick_the_official_schedules_and_bad_names_are_refused(shapes, tmp_path):
+    segment, detect = resolve_dense_config("segment"), resolve_dense_config("detect")
+    assert (segment.schedule, segment.poly_power, segment.min_lr) == ("poly", 1.0, 0.0)
+    assert (detect.schedule, detect.milestones, detect.gamma) == ("step", (27, 33), 0.1)
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+    schedule = build_schedule(detect, optimizer, steps_per_epoch=100)  # milestones in epochs -> steps
+    assert schedule.lr_at(2699) == pytest.approx(1e-4) and schedule.lr_at(2700) == pytest.approx(1e-5)
+    assert build_schedule(resolve_dense_config("segment", {"epochs": 2}), optimizer, 10).lr_at(20) == 0.0
+    with pytest.raises(ValueError, match="schedule must be one of cosine, poly, step, got 'linear'"):
+        fit_dense(_config(shapes, tmp_path / "bad", schedule="linear"))
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(shapes, tmp_path):

@@ -20,7 +20,7 @@ from swinkit.cli import main
 from swinkit.data import DigitsDataset
 from swinkit.data.transforms import eval_transform
 from swinkit.train import parameter_groups, resolve_config
-from swinkit.train.optim import WarmupCosine, build_optimizer, can_fuse, layer_id
+from swinkit.train.optim import WarmupCosine, WarmupPoly, WarmupStep, build_optimizer, can_fuse, layer_id
 
 # A small, fast configuration shared by the end-to-end runs.
 FAST = ["--model", "swin_test", "--img-size", "32", "--workers", "0", "--no-progress"]
@@ -111,6 +111,38 @@ def test_warmup_cosine_schedule():
     assert lrs[60] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
     assert schedule.current_lr == pytest.approx(1e-5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-5)
+
+
+def _rates(schedule, steps):
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.current_lr)
+        schedule.step()
+    return rates
+
+
+def test_poly_and_step_schedules_follow_the_official_dense_recipes():
+    # mmcv's forms: the regular rate counts from step 0, and during the warm-up it is multiplied
+    # by a factor rising linearly from warmup_lr / lr to 1.
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}])
+    poly = WarmupPoly(optimizer, lr=6e-5, warmup_lr=6e-11, min_lr=0.0, warmup_steps=15, total_steps=160, power=1.0)
+    rates = _rates(poly, 161)
+    assert rates[0] == pytest.approx(6e-5 * 1e-6)
+    assert rates[5] == pytest.approx(6e-5 * (1 - 5 / 160) * (1e-6 + (1 - 1e-6) * 5 / 15))
+    assert rates[15] == pytest.approx(6e-5 * (1 - 15 / 160)) and rates[80] == pytest.approx(3e-5)
+    assert rates[160] == 0.0 and poly.current_lr == 0.0  # past the end it stays at min_lr
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    squared = WarmupPoly(optimizer, lr=1.0, warmup_lr=1.0, min_lr=0.1, warmup_steps=0, total_steps=10, power=2.0)
+    assert squared.lr_at(5) == pytest.approx(0.1 + 0.9 * 0.25)
+
+    step = WarmupStep(optimizer, lr=1e-4, warmup_lr=1e-7, warmup_steps=10, milestones=[27 * 5, 33 * 5], gamma=0.1)
+    rates = _rates(step, 36 * 5)
+    assert rates[0] == pytest.approx(1e-7) and rates[5] == pytest.approx(1e-4 * (0.001 + 0.999 * 0.5))
+    assert rates[10] == rates[134] == pytest.approx(1e-4)
+    assert rates[135] == rates[164] == pytest.approx(1e-5)
+    assert rates[165] == rates[-1] == pytest.approx(1e-6)
+    step.load_state_dict({"step_count": 140})  # resume: the rate is that of the step reached
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-5)
 
 
 def test_config_resolution_order(tmp_path):

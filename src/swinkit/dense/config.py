@@ -31,7 +31,9 @@ class DenseConfig:
     drop_path_rate: float = 0.2
     frozen_stages: int = -1  # -1 none, 0 patch embedding, k: also stages 0..k-1
     always_shift: bool = True  # the official dense window rule
-    # Optimisation: AdamW (no weight decay on norms, biases, position tables), warm-up then cosine per step.
+    # Optimisation: AdamW (no weight decay on norms, biases, position tables), a per-step schedule:
+    # cosine (warm-up, then cosine to min_lr), poly (the official segmentation schedule) or step
+    # (the official detection schedule: the rate times gamma at each milestone epoch).
     epochs: int = 36
     batch_size: int = 16  # per process
     accum_steps: int = 1
@@ -39,6 +41,10 @@ class DenseConfig:
     warmup_lr: float = 1e-7
     min_lr: float = 1e-6
     warmup_steps: int = 1000
+    schedule: str = "cosine"  # cosine, poly or step
+    poly_power: float = 1.0
+    milestones: tuple[int, ...] = (27, 33)  # epochs, for the step schedule
+    gamma: float = 0.1
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -103,12 +109,14 @@ class DetectionConfig(DenseConfig):
 
 SEGMENTATION_RECIPES: dict[str, dict[str, Any]] = {
     # Swin + UPerNet on ADE20K: AdamW 6e-5, weight decay 0.01, 1500 warm-up iterations, 160k iterations
-    # of batch 16 (about 128 epochs of 20,210 images), drop path 0.3, 512 crops. The paper decays
-    # polynomially; swinkit's schedule is cosine. For ADE20K itself add --reduce-zero-label.
+    # of batch 16 (about 128 epochs of 20,210 images), drop path 0.3, 512 crops; the rate decays
+    # linearly to 0 (poly, power 1) after a warm-up from 1e-6 of it. For ADE20K add --reduce-zero-label.
     "ade20k": dict(
         base_lr=6e-5,
         warmup_lr=6e-11,
         min_lr=0.0,
+        schedule="poly",
+        poly_power=1.0,
         weight_decay=0.01,
         warmup_steps=1500,
         epochs=128,
@@ -120,9 +128,9 @@ SEGMENTATION_RECIPES: dict[str, dict[str, Any]] = {
 
 DETECTION_RECIPES: dict[str, dict[str, Any]] = {
     # Swin + Mask R-CNN on COCO, the 3x multi-scale schedule: AdamW 1e-4, weight decay 0.05, 1000
-    # warm-up iterations, 36 epochs of batch 16, drop path 0.2, shorter side 480..800, longer <= 1333.
-    # The paper steps the rate down at epochs 27 and 33; swinkit's schedule is cosine.
-    "coco": dict(output="runs/detect"),
+    # warm-up iterations from 0.001 of the rate, 36 epochs of batch 16, drop path 0.2, shorter side
+    # 480..800, longer <= 1333; the rate drops 10x at epochs 27 and 33.
+    "coco": dict(schedule="step", milestones=(27, 33), gamma=0.1, output="runs/detect"),
 }
 
 TASKS: dict[str, tuple[type, dict[str, dict[str, Any]], str]] = {

@@ -1,7 +1,7 @@
 """Dense training loops: semantic segmentation (UPerNet) and detection (Faster / Mask R-CNN).
 
 Built from classification's machinery (:mod:`swinkit.train`): AdamW groups without weight decay on
-norms, biases and position tables, the per-step :class:`~swinkit.train.WarmupCosine` schedule,
+norms, biases and position tables, a per-step schedule (cosine, or the official poly / step),
 atomic training checkpoints with RNG states, ``torchrun`` process groups, the epoch batch sampler
 and per-(seed, rank, step) seeding, so a resumed run ends with the same weights as an
 uninterrupted one. :class:`DenseTrainer` holds what both tasks share; each task supplies data,
@@ -27,7 +27,7 @@ from ..train import distributed
 from ..train.data import EpochBatchSampler
 from ..train.loop import TrainingLoop, plain
 from ..train.metrics import MetricsLog
-from ..train.optim import WarmupCosine, build_optimizer
+from ..train.optim import WarmupCosine, WarmupPoly, WarmupSchedule, WarmupStep, build_optimizer
 from ..train.state import TRAIN_CHECKPOINT, save_training_state, set_rng_state
 from .backbone import create_backbone
 from .config import DenseConfig, DetectionConfig, SegmentationConfig
@@ -62,6 +62,21 @@ class DenseResult:
     seconds: float = 0.0
 
 
+SCHEDULES = ("cosine", "poly", "step")
+
+
+def build_schedule(config: DenseConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupSchedule:
+    """The per-step learning-rate schedule ``config.schedule`` names, over ``config.epochs`` epochs."""
+    total = config.epochs * steps_per_epoch
+    warmup = dict(lr=config.base_lr, warmup_lr=config.warmup_lr, warmup_steps=config.warmup_steps)
+    if config.schedule == "poly":
+        return WarmupPoly(optimizer, **warmup, min_lr=config.min_lr, total_steps=total, power=config.poly_power)
+    if config.schedule == "step":
+        milestones = [epoch * steps_per_epoch for epoch in config.milestones]
+        return WarmupStep(optimizer, **warmup, milestones=milestones, gamma=config.gamma)
+    return WarmupCosine(optimizer, **warmup, min_lr=config.min_lr, total_steps=total)
+
+
 class DenseTrainer(TrainingLoop):
     """A dense training run. Subclasses set :attr:`metric` and implement the task-specific methods."""
 
@@ -70,7 +85,9 @@ class DenseTrainer(TrainingLoop):
     def __init__(self, config: DenseConfig, dist: distributed.Distributed) -> None:
         if config.data is None:
             raise ValueError("--data is required for dense training")
-        amp_dtype(config.amp)  # a bad name stops the run before any data is read
+        amp_dtype(config.amp)  # bad names stop the run before any data is read
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
         self.config, self.dist = config, dist
         self.output = Path(config.output)
         self.train_set, self.val_set = self.load_data()
@@ -87,14 +104,7 @@ class DenseTrainer(TrainingLoop):
         self.loader = self._loader(self.augmented, batch_sampler=self.sampler)
         self.forward_model = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
-        self.scheduler = WarmupCosine(
-            self.optimizer,
-            lr=config.base_lr,
-            warmup_lr=config.warmup_lr,
-            min_lr=config.min_lr,
-            warmup_steps=config.warmup_steps,
-            total_steps=config.epochs * self.steps_per_epoch,
-        )
+        self.scheduler = build_schedule(config, self.optimizer, self.steps_per_epoch)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step, self.skipped_steps = 0, 0, 0, 0

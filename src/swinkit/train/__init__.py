@@ -2,7 +2,7 @@
 
 from .config import RECIPES, TrainConfig, resolve_config
 from .loop import Trainer, TrainResult, fit
-from .optim import WarmupCosine, layer_id, parameter_groups, uses_weight_decay
+from .optim import WarmupCosine, WarmupPoly, WarmupStep, layer_id, parameter_groups, uses_weight_decay
 
 __all__ = [
     "RECIPES",
@@ -10,6 +10,8 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "WarmupCosine",
+    "WarmupPoly",
+    "WarmupStep",
     "fit",
     "layer_id",
     "parameter_groups",

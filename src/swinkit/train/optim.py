@@ -62,29 +62,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float |
     return [groups[key] for key in sorted(groups)]
 
 
-class WarmupCosine:
-    """Per-iteration schedule: linear from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+class WarmupSchedule:
+    """A per-iteration learning rate, written into every group (times its ``lr_scale``) at each step."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        lr: float,
-        warmup_lr: float,
-        min_lr: float,
-        warmup_steps: int,
-        total_steps: int,
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
-        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
         self.step_count = 0
         self._apply()
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        raise NotImplementedError
 
     def _apply(self) -> None:
         lr = self.lr_at(self.step_count)
@@ -105,6 +92,91 @@ class WarmupCosine:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step_count = int(state["step_count"])
         self._apply()
+
+
+class WarmupCosine(WarmupSchedule):
+    """Linear from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``.
+
+    The official classification schedule (and swinkit's default for the dense tasks).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_lr: float,
+        min_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+    ) -> None:
+        self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        super().__init__(optimizer)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class _WarmupFactor(WarmupSchedule):
+    """The dense recipes' warm-up (mmcv's ``linear``): the regular rate times a factor that rises
+    linearly from ``warmup_lr / lr`` to 1 over ``warmup_steps``; the regular rate counts from step 0."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_lr: float, warmup_steps: int) -> None:
+        self.lr, self.warmup_steps = lr, warmup_steps
+        self.warmup_ratio = warmup_lr / lr if lr else 1.0
+        super().__init__(optimizer)
+
+    def regular_lr(self, step: int) -> float:
+        raise NotImplementedError
+
+    def lr_at(self, step: int) -> float:
+        lr = self.regular_lr(step)
+        if step < self.warmup_steps:
+            return lr * (self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup_steps)
+        return lr
+
+
+class WarmupPoly(_WarmupFactor):
+    """``min_lr + (lr - min_lr) * (1 - step / total_steps) ** power`` after the warm-up (UPerNet on ADE20K: power 1)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_lr: float,
+        min_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        power: float = 1.0,
+    ) -> None:
+        self.min_lr, self.total_steps, self.power = min_lr, max(total_steps, 1), power
+        super().__init__(optimizer, lr, warmup_lr, warmup_steps)
+
+    def regular_lr(self, step: int) -> float:
+        remaining = max(0.0, 1.0 - step / self.total_steps)
+        return self.min_lr + (self.lr - self.min_lr) * remaining**self.power
+
+
+class WarmupStep(_WarmupFactor):
+    """``lr`` times ``gamma`` for every milestone step reached (Mask R-CNN 3x: epochs 27 and 33, gamma 0.1)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_lr: float,
+        warmup_steps: int,
+        milestones: Iterable[int],
+        gamma: float = 0.1,
+    ) -> None:
+        self.milestones, self.gamma = sorted(milestones), gamma
+        super().__init__(optimizer, lr, warmup_lr, warmup_steps)
+
+    def regular_lr(self, step: int) -> float:
+        return self.lr * self.gamma ** sum(step >= milestone for milestone in self.milestones)
 
 
 def build_optimizer(
