@@ -26,19 +26,19 @@ FIXED = {"index": "*i32", "bias": "*fp32", "eps": "fp32"}
 TRITON_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
 
-def variants() -> list[tuple[str, str, dict]]:
-    """(kernel, dtype, flags): every kernel in bf16 (V1 and V2), and float16 / float32 forwards."""
-    chosen = []
-    for name in ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries"):
-        for cosine in (False, True):
-            chosen.append((name, "bfloat16", {"COSINE": cosine}))
-    chosen += [("window_attention_forward", "float16", {"COSINE": False})]
-    chosen += [("window_attention_forward", "float32", {"COSINE": True})]
-    chosen += [("window_attention_backward_keys", "float32", {"COSINE": True})]
+def variants() -> list[tuple[str, str, dict, int]]:
+    """(kernel, dtype, flags, warps): every kernel in bf16 (V1 and V2) with 4 warps, and V2's with 8
+    (the other setting the autotuner tries), float16 / float32 forwards, a float32 backward."""
+    names = ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries")
+    chosen = [(name, "bfloat16", {"COSINE": cosine}, 4) for name in names for cosine in (False, True)]
+    chosen += [(name, "bfloat16", {"COSINE": True}, 8) for name in names]
+    chosen += [("window_attention_forward", "float16", {"COSINE": False}, 4)]
+    chosen += [("window_attention_forward", "float32", {"COSINE": True}, 4)]
+    chosen += [("window_attention_backward_keys", "float32", {"COSINE": True}, 4)]
     return chosen
 
 
-def compile_variant(name: str, dtype: str, flags: dict, arch: int) -> dict:
+def compile_variant(name: str, dtype: str, flags: dict, warps: int, arch: int) -> dict:
     fn = getattr(kernels, name)
     data, wide = TRITON_NAMES[dtype], "fp64" if dtype == "float64" else "fp32"
     constants = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "ACC": tl.float64 if wide == "fp64" else tl.float32}
@@ -55,11 +55,12 @@ def compile_variant(name: str, dtype: str, flags: dict, arch: int) -> dict:
         else:
             signature[argument] = FIXED.get(argument, "i32")
     source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     return {
         "kernel": name,
         "dtype": dtype,
         "cosine": flags["COSINE"],
+        "warps": compiled.metadata.num_warps,
         "arch": arch,
         "cubin_bytes": len(compiled.asm["cubin"]),
         "shared_bytes": compiled.metadata.shared,
@@ -69,5 +70,5 @@ def compile_variant(name: str, dtype: str, flags: dict, arch: int) -> dict:
 
 if __name__ == "__main__":
     for arch in [int(a) for a in sys.argv[1:]] or [90]:
-        for name, dtype, flags in variants():
-            print(json.dumps(compile_variant(name, dtype, flags, arch)), flush=True)
+        for name, dtype, flags, warps in variants():
+            print(json.dumps(compile_variant(name, dtype, flags, warps, arch)), flush=True)

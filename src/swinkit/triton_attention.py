@@ -175,7 +175,7 @@ def launch(
     shape = _Shape.of(qkv, bias, index, settings.heads)
     out = torch.empty(shape.B, shape.L, shape.C, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(shape.programs, shape.N, dtype=shape.wide, device=qkv.device) if save_lse else out
-    _kernels().window_attention_forward[(shape.programs, shape.tiles)](
+    _kernel("window_attention_forward")[(shape.programs, shape.tiles)](
         qkv.contiguous(),
         qkv_bias.to(qkv.dtype).contiguous(),
         index,
@@ -219,12 +219,11 @@ def launch_backward(
     scale_parts = torch.empty(shape.programs, shape.tiles, dtype=wide, device=device) if scale_grad else lse
     common = (qkv, qkv_bias, index, bias, scales_wide, lse, delta, grad, qkv_grad, pad_grad)
     sizes = (*shape.sizes(), padded_count, settings.eps)
-    kernels = _kernels()
-    kernels.window_attention_backward_keys[(shape.programs, shape.tiles)](
+    _kernel("window_attention_backward_keys")[(shape.programs, shape.tiles)](
         *common, dS, scale_parts, *sizes,
         COSINE=settings.cosine, BIAS_GRAD=bias_grad, SCALE_GRAD=scale_grad, **shape.blocks(),
     )  # fmt: skip
-    kernels.window_attention_backward_queries[(shape.programs, shape.tiles)](
+    _kernel("window_attention_backward_queries")[(shape.programs, shape.tiles)](
         *common, *sizes, COSINE=settings.cosine, **shape.blocks()
     )
     qkv_bias_grad = pad_grad[:, :padded_count].sum((0, 1)).to(qkv_bias.dtype)
@@ -289,11 +288,26 @@ def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _kernels():
-    """The kernel module (importing it imports triton, whose interpreter setting is read then)."""
+# Compiled kernels are tuned on their first call per (window tokens, head dim, channels, dtypes):
+# 4 warps keep register pressure high (205 registers a thread for the bf16 forward on sm_90, a few
+# bytes spilled in the backward), 8 warps halve it; which runs faster is the GPU's to say.
+WARPS = (4, 8)
+
+
+@functools.cache
+def _kernel(name: str):
+    """A kernel of ``swinkit._triton_kernels`` (importing it imports triton, whose interpreter
+    setting is read then), wrapped in ``triton.autotune`` over :data:`WARPS` when compiled."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
     from . import _triton_kernels
 
-    return _triton_kernels
+    kernel = getattr(_triton_kernels, name)
+    if not isinstance(kernel, JITFunction):  # Triton's interpreter: nothing to tune
+        return kernel
+    configs = [triton.Config({}, num_warps=warps) for warps in WARPS]
+    return triton.autotune(configs=configs, key=["N", "d", "C"])(kernel)
 
 
 def check_runnable(device: torch.device) -> None:
