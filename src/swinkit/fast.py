@@ -99,7 +99,8 @@ def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dt
 
 def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
     """Attention of ``h`` (``(c * nW, N, C)`` windows) through the output projection, before its bias."""
-    if torch.is_grad_enabled() or (attn.training and attn.attn_drop > 0):
+    # One head at a time pays on CPU caches; a GPU wants the few large batched products instead.
+    if torch.is_grad_enabled() or (attn.training and attn.attn_drop > 0) or h.device.type != "cpu":
         windows, N, C = h.shape
         q, k, v = attn.qkv_heads(h)  # each (c*nW, nH, N, d), q scaled
         # Per-window bias as the reference seam expects it.
@@ -218,8 +219,9 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
         tokens = flat.index_select(1, index)  # (B, nW*N, C) in window order
         return chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C).index_select(1, inverse).view_as(x)
     # A few images at a time: gathered into window order, through the block and scattered back
-    # while they are in cache, so the map is read once and written once.
-    per = max(1, CHUNK_TOKENS // (nW * N))
+    # while they are in cache, so the map is read once and written once (CPU; a GPU takes the
+    # whole batch at once: small chunks would leave it idle between launches).
+    per = max(1, CHUNK_TOKENS // (nW * N)) if x.device.type == "cpu" else B
     out = torch.empty_like(flat)
     for start in range(0, B, per):
         tokens = flat[start : start + per].index_select(1, index)
