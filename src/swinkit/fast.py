@@ -138,17 +138,12 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
 
 
 def _qkv_linear(attn: nn.Module, h: Tensor) -> Tensor:
-    if hasattr(attn, "q_bias"):  # V2: q and v biases, none for k
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
-        return F.linear(h, attn.qkv.weight, bias)
-    return attn.qkv(h)
+    return F.linear(h, attn.qkv.weight, attn.combined_qkv_bias())
 
 
 def _head_scales(attn: nn.Module) -> list[float]:
-    if hasattr(attn, "logit_scale"):
-        from .model_v2 import MAX_LOGIT_SCALE
-
-        return torch.clamp(attn.logit_scale, max=MAX_LOGIT_SCALE).exp().flatten().tolist()
+    if hasattr(attn, "logit_scales"):
+        return attn.logit_scales().flatten().tolist()
     return [attn.scale] * attn.num_heads
 
 

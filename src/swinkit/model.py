@@ -281,6 +281,10 @@ class WindowAttention(nn.Module):
         index = relative_position_index(window, self.table_window, self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index].view(N, N, self.num_heads).permute(2, 0, 1)
 
+    def combined_qkv_bias(self) -> Tensor | None:
+        """The bias of the ``(3C,)`` q, k, v projection (None without one)."""
+        return self.qkv.bias
+
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> q (scaled by ``d**-0.5``), k, v, each ``(B * nW, nH, N, d)``."""
         B_, N, C = x.shape

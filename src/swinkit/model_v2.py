@@ -132,14 +132,23 @@ class WindowAttentionV2(nn.Module):
         index = relative_position_index(window, window, weight.device)
         return table[index].view(N, N, self.num_heads).permute(2, 0, 1)
 
+    def combined_qkv_bias(self) -> Tensor | None:
+        """The ``(3C,)`` bias of the q, k, v projection: q and v biases, none for k (None without them)."""
+        return None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def logit_scales(self) -> Tensor:
+        """``1 / tau`` of Eq. 2 per head, ``(nH, 1, 1)``: the learned log-scale clamped at log(100)."""
+        return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> unit q times ``1 / tau``, unit k, and v, each ``(B * nW, nH, N, d)``."""
         B_, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(B_, N, 3, self.num_heads, C // self.num_heads)
+        qkv = F.linear(x, self.qkv.weight, self.combined_qkv_bias()).reshape(
+            B_, N, 3, self.num_heads, C // self.num_heads
+        )
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         # cos(q, k) / tau: unit q and k, with 1 / tau folded into q so the seam computes q @ k^T + B.
-        scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (nH, 1, 1)
+        scale = self.logit_scales()  # (nH, 1, 1)
         # Padded tokens have k = 0 (no k bias): F.normalize's eps 1e-12 is 0 in float16, which would give 0 / 0.
         eps = max(1e-12, torch.finfo(x.dtype).tiny)
         return F.normalize(q, dim=-1, eps=eps) * scale, F.normalize(k, dim=-1, eps=eps), v

@@ -83,14 +83,11 @@ def kernel_index(H: int, W: int, window: Pair, shift: Pair, device: torch.device
 def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
     """Attention of every map token of ``tokens`` ``(B, L, C)``, before the output projection."""
     C = tokens.shape[-1]
-    cosine = hasattr(attn, "logit_scale")
-    if cosine:  # V2: q and v biases, none for k
-        from .model_v2 import MAX_LOGIT_SCALE
-
-        qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
-        scales = torch.clamp(attn.logit_scale, max=MAX_LOGIT_SCALE).exp().flatten()
+    cosine = hasattr(attn, "logit_scales")  # V2's cosine attention
+    qkv_bias = attn.combined_qkv_bias()
+    if cosine:
+        scales = attn.logit_scales().flatten()
     else:
-        qkv_bias = attn.qkv.bias
         scales = torch.full((attn.num_heads,), attn.scale, dtype=torch.float64, device=tokens.device)
     qkv = F.linear(tokens, attn.qkv.weight, qkv_bias)
     if qkv_bias is None:
