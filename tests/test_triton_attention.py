@@ -117,6 +117,12 @@ def test_padded_tokens_are_dropped_and_every_map_token_is_written():
     assert torch.equal(index[inverse].long(), torch.arange(35))
 
 
+def _compiled_python(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """Python in a fresh process without Triton's interpreter (which this process runs on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel is compiled, not refused")
 def test_cpu_tensors_without_the_interpreter_are_refused_by_name():
     code = (
@@ -124,8 +130,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused_by_name():
         "m = swinkit.create_model('swin_test', num_classes=2, attn_impl='triton')\n"
         "m(torch.randn(1, 3, 32, 32))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = _compiled_python("-c", code)
     assert result.returncode != 0
     assert "attn_impl='triton' runs on CUDA GPUs, not on cpu tensors" in result.stderr
 
@@ -135,9 +140,7 @@ def test_kernels_compile_for_hopper_gpus_without_one(tmp_path):
     # compile, which catches what the interpreter lets through (types, shapes of tl.dot, layouts).
     from triton_compile import variants
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    script = Path(__file__).with_name("triton_compile.py")
-    result = subprocess.run([sys.executable, str(script), "90"], env=env, capture_output=True, text=True, timeout=600)
+    result = _compiled_python(str(Path(__file__).with_name("triton_compile.py")), "90", TRITON_CACHE_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     expected = [(kernel, dtype, flags["COSINE"], warps) for kernel, dtype, flags, warps in variants()]
@@ -152,8 +155,7 @@ def test_compiled_kernels_are_tuned_over_warps_and_interpreted_ones_are_not():
         "kernel = _kernel('window_attention_backward_keys')\n"
         "print(type(kernel).__name__, sorted(c.num_warps for c in getattr(kernel, 'configs', [])), kernel.keys)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = _compiled_python("-c", code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["Autotuner", "[4,", "8]", "['N',", "'d',", "'C']"]
     if not torch.cuda.is_available():  # this process runs the interpreter (conftest)
