@@ -124,6 +124,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_amp(parser: argparse.ArgumentParser) -> None:
+    # The names of swinkit.evaluate.AMP_DTYPES, spelled out: this module does not import torch.
     parser.add_argument(
         "--amp",
         default="none",

@@ -65,8 +65,14 @@ class DenseResult:
 SCHEDULES = ("cosine", "poly", "step")
 
 
+def check_schedule(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+
+
 def build_schedule(config: DenseConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupSchedule:
     """The per-step learning-rate schedule ``config.schedule`` names, over ``config.epochs`` epochs."""
+    check_schedule(config.schedule)
     total = config.epochs * steps_per_epoch
     warmup = dict(lr=config.base_lr, warmup_lr=config.warmup_lr, warmup_steps=config.warmup_steps)
     if config.schedule == "poly":
@@ -86,8 +92,7 @@ class DenseTrainer(TrainingLoop):
         if config.data is None:
             raise ValueError("--data is required for dense training")
         amp_dtype(config.amp)  # bad names stop the run before any data is read
-        if config.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
+        check_schedule(config.schedule)
         self.config, self.dist = config, dist
         self.output = Path(config.output)
         self.train_set, self.val_set = self.load_data()
