@@ -13,8 +13,7 @@ Workers copy the caller's thread-local state that matters (inference mode, CPU a
 for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU); the split is skipped where it could
 change results or semantics: with autograd on, in training mode (dropout would draw its random
 numbers in another order), while tracing, inside a worker, or when there is one thread or one
-image. ``model.image_parallel = False`` turns it off (for callers
-that run their own threads).
+image. ``model.image_parallel = False`` turns it off (for callers that run their own threads).
 """
 
 from __future__ import annotations
