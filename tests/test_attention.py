@@ -6,9 +6,12 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import swinkit
 from helpers import perturb, relative_error
+from swinkit import fast
 from swinkit.attention import ATTENTION_IMPLS
 from swinkit.fast import window_order
 
@@ -140,3 +143,43 @@ def test_window_order_marks_padding():
     index, inverse, padded = window_order(5, 5, (3, 3), (0, 0), torch.device("cpu"))
     assert index.numel() == 36 and int(padded.sum()) == 11
     assert sorted(index[~padded].tolist()) == list(range(25)) and inverse.numel() == 25
+
+
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_linears_match_float64(gelu, with_bias):
+    x = torch.randn(5, 49, 96, dtype=torch.float64)
+    weight, bias = torch.randn(288, 96, dtype=torch.float64) / 10, torch.randn(288, dtype=torch.float64)
+    bias = bias if with_bias else None
+    expected = F.linear(x, weight, bias)
+    expected = F.gelu(expected) if gelu else expected  # exact (erf) GELU, as the model's MLP
+    with torch.no_grad():
+        assert fast._onednn(x.float())
+        out = fast._linear(x.float(), weight.float(), bias if bias is None else bias.float(), gelu=gelu)
+    assert out.dtype == torch.float32 and relative_error(out.double(), expected) < 1e-6
+
+
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_onednn_residual_linear_matches_float64():
+    linear = nn.Linear(384, 96).double()
+    x, residual = torch.randn(300, 384, dtype=torch.float64), torch.randn(300, 96, dtype=torch.float64)
+    expected = residual + linear(x)
+    with torch.no_grad():
+        out = fast._linear_into(residual.float(), x.float(), linear.float())
+    assert relative_error(out.double(), expected) < 1e-6
+
+
+def test_onednn_only_takes_no_grad_eager_float32_work():
+    x = torch.randn(4, 8)
+    weight = torch.randn(3, 8, requires_grad=True)
+    assert not fast._onednn(x)  # autograd on: oneDNN's linear has no backward
+    out = fast._linear(x, weight, None, gelu=True)
+    out.sum().backward()  # so the fallback is differentiable
+    assert weight.grad is not None
+    with torch.no_grad():
+        assert not fast._onednn(x.double())
+        assert not fast._onednn(x.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fast._onednn(x)  # F.linear under autocast picks bfloat16 as the user asked
+            assert fast._linear(x, weight, None).dtype == torch.bfloat16

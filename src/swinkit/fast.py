@@ -6,7 +6,9 @@ step copies the whole map. Here one precomputed gather takes the map straight in
 per token or per window, so the whole block (norm, attention, projection, residual, MLP, residual)
 runs in window order. Without autograd it runs a few images at a time, so the large intermediates
 (``qkv``, the MLP's hidden layer) stay small and cache-resident instead of being fresh
-page-faulting allocations, and the bias is added into the linear outputs instead of copied.
+page-faulting allocations, and the bias is added into the linear outputs instead of copied. In
+float32 without autograd the linear layers run through oneDNN, which also applies GELU and the
+residual add in the same call.
 
 Padded tokens enter attention as zeros after the first norm, exactly like the reference (the
 official detection code's padding), and are dropped on the way back.
@@ -27,6 +29,10 @@ WindowOrder = tuple[Tensor, Tensor, Tensor | None]
 
 # Tokens per chunk when no gradient is needed: about 1.5-5 MB per intermediate for Swin-T.
 CHUNK_TOKENS = 4096
+
+# oneDNN's float32 linear runs 7-10% faster than the MKL GEMM behind F.linear on AVX-512 CPUs (the
+# same on AVX2), and applies GELU or a residual add to its output before it leaves the cache.
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def window_order(
@@ -137,8 +143,31 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
     return out.permute(1, 2, 0, 3).reshape(windows * N, C)
 
 
+def _onednn(x: Tensor) -> bool:
+    """oneDNN takes the linear layers of no-grad, eager float32 CPU work (it has no autograd and
+    no export form; under autocast F.linear picks the reduced dtype)."""
+    return (
+        ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not tracing()
+    )
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """``x W^T + b``, then GELU (exact, erf) if asked, through oneDNN where ``_onednn`` allows."""
+    if _onednn(x):
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")  # "none": erf
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    out = F.linear(x, weight, bias)
+    return torch.ops.aten.gelu_(out) if gelu else out  # in place: about 1.5x faster than a fresh output
+
+
 def _qkv_linear(attn: nn.Module, h: Tensor) -> Tensor:
-    return F.linear(h, attn.qkv.weight, attn.combined_qkv_bias())
+    return _linear(h, attn.qkv.weight, attn.combined_qkv_bias())
 
 
 def _head_scales(attn: nn.Module) -> list[float]:
@@ -149,15 +178,16 @@ def _head_scales(attn: nn.Module) -> list[float]:
 
 def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
+    if _onednn(x):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
     out = torch.addmm(residual, x, linear.weight.t())
     return out.add_(linear.bias) if linear.bias is not None else out
 
 
 def _mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
-    hidden = F.linear(x, mlp.fc1.weight, mlp.fc1.bias)
     if torch.is_grad_enabled() or (mlp.training and mlp.drop.p > 0):
-        return mlp.drop(F.gelu(hidden))
-    return torch.ops.aten.gelu_(hidden)  # in place: about 1.5x faster than a fresh output (no dropout in eval)
+        return mlp.drop(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)))
+    return _linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True)  # no dropout in eval
 
 
 def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
@@ -180,9 +210,11 @@ def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
     """V2 block (res-post-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
     C = x.shape[-1]
     h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
-    attended = block.attn.proj_drop(block.attn.proj(_attend(block.attn, h.view(-1, N, C), nW, bias)))
+    proj, fc2 = block.attn.proj, block.mlp.fc2
+    attended = block.attn.proj_drop(_linear(_attend(block.attn, h.view(-1, N, C), nW, bias), proj.weight, proj.bias))
     x = x + _drop_path(block, block.norm1(attended), nW * N)
-    x = x + _drop_path(block, block.norm2(block.mlp.drop(block.mlp.fc2(_mlp_hidden(block.mlp, x)))), nW * N)
+    hidden = _mlp_hidden(block.mlp, x)
+    x = x + _drop_path(block, block.norm2(block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias))), nW * N)
     return block.norm3(x)
 
 
