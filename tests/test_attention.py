@@ -170,16 +170,37 @@ def test_onednn_residual_linear_matches_float64():
     assert relative_error(out.double(), expected) < 1e-6
 
 
-def test_onednn_only_takes_no_grad_eager_float32_work():
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_linear_gradients_match_float64(with_bias):
+    x = torch.randn(6, 49, 96, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(288, 96, dtype=torch.float64) / 10).requires_grad_(True)
+    bias = torch.randn(288, dtype=torch.float64, requires_grad=True) if with_bias else None
+    upstream = torch.randn(6, 49, 288, dtype=torch.float64)
+    leaves = [x, weight] + ([bias] if with_bias else [])
+    expected = torch.autograd.grad((F.linear(x, weight, bias) * upstream).sum(), leaves)
+    floats = [leaf.detach().float().requires_grad_(True) for leaf in leaves]
+    assert fast._onednn(floats[0])
+    out = fast.OneDNNLinear.apply(floats[0], floats[1], floats[2] if with_bias else None)
+    assert relative_error(out.double(), F.linear(x, weight, bias)) < 1e-6
+    grads = torch.autograd.grad((out * upstream.float()).sum(), floats)
+    for grad, reference in zip(grads, expected, strict=True):
+        assert grad.shape == reference.shape and relative_error(grad.double(), reference) < 1e-6
+
+
+def test_onednn_linear_skips_gradients_nobody_asked_for():
+    x = torch.randn(4, 8, requires_grad=True)
+    weight, bias = torch.randn(3, 8), torch.randn(3)  # constants
+    fast.OneDNNLinear.apply(x, weight, bias).sum().backward()
+    assert torch.allclose(x.grad, weight.sum(0).expand(4, 8), atol=1e-6)
+
+
+def test_onednn_takes_eager_float32_cpu_work_only():
     x = torch.randn(4, 8)
+    assert fast._onednn(x) == fast.ONEDNN_LINEAR
+    assert not fast._onednn(x.double())
+    assert not fast._onednn(x.to(torch.bfloat16))
     weight = torch.randn(3, 8, requires_grad=True)
-    assert not fast._onednn(x)  # autograd on: oneDNN's linear has no backward
-    out = fast._linear(x, weight, None, gelu=True)
-    out.sum().backward()  # so the fallback is differentiable
-    assert weight.grad is not None
-    with torch.no_grad():
-        assert not fast._onednn(x.double())
-        assert not fast._onednn(x.to(torch.bfloat16))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fast._onednn(x)  # F.linear under autocast picks bfloat16 as the user asked
-            assert fast._linear(x, weight, None).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast._onednn(x)  # F.linear under autocast picks bfloat16 as the user asked
+        assert fast._linear(x, weight, None).dtype == torch.bfloat16

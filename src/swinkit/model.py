@@ -287,9 +287,11 @@ class WindowAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> q (scaled by ``d**-0.5``), k, v, each ``(B * nW, nH, N, d)``."""
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        return self.split_heads(self.qkv(x))
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``qkv`` projection ``(B * nW, N, 3 C)`` -> q (scaled), k, v, each ``(B * nW, nH, N, d)``."""
+        q, k, v = split_qkv(qkv, self.num_heads)
         return q * self.scale, k, v
 
     def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
@@ -300,6 +302,12 @@ class WindowAttention(nn.Module):
         x = window_attention(q, k, v, bias, self.attn_drop, self.training, self.attn_impl)
         x = x.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
+
+
+def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(B * nW, N, 3 C)`` -> q, k, v views, each ``(B * nW, nH, N, d)``."""
+    B_, N, C3 = qkv.shape
+    return qkv.reshape(B_, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair) -> Tensor:

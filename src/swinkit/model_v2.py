@@ -37,6 +37,7 @@ from .model import (
     merge_patches,
     relative_position_index,
     shifted_window_attention,
+    split_qkv,
     window_and_shift,
 )
 from .variants import SwinConfig
@@ -142,15 +143,15 @@ class WindowAttentionV2(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> unit q times ``1 / tau``, unit k, and v, each ``(B * nW, nH, N, d)``."""
-        B_, N, C = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.combined_qkv_bias()).reshape(
-            B_, N, 3, self.num_heads, C // self.num_heads
-        )
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return self.split_heads(F.linear(x, self.qkv.weight, self.combined_qkv_bias()))
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``qkv`` projection ``(B * nW, N, 3 C)`` -> unit q times ``1 / tau``, unit k, and v."""
+        q, k, v = split_qkv(qkv, self.num_heads)
         # cos(q, k) / tau: unit q and k, with 1 / tau folded into q so the seam computes q @ k^T + B.
         scale = self.logit_scales()  # (nH, 1, 1)
         # Padded tokens have k = 0 (no k bias): F.normalize's eps 1e-12 is 0 in float16, which would give 0 / 0.
-        eps = max(1e-12, torch.finfo(x.dtype).tiny)
+        eps = max(1e-12, torch.finfo(qkv.dtype).tiny)
         return F.normalize(q, dim=-1, eps=eps) * scale, F.normalize(k, dim=-1, eps=eps), v
 
     def forward(self, x: Tensor, window: Pair, mask: Tensor | None) -> Tensor:
