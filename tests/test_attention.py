@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -204,3 +205,21 @@ def test_onednn_takes_eager_float32_cpu_work_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fast._onednn(x)  # F.linear under autocast picks bfloat16 as the user asked
         assert fast._linear(x, weight, None).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_packed_onednn_weights_follow_weight_changes():
+    model = perturb(swinkit.create_model("swin_test", num_classes=4)).eval()
+    model.set_attn_impl("fused")
+    fc1 = model.layers[0].blocks[0].mlp.fc1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        packed = fast._packed_weights[fc1.weight][1]
+        assert packed.is_mkldnn  # the no-grad path packed it
+        fc1.weight.mul_(-1.5)  # in place, as load_state_dict copies
+        changed = model(x)
+        assert fast._packed_weights[fc1.weight][1] is not packed
+        model.set_attn_impl("reference")
+        assert relative_error(changed, model(x)) < 1e-5
+    copy.deepcopy(model)  # the packed weights live outside the model: EMA copies still work

@@ -21,6 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import reference_attention
 from .model import Pair, shift_window_mask, tracing, window_and_shift
@@ -116,11 +117,11 @@ def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tens
 
 
 def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
-    """No-grad attention one head at a time, each head's q, k, v copied out of ``qkv`` while in cache.
+    """No-grad attention one head at a time, on each head's q, k, v as strided slices of ``qkv``.
 
     Permuting the whole ``qkv`` tensor into head-major layout is a strided copy that costs as much
-    as the attention itself at 12 heads; per-head slices keep every copy and batched matmul small
-    and contiguous (a strided or non-contiguous operand makes ``bmm`` loop over single matrices).
+    as the attention itself at 12 heads; ``bmm`` reads the per-head slices in place (row stride
+    ``3C``), a little faster than copying them out first (torch 2.14).
     """
     windows, N, C = h.shape
     heads = attn.num_heads
@@ -135,11 +136,9 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
         q, k, v = (qkv[:, :, part * C + head * d : part * C + (head + 1) * d] for part in range(3))
         if cosine:
             q, k = F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
-        else:
-            q, k = q.contiguous(), k.contiguous()
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(scales[head])  # (c*nW, N, N)
         scores.view(images, window_count, N, N).add_(bias[:, head])
-        torch.bmm(torch.softmax(scores, dim=-1), v.contiguous(), out=out[head])
+        torch.bmm(torch.softmax(scores, dim=-1), v, out=out[head])
     return out.permute(1, 2, 0, 3).reshape(windows * N, C)
 
 
@@ -158,6 +157,22 @@ def _onednn(x: Tensor) -> bool:
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
     # For GELU, algorithm "none" is the exact (erf) form, as nn.GELU's default.
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+_packed_weights = WeakIdKeyDictionary()  # weight -> (its version, the weight in oneDNN's layout)
+
+
+def _packed(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout (2-4% faster than a reorder per call,
+    the same numbers), kept until the weight changes; it costs a second copy of the linear weights."""
+    if weight.is_inference():
+        return weight  # no version counter to see an in-place load by: reordered per call instead
+    version = (weight.data_ptr(), weight._version)
+    cached = _packed_weights.get(weight)
+    if cached is None or cached[0] != version:
+        cached = (version, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+        _packed_weights[weight] = cached
+    return cached[1]
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -192,7 +207,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
     elif torch.is_grad_enabled():
         out = OneDNNLinear.apply(x, weight, bias)
     else:
-        return _onednn_linear(x, weight, bias, "gelu" if gelu else "none")
+        return _onednn_linear(x, _packed(weight, x.numel() // x.shape[-1]), bias, "gelu" if gelu else "none")
     if not gelu:
         return out
     # In place without autograd: about 1.5x faster than a fresh output.
@@ -214,7 +229,8 @@ def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     if _onednn(x) and torch.is_grad_enabled():
         return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
     if _onednn(x):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+        weight = _packed(linear.weight, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, linear.bias, "add")
     out = torch.addmm(residual, x, linear.weight.t())
     return out.add_(linear.bias) if linear.bias is not None else out
 
