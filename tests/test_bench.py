@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swinkit import get_config
-from swinkit.bench import build, format_rows, parse_target, run_bench
+from swinkit.bench import bench_in_fresh_processes, build, format_rows, parse_target, run_bench
 from swinkit.flops import count_flops
 
 
@@ -34,6 +34,27 @@ def test_bench_reports_every_contender_with_ratios_to_the_first():
         assert row["gemm_fraction"] == pytest.approx(row["gflops"] / row["gemm_gflops"])
     text = format_rows(report)
     assert "swinkit:reference" in text and "GEMM%" in text and "GFLOP/s" in text
+
+
+def test_fresh_processes_time_every_contender_in_a_process_of_its_own():
+    report = run_bench(
+        "swin_test", batch=2, train_batch=2, rounds=2, impls=["reference"], onnxruntime=True, fresh_processes=True
+    )
+    assert report["machine"]["processes"] == "fresh per contender and round"
+    assert [(r["mode"], r["contender"]) for r in report["rows"]] == [
+        ("inference", "swinkit"),
+        ("inference", "swinkit:reference"),
+        ("inference", "swinkit+ort"),
+        ("inference", "swinkit:reference+ort"),
+        ("training", "swinkit"),
+        ("training", "swinkit:reference"),
+    ]
+    assert all(r["rounds"] == 2 and r["images_per_second"] > 0 and r["gemm_gflops"] > 0 for r in report["rows"])
+
+
+def test_a_failing_fresh_process_is_reported_with_its_error():
+    with pytest.raises(RuntimeError, match="timing 'mxnet' in a fresh process failed(.|\n)*unknown contender 'mxnet'"):
+        bench_in_fresh_processes(["mxnet"], "inference", "swin_t", batch=1, size=224, rounds=1)
 
 
 def test_unknown_contenders_are_named():

@@ -1,7 +1,10 @@
 """``swinkit bench``: throughput, latency and peak memory, side by side with the peers in one run.
 
 Contenders run interleaved in the same process (one timed call each per round), so machine noise
-hits them alike; the medians and the ratios to the first peer are what to quote. Every round also
+hits them alike; the medians and the ratios to the first peer are what to quote. With
+``fresh_processes`` each contender instead times itself in a new process of its own, per round and
+in turn, so that what one leaves behind (allocator state, caches, threads) cannot help or hurt
+another. Every round also
 times a large matrix product (repeated), the machine's matrix-multiply rate under the same noise;
 each row says what fraction of that rate it reaches (the model's analytic FLOPs per second, three
 times the forward's for a training step). Peak memory of a training step is measured in a fresh
@@ -232,7 +235,12 @@ def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[tor
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         export_onnx_model(model, path, example, dynamic_size=False)
-        session = onnx_session(path)
+        return session_runner(path)
+
+
+def session_runner(path: str) -> Callable[[torch.Tensor], Any]:
+    """A function that runs the ONNX file at ``path`` in onnxruntime (CPU)."""
+    session = onnx_session(path)
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x.numpy()})
 
@@ -329,6 +337,66 @@ def bench_training(
     return result
 
 
+def bench_in_fresh_processes(
+    names: list[str],
+    mode: str,
+    model_name: str,
+    batch: int,
+    size: int,
+    rounds: int,
+    target: Target = Target(),
+    calls: int = 3,
+) -> BenchResult:
+    """Alternating fresh processes: per round, each contender in a new Python process of its own.
+
+    Each process builds its contender, warms it up and times ``calls`` calls (their median is the
+    round's time) after one reference matrix product, so no contender's allocations, caches or
+    threads are left behind for the next. ``+ort`` contenders are exported once, here.
+    """
+    result = BenchResult(mode, batch, gemm_side=target.gemm_side)
+    common = {"mode": mode, "model": model_name, "batch": batch, "size": size, "calls": calls}
+    common |= {"device": str(target.device), "dtype": str(target.dtype).removeprefix("torch.")}
+    common |= {"threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as folder:
+        exported = {}
+        for name in (n for n in names if n.endswith("+ort")):
+            exported[name] = os.path.join(folder, f"{len(exported)}.onnx")
+            model = build(name.partition("+")[0], model_name).eval()
+            export_onnx_model(model, exported[name], torch.randn(batch, 3, size, size), dynamic_size=False)
+        for _ in range(rounds):
+            for name in names:
+                seconds, gemm = _time_in_child(common | {"name": name, "onnx": exported.get(name)})
+                result.times.setdefault(name, []).append(seconds)
+                result.gemm_times.append(gemm)
+    return result
+
+
+def _time_in_child(spec: dict[str, Any]) -> tuple[float, float]:
+    code = "import sys, swinkit.bench as b; b._time_this_process(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"timing {spec['name']!r} in a fresh process failed:\n{done.stderr[-2000:]}")
+    seconds, gemm = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, gemm
+
+
+def _time_this_process(spec_json: str) -> None:
+    """The child of :func:`bench_in_fresh_processes`: prints ``[median seconds, reference GEMM seconds]``."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    target = parse_target(spec["device"], spec["dtype"])
+    name, calls = spec["name"], spec["calls"]
+    x = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=target.device)
+    if spec["mode"] == "training":
+        result = bench_training([name], spec["model"], x, calls, target=target)
+    else:
+        run = session_runner(spec["onnx"]) if spec["onnx"] else inference_contenders([name], spec["model"], x)[0].run
+        result = BenchResult("inference", x.shape[0], gemm_side=target.gemm_side)
+        with torch.inference_mode():
+            _interleave(result, [(name, functools.partial(run, x))], calls, 2, target)
+    print(json.dumps([statistics.median(result.times[name]), result.gemm_times[0]]))
+
+
 def peak_training_memory(name: str, model_name: str, batch: int, size: int, target: Target = Target()) -> float:
     """MiB of memory a training step adds to a fresh process holding the model and optimizer.
 
@@ -398,13 +466,15 @@ def run_bench(
     onnxruntime: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
+    fresh_processes: bool = False,
 ) -> dict[str, Any]:
     """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
 
     ``impls`` adds swinkit with other ``attn_impl`` values; ``compiled`` adds a ``torch.compile``
     variant of every contender, ``onnxruntime`` an exported one (inference only, CPU only).
     ``device`` (cpu, cuda) and ``dtype`` (float32, or bfloat16 / float16 under autocast): see
-    the module docstring.
+    the module docstring. ``fresh_processes``: each contender times itself in a new process per
+    round (:func:`bench_in_fresh_processes`) instead of all in this one.
     """
     target = parse_target(device, dtype)
     if onnxruntime and target.device.type != "cpu":
@@ -425,22 +495,31 @@ def run_bench(
     reference = (compare or ["swinkit"])[0]
     rows: list[dict[str, Any]] = []
     if "inference" in modes:
-        x = torch.randn(batch, 3, size, size, device=target.device)
-        contenders = inference_contenders(names, model_name, x)
-        rows += bench_inference(contenders, x, rounds, target=target).table(reference, flops_per_image)
-        del contenders
-        gc.collect()
+        if fresh_processes:
+            result = bench_in_fresh_processes(names, "inference", model_name, batch, size, rounds, target)
+        else:
+            x = torch.randn(batch, 3, size, size, device=target.device)
+            contenders = inference_contenders(names, model_name, x)
+            result = bench_inference(contenders, x, rounds, target=target)
+            del contenders
+            gc.collect()
+        rows += result.table(reference, flops_per_image)
     if "training" in modes:
         trainable = [n for n in names if "+ort" not in n]
-        x = torch.randn(train_batch, 3, size, size, device=target.device)
+        if fresh_processes:
+            result = bench_in_fresh_processes(trainable, "training", model_name, train_batch, size, rounds, target)
+        else:
+            x = torch.randn(train_batch, 3, size, size, device=target.device)
+            result = bench_training(trainable, model_name, x, rounds, target=target)
         # A training step is counted as three forwards (the backward's two products per forward one).
-        result = bench_training(trainable, model_name, x, rounds, target=target)
         table = result.table(reference.partition("+")[0], 3 * flops_per_image)
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
                 row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size, target)
         rows += table
-    return {"model": model_name, "machine": machine(target), "rows": rows, "max_rss_mib": peak_rss_mib()}
+    report = {"model": model_name, "machine": machine(target), "rows": rows, "max_rss_mib": peak_rss_mib()}
+    report["machine"]["processes"] = "fresh per contender and round" if fresh_processes else "one, interleaved"
+    return report
 
 
 def format_rows(report: dict[str, Any]) -> str:

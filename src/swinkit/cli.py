@@ -218,6 +218,11 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="float32", help="float32 (default), or bfloat16 / float16: every contender under autocast"
     )
+    parser.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="time each contender in a new process of its own per round (alternating) instead of all in one",
+    )
     parser.add_argument("--json", help="also write the report to this JSON file")
 
 
@@ -238,6 +243,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         onnxruntime=args.onnxruntime,
         device=args.device,
         dtype=args.dtype,
+        fresh_processes=args.fresh_processes,
     )
     print(format_rows(report))
     if args.json:
