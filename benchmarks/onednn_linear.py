@@ -1,0 +1,107 @@
+"""Ablation of the fused path's oneDNN linears: the same model with and without them, beside timm.
+
+``swinkit.fast`` sends the linear layers of eager float32 CPU work through oneDNN (no grad: with
+GELU / the residual add as post-ops; training: ``OneDNNLinear``, oneDNN forward and input gradient,
+MKL weight gradient). This script turns that off and on by the module switch
+``swinkit.fast.ONEDNN_LINEAR``, interleaving per round: swinkit with oneDNN, timm, swinkit without.
+It also times the linear shapes of Swin-T's blocks alone, one thread (what an image-parallel worker
+runs): ``F.linear`` (MKL) against oneDNN.
+
+    python benchmarks/onednn_linear.py [--rounds 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from swinkit import fast
+from swinkit.bench import BenchResult, Target, _interleave, _train_step, build, training_optimizer
+
+# (tokens, in, out) of Swin-T's qkv / proj / fc1 / fc2 per stage, at one chunk of the no-grad path.
+SHAPES = [(3136, 96, 288), (3136, 96, 96), (3136, 96, 384), (3136, 384, 96)]
+SHAPES += [(3920, 192, 576), (3920, 192, 768), (3920, 768, 192), (3920, 384, 1536), (3920, 1536, 384)]
+SHAPES += [(784, 768, 2304), (784, 768, 3072), (784, 3072, 768)]
+
+
+def with_onednn(enabled: bool, call):
+    def run():
+        fast.ONEDNN_LINEAR = enabled
+        try:
+            return call()
+        finally:
+            fast.ONEDNN_LINEAR = True
+
+    return run
+
+
+def median_seconds(call, repeats: int = 15) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def linear_shapes() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("one thread, GFLOP/s:  tokens  in  out  F.linear  oneDNN  ratio")
+    for tokens, inputs, outputs in SHAPES:
+        x, weight, bias = torch.randn(tokens, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
+        mkl = median_seconds(functools.partial(F.linear, x, weight, bias))
+        onednn = median_seconds(functools.partial(fast._onednn_linear, x, weight, bias))
+        flops = 2 * tokens * inputs * outputs / 1e9
+        print(f"{tokens:>26} {inputs:>4} {outputs:>4} {flops / mkl:9.0f} {flops / onednn:7.0f} {mkl / onednn:6.2f}")
+    torch.set_num_threads(threads)
+
+
+def report(result: BenchResult) -> None:
+    base = result.images_per_second("timm")
+    for name in result.times:
+        speed = result.images_per_second(name)
+        print(f"{result.mode:<10} {name:<18} {speed:7.2f} img/s  {speed / base:5.2f}x timm")
+    on, off = statistics.median(result.times["swinkit"]), statistics.median(result.times["swinkit:no-onednn"])
+    print(f"{result.mode:<10} oneDNN speed-up {off / on:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not fast.ONEDNN_LINEAR:
+        raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    torch.manual_seed(0)
+    linear_shapes()
+
+    swinkit, timm = build("swinkit", "swin_t").eval(), build("timm", "swin_t").eval()
+    x = torch.randn(16, 3, 224, 224)
+    inference = BenchResult("inference", 16)
+    calls = [("swinkit", with_onednn(True, lambda: swinkit(x))), ("timm", lambda: timm(x))]
+    calls.append(("swinkit:no-onednn", with_onednn(False, lambda: swinkit(x))))
+    with torch.inference_mode():
+        _interleave(inference, calls, args.rounds, 2, Target())
+    report(inference)
+
+    swinkit.train(), timm.train()
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    swinkit_step = functools.partial(_train_step, swinkit, training_optimizer("swinkit", swinkit), x, y)
+    training = BenchResult("training", 8)
+    calls = [("swinkit", with_onednn(True, swinkit_step))]
+    calls.append(("timm", functools.partial(_train_step, timm, training_optimizer("timm", timm), x, y)))
+    calls.append(("swinkit:no-onednn", with_onednn(False, swinkit_step)))
+    _interleave(training, calls, args.rounds, 1, Target())
+    report(training)
+
+
+if __name__ == "__main__":
+    main()
