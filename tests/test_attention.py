@@ -223,3 +223,18 @@ def test_packed_onednn_weights_follow_weight_changes():
         model.set_attn_impl("reference")
         assert relative_error(changed, model(x)) < 1e-5
     copy.deepcopy(model)  # the packed weights live outside the model: EMA copies still work
+
+
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_onednn_linear_has_second_order_gradients():
+    x = torch.randn(5, 12, dtype=torch.float64)
+    weight = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+
+    def penalty(linear, x, weight):  # a gradient penalty: the input gradient's norm, differentiated again
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(torch.tanh(linear(x, weight, None)).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), weight)[0]
+
+    expected = penalty(F.linear, x, weight)
+    got = penalty(fast.OneDNNLinear.apply, x.float(), weight.detach().float().requires_grad_(True))
+    assert relative_error(got.double(), expected) < 1e-5

@@ -186,12 +186,13 @@ class OneDNNLinear(torch.autograd.Function):
         return _onednn_linear(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled():
+            grad_x = rows.mm(weight).view(x.shape)  # create_graph=True: differentiable, for second order
+        elif ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(rows, weight.t(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
