@@ -7,8 +7,8 @@ per token or per window, so the whole block (norm, attention, projection, residu
 runs in window order. Without autograd it runs a few images at a time, so the large intermediates
 (``qkv``, the MLP's hidden layer) stay small and cache-resident instead of being fresh
 page-faulting allocations, and the bias is added into the linear outputs instead of copied. In
-float32 without autograd the linear layers run through oneDNN, which also applies GELU and the
-residual add in the same call.
+float32 the linear layers run through oneDNN (``_linear``): without autograd with packed weights
+and GELU / the residual add applied in the same call, in training through ``OneDNNLinear``.
 
 Padded tokens enter attention as zeros after the first norm, exactly like the reference (the
 official detection code's padding), and are dropped on the way back.
@@ -31,8 +31,8 @@ WindowOrder = tuple[Tensor, Tensor, Tensor | None]
 # Tokens per chunk when no gradient is needed: about 1.5-5 MB per intermediate for Swin-T.
 CHUNK_TOKENS = 4096
 
-# oneDNN's float32 linear runs 7-10% faster than the MKL GEMM behind F.linear on AVX-512 CPUs (the
-# same on AVX2), and applies GELU or a residual add to its output before it leaves the cache.
+# oneDNN's float32 linear runs 3-16% faster than the MKL GEMM behind F.linear on AVX-512 CPUs for
+# Swin's shapes (level on AVX2), and applies GELU or a residual add before its output leaves the cache.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
