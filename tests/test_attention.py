@@ -205,6 +205,11 @@ def test_onednn_takes_eager_float32_cpu_work_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fast._onednn(x)  # F.linear under autocast picks bfloat16 as the user asked
         assert fast._linear(x, weight, None).dtype == torch.bfloat16
+    torch.backends.mkldnn.enabled = False  # the user turned oneDNN off
+    try:
+        assert not fast._onednn(x)
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")

@@ -144,9 +144,10 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
 
 def _onednn(x: Tensor) -> bool:
     """oneDNN takes the linear layers of eager float32 CPU work (it has no export form; under
-    autocast F.linear picks the reduced dtype)."""
+    autocast F.linear picks the reduced dtype), unless ``torch.backends.mkldnn`` is turned off."""
     return (
         ONEDNN_LINEAR
+        and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
