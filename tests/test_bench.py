@@ -52,9 +52,16 @@ def test_fresh_processes_time_every_contender_in_a_process_of_its_own():
     assert all(r["rounds"] == 2 and r["images_per_second"] > 0 and r["gemm_gflops"] > 0 for r in report["rows"])
 
 
+def test_fresh_processes_refuse_unknown_contenders_before_starting_any():
+    with pytest.raises(ValueError, match="unknown contender 'mxnet'"):
+        bench_in_fresh_processes(["swinkit", "mxnet"], "inference", "swin_t", batch=1, size=224, rounds=1)
+    with pytest.raises(ValueError, match="unknown variant 'jit'"):
+        bench_in_fresh_processes(["timm+jit"], "inference", "swin_t", batch=1, size=224, rounds=1)
+
+
 def test_a_failing_fresh_process_is_reported_with_its_error():
-    with pytest.raises(RuntimeError, match="timing 'mxnet' in a fresh process failed(.|\n)*unknown contender 'mxnet'"):
-        bench_in_fresh_processes(["mxnet"], "inference", "swin_t", batch=1, size=224, rounds=1)
+    with pytest.raises(RuntimeError, match="timing 'swinkit' in a fresh process failed(.|\n)*swin_nonexistent"):
+        bench_in_fresh_processes(["swinkit"], "inference", "swin_nonexistent", batch=1, size=64, rounds=1)
 
 
 def test_unknown_contenders_are_named():

@@ -213,17 +213,29 @@ def _swinkit(model_name: str, num_classes: int, attn_impl: str | None) -> nn.Mod
     return model
 
 
+BUILDERS = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}
+
+
+def check_contender(name: str, model_name: str) -> None:
+    """Refuse an unknown contender (``base`` or ``base+variant``) by name, before anything is built."""
+    base, _, variant = name.partition("+")
+    if variant not in ("", "compile", "ort"):
+        raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort")
+    if base == "swinkit" or base.startswith("swinkit:"):
+        return
+    if base not in BUILDERS:
+        raise ValueError(f"unknown contender {base!r}; accepted: swinkit, swinkit:<attn_impl>, {', '.join(BUILDERS)}")
+    if model_name not in PEERS:
+        raise ValueError(f"no peer models known for {model_name!r}; peers exist for {', '.join(PEERS)}")
+
+
 def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
     """A contender's model: ``swinkit``, ``swinkit:<attn_impl>``, ``swinkit:serial`` (no image-parallel
     threads), ``timm``, ``torchvision`` or ``hf``."""
+    check_contender(name, model_name)
     if name == "swinkit" or name.startswith("swinkit:"):
         return _swinkit(model_name, num_classes, name.partition(":")[2] or None)
-    builders = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}
-    if name not in builders:
-        raise ValueError(f"unknown contender {name!r}; accepted: swinkit, swinkit:<attn_impl>, {', '.join(builders)}")
-    if model_name not in PEERS:
-        raise ValueError(f"no peer models known for {model_name!r}; peers exist for {', '.join(PEERS)}")
-    return builders[name](model_name, num_classes)
+    return BUILDERS[name](model_name, num_classes)
 
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], Any]:
@@ -250,6 +262,7 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
     contenders = []
     for name in names:
         base, _, variant = name.partition("+")
+        check_contender(name, model_name)
         if variant == "ort" and example.device.type != "cpu":
             raise ValueError(f"{name!r}: onnxruntime contenders run on the CPU, not on {example.device}")
         model = build(base, model_name).eval().to(example.device)
@@ -257,8 +270,6 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
             run: Callable[[torch.Tensor], Any] = compile_model(model)
         elif variant == "ort":
             run = onnxruntime_runner(model, example)
-        elif variant:
-            raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort")
         else:
             run = model
         contenders.append(Contender(name, model, run))
@@ -353,6 +364,8 @@ def bench_in_fresh_processes(
     round's time) after one reference matrix product, so no contender's allocations, caches or
     threads are left behind for the next. ``+ort`` contenders are exported once, here.
     """
+    for name in names:
+        check_contender(name, model_name)
     result = BenchResult(mode, batch, gemm_side=target.gemm_side)
     common = {"mode": mode, "model": model_name, "batch": batch, "size": size, "calls": calls}
     common |= {"device": str(target.device), "dtype": str(target.dtype).removeprefix("torch.")}
