@@ -6,8 +6,9 @@ hits them alike; the medians and the ratios to the first peer are what to quote.
 in turn, so that what one leaves behind (allocator state, caches, threads) cannot help or hurt
 another. Every round also times a large matrix product (repeated), the machine's matrix-multiply
 rate under the same noise; each row says what fraction of that rate it reaches (the model's
-analytic FLOPs per second, three times the forward's for a training step). Peak memory of a training step is measured in a fresh
-process per contender (the maximum resident set size; on a GPU, the peak of allocated memory).
+analytic FLOPs per second, three times the forward's for a training step). Peak memory of a
+training step is measured in a fresh process per contender (the maximum resident set size; on a
+GPU, the peak of allocated memory).
 
 On a GPU (``device="cuda"``) every call is synchronized before its clock stops, and
 ``dtype="bfloat16"`` / ``"float16"`` runs every contender under ``torch.autocast`` (the way their
