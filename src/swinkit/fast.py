@@ -228,9 +228,9 @@ def _head_scales(attn: nn.Module) -> list[float]:
 
 def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
-    if _onednn(x) and torch.is_grad_enabled():
-        return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
     if _onednn(x):
+        if torch.is_grad_enabled():
+            return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
         weight = _packed(linear.weight, x.shape[0])
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, linear.bias, "add")
     out = torch.addmm(residual, x, linear.weight.t())
