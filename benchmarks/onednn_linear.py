@@ -12,13 +12,11 @@ runs): ``F.linear`` (MKL) against oneDNN.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from ablation import arguments, median_seconds, report, switched
 
 from swinkit import fast
 from swinkit.bench import BenchResult, Target, _interleave, _train_step, build, training_optimizer
@@ -27,27 +25,6 @@ from swinkit.bench import BenchResult, Target, _interleave, _train_step, build, 
 SHAPES = [(3136, 96, 288), (3136, 96, 96), (3136, 96, 384), (3136, 384, 96)]
 SHAPES += [(3920, 192, 576), (3920, 192, 768), (3920, 768, 192), (3920, 384, 1536), (3920, 1536, 384)]
 SHAPES += [(784, 768, 2304), (784, 768, 3072), (784, 3072, 768)]
-
-
-def with_onednn(enabled: bool, call):
-    def run():
-        fast.ONEDNN_LINEAR = enabled
-        try:
-            return call()
-        finally:
-            fast.ONEDNN_LINEAR = True
-
-    return run
-
-
-def median_seconds(call, repeats: int = 15) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def linear_shapes() -> None:
@@ -63,21 +40,8 @@ def linear_shapes() -> None:
     torch.set_num_threads(threads)
 
 
-def report(result: BenchResult) -> None:
-    base = result.images_per_second("timm")
-    for name in result.times:
-        speed = result.images_per_second(name)
-        print(f"{result.mode:<10} {name:<18} {speed:7.2f} img/s  {speed / base:5.2f}x timm")
-    on, off = statistics.median(result.times["swinkit"]), statistics.median(result.times["swinkit:no-onednn"])
-    print(f"{result.mode:<10} oneDNN speed-up {off / on:.3f}")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = arguments(__doc__.splitlines()[0])
     if not fast.ONEDNN_LINEAR:
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     torch.manual_seed(0)
@@ -86,21 +50,21 @@ def main() -> None:
     swinkit, timm = build("swinkit", "swin_t").eval(), build("timm", "swin_t").eval()
     x = torch.randn(16, 3, 224, 224)
     inference = BenchResult("inference", 16)
-    calls = [("swinkit", with_onednn(True, lambda: swinkit(x))), ("timm", lambda: timm(x))]
-    calls.append(("swinkit:no-onednn", with_onednn(False, lambda: swinkit(x))))
+    calls = [("swinkit", switched(fast, "ONEDNN_LINEAR", True, lambda: swinkit(x))), ("timm", lambda: timm(x))]
+    calls.append(("swinkit:no-onednn", switched(fast, "ONEDNN_LINEAR", False, lambda: swinkit(x))))
     with torch.inference_mode():
         _interleave(inference, calls, args.rounds, 2, Target())
-    report(inference)
+    report(inference, "swinkit", "swinkit:no-onednn", "oneDNN speed-up")
 
     swinkit.train(), timm.train()
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
     swinkit_step = functools.partial(_train_step, swinkit, training_optimizer("swinkit", swinkit), x, y)
     training = BenchResult("training", 8)
-    calls = [("swinkit", with_onednn(True, swinkit_step))]
+    calls = [("swinkit", switched(fast, "ONEDNN_LINEAR", True, swinkit_step))]
     calls.append(("timm", functools.partial(_train_step, timm, training_optimizer("timm", timm), x, y)))
-    calls.append(("swinkit:no-onednn", with_onednn(False, swinkit_step)))
+    calls.append(("swinkit:no-onednn", switched(fast, "ONEDNN_LINEAR", False, swinkit_step)))
     _interleave(training, calls, args.rounds, 1, Target())
-    report(training)
+    report(training, "swinkit", "swinkit:no-onednn", "oneDNN speed-up")
 
 
 if __name__ == "__main__":

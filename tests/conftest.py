@@ -18,3 +18,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_kernel_cache(tmp_path_factory):
+    """The native kernel is built into the test session's temporary directory, not the user's cache."""
+    from swinkit import native
+
+    native.CACHE_DIR = tmp_path_factory.mktemp("swinkit-cache")
+    native.reset()

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import native
 from .export import compile_model, export_onnx_model, onnx_session
 from .flops import count_flops
 
@@ -461,6 +462,7 @@ def machine(target: Target = Target()) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "native_attention": native.status() if target.device.type == "cpu" else None,
         "date": time.strftime("%Y-%m-%d"),
     }
 

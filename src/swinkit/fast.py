@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import native
 from .attention import reference_attention
 from .model import Pair, shift_window_mask, tracing, window_and_shift
 
@@ -117,20 +118,31 @@ def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tens
 
 
 def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
-    """No-grad attention one head at a time, on each head's q, k, v as strided slices of ``qkv``.
+    """No-grad attention of ``h`` (``(c * nW, N, C)`` windows): the native kernel where it applies
+    (:mod:`swinkit.native`), else :func:`heads_attention`."""
+    windows, N, C = h.shape
+    qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
+    cosine = hasattr(attn, "logit_scale")
+    if native.applies(qkv, attn.num_heads, N, bias) and not tracing():
+        scales = torch.tensor(_head_scales(attn), dtype=torch.float32)
+        return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
+    return heads_attention(qkv, attn.num_heads, window_count, bias, _head_scales(attn), cosine)
+
+
+def heads_attention(
+    qkv: Tensor, heads: int, window_count: int, bias: Tensor, scales: list[float], cosine: bool
+) -> Tensor:
+    """Attention one head at a time in PyTorch operations, on each head's q, k, v as strided slices
+    of ``qkv`` (``(windows, N, 3C)``); returns ``(windows * N, C)``, the heads side by side.
 
     Permuting the whole ``qkv`` tensor into head-major layout is a strided copy that costs as much
     as the attention itself at 12 heads; ``bmm`` reads the per-head slices in place (row stride
     ``3C``), a little faster than copying them out first (torch 2.14).
     """
-    windows, N, C = h.shape
-    heads = attn.num_heads
-    d = C // heads
-    qkv = _qkv_linear(attn, h)  # (c*nW, N, 3C)
-    cosine = hasattr(attn, "logit_scale")
-    eps = max(1e-12, torch.finfo(h.dtype).tiny)
-    scales = _head_scales(attn)
-    out = torch.empty(heads, windows, N, d, dtype=h.dtype, device=h.device)
+    windows, N, width = qkv.shape
+    C, d = width // 3, width // 3 // heads
+    eps = max(1e-12, torch.finfo(qkv.dtype).tiny)
+    out = torch.empty(heads, windows, N, d, dtype=qkv.dtype, device=qkv.device)
     images = windows // window_count
     for head in range(heads):
         q, k, v = (qkv[:, :, part * C + head * d : part * C + (head + 1) * d] for part in range(3))

@@ -1,0 +1,151 @@
+"""The native window-attention kernel (swinkit/csrc) against float64 attention, in the model, and its fallbacks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swinkit
+from helpers import perturb, relative_error
+from swinkit import native
+from swinkit.attention import reference_attention
+
+pytestmark = pytest.mark.skipif(native.unsupported_reason() is not None, reason=str(native.unsupported_reason()))
+
+D = native.HEAD_SIZE
+
+
+def _float64_attention(qkv, heads, bias, scales, cosine):
+    """The reference seam in float64 on the kernel's layout: ``(windows, N, 3C)`` in, ``(windows, N, C)`` out."""
+    windows, tokens, width = qkv.shape
+    q, k, v = qkv.double().view(windows, tokens, 3, heads, D).permute(2, 0, 3, 1, 4)
+    if cosine:
+        q, k = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
+    q = q * scales.double().view(1, heads, 1, 1)
+    out = reference_attention(q, k, v, bias.double() if bias.shape[0] > 1 else bias[0].double(), 0.0, False)
+    return out.transpose(1, 2).reshape(windows, tokens, width // 3)
+
+
+def _inputs(windows, tokens, heads, groups, spread=1.0):
+    qkv = torch.randn(windows, tokens, 3 * heads * D) * spread
+    bias = torch.randn(groups, heads, tokens, tokens)
+    if groups > 1:  # shifted windows: the shift mask's -100 between regions
+        bias = bias + torch.where(torch.rand(groups, 1, tokens, tokens) < 0.3, -100.0, 0.0)
+    return qkv, bias
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 21, 25, 49, 64])  # windows of 1, 4x4, 7x3 (clamped), 5x5, 7x7, 8x8
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kernel_matches_float64_attention(tokens, cosine, groups):
+    heads = 3
+    qkv, bias = _inputs(8, tokens, heads, groups)
+    scales = torch.tensor([10.0, 3.5, 0.7]) if cosine else torch.full((heads,), D**-0.5)
+    got = native.window_attention(qkv, heads, bias, scales, cosine)
+    assert got.shape == (8, tokens, heads * D)
+    assert relative_error(got, _float64_attention(qkv, heads, bias, scales, cosine)) < 1e-6
+
+
+def test_kernel_keeps_large_logits_exact():
+    # Logits spread over hundreds: the softmax must subtract each row's maximum (exp would
+    # overflow) and the tiny exponentials below float's range must not disturb the rest.
+    qkv, bias = _inputs(4, 49, 2, 4, spread=6.0)
+    scales = torch.full((2,), D**-0.5)
+    expected = _float64_attention(qkv, 2, bias, scales, False)
+    assert relative_error(native.window_attention(qkv, 2, bias, scales, False), expected) < 1e-6
+
+
+def _model(variant):
+    # Head size 32 as in every published configuration (the tiny test presets have 16).
+    model = swinkit.create_model(variant, num_classes=4, embed_dim=32, num_heads=(1, 2, 2, 4), window_size=7)
+    return perturb(model, scale=0.05).eval()
+
+
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
+    calls = []
+    kernel_attention = native.window_attention
+    monkeypatch.setattr(native, "window_attention", lambda *a: calls.append(1) or kernel_attention(*a))
+    model = _model(variant)
+    x = torch.randn(3, 3, 72, 56)  # padding to the window in stages 1-2, clamped windows after
+    with torch.no_grad():
+        model.set_attn_impl("reference")
+        expected = model(x)
+        model.set_attn_impl("fused")
+        parallel = model(x)  # image-parallel workers: one thread each
+        with_kernel = len(calls)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            serial = model(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert with_kernel > 0 and len(calls) > with_kernel
+    assert relative_error(parallel, expected) < 1e-5
+    assert relative_error(serial, expected) < 1e-5
+
+
+def test_kernel_declines_what_it_does_not_cover(monkeypatch):
+    qkv, bias = _inputs(2, 49, 2, 1)
+    with torch.no_grad():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert native.applies(qkv, 2, 49, bias)
+            assert not native.applies(qkv.double(), 2, 49, bias)  # float32 only
+            assert not native.applies(qkv, 4, 49, bias)  # head size 16
+            assert not native.applies(torch.randn(2, 81, 3 * 2 * D), 2, 81, torch.randn(1, 2, 81, 81))  # 9x9 windows
+            assert not native.applies(qkv[:, :, :-3], 2, 49, bias)  # not the qkv layout
+            with torch.enable_grad():
+                assert not native.applies(qkv, 2, 49, bias)  # no autograd
+        finally:
+            torch.set_num_threads(threads)
+        if threads > 1:
+            assert not native.applies(qkv, 2, 49, bias)  # PyTorch's threads would sit idle
+        monkeypatch.setattr(native, "ENABLED", False)
+        assert not native.applies(qkv, 2, 49, bias)
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """An empty kernel cache and no kernel loaded; the session's state is restored afterwards."""
+    monkeypatch.setattr(native, "CACHE_DIR", tmp_path)
+    native.reset()
+    yield tmp_path
+    native.reset()
+
+
+def test_failed_build_falls_back_to_pytorch(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert native.kernel() is None
+    assert "could not build window_attention.c" in native.status()
+    model = _model("swin_test")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        fused = model(x)
+        model.set_attn_impl("reference")
+        assert relative_error(fused, model(x)) < 1e-5
+
+
+def test_built_kernel_is_loaded_from_the_cache(fresh_kernel, monkeypatch):
+    assert native.kernel() is not None
+    built = list(fresh_kernel.glob("window_attention-*.so"))
+    assert len(built) == 1
+    native.reset()
+    monkeypatch.setenv("CC", "false")  # no compiler now: only the cached build can serve
+    assert native.kernel() is not None
+    assert "on (AVX-512" in native.status()
+
+
+def test_threads_asking_at_once_build_once(fresh_kernel):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(native.kernel())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(result is results[0] for result in results) and results[0] is not None
+    assert len(list(fresh_kernel.glob("window_attention-*"))) == 1
