@@ -37,16 +37,35 @@ def _inputs(windows, tokens, heads, groups, spread=1.0):
     return qkv, bias
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 21, 25, 49, 64])  # windows of 1, 4x4, 7x3 (clamped), 5x5, 7x7, 8x8
+# Both builds run on an AVX-512 CPU; an AVX2 one runs only its own.
+RUNNABLE = ["avx512", "avx2"] if native.cpu_variant() == "avx512" else [native.cpu_variant()]
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("tokens", [1, 16, 21, 25, 49, 64, 144, 256])  # 1, 4x4, 7x3 (clamped), 5x5 ... 16x16
 @pytest.mark.parametrize("cosine", [False, True])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_kernel_matches_float64_attention(tokens, cosine, groups):
+def test_kernel_matches_float64_attention(variant, tokens, cosine, groups):
     heads = 3
     qkv, bias = _inputs(8, tokens, heads, groups)
     scales = torch.tensor([10.0, 3.5, 0.7]) if cosine else torch.full((heads,), D**-0.5)
-    got = native.window_attention(qkv, heads, bias, scales, cosine)
+    got = native.window_attention(qkv, heads, bias, scales, cosine, variant=variant)
     assert got.shape == (8, tokens, heads * D)
     assert relative_error(got, _float64_attention(qkv, heads, bias, scales, cosine)) < 1e-6
+
+
+def test_windows_shared_over_threads_give_the_same_numbers():
+    qkv, bias = _inputs(7, 49, 2, 7)
+    scales = torch.full((2,), D**-0.5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = native.window_attention(qkv, 2, bias, scales, False)
+        torch.set_num_threads(3)  # 7 windows in shares of 2, 2, 3
+        shared = native.window_attention(qkv, 2, bias, scales, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)
 
 
 def test_kernel_keeps_large_logits_exact():
@@ -60,7 +79,7 @@ def test_kernel_keeps_large_logits_exact():
 
 def _model(variant):
     # Head size 32 as in every published configuration (the tiny test presets have 16).
-    model = swinkit.create_model(variant, num_classes=4, embed_dim=32, num_heads=(1, 2, 2, 4), window_size=7)
+    model = swinkit.create_model(variant, num_classes=4, embed_dim=32, num_heads=(1, 2, 4, 8), window_size=7)
     return perturb(model, scale=0.05).eval()
 
 
@@ -75,36 +94,30 @@ def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
         model.set_attn_impl("reference")
         expected = model(x)
         model.set_attn_impl("fused")
-        parallel = model(x)  # image-parallel workers: one thread each
-        with_kernel = len(calls)
+        outputs = [model(x)]  # image-parallel workers: one thread each
+        model.image_parallel = False
+        outputs.append(model(x))  # one batch: each chunk's windows shared over the threads
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            serial = model(x)
+            outputs.append(model(x))
         finally:
             torch.set_num_threads(threads)
-    assert with_kernel > 0 and len(calls) > with_kernel
-    assert relative_error(parallel, expected) < 1e-5
-    assert relative_error(serial, expected) < 1e-5
+    assert len(calls) == 2 * 8 + 8 + 8  # every block, in each of two workers, then serially (twice)
+    for out in outputs:
+        assert relative_error(out, expected) < 1e-5
 
 
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):
     qkv, bias = _inputs(2, 49, 2, 1)
     with torch.no_grad():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert native.applies(qkv, 2, 49, bias)
-            assert not native.applies(qkv.double(), 2, 49, bias)  # float32 only
-            assert not native.applies(qkv, 4, 49, bias)  # head size 16
-            assert not native.applies(torch.randn(2, 81, 3 * 2 * D), 2, 81, torch.randn(1, 2, 81, 81))  # 9x9 windows
-            assert not native.applies(qkv[:, :, :-3], 2, 49, bias)  # not the qkv layout
-            with torch.enable_grad():
-                assert not native.applies(qkv, 2, 49, bias)  # no autograd
-        finally:
-            torch.set_num_threads(threads)
-        if threads > 1:
-            assert not native.applies(qkv, 2, 49, bias)  # PyTorch's threads would sit idle
+        assert native.applies(qkv, 2, 49, bias)
+        assert not native.applies(qkv.double(), 2, 49, bias)  # float32 only
+        assert not native.applies(qkv, 4, 49, bias)  # head size 16
+        assert not native.applies(torch.randn(1, 1089, 3 * 2 * D), 2, 1089, torch.randn(1, 2, 1089, 1089))  # 33x33
+        assert not native.applies(qkv[:, :, :-3], 2, 49, bias)  # not the qkv layout
+        with torch.enable_grad():
+            assert not native.applies(qkv, 2, 49, bias)  # no autograd
         monkeypatch.setattr(native, "ENABLED", False)
         assert not native.applies(qkv, 2, 49, bias)
 
@@ -137,7 +150,7 @@ def test_built_kernel_is_loaded_from_the_cache(fresh_kernel, monkeypatch):
     native.reset()
     monkeypatch.setenv("CC", "false")  # no compiler now: only the cached build can serve
     assert native.kernel() is not None
-    assert "on (AVX-512" in native.status()
+    assert native.status().startswith("native window attention: on")
 
 
 def test_threads_asking_at_once_build_once(fresh_kernel):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import swinkit
-from swinkit.parallel import _executor, image_splits
+from swinkit.parallel import image_splits, worker_pool
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_no_split_where_it_could_change_results_or_semantics(two_threads):
 
 
 def test_workers_use_one_thread_and_leave_the_callers_count(two_threads):
-    workers = _executor(2)
+    workers = worker_pool(2)
     assert workers.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == 2
     seen = []

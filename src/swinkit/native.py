@@ -1,47 +1,58 @@
 """The native CPU kernel: window attention in one pass per window and head (``csrc/window_attention.c``).
 
 The no-grad fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can:
-float32 on an AVX-512 CPU under Linux, head size 32 (every Swin configuration), windows of at
-most 64 tokens (7 x 7 in V1, 8 x 8 in V2), one intra-op thread (what the image-parallel workers
-of :mod:`swinkit.parallel` run with). Anywhere else the PyTorch operations run instead, with
-the same results up to float rounding.
+float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
+windows of at most 1024 tokens (32 x 32). Anywhere else the PyTorch operations run instead, with
+the same results up to float rounding. With several intra-op threads (a batch that is not split
+over images, see :mod:`swinkit.parallel`) the windows are shared out over the image-parallel
+worker threads; the kernel releases the GIL.
 
-The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
-``~/.cache/swinkit`` (or ``$XDG_CACHE_HOME/swinkit``, or ``CACHE_DIR``), named by a hash of its source and flags,
-and loaded with ``ctypes``; no build step at install time. If there is no compiler, or the
-build fails, the PyTorch path is used and :func:`status` says why. ``ENABLED = False`` turns
-the kernel off (the ablation in ``benchmarks/native_attention.py`` does).
+The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) for the
+instruction set PyTorch uses on this CPU, into ``~/.cache/swinkit`` (or ``$XDG_CACHE_HOME/swinkit``,
+or ``CACHE_DIR``), named by a hash of its source and flags, and loaded with ``ctypes``: no build
+step at install time. If there is no compiler, or the build fails, the PyTorch path is used and
+:func:`status` says why. ``ENABLED = False`` turns the kernel off (as
+``benchmarks/native_attention.py`` does to measure it).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .parallel import in_worker, worker_pool
+
 ENABLED = True
-SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-LIBRARIES = ("-lm",)
-HEAD_SIZE = 32
-MAX_TOKENS = 64
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
+SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
+FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
+# Per instruction set: vector width (LANES floats), keys per pass (TILE) and query rows per register
+# block (ROWS), sized so the accumulators fit the 32 (AVX-512) or 16 (AVX2) vector registers.
+VARIANTS = {
+    "avx512": ("-mavx512f", "-mfma", "-DLANES=16", "-DTILE=64", "-DROWS=4"),
+    "avx2": ("-mavx2", "-mfma", "-DLANES=8", "-DTILE=32", "-DROWS=2"),
+}
+CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # torch.backends.cpu.get_cpu_capability() -> variant
+HEAD_SIZE = 32
+MAX_TOKENS = 1024
 
 _lock = threading.Lock()
-_kernel: ctypes._CFuncPtr | None = None
-_failure: str | None = None  # why the kernel is not available, once a build was tried
+_kernels: dict[str, Callable[..., int] | str] = {}  # variant -> the loaded function, or why there is none
 
 
 def cache_dir() -> Path:
-    """Where the built kernel is kept: ``CACHE_DIR`` if set, else the user's cache directory."""
+    """Where built kernels are kept: ``CACHE_DIR`` if set, else the user's cache directory."""
     if CACHE_DIR is not None:
         return Path(CACHE_DIR)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -49,60 +60,69 @@ def cache_dir() -> Path:
 
 
 def reset() -> None:
-    """Forget the loaded kernel or the reason it is missing: the next call builds or loads again."""
-    global _kernel, _failure
+    """Forget loaded kernels and build failures: the next call builds or loads again."""
     with _lock:
-        _kernel, _failure = None, None
+        _kernels.clear()
 
 
-def _build(target: Path) -> None:
+def cpu_variant() -> str | None:
+    """The kernel variant for this machine: the instruction set PyTorch's own kernels use here."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return CAPABILITIES.get(torch.backends.cpu.get_cpu_capability())
+
+
+def unsupported_reason() -> str | None:
+    """Why this machine cannot run the kernel (None: it can, given a C compiler)."""
+    if cpu_variant() is not None:
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the kernel is built for x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    return f"no AVX-512 or AVX2 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _build(target: Path, flags: tuple[str, ...]) -> None:
     """Compile ``SOURCE`` into ``target``, written under a temporary name and renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES]
+        command = [os.environ.get("CC", "cc"), *flags, str(SOURCE), "-o", str(built), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
 
 
-def _load() -> ctypes._CFuncPtr:
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(FLAGS + LIBRARIES).encode()).hexdigest()[:16]
-    target = cache_dir() / f"window_attention-{tag}.so"
+def _load(variant: str) -> Callable[..., int]:
+    flags = FLAGS + VARIANTS[variant]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"window_attention-{variant}-{tag}.so"
     if not target.exists():
-        _build(target)
+        _build(target, flags)
     function = ctypes.CDLL(str(target)).swinkit_window_attention
     size, pointer = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
-    function.restype = None
+    function.argtypes = [pointer, size, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
+    function.restype = ctypes.c_int
     return function
 
 
-def unsupported_reason() -> str | None:
-    """Why this machine cannot run the kernel (None: it can, given a C compiler)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the kernel is built for x86-64 Linux (this is {platform.system()} {platform.machine()})"
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"the CPU has no AVX-512 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
-    return None
-
-
-def kernel() -> ctypes._CFuncPtr | None:
-    """The compiled kernel, built on the first call; None where it cannot be (see :func:`status`)."""
-    global _kernel, _failure
-    if _kernel is not None or _failure is not None:
-        return _kernel
-    with _lock:  # image-parallel workers may all ask at once: one build
-        if _kernel is None and _failure is None:
-            _failure = unsupported_reason()
-            if _failure is None:
+def kernel(variant: str | None = None) -> Callable[..., int] | None:
+    """The compiled kernel (this CPU's variant unless named), built on first use; None where it
+    cannot be (see :func:`status`)."""
+    variant = variant or cpu_variant()
+    if variant is None:
+        return None
+    loaded = _kernels.get(variant)
+    if loaded is None:
+        with _lock:  # image-parallel workers may all ask at once: one build
+            loaded = _kernels.get(variant)
+            if loaded is None:
                 try:
-                    _kernel = _load()
+                    loaded = _load(variant)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    _failure = f"could not build {SOURCE.name}: {error}"
-    return _kernel
+                    loaded = f"could not build {SOURCE.name}: {error}"
+                _kernels[variant] = loaded
+    return None if isinstance(loaded, str) else loaded
 
 
 def status() -> str:
@@ -110,8 +130,8 @@ def status() -> str:
     if not ENABLED:
         return "native window attention: off (swinkit.native.ENABLED = False)"
     if kernel() is None:
-        return f"native window attention: not used ({_failure})"
-    return "native window attention: on (AVX-512, float32, one thread per worker)"
+        return f"native window attention: not used ({unsupported_reason() or _kernels[cpu_variant()]})"
+    return f"native window attention: on ({cpu_variant()}, float32)"
 
 
 def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
@@ -124,31 +144,36 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
-        and torch.get_num_threads() == 1
         and not torch.is_grad_enabled()
         and kernel() is not None
     )
 
 
-def window_attention(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool) -> Tensor:
+def window_attention(
+    qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None = None
+) -> Tensor:
     """``softmax(scale * q k^T + bias) v`` for every window and head, heads side by side.
 
     ``qkv``: ``(windows, N, 3C)``; ``bias``: ``(groups, heads, N, N)``, window ``w`` using
     ``bias[w % groups]``; ``scales``: ``(heads,)`` float32. Returns ``(windows, N, C)``.
     """
     windows, tokens, width = qkv.shape
-    bias = bias.contiguous()
+    bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
-    kernel()(
-        qkv.data_ptr(),
-        windows,
-        tokens,
-        width // 3,
-        heads,
-        bias.data_ptr(),
-        bias.shape[0],
-        scales.data_ptr(),
-        int(cosine),
-        out.data_ptr(),
-    )
+    function = kernel(variant)
+    after = (tokens, width // 3, heads, bias.data_ptr(), bias.shape[0], scales.data_ptr(), cosine, out.data_ptr())
+
+    def share(windows_range: tuple[int, int]) -> int:  # windows [first, last): the C function releases the GIL
+        return function(qkv.data_ptr(), *windows_range, *after)
+
+    parts = 1 if in_worker() else min(torch.get_num_threads(), windows)
+    if parts == 1:
+        codes = [share((0, windows))]
+    else:
+        edges = [windows * i // parts for i in range(parts + 1)]
+        codes = list(worker_pool(parts).map(share, itertools.pairwise(edges)))
+    if any(codes):
+        raise ValueError(
+            f"the native kernel refused qkv {tuple(qkv.shape)} with {heads} heads, bias {tuple(bias.shape)}"
+        )
     return out

@@ -42,7 +42,7 @@ def _worker_setup() -> None:
     torch.ones(1 << 16).add_(1)
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
+def worker_pool(workers: int) -> ThreadPoolExecutor:
     """The shared pool of ``workers`` threads; rebuilt after a fork (threads do not survive one)."""
     global _pool
     with _pool_lock:
@@ -55,6 +55,11 @@ def _executor(workers: int) -> ThreadPoolExecutor:
             torch.set_num_threads(threads)  # the process-wide count, as the caller had it
             _pool = (os.getpid(), workers, executor)
         return _pool[2]
+
+
+def in_worker() -> bool:
+    """Whether this thread is one of the workers (work here is already one share of a batch)."""
+    return getattr(_local, "worker", False)
 
 
 def image_splits(model: torch.nn.Module, x: Tensor) -> int:
@@ -72,7 +77,7 @@ def image_splits(model: torch.nn.Module, x: Tensor) -> int:
         or model.training
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
-        or getattr(_local, "worker", False)
+        or in_worker()
     ):
         return 1
     return min(torch.get_num_threads(), x.shape[0])
@@ -95,7 +100,7 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int) -> Any:
         ):
             return function(images)
 
-    results = list(_executor(parts).map(work, x.tensor_split(parts)))
+    results = list(worker_pool(parts).map(work, x.tensor_split(parts)))
     if isinstance(results[0], Tensor):
         return torch.cat(results)
     return type(results[0])(torch.cat(outputs) for outputs in zip(*results, strict=True))

@@ -1,45 +1,139 @@
-/* Window attention for one CPU core, AVX-512, float32: softmax(q k^T + bias) v per window and head.
+/* Window attention for one CPU core, float32: softmax(scale q k^T + bias) v per window and head.
  *
- * Built by swinkit/native.py on first use (cc -O3 -mavx512f -mfma) and called through ctypes by the
- * no-grad fused path (swinkit/fast.py), one call per chunk of windows. It replaces, per head, two
- * small batched matrix products (49 x 32 x 49: MKL runs those at a third of its large-GEMM rate),
- * the scale, the bias add, the softmax and the copy that interleaves the heads again: each window's
- * q, k, v stay in the L1 cache from the first product to the output row.
+ * Built by swinkit/native.py on first use and called through ctypes by the no-grad fused path
+ * (swinkit/fast.py), one call per chunk of windows (or per share of them, one per thread). It
+ * replaces, per head, two small batched matrix products (49 x 32 x 49: MKL runs those at a third
+ * of its large-GEMM rate), the scale, the bias add, the softmax and the copy that interleaves the
+ * heads again: each window's q, k, v stay in the L1 cache from the first product to the output.
+ *
+ * Written with GCC vector extensions, so one source builds for AVX-512 (LANES 16, TILE 64, ROWS 4)
+ * and AVX2 (LANES 8, TILE 32, ROWS 2: half the registers); native.py passes those with -m flags.
  *
  * Layout: qkv is (windows, N, 3C), the qkv projection's output (q | k | v, each head's d = 32
  * channels together); bias is (groups, heads, N, N) and window w uses bias[w % groups]; out is
- * (windows, N, C) with the heads side by side, as the output projection reads it. N <= 64.
+ * (windows, N, C) with the heads side by side, as the output projection reads it.
  * cosine != 0: V2's cosine attention, q and k rows divided by max(|row|, 1e-12) first.
  * scales[h] multiplies the logits of head h (V1: d^-0.5; V2: the clamped exp(logit_scale)).
  */
-#include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
-#define D 32      /* head dimension of every Swin configuration */
-#define COLUMNS 64 /* key positions, padded to 4 vectors of 16 */
-#define ROWS 4    /* query rows per register block: 16 accumulators for q k^T, 8 for p v */
+#ifndef LANES
+#define LANES 16 /* floats per vector register */
+#endif
+#ifndef TILE
+#define TILE 64 /* key positions per pass of q k^T, in TILE / LANES vectors */
+#endif
+#ifndef ROWS
+#define ROWS 4 /* query rows per register block: ROWS * TILE / LANES accumulators */
+#endif
+#define D 32            /* head size of every Swin configuration */
+#define MAX_TOKENS 1024 /* windows up to 32 x 32 */
+#define KEY_VECTORS (TILE / LANES)
+#define OUT_VECTORS (D / LANES)
 
-/* exp(x) for x in [-87, 0] (x = logit - row maximum, clamped), 16 lanes, inline: x = n ln2 + r with
- * |r| <= ln2 / 2, e^r by its Taylor series to degree 7 (truncation error below 6e-9, under float's
- * 6e-8 half-ulp), times 2^n by vscalefps. About twice as fast here as glibc's vector expf. */
-static inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2, high 16 bits */
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   /* ln2, the rest */
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef int ivec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vec splat(float x) { /* a broadcast (x + a zero vector would be a scalar add first) */
+  vec v = {x};
+  return __builtin_shuffle(v, (ivec){0});
+}
+static inline vec load(const float *p) {
+  vec v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__) && LANES == 16
+#include <immintrin.h>
+static inline vec larger(vec a, vec b) { return (vec)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__) && LANES == 8
+#include <immintrin.h>
+static inline vec larger(vec a, vec b) { return (vec)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
+static inline vec larger(vec a, vec b) {
+  ivec a_wins = a > b;
+  return (vec)((a_wins & (ivec)a) | (~a_wins & (ivec)b));
+}
+#endif
+/* Horizontal max / sum as a tree: halves folded onto each other (a loop over the lanes would be a
+ * chain of LANES dependent operations, about 50 cycles per softmax row). */
+typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
+static inline quarter fold_to_quarter(vec v, int maximum) {
+  quarter part[LANES / 4];
+  memcpy(part, &v, sizeof v);
+  for (int width = LANES / 4; width > 1; width /= 2)
+    for (int i = 0; i < width / 2; i++) {
+      quarter other = part[i + width / 2];
+      part[i] = maximum ? (quarter)(((part[i] > other) & (__typeof__((part[i] > other)))part[i]) |
+                                    (~(part[i] > other) & (__typeof__((part[i] > other)))other))
+                        : part[i] + other;
+    }
+  return part[0];
+}
+static inline float largest_lane(vec v) {
+  quarter q = fold_to_quarter(v, 1);
+  return fmaxf(fmaxf(q[0], q[1]), fmaxf(q[2], q[3]));
+}
+static inline float lane_sum(vec v) {
+  quarter q = fold_to_quarter(v, 0);
+  return (q[0] + q[1]) + (q[2] + q[3]);
 }
 
-static __mmask16 valid_lanes(long count) {
-  return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
+/* exp(x) for x in [-87, 0] (x = logit - row maximum, clamped): x = n ln2 + r with |r| <= ln2 / 2,
+ * e^r by its Taylor series to degree 7 (truncation error below 6e-9, under float's 6e-8 half-ulp),
+ * times 2^n written straight into the exponent bits (n >= -126 keeps it a normal float). */
+static inline vec exp_nonpositive(vec x) {
+  const vec round = splat(12582912.0f); /* 1.5 * 2^23: adding and subtracting rounds to an integer */
+  vec n = (x * splat(1.44269504088896341f) + round) - round;
+  vec r = x - n * splat(0.693145751953125f); /* ln2, its high 16 bits: n * it is exact */
+  r = r - n * splat(1.428606765330187e-06f); /* ln2, the rest */
+  vec p = splat(1.0f / 5040.0f);
+  p = p * r + splat(1.0f / 720.0f);
+  p = p * r + splat(1.0f / 120.0f);
+  p = p * r + splat(1.0f / 24.0f);
+  p = p * r + splat(1.0f / 6.0f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  ivec two_to_n = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * (vec)two_to_n;
+}
+
+/* Logits of one row (N of them, `padded` = N rounded up to LANES) plus the bias row, turned into
+ * exp(logit - max) in place, the padding lanes' logits set to -inf; returns 1 / their sum. The
+ * partial last vector is assembled in registers: scalar stores read back by a vector load would
+ * miss store-to-load forwarding, a stall per row. */
+static float softmax_row(float *row, const float *bias, long N, long padded) {
+  const long whole = N / LANES * LANES;
+  vec top = splat(-INFINITY);
+  for (long j = 0; j < whole; j += LANES) {
+    vec v = load(row + j) + load(bias + j);
+    store(row + j, v);
+    top = larger(top, v);
+  }
+  if (whole < N) {
+    vec tail_bias = splat(0.0f);
+    ivec lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    for (long i = 0; i < N - whole; i++) tail_bias[i] = bias[whole + i];
+    ivec valid = lane < (int)(N - whole);
+    vec v = (vec)((valid & (ivec)(load(row + whole) + tail_bias)) | (~valid & (ivec)splat(-INFINITY)));
+    store(row + whole, v);
+    top = larger(top, v);
+  }
+  /* exp(x) for x < -87 (the padding's -inf among them) is below float's normal range: 1.6e-38 in
+   * its place is negligible next to the row maximum's exp(0) = 1 in the sum. */
+  const vec maximum = splat(largest_lane(top)), floor = splat(-87.0f);
+  vec sum = splat(0.0f);
+  for (long j = 0; j < padded; j += LANES) {
+    vec e = exp_nonpositive(larger(load(row + j) - maximum, floor));
+    store(row + j, e);
+    sum += e;
+  }
+  return 1.0f / lane_sum(sum);
 }
 
 static float inverse_norm(const float *row) {
@@ -48,95 +142,94 @@ static float inverse_norm(const float *row) {
   return 1.0f / fmaxf(sqrtf(sum), 1e-12f);
 }
 
-/* Softmax of one row of logits held in 4 registers (lanes >= N ignored) into p, and 1 / its sum. */
-static float softmax_row(__m512 logits[4], const float *bias, long N, float *p) {
-  const __m512 minus_infinity = _mm512_set1_ps(-INFINITY);
-  __m512 largest = minus_infinity;
-  for (int t = 0; t < 4; t++) {
-    __mmask16 lanes = valid_lanes(N - 16 * t);
-    __m512 with_bias = _mm512_add_ps(logits[t], _mm512_maskz_loadu_ps(lanes, bias + 16 * t));
-    logits[t] = _mm512_mask_blend_ps(lanes, minus_infinity, with_bias);
-    largest = _mm512_max_ps(largest, logits[t]);
+/* keys = k^T (D x `stride_keys`), zero past N; with cosine, k's rows normalised first. */
+static void transpose_keys(const float *k, long stride, long N, long stride_keys, int cosine, float *keys) {
+  for (long j = 0; j < N; j++) {
+    float norm = cosine ? inverse_norm(k + j * stride) : 1.0f;
+    for (int c = 0; c < D; c++) keys[c * stride_keys + j] = k[j * stride + c] * norm;
   }
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(largest));
-  /* exp(x) for x < -87 (the padding lanes' -inf among them) is below float's normal range: 1.6e-38
-   * in its place is negligible next to the row maximum's exp(0) = 1 in the sum. */
-  const __m512 floor = _mm512_set1_ps(-87.0f);
-  __m512 sum = _mm512_setzero_ps();
-  for (int t = 0; t < 4; t++) {
-    __m512 e = exp_nonpositive(_mm512_max_ps(_mm512_sub_ps(logits[t], top), floor));
-    _mm512_store_ps(p + 16 * t, e);
-    sum = _mm512_add_ps(sum, e);
+  for (int c = 0; c < D; c++)
+    for (long j = N; j < stride_keys; j++) keys[c * stride_keys + j] = 0.0f;
+}
+
+/* logits[r * stride_keys + first_key ...] for ROWS query rows against one TILE of keys. */
+static void logits_tile(const float *queries, const float *keys, long stride_keys, long first_key, float *logits) {
+  vec acc[ROWS][KEY_VECTORS];
+  for (int r = 0; r < ROWS; r++)
+    for (int t = 0; t < KEY_VECTORS; t++) acc[r][t] = splat(0.0f);
+  for (int c = 0; c < D; c++) {
+    vec key[KEY_VECTORS];
+    for (int t = 0; t < KEY_VECTORS; t++) key[t] = load(keys + c * stride_keys + first_key + t * LANES);
+    for (int r = 0; r < ROWS; r++) {
+      vec a = splat(queries[r * D + c]);
+      for (int t = 0; t < KEY_VECTORS; t++) acc[r][t] += a * key[t];
+    }
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  for (int r = 0; r < ROWS; r++)
+    for (int t = 0; t < KEY_VECTORS; t++) store(logits + r * stride_keys + first_key + t * LANES, acc[r][t]);
 }
 
 /* One window, one head. q, k, v rows are `stride` floats apart; out rows `out_stride`. */
-static void window_head(const float *q, const float *k, const float *v, long stride, long N, const float *bias,
-                        float scale, int cosine, float *out, long out_stride) {
-  float keys[D * COLUMNS] __attribute__((aligned(64))); /* k^T, zero past N */
-  float queries[ROWS * D] __attribute__((aligned(64)));
-  float p[ROWS][COLUMNS] __attribute__((aligned(64)));
-  for (long j = 0; j < N; j++) {
-    float norm = cosine ? inverse_norm(k + j * stride) : 1.0f;
-    for (int c = 0; c < D; c++) keys[c * COLUMNS + j] = k[j * stride + c] * norm;
-  }
-  for (int c = 0; c < D; c++)
-    for (long j = N; j < COLUMNS; j++) keys[c * COLUMNS + j] = 0.0f;
-
+static inline __attribute__((always_inline)) void window_head(const float *q, const float *k, const float *v, long stride, long N, const float *bias,
+                        float scale, int cosine, float *out, long out_stride, float *keys, float *logits) {
+  const long stride_keys = (N + TILE - 1) / TILE * TILE, padded = (N + LANES - 1) / LANES * LANES;
+  float queries[ROWS * D];
+  transpose_keys(k, stride, N, stride_keys, cosine, keys);
   for (long first = 0; first < N; first += ROWS) {
-    long rows = N - first < ROWS ? N - first : ROWS;
+    const long rows = N - first < ROWS ? N - first : ROWS;
     for (int r = 0; r < ROWS; r++) { /* a short last block repeats its last row */
       const float *row = q + (first + (r < rows ? r : rows - 1)) * stride;
-      float factor = cosine ? scale * inverse_norm(row) : scale;
+      const float factor = cosine ? scale * inverse_norm(row) : scale;
       for (int c = 0; c < D; c++) queries[r * D + c] = row[c] * factor;
     }
-    __m512 logits[ROWS][4];
+    for (long first_key = 0; first_key < stride_keys; first_key += TILE)
+      logits_tile(queries, keys, stride_keys, first_key, logits);
+    float inverse_sum[ROWS];
     for (int r = 0; r < ROWS; r++)
-      for (int t = 0; t < 4; t++) logits[r][t] = _mm512_setzero_ps();
-    for (int c = 0; c < D; c++) {
-      const float *key = keys + c * COLUMNS;
-      __m512 k0 = _mm512_load_ps(key), k1 = _mm512_load_ps(key + 16), k2 = _mm512_load_ps(key + 32),
-             k3 = _mm512_load_ps(key + 48);
-      for (int r = 0; r < ROWS; r++) {
-        __m512 a = _mm512_set1_ps(queries[r * D + c]);
-        logits[r][0] = _mm512_fmadd_ps(a, k0, logits[r][0]);
-        logits[r][1] = _mm512_fmadd_ps(a, k1, logits[r][1]);
-        logits[r][2] = _mm512_fmadd_ps(a, k2, logits[r][2]);
-        logits[r][3] = _mm512_fmadd_ps(a, k3, logits[r][3]);
-      }
-    }
-    float inverse_sum[ROWS] = {0.0f};
-    for (int r = 0; r < rows; r++) inverse_sum[r] = softmax_row(logits[r], bias + (first + r) * N, N, p[r]);
-    for (int r = rows; r < ROWS; r++)
-      for (int j = 0; j < COLUMNS; j++) p[r][j] = 0.0f;
+      inverse_sum[r] = softmax_row(logits + r * stride_keys, bias + (first + (r < rows ? r : rows - 1)) * N, N, padded);
 
-    __m512 acc[ROWS][2];
-    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    vec acc[ROWS][OUT_VECTORS];
+    for (int r = 0; r < ROWS; r++)
+      for (int t = 0; t < OUT_VECTORS; t++) acc[r][t] = splat(0.0f);
     for (long j = 0; j < N; j++) {
-      __m512 v0 = _mm512_loadu_ps(v + j * stride), v1 = _mm512_loadu_ps(v + j * stride + 16);
+      vec value[OUT_VECTORS];
+      for (int t = 0; t < OUT_VECTORS; t++) value[t] = load(v + j * stride + t * LANES);
       for (int r = 0; r < ROWS; r++) {
-        __m512 a = _mm512_set1_ps(p[r][j]);
-        acc[r][0] = _mm512_fmadd_ps(a, v0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a, v1, acc[r][1]);
+        vec a = splat(logits[r * stride_keys + j]);
+        for (int t = 0; t < OUT_VECTORS; t++) acc[r][t] += a * value[t];
       }
     }
-    for (int r = 0; r < rows; r++) {
-      __m512 s = _mm512_set1_ps(inverse_sum[r]);
-      float *row = out + (first + r) * out_stride;
-      _mm512_storeu_ps(row, _mm512_mul_ps(acc[r][0], s));
-      _mm512_storeu_ps(row + 16, _mm512_mul_ps(acc[r][1], s));
-    }
+    for (int r = 0; r < rows; r++)
+      for (int t = 0; t < OUT_VECTORS; t++)
+        store(out + (first + r) * out_stride + t * LANES, acc[r][t] * splat(inverse_sum[r]));
   }
 }
 
-void swinkit_window_attention(const float *qkv, long windows, long N, long C, long heads, const float *bias,
-                              long groups, const float *scales, int cosine, float *out) {
-  const long stride = 3 * C;
-  for (long w = 0; w < windows; w++)
+/* Windows [first, last) of the chunk; a caller may split a chunk into shares, one per thread.
+ * Returns 0, or -1 for sizes it does not take (nothing written then). */
+int swinkit_window_attention(const float *qkv, long first, long last, long N, long C, long heads, const float *bias,
+                             long groups, const float *scales, int cosine, float *out) {
+  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
+  const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
+  /* k^T, then the logits rows; aligned to the cache line, or every vector load would span two */
+  float *keys = aligned_alloc(64, sizeof(float) * (D + ROWS) * stride_keys);
+  if (keys == NULL) return -1;
+  for (long w = first; w < last; w++)
     for (long h = 0; h < heads; h++) {
       const float *q = qkv + w * N * stride + h * D;
-      window_head(q, q + C, q + 2 * C, stride, N, bias + ((w % groups) * heads + h) * N * N, scales[h], cosine,
-                  out + w * N * C + h * D, C);
+      const float *b = bias + ((w % groups) * heads + h) * N * N;
+      float *o = out + w * N * C + h * D, *logits = keys + D * stride_keys;
+      /* The published windows get copies compiled for their N: fixed trip counts let the compiler
+       * unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). */
+      if (N == 49)
+        window_head(q, q + C, q + 2 * C, stride, 49, b, scales[h], cosine, o, C, keys, logits);
+      else if (N == 64)
+        window_head(q, q + C, q + 2 * C, stride, 64, b, scales[h], cosine, o, C, keys, logits);
+      else if (N == 144)
+        window_head(q, q + C, q + 2 * C, stride, 144, b, scales[h], cosine, o, C, keys, logits);
+      else
+        window_head(q, q + C, q + 2 * C, stride, N, b, scales[h], cosine, o, C, keys, logits);
     }
+  free(keys);
+  return 0;
 }
