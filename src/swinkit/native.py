@@ -38,10 +38,10 @@ CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~
 SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
 FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 # Per instruction set: vector width (LANES floats), keys per pass (TILE) and query rows per register
-# block (ROWS), sized so the accumulators fit the 32 (AVX-512) or 16 (AVX2) vector registers.
+# block (ROWS), the fastest of the combinations timed on Swin's shapes (benchmarks/RESULTS.md).
 VARIANTS = {
     "avx512": ("-mavx512f", "-mfma", "-DLANES=16", "-DTILE=64", "-DROWS=4"),
-    "avx2": ("-mavx2", "-mfma", "-DLANES=8", "-DTILE=32", "-DROWS=2"),
+    "avx2": ("-mavx2", "-mfma", "-DLANES=8", "-DTILE=16", "-DROWS=4"),
 }
 CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # torch.backends.cpu.get_cpu_capability() -> variant
 HEAD_SIZE = 32

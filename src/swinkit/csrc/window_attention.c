@@ -7,7 +7,7 @@
  * heads again: each window's q, k, v stay in the L1 cache from the first product to the output.
  *
  * Written with GCC vector extensions, so one source builds for AVX-512 (LANES 16, TILE 64, ROWS 4)
- * and AVX2 (LANES 8, TILE 32, ROWS 2: half the registers); native.py passes those with -m flags.
+ * and AVX2 (LANES 8, TILE 16, ROWS 4); native.py passes those with -m flags.
  *
  * Layout: qkv is (windows, N, 3C), the qkv projection's output (q | k | v, each head's d = 32
  * channels together); bias is (groups, heads, N, N) and window w uses bias[w % groups]; out is
