@@ -162,3 +162,22 @@ def test_threads_asking_at_once_build_once(fresh_kernel):
         thread.join()
     assert len(results) == 4 and all(result is results[0] for result in results) and results[0] is not None
     assert len(list(fresh_kernel.glob("window_attention-*"))) == 1
+
+
+def test_damaged_cached_build_is_rebuilt(fresh_kernel):
+    damaged = native.library_path(native.cpu_variant())
+    damaged.write_bytes(b"not a shared library")  # what a disk error could leave
+    assert native.kernel() is not None
+    assert damaged.stat().st_size > 1000
+    qkv, bias = _inputs(2, 49, 1, 1)
+    scales = torch.full((1,), D**-0.5)
+    expected = _float64_attention(qkv, 1, bias, scales, False)
+    assert relative_error(native.window_attention(qkv, 1, bias, scales, False), expected) < 1e-6
+
+
+def test_unwritable_cache_falls_back_to_pytorch(fresh_kernel, monkeypatch):
+    blocker = fresh_kernel / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native, "CACHE_DIR", blocker / "cache")  # a directory inside a file: cannot exist
+    assert native.kernel() is None
+    assert "could not build" in native.status()

@@ -93,13 +93,23 @@ def _build(target: Path, flags: tuple[str, ...]) -> None:
         os.replace(built, target)
 
 
-def _load(variant: str) -> Callable[..., int]:
+def library_path(variant: str) -> Path:
+    """The cached build of ``variant``: named by the hash of the source and the compiler flags."""
     flags = FLAGS + VARIANTS[variant]
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / f"window_attention-{variant}-{tag}.so"
+    return cache_dir() / f"window_attention-{variant}-{tag}.so"
+
+
+def _load(variant: str) -> Callable[..., int]:
+    flags, target = FLAGS + VARIANTS[variant], library_path(variant)
     if not target.exists():
         _build(target, flags)
-    function = ctypes.CDLL(str(target)).swinkit_window_attention
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError:  # a damaged file in the cache (builds are renamed into place whole): build anew
+        _build(target, flags)
+        library = ctypes.CDLL(str(target))
+    function = library.swinkit_window_attention
     size, pointer = ctypes.c_long, ctypes.c_void_p
     function.argtypes = [pointer, size, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
     function.restype = ctypes.c_int
