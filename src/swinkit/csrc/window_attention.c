@@ -61,16 +61,17 @@ static inline vec larger(vec a, vec b) {
 /* Horizontal max / sum as a tree: halves folded onto each other (a loop over the lanes would be a
  * chain of LANES dependent operations, about 50 cycles per softmax row). */
 typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
+typedef int quarter_mask __attribute__((vector_size(4 * sizeof(float))));
+static inline quarter quarter_max(quarter a, quarter b) {
+  quarter_mask a_wins = a > b;
+  return (quarter)((a_wins & (quarter_mask)a) | (~a_wins & (quarter_mask)b));
+}
 static inline quarter fold_to_quarter(vec v, int maximum) {
   quarter part[LANES / 4];
   memcpy(part, &v, sizeof v);
   for (int width = LANES / 4; width > 1; width /= 2)
-    for (int i = 0; i < width / 2; i++) {
-      quarter other = part[i + width / 2];
-      part[i] = maximum ? (quarter)(((part[i] > other) & (__typeof__((part[i] > other)))part[i]) |
-                                    (~(part[i] > other) & (__typeof__((part[i] > other)))other))
-                        : part[i] + other;
-    }
+    for (int i = 0; i < width / 2; i++)
+      part[i] = maximum ? quarter_max(part[i], part[i + width / 2]) : part[i] + part[i + width / 2];
   return part[0];
 }
 static inline float largest_lane(vec v) {
@@ -103,9 +104,7 @@ static inline vec exp_nonpositive(vec x) {
 }
 
 /* Logits of one row (N of them, `padded` = N rounded up to LANES) plus the bias row, turned into
- * exp(logit - max) in place, the padding lanes' logits set to -inf; returns 1 / their sum. The
- * partial last vector is assembled in registers: scalar stores read back by a vector load would
- * miss store-to-load forwarding, a stall per row. */
+ * exp(logit - max) in place, the padding lanes' logits set to -inf; returns 1 / their sum. */
 static float softmax_row(float *row, const float *bias, long N, long padded) {
   const long whole = N / LANES * LANES;
   vec top = splat(-INFINITY);
@@ -170,8 +169,10 @@ static void logits_tile(const float *queries, const float *keys, long stride_key
 }
 
 /* One window, one head. q, k, v rows are `stride` floats apart; out rows `out_stride`. */
-static inline __attribute__((always_inline)) void window_head(const float *q, const float *k, const float *v, long stride, long N, const float *bias,
-                        float scale, int cosine, float *out, long out_stride, float *keys, float *logits) {
+static inline __attribute__((always_inline)) void window_head(const float *q, const float *k, const float *v,
+                                                              long stride, long N, const float *bias, float scale,
+                                                              int cosine, float *out, long out_stride, float *keys,
+                                                              float *logits) {
   const long stride_keys = (N + TILE - 1) / TILE * TILE, padded = (N + LANES - 1) / LANES * LANES;
   float queries[ROWS * D];
   transpose_keys(k, stride, N, stride_keys, cosine, keys);
@@ -186,7 +187,8 @@ static inline __attribute__((always_inline)) void window_head(const float *q, co
       logits_tile(queries, keys, stride_keys, first_key, logits);
     float inverse_sum[ROWS];
     for (int r = 0; r < ROWS; r++)
-      inverse_sum[r] = softmax_row(logits + r * stride_keys, bias + (first + (r < rows ? r : rows - 1)) * N, N, padded);
+      inverse_sum[r] = softmax_row(logits + r * stride_keys, bias + (first + (r < rows ? r : rows - 1)) * N, N,
+                                   padded);
 
     vec acc[ROWS][OUT_VECTORS];
     for (int r = 0; r < ROWS; r++)
@@ -211,7 +213,7 @@ int swinkit_window_attention(const float *qkv, long first, long last, long N, lo
                              long groups, const float *scales, int cosine, float *out) {
   if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
   const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
-  /* k^T, then the logits rows; aligned to the cache line, or every vector load would span two */
+  /* k^T, then the ROWS rows of logits, on cache-line boundaries */
   float *keys = aligned_alloc(64, sizeof(float) * (D + ROWS) * stride_keys);
   if (keys == NULL) return -1;
   for (long w = first; w < last; w++)
