@@ -87,7 +87,7 @@ def test_no_split_where_it_could_change_results_or_semantics(two_threads):
 
 
 def test_workers_use_one_thread_and_leave_the_callers_count(two_threads):
-    workers = worker_pool(2)
+    workers = worker_pool()
     assert workers.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == 2
     seen = []
@@ -95,3 +95,19 @@ def test_workers_use_one_thread_and_leave_the_callers_count(two_threads):
     thread.start()
     thread.join()
     assert seen == [2]  # a new thread takes the process-wide count, not the workers' one
+
+
+def test_one_pool_serves_every_share_count(two_threads):
+    model = swinkit.create_model("swin_test", num_classes=4).eval()
+    torch.set_num_threads(3)  # the fixture restores the count
+    pool = worker_pool()
+
+    def pool_threads():
+        return sum(thread.name.startswith("swinkit-images") for thread in threading.enumerate())
+
+    before = pool_threads()
+    with torch.no_grad():
+        for batch in (3, 2, 5, 1, 2):  # shares of 3, 2, 3, none, 2 images
+            model(torch.randn(batch, 3, 64, 64))
+    assert worker_pool() is pool
+    assert pool_threads() == before

@@ -181,7 +181,7 @@ def window_attention(
         codes = [share((0, windows))]
     else:
         edges = [windows * i // parts for i in range(parts + 1)]
-        codes = list(worker_pool(parts).map(share, itertools.pairwise(edges)))
+        codes = list(worker_pool().map(share, itertools.pairwise(edges)))
     if any(codes):
         raise ValueError(
             f"the native kernel refused qkv {tuple(qkv.shape)} with {heads} heads, bias {tuple(bias.shape)}"

@@ -14,6 +14,8 @@ for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU); the split is skipped
 change results or semantics: with autograd on, in training mode (dropout would draw its random
 numbers in another order), while tracing, inside a worker, or when there is one thread or one
 image. ``model.image_parallel = False`` turns it off (for callers that run their own threads).
+The same pool serves :mod:`swinkit.native`, which shares a chunk's windows over it when a batch
+is not split.
 """
 
 from __future__ import annotations
@@ -42,17 +44,21 @@ def _worker_setup() -> None:
     torch.ones(1 << 16).add_(1)
 
 
-def worker_pool(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of ``workers`` threads; rebuilt after a fork (threads do not survive one)."""
+def worker_pool() -> ThreadPoolExecutor:
+    """The shared pool, one worker per intra-op thread (``torch.get_num_threads()``); callers submit
+    as many shares as they need, up to that. Rebuilt after a fork (threads do not survive one) or
+    when the thread count changes (the old pool's threads are let go)."""
     global _pool
+    workers = max(1, torch.get_num_threads())
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-            threads = torch.get_num_threads()
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
             executor = ThreadPoolExecutor(workers, thread_name_prefix="swinkit-images")
             # Start every worker now, each waiting on the barrier so that no thread runs two setups.
             barrier = threading.Barrier(workers)
             list(executor.map(lambda _: (_worker_setup(), barrier.wait()), range(workers)))
-            torch.set_num_threads(threads)  # the process-wide count, as the caller had it
+            torch.set_num_threads(workers)  # the process-wide count, as the caller had it
             _pool = (os.getpid(), workers, executor)
         return _pool[2]
 
@@ -100,7 +106,7 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int) -> Any:
         ):
             return function(images)
 
-    results = list(worker_pool(parts).map(work, x.tensor_split(parts)))
+    results = list(worker_pool().map(work, x.tensor_split(parts)))
     if isinstance(results[0], Tensor):
         return torch.cat(results)
     return type(results[0])(torch.cat(outputs) for outputs in zip(*results, strict=True))
