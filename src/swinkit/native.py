@@ -2,10 +2,11 @@
 
 The no-grad fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can:
 float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
-windows of at most 1024 tokens (32 x 32). Anywhere else the PyTorch operations run instead, with
-the same results up to float rounding. With several intra-op threads (a batch that is not split
-over images, see :mod:`swinkit.parallel`) the windows are shared out over the image-parallel
-worker threads; the kernel releases the GIL.
+windows of at most 1024 tokens (32 x 32), one intra-op thread: what the image-parallel workers of
+:mod:`swinkit.parallel` run with, or a one-thread process. (Sharing one batch's windows over the
+workers instead was 0.97-0.99x PyTorch's two-thread path at batch 16 and 1.01-1.03x at batch 1:
+not kept.) Anywhere else the PyTorch operations run instead, with the same results up to float
+rounding.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) for the
 instruction set PyTorch uses on this CPU, into ``~/.cache/swinkit`` (or ``$XDG_CACHE_HOME/swinkit``,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import os
 import platform
 import subprocess
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .parallel import in_worker, worker_pool
+from .parallel import in_worker
 
 ENABLED = True
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
@@ -155,6 +155,7 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
         and not torch.is_grad_enabled()
+        and (in_worker() or torch.get_num_threads() == 1)
         and kernel() is not None
     )
 
@@ -170,20 +171,19 @@ def window_attention(
     windows, tokens, width = qkv.shape
     bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
-    function = kernel(variant)
-    after = (tokens, width // 3, heads, bias.data_ptr(), bias.shape[0], scales.data_ptr(), cosine, out.data_ptr())
-
-    def share(windows_range: tuple[int, int]) -> int:  # windows [first, last): the C function releases the GIL
-        return function(qkv.data_ptr(), *windows_range, *after)
-
-    parts = 1 if in_worker() else min(torch.get_num_threads(), windows)
-    if parts == 1:
-        codes = [share((0, windows))]
-    else:
-        edges = [windows * i // parts for i in range(parts + 1)]
-        codes = list(worker_pool().map(share, itertools.pairwise(edges)))
-    if any(codes):
-        raise ValueError(
-            f"the native kernel refused qkv {tuple(qkv.shape)} with {heads} heads, bias {tuple(bias.shape)}"
-        )
+    code = kernel(variant)(
+        qkv.data_ptr(),
+        0,
+        windows,
+        tokens,
+        width // 3,
+        heads,
+        bias.data_ptr(),
+        bias.shape[0],
+        scales.data_ptr(),
+        cosine,
+        out.data_ptr(),
+    )
+    if code:
+        raise ValueError(f"the native kernel refused qkv {tuple(qkv.shape)}, {heads} heads, bias {tuple(bias.shape)}")
     return out

@@ -14,8 +14,6 @@ for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU); the split is skipped
 change results or semantics: with autograd on, in training mode (dropout would draw its random
 numbers in another order), while tracing, inside a worker, or when there is one thread or one
 image. ``model.image_parallel = False`` turns it off (for callers that run their own threads).
-The same pool serves :mod:`swinkit.native`, which shares a chunk's windows over it when a batch
-is not split.
 """
 
 from __future__ import annotations
