@@ -122,11 +122,11 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
     (:mod:`swinkit.native`), else :func:`heads_attention`."""
     windows, N, C = h.shape
     qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
-    cosine = hasattr(attn, "logit_scale")
+    cosine, scales = hasattr(attn, "logit_scale"), _head_scales(attn)
     if native.applies(qkv, attn.num_heads, N, bias) and not tracing():
-        scales = torch.tensor(_head_scales(attn), dtype=torch.float32)
+        scales = torch.tensor(scales, dtype=torch.float32)
         return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
-    return heads_attention(qkv, attn.num_heads, window_count, bias, _head_scales(attn), cosine)
+    return heads_attention(qkv, attn.num_heads, window_count, bias, scales, cosine)
 
 
 def heads_attention(

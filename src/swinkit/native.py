@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .parallel import in_worker
-
 ENABLED = True
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
 SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
@@ -46,6 +44,7 @@ VARIANTS = {
 CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # torch.backends.cpu.get_cpu_capability() -> variant
 HEAD_SIZE = 32
 MAX_TOKENS = 1024
+X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 _lock = threading.Lock()
 _kernels: dict[str, Callable[..., int] | str] = {}  # variant -> the loaded function, or why there is none
@@ -67,16 +66,14 @@ def reset() -> None:
 
 def cpu_variant() -> str | None:
     """The kernel variant for this machine: the instruction set PyTorch's own kernels use here."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    return CAPABILITIES.get(torch.backends.cpu.get_cpu_capability())
+    return CAPABILITIES.get(torch.backends.cpu.get_cpu_capability()) if X86_LINUX else None
 
 
 def unsupported_reason() -> str | None:
     """Why this machine cannot run the kernel (None: it can, given a C compiler)."""
     if cpu_variant() is not None:
         return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if not X86_LINUX:
         return f"the kernel is built for x86-64 Linux (this is {platform.system()} {platform.machine()})"
     return f"no AVX-512 or AVX2 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
 
@@ -111,7 +108,7 @@ def _load(variant: str) -> Callable[..., int]:
         library = ctypes.CDLL(str(target))
     function = library.swinkit_window_attention
     size, pointer = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [pointer, size, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
+    function.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
     function.restype = ctypes.c_int
     return function
 
@@ -155,7 +152,7 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and (in_worker() or torch.get_num_threads() == 1)
+        and torch.get_num_threads() == 1  # so in every image-parallel worker
         and kernel() is not None
     )
 
@@ -173,7 +170,6 @@ def window_attention(
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
     code = kernel(variant)(
         qkv.data_ptr(),
-        0,
         windows,
         tokens,
         width // 3,

@@ -61,11 +61,6 @@ def worker_pool() -> ThreadPoolExecutor:
         return _pool[2]
 
 
-def in_worker() -> bool:
-    """Whether this thread is one of the workers (work here is already one share of a batch)."""
-    return getattr(_local, "worker", False)
-
-
 def image_splits(model: torch.nn.Module, x: Tensor) -> int:
     """How many worker threads to split ``x``'s batch over (1: run it as it is).
 
@@ -81,7 +76,7 @@ def image_splits(model: torch.nn.Module, x: Tensor) -> int:
         or model.training
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
-        or in_worker()
+        or getattr(_local, "worker", False)
     ):
         return 1
     return min(torch.get_num_threads(), x.shape[0])

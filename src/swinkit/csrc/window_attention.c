@@ -1,10 +1,10 @@
 /* Window attention for one CPU core, float32: softmax(scale q k^T + bias) v per window and head.
  *
  * Built by swinkit/native.py on first use and called through ctypes by the no-grad fused path
- * (swinkit/fast.py), one call per chunk of windows (or per share of them, one per thread). It
- * replaces, per head, two small batched matrix products (49 x 32 x 49: MKL runs those at a third
- * of its large-GEMM rate), the scale, the bias add, the softmax and the copy that interleaves the
- * heads again: each window's q, k, v stay in the L1 cache from the first product to the output.
+ * (swinkit/fast.py), one call per chunk of windows. It replaces, per head, two small batched
+ * matrix products (49 x 32 x 49: MKL runs those at a third of its large-GEMM rate), the scale, the
+ * bias add, the softmax and the copy that interleaves the heads again: each window's q, k, v stay
+ * in the L1 cache from the first product to the output.
  *
  * Written with GCC vector extensions, so one source builds for AVX-512 (LANES 16, TILE 64, ROWS 4)
  * and AVX2 (LANES 8, TILE 16, ROWS 4); native.py passes those with -m flags.
@@ -207,16 +207,15 @@ static inline __attribute__((always_inline)) void window_head(const float *q, co
   }
 }
 
-/* Windows [first, last) of the chunk; a caller may split a chunk into shares, one per thread.
- * Returns 0, or -1 for sizes it does not take (nothing written then). */
-int swinkit_window_attention(const float *qkv, long first, long last, long N, long C, long heads, const float *bias,
+/* Every window and head of the chunk. Returns 0, or -1 for sizes it does not take (nothing written then). */
+int swinkit_window_attention(const float *qkv, long windows, long N, long C, long heads, const float *bias,
                              long groups, const float *scales, int cosine, float *out) {
   if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
   const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
   /* k^T, then the ROWS rows of logits, on cache-line boundaries */
   float *keys = aligned_alloc(64, sizeof(float) * (D + ROWS) * stride_keys);
   if (keys == NULL) return -1;
-  for (long w = first; w < last; w++)
+  for (long w = 0; w < windows; w++)
     for (long h = 0; h < heads; h++) {
       const float *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
