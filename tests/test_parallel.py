@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import swinkit
+from swinkit import parallel
 from swinkit.parallel import image_splits, worker_pool
 
 
@@ -111,3 +112,128 @@ def test_one_pool_serves_every_share_count(two_threads):
             model(torch.randn(batch, 3, 64, 64))
     assert worker_pool() is pool
     assert pool_threads() == before
+
+
+# -- training: each share's forward and backward in its own worker ---------------------------------
+
+
+def _training_models(**options):
+    split, _ = _models(**options)
+    serial = swinkit.create_model("swin_test", **options)
+    serial.load_state_dict(split.state_dict())
+    serial.image_parallel = False
+    return split.train(), serial.train()
+
+
+def _gradients(model, x, weights, create_graph=False):
+    """Parameter and image gradients of a weighted sum of the outputs (a list for a backbone)."""
+    x = x.clone().requires_grad_(True)
+    outputs = model(x)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], create_graph=create_graph, allow_unused=True)
+    return outputs, grads[0], dict(zip(names, grads[1:], strict=True))
+
+
+@pytest.mark.parametrize("options", [{"num_classes": 5}, {"features_only": True, "out_indices": (1, 3)}])
+def test_split_training_step_matches_the_serial_path(two_threads, options):
+    split, serial = _training_models(drop_path_rate=0.0, **options)
+    for model in (split, serial):
+        model.patch_embed.requires_grad_(False)  # a frozen part gets no gradient either way
+    x = torch.randn(3, 3, 70, 57)  # shares of 2 and 1 images; a padded size
+    assert image_splits(split, x) == 2 and image_splits(serial, x) == 1
+    with torch.no_grad():
+        shapes = [o.shape for o in (split(x) if "features_only" in options else [split(x)])]
+    weights = [torch.randn(s) for s in shapes]
+    calls = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting
+    try:
+        outputs, image_grad, grads = _gradients(split, x, weights)
+    finally:
+        torch.autograd.grad = original
+    assert sum(name.startswith("swinkit-images") for name in calls) == 2  # one backward per share, in workers
+    expected_outputs, expected_image_grad, expected = _gradients(serial, x, weights)
+    for a, b in zip(outputs, expected_outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_grad, expected_image_grad, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected.keys() and not any(k.startswith("patch_embed") for k in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_split_training_draws_stochastic_depth_per_share_reproducibly(two_threads):
+    split, serial = _training_models(num_classes=5, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 64, 64)
+    weights = [torch.randn(4, 5)]
+    torch.manual_seed(3)
+    first, _, first_grads = _gradients(split, x, weights)
+    torch.manual_seed(3)
+    again, _, again_grads = _gradients(split, x, weights)
+    assert torch.equal(first[0], again[0])
+    assert all(torch.equal(first_grads[k], again_grads[k]) for k in first_grads)
+    # Each share's masks come from a generator seeded from the caller's: rebuilt here share by share.
+    torch.manual_seed(3)
+    seeds = torch.randint(2**62, (2,)).tolist()
+    expected = []
+    for images, seed in zip(x.tensor_split(2), seeds, strict=True):
+        parallel._local.generator = torch.Generator().manual_seed(seed)
+        try:
+            expected.append(serial(images))
+        finally:
+            parallel._local.generator = None
+    torch.testing.assert_close(first[0], torch.cat(expected), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    other, _, _ = _gradients(split, x, weights)
+    assert not torch.allclose(other[0], first[0])  # the masks are drawn, not fixed
+
+
+def test_split_training_gives_second_order_gradients(two_threads):
+    split, serial = _training_models(num_classes=3, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    weights = [torch.randn(2, 3)]
+    results = []
+    for model in (split, serial):
+        _, image_grad, _ = _gradients(model, x, weights, create_graph=True)
+        penalty = image_grad.square().sum()
+        results.append(torch.autograd.grad(penalty, model.head.weight))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+def test_split_training_refuses_a_second_backward_by_name(two_threads):
+    split, _ = _training_models(num_classes=3)
+    loss = split(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="image_parallel = False"):
+        loss.backward()
+
+
+def test_no_training_split_where_it_could_change_results_or_semantics(two_threads):
+    split, _ = _training_models(num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    assert image_splits(split, x) == 2
+    with torch.no_grad():
+        assert image_splits(split, x) == 1  # training mode without autograd: dropout order
+    assert image_splits(split.eval(), x) == 1  # autograd in eval mode: explanations look inside
+    split.train()
+    split.set_grad_checkpointing(True)
+    assert image_splits(split, x) == 1
+    split.set_grad_checkpointing(False)
+    split.layers[0].blocks[0].mlp.drop.p = 0.1  # plain dropout draws from the global generator
+    assert image_splits(split, x) == 1
+    split.layers[0].blocks[0].mlp.drop.p = 0.0
+    assert image_splits(split, x) == 2
+    handle = split.layers[1].register_forward_hook(lambda *args: None)
+    assert image_splits(split, x) == 1  # a hook would see shares, in worker threads
+    with torch.no_grad():
+        assert image_splits(split.eval(), x) == 1
+    handle.remove()
+    with torch.no_grad():
+        assert image_splits(split, x) == 2

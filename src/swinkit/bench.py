@@ -402,7 +402,9 @@ def _time_this_process(spec_json: str) -> None:
     name, calls = spec["name"], spec["calls"]
     x = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=target.device)
     if spec["mode"] == "training":
-        result = bench_training([name], spec["model"], x, calls, target=target)
+        # Three warm-up steps: the first ones of a fresh process also fault in the optimizer state
+        # and the allocator's arenas (1.1-1.3x the steady step on a 2-core CPU, for every contender).
+        result = bench_training([name], spec["model"], x, calls, warmup=3, target=target)
     else:
         run = session_runner(spec["onnx"]) if spec["onnx"] else inference_contenders([name], spec["model"], x)[0].run
         result = BenchResult("inference", x.shape[0], gemm_side=target.gemm_side)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
-from .parallel import image_splits, run_split
+from .parallel import generator, image_splits, run_split
 from .variants import SwinConfig
 
 Pair = tuple[int, int]
@@ -217,7 +217,8 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    # A split training batch draws from its share's generator (swinkit.parallel), else the default one.
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p, generator=generator())
     return x * keep.div_(1.0 - p)
 
 
@@ -489,7 +490,7 @@ class SwinTransformer(nn.Module):
     """
 
     family = "v1"
-    image_parallel = True  # no-grad CPU batches of the fused path split over threads (swinkit.parallel)
+    image_parallel = True  # CPU batches of the fused path split over threads (swinkit.parallel)
     block_class: type[nn.Module] = SwinTransformerBlock
     merging_class: type[nn.Module] = PatchMerging
 
@@ -612,9 +613,9 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         check_images(x, self.config.in_chans)
-        parts = image_splits(self, x)  # fused CPU inference: images over worker threads (swinkit.parallel)
+        parts = image_splits(self, x)  # fused CPU path: images over worker threads (swinkit.parallel)
         if parts > 1:
-            return run_split(self._forward, x, parts)
+            return run_split(self._forward, x, parts, self)
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor | list[Tensor]:

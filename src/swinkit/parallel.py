@@ -1,4 +1,4 @@
-"""Images in parallel: a no-grad CPU batch split across worker threads, one core each.
+"""Images in parallel: a CPU batch of the fused path split across worker threads, one core each.
 
 PyTorch spreads every operation over its intra-op threads and joins them at the end of it. Swin's
 fused path issues thousands of small operations per batch (per-head matmuls and softmaxes,
@@ -10,10 +10,17 @@ runs, see benchmarks/RESULTS.md). Each image's numbers are those of the serial f
 rounding of matrix products of another row count.
 
 Workers copy the caller's thread-local state that matters (inference mode, CPU autocast: 1.14x
-for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU); the split is skipped where it could
-change results or semantics: with autograd on, in training mode (dropout would draw its random
-numbers in another order), while tracing, inside a worker, or when there is one thread or one
-image. ``model.image_parallel = False`` turns it off (for callers that run their own threads).
+for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU).
+
+Training (autograd on, training mode) splits too: each worker builds its share's graph, and one
+autograd node (:class:`_SharesFunction`) joins them. Its backward runs every share's backward in
+its worker and returns the parameter gradients summed in a fixed order, so hooks, gradient
+scalers, DDP and ``torch.autograd.grad`` see one ordinary node with ordinary gradients.
+Stochastic depth draws from one generator per share, seeded from the caller's generator: a run
+is as reproducible as a serial one (the masks differ from the serial path's). Dropout other than
+stochastic depth, gradient checkpointing, module hooks (they would see shares, in threads) keep
+a batch serial; so do tracing, being inside a worker, one thread or one image.
+``model.image_parallel = False`` turns splitting off (for callers that run their own threads).
 """
 
 from __future__ import annotations
@@ -65,41 +72,205 @@ def image_splits(model: torch.nn.Module, x: Tensor) -> int:
     """How many worker threads to split ``x``'s batch over (1: run it as it is).
 
     Only the fused path splits: the other paths work on whole-batch tensors, large enough for
-    PyTorch's own threading.
+    PyTorch's own threading. With autograd on, only a model in training mode splits.
     """
     if (
         not getattr(model, "image_parallel", False)
         or resolve_impl(model.layers[0].blocks[0].attn.attn_impl, x.device) != "fused"
         or x.device.type != "cpu"
         or x.shape[0] < 2
-        or torch.is_grad_enabled()
-        or model.training
+        or (torch.is_grad_enabled() and not model.training)  # eval with autograd: explanations look inside
+        or (model.training and not torch.is_grad_enabled())  # rare; dropout would draw in another order
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or getattr(_local, "worker", False)
+        or _hooked(model)
+        or (model.training and not _training_splits(model))
     ):
         return 1
     return min(torch.get_num_threads(), x.shape[0])
 
 
-def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int) -> Any:
+def _hooked(model: torch.nn.Module) -> bool:
+    """Module hooks anywhere (or global ones): no split, a hook would see shares, in worker threads."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+        torch_module._global_backward_hooks,
+        torch_module._global_backward_pre_hooks,
+    )
+    if any(global_hooks):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in model.modules()
+    )
+
+
+def _training_splits(model: torch.nn.Module) -> bool:
+    """No active dropout (its random numbers come from the global generator, no per-share one) and
+    no gradient checkpointing (it reruns blocks in the backward, outside the workers)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            return False
+        if getattr(module, "grad_checkpointing", False):
+            return False
+    return True
+
+
+def generator() -> torch.Generator | None:
+    """The random generator of this share of a split training batch (None: the default one)."""
+    return getattr(_local, "generator", None)
+
+
+def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: torch.nn.Module | None = None) -> Any:
     """``function(x)`` computed on ``parts`` slices of the batch in worker threads, joined again.
 
     ``function`` returns a tensor or a list / tuple of tensors whose first dimension is the batch.
+    With autograd on, ``model``'s parameters are the ones whose gradients the split returns.
     """
-    inference = torch.is_inference_mode_enabled()
-    autocast = torch.is_autocast_enabled("cpu")
-    autocast_dtype = torch.get_autocast_dtype("cpu")
-
-    def work(images: Tensor) -> Any:
-        with (
-            torch.inference_mode(inference),
-            torch.no_grad(),
-            torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast),
-        ):
-            return function(images)
-
-    results = list(worker_pool().map(work, x.tensor_split(parts)))
+    if torch.is_grad_enabled():
+        if model is None:
+            raise ValueError("run_split with autograd on needs the model whose parameters to differentiate")
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        seeds = torch.randint(2**62, (parts,)).tolist()  # from the caller's generator: reproducible
+        spec = _SplitSpec(function, _caller_state(), seeds)
+        outputs = _SharesFunction.apply(spec, x, *parameters)
+        return outputs if isinstance(outputs, Tensor) else list(outputs)
+    in_thread = _caller_state()
+    results = list(worker_pool().map(lambda images: in_thread(function, images), x.tensor_split(parts)))
     if isinstance(results[0], Tensor):
         return torch.cat(results)
     return type(results[0])(torch.cat(outputs) for outputs in zip(*results, strict=True))
+
+
+def _caller_state() -> Callable[..., Any]:
+    """A runner of ``function(*args)`` under the caller's grad / inference mode and CPU autocast
+    (all thread-local: a worker thread would otherwise run with the defaults)."""
+    inference = torch.is_inference_mode_enabled()
+    grad = torch.is_grad_enabled()
+    autocast = torch.is_autocast_enabled("cpu")
+    autocast_dtype = torch.get_autocast_dtype("cpu")
+
+    def run(function: Callable[..., Any], *args: Any) -> Any:
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+            torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast),
+        ):
+            return function(*args)
+
+    return run
+
+
+class _SplitSpec:
+    """What :class:`_SharesFunction` needs besides tensors: the function, the caller's thread state
+    (taken before ``forward``, where autograd is off), one seed per share."""
+
+    def __init__(self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int]) -> None:
+        self.function, self.in_thread, self.seeds = function, in_thread, seeds
+
+
+class _SharesFunction(torch.autograd.Function):
+    """``function(x)`` with each share of the batch forward and backward in its own worker thread.
+
+    The forward keeps every share's graph; the backward differentiates each in its worker and sums
+    the parameter gradients over the shares in share order (the same bits on every run).
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _SplitSpec, x: Tensor, *parameters: Tensor) -> Any:
+        def share(images: Tensor, seed: int) -> tuple[Tensor, Any]:
+            images = images.detach().requires_grad_(x.requires_grad)
+            _local.generator = torch.Generator().manual_seed(seed)
+            try:
+                return images, spec.in_thread(spec.function, images)
+            finally:
+                _local.generator = None
+
+        ctx.shares = list(worker_pool().map(share, x.tensor_split(len(spec.seeds)), spec.seeds))
+        ctx.parameters = parameters
+        ctx.single = isinstance(ctx.shares[0][1], Tensor)
+        outputs = [_as_tuple(out) for _, out in ctx.shares]
+        joined = tuple(torch.cat([o.detach() for o in column]) for column in zip(*outputs, strict=True))
+        # An output no share's graph reaches (the map of a frozen stage) stays without gradient.
+        ctx.mark_non_differentiable(*(j for j, o in zip(joined, outputs[0], strict=True) if not o.requires_grad))
+        return joined[0] if ctx.single else joined
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.shares is None:
+            raise RuntimeError(
+                "backward through a training batch that swinkit split over threads a second time: its per-thread "
+                "graphs are freed by the first backward; set model.image_parallel = False to backward twice "
+                "(retain_graph=True) through one forward"
+            )
+        shares, ctx.shares = ctx.shares, None
+        wanted = [p for p, needed in zip(ctx.parameters, ctx.needs_input_grad[2:], strict=True) if needed]
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): second-order gradients
+        parts = len(shares)
+        grads_per_share = list(
+            zip(*(g.tensor_split(parts) if g is not None else [None] * parts for g in grads), strict=True)
+        )
+
+        def differentiate(index: int) -> tuple[Tensor | None, ...]:
+            images, outputs = shares[index]
+            pairs = [
+                (o, g)
+                for o, g in zip(_as_tuple(outputs), grads_per_share[index], strict=True)
+                if g is not None and o.requires_grad
+            ]
+            inputs = ([images] if images.requires_grad else []) + wanted
+            if not pairs:
+                return (None,) * len(inputs)
+            return torch.autograd.grad(
+                [o for o, _ in pairs],
+                inputs,
+                [g for _, g in pairs],
+                retain_graph=create_graph,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+
+        results = list(worker_pool().map(differentiate, range(parts)))
+        image_grads = None
+        if shares[0][0].requires_grad:
+            image_grads = torch.cat(
+                [
+                    r[0] if r[0] is not None else torch.zeros_like(images)
+                    for r, (images, _) in zip(results, shares, strict=True)
+                ]
+            )
+            results = [r[1:] for r in results]
+        summed = iter(_sum_over_shares(results, create_graph))
+        parameter_grads = [next(summed) if needed else None for needed in ctx.needs_input_grad[2:]]
+        return (None, image_grads, *parameter_grads)
+
+
+def _as_tuple(outputs: Any) -> tuple[Tensor, ...]:
+    return (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+
+
+def _sum_over_shares(results: list[tuple[Tensor | None, ...]], create_graph: bool) -> list[Tensor | None]:
+    """Per parameter, the gradients of the shares added in share order (the same bits on every run),
+    the parameters spread over the workers."""
+
+    def add(columns: list[tuple[Tensor | None, ...]]) -> list[Tensor | None]:
+        sums = []
+        for column in columns:
+            present = [g for g in column if g is not None]
+            total = present[0] if present else None
+            for g in present[1:]:
+                total = total + g if create_graph else total.add_(g)
+            sums.append(total)
+        return sums
+
+    columns = list(zip(*results, strict=True))
+    workers = min(torch.get_num_threads(), max(1, len(columns)))
+    groups = [columns[i::workers] for i in range(workers)]
+    summed = list(worker_pool().map(add, groups))
+    ordered: list[Tensor | None] = [None] * len(columns)
+    for i in range(workers):
+        ordered[i::workers] = summed[i]
+    return ordered
