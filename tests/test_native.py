@@ -63,6 +63,68 @@ def test_kernel_keeps_large_logits_exact():
     assert relative_error(native.window_attention(qkv, 2, bias, scales, False), expected) < 1e-6
 
 
+def test_kernel_leaves_the_threads_subnormal_mode_as_it_found_it():
+    # The kernel flushes subnormal floats to zero while it runs (they cost microcode assists);
+    # PyTorch's operations in the same thread must see them again after it returns.
+    qkv, bias = _inputs(2, 49, 2, 4)
+    qkv.requires_grad_()
+    tiny = torch.full((64,), 1e-39)  # subnormal in float32
+    assert (tiny * 1.0).ne(0).all()
+    out = native.window_attention(qkv, 2, bias, torch.full((2,), D**-0.5), False)
+    assert (tiny * 1.0).ne(0).all()
+    out.backward(torch.randn_like(out))
+    assert (tiny * 1.0).ne(0).all() and (tiny + tiny).ne(0).all()
+
+
+def _float64_gradients(qkv, heads, bias, scales, grad):
+    qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
+    out = _float64_attention(qkv64, heads, bias64, scales, False)
+    return torch.autograd.grad(out, (qkv64, bias64), grad.double())
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("tokens", [1, 16, 21, 49, 64, 144])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_backward_kernel_matches_float64_gradients(variant, tokens, groups):
+    heads = 3
+    qkv, bias = _inputs(8, tokens, heads, groups)
+    qkv.requires_grad_()
+    bias.requires_grad_()
+    scales = torch.full((heads,), D**-0.5)
+    out = native.window_attention(qkv, heads, bias, scales, False, variant=variant)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "WindowAttentionBackward"
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qkv, bias), grad)
+    expected = _float64_gradients(qkv, heads, bias, scales, grad)
+    for name, a, b in zip(("qkv", "bias"), got, expected, strict=True):
+        if not b.any():  # one token: the softmax is constant, the bias gradient exactly zero
+            assert not a.any(), name
+        else:
+            assert relative_error(a, b) < 1e-5, name
+
+
+def test_backward_kernel_gives_second_order_gradients():
+    qkv, bias = _inputs(4, 49, 2, 4)
+    scales = torch.full((2,), D**-0.5)
+    weights = torch.randn(4, 49, 2 * D)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        q, b = qkv.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+        if dtype == torch.float32:
+            out = native.window_attention(q, 2, b, scales, False)
+        else:
+            out = _float64_attention(q, 2, b, scales, False)
+        (grad_qkv,) = torch.autograd.grad((out * weights.to(dtype)).sum(), q, create_graph=True)
+        results.append(torch.autograd.grad(grad_qkv.square().sum(), b))
+    assert relative_error(results[0][0], results[1][0]) < 1e-5
+
+
+def test_backward_kernel_refuses_cosine_attention():
+    qkv, bias = _inputs(2, 49, 2, 1)
+    with pytest.raises(ValueError, match="no backward for cosine"):
+        native.window_attention(qkv.requires_grad_(), 2, bias, torch.ones(2), True)
+
+
 def _model(variant):
     # Head size 32 as in every published configuration (the tiny test presets have 16).
     model = swinkit.create_model(variant, num_classes=4, embed_dim=32, num_heads=(1, 2, 4, 8), window_size=7)
@@ -94,6 +156,34 @@ def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
         assert relative_error(out, expected) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
+    """A split training batch (one thread per worker): V1 runs the kernel's forward and backward,
+    V2 PyTorch's (no cosine backward); parameter and image gradients as the reference path's."""
+    backward_calls = []
+    kernel_backward = native.window_attention_backward
+    monkeypatch.setattr(native, "window_attention_backward", lambda *a: backward_calls.append(1) or kernel_backward(*a))
+    model = _model(variant).train()
+    reference = _model(variant).train()
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_impl("reference")
+    x = torch.randn(2, 3, 72, 56)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for net in (model, reference):
+            images = x.clone().requires_grad_()
+            loss = (net(images) * torch.arange(4.0)).sum()
+            names, params = zip(*net.named_parameters(), strict=True)
+            results.append(torch.autograd.grad(loss, (images, *params)))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(backward_calls) == (2 * 8 if variant == "swin_test" else 0)  # every block in two workers
+    for name, got, expected in zip(("images", *names), *results, strict=True):
+        assert relative_error(got, expected) < 1e-5, name
+
+
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):
     qkv, bias = _inputs(2, 49, 2, 1)
     threads = torch.get_num_threads()
@@ -109,7 +199,8 @@ def test_kernel_declines_what_it_does_not_cover(monkeypatch):
             assert not native.applies(big, 2, 1089, torch.randn(1, 2, 1089, 1089))  # 33x33 windows
             assert not native.applies(qkv[:, :, :-3], 2, 49, bias)  # not the qkv layout
             with torch.enable_grad():
-                assert not native.applies(qkv, 2, 49, bias)  # no autograd
+                assert native.applies(qkv.requires_grad_(), 2, 49, bias)  # V1 has a backward kernel
+                assert not native.applies(qkv, 2, 49, bias, cosine=True)  # V2 has none
             monkeypatch.setattr(native, "ENABLED", False)
             assert not native.applies(qkv, 2, 49, bias)
     finally:

@@ -102,16 +102,12 @@ def test_one_pool_serves_every_share_count(two_threads):
     model = swinkit.create_model("swin_test", num_classes=4).eval()
     torch.set_num_threads(3)  # the fixture restores the count
     pool = worker_pool()
-
-    def pool_threads():
-        return sum(thread.name.startswith("swinkit-images") for thread in threading.enumerate())
-
-    before = pool_threads()
     with torch.no_grad():
         for batch in (3, 2, 5, 1, 2):  # shares of 3, 2, 3, none, 2 images
             model(torch.randn(batch, 3, 64, 64))
     assert worker_pool() is pool
-    assert pool_threads() == before
+    # The pool's own threads (an earlier pool's may still be winding down, so not a global count).
+    assert 1 <= len(pool._threads) <= 3
 
 
 # -- training: each share's forward and backward in its own worker ---------------------------------
@@ -166,7 +162,9 @@ def test_split_training_step_matches_the_serial_path(two_threads, options):
     torch.testing.assert_close(image_grad, expected_image_grad, rtol=1e-5, atol=1e-5)
     assert grads.keys() == expected.keys() and not any(k.startswith("patch_embed") for k in grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        # Relative to the tensor's scale: a weight gradient sums thousands of products (float32 rounding).
+        error = (grad - expected[name]).abs().max() / expected[name].abs().max()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
 
 def test_split_training_draws_stochastic_depth_per_share_reproducibly(two_threads):

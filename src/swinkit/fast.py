@@ -108,13 +108,26 @@ def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dt
 def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
     """Attention of ``h`` (``(c * nW, N, C)`` windows) through the output projection, before its bias."""
     # One head at a time pays on CPU caches; a GPU wants the few large batched products instead.
-    if torch.is_grad_enabled() or (attn.training and attn.attn_drop > 0) or h.device.type != "cpu":
+    if (attn.training and attn.attn_drop > 0) or h.device.type != "cpu":
+        return _attend_batched(attn, h, window_count, bias)
+    if torch.is_grad_enabled():
         windows, N, C = h.shape
-        q, k, v = attn.split_heads(_qkv_linear(attn, h))  # each (c*nW, nH, N, d), q scaled
-        # Per-window bias as the reference seam expects it.
-        out = reference_attention(q, k, v, bias.expand(window_count, -1, -1, -1), attn.attn_drop, attn.training)
-        return out.transpose(1, 2).reshape(windows * N, C)
+        qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
+        cosine = hasattr(attn, "logit_scale")
+        if native.applies(qkv, attn.num_heads, N, bias, cosine) and not tracing():
+            scales = torch.tensor(_head_scales(attn), dtype=torch.float32)
+            return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
+        return _attend_batched(attn, h, window_count, bias, qkv)
     return _attend_by_head(attn, h, window_count, bias)
+
+
+def _attend_batched(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor, qkv: Tensor | None = None) -> Tensor:
+    """All heads and windows at once through the reference seam (autograd, dropout, GPUs)."""
+    windows, N, C = h.shape
+    q, k, v = attn.split_heads(_qkv_linear(attn, h) if qkv is None else qkv)  # each (c*nW, nH, N, d), q scaled
+    # Per-window bias as the reference seam expects it.
+    out = reference_attention(q, k, v, bias.expand(window_count, -1, -1, -1), attn.attn_drop, attn.training)
+    return out.transpose(1, 2).reshape(windows * N, C)
 
 
 def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:

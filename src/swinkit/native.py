@@ -1,6 +1,7 @@
 """The native CPU kernel: window attention in one pass per window and head (``csrc/window_attention.c``).
 
-The no-grad fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can:
+The fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can (with
+autograd on, V1 attention only: :class:`WindowAttention` pairs it with a backward kernel):
 float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
 windows of at most 1024 tokens (32 x 32), one intra-op thread: what the image-parallel workers of
 :mod:`swinkit.parallel` run with, or a one-thread process. (Sharing one batch's windows over the
@@ -27,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,7 +49,7 @@ MAX_TOKENS = 1024
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 _lock = threading.Lock()
-_kernels: dict[str, Callable[..., int] | str] = {}  # variant -> the loaded function, or why there is none
+_kernels: dict[str, Kernels | str] = {}  # variant -> the loaded kernels, or why there are none
 
 
 def cache_dir() -> Path:
@@ -97,7 +99,7 @@ def library_path(variant: str) -> Path:
     return cache_dir() / f"window_attention-{variant}-{tag}.so"
 
 
-def _load(variant: str) -> Callable[..., int]:
+def _load(variant: str) -> Kernels:
     flags, target = FLAGS + VARIANTS[variant], library_path(variant)
     if not target.exists():
         _build(target, flags)
@@ -106,15 +108,24 @@ def _load(variant: str) -> Callable[..., int]:
     except OSError:  # a damaged file in the cache (builds are renamed into place whole): build anew
         _build(target, flags)
         library = ctypes.CDLL(str(target))
-    function = library.swinkit_window_attention
     size, pointer = ctypes.c_long, ctypes.c_void_p
-    function.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
-    function.restype = ctypes.c_int
-    return function
+    forward = library.swinkit_window_attention
+    forward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
+    backward = library.swinkit_window_attention_backward
+    backward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, pointer, pointer, pointer]
+    forward.restype = backward.restype = ctypes.c_int
+    return Kernels(forward, backward)
 
 
-def kernel(variant: str | None = None) -> Callable[..., int] | None:
-    """The compiled kernel (this CPU's variant unless named), built on first use; None where it
+class Kernels(NamedTuple):
+    """The loaded library's entry points."""
+
+    forward: Callable[..., int]
+    backward: Callable[..., int]
+
+
+def kernel(variant: str | None = None) -> Kernels | None:
+    """The compiled kernels (this CPU's variant unless named), built on first use; None where they
     cannot be (see :func:`status`)."""
     variant = variant or cpu_variant()
     if variant is None:
@@ -141,8 +152,9 @@ def status() -> str:
     return f"native window attention: on ({cpu_variant()}, float32)"
 
 
-def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
-    """Whether the kernel can take this no-grad attention call (checked per call, cheaply)."""
+def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor, cosine: bool = False) -> bool:
+    """Whether the kernel can take this attention call (checked per call, cheaply). With autograd
+    on, V1 attention only: the backward kernel has no cosine form (V2 takes PyTorch's path)."""
     return (
         ENABLED
         and qkv.dtype == torch.float32
@@ -151,7 +163,7 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
-        and not torch.is_grad_enabled()
+        and not (cosine and torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad))
         and torch.get_num_threads() == 1  # so in every image-parallel worker
         and kernel() is not None
     )
@@ -165,21 +177,78 @@ def window_attention(
     ``qkv``: ``(windows, N, 3C)``; ``bias``: ``(groups, heads, N, N)``, window ``w`` using
     ``bias[w % groups]``; ``scales``: ``(heads,)`` float32. Returns ``(windows, N, C)``.
     """
+    if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
+        if cosine:
+            raise ValueError("the native kernel has no backward for cosine (V2) attention; run it without autograd")
+        return WindowAttention.apply(qkv, bias, heads, scales, variant)
+    return _forward(qkv.detach(), heads, bias.detach(), scales, cosine, variant)
+
+
+def _forward(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None) -> Tensor:
     windows, tokens, width = qkv.shape
     bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
-    code = kernel(variant)(
-        qkv.data_ptr(),
-        windows,
-        tokens,
-        width // 3,
-        heads,
-        bias.data_ptr(),
-        bias.shape[0],
-        scales.data_ptr(),
-        cosine,
-        out.data_ptr(),
-    )
+    _check(kernel(variant).forward(*_layout(qkv, heads, bias, scales), cosine, out.data_ptr()), qkv, heads, bias)
+    return out
+
+
+def window_attention_backward(
+    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, variant: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`window_attention` (V1, no cosine) with respect to ``qkv`` and ``bias``
+    (summed over the windows that share each bias group), given ``grad`` of its output."""
+    qkv, grad, bias, scales = qkv.contiguous(), grad.contiguous(), bias.contiguous(), scales.contiguous()
+    grad_qkv = torch.empty_like(qkv)
+    grad_bias = torch.zeros_like(bias)
+    pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr()
+    _check(kernel(variant).backward(*_layout(qkv, heads, bias, scales), *pointers), qkv, heads, bias)
+    return grad_qkv, grad_bias
+
+
+def _layout(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor) -> tuple[int, ...]:
+    """The arguments both entry points start with: qkv, its sizes, the bias and its groups, the scales."""
+    windows, tokens, width = qkv.shape
+    return qkv.data_ptr(), windows, tokens, width // 3, heads, bias.data_ptr(), bias.shape[0], scales.data_ptr()
+
+
+def _check(code: int, qkv: Tensor, heads: int, bias: Tensor) -> None:
     if code:
         raise ValueError(f"the native kernel refused qkv {tuple(qkv.shape)}, {heads} heads, bias {tuple(bias.shape)}")
-    return out
+
+
+class WindowAttention(torch.autograd.Function):
+    """V1 window attention with the native forward and backward (the probabilities are recomputed
+    in the backward, not stored). Second-order gradients go through PyTorch's operations."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, bias: Tensor, heads: int, scales: Tensor, variant: str | None) -> Tensor:
+        ctx.save_for_backward(qkv, bias, scales)
+        ctx.heads, ctx.variant = heads, variant
+        return _forward(qkv, heads, bias, scales, False, variant)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        qkv, bias, scales = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grad_qkv, grad_bias = _differentiable_backward(qkv, grad, ctx.heads, bias, scales)
+        else:
+            grad_qkv, grad_bias = window_attention_backward(qkv, grad, ctx.heads, bias, scales, ctx.variant)
+        grad_bias = grad_bias if ctx.needs_input_grad[1] else None
+        return (grad_qkv if ctx.needs_input_grad[0] else None), grad_bias, None, None, None
+
+
+def _differentiable_backward(
+    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The backward in PyTorch operations, itself differentiable (for second-order gradients)."""
+    # From the saved tensors themselves, not detached copies: the gradients then carry their history.
+    with torch.enable_grad():
+        windows, tokens, width = qkv.shape
+        q, k, v = qkv.view(windows, tokens, 3, heads, HEAD_SIZE).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q * scales.view(1, heads, 1, 1)) @ k.transpose(-2, -1)
+        logits = logits.view(-1, bias.shape[0], heads, tokens, tokens) + bias
+        out = logits.softmax(-1).view(windows, heads, tokens, tokens) @ v
+        out = out.transpose(1, 2).reshape(windows, tokens, width // 3)
+        wanted = [t for t in (qkv, bias) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+        return tuple(next(grads) if t.requires_grad else None for t in (qkv, bias))
