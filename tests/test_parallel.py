@@ -235,3 +235,12 @@ def test_no_training_split_where_it_could_change_results_or_semantics(two_thread
     handle.remove()
     with torch.no_grad():
         assert image_splits(split, x) == 2
+
+
+def test_workers_flush_subnormals_and_the_caller_keeps_its_mode(two_threads, monkeypatch):
+    tiny = torch.full((4, 8), 1e-39)  # subnormal in float32
+    with torch.no_grad():
+        assert parallel.run_split(lambda t: t * 1.0, tiny, 2).eq(0).all()  # flushed in the workers
+        assert (tiny * 1.0).ne(0).all()  # not in the caller's thread
+        monkeypatch.setattr(parallel, "FLUSH_SUBNORMALS", False)
+        assert parallel.run_split(lambda t: t * 1.0, tiny, 2).eq(tiny).all()
