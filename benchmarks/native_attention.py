@@ -6,9 +6,10 @@ image-parallel workers. This script first times that kernel alone against the Py
 path it replaces (``swinkit.fast.heads_attention``), one thread, on one chunk of each Swin-T stage
 (and SwinV2-T's 8x8 cosine windows), then turns it off and on by ``swinkit.native.ENABLED``,
 interleaving per round: swinkit with the kernel, timm, swinkit without, for Swin-T and SwinV2-T.
-Then the same for training (V1 only: the kernel's backward): forward + backward of one worker's
-share (4 images) per Swin-T stage, kernel against PyTorch's batched attention (the path training
-takes without it), and the whole training step (batch 8, AdamW) on and off beside timm.
+Then the same for training (the kernel's backward): forward + backward of one worker's share
+(4 images) per Swin-T stage, kernel against PyTorch's batched attention (the path training takes
+without it), and the whole training step (batch 8, AdamW) on and off beside timm, for Swin-T and
+SwinV2-T.
 
     python benchmarks/native_attention.py [--rounds 7] [--threads 2]
 """
@@ -105,11 +106,11 @@ def kernel_training() -> None:
     torch.set_num_threads(threads)
 
 
-def training(rounds: int) -> None:
-    networks = {name: build(name, "swin_t").train() for name in ("swinkit", "timm")}
+def training(model_name: str, size: int, rounds: int) -> None:
+    networks = {name: build(name, model_name).train() for name in ("swinkit", "timm")}
     optimizers = {name: training_optimizer(name, model) for name, model in networks.items()}
     y = torch.randint(0, 1000, (8,))
-    x = torch.randn(8, 3, 224, 224)
+    x = torch.randn(8, 3, size, size)
 
     def step(name):
         return lambda: _train_step(networks[name], optimizers[name], x, y)
@@ -118,7 +119,7 @@ def training(rounds: int) -> None:
     calls.append(("swinkit:no-native", switched(native, "ENABLED", False, step("swinkit"))))
     result = BenchResult("training", 8)
     _interleave(result, calls, rounds, 3, Target())
-    print("swin_t training step")
+    print(f"{model_name} training step")
     report(result, "swinkit", "swinkit:no-native", "native kernel speed-up")
 
 
@@ -145,7 +146,8 @@ def main() -> None:
     models("swin_t", 224, args.rounds)
     models("swinv2_t", 256, args.rounds)
     kernel_training()
-    training(args.rounds)
+    training("swin_t", 224, args.rounds)
+    training("swinv2_t", 256, args.rounds)
 
 
 if __name__ == "__main__":

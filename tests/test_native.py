@@ -76,53 +76,73 @@ def test_kernel_leaves_the_threads_subnormal_mode_as_it_found_it():
     assert (tiny * 1.0).ne(0).all() and (tiny + tiny).ne(0).all()
 
 
-def _float64_gradients(qkv, heads, bias, scales, grad):
-    qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
-    out = _float64_attention(qkv64, heads, bias64, scales, False)
-    return torch.autograd.grad(out, (qkv64, bias64), grad.double())
+def _float64_gradients(qkv, heads, bias, scales, cosine, grad):
+    inputs = [t.double().requires_grad_() for t in (qkv, bias, scales)]
+    out = _float64_attention(*inputs[:1], heads, inputs[1], inputs[2], cosine)
+    return torch.autograd.grad(out, inputs, grad.double())
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
 @pytest.mark.parametrize("tokens", [1, 16, 21, 49, 64, 144])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_backward_kernel_matches_float64_gradients(variant, tokens, groups):
+@pytest.mark.parametrize("cosine", [False, True])
+def test_backward_kernel_matches_float64_gradients(variant, tokens, groups, cosine):
     heads = 3
     qkv, bias = _inputs(8, tokens, heads, groups)
-    qkv.requires_grad_()
-    bias.requires_grad_()
-    scales = torch.full((heads,), D**-0.5)
-    out = native.window_attention(qkv, heads, bias, scales, False, variant=variant)
+    scales = torch.tensor([10.0, 3.5, 0.7]) if cosine else torch.full((heads,), D**-0.5)
+    inputs = [t.clone().requires_grad_() for t in (qkv, bias, scales)]
+    out = native.window_attention(inputs[0], heads, inputs[1], inputs[2], cosine, variant=variant)
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "WindowAttentionBackward"
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (qkv, bias), grad)
-    expected = _float64_gradients(qkv, heads, bias, scales, grad)
-    for name, a, b in zip(("qkv", "bias"), got, expected, strict=True):
+    got = torch.autograd.grad(out, inputs, grad)
+    expected = _float64_gradients(qkv, heads, bias, scales, cosine, grad)
+    # q's and k's gradients are far smaller than v's: each of the three is checked on its own scale.
+    got, expected = ([*g[0].chunk(3, dim=-1), *g[1:]] for g in (got, expected))
+    for name, a, b in zip(("q", "k", "v", "bias", "scales"), got, expected, strict=True):
+        if not cosine and name == "scales":
+            continue  # V1's scale is not learned: the kernel leaves its gradient zero
         if not b.any():  # one token: the softmax is constant, the bias gradient exactly zero
             assert not a.any(), name
         else:
             assert relative_error(a, b) < 1e-5, name
 
 
-def test_backward_kernel_gives_second_order_gradients():
+def test_cosine_backward_through_a_clamped_norm():
+    # A q / k row of norm below 1e-12: the normalisation divides by the clamp 1e-12 there (no
+    # projection: the clamp's derivative is zero), so its gradient is about 1e12 times the others';
+    # that row and the rest are each compared on their own scale.
     qkv, bias = _inputs(4, 49, 2, 4)
-    scales = torch.full((2,), D**-0.5)
+    qkv[1, 5] *= 1e-14
+    scales = torch.tensor([6.0, 0.8])
+    grad = torch.randn(4, 49, 2 * D)
+    inputs = [t.clone().requires_grad_() for t in (qkv, bias, scales)]
+    got = torch.autograd.grad(native.window_attention(inputs[0], 2, inputs[1], inputs[2], True), inputs, grad)
+    expected = _float64_gradients(qkv, 2, bias, scales, True, grad)
+    zero_row = torch.zeros(4, 49, 1, dtype=torch.bool)
+    zero_row[1, 5] = True
+    for rows in (zero_row, ~zero_row):
+        assert relative_error(got[0] * rows, expected[0] * rows) < 1e-5
+    assert got[0][1, 5].abs().max() > 1e6  # the clamped branch: scaled by 1 / 1e-12
+    for a, b in zip(got[1:], expected[1:], strict=True):
+        assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_backward_kernel_gives_second_order_gradients(cosine):
+    qkv, bias = _inputs(4, 49, 2, 4)
+    scales = torch.tensor([6.0, 0.8]) if cosine else torch.full((2,), D**-0.5)
     weights = torch.randn(4, 49, 2 * D)
     results = []
     for dtype in (torch.float32, torch.float64):
-        q, b = qkv.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+        q, b, s = (t.to(dtype).requires_grad_() for t in (qkv, bias, scales))
         if dtype == torch.float32:
-            out = native.window_attention(q, 2, b, scales, False)
+            out = native.window_attention(q, 2, b, s, cosine)
         else:
-            out = _float64_attention(q, 2, b, scales, False)
+            out = _float64_attention(q, 2, b, s, cosine)
         (grad_qkv,) = torch.autograd.grad((out * weights.to(dtype)).sum(), q, create_graph=True)
-        results.append(torch.autograd.grad(grad_qkv.square().sum(), b))
-    assert relative_error(results[0][0], results[1][0]) < 1e-5
-
-
-def test_backward_kernel_refuses_cosine_attention():
-    qkv, bias = _inputs(2, 49, 2, 1)
-    with pytest.raises(ValueError, match="no backward for cosine"):
-        native.window_attention(qkv.requires_grad_(), 2, bias, torch.ones(2), True)
+        results.append(torch.autograd.grad(grad_qkv.square().sum(), (b, s)))
+    for got, expected in zip(*results, strict=True):
+        assert relative_error(got, expected) < 1e-5
 
 
 def _model(variant):
@@ -158,8 +178,8 @@ def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
-    """A split training batch (one thread per worker): V1 runs the kernel's forward and backward,
-    V2 PyTorch's (no cosine backward); parameter and image gradients as the reference path's."""
+    """A split training batch (one thread per worker) runs the kernel's forward and backward;
+    parameter (V2: logit scales too) and image gradients as the reference path's."""
     backward_calls = []
     kernel_backward = native.window_attention_backward
     monkeypatch.setattr(native, "window_attention_backward", lambda *a: backward_calls.append(1) or kernel_backward(*a))
@@ -179,7 +199,7 @@ def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
             results.append(torch.autograd.grad(loss, (images, *params)))
     finally:
         torch.set_num_threads(threads)
-    assert len(backward_calls) == (2 * 8 if variant == "swin_test" else 0)  # every block in two workers
+    assert len(backward_calls) == 2 * 8  # every block in two workers
     for name, got, expected in zip(("images", *names), *results, strict=True):
         assert relative_error(got, expected) < 1e-5, name
 
@@ -199,8 +219,7 @@ def test_kernel_declines_what_it_does_not_cover(monkeypatch):
             assert not native.applies(big, 2, 1089, torch.randn(1, 2, 1089, 1089))  # 33x33 windows
             assert not native.applies(qkv[:, :, :-3], 2, 49, bias)  # not the qkv layout
             with torch.enable_grad():
-                assert native.applies(qkv.requires_grad_(), 2, 49, bias)  # V1 has a backward kernel
-                assert not native.applies(qkv, 2, 49, bias, cosine=True)  # V2 has none
+                assert native.applies(qkv.requires_grad_(), 2, 49, bias)  # the kernel has a backward
             monkeypatch.setattr(native, "ENABLED", False)
             assert not native.applies(qkv, 2, 49, bias)
     finally:

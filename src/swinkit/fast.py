@@ -114,8 +114,13 @@ def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tens
         windows, N, C = h.shape
         qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
         cosine = hasattr(attn, "logit_scale")
-        if native.applies(qkv, attn.num_heads, N, bias, cosine) and not tracing():
-            scales = torch.tensor(_head_scales(attn), dtype=torch.float32)
+        if native.applies(qkv, attn.num_heads, N, bias) and not tracing():
+            # V2's learned logit scales as a tensor, so that they get their gradient too.
+            scales = (
+                attn.logit_scales().flatten()
+                if cosine
+                else torch.full((attn.num_heads,), attn.scale, dtype=torch.float32)
+            )
             return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
         return _attend_batched(attn, h, window_count, bias, qkv)
     return _attend_by_head(attn, h, window_count, bias)

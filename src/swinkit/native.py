@@ -1,7 +1,7 @@
 """The native CPU kernel: window attention in one pass per window and head (``csrc/window_attention.c``).
 
 The fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can (with
-autograd on, V1 attention only: :class:`WindowAttention` pairs it with a backward kernel):
+autograd on, :class:`WindowAttention` pairs it with a backward kernel):
 float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
 windows of at most 1024 tokens (32 x 32), one intra-op thread: what the image-parallel workers of
 :mod:`swinkit.parallel` run with, or a one-thread process. (Sharing one batch's windows over the
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ENABLED = True
@@ -112,7 +113,8 @@ def _load(variant: str) -> Kernels:
     forward = library.swinkit_window_attention
     forward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
     backward = library.swinkit_window_attention_backward
-    backward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, pointer, pointer, pointer]
+    backward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int]
+    backward.argtypes += [pointer, pointer, pointer, pointer]
     forward.restype = backward.restype = ctypes.c_int
     return Kernels(forward, backward)
 
@@ -152,9 +154,8 @@ def status() -> str:
     return f"native window attention: on ({cpu_variant()}, float32)"
 
 
-def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor, cosine: bool = False) -> bool:
-    """Whether the kernel can take this attention call (checked per call, cheaply). With autograd
-    on, V1 attention only: the backward kernel has no cosine form (V2 takes PyTorch's path)."""
+def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
+    """Whether the kernel can take this attention call (checked per call, cheaply)."""
     return (
         ENABLED
         and qkv.dtype == torch.float32
@@ -163,7 +164,6 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor, cosine: bool = F
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
-        and not (cosine and torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad))
         and torch.get_num_threads() == 1  # so in every image-parallel worker
         and kernel() is not None
     )
@@ -175,13 +175,12 @@ def window_attention(
     """``softmax(scale * q k^T + bias) v`` for every window and head, heads side by side.
 
     ``qkv``: ``(windows, N, 3C)``; ``bias``: ``(groups, heads, N, N)``, window ``w`` using
-    ``bias[w % groups]``; ``scales``: ``(heads,)`` float32. Returns ``(windows, N, C)``.
+    ``bias[w % groups]``; ``scales``: ``(heads,)`` float32. Returns ``(windows, N, C)``. With
+    autograd on, differentiable in all three (V2's ``scales`` come from its learned logit scales).
     """
-    if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
-        if cosine:
-            raise ValueError("the native kernel has no backward for cosine (V2) attention; run it without autograd")
-        return WindowAttention.apply(qkv, bias, heads, scales, variant)
-    return _forward(qkv.detach(), heads, bias.detach(), scales, cosine, variant)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scales)):
+        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant)
+    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant)
 
 
 def _forward(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None) -> Tensor:
@@ -193,16 +192,17 @@ def _forward(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool
 
 
 def window_attention_backward(
-    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, variant: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """The gradients of :func:`window_attention` (V1, no cosine) with respect to ``qkv`` and ``bias``
-    (summed over the windows that share each bias group), given ``grad`` of its output."""
+    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`window_attention` with respect to ``qkv``, ``bias`` (summed over the
+    windows that share each bias group) and ``scales`` (zero without cosine: V1's is not learned),
+    given ``grad`` of its output."""
     qkv, grad, bias, scales = qkv.contiguous(), grad.contiguous(), bias.contiguous(), scales.contiguous()
     grad_qkv = torch.empty_like(qkv)
-    grad_bias = torch.zeros_like(bias)
-    pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr()
-    _check(kernel(variant).backward(*_layout(qkv, heads, bias, scales), *pointers), qkv, heads, bias)
-    return grad_qkv, grad_bias
+    grad_bias, grad_scales = torch.zeros_like(bias), torch.zeros_like(scales)
+    pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr(), grad_scales.data_ptr()
+    _check(kernel(variant).backward(*_layout(qkv, heads, bias, scales), cosine, *pointers), qkv, heads, bias)
+    return grad_qkv, grad_bias, grad_scales
 
 
 def _layout(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor) -> tuple[int, ...]:
@@ -217,38 +217,43 @@ def _check(code: int, qkv: Tensor, heads: int, bias: Tensor) -> None:
 
 
 class WindowAttention(torch.autograd.Function):
-    """V1 window attention with the native forward and backward (the probabilities are recomputed
-    in the backward, not stored). Second-order gradients go through PyTorch's operations."""
+    """Window attention with the native forward and backward (the probabilities are recomputed in
+    the backward, not stored). Second-order gradients go through PyTorch's operations."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, bias: Tensor, heads: int, scales: Tensor, variant: str | None) -> Tensor:
+    def forward(
+        ctx, qkv: Tensor, bias: Tensor, scales: Tensor, heads: int, cosine: bool, variant: str | None
+    ) -> Tensor:
         ctx.save_for_backward(qkv, bias, scales)
-        ctx.heads, ctx.variant = heads, variant
-        return _forward(qkv, heads, bias, scales, False, variant)
+        ctx.heads, ctx.cosine, ctx.variant = heads, cosine, variant
+        return _forward(qkv, heads, bias, scales, cosine, variant)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         qkv, bias, scales = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            grad_qkv, grad_bias = _differentiable_backward(qkv, grad, ctx.heads, bias, scales)
+            grads = _differentiable_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine)
         else:
-            grad_qkv, grad_bias = window_attention_backward(qkv, grad, ctx.heads, bias, scales, ctx.variant)
-        grad_bias = grad_bias if ctx.needs_input_grad[1] else None
-        return (grad_qkv if ctx.needs_input_grad[0] else None), grad_bias, None, None, None
+            grads = window_attention_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine, ctx.variant)
+        wanted = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3], strict=True)]
+        return *wanted, None, None, None
 
 
 def _differentiable_backward(
-    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor
-) -> tuple[Tensor, Tensor]:
+    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool
+) -> tuple[Tensor | None, ...]:
     """The backward in PyTorch operations, itself differentiable (for second-order gradients)."""
     # From the saved tensors themselves, not detached copies: the gradients then carry their history.
     with torch.enable_grad():
         windows, tokens, width = qkv.shape
         q, k, v = qkv.view(windows, tokens, 3, heads, HEAD_SIZE).permute(2, 0, 3, 1, 4).unbind(0)
+        if cosine:
+            q, k = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
         logits = (q * scales.view(1, heads, 1, 1)) @ k.transpose(-2, -1)
         logits = logits.view(-1, bias.shape[0], heads, tokens, tokens) + bias
         out = logits.softmax(-1).view(windows, heads, tokens, tokens) @ v
         out = out.transpose(1, 2).reshape(windows, tokens, width // 3)
-        wanted = [t for t in (qkv, bias) if t.requires_grad]
+        inputs = (qkv, bias, scales)
+        wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-        return tuple(next(grads) if t.requires_grad else None for t in (qkv, bias))
+        return tuple(next(grads) if t.requires_grad else None for t in inputs)

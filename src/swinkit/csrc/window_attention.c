@@ -1,8 +1,8 @@
 /* Window attention for one CPU core, float32: softmax(scale q k^T + bias) v per window and head.
  *
  * Built by swinkit/native.py on first use and called through ctypes by the fused path
- * (swinkit/fast.py), one call per chunk of windows; swinkit_window_attention_backward gives V1's
- * gradients for training. It replaces, per head, two small batched
+ * (swinkit/fast.py), one call per chunk of windows; swinkit_window_attention_backward gives the
+ * gradients for training (V1 and V2). It replaces, per head, two small batched
  * matrix products (49 x 32 x 49: MKL runs those at a third of its large-GEMM rate), the scale, the
  * bias add, the softmax and the copy that interleaves the heads again: each window's q, k, v stay
  * in the L1 cache from the first product to the output.
@@ -264,18 +264,53 @@ static void transpose_square(const float *in, long N, long stride, float *out) {
     for (long j = 0; j < N; j++) out[j * stride + i] = in[i * stride + j];
 }
 
-/* Gradients of one window and head (V1 attention): the probabilities P are recomputed as the
- * forward computed them; dP = dO v^T, dS = P (dP - rowsum(P dP)), dq = scale dS k,
- * dk = scale dS^T q, dv = P^T dO, and dS added onto the bias gradient. `work` holds
- * D + 3 (N + ROWS) rows of stride_keys floats, all finite. */
+/* Rows of x (N of them, `stride` floats apart) divided by max(|row|, 1e-12) into `unit` (rows D
+ * floats apart); the divisors' inverses into `inverse`. */
+static void normalise_rows(const float *x, long stride, long N, float *unit, float *inverse) {
+  for (long i = 0; i < N; i++) {
+    inverse[i] = inverse_norm(x + i * stride);
+    for (int c = 0; c < D; c++) unit[i * D + c] = x[i * stride + c] * inverse[i];
+  }
+}
+
+/* Each row g of `grad` arrives as the gradient of a unit row u = x / max(|x|, 1e-12) and leaves
+ * as that of x: (g - u (u . g)) / |x|, or g / 1e-12 where the norm was clamped (no projection
+ * then, as the clamp's derivative is zero). Returns the sum over rows of u . g as it arrived. */
+static float through_normalisation(float *grad, long stride, long N, const float *unit, const float *inverse) {
+  float total = 0.0f;
+  for (long i = 0; i < N; i++) {
+    float *g = grad + i * stride;
+    const float *u = unit + i * D;
+    float dot = 0.0f;
+    for (int c = 0; c < D; c++) dot += u[c] * g[c];
+    total += dot;
+    const float along = inverse[i] < 1.0f / 1e-12f ? dot : 0.0f;
+    for (int c = 0; c < D; c++) g[c] = inverse[i] * (g[c] - u[c] * along);
+  }
+  return total;
+}
+
+/* Gradients of one window and head: the probabilities P are recomputed as the forward computed
+ * them; dP = dO v^T, dS = P (dP - rowsum(P dP)), dq = scale dS k, dk = scale dS^T q,
+ * dv = P^T dO, and dS added onto the bias gradient. With cosine, q and k are the unit rows, the
+ * gradients are taken back through the normalisation and the scale's gradient, sum(dS q k^T),
+ * is added onto *dscale. `work` holds D + 3 (N + ROWS) rows of stride_keys floats, all finite,
+ * then 2 N D + 2 N floats. */
 static inline __attribute__((always_inline)) void window_head_backward(
-    const float *q, const float *k, const float *v, long stride, long N, const float *bias, float scale,
-    const float *dout, long dout_stride, float *dq, float *dk, float *dv, float *dbias, float *work) {
+    const float *q, const float *k, const float *v, long stride, long N, const float *bias, float scale, int cosine,
+    const float *dout, long dout_stride, float *dq, float *dk, float *dv, float *dbias, float *dscale, float *work) {
   const long stride_keys = (N + TILE - 1) / TILE * TILE, padded = (N + LANES - 1) / LANES * LANES;
   float *keys = work, *p = keys + D * stride_keys, *ds = p + (N + ROWS) * stride_keys;
-  float *transposed = ds + (N + ROWS) * stride_keys;
-  transpose_keys(k, stride, N, stride_keys, 0, keys);
-  rows_by_keys(q, stride, N, scale, keys, stride_keys, p);
+  float *transposed = ds + (N + ROWS) * stride_keys, *unit_q = transposed + (N + ROWS) * stride_keys;
+  float *unit_k = unit_q + N * D, *inverse_q = unit_k + N * D, *inverse_k = inverse_q + N;
+  long qk_stride = stride;
+  if (cosine) {
+    normalise_rows(q, stride, N, unit_q, inverse_q);
+    normalise_rows(k, stride, N, unit_k, inverse_k);
+    q = unit_q, k = unit_k, qk_stride = D;
+  }
+  transpose_keys(k, qk_stride, N, stride_keys, 0, keys);
+  rows_by_keys(q, qk_stride, N, scale, keys, stride_keys, p);
   for (long i = 0; i < N; i++) {
     float *row = p + i * stride_keys;
     const float inverse_sum = softmax_row(row, bias + i * N, N, padded);
@@ -293,22 +328,28 @@ static inline __attribute__((always_inline)) void window_head_backward(
     for (long j = 0; j < padded; j += LANES) store(row + j, load(p_row + j) * (load(row + j) - delta));
     for (long j = 0; j < N; j++) bias_row[j] += row[j];
   }
-  rows_times(ds, stride_keys, N, N, k, stride, scale, dq, stride);
+  rows_times(ds, stride_keys, N, N, k, qk_stride, scale, dq, stride);
   transpose_square(ds, N, stride_keys, transposed);
-  rows_times(transposed, stride_keys, N, N, q, stride, scale, dk, stride);
+  rows_times(transposed, stride_keys, N, N, q, qk_stride, scale, dk, stride);
   transpose_square(p, N, stride_keys, transposed);
   rows_times(transposed, stride_keys, N, N, dout, dout_stride, 1.0f, dv, stride);
+  if (cosine) { /* dq holds scale dS k here, so q . dq summed is scale times the scale's gradient */
+    *dscale += through_normalisation(dq, stride, N, unit_q, inverse_q) / scale;
+    through_normalisation(dk, stride, N, unit_k, inverse_k);
+  }
 }
 
-/* The gradients of swinkit_window_attention (V1: no cosine) given dout, (windows, N, C) like out:
- * dqkv (windows, N, 3C) is written whole; dbias (groups, heads, N, N) is added to (pass zeros).
- * Returns 0, or -1 for sizes it does not take (nothing written then). */
+/* The gradients of swinkit_window_attention given dout, (windows, N, C) like out: dqkv
+ * (windows, N, 3C) is written whole; dbias (groups, heads, N, N) and, with cosine, dscales
+ * (heads) are added to (pass zeros). Returns 0, or -1 for sizes it does not take (nothing
+ * written then). */
 int swinkit_window_attention_backward(const float *qkv, long windows, long N, long C, long heads, const float *bias,
-                                      long groups, const float *scales, const float *dout, float *dqkv, float *dbias) {
+                                      long groups, const float *scales, int cosine, const float *dout, float *dqkv,
+                                      float *dbias, float *dscales) {
   if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
   const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
-  const size_t floats = (size_t)(D + 3 * (N + ROWS)) * stride_keys;
-  float *work = aligned_alloc(64, sizeof(float) * floats);
+  const size_t floats = (size_t)(D + 3 * (N + ROWS)) * stride_keys + 2 * N * D + 2 * N;
+  float *work = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
   if (work == NULL) return -1;
   memset(work, 0, sizeof(float) * floats);
   const unsigned int mode = flush_subnormals();
@@ -317,10 +358,16 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
       const float *q = qkv + w * N * stride + h * D, *o = dout + w * N * C + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *dq = dqkv + w * N * stride + h * D, *db = dbias + ((w % groups) * heads + h) * N * N;
+      float *dscale = dscales + h;
       if (N == 49)
-        window_head_backward(q, q + C, q + 2 * C, stride, 49, b, scales[h], o, C, dq, dq + C, dq + 2 * C, db, work);
+        window_head_backward(q, q + C, q + 2 * C, stride, 49, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
+                             dscale, work);
+      else if (N == 64)
+        window_head_backward(q, q + C, q + 2 * C, stride, 64, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
+                             dscale, work);
       else
-        window_head_backward(q, q + C, q + 2 * C, stride, N, b, scales[h], o, C, dq, dq + C, dq + 2 * C, db, work);
+        window_head_backward(q, q + C, q + 2 * C, stride, N, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
+                             dscale, work);
     }
   _mm_setcsr(mode);
   free(work);
