@@ -113,16 +113,8 @@ def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tens
     if torch.is_grad_enabled():
         windows, N, C = h.shape
         qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
-        cosine = hasattr(attn, "logit_scale")
-        if native.applies(qkv, attn.num_heads, N, bias) and not tracing():
-            # V2's learned logit scales as a tensor, so that they get their gradient too.
-            scales = (
-                attn.logit_scales().flatten()
-                if cosine
-                else torch.full((attn.num_heads,), attn.scale, dtype=torch.float32)
-            )
-            return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
-        return _attend_batched(attn, h, window_count, bias, qkv)
+        out = _native_attention(attn, qkv, bias)
+        return out if out is not None else _attend_batched(attn, h, window_count, bias, qkv)
     return _attend_by_head(attn, h, window_count, bias)
 
 
@@ -140,11 +132,23 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
     (:mod:`swinkit.native`), else :func:`heads_attention`."""
     windows, N, C = h.shape
     qkv = _qkv_linear(attn, h).view(windows, N, 3 * C)
-    cosine, scales = hasattr(attn, "logit_scale"), _head_scales(attn)
-    if native.applies(qkv, attn.num_heads, N, bias) and not tracing():
-        scales = torch.tensor(scales, dtype=torch.float32)
-        return native.window_attention(qkv, attn.num_heads, bias, scales, cosine).view(windows * N, C)
-    return heads_attention(qkv, attn.num_heads, window_count, bias, scales, cosine)
+    out = _native_attention(attn, qkv, bias)
+    if out is not None:
+        return out
+    return heads_attention(qkv, attn.num_heads, window_count, bias, _head_scales(attn), hasattr(attn, "logit_scale"))
+
+
+def _native_attention(attn: nn.Module, qkv: Tensor, bias: Tensor) -> Tensor | None:
+    """Attention of ``qkv`` (``(windows, N, 3C)``) through the native kernel, as ``(windows * N, C)``;
+    None where the kernel does not apply."""
+    windows, N, width = qkv.shape
+    if not native.applies(qkv, attn.num_heads, N, bias) or tracing():
+        return None
+    cosine = hasattr(attn, "logit_scale")
+    # V2's learned logit scales as a tensor, so that in training they get their gradient too.
+    scales = attn.logit_scales().flatten() if cosine else torch.full((attn.num_heads,), attn.scale)
+    out = native.window_attention(qkv, attn.num_heads, bias, scales.to(torch.float32), cosine)
+    return out.view(windows * N, width // 3)
 
 
 def heads_attention(
