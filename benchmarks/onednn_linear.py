@@ -1,11 +1,13 @@
 """Ablation of the fused path's oneDNN linears: the same model with and without them, beside timm.
 
 ``swinkit.fast`` sends the linear layers of eager float32 CPU work through oneDNN (no grad: with
-GELU / the residual add as post-ops; training: ``OneDNNLinear``, oneDNN forward and input gradient,
-MKL weight gradient). This script turns that off and on by the module switch
-``swinkit.fast.ONEDNN_LINEAR``, interleaving per round: swinkit with oneDNN, timm, swinkit without.
+GELU / the residual add as post-ops; training: ``OneDNNLinear``, oneDNN forward, MKL weight
+gradient, the input gradient where ``swinkit.fast.MKL_INPUT_GRADIENT`` says). This script turns
+that off and on by the module switch ``swinkit.fast.ONEDNN_LINEAR``, interleaving per round:
+swinkit with oneDNN, timm, swinkit without.
 It also times the linear shapes of Swin-T's blocks alone, one thread (what an image-parallel worker
-runs): ``F.linear`` (MKL) against oneDNN.
+runs): ``F.linear`` (MKL) against oneDNN, and the training input gradients the same way, the
+measurement behind ``swinkit.fast.MKL_INPUT_GRADIENT``.
 
     python benchmarks/onednn_linear.py [--rounds 7] [--threads 2]
 """
@@ -40,12 +42,36 @@ def linear_shapes() -> None:
     torch.set_num_threads(threads)
 
 
+def input_gradient_shapes() -> None:
+    """The input gradient ``grad @ W`` of Swin-T's linears at one worker's share of a training batch of
+    8 (4 images), one thread: MKL against oneDNN (on the transposed weight, as ``OneDNNLinear``
+    passes it); the totals weight each shape by its blocks per stage."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("input gradient, one thread, ms:  tokens    in   out    MKL  oneDNN  ratio")
+    mkl_total = onednn_total = 0.0
+    for tokens, C, depth in ((12544, 96, 2), (3136, 192, 2), (784, 384, 6), (196, 768, 2)):
+        for inputs, outputs in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):  # qkv, proj, fc1, fc2
+            grad, weight = torch.randn(tokens, outputs), torch.randn(outputs, inputs)
+            mkl = median_seconds(functools.partial(torch.mm, grad, weight))
+            onednn = median_seconds(functools.partial(fast._onednn_linear, grad, weight.t(), None))
+            mkl_total, onednn_total = mkl_total + depth * mkl, onednn_total + depth * onednn
+            print(f"{tokens:>39} {inputs:>5} {outputs:>5} {mkl * 1e3:6.2f} {onednn * 1e3:7.2f} {onednn / mkl:6.2f}")
+    print(
+        f"all blocks: MKL {mkl_total * 1e3:.1f} ms, oneDNN {onednn_total * 1e3:.1f} ms ({onednn_total / mkl_total:.2f})"
+    )
+    vendor = fast._cpu_vendor() or "unknown"
+    print(f"fast.MKL_INPUT_GRADIENT here: {fast.MKL_INPUT_GRADIENT} (CPU vendor {vendor})")
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     if not fast.ONEDNN_LINEAR:
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     torch.manual_seed(0)
     linear_shapes()
+    input_gradient_shapes()
 
     swinkit, timm = build("swinkit", "swin_t").eval(), build("timm", "swin_t").eval()
     x = torch.randn(16, 3, 224, 224)

@@ -52,6 +52,24 @@ def test_outputs_and_gradients_match_reference_in_training(impl, variant, shape,
         assert torch.allclose(grad, reference, rtol=tolerance, atol=tolerance * max(1.0, reference.abs().max())), name
 
 
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_fused_stochastic_depth_matches_reference(variant):
+    # The fused path applies drop path as one multiply-add per residual; the same draws in the same
+    # order as the reference blocks give the same samples dropped (one thread: no per-share generators).
+    model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=0.5), scale=0.05).double().train()
+    model.image_parallel = False
+    x = torch.randn(4, 3, 33, 71, dtype=torch.float64)
+    torch.manual_seed(3)
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    torch.manual_seed(3)
+    out, input_grad, grads = _run(model, "fused", x)
+    torch.manual_seed(4)
+    assert relative_error(_run(model, "fused", x)[0], out) > 1e-3  # other draws, other samples dropped
+    assert relative_error(out, expected) < 1e-12 and relative_error(input_grad, expected_input_grad) < 1e-12
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], rtol=1e-12, atol=1e-12), name
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_eval_outputs_match_reference(impl, variant):
@@ -140,6 +158,24 @@ def test_window_order_is_a_permutation_of_the_shifted_windows():
     assert torch.equal(x.flatten()[index][inverse], x.flatten())
 
 
+@pytest.mark.parametrize("size", [(6, 9), (7, 5)])  # (7, 5): padded windows
+def test_window_gathers_have_exact_first_and_second_gradients(size):
+    index, inverse, pad = window_order(*size, (3, 3), (1, 1), torch.device("cpu"))
+    assert (pad is not None) == (size == (7, 5))
+    x = torch.randn(2, size[0] * size[1], 3, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(2, index.numel(), 3, dtype=torch.float64, requires_grad=True)
+
+    def to_windows(x):
+        return fast.ToWindows.apply(x, index, inverse, pad).square()  # squared: a second derivative to check
+
+    def to_map(tokens):
+        return fast.ToMap.apply(tokens, index, inverse, pad).square()
+
+    assert torch.equal(to_windows(x), x[:, index].square()) and torch.equal(to_map(tokens), tokens[:, inverse].square())
+    for function, value in ((to_windows, x), (to_map, tokens)):
+        assert torch.autograd.gradcheck(function, (value,)) and torch.autograd.gradgradcheck(function, (value,))
+
+
 def test_window_order_marks_padding():
     index, inverse, padded = window_order(5, 5, (3, 3), (0, 0), torch.device("cpu"))
     assert index.numel() == 36 and int(padded.sum()) == 11
@@ -173,7 +209,9 @@ def test_onednn_residual_linear_matches_float64():
 
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_onednn_linear_gradients_match_float64(with_bias):
+@pytest.mark.parametrize("mkl_input_gradient", [False, True])  # both CPU vendors' choice
+def test_onednn_linear_gradients_match_float64(with_bias, mkl_input_gradient, monkeypatch):
+    monkeypatch.setattr(fast, "MKL_INPUT_GRADIENT", mkl_input_gradient)
     x = torch.randn(6, 49, 96, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(288, 96, dtype=torch.float64) / 10).requires_grad_(True)
     bias = torch.randn(288, dtype=torch.float64, requires_grad=True) if with_bias else None

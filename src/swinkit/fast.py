@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import native
 from .attention import reference_attention
-from .model import Pair, shift_window_mask, tracing, window_and_shift
+from .model import Pair, drop_path_scales, shift_window_mask, tracing, window_and_shift
 
 WindowOrder = tuple[Tensor, Tensor, Tensor | None]
 
@@ -35,6 +35,21 @@ CHUNK_TOKENS = 4096
 # oneDNN's float32 linear runs 3-16% faster than the MKL GEMM behind F.linear on AVX-512 CPUs for
 # Swin's shapes (level on AVX2), and applies GELU or a residual add before its output leaves the cache.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _cpu_vendor() -> str:
+    """The x86 vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" where Linux does not say."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# The input gradient of a training linear: MKL's GEMM on Intel CPUs (13% faster than oneDNN over
+# Swin-T's shapes on a Xeon with AVX-512, 2x at stage 4's fc1, where oneDNN reorders the transposed
+# weight on every call); oneDNN elsewhere (10-20% faster than MKL on an AMD EPYC).
+MKL_INPUT_GRADIENT = _cpu_vendor() == "GenuineIntel"
 
 
 def window_order(
@@ -211,8 +226,8 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` with oneDNN for the forward and the input gradient (10-20% faster than MKL on
-    AVX-512 for Swin's shapes) and MKL for the weight gradient (there oneDNN is slower)."""
+    """``F.linear`` with oneDNN for the forward, MKL for the weight gradient (there oneDNN is slower)
+    and the input gradient from the library :data:`MKL_INPUT_GRADIENT` picks for this CPU."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -225,8 +240,9 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and torch.is_grad_enabled():
-            grad_x = rows.mm(weight).view(x.shape)  # create_graph=True: differentiable, for second order
+        if ctx.needs_input_grad[0] and (torch.is_grad_enabled() or MKL_INPUT_GRADIENT):
+            # Under create_graph=True this product is differentiable: second-order gradients.
+            grad_x = rows.mm(weight).view(x.shape)
         elif ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(rows, weight.t(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
@@ -289,9 +305,9 @@ def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
         hidden = _mlp_hidden(block.mlp, F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps))
         return _linear_into(x, hidden, block.mlp.fc2)
     proj, fc2 = block.attn.proj, block.mlp.fc2
-    x = x + _drop_path(block, block.attn.proj_drop(_linear(attended, proj.weight, proj.bias)), nW * N)
+    x = _residual(block, x, block.attn.proj_drop(_linear(attended, proj.weight, proj.bias)), nW * N)
     hidden = _mlp_hidden(block.mlp, block.norm2(x))
-    return x + _drop_path(block, block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias)), nW * N)
+    return _residual(block, x, block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias)), nW * N)
 
 
 def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
@@ -300,9 +316,9 @@ def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
     h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
     proj, fc2 = block.attn.proj, block.mlp.fc2
     attended = block.attn.proj_drop(_linear(_attend(block.attn, h.view(-1, N, C), nW, bias), proj.weight, proj.bias))
-    x = x + _drop_path(block, block.norm1(attended), nW * N)
+    x = _residual(block, x, block.norm1(attended), nW * N)
     hidden = _mlp_hidden(block.mlp, x)
-    x = x + _drop_path(block, block.norm2(block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias))), nW * N)
+    x = _residual(block, x, block.norm2(block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias))), nW * N)
     return block.norm3(x)
 
 
@@ -313,10 +329,13 @@ def _plain_residuals(block: nn.Module) -> bool:
     return block.drop_path.p == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
 
 
-def _drop_path(block: nn.Module, x: Tensor, tokens_per_image: int) -> Tensor:
+def _residual(block: nn.Module, x: Tensor, branch: Tensor, tokens_per_image: int) -> Tensor:
+    """``x + drop_path(branch)``; with stochastic depth active, as one multiply-add per image."""
     if not block.training or block.drop_path.p == 0:
-        return x
-    return block.drop_path(x.view(-1, tokens_per_image, x.shape[-1])).view_as(x)
+        return x + branch
+    C = x.shape[-1]
+    branch = branch.view(-1, tokens_per_image, C)
+    return torch.addcmul(x.view_as(branch), branch, drop_path_scales(branch, block.drop_path.p)).view_as(x)
 
 
 def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -331,8 +350,9 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     chunk = _chunk_v2 if hasattr(block, "norm3") else _chunk_v1
     flat = x.reshape(B, H * W, C)
     if torch.is_grad_enabled():
-        tokens = flat.index_select(1, index)  # (B, nW*N, C) in window order
-        return chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C).index_select(1, inverse).view_as(x)
+        tokens = ToWindows.apply(flat, index, inverse, pad)  # (B, nW*N, C) in window order
+        out = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C)
+        return ToMap.apply(out, index, inverse, pad).view_as(x)
     # A few images at a time: gathered into window order, through the block and scattered back
     # while they are in cache, so the map is read once and written once (CPU; a GPU takes the
     # whole batch at once: small chunks would leave it idle between launches).
@@ -343,3 +363,42 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
         result = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view_as(tokens)
         torch.index_select(result, 1, inverse, out=out[start : start + per])
     return out.view_as(x)
+
+
+# The gathers into window order and back, with gathers for gradients: autograd's own gradient of a
+# gather is a scatter-add into zeros, which takes a training step 1-2% longer.
+
+
+class ToWindows(torch.autograd.Function):
+    """``x[:, index]``: a ``(B, H * W, C)`` map into window order (padded tokens read position 0)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None) -> Tensor:
+        ctx.orders = index, inverse, pad
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        index, inverse, pad = ctx.orders
+        # Each map position is read by one window token, position 0 also by the padded ones.
+        grad_map = ToMap.apply(grad, index, inverse, pad)
+        if pad is not None:
+            grad_map[:, 0] += grad[:, pad].sum(1)
+        return grad_map, None, None, None
+
+
+class ToMap(torch.autograd.Function):
+    """``tokens[:, inverse]``: window-order tokens back to the ``(B, H * W, C)`` map, padded ones dropped."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None) -> Tensor:
+        ctx.orders = index, inverse, pad
+        return tokens.index_select(1, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        index, inverse, pad = ctx.orders
+        grad_tokens = ToWindows.apply(grad, index, inverse, pad)
+        if pad is not None:
+            grad_tokens = grad_tokens.masked_fill(pad[None, :, None], 0.0)  # dropped tokens: no gradient
+        return grad_tokens, None, None, None

@@ -217,9 +217,14 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
     if p == 0.0 or not training:
         return x
+    return x * drop_path_scales(x, p)
+
+
+def drop_path_scales(x: Tensor, p: float) -> Tensor:
+    """Per sample of ``x``, 0 (dropped, probability ``p``) or ``1 / (1 - p)``, shaped to broadcast over it."""
     # A split training batch draws from its share's generator (swinkit.parallel), else the default one.
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p, generator=generator())
-    return x * keep.div_(1.0 - p)
+    return keep.div_(1.0 - p)
 
 
 class DropPath(nn.Module):
