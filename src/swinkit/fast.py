@@ -47,7 +47,7 @@ def _cpu_vendor() -> str:
 
 
 # The input gradient of a training linear: MKL's GEMM on Intel CPUs (13% faster than oneDNN over
-# Swin-T's shapes on a Xeon with AVX-512, 2x at stage 4's fc1, where oneDNN reorders the transposed
+# Swin-T's shapes on a Xeon with AVX-512, 1.9x at stage 4's fc2, where oneDNN reorders the transposed
 # weight on every call); oneDNN elsewhere (10-20% faster than MKL on an AMD EPYC).
 MKL_INPUT_GRADIENT = _cpu_vendor() == "GenuineIntel"
 
