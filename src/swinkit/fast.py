@@ -366,7 +366,8 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
 
 
 # The gathers into window order and back, with gathers for gradients: autograd's own gradient of a
-# gather is a scatter-add into zeros, which takes a training step 1-2% longer.
+# gather is a scatter-add into a zeroed tensor (measured in a worker's Swin-T training step: 16 ms
+# against the gather's 6, of about 1 s).
 
 
 class ToWindows(torch.autograd.Function):
