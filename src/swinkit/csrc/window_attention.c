@@ -177,16 +177,18 @@ static inline __attribute__((always_inline)) void transpose_block(vec rows[LANES
 
 /* keys = k^T (D x `stride_keys`), zero past N; with cosine, k's rows normalised first. */
 static void transpose_keys(const float *k, long stride, long N, long stride_keys, int cosine, float *keys) {
-  for (long first = 0; first < stride_keys; first += LANES)
+  for (long first = 0; first < stride_keys; first += LANES) {
+    float factor[LANES]; /* per key row: its 1 / norm with cosine, 1 without, 0 past N */
+    for (int j = 0; j < LANES; j++)
+      factor[j] = first + j >= N ? 0.0f : cosine ? inverse_norm(k + (first + j) * stride) : 1.0f;
     for (int channel = 0; channel < D; channel += LANES) {
       vec rows[LANES];
-      for (int j = 0; j < LANES; j++) {
-        const float *row = k + (first + j) * stride;
-        rows[j] = first + j < N ? load(row + channel) * splat(cosine ? inverse_norm(row) : 1.0f) : splat(0.0f);
-      }
+      for (int j = 0; j < LANES; j++)
+        rows[j] = first + j < N ? load(k + (first + j) * stride + channel) * splat(factor[j]) : splat(0.0f);
       transpose_block(rows);
       for (int c = 0; c < LANES; c++) store(keys + (channel + c) * stride_keys + first, rows[c]);
     }
+  }
 }
 
 /* logits[r * stride_keys + first_key ...] for ROWS query rows against one TILE of keys. */
