@@ -1,14 +1,13 @@
 """Ablation of the fused path's oneDNN linears: the same model with and without them, beside timm.
 
 ``swinkit.fast`` sends the linear layers of eager float32 CPU work through oneDNN (no grad: with
-GELU / the residual add as post-ops) or, in training, through ``OneDNNLinear`` (forward and input
-gradient in MKL into reused buffers where ``swinkit.fast.MKL_TRAINING_LINEARS`` says, else in
-oneDNN; MKL weight gradient). This script turns that off and on by the module switch
-``swinkit.fast.ONEDNN_LINEAR``, interleaving per round: swinkit with oneDNN, timm, swinkit without;
-in training also swinkit with fresh outputs instead of reused buffers (``REUSE_BUFFERS``).
+GELU / the residual add as post-ops; training: ``OneDNNLinear``, oneDNN forward, MKL weight
+gradient, the input gradient where ``swinkit.fast.MKL_INPUT_GRADIENT`` says). This script turns
+that off and on by the module switch ``swinkit.fast.ONEDNN_LINEAR``, interleaving per round:
+swinkit with oneDNN, timm, swinkit without.
 It also times the linear shapes of Swin-T's blocks alone, one thread (what an image-parallel worker
-runs): ``F.linear`` (MKL) against oneDNN, and the training forward and input gradients the same
-way, the measurement behind ``swinkit.fast.MKL_TRAINING_LINEARS``.
+runs): ``F.linear`` (MKL) against oneDNN, and the training input gradients the same way, the
+measurement behind ``swinkit.fast.MKL_INPUT_GRADIENT``.
 
     python benchmarks/onednn_linear.py [--rounds 7] [--threads 2]
 """
@@ -43,36 +42,26 @@ def linear_shapes() -> None:
     torch.set_num_threads(threads)
 
 
-def training_shapes() -> None:
-    """The forward ``x W^T + b`` and the input gradient ``grad @ W`` of Swin-T's linears at one
-    worker's share of a training batch of 8 (4 images), one thread: MKL (the forward into a kept
-    output, as ``OneDNNLinear`` writes it) against oneDNN (a fresh output; the input gradient on the
-    transposed weight, as ``OneDNNLinear`` passes it); the totals weight each shape by its blocks."""
+def input_gradient_shapes() -> None:
+    """The input gradient ``grad @ W`` of Swin-T's linears at one worker's share of a training batch of
+    8 (4 images), one thread: MKL against oneDNN (on the transposed weight, as ``OneDNNLinear``
+    passes it); the totals weight each shape by its blocks per stage."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    print("training, one thread, ms:        tokens    in   out  forward MKL oneDNN ratio  input grad MKL oneDNN ratio")
-    totals = [0.0] * 4
+    print("input gradient, one thread, ms:  tokens    in   out    MKL  oneDNN  ratio")
+    mkl_total = onednn_total = 0.0
     for tokens, C, depth in ((12544, 96, 2), (3136, 192, 2), (784, 384, 6), (196, 768, 2)):
         for inputs, outputs in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):  # qkv, proj, fc1, fc2
-            x, grad = torch.randn(tokens, inputs), torch.randn(tokens, outputs)
-            weight, bias, out = torch.randn(outputs, inputs), torch.randn(outputs), torch.empty(tokens, outputs)
-            times = [
-                median_seconds(functools.partial(torch.addmm, bias, x, weight.t(), out=out)),
-                median_seconds(functools.partial(fast._onednn_linear, x, weight, bias)),
-                median_seconds(functools.partial(torch.mm, grad, weight)),
-                median_seconds(functools.partial(fast._onednn_linear, grad, weight.t(), None)),
-            ]
-            totals = [total + depth * t for total, t in zip(totals, times, strict=True)]
-            ms = [t * 1e3 for t in times]
-            print(
-                f"{tokens:>38} {inputs:>5} {outputs:>5} {ms[0]:12.2f} {ms[1]:6.2f} {ms[1] / ms[0]:5.2f}"
-                f" {ms[2]:15.2f} {ms[3]:6.2f} {ms[3] / ms[2]:5.2f}"
-            )
-    ms = [t * 1e3 for t in totals]
-    print(f"all blocks: forward MKL {ms[0]:.1f} ms, oneDNN {ms[1]:.1f} ms ({ms[1] / ms[0]:.2f}); ", end="")
-    print(f"input gradient MKL {ms[2]:.1f} ms, oneDNN {ms[3]:.1f} ms ({ms[3] / ms[2]:.2f})")
+            grad, weight = torch.randn(tokens, outputs), torch.randn(outputs, inputs)
+            mkl = median_seconds(functools.partial(torch.mm, grad, weight))
+            onednn = median_seconds(functools.partial(fast._onednn_linear, grad, weight.t(), None))
+            mkl_total, onednn_total = mkl_total + depth * mkl, onednn_total + depth * onednn
+            print(f"{tokens:>39} {inputs:>5} {outputs:>5} {mkl * 1e3:6.2f} {onednn * 1e3:7.2f} {onednn / mkl:6.2f}")
+    print(
+        f"all blocks: MKL {mkl_total * 1e3:.1f} ms, oneDNN {onednn_total * 1e3:.1f} ms ({onednn_total / mkl_total:.2f})"
+    )
     vendor = fast._cpu_vendor() or "unknown"
-    print(f"fast.MKL_TRAINING_LINEARS here: {fast.MKL_TRAINING_LINEARS} (CPU vendor {vendor})")
+    print(f"fast.MKL_INPUT_GRADIENT here: {fast.MKL_INPUT_GRADIENT} (CPU vendor {vendor})")
     torch.set_num_threads(threads)
 
 
@@ -82,7 +71,7 @@ def main() -> None:
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     torch.manual_seed(0)
     linear_shapes()
-    training_shapes()
+    input_gradient_shapes()
 
     swinkit, timm = build("swinkit", "swin_t").eval(), build("timm", "swin_t").eval()
     x = torch.randn(16, 3, 224, 224)
@@ -100,10 +89,8 @@ def main() -> None:
     calls = [("swinkit", switched(fast, "ONEDNN_LINEAR", True, swinkit_step))]
     calls.append(("timm", functools.partial(_train_step, timm, training_optimizer("timm", timm), x, y)))
     calls.append(("swinkit:no-onednn", switched(fast, "ONEDNN_LINEAR", False, swinkit_step)))
-    calls.append(("swinkit:fresh-buffers", switched(fast, "REUSE_BUFFERS", False, swinkit_step)))
     _interleave(training, calls, args.rounds, 1, Target())
     report(training, "swinkit", "swinkit:no-onednn", "oneDNN speed-up")
-    report(training, "swinkit", "swinkit:fresh-buffers", "reused-buffer speed-up")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,6 @@ official detection code's padding), and are dropped on the way back.
 from __future__ import annotations
 
 import functools
-import math
-import threading
-import weakref
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,16 +46,10 @@ def _cpu_vendor() -> str:
         return ""
 
 
-# The forward and input gradient of a training linear: MKL's GEMM on Intel CPUs, into reused
-# buffers (``REUSE_BUFFERS``); oneDNN elsewhere (10-20% faster than MKL on an AMD EPYC). On a Xeon
-# with AVX-512, one thread, over Swin-T's shapes: the input gradient 13% faster than oneDNN's (1.9x
-# at stage 4's fc2, where oneDNN reorders the transposed weight on every call), the forward level
-# with oneDNN's (which can only write a fresh output).
-MKL_TRAINING_LINEARS = _cpu_vendor() == "GenuineIntel"
-
-# Outputs of the training linears that MKL computes go into memory kept from earlier steps (see
-# ``reused_empty``); off, each is a fresh allocation.
-REUSE_BUFFERS = hasattr(torch._C, "_storage_Use_Count")
+# The input gradient of a training linear: MKL's GEMM on Intel CPUs (13% faster than oneDNN over
+# Swin-T's shapes on a Xeon with AVX-512, 1.9x at stage 4's fc2, where oneDNN reorders the transposed
+# weight on every call); oneDNN elsewhere (10-20% faster than MKL on an AMD EPYC).
+MKL_INPUT_GRADIENT = _cpu_vendor() == "GenuineIntel"
 
 
 def window_order(
@@ -235,105 +225,31 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     return cached[1]
 
 
-class _ThreadBuffers:
-    """One thread's kept storages, by size in bytes."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, list[torch.UntypedStorage]] = {}
-
-
-_thread_buffers = threading.local()
-_all_buffers: weakref.WeakSet[_ThreadBuffers] = weakref.WeakSet()  # every thread's, for release_buffers
-_buffers_lock = threading.Lock()
-
-
-def reused_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """An uninitialised CPU tensor of ``shape`` on a storage this thread allocated before and no
-    tensor holds any more (its use count is the keeper's one), or on a new kept one.
-
-    A training step allocates the same large linear outputs every step. Freed, glibc gives the top of
-    a worker thread's heap back to the kernel, and the next step faults it in again page by page:
-    30-40 thousand faults per Swin-T step of batch 8, 3-4% of its time. Kept storages are
-    reused as they are, never while a tensor (a view, a saved activation, a gradient) still uses
-    them. ``release_buffers`` lets them go.
-    """
-    buffers = getattr(_thread_buffers, "buffers", None)
-    if buffers is None:
-        buffers = _thread_buffers.buffers = _ThreadBuffers()
-        with _buffers_lock:
-            _all_buffers.add(buffers)
-    nbytes = math.prod(shape) * dtype.itemsize
-    kept = buffers.storages.setdefault(nbytes, [])
-    storage = next((s for s in kept if torch._C._storage_Use_Count(s._cdata) == 1 and s.nbytes() == nbytes), None)
-    if storage is None:
-        storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        kept.append(storage)
-    # A tensor of its own on the storage, not a view (autograd forbids in-place use of a view made in
-    # a custom Function's forward).
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
-
-
-def release_buffers() -> None:
-    """Forget every thread's kept storages (those still in use live on with their tensors)."""
-    with _buffers_lock:
-        for buffers in list(_all_buffers):
-            buffers.storages = {}
-
-
-def _empty(like: Tensor, *shape: int) -> Tensor:
-    return reused_empty(shape, like.dtype) if REUSE_BUFFERS else like.new_empty(shape)
-
-
-def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b (+ bias)`` written into ``out`` (any shape of ``a.shape[0] * b.shape[1]`` elements)."""
-    rows = out.view(a.shape[0], b.shape[1])
-    if bias is None:
-        torch.mm(a, b, out=rows)
-    else:
-        torch.addmm(bias, a, b, out=rows)
-    return out
-
-
 class OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` for training, then GELU (exact) if ``gelu``: the forward and the input gradient in
-    MKL on Intel CPUs, in oneDNN elsewhere (:data:`MKL_TRAINING_LINEARS`); the weight gradient in MKL
-    (where oneDNN is slower). Without ``create_graph``, every output MKL or GELU writes goes into a
-    reused buffer (:data:`REUSE_BUFFERS`); oneDNN's can only be fresh ones."""
+    """``F.linear`` with oneDNN for the forward, MKL for the weight gradient (there oneDNN is slower)
+    and the input gradient from the library :data:`MKL_INPUT_GRADIENT` picks for this CPU."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
-        ctx.has_bias, ctx.gelu = bias is not None, gelu
-        rows = x.reshape(-1, x.shape[-1])
-        if MKL_TRAINING_LINEARS:
-            out = _matmul_into(_empty(x, *x.shape[:-1], weight.shape[0]), rows, weight.t(), bias)
-        else:
-            out = _onednn_linear(x, weight, bias)
-        ctx.save_for_backward(x, weight, bias, out if gelu else None)
-        return torch.ops.aten.gelu.out(out, out=_empty(out, *out.shape)) if gelu else out
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, before_gelu = ctx.saved_tensors
-        differentiable = torch.is_grad_enabled()  # create_graph=True: second order, fresh outputs
-        if ctx.gelu and differentiable:  # GELU's input again, as a function of the weights
-            grad = torch.ops.aten.gelu_backward(grad, F.linear(x, weight, bias))
-        elif ctx.gelu:
-            grad = torch.ops.aten.gelu_backward.grad_input(grad, before_gelu, grad_input=_empty(grad, *grad.shape))
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and differentiable:
+        if ctx.needs_input_grad[0] and (torch.is_grad_enabled() or MKL_INPUT_GRADIENT):
+            # Under create_graph=True this product is differentiable: second-order gradients.
             grad_x = rows.mm(weight).view(x.shape)
-        elif ctx.needs_input_grad[0] and MKL_TRAINING_LINEARS:
-            grad_x = _matmul_into(_empty(x, *x.shape), rows, weight)
         elif ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(rows, weight.t(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
-            # A fresh output: kept buffers would hold a second copy of the weights idle between steps
-            # (a worker's gradient, once added into the first worker's), for no measurable speed.
             grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
@@ -341,7 +257,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
     if not _onednn(x):
         out = F.linear(x, weight, bias)
     elif torch.is_grad_enabled():
-        return OneDNNLinear.apply(x, weight, bias, gelu)
+        out = OneDNNLinear.apply(x, weight, bias)
     else:
         return _onednn_linear(x, _packed(weight, x.numel() // x.shape[-1]), bias, "gelu" if gelu else "none")
     if not gelu:

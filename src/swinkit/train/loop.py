@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fast
 from ..checkpoint.native import save as save_model
 from ..evaluate import EvalResult, amp_dtype, evaluate
 from ..factory import create_model
@@ -397,7 +396,6 @@ class Trainer(TrainingLoop):
             save_model(self.model, best_path, class_names=self.data.classes, state_dict=self.model_state())
 
     def _finish(self, best_path: Path, seconds: float) -> TrainResult:
-        fast.release_buffers()  # the training linears' kept buffers: not needed after training
         final_path = self.output / "model-final.safetensors"
         model_state = self.model_state()
         history: list[dict[str, Any]] = []
