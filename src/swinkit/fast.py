@@ -227,7 +227,7 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
 
 class OneDNNLinear(torch.autograd.Function):
     """``F.linear`` with oneDNN for the forward, MKL for the weight gradient (there oneDNN is slower)
-    and the input gradient from the library :data:`MKL_INPUT_GRADIENT` picks for this CPU."""
+    and, for the input gradient, whichever of the two :data:`MKL_INPUT_GRADIENT` picks for this CPU."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
