@@ -1,7 +1,7 @@
 """Export and compile: ONNX in a real onnxruntime session, torch.export programs, torch.compile.
 
 Every exported or compiled model is compared with eager PyTorch at two input sizes and two batch
-sizes; the dynamic height / width range is checked against the window rule worked out by hand.
+sizes; dynamic files are checked at sizes in every window regime (clamped stage windows or not).
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import torch
 
 import swinkit
 from swinkit.cli import main
-from swinkit.export import compile_model, export, export_onnx_model, onnx_error, onnx_session, side_range
+from swinkit.export import (
+    MAX_SIDE,
+    compile_model,
+    export,
+    export_onnx_model,
+    onnx_error,
+    onnx_session,
+    side_range,
+    trace_sides,
+)
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -27,35 +36,46 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def test_side_range_follows_the_window_rule():
-    # Swin-T, patch 4, window 7: stage i shrinks its window when ceil(side / (4 * 2**i)) <= 7,
-    # i.e. side <= 28, 56, 112, 224. At 224 only stage 4 shrinks: 113..224; at 256 none: 225 up.
+def test_side_range_starts_where_every_stage_has_a_two_by_two_map():
+    # Swin-T: patch 4 and three mergings, total stride 32; a side of 33 gives stage 4 two rows.
+    for model in (swinkit.create_model("swin_t"), swinkit.create_model("swin_t", always_shift=True)):
+        assert side_range(model) == (33, MAX_SIDE)
+    assert side_range(swinkit.create_model("swin_t", patch_size=2)) == (17, MAX_SIDE)
+
+
+def test_trace_sides_are_generic_for_every_stage():
+    # Swin-T (window 7): 481 -> stage maps 121, 61, 31, 16; 482 -> the same maps from a different
+    # padding. Every map is more than two windows and none divides by 7; all but the last are odd.
     model = swinkit.create_model("swin_t")
-    assert side_range(model, 224) == (113, 224)
-    assert side_range(model, 256)[0] == 225
-    assert side_range(model, 100) == (57, 112)
-    detection = swinkit.create_model("swin_t", always_shift=True)
-    assert side_range(detection, 100)[0] == 2
+    assert trace_sides(model) == (481, 482)
 
 
-def test_onnx_matches_eager_at_two_sizes_and_batches(tmp_path):
-    # swin_test at 96: stage windows 4, 4, 4, 3 (stage 4 clamped at construction); no stage shrinks
-    # for sides in 97 up, so 96 shrinks stage 4 only: range 65..96.
+# swin_test (patch 4, window 4; built at 96 its stage 4 has window 3): stage 3 clamps its window for
+# sides up to 64 and stage 4 for sides up to 96. These sizes cover both clamps, one, and none,
+# mixed between height and width, odd and even, and the lower end of the range.
+REGIME_SIZES = [(1, 3, 33, 33), (3, 3, 50, 81), (2, 3, 96, 70), (1, 3, 97, 130), (2, 3, 131, 40)]
+
+
+def test_onnx_matches_eager_in_every_window_regime(tmp_path):
     model = _perturbed(swinkit.create_model("swin_test", img_size=96, num_classes=7))
     path = export_onnx_model(model, tmp_path / "model.onnx", torch.randn(2, 3, 96, 96))
     session = onnx_session(path)
     assert [i.name for i in session.get_inputs()] == ["images"]
-    for shape in [(1, 3, 96, 96), (3, 3, 67, 81), (2, 3, 96, 70)]:
-        assert onnx_error(session, model, torch.randn(shape)) < 1e-5
+    for shape in REGIME_SIZES:
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(metadata["swinkit.size_range"]) == {"height": [65, 96], "width": [65, 96]}
-    # Outside the range (another window regime) onnxruntime cannot run the program's assertions.
-    # Below it every output is NaN; above it the traced gathers go out of bounds and the run fails.
-    for shape in [(2, 3, 96, 64), (1, 3, 40, 40)]:
+    assert json.loads(metadata["swinkit.size_range"]) == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
+    # Below the range (a map side of one token) onnxruntime cannot run assertions: every output is NaN.
+    for shape in [(2, 3, 96, 32), (1, 3, 20, 20)]:
         (logits,) = session.run(None, {"images": torch.randn(shape).numpy()})
         assert logits.shape == (shape[0], 7) and torch.from_numpy(logits).isnan().all(), shape
-    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument):
-        session.run(None, {"images": torch.randn(1, 3, 96, 97).numpy()})
+
+
+def test_onnx_of_the_detection_window_rule_takes_every_size(tmp_path):
+    model = _perturbed(swinkit.create_model("swin_test", num_classes=3, always_shift=True))
+    session = onnx_session(export_onnx_model(model, tmp_path / "model.onnx"))
+    for shape in REGIME_SIZES[::2]:
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
 
 
 def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):
@@ -64,8 +84,7 @@ def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):
     path = export_onnx_model(model, tmp_path / "backbone.onnx", torch.randn(2, 3, size, size))
     session = onnx_session(path)
     assert [o.name for o in session.get_outputs()] == ["features0", "features1", "features2", "features3"]
-    low, high = side_range(model, size)
-    for shape in [(1, 3, size, size), (3, 3, high - 3, low + 1)]:
+    for shape in [(1, 3, size, size), (3, 3, 45, 110)]:
         assert onnx_error(session, model, torch.randn(shape)) < 1e-5
 
 
@@ -73,10 +92,22 @@ def test_torch_export_program_round_trip(tmp_path):
     model = _perturbed(swinkit.create_model("swin_test", num_classes=5))
     report = export(model, tmp_path / "model.pt2", fmt="torch-export")
     assert report["max_abs_error"] < 1e-5
+    assert report["size_range"] == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
-    x = torch.randn(4, 3, 50, 37)  # inside the range of the 64 x 64 example (33..64)
     with torch.no_grad():
-        torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+        for shape in REGIME_SIZES:
+            x = torch.randn(shape)
+            torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(AssertionError, match="33"):  # the program checks its input range
+            program(torch.randn(1, 3, 32, 64))
+
+
+def test_dynamic_export_refuses_an_example_below_the_range(tmp_path):
+    model = swinkit.create_model("swin_digits")  # 32 x 32 images: stage 4 is a single token
+    with pytest.raises(ValueError, match=r"32x32 .*33\.\.8192.*--static-size"):
+        export(model, tmp_path / "digits.onnx")
+    report = export(model, tmp_path / "digits.onnx", static_size=True)
+    assert report["max_abs_error"] < 1e-5
 
 
 def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):

@@ -164,7 +164,9 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="preset name, for a randomly initialised model (no --checkpoint)")
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument(
-        "--img-size", type=_parse_size, help="example input N or HxW; picks the window regime (default: model's)"
+        "--img-size",
+        type=_parse_size,
+        help="N or HxW: the first size checked against eager, and the size --static-size fixes (default: model's)",
     )
     parser.add_argument(
         "--static-size",

@@ -3,15 +3,14 @@
 Both are traced from the reference attention path: fast paths and their caches step aside while
 tracing (see :func:`swinkit.model.tracing`), so the exported graph is the readable one.
 
-Batch, height and width are dynamic. Height and width are dynamic within the *window regime* of
-the example size: the official classification rule shrinks the window (and drops the shift) of a
-stage whose map is no larger than the window, which changes the graph, so one file covers the
-sizes whose stages shrink the same way as the example's. For Swin-T (window 7) exported at 224,
-stage 4 (7 x 7) shrinks, and the file takes any side in 113..224; exported at 256 or more, no
-stage shrinks, and it takes any side from 225 up. :func:`side_range` computes the range; the
-exporter reports it, the program asserts it at run time and an ONNX file returns NaN outside
-it. Models with ``always_shift`` (the detection rule) never shrink windows, so one file covers
-every size.
+Batch, height and width are dynamic, and one file serves every image side from
+:func:`side_range`'s lower end (the smallest side whose last stage still has a 2 x 2 map; 33 for
+Swin-T) up to :data:`MAX_SIDE`. The official classification rule clamps the window of a stage
+whose map fits in one window, which would tie a traced graph to the example's clamps; traced with
+a symbolic size, the blocks write that rule without branching on the size (see
+:func:`swinkit.model.window_and_shift`), so no size picks another graph. The trace uses a generic
+example size of the library's choosing (no map side of one window or of one token, odd sides), so
+that the shape engine's layout guesses hold for every size rather than for the example's.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .model import cells
 
 logger = logging.getLogger(__name__)
 
@@ -44,32 +45,50 @@ def _example(model: nn.Module, img_size: tuple[int, int] | None, batch: int) -> 
 MAX_SIDE = 8192  # the largest height / width an exported file accepts
 
 
-def side_range(model: nn.Module, side: int) -> tuple[int, int]:
-    """Sizes of an image side that use the same windows in every stage as ``side`` does.
+def side_range(model: nn.Module) -> tuple[int, int]:
+    """The image sides a file exported with a dynamic height and width accepts.
 
-    Stage ``i`` sees ``ceil(side / (patch * 2**i))`` rows; its window shrinks when that is no
-    more than its window size ``w``, that is when ``side <= w * patch * 2**i``.
+    The lower end is one more than the total stride ``patch * 2**(stages - 1)``: from there every
+    stage's map is at least 2 tokens per side. torch.export decides tensor layouts on the
+    assumption that no map side is 1 and cannot trace both cases in one graph.
+    """
+    stride = model.config.patch_size * 2 ** (len(model.layers) - 1)
+    return stride + 1, MAX_SIDE
+
+
+def trace_sides(model: nn.Module) -> tuple[int, int]:
+    """Height and width of the example a dynamic-size export traces with: generic sizes.
+
+    The shape engine answers some questions about sizes (is this side 1? does it divide?) from
+    the example and keeps the answer as an assumption. At these sides the answers are the general
+    ones: every stage has at least three windows per side, no side divides by its window or by the
+    merging's 2 (so every padding step is traced), and height differs from width.
     """
     config = model.config
-    low, high = 2, MAX_SIDE  # torch.export treats sizes 0 and 1 as special: 2 is its smallest dynamic size
-    if config.always_shift:
-        return low, high
-    for stage, layer in enumerate(model.layers):
-        limit = layer.blocks[0].window_size * config.patch_size * 2**stage
-        if side <= limit:
-            high = min(high, limit)
-        else:
-            low = max(low, limit + 1)
-    return low, high
+    windows = [layer.blocks[0].window_size for layer in model.layers]
+    stride = config.patch_size * 2 ** (len(windows) - 1)
+
+    def generic(side: int) -> bool:
+        maps = [cells(side, config.patch_size * 2**stage) for stage in range(len(windows))]
+        padded = side % config.patch_size and all(size % 2 for size in maps[:-1])
+        return bool(padded) and all(size > 2 * w and size % w for size, w in zip(maps, windows, strict=True))
+
+    height = stride * (2 * max(windows) + 1) + 1
+    while not generic(height):
+        height += 1
+    width = height + 1
+    while not generic(width):
+        width += 1
+    return height, width
 
 
-def dynamic_shapes(model: nn.Module, example: torch.Tensor, dynamic_size: bool) -> dict[str, dict[int, Any]]:
+def dynamic_shapes(model: nn.Module, dynamic_size: bool) -> dict[str, dict[int, Any]]:
     # min=1 keeps a batch of one legal (torch.export otherwise specialises sizes 0 and 1).
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size and _is_swinkit(model):  # other libraries' models (benchmark peers): batch only
-        for dim, name in ((2, "height"), (3, "width")):
-            low, high = side_range(model, example.shape[dim])
-            dims[dim] = torch.export.Dim(name, min=low, max=high)
+        low, high = side_range(model)
+        dims[2] = torch.export.Dim("height", min=low, max=high)
+        dims[3] = torch.export.Dim("width", min=low, max=high)
     return {"x": dims}
 
 
@@ -82,28 +101,52 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of ``model`` in eval mode, dynamic in batch (and height / width).
 
-    Guards that the shape engine cannot prove (they hold for every size in the range) become
-    run-time assertions instead of export errors. ``nan_outside_range`` makes every output NaN for
-    an image size outside the range, for runtimes that drop those assertions (ONNX).
+    With a dynamic height and width (swinkit models), the trace uses :func:`trace_sides` instead
+    of ``img_size`` or ``example``'s size, and the program's scalar assertions are dropped (see
+    :func:`_drop_layout_assertions`); the input range (:func:`side_range`) is still checked.
+    ``nan_outside_range`` makes every output NaN for an image size outside the range, for runtimes
+    that do not check it (ONNX).
     """
     model = model.eval()
     example = _example(model, img_size, 2) if example is None else example
-    shapes = dynamic_shapes(model, example, dynamic_size)
-    if nan_outside_range and len(shapes["x"]) == 3:  # height and width are dynamic
-        ranges = size_ranges(model, tuple(example.shape[2:]))
-        model = _NaNOutsideRange(model, [ranges["height"], ranges["width"]]).eval()
+    shapes = dynamic_shapes(model, dynamic_size)
+    dynamic_sides = len(shapes["x"]) == 3
+    if dynamic_sides:
+        example = _example(model, trace_sides(model), example.shape[0])
+    if nan_outside_range and dynamic_sides:
+        model = _NaNOutsideRange(model, [list(side_range(model))] * 2).eval()
     with torch.no_grad():
-        return torch.export.export(
+        program = torch.export.export(
             model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
         )
+    if dynamic_sides:
+        _drop_layout_assertions(program)
+    return program
+
+
+def _drop_layout_assertions(program: torch.export.ExportedProgram) -> None:
+    """Remove the program's run-time assertions on sizes, keeping the check of the input range.
+
+    The shape engine asks whether a size can be 1 (does a reshape need a copy?) and records "not
+    1" as an assertion. Swin's window counts are 1 for small maps, so these assertions would reject
+    sizes the graph computes correctly: the ops themselves (reshape, gathers) are size-generic,
+    which the tests check against eager at sizes in every window regime. ONNX drops them anyway.
+    """
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_scalar.default:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    program.graph_module.recompile()
 
 
 class _NaNOutsideRange(nn.Module):
     """Every output NaN when the height or width is outside its range; the outputs unchanged inside.
 
-    onnxruntime cannot run the program's range assertions, and a graph traced for one window
-    regime gives plausible but wrong numbers for a size of another; NaN makes that impossible to
-    miss. The check is made on tensors built from the input's shape, so it stays in the graph.
+    onnxruntime does not check the program's input range. Below it the graph runs on maps of one
+    token per side, a case it was not traced or tested for, and its numbers, if any, would look
+    plausible; NaN makes that impossible to miss. The check is made on tensors built from the input's shape, so
+    it stays in the graph.
     """
 
     def __init__(self, model: nn.Module, ranges: list[list[int]]) -> None:
@@ -143,10 +186,11 @@ def export_onnx_model(
 ) -> Path:
     """Write ``model`` as ONNX with input ``images`` (N, C, H, W) and output ``logits`` or ``features{i}``.
 
-    ``example`` picks the window regime (default: the model's own size); see :func:`side_range`.
-    The file's metadata holds the swinkit config (with its preprocessing), the accepted size range
-    and the class names, so a runtime user needs nothing else. Outside the range every output is
-    NaN (onnxruntime cannot assert the range; see :class:`_NaNOutsideRange`).
+    ``example`` gives the batch (and, with ``dynamic_size=False``, the height and width) to trace
+    with; a dynamic file takes every size in :func:`side_range`. The file's metadata holds the
+    swinkit config (with its preprocessing), the accepted size range and the class names, so a
+    runtime user needs nothing else. Outside the range every output is NaN (onnxruntime cannot
+    assert the range; see :class:`_NaNOutsideRange`).
     """
     path = Path(path)
     model = model.eval()
@@ -237,7 +281,8 @@ def export(
     """Export and, with ``check``, compare the file with eager (:func:`check_export`).
 
     Returns ``{"path", "format", "example_size", "size_range", "max_abs_error"}``: the file takes
-    any batch and any height / width inside ``size_range`` (see :func:`side_range`). With
+    any batch and any height / width inside ``size_range`` (see :func:`side_range`), whatever the
+    example size; ``img_size`` sets the first size checked against eager. With
     ``static_size`` height and width are fixed to the example's: the graph pads and crops with
     plain ops instead of size-generic gathers, and runs faster.
     """
@@ -248,6 +293,12 @@ def export(
     model = model.eval()
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
+    low, high = side_range(model)
+    if not static_size and not all(low <= side <= high for side in size):
+        raise ValueError(
+            f"image size {size[0]}x{size[1]} is outside the sides a file with a dynamic height and width accepts "
+            f"for this model ({low}..{high}: every stage needs a map of at least 2 x 2); use --static-size"
+        )
     if fmt == "onnx":
         path = export_onnx_model(model, path, example, opset, class_names, dynamic_size=not static_size)
     else:
@@ -264,18 +315,21 @@ def size_ranges(model: nn.Module, size: tuple[int, ...], static_size: bool = Fal
     """The height and width range an exported file accepts (``[side, side]`` when static)."""
     if static_size:
         return {"height": [size[0], size[0]], "width": [size[1], size[1]]}
-    return {"height": list(side_range(model, size[0])), "width": list(side_range(model, size[1]))}
+    return {"height": list(side_range(model)), "width": list(side_range(model))}
 
 
 def check_sizes(model: nn.Module, size: tuple[int, ...], static_size: bool = False) -> list[tuple[int, int]]:
-    """The example size and a second, different size in the exported range (odd, so padding differs)."""
+    """The example size and a second one: height 39 larger and width 37 smaller (odd, other windows).
+
+    For Swin-T at 224 that is 263 x 187: stage 4's map is 9 rows (no clamp) by 6 columns (clamped),
+    so one check crosses from one window rule to the other.
+    """
     if static_size:
         return [tuple(size), tuple(size)]
-    other = []
-    for side in size:
-        low, high = side_range(model, side)
-        other.append(min(high, side + 37) if side + 37 <= high else max(low, side - 37))
-    return [tuple(size), tuple(other)]
+    low, high = side_range(model)
+    height = size[0] + 39 if size[0] + 39 <= high else size[0] - 39
+    width = size[1] - 37 if size[1] - 37 >= low else size[1] + 37
+    return [tuple(size), (height, width)]
 
 
 def check_export(

@@ -133,13 +133,29 @@ def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_s
     Classification rule (official code): along a side no longer than the window, the window
     shrinks to the side and does not shift (so Swin-T at 224 does not shift in stage 4).
     Detection rule (``always_shift``): the window and shift stay; the map is padded instead.
+
+    Traced with a symbolic size (torch.export with a dynamic height and width), the classification
+    rule keeps the window and writes "no shift along a side that fits in one window" as
+    arithmetic; :func:`shifted_window_attention` then masks that side's padding, which is the same
+    attention as the clamped window. Comparisons would tie the graph to the example's clamps.
     """
     if always_shift:
         return (window_size, window_size), (shift_size, shift_size)
-    # Plain comparisons: under torch.compile / torch.export they become guards on the size.
+    if symbolic(H, W):
+        return (window_size, window_size), (
+            _shift_unless_fits(H, window_size, shift_size),
+            _shift_unless_fits(W, window_size, shift_size),
+        )
     window_h, shift_h = (H, 0) if window_size >= H else (window_size, shift_size)
     window_w, shift_w = (W, 0) if window_size >= W else (window_size, shift_size)
     return (window_h, window_w), (shift_h, shift_w)
+
+
+def _shift_unless_fits(length: int, window_size: int, shift_size: int) -> int:
+    """``shift_size`` if ``length > window_size`` else 0, without a comparison (a symbolic ``length``)."""
+    if shift_size == 0:
+        return 0
+    return shift_size * torch.sym_min(1, torch.sym_max(0, length - window_size))
 
 
 def _derived(fn):
@@ -316,25 +332,64 @@ def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.reshape(B_, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair) -> Tensor:
+def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair, clamp: bool = True) -> Tensor:
     """(S)W-MSA on a ``(B, H, W, C)`` map: pad, cyclic shift, partition, attend, reverse, crop.
 
     Padding comes before the shift (right/bottom, to a multiple of the window), so the mask is
-    built on the padded map, as in the official detection code.
+    built on the padded map, as in the official detection code. ``clamp`` says the blocks follow
+    the classification window rule (not ``always_shift``); only a trace with a symbolic size reads
+    it, to mask the padding that stands in for a clamped window (see :func:`window_and_shift`).
     """
     B, H, W, _ = x.shape
     rows, cols = cells(H, window[0]), cells(W, window[1])
     Hp, Wp = rows * window[0], cols * window[1]
     x = pad_end(x, (Hp, Wp))
-    shifted = shift[0] > 0 or shift[1] > 0
+    shifted = symbolic(*shift) or shift[0] > 0 or shift[1] > 0
     if shifted:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        x = cyclic_shift(x, (-shift[0], -shift[1]))
     mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
+    if clamp and symbolic(H, W):
+        padding = fitted_padding_mask((H, W), (Hp, Wp), window, x.dtype, x.device)
+        mask = padding if mask is None else mask + padding
     windows = attn(window_partition(x, window), window, mask)  # (B*nW, N, C)
     x = window_reverse(windows, window, B, rows, cols)
     if shifted:
-        x = torch.roll(x, shifts=shift, dims=(1, 2))
+        x = cyclic_shift(x, shift)
     return crop_end(x, (H, W))
+
+
+def cyclic_shift(x: Tensor, shift: Pair) -> Tensor:
+    """``torch.roll`` of a ``(B, H, W, C)`` map by ``shift`` rows and columns.
+
+    A symbolic shift (see :func:`window_and_shift`) rolls by a gather, which needs no constant;
+    its index wraps by one comparison (a shift is shorter than the side it rolls).
+    """
+    if not symbolic(*shift):
+        return torch.roll(x, shifts=shift, dims=(1, 2))
+    for dim, step in zip((1, 2), shift, strict=True):
+        length = x.shape[dim]
+        source = torch.arange(length, device=x.device) - step  # out[i] = x[i - step], wrapped
+        source = torch.where(source < 0, source + length, source)
+        x = x.index_select(dim, torch.where(source >= length, source - length, source))
+    return x
+
+
+def fitted_padding_mask(size: Pair, padded: Pair, window: Pair, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(nW, N, N)``: ``-inf`` for keys in the padding of a side that fits in one window, else 0.
+
+    The classification rule clamps the window of such a side to its length. Traced with a
+    symbolic size, the window stays and this mask gives the padded keys probability exactly 0:
+    every real query then attends over the same keys, with the same relative offsets, as in the
+    clamped window. Padding of longer sides is attended to, as in eager.
+    """
+    sides = []
+    for length, padded_length, window_length in zip(size, padded, window, strict=True):
+        positions = torch.arange(padded_length, device=device)
+        sides.append((positions >= length) & (positions < window_length))
+    outside = sides[0][:, None] | sides[1][None, :]  # (Hp, Wp)
+    outside = window_partition(outside[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    outside = outside.unsqueeze(1).expand(-1, outside.shape[1], -1)  # the same keys for every query
+    return torch.zeros(outside.shape, dtype=dtype, device=device).masked_fill(outside, float("-inf"))
 
 
 def block_path(block: nn.Module, x: Tensor) -> Callable[[nn.Module, Tensor], Tensor] | None:
@@ -405,7 +460,8 @@ class SwinTransformerBlock(nn.Module):
             return fast(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
-        x = x + self.drop_path(shifted_window_attention(self.norm1(x), self.attn, window, shift))
+        attention = shifted_window_attention(self.norm1(x), self.attn, window, shift, clamp=not self.always_shift)
+        x = x + self.drop_path(attention)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
