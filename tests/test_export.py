@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import swinkit
+from helpers import write_digit_folder
 from swinkit.cli import main
+from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
     MAX_SIDE,
     compile_model,
@@ -25,6 +27,7 @@ from swinkit.export import (
     side_range,
     trace_sides,
 )
+from swinkit.predict import predict
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,3 +142,47 @@ def test_compiled_model_matches_eager_without_graph_breaks():
         for shape in [(2, 3, 64, 64), (3, 3, 64, 64), (2, 3, 40, 56)]:
             x = torch.randn(shape)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_and_eval_take_the_exported_onnx_file(tmp_path):
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=2)
+    model = _perturbed(swinkit.create_model("swin_test", num_classes=3))
+    names = ["digit0", "digit1", "digit2"]
+    checkpoint, onnx_file = tmp_path / "model.safetensors", tmp_path / "model.onnx"
+    swinkit.save(model, checkpoint, class_names=names)
+    export(model, onnx_file, class_names=names, check=False)
+
+    expected, exported = predict([folder], checkpoint, topk=3), predict([folder], onnx_file, topk=3)
+    assert len(exported) == 6
+    for want, got in zip(expected, exported, strict=True):
+        assert [p["class"] for p in got["predictions"]] == [p["class"] for p in want["predictions"]]
+        for p, q in zip(got["predictions"], want["predictions"], strict=True):
+            assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
+    metrics = evaluate_checkpoint(folder, onnx_file, workers=0)
+    reference = evaluate_checkpoint(folder, checkpoint, workers=0)
+    assert metrics["images"] == 6 and metrics["top1"] == reference["top1"]
+    assert metrics["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert main(["predict", str(folder), "--checkpoint", str(onnx_file)]) == 0
+
+
+def test_onnx_files_that_cannot_classify_are_refused_by_name(tmp_path, capsys):
+    image = tmp_path / "images"
+    image.mkdir()
+    backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
+    export_onnx_model(backbone, tmp_path / "backbone.onnx")
+    proto = onnx.load(str(tmp_path / "backbone.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    cases = {
+        "backbone.onnx": "a backbone .outputs \\['features0'",
+        "bare.onnx": "no swinkit.config in its metadata",
+        "broken.onnx": "onnxruntime cannot load it",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=f"{name}: {message}"):
+            predict([image], tmp_path / name)
+    with pytest.raises(ValueError, match="onnxruntime on the CPU.*'cuda'.*'none'"):
+        predict([image], tmp_path / "backbone.onnx", device="cuda")
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "broken.onnx")]) == 2
+    assert "broken.onnx: onnxruntime cannot load it" in capsys.readouterr().err

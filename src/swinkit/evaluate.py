@@ -169,15 +169,11 @@ def evaluate_checkpoint(
 
     from torch.utils.data import DataLoader
 
-    from .checkpoint.load import read_any
-    from .checkpoint.native import class_names_from_metadata
     from .data import collate_skipping_bad, csv_list, eval_transform, image_folder
-    from .factory import create_model
+    from .predict import load_classifier
 
     dtype = amp_dtype(amp)
-    loaded = read_any(checkpoint)
-    model = create_model(checkpoint=loaded).to(device).eval()
-    stored = class_names_from_metadata(loaded.metadata)
+    model, stored = load_classifier(checkpoint, device, amp)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     load = csv_list if str(data).lower().endswith(".csv") else image_folder
     dataset = load(data, transform=eval_transform(model.config.preprocessing), strict=strict_data)

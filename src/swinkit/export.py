@@ -260,6 +260,48 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+class OnnxClassifier(nn.Module):
+    """A classifier written by ``swinkit export``, run by onnxruntime on the CPU, used like the model.
+
+    ``config`` (with its preprocessing) and ``class_names`` come from the file's metadata, so
+    ``swinkit predict`` and ``swinkit evaluate`` take the ``.onnx`` file in place of a checkpoint:
+    a check of the deployed file itself. Calling it returns float32 logits on the input's device.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        from .variants import SwinConfig
+
+        super().__init__()
+        try:
+            self.session = onnx_session(path, threads)
+        except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
+            raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if "swinkit.config" not in metadata:
+            raise ValueError(
+                f"{path}: no swinkit.config in its metadata; only files written by `swinkit export` carry the "
+                "preprocessing and classes that prediction and evaluation need"
+            )
+        self.config = SwinConfig.from_dict(json.loads(metadata["swinkit.config"]))
+        outputs = [output.name for output in self.session.get_outputs()]
+        if outputs != ["logits"]:
+            raise ValueError(f"{path}: a backbone (outputs {outputs}), not a classifier with logits")
+        names = json.loads(metadata.get("swinkit.class_names", "null"))
+        self.class_names: list[str] | None = names
+        self.size_range = json.loads(metadata["swinkit.size_range"])
+        crop = self.config.preprocessing.crop
+        for side, (low, high) in self.size_range.items():
+            if not low <= crop <= high:
+                raise ValueError(
+                    f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high}"
+                )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feed = {self.session.get_inputs()[0].name: images.detach().cpu().float().numpy()}
+        (logits,) = self.session.run(None, feed)
+        return torch.from_numpy(logits).to(images.device)
+
+
 def onnx_error(session: Any, model: nn.Module, images: torch.Tensor) -> float:
     """Largest absolute difference between onnxruntime's output and eager PyTorch on ``images``."""
     output = session.run(None, {session.get_inputs()[0].name: images.detach().cpu().numpy()})

@@ -34,12 +34,26 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def load_for_inference(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, list[str]]:
-    """A model in eval mode and its class names (indices as names when the file has none)."""
+def load_classifier(
+    checkpoint: str | os.PathLike, device: str = "cpu", amp: str = "none"
+) -> tuple[nn.Module, list[str] | None]:
+    """A model in eval mode and the class names its file stores (None when it stores none).
+
+    A ``.onnx`` file written by ``swinkit export`` runs in onnxruntime on the CPU
+    (:class:`~swinkit.export.OnnxClassifier`), in the precision it was exported in.
+    """
+    if Path(checkpoint).suffix.lower() == ".onnx":
+        from .export import OnnxClassifier
+
+        if torch.device(device).type != "cpu" or amp != "none":
+            raise ValueError(
+                f"{checkpoint}: an ONNX file runs in onnxruntime on the CPU in its exported precision; "
+                f"got device {device!r} and amp {amp!r} (accepted: cpu and none)"
+            )
+        model = OnnxClassifier(checkpoint)
+        return model.eval(), model.class_names
     loaded = read_any(checkpoint)
-    model = create_model(checkpoint=loaded)
-    names = class_names_from_metadata(loaded.metadata) or [str(i) for i in range(model.config.num_classes)]
-    return model.to(device).eval(), names
+    return create_model(checkpoint=loaded).to(device).eval(), class_names_from_metadata(loaded.metadata)
 
 
 @torch.no_grad()
@@ -60,7 +74,8 @@ def predict(
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     dtype = amp_dtype(amp)
-    model, names = load_for_inference(checkpoint, device)
+    model, stored = load_classifier(checkpoint, device, amp)
+    names = stored or [str(i) for i in range(model.config.num_classes)]
     transform = eval_transform(model.config.preprocessing)
     paths = expand_inputs(inputs)
     results: list[dict[str, Any]] = []
