@@ -145,8 +145,8 @@ class _NaNOutsideRange(nn.Module):
 
     onnxruntime does not check the program's input range. Below it the graph runs on maps of one
     token per side, a case it was not traced or tested for, and its numbers, if any, would look
-    plausible; NaN makes that impossible to miss. The check is made on tensors built from the input's shape, so
-    it stays in the graph.
+    plausible; NaN makes that impossible to miss. The check is made on tensors built from the
+    input's shape, so it stays in the graph.
     """
 
     def __init__(self, model: nn.Module, ranges: list[list[int]]) -> None:
@@ -264,7 +264,7 @@ class OnnxClassifier(nn.Module):
     """A classifier written by ``swinkit export``, run by onnxruntime on the CPU, used like the model.
 
     ``config`` (with its preprocessing) and ``class_names`` come from the file's metadata, so
-    ``swinkit predict`` and ``swinkit evaluate`` take the ``.onnx`` file in place of a checkpoint:
+    ``swinkit predict`` and ``swinkit eval`` take the ``.onnx`` file in place of a checkpoint:
     a check of the deployed file itself. Calling it returns float32 logits on the input's device.
     """
 
@@ -288,7 +288,7 @@ class OnnxClassifier(nn.Module):
             raise ValueError(f"{path}: a backbone (outputs {outputs}), not a classifier with logits")
         names = json.loads(metadata.get("swinkit.class_names", "null"))
         self.class_names: list[str] | None = names
-        self.size_range = json.loads(metadata["swinkit.size_range"])
+        self.size_range = json.loads(metadata.get("swinkit.size_range", "{}"))
         crop = self.config.preprocessing.crop
         for side, (low, high) in self.size_range.items():
             if not low <= crop <= high:
