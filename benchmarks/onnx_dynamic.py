@@ -6,12 +6,17 @@ exports both (random weights), then times onnxruntime on each size in interleave
 round runs every file once per size) and prints medians and the dynamic / static ratio.
 
     python benchmarks/onnx_dynamic.py [--model swin_t] [--sizes 224,288] [--batch 8]
-        [--rounds 7] [--threads 2]
+        [--rounds 7] [--threads 2] [--profile]
+
+``--profile`` also prints onnxruntime's time per operator type for both files at the first size
+(its own profiler, over ``--rounds`` runs, per run).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import tempfile
 import time
@@ -30,6 +35,24 @@ def seconds(session, images) -> float:
     return time.perf_counter() - start
 
 
+def profile(path: Path, images, runs: int, threads: int) -> collections.Counter:
+    """Milliseconds per run by operator type, from onnxruntime's profiler."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {session.get_inputs()[0].name: images})
+    totals: collections.Counter = collections.Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="swin_t")
@@ -37,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="time per operator type, both files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(side) for side in args.sizes.split(",")]
@@ -63,6 +87,14 @@ def main() -> None:
         rate = args.batch / dynamic, args.batch / static
         ratio = static / dynamic
         print(f"{side}x{side}: dynamic {rate[0]:.2f} img/s, static {rate[1]:.2f} img/s, dynamic/static {ratio:.3f}x")
+    if args.profile:
+        side = sizes[0]
+        files = {"dynamic": folder / "dynamic.onnx", "static": folder / f"static{side}.onnx"}
+        totals = {name: profile(path, images[side], args.rounds, args.threads) for name, path in files.items()}
+        print(f"onnxruntime profile at {side}x{side}, ms per run: operator, dynamic, static")
+        print(f"  total: {sum(totals['dynamic'].values()):.1f}, {sum(totals['static'].values()):.1f}")
+        for op in sorted(set(totals["dynamic"]) | set(totals["static"]), key=lambda o: -totals["dynamic"][o]):
+            print(f"  {op}: {totals['dynamic'][op]:.1f}, {totals['static'][op]:.1f}")
 
 
 if __name__ == "__main__":

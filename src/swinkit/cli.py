@@ -175,7 +175,7 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--static-size",
         action="store_true",
-        help="fix height and width to --img-size (a leaner, faster graph); the batch stays dynamic",
+        help="fix height and width to --img-size (for runtimes that want fixed shapes); the batch stays dynamic",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")

@@ -326,7 +326,7 @@ def export(
     any batch and any height / width inside ``size_range`` (see :func:`side_range`), whatever the
     example size; ``img_size`` sets the first size checked against eager. With
     ``static_size`` height and width are fixed to the example's: the graph pads and crops with
-    plain ops instead of size-generic gathers, and runs faster.
+    plain ops instead of size-generic gathers (in onnxruntime no faster than a dynamic file).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")

@@ -336,42 +336,79 @@ def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pa
     """(S)W-MSA on a ``(B, H, W, C)`` map: pad, cyclic shift, partition, attend, reverse, crop.
 
     Padding comes before the shift (right/bottom, to a multiple of the window), so the mask is
-    built on the padded map, as in the official detection code. ``clamp`` says the blocks follow
-    the classification window rule (not ``always_shift``); only a trace with a symbolic size reads
-    it, to mask the padding that stands in for a clamped window (see :func:`window_and_shift`).
+    built on the padded map, as in the official detection code. A trace with a symbolic size
+    takes :func:`traced_window_attention` (``clamp``: the classification window rule, not
+    ``always_shift``).
     """
     B, H, W, _ = x.shape
+    if symbolic(H, W):
+        return traced_window_attention(x, attn, window, shift, clamp)
     rows, cols = cells(H, window[0]), cells(W, window[1])
     Hp, Wp = rows * window[0], cols * window[1]
     x = pad_end(x, (Hp, Wp))
-    shifted = symbolic(*shift) or shift[0] > 0 or shift[1] > 0
+    shifted = shift[0] > 0 or shift[1] > 0
     if shifted:
-        x = cyclic_shift(x, (-shift[0], -shift[1]))
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
-    if clamp and symbolic(H, W):
-        padding = fitted_padding_mask((H, W), (Hp, Wp), window, x.dtype, x.device)
-        mask = padding if mask is None else mask + padding
     windows = attn(window_partition(x, window), window, mask)  # (B*nW, N, C)
     x = window_reverse(windows, window, B, rows, cols)
     if shifted:
-        x = cyclic_shift(x, shift)
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
     return crop_end(x, (H, W))
 
 
-def cyclic_shift(x: Tensor, shift: Pair) -> Tensor:
-    """``torch.roll`` of a ``(B, H, W, C)`` map by ``shift`` rows and columns.
+def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair, clamp: bool) -> Tensor:
+    """:func:`shifted_window_attention` as traced with a symbolic size: one gather each way.
 
-    A symbolic shift (see :func:`window_and_shift`) rolls by a gather, which needs no constant;
-    its index wraps by one comparison (a shift is shorter than the side it rolls).
+    Padding, cyclic shift and partition are one gather from the map plus a zero token, and
+    reverse, shift back and crop one gather back (:func:`window_gather_indices`); a graph that
+    cannot know whether anything is padded would otherwise copy the map for each step. ``shift``
+    may be symbolic (see :func:`window_and_shift`). With ``clamp`` the padding of a side that fits
+    in one window is masked (:func:`fitted_padding_mask`).
     """
-    if not symbolic(*shift):
-        return torch.roll(x, shifts=shift, dims=(1, 2))
-    for dim, step in zip((1, 2), shift, strict=True):
-        length = x.shape[dim]
-        source = torch.arange(length, device=x.device) - step  # out[i] = x[i - step], wrapped
-        source = torch.where(source < 0, source + length, source)
-        x = x.index_select(dim, torch.where(source >= length, source - length, source))
-    return x
+    B, H, W, C = x.shape
+    rows, cols = cells(H, window[0]), cells(W, window[1])
+    Hp, Wp = rows * window[0], cols * window[1]
+    to_windows, to_map = window_gather_indices((H, W), window, shift, (rows, cols), x.device)
+    tokens = torch.cat((x.reshape(B, H * W, C), x.new_zeros(B, 1, C)), dim=1)
+    windows = tokens.index_select(1, to_windows).reshape(B * rows * cols, window[0] * window[1], C)
+    shifted = symbolic(*shift) or shift[0] > 0 or shift[1] > 0
+    mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
+    if clamp:
+        padding = fitted_padding_mask((H, W), (Hp, Wp), window, x.dtype, x.device)
+        mask = padding if mask is None else mask + padding
+    windows = attn(windows, window, mask)  # (B*nW, N, C)
+    return windows.reshape(B, rows * cols * window[0] * window[1], C).index_select(1, to_map).view(B, H, W, C)
+
+
+def window_gather_indices(
+    size: Pair, window: Pair, shift: Pair, counts: Pair, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Index tables of :func:`traced_window_attention` for an ``H`` x ``W`` map of ``rows`` x ``cols`` windows.
+
+    ``to_windows`` ``(nW * N,)``: for every window token, in window order, the map token it holds
+    after padding and the cyclic shift by ``-shift`` (row-major; ``H * W`` is the zero token
+    standing for padding). ``to_map`` ``(H * W,)``: for every map token, its place among the
+    window tokens. Indices wrap by comparisons: torch's ONNX exporter takes no remainder by a symbolic size.
+    """
+    (H, W), (Wh, Ww), (rows, cols) = size, window, counts
+    Hp, Wp = rows * Wh, cols * Ww
+    source_rows = _wrapped(torch.arange(Hp, device=device) + shift[0], Hp)  # shifted row i holds row i + s
+    source_cols = _wrapped(torch.arange(Wp, device=device) + shift[1], Wp)
+    inside = (source_rows < H)[:, None] & (source_cols < W)[None, :]
+    source = torch.where(inside, source_rows[:, None] * W + source_cols[None, :], H * W)  # (Hp, Wp)
+    to_windows = window_partition(source[None, :, :, None], window).reshape(-1)
+    map_rows = _wrapped(torch.arange(H, device=device) - shift[0], Hp)  # where each row went
+    map_cols = _wrapped(torch.arange(W, device=device) - shift[1], Wp)
+    window_index = (map_rows // Wh)[:, None] * cols + (map_cols // Ww)[None, :]
+    to_map = (window_index * Wh + (map_rows % Wh)[:, None]) * Ww + (map_cols % Ww)[None, :]
+    return to_windows, to_map.reshape(-1)
+
+
+def _wrapped(index: Tensor, length: int) -> Tensor:
+    """``index`` modulo ``length`` for values in ``(-length, 2 * length)``."""
+    index = torch.where(index < 0, index + length, index)
+    return torch.where(index >= length, index - length, index)
 
 
 def fitted_padding_mask(size: Pair, padded: Pair, window: Pair, dtype: torch.dtype, device: torch.device) -> Tensor:
