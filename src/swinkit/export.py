@@ -70,8 +70,9 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
 
     def generic(side: int) -> bool:
         maps = [cells(side, config.patch_size * 2**stage) for stage in range(len(windows))]
-        padded = side % config.patch_size and all(size % 2 for size in maps[:-1])
-        return bool(padded) and all(size > 2 * w and size % w for size, w in zip(maps, windows, strict=True))
+        if side % config.patch_size == 0 or any(size % 2 == 0 for size in maps[:-1]):
+            return False  # the patch embedding or a merging would have nothing to pad
+        return all(size > 2 * w and size % w for size, w in zip(maps, windows, strict=True))
 
     height = stride * (2 * max(windows) + 1) + 1
     while not generic(height):

@@ -25,7 +25,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import native
 from .attention import reference_attention
-from .model import Pair, drop_path_scales, shift_window_mask, tracing, window_and_shift
+from .model import (
+    Pair,
+    cells,
+    drop_path_scales,
+    shift_window_mask,
+    tracing,
+    window_and_shift,
+    window_gather_indices,
+)
 
 WindowOrder = tuple[Tensor, Tensor, Tensor | None]
 
@@ -70,16 +78,10 @@ def _window_order(
     H: int, W: int, window: Pair, shift: Pair, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     with torch.inference_mode(False), torch.no_grad():
-        Wh, Ww = window
-        Hp, Wp = -(-H // Wh) * Wh, -(-W // Ww) * Ww
-        # Token (i, j) of a window of the shifted map shows padded-map row (r + shift) mod Hp.
-        rows = ((torch.arange(Hp) + shift[0]) % Hp).view(Hp // Wh, 1, Wh, 1)
-        cols = ((torch.arange(Wp) + shift[1]) % Wp).view(1, Wp // Ww, 1, Ww)
-        rows, cols = torch.broadcast_tensors(rows, cols)  # (nWh, nWw, Wh, Ww)
-        valid = ((rows < H) & (cols < W)).reshape(-1)
-        index = torch.where(valid, (rows * W + cols).reshape(-1), 0)
-        inverse = torch.empty(H * W, dtype=torch.long)
-        inverse[index[valid]] = torch.arange(index.numel())[valid]
+        counts = (cells(H, window[0]), cells(W, window[1]))
+        source, inverse = window_gather_indices((H, W), window, shift, counts, torch.device("cpu"))
+        valid = source < H * W  # H * W is the zero token standing for padding
+        index = torch.where(valid, source, 0)
         padded = None if bool(valid.all()) else (~valid).to(device)
         return index.to(device), inverse.to(device), padded
 

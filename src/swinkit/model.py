@@ -119,6 +119,11 @@ def window_partition(x: Tensor, window: Pair) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B * rows * cols, Wh * Ww, C)
 
 
+def window_table(table: Tensor, window: Pair) -> Tensor:
+    """A per-position ``(H, W)`` table (indices, regions, flags) -> ``(nW, N)``, in window order."""
+    return window_partition(table[None, :, :, None], window).view(-1, window[0] * window[1])
+
+
 def window_reverse(windows: Tensor, window: Pair, B: int, rows: int, cols: int) -> Tensor:
     """Inverse of :func:`window_partition` for ``B`` images of ``rows`` x ``cols`` windows -> ``(B, H, W, C)``."""
     Wh, Ww = window
@@ -224,7 +229,7 @@ def shift_window_mask(H: int, W: int, window: Pair, shift: Pair, dtype: torch.dt
     adds ``-100`` (not ``-inf``), which we keep: it changes the softmax by ``e^-100``.
     """
     regions = _bands(H, window[0], shift[0])[:, None] * 3 + _bands(W, window[1], shift[1])[None, :]  # (H, W)
-    regions = window_partition(regions[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    regions = window_table(regions, window)  # (nW, N)
     different = regions.unsqueeze(1) != regions.unsqueeze(2)  # (nW, N, N)
     return torch.zeros(different.shape, dtype=dtype).masked_fill(different, -100.0).to(device)
 
@@ -397,7 +402,7 @@ def window_gather_indices(
     source_cols = _wrapped(torch.arange(Wp, device=device) + shift[1], Wp)
     inside = (source_rows < H)[:, None] & (source_cols < W)[None, :]
     source = torch.where(inside, source_rows[:, None] * W + source_cols[None, :], H * W)  # (Hp, Wp)
-    to_windows = window_partition(source[None, :, :, None], window).reshape(-1)
+    to_windows = window_table(source, window).reshape(-1)
     map_rows = _wrapped(torch.arange(H, device=device) - shift[0], Hp)  # where each row went
     map_cols = _wrapped(torch.arange(W, device=device) - shift[1], Wp)
     window_index = (map_rows // Wh)[:, None] * cols + (map_cols // Ww)[None, :]
@@ -424,7 +429,7 @@ def fitted_padding_mask(size: Pair, padded: Pair, window: Pair, dtype: torch.dty
         positions = torch.arange(padded_length, device=device)
         sides.append((positions >= length) & (positions < window_length))
     outside = sides[0][:, None] | sides[1][None, :]  # (Hp, Wp)
-    outside = window_partition(outside[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    outside = window_table(outside, window)  # (nW, N)
     outside = outside.unsqueeze(1).expand(-1, outside.shape[1], -1)  # the same keys for every query
     return torch.zeros(outside.shape, dtype=dtype, device=device).masked_fill(outside, float("-inf"))
 
