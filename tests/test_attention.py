@@ -70,6 +70,40 @@ def test_fused_stochastic_depth_matches_reference(variant):
         assert torch.allclose(grad, expected_grads[name], rtol=1e-12, atol=1e-12), name
 
 
+def test_stochastic_depth_computes_a_branch_for_the_images_it_keeps_only():
+    block = swinkit.create_model("swin_test").layers[0].blocks[1].train()
+    block.drop_path.p = 0.5
+    tokens, C = 5, 4
+    x = torch.randn(2 * tokens, C, dtype=torch.float64, requires_grad=True)
+    images_seen = []
+
+    def branch(t):
+        images_seen.append(t.shape[0] // tokens)
+        return t.tanh() * torch.arange(1.0, C + 1, dtype=t.dtype)
+
+    kept_counts = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        scales = swinkit.model.drop_path_scales(x.detach().view(2, tokens, C), 0.5)  # the draws the block makes
+        expected = x + (branch(x).view(2, tokens, C) * scales).view_as(x)
+        images_seen.clear()
+        torch.manual_seed(seed)
+        out = fast._residual(block, x, branch, tokens)
+        kept = int(scales.count_nonzero())
+        kept_counts.add(kept)
+        assert images_seen == ([kept] if kept else [])  # dropped images never reach the branch
+        assert relative_error(out, expected) < 1e-15
+        weights = torch.randn_like(out)
+        (gradient,) = torch.autograd.grad(out, x, weights)
+        (expected_gradient,) = torch.autograd.grad(expected, x, weights)
+        assert relative_error(gradient, expected_gradient) < 1e-15
+    assert kept_counts == {0, 1, 2}  # both dropped, one, none
+    block.attn.proj_drop.p = 0.1  # dropout would draw between: the branch runs on every image first
+    images_seen.clear()
+    fast._residual(block, x, branch, tokens)
+    assert images_seen == [2]
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_eval_outputs_match_reference(impl, variant):

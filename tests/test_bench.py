@@ -38,9 +38,17 @@ def test_bench_reports_every_contender_with_ratios_to_the_first():
 
 def test_fresh_processes_time_every_contender_in_a_process_of_its_own():
     report = run_bench(
-        "swin_test", batch=2, train_batch=2, rounds=2, impls=["reference"], onnxruntime=True, fresh_processes=True
+        "swin_test",
+        batch=2,
+        train_batch=2,
+        rounds=2,
+        impls=["reference"],
+        onnxruntime=True,
+        fresh_processes=True,
+        drop_path_rate=0.25,
     )
     assert report["machine"]["processes"] == "fresh per contender and round"
+    assert report["drop_path_rate"] == 0.25 and "stochastic depth rate 0.25" in format_rows(report)
     assert [(r["mode"], r["contender"]) for r in report["rows"]] == [
         ("inference", "swinkit"),
         ("inference", "swinkit:reference"),
@@ -69,6 +77,26 @@ def test_unknown_contenders_are_named():
         build("mxnet", "swin_t")
     with pytest.raises(ValueError, match="no peer models known for 'swin_test'"):
         build("timm", "swin_test")
+
+
+def _stochastic_depth_rates(model: torch.nn.Module) -> set[float]:
+    """The distinct non-zero per-block drop rates of any of the four libraries' Swin models."""
+    rates = set()
+    for module in model.modules():
+        rate = getattr(module, "drop_prob", getattr(module, "p", 0))  # timm, HF: drop_prob; others: p
+        if type(module).__name__ in ("DropPath", "StochasticDepth", "SwinDropPath") and rate:
+            rates.add(round(float(rate), 6))
+    return rates
+
+
+@pytest.mark.parametrize("peer", ["timm", "torchvision", "hf"])
+def test_every_contender_trains_with_the_same_stochastic_depth_rates(peer):
+    # The paper's Swin-T schedule, linear over the 12 blocks up to 0.2, unless the bench is given a rate.
+    for rate in (None, 0.35):
+        expected = _stochastic_depth_rates(build("swinkit", "swin_t", drop_path_rate=rate))
+        assert max(expected) == pytest.approx(0.2 if rate is None else 0.35) and len(expected) == 11
+        assert _stochastic_depth_rates(build(peer, "swin_t", drop_path_rate=rate)) == expected
+    assert _stochastic_depth_rates(build(peer, "swin_t", drop_path_rate=0.0)) == set()
 
 
 def test_reduced_precision_runs_every_contender_under_autocast():

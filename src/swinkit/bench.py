@@ -169,25 +169,32 @@ def gemm_operands(target: Target = Target()) -> tuple[torch.Tensor, torch.Tensor
     return a, b, out
 
 
-def _timm(model_name: str, num_classes: int) -> nn.Module:
+def _timm(model_name: str, num_classes: int, drop_path_rate: float) -> nn.Module:
     import timm
 
-    return timm.create_model(PEERS[model_name]["timm"], pretrained=False, num_classes=num_classes)
+    name = PEERS[model_name]["timm"]
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate)
 
 
-def _torchvision(model_name: str, num_classes: int) -> nn.Module:
+def _torchvision(model_name: str, num_classes: int, drop_path_rate: float) -> nn.Module:
     import torchvision
 
-    return getattr(torchvision.models, PEERS[model_name]["torchvision"])(weights=None, num_classes=num_classes)
+    model = getattr(torchvision.models, PEERS[model_name]["torchvision"])(weights=None, num_classes=num_classes)
+    # torchvision's builders fix the rate (linear over the blocks, up to the preset's); rescaled here.
+    depths = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    top = max(m.p for m in depths)
+    for module in depths:
+        module.p = module.p * drop_path_rate / top
+    return model
 
 
-def _hf(model_name: str, num_classes: int) -> nn.Module:
+def _hf(model_name: str, num_classes: int, drop_path_rate: float) -> nn.Module:
     import transformers
 
     from .checkpoint.hf import config_dict
     from .variants import get_config
 
-    values = config_dict(get_config(model_name, num_classes=num_classes))
+    values = config_dict(get_config(model_name, num_classes=num_classes, drop_path_rate=drop_path_rate))
     if values["model_type"] == "swinv2":
         model = transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**values))
     else:
@@ -204,12 +211,12 @@ class _LogitsOnly(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def _swinkit(model_name: str, num_classes: int, attn_impl: str | None) -> nn.Module:
+def _swinkit(model_name: str, num_classes: int, drop_path_rate: float, attn_impl: str | None) -> nn.Module:
     """``attn_impl`` None: the default model; ``serial``: the default without image-parallel threads."""
     from .factory import create_model
 
     kwargs = {"attn_impl": attn_impl} if attn_impl and attn_impl != "serial" else {}
-    model = create_model(model_name, num_classes=num_classes, **kwargs)
+    model = create_model(model_name, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
     model.image_parallel = attn_impl != "serial"
     return model
 
@@ -230,13 +237,21 @@ def check_contender(name: str, model_name: str) -> None:
         raise ValueError(f"no peer models known for {model_name!r}; peers exist for {', '.join(PEERS)}")
 
 
-def build(name: str, model_name: str, num_classes: int = 1000) -> nn.Module:
+def build(name: str, model_name: str, num_classes: int = 1000, drop_path_rate: float | None = None) -> nn.Module:
     """A contender's model: ``swinkit``, ``swinkit:<attn_impl>``, ``swinkit:serial`` (no image-parallel
-    threads), ``timm``, ``torchvision`` or ``hf``."""
+    threads), ``timm``, ``torchvision`` or ``hf``.
+
+    Every contender trains with the same stochastic depth rate: ``drop_path_rate``, by default the
+    swinkit preset's (the paper's: 0.2 for Swin-T), not each library's own default (timm's is 0).
+    """
     check_contender(name, model_name)
+    if drop_path_rate is None:
+        from .variants import get_config
+
+        drop_path_rate = get_config(model_name).drop_path_rate
     if name == "swinkit" or name.startswith("swinkit:"):
-        return _swinkit(model_name, num_classes, name.partition(":")[2] or None)
-    return BUILDERS[name](model_name, num_classes)
+        return _swinkit(model_name, num_classes, drop_path_rate, name.partition(":")[2] or None)
+    return BUILDERS[name](model_name, num_classes, drop_path_rate)
 
 
 def onnxruntime_runner(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], Any]:
@@ -333,14 +348,21 @@ def training_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def bench_training(
-    names: list[str], model_name: str, x: torch.Tensor, rounds: int, warmup: int = 1, target: Target = Target()
+    names: list[str],
+    model_name: str,
+    x: torch.Tensor,
+    rounds: int,
+    warmup: int = 1,
+    target: Target = Target(),
+    drop_path_rate: float | None = None,
 ) -> BenchResult:
-    """Forward + backward + AdamW step, interleaved like :func:`bench_inference` (on ``x``'s device)."""
+    """Forward + backward + AdamW step, interleaved like :func:`bench_inference` (on ``x``'s device);
+    ``drop_path_rate``: see :func:`build`."""
     y = torch.randint(0, 1000, (x.shape[0],), device=x.device)
     setups = []
     for name in names:
         base, _, variant = name.partition("+")
-        model = build(base, model_name).train().to(x.device)
+        model = build(base, model_name, drop_path_rate=drop_path_rate).train().to(x.device)
         optimizer = training_optimizer(base, model)
         setups.append((name, compile_model(model) if variant == "compile" else model, optimizer))
     result = BenchResult("training", x.shape[0], gemm_side=target.gemm_side)
@@ -358,6 +380,7 @@ def bench_in_fresh_processes(
     rounds: int,
     target: Target = Target(),
     calls: int = 3,
+    drop_path_rate: float | None = None,
 ) -> BenchResult:
     """Alternating fresh processes: per round, each contender in a new Python process of its own.
 
@@ -370,7 +393,7 @@ def bench_in_fresh_processes(
     result = BenchResult(mode, batch, gemm_side=target.gemm_side)
     common = {"mode": mode, "model": model_name, "batch": batch, "size": size, "calls": calls}
     common |= {"device": str(target.device), "dtype": str(target.dtype).removeprefix("torch.")}
-    common |= {"threads": torch.get_num_threads()}
+    common |= {"threads": torch.get_num_threads(), "drop_path_rate": drop_path_rate}
     with tempfile.TemporaryDirectory() as folder:
         exported = {}
         for name in (n for n in names if n.endswith("+ort")):
@@ -404,7 +427,8 @@ def _time_this_process(spec_json: str) -> None:
     if spec["mode"] == "training":
         # Three warm-up steps: the first ones of a fresh process also fault in the optimizer state
         # and the allocator's arenas (1.1-1.3x the steady step on a 2-core CPU, for every contender).
-        result = bench_training([name], spec["model"], x, calls, warmup=3, target=target)
+        rate = spec["drop_path_rate"]
+        result = bench_training([name], spec["model"], x, calls, warmup=3, target=target, drop_path_rate=rate)
     else:
         run = session_runner(spec["onnx"]) if spec["onnx"] else inference_contenders([name], spec["model"], x)[0].run
         result = BenchResult("inference", x.shape[0], gemm_side=target.gemm_side)
@@ -413,7 +437,9 @@ def _time_this_process(spec_json: str) -> None:
     print(json.dumps([statistics.median(result.times[name]), result.gemm_times[0]]))
 
 
-def peak_training_memory(name: str, model_name: str, batch: int, size: int, target: Target = Target()) -> float:
+def peak_training_memory(
+    name: str, model_name: str, batch: int, size: int, target: Target = Target(), drop_path_rate: float | None = None
+) -> float:
     """MiB of memory a training step adds to a fresh process holding the model and optimizer.
 
     CPU: resident memory, read from ``VmHWM`` (Linux; ``ru_maxrss`` would carry over the parent's
@@ -424,7 +450,8 @@ def peak_training_memory(name: str, model_name: str, batch: int, size: int, targ
         "import torch, swinkit.bench as b\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"t = b.parse_target({device!r}, {dtype!r})\n"
-        f"m = b.build({name!r}, {model_name!r}).train().to(t.device); o = b.training_optimizer({name!r}, m)\n"
+        f"m = b.build({name!r}, {model_name!r}, drop_path_rate={drop_path_rate!r}).train().to(t.device)\n"
+        f"o = b.training_optimizer({name!r}, m)\n"
         f"x = torch.randn({batch}, 3, {size}, {size}, device=t.device)\n"
         f"y = torch.randint(0, 1000, ({batch},), device=t.device)\n"
         "base = b.peak_memory_mib(t)\n"
@@ -489,6 +516,7 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "float32",
     fresh_processes: bool = False,
+    drop_path_rate: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
 
@@ -496,7 +524,8 @@ def run_bench(
     variant of every contender, ``onnxruntime`` an exported one (inference only, CPU only).
     ``device`` (cpu, cuda) and ``dtype`` (float32, or bfloat16 / float16 under autocast): see
     the module docstring. ``fresh_processes``: each contender times itself in a new process per
-    round (:func:`bench_in_fresh_processes`) instead of all in this one.
+    round (:func:`bench_in_fresh_processes`) instead of all in this one. ``drop_path_rate``: the
+    stochastic depth rate every contender trains with, by default the preset's (see :func:`build`).
     """
     target = parse_target(device, dtype)
     if onnxruntime and target.device.type != "cpu":
@@ -507,6 +536,7 @@ def run_bench(
 
     config = get_config(model_name)
     size = config.img_size
+    drop_path_rate = config.drop_path_rate if drop_path_rate is None else drop_path_rate
     flops_per_image = 2 * count_flops(config, (3, size, size)).total  # multiply-adds -> FLOPs
     base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
     names = list(base)
@@ -529,25 +559,32 @@ def run_bench(
     if "training" in modes:
         trainable = [n for n in names if "+ort" not in n]
         if fresh_processes:
+            steps = TRAINING_STEPS_PER_PROCESS
             result = bench_in_fresh_processes(
-                trainable, "training", model_name, train_batch, size, rounds, target, calls=TRAINING_STEPS_PER_PROCESS
+                trainable, "training", model_name, train_batch, size, rounds, target, steps, drop_path_rate
             )
         else:
             x = torch.randn(train_batch, 3, size, size, device=target.device)
-            result = bench_training(trainable, model_name, x, rounds, target=target)
+            result = bench_training(trainable, model_name, x, rounds, target=target, drop_path_rate=drop_path_rate)
         # A training step is counted as three forwards (the backward's two products per forward one).
         table = result.table(reference.partition("+")[0], 3 * flops_per_image)
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
-                row["peak_memory_mib"] = peak_training_memory(row["contender"], model_name, train_batch, size, target)
+                row["peak_memory_mib"] = peak_training_memory(
+                    row["contender"], model_name, train_batch, size, target, drop_path_rate
+                )
         rows += table
     report = {"model": model_name, "machine": machine(target), "rows": rows, "max_rss_mib": peak_rss_mib()}
     report["machine"]["processes"] = "fresh per contender and round" if fresh_processes else "one, interleaved"
+    if "training" in modes:
+        report["drop_path_rate"] = drop_path_rate
     return report
 
 
 def format_rows(report: dict[str, Any]) -> str:
     lines = [f"{report['model']} on {json.dumps(report['machine'])}"]
+    if "drop_path_rate" in report:
+        lines.append(f"training: every contender with stochastic depth rate {report['drop_path_rate']}")
     header = f"{'mode':<10} {'contender':<28} {'batch':>5} {'img/s':>8} {'ms':>9} {'ratio':>6} {'GEMM%':>6}"
     lines.append(header + f" {'mem MiB':>8}")
     for row in report["rows"]:

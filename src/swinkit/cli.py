@@ -219,6 +219,11 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
     parser.add_argument("--modes", default="inference,training", help="inference, training or both")
     parser.add_argument("--memory", action="store_true", help="peak memory of a training step (fresh processes)")
+    parser.add_argument(
+        "--drop-path-rate",
+        type=float,
+        help="stochastic depth rate every contender trains with (default: the preset's, 0.2 for swin_t)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument(
@@ -250,6 +255,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         fresh_processes=args.fresh_processes,
+        drop_path_rate=args.drop_path_rate,
     )
     print(format_rows(report))
     if args.json:

@@ -17,6 +17,7 @@ official detection code's padding), and are dropped on the way back.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -298,30 +299,46 @@ def _mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
 def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
     """V1 block (pre-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
     C = x.shape[-1]
-    h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    if pad is not None:
-        h = h.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
-    attended = _attend(block.attn, h.view(-1, N, C), nW, bias)
     if _plain_residuals(block):
-        x = _linear_into(x, attended, block.attn.proj)
+        x = _linear_into(x, _attention_v1(block, x, pad, nW, N, bias), block.attn.proj)
         hidden = _mlp_hidden(block.mlp, F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps))
         return _linear_into(x, hidden, block.mlp.fc2)
     proj, fc2 = block.attn.proj, block.mlp.fc2
-    x = _residual(block, x, block.attn.proj_drop(_linear(attended, proj.weight, proj.bias)), nW * N)
-    hidden = _mlp_hidden(block.mlp, block.norm2(x))
-    return _residual(block, x, block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias)), nW * N)
+
+    def attention(x: Tensor) -> Tensor:
+        return block.attn.proj_drop(_linear(_attention_v1(block, x, pad, nW, N, bias), proj.weight, proj.bias))
+
+    def mlp(x: Tensor) -> Tensor:
+        return block.mlp.drop(_linear(_mlp_hidden(block.mlp, block.norm2(x)), fc2.weight, fc2.bias))
+
+    x = _residual(block, x, attention, nW * N)
+    return _residual(block, x, mlp, nW * N)
+
+
+def _attention_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+    """V1's first norm and attention of ``x``, before the output projection's bias."""
+    C = x.shape[-1]
+    h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    if pad is not None:
+        h = h.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
+    return _attend(block.attn, h.view(-1, N, C), nW, bias)
 
 
 def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
     """V2 block (res-post-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
-    C = x.shape[-1]
-    h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
     proj, fc2 = block.attn.proj, block.mlp.fc2
-    attended = block.attn.proj_drop(_linear(_attend(block.attn, h.view(-1, N, C), nW, bias), proj.weight, proj.bias))
-    x = _residual(block, x, block.norm1(attended), nW * N)
-    hidden = _mlp_hidden(block.mlp, x)
-    x = _residual(block, x, block.norm2(block.mlp.drop(_linear(hidden, fc2.weight, fc2.bias))), nW * N)
-    return block.norm3(x)
+
+    def attention(x: Tensor) -> Tensor:
+        C = x.shape[-1]
+        h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
+        attended = _linear(_attend(block.attn, h.view(-1, N, C), nW, bias), proj.weight, proj.bias)
+        return block.norm1(block.attn.proj_drop(attended))
+
+    def mlp(x: Tensor) -> Tensor:
+        return block.norm2(block.mlp.drop(_linear(_mlp_hidden(block.mlp, x), fc2.weight, fc2.bias)))
+
+    x = _residual(block, x, attention, nW * N)
+    return block.norm3(_residual(block, x, mlp, nW * N))
 
 
 def _plain_residuals(block: nn.Module) -> bool:
@@ -331,13 +348,40 @@ def _plain_residuals(block: nn.Module) -> bool:
     return block.drop_path.p == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
 
 
-def _residual(block: nn.Module, x: Tensor, branch: Tensor, tokens_per_image: int) -> Tensor:
-    """``x + drop_path(branch)``; with stochastic depth active, as one multiply-add per image."""
+def _residual(block: nn.Module, x: Tensor, branch: Callable[[Tensor], Tensor], tokens_per_image: int) -> Tensor:
+    """``x + drop_path(branch(x))`` on ``(images * tokens_per_image, C)`` tokens.
+
+    With stochastic depth active it is one multiply-add per image, and on the CPU the branch is
+    computed only for the images it keeps (see :func:`_skips_dropped_images`).
+    """
     if not block.training or block.drop_path.p == 0:
-        return x + branch
-    C = x.shape[-1]
-    branch = branch.view(-1, tokens_per_image, C)
-    return torch.addcmul(x.view_as(branch), branch, drop_path_scales(branch, block.drop_path.p)).view_as(x)
+        return x + branch(x)
+    p, C = block.drop_path.p, x.shape[-1]
+    images = x.view(-1, tokens_per_image, C)
+    if not _skips_dropped_images(block, x):
+        out = branch(x).view_as(images)
+        return torch.addcmul(images, out, drop_path_scales(out, p)).view_as(x)
+    kept = drop_path_scales(images, p).view(-1).nonzero().view(-1)
+    if kept.numel() == images.shape[0]:
+        return torch.add(images, branch(x).view_as(images), alpha=1 / (1 - p)).view_as(x)
+    if kept.numel() == 0:
+        return x
+    subset = images.index_select(0, kept)
+    out = branch(subset.view(-1, C)).view_as(subset)
+    return images.index_add(0, kept, out, alpha=1 / (1 - p)).view_as(x)
+
+
+def _skips_dropped_images(block: nn.Module, x: Tensor) -> bool:
+    """Whether stochastic depth draws before its branch, which then runs on the kept images only.
+
+    A dropped image's branch is multiplied by zero: its value and its gradients (zero) need no
+    computing, which saves about the drop rate's share of a block's work (the original stochastic
+    depth paper's point). It needs the draws first; they are the same draws in the same order as
+    the reference blocks' only while no dropout draws in between. Not on a GPU, where reading the
+    kept count back would wait for the stream at every block.
+    """
+    no_dropout = block.attn.attn_drop == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
+    return no_dropout and x.device.type == "cpu"
 
 
 def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
