@@ -364,11 +364,15 @@ def _residual(block: nn.Module, x: Tensor, branch: Callable[[Tensor], Tensor], t
     kept = drop_path_scales(images, p).view(-1).nonzero().view(-1)
     if kept.numel() == images.shape[0]:
         return torch.add(images, branch(x).view_as(images), alpha=1 / (1 - p)).view_as(x)
+    scale = 1 / (1 - p)
     if kept.numel() == 0:
-        return x
+        # Every image dropped: the branch still runs on one, times zero, so that its parameters get
+        # zero gradients as in the reference. None instead would make AdamW skip them (no weight
+        # decay, no momentum step) and DDP wait for them.
+        kept, scale = kept.new_zeros(1), 0.0
     subset = images.index_select(0, kept)
     out = branch(subset.view(-1, C)).view_as(subset)
-    return images.index_add(0, kept, out, alpha=1 / (1 - p)).view_as(x)
+    return images.index_add(0, kept, out, alpha=scale).view_as(x)
 
 
 def _skips_dropped_images(block: nn.Module, x: Tensor) -> bool:
