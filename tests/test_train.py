@@ -381,6 +381,19 @@ def test_torchrun_two_processes_match_one_process(mode, digit_folder, one_proces
     assert moved > len(one_process_run) // 2  # the runs really trained
 
 
+def test_torchrun_ddp_trains_through_stochastic_depth_that_drops_whole_branches(digit_folder, tmp_path):
+    # At rate 0.9 a rank's branch often drops both of its images; the fused path then still gives
+    # that branch's parameters (zero) gradients, as DDP without find_unused_parameters requires.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert TORCHRUN_COMMON[-2:] == ["--drop-path-rate", "0"]
+    command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON[:-2]]
+    command += ["--drop-path-rate", "0.9", "--batch-size", "2", "--output", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "model-final.safetensors").exists()
+
+
 RESUMED_TOTALS = """
 import json
 import sys
