@@ -113,6 +113,8 @@ def test_bad_devices_and_dtypes_are_refused_by_name():
         parse_target("cpu", "fp8")
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         parse_target("tpu")
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.5"):
+        run_bench("swin_test", batch=1, rounds=1, modes=("training",), drop_path_rate=1.5)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda': no CUDA device is available here"):
             run_bench("swin_test", batch=1, rounds=1, device="cuda")

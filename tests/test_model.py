@@ -318,6 +318,9 @@ def test_bad_inputs_have_clear_errors():
         swinkit.create_model("swin_q")
     with pytest.raises(TypeError, match="unknown model option.*'windowsize'"):
         swinkit.create_model("swin_t", windowsize=7)
+    for option, rate in (("drop_path_rate", 1.0), ("drop_rate", -0.1), ("attn_drop_rate", 1.5)):
+        with pytest.raises(ValueError, match=rf"{option} must be in \[0, 1\), got {rate}"):
+            swinkit.create_model("swin_test", **{option: rate})
 
 
 def test_config_overrides():

@@ -536,7 +536,9 @@ def run_bench(
 
     config = get_config(model_name)
     size = config.img_size
-    drop_path_rate = config.drop_path_rate if drop_path_rate is None else drop_path_rate
+    if drop_path_rate is None:
+        drop_path_rate = config.drop_path_rate
+    get_config(model_name, drop_path_rate=drop_path_rate)  # a bad rate is refused here, by name
     flops_per_image = 2 * count_flops(config, (3, size, size)).total  # multiply-adds -> FLOPs
     base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
     names = list(base)

@@ -83,6 +83,9 @@ class SwinConfig:
                 f"window_size, patch_size and img_size must be positive, got {self.window_size}, "
                 f"{self.patch_size}, {self.img_size}"
             )
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:  # a rate of 1 would scale the kept values by 1 / 0
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         bad = [i for i in self.out_indices if not 0 <= i < len(self.depths)]
         if bad or not self.out_indices:
             raise ValueError(f"out_indices {self.out_indices} must name stages in 0..{len(self.depths) - 1}")
