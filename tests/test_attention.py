@@ -52,19 +52,27 @@ def test_outputs_and_gradients_match_reference_in_training(impl, variant, shape,
         assert torch.allclose(grad, reference, rtol=tolerance, atol=tolerance * max(1.0, reference.abs().max())), name
 
 
+def _stochastic_depth_model(variant: str, rate: float) -> nn.Module:
+    """A float64 training model with stochastic depth, serial: its draws come from the global generator."""
+    model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=rate), scale=0.05).double().train()
+    model.image_parallel = False
+    return model
+
+
+def _run_seeded(model, impl, x, seed):
+    torch.manual_seed(seed)
+    return _run(model, impl, x)
+
+
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_fused_stochastic_depth_matches_reference(variant):
-    # The fused path applies drop path as one multiply-add per residual; the same draws in the same
-    # order as the reference blocks give the same samples dropped (one thread: no per-share generators).
-    model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=0.5), scale=0.05).double().train()
-    model.image_parallel = False
+    # The fused path draws each residual's mask before its branch and skips the dropped images; the
+    # same draws in the same order as the reference blocks give the same images dropped.
+    model = _stochastic_depth_model(variant, 0.5)
     x = torch.randn(4, 3, 33, 71, dtype=torch.float64)
-    torch.manual_seed(3)
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    torch.manual_seed(3)
-    out, input_grad, grads = _run(model, "fused", x)
-    torch.manual_seed(4)
-    assert relative_error(_run(model, "fused", x)[0], out) > 1e-3  # other draws, other samples dropped
+    expected, expected_input_grad, expected_grads = _run_seeded(model, "reference", x, 3)
+    out, input_grad, grads = _run_seeded(model, "fused", x, 3)
+    assert relative_error(_run_seeded(model, "fused", x, 4)[0], out) > 1e-3  # other draws, other images dropped
     assert relative_error(out, expected) < 1e-12 and relative_error(input_grad, expected_input_grad) < 1e-12
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], rtol=1e-12, atol=1e-12), name
@@ -109,13 +117,10 @@ def test_stochastic_depth_computes_a_branch_for_the_images_it_keeps_only():
 def test_branches_that_drop_every_image_still_give_their_parameters_zero_gradients(variant):
     # As in the reference, where the branch is multiplied by zero: a gradient of None would make
     # AdamW skip the parameter (no weight decay or momentum step) and DDP wait for it.
-    model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=0.95), scale=0.05).double().train()
-    model.image_parallel = False
+    model = _stochastic_depth_model(variant, 0.95)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    torch.manual_seed(0)
-    expected, _, expected_grads = _run(model, "reference", x)
-    torch.manual_seed(0)
-    out, _, grads = _run(model, "fused", x)  # _run clones every .grad: None would raise
+    expected, _, expected_grads = _run_seeded(model, "reference", x, 0)
+    out, _, grads = _run_seeded(model, "fused", x, 0)  # _run clones every .grad: None would raise
     assert relative_error(out, expected) < 1e-12
     zero = [name for name, grad in grads.items() if not grad.any()]
     assert any(".mlp." in name for name in zero)  # at 0.95 some branches drop both images
@@ -125,14 +130,11 @@ def test_branches_that_drop_every_image_still_give_their_parameters_zero_gradien
 
 def test_gradient_checkpointing_recomputes_the_same_kept_images():
     # torch.utils.checkpoint restores the random state for the recomputation: the same images are kept.
-    model = perturb(swinkit.create_model("swin_test", num_classes=4, drop_path_rate=0.5), scale=0.05).double().train()
-    model.image_parallel = False  # checkpointing keeps a batch serial: the same generator in both runs
+    model = _stochastic_depth_model("swin_test", 0.5)  # serial, as checkpointing keeps a batch
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    torch.manual_seed(1)
-    plain = _run(model, "fused", x)
+    plain = _run_seeded(model, "fused", x, 1)
     model.set_grad_checkpointing(True)
-    torch.manual_seed(1)
-    checkpointed = _run(model, "fused", x)
+    checkpointed = _run_seeded(model, "fused", x, 1)
     assert relative_error(checkpointed[0], plain[0]) < 1e-12
     for name, grad in checkpointed[2].items():
         assert torch.allclose(grad, plain[2][name], rtol=1e-10, atol=1e-12), name

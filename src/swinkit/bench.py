@@ -534,11 +534,9 @@ def run_bench(
         torch.set_num_threads(threads)
     from .variants import get_config
 
-    config = get_config(model_name)
-    size = config.img_size
-    if drop_path_rate is None:
-        drop_path_rate = config.drop_path_rate
-    get_config(model_name, drop_path_rate=drop_path_rate)  # a bad rate is refused here, by name
+    # A bad rate is refused here, by name, before anything is built.
+    config = get_config(model_name, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
+    size, drop_path_rate = config.img_size, config.drop_path_rate
     flops_per_image = 2 * count_flops(config, (3, size, size)).total  # multiply-adds -> FLOPs
     base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
     names = list(base)

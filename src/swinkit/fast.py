@@ -361,10 +361,9 @@ def _residual(block: nn.Module, x: Tensor, branch: Callable[[Tensor], Tensor], t
     if not _skips_dropped_images(block, x):
         out = branch(x).view_as(images)
         return torch.addcmul(images, out, drop_path_scales(out, p)).view_as(x)
-    kept = drop_path_scales(images, p).view(-1).nonzero().view(-1)
+    kept, scale = drop_path_scales(images, p).view(-1).nonzero().view(-1), 1 / (1 - p)
     if kept.numel() == images.shape[0]:
-        return torch.add(images, branch(x).view_as(images), alpha=1 / (1 - p)).view_as(x)
-    scale = 1 / (1 - p)
+        return torch.add(images, branch(x).view_as(images), alpha=scale).view_as(x)
     if kept.numel() == 0:
         # Every image dropped: the branch still runs on one, times zero, so that its parameters get
         # zero gradients as in the reference. None instead would make AdamW skip them (no weight
