@@ -12,6 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 import swinkit
 from helpers import write_digit_folder
@@ -135,13 +136,65 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     assert "folder" in capsys.readouterr().err
 
 
+def _image_dims(graph: torch.fx.GraphModule) -> tuple:
+    """Whether each of the traced images' batch, height and width is a fixed number in a dynamo graph."""
+    (images,) = [node.meta["example_value"] for node in graph.graph.find_nodes(op="placeholder") if node.name == "l_x_"]
+    return tuple(is_concrete_int(images.shape[dim]) for dim in (0, 2, 3))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_keeps_height_and_width_static_and_the_batch_dynamic(training):
+    # torch 2.14 does not finish compiling Swin's padding arithmetic with a symbolic height and
+    # width (a plain torch.compile fell into it at the second image size and took minutes): the
+    # model guards on them instead, one graph per size, while the batch goes dynamic as usual.
+    graphs = []
+
+    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(_image_dims(graph))
+        return graph.forward
+
+    torch._dynamo.reset()  # dynamo remembers which dimensions it saw change, per code object
+    model = _perturbed(swinkit.create_model("swin_test", num_classes=5, drop_path_rate=0.0)).train(training)
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+    sizes = [(2, 64, 64), (3, 64, 64), (2, 40, 56), (4, 40, 56), (2, 72, 88)]
+    for batch, height, width in sizes:
+        x = torch.randn(batch, 3, height, width, requires_grad=training)
+        got, want = compiled(x), model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if training:
+            (gradient,) = torch.autograd.grad(got.square().sum(), x)
+            (expected,) = torch.autograd.grad(want.square().sum(), x)
+            torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 4  # 64x64 static, 64x64 with a dynamic batch, then one per new size
+    assert graphs == [(True, True, True)] + [(False, True, True)] * 3  # batch dynamic, sizes fixed
+
+
 def test_compiled_model_matches_eager_without_graph_breaks():
     model = _perturbed(swinkit.create_model("swin_test", num_classes=5))
-    compiled = compile_model(model, fullgraph=True)  # fullgraph: a graph break is an error
+    # dynamic=True would make height and width symbolic too: the model keeps them static.
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)  # fullgraph: a graph break is an error
     with torch.no_grad():
         for shape in [(2, 3, 64, 64), (3, 3, 64, 64), (2, 3, 40, 56)]:
             x = torch.randn(shape)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert compile_model(model).__class__ is compiled.__class__  # the name kept for callers
+
+
+def test_compiled_training_step_matches_eager():
+    # What `swinkit train --compile` runs: forward and backward through inductor, every gradient.
+    model = _perturbed(swinkit.create_model("swin_test", num_classes=5, drop_path_rate=0.0)).train()
+    compiled = torch.compile(model, fullgraph=True)
+    x, labels = torch.randn(3, 3, 40, 56), torch.tensor([0, 4, 2])
+    losses, gradients = [], []
+    for run in (compiled, model):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(run(x), labels)
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for name, expected in gradients[1].items():
+        torch.testing.assert_close(gradients[0][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_predict_and_eval_take_the_exported_onnx_file(tmp_path):

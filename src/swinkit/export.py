@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -413,18 +413,11 @@ def _model_metadata(
     return metadata
 
 
-def compile_model(model: nn.Module, **options: Any) -> Callable[[torch.Tensor], Any]:
-    """``torch.compile(model, **options)`` with a dynamic batch and a static height and width.
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile(model, **options)``: a dynamic batch, one graph per image height and width.
 
-    A new image size compiles a new graph (once per size) instead of letting torch.compile mark
-    height and width dynamic: Swin's padding arithmetic across four stages defeats the symbolic
-    shape engine of torch 2.14 there. The batch dimension is dynamic after the second batch size.
+    The model itself keeps height and width static under ``torch.compile``
+    (:func:`swinkit.model.static_size_under_compile`), so a plain ``torch.compile`` does the same;
+    this name stays for the code that calls it.
     """
-    compiled = torch.compile(model, **options)
-
-    def run(images: torch.Tensor) -> Any:
-        torch._dynamo.mark_static(images, 2)
-        torch._dynamo.mark_static(images, 3)
-        return compiled(images)
-
-    return run
+    return torch.compile(model, **options)

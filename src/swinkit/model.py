@@ -14,6 +14,7 @@ follow the actual feature size and are cached by (size, dtype, device).
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -682,6 +683,7 @@ class SwinTransformer(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> tokens ``(B, H/4, W/4, C)`` with the optional absolute position."""
         check_images(x, self.config.in_chans)
+        static_size_under_compile(x)
         x = self.patch_embed(x)
         if self.config.ape:
             x = x + resize_pos_embed(self.absolute_pos_embed, self.grid, x.shape[1:3])
@@ -737,6 +739,19 @@ def check_images(x: Tensor, in_chans: int) -> None:
         raise TypeError(f"expected floating-point images (normalised), got dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
+
+
+def static_size_under_compile(x: Tensor) -> None:
+    """Under ``torch.compile``, compile one graph per image height and width (the batch may vary).
+
+    With a symbolic height and width, torch 2.14's inductor spends minutes simplifying Swin's nested
+    padding arithmetic (``swin_test``: 135 s at a second image size, 405 s at a third, against 26
+    and 40 s for a graph of fixed size), so ``operator.index`` makes dynamo guard on their values. ``torch.export`` keeps them symbolic: its
+    size-generic graph is built for that (``model.traced_window_attention``).
+    """
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        operator.index(x.shape[2])
+        operator.index(x.shape[3])
 
 
 def resize_pos_embed(pos_embed: Tensor, grid: int, size: torch.Size | tuple[int, int]) -> Tensor:
