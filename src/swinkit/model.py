@@ -746,8 +746,9 @@ def static_size_under_compile(x: Tensor) -> None:
 
     With a symbolic height and width, torch 2.14's inductor spends minutes simplifying Swin's nested
     padding arithmetic (``swin_test``: 135 s at a second image size, 405 s at a third, against 26
-    and 40 s for a graph of fixed size), so ``operator.index`` makes dynamo guard on their values. ``torch.export`` keeps them symbolic: its
-    size-generic graph is built for that (``model.traced_window_attention``).
+    and 40 s for a graph of fixed size), so ``operator.index`` makes dynamo guard on their values.
+    ``torch.export`` keeps them symbolic: its size-generic graph is built for that
+    (``model.traced_window_attention``).
     """
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         operator.index(x.shape[2])
