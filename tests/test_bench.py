@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from swinkit import get_config
-from swinkit.bench import bench_in_fresh_processes, build, format_rows, parse_target, run_bench
+from swinkit.bench import (
+    Target,
+    bench_in_fresh_processes,
+    build,
+    format_rows,
+    parse_target,
+    run_bench,
+    skips_dropped_images,
+)
 from swinkit.flops import count_flops
 
 
 def test_bench_reports_every_contender_with_ratios_to_the_first():
-    report = run_bench("swin_test", batch=2, train_batch=2, rounds=2, impls=["reference"])
+    report = run_bench("swin_test", batch=2, train_batch=2, rounds=2, impls=["reference"], drop_path_rate=0.3)
     rows = report["rows"]
     assert [(r["mode"], r["contender"]) for r in rows] == [
         ("inference", "swinkit"),
@@ -25,15 +33,33 @@ def test_bench_reports_every_contender_with_ratios_to_the_first():
             row["images_per_second"] / rows[0 if row["mode"] == "inference" else 2]["images_per_second"]
         )
     # Achieved FLOP rate: the analytic FLOPs (2 per multiply-add; a training step counts three
-    # forwards), and its fraction of the matrix product timed in the same rounds.
-    forward = 2 * count_flops(get_config("swin_test"), (3, 64, 64)).total
+    # forwards of the work done: the fused path skips what stochastic depth drops), and its fraction
+    # of the matrix product timed in the same rounds.
+    config = get_config("swin_test", drop_path_rate=0.3)
+    forward = 2 * count_flops(config, (3, 64, 64)).total
+    skipping = 2 * count_flops(config, (3, 64, 64), skip_dropped=True).total
     for row in rows:
-        per_image = forward * (3 if row["mode"] == "training" else 1)
+        per_image = forward
+        if row["mode"] == "training":
+            per_image = 3 * (skipping if row["contender"] == "swinkit" else forward)
         assert row["gflops"] == pytest.approx(row["images_per_second"] * per_image / 1e9)
         assert row["gemm_gflops"] > 0
         assert row["gemm_fraction"] == pytest.approx(row["gflops"] / row["gemm_gflops"])
     text = format_rows(report)
     assert "swinkit:reference" in text and "GEMM%" in text and "GFLOP/s" in text
+
+
+def test_only_the_fused_cpu_path_is_counted_as_skipping_dropped_work():
+    config, cpu = get_config("swin_t"), Target()
+    skipping = [name for name in NAMES if skips_dropped_images(name, config, cpu)]
+    assert skipping == ["swinkit", "swinkit:serial", "swinkit:fused"]
+    for changed in ({"drop_path_rate": 0.0}, {"drop_rate": 0.1}, {"attn_drop_rate": 0.1}):
+        assert not skips_dropped_images("swinkit", get_config("swin_t", **changed), cpu)
+    assert not skips_dropped_images("swinkit", config, Target(torch.device("cuda")))
+
+
+NAMES = ["swinkit", "swinkit:serial", "swinkit:fused", "swinkit:reference", "swinkit:sdpa", "swinkit+compile"]
+NAMES += ["swinkit+ort", "timm", "torchvision", "hf"]
 
 
 def test_fresh_processes_time_every_contender_in_a_process_of_its_own():

@@ -68,6 +68,21 @@ def test_swin_t_stage_one_by_hand():
     assert swinkit.flops(swinkit.get_config("swin_t")).stages[0] == 2 * block + merge
 
 
+def test_skipped_work_of_stochastic_depth_by_hand():
+    # Swin-T's rates grow linearly over its 12 blocks, 0 to 0.2: stage 1 has 0 and 0.2 / 11.
+    H = W = 56
+    C, N = 96, 49
+    block = 2 * C * H * W + (H * W // N) * (N * C * 3 * C + 2 * N * N * C + N * C * C) + 2 * H * W * C * 4 * C
+    merge = H * W * C + (H // 2) * (W // 2) * 4 * C * 2 * C
+    config = swinkit.get_config("swin_t")
+    skipping = count_flops(config, skip_dropped=True)
+    assert skipping.stages[0] == block + round((1 - 0.2 / 11) * block) + merge
+    assert skipping.stages[3] < count_flops(config).stages[3] * 0.85  # its rates: 0.18, 0.2
+    assert 0.90 < skipping.total / count_flops(config).total < 0.91
+    without = swinkit.get_config("swin_t", drop_path_rate=0.0)
+    assert count_flops(without, skip_dropped=True) == count_flops(without)
+
+
 @pytest.mark.parametrize("variant,params_m,gflops", PAPER_V2)
 def test_v2_table(variant, params_m, gflops):
     config = swinkit.get_config(variant)

@@ -37,8 +37,10 @@ import torch
 from torch import nn
 
 from . import native
+from .attention import resolve_impl
 from .export import compile_model, export_onnx_model, onnx_session
 from .flops import count_flops
+from .variants import SwinConfig
 
 # swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
 # the benchmark builds it from swinkit's config, with random weights, offline).
@@ -125,9 +127,12 @@ class BenchResult:
     def images_per_second(self, name: str) -> float:
         return self.batch / statistics.median(self.times[name])
 
-    def table(self, reference: str | None = None, flops_per_image: float | None = None) -> list[dict[str, Any]]:
-        """One row per contender; ``flops_per_image`` (floating-point operations, not multiply-adds)
-        adds the achieved GFLOP/s and its fraction of the measured matrix-multiply rate."""
+    def table(
+        self, reference: str | None = None, flops_per_image: float | Callable[[str], float] | None = None
+    ) -> list[dict[str, Any]]:
+        """One row per contender; ``flops_per_image`` (floating-point operations, not multiply-adds;
+        or a function of the contender's name) adds the achieved GFLOP/s and its fraction of the
+        measured matrix-multiply rate."""
         reference = reference if reference in self.times else next(iter(self.times))
         base = self.images_per_second(reference)
         rows = []
@@ -141,8 +146,9 @@ class BenchResult:
                 "ratio": self.images_per_second(name) / base,
                 "rounds": len(times),
             }
-            if flops_per_image and self.gemm_times:
-                row["gflops"] = self.images_per_second(name) * flops_per_image / 1e9
+            flops = flops_per_image(name) if callable(flops_per_image) else flops_per_image
+            if flops and self.gemm_times:
+                row["gflops"] = self.images_per_second(name) * flops / 1e9
                 row["gemm_gflops"] = self.gemm_gflops
                 row["gemm_fraction"] = row["gflops"] / self.gemm_gflops
             rows.append(row)
@@ -222,6 +228,23 @@ def _swinkit(model_name: str, num_classes: int, drop_path_rate: float, attn_impl
 
 
 BUILDERS = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}
+
+
+def skips_dropped_images(name: str, config: SwinConfig, target: Target) -> bool:
+    """Whether contender ``name`` trains without computing the residual branches stochastic depth
+    drops (swinkit's fused path on the CPU, with no dropout; not under torch.compile)."""
+    base, _, variant = name.partition("+")
+    family, _, impl = base.partition(":")
+    impl = "auto" if impl in ("", "serial") else impl
+    return (
+        family == "swinkit"
+        and not variant
+        and target.device.type == "cpu"
+        and resolve_impl(impl, target.device) == "fused"
+        and config.drop_path_rate > 0
+        and config.drop_rate == 0
+        and config.attn_drop_rate == 0
+    )
 
 
 def check_contender(name: str, model_name: str) -> None:
@@ -566,8 +589,13 @@ def run_bench(
         else:
             x = torch.randn(train_batch, 3, size, size, device=target.device)
             result = bench_training(trainable, model_name, x, rounds, target=target, drop_path_rate=drop_path_rate)
-        # A training step is counted as three forwards (the backward's two products per forward one).
-        table = result.table(reference.partition("+")[0], 3 * flops_per_image)
+        # A training step is counted as three forwards (the backward's two products per forward one),
+        # of the work each contender does: swinkit's fused CPU path skips stochastic depth's drops.
+        skipped = 2 * count_flops(config, (3, size, size), skip_dropped=True).total
+        table = result.table(
+            reference.partition("+")[0],
+            lambda name: 3 * (skipped if skips_dropped_images(name, config, target) else flops_per_image),
+        )
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
                 row["peak_memory_mib"] = peak_training_memory(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .model import stage_window, window_and_shift
+from .model import drop_path_rates, stage_window, window_and_shift
 from .variants import SwinConfig
 
 
@@ -55,8 +55,14 @@ def _merge_flops(dim: int, H: int, W: int, family: str) -> int:
     return norm + tokens * 4 * dim * 2 * dim
 
 
-def count_flops(config: SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224)) -> FlopsReport:
-    """FLOPs of ``config`` on one image of ``input_size`` ``(C, H, W)``."""
+def count_flops(
+    config: SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224), skip_dropped: bool = False
+) -> FlopsReport:
+    """FLOPs of ``config`` on one image of ``input_size`` ``(C, H, W)``.
+
+    ``skip_dropped``: the expected work of a training forward that skips the images stochastic
+    depth drops (swinkit's fused CPU path): each block counted times its keep rate ``1 - p``.
+    """
     _, H, W = input_size
     p = config.patch_size
     H, W = math.ceil(H / p), math.ceil(W / p)
@@ -65,13 +71,14 @@ def count_flops(config: SwinConfig, input_size: tuple[int, int, int] = (3, 224, 
     )
     stages, shapes = [], []
     last = len(config.depths) - 1
-    for i, depth in enumerate(config.depths):
+    for i, (depth, rates) in enumerate(zip(config.depths, drop_path_rates(config), strict=True)):
         dim, table = config.embed_dim * 2**i, stage_window(config, i)
         shapes.append((dim, H, W))
         count = 0
         for j in range(depth):
             window, _ = window_and_shift(H, W, table, 0 if j % 2 == 0 else table // 2, config.always_shift)
-            count += _block_flops(dim, H, W, window, config.mlp_ratio)
+            kept = 1 - rates[j] if skip_dropped else 1
+            count += round(kept * _block_flops(dim, H, W, window, config.mlp_ratio))
             if config.extra_norm_period and (j + 1) % config.extra_norm_period == 0:
                 count += dim * H * W
         if config.stage_norms and i in config.out_indices:
