@@ -45,8 +45,11 @@ def test_bench_reports_every_contender_with_ratios_to_the_first():
         assert row["gflops"] == pytest.approx(row["images_per_second"] * per_image / 1e9)
         assert row["gemm_gflops"] > 0
         assert row["gemm_fraction"] == pytest.approx(row["gflops"] / row["gemm_gflops"])
+        counted_skipping = (row["mode"], row["contender"]) == ("training", "swinkit")
+        assert row.get("skips_dropped_work", False) == counted_skipping
     text = format_rows(report)
     assert "swinkit:reference" in text and "GEMM%" in text and "GFLOP/s" in text
+    assert "* counted with the expected work left" in text
 
 
 def test_only_the_fused_cpu_path_is_counted_as_skipping_dropped_work():

@@ -596,6 +596,8 @@ def run_bench(
             reference.partition("+")[0],
             lambda name: 3 * (skipped if skips_dropped_images(name, config, target) else flops_per_image),
         )
+        for row in table:
+            row["skips_dropped_work"] = skips_dropped_images(row["contender"], config, target)
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
                 row["peak_memory_mib"] = peak_training_memory(
@@ -617,6 +619,7 @@ def format_rows(report: dict[str, Any]) -> str:
     lines.append(header + f" {'mem MiB':>8}")
     for row in report["rows"]:
         fraction = f"{100 * row['gemm_fraction']:6.0f}" if "gemm_fraction" in row else " " * 6
+        fraction = fraction[1:] + "*" if row.get("skips_dropped_work") and "gemm_fraction" in row else fraction
         memory = f"{row['peak_memory_mib']:8.0f}" if "peak_memory_mib" in row else ""
         lines.append(
             f"{row['mode']:<10} {row['contender']:<28} {row['batch']:>5} {row['images_per_second']:8.2f} "
@@ -630,4 +633,6 @@ def format_rows(report: dict[str, Any]) -> str:
             f"{mode}: reference {side}-square {report['machine'].get('dtype', 'float32')} matrix product "
             f"{rate:.0f} GFLOP/s (median of the rounds); GEMM% = the model's FLOPs per second as a percentage of it"
         )
+    if any(row.get("skips_dropped_work") for row in report["rows"]):
+        lines.append("* counted with the expected work left after skipping the branches stochastic depth drops")
     return "\n".join(lines)
