@@ -106,6 +106,15 @@ def test_torch_export_program_round_trip(tmp_path):
             program(torch.randn(1, 3, 32, 64))
 
 
+def test_a_model_with_a_one_token_window_exports_with_a_dynamic_size(tmp_path):
+    # swin_digits is built for 32 x 32 images: its last stage's window is 1, which divides every
+    # side; choosing the trace's example size looped forever on that before.
+    model = _perturbed(swinkit.create_model("swin_digits"))
+    report = export(model, tmp_path / "digits.pt2", fmt="torch-export", img_size=(64, 48))
+    assert report["max_abs_error"] < 1e-5
+    assert report["size_range"] == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
+
+
 def test_dynamic_export_refuses_an_example_below_the_range(tmp_path):
     model = swinkit.create_model("swin_digits")  # 32 x 32 images: stage 4 is a single token
     with pytest.raises(ValueError, match=r"32x32 .*33\.\.8192.*--static-size"):

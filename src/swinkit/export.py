@@ -61,8 +61,8 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
 
     The shape engine answers some questions about sizes (is this side 1? does it divide?) from
     the example and keeps the answer as an assumption. At these sides the answers are the general
-    ones: every stage has at least three windows per side, no side divides by its window or by the
-    merging's 2 (so every padding step is traced), and height differs from width.
+    ones: every stage has at least three windows per side, no side divides by its window (unless
+    that is 1) or by the merging's 2 (so every padding step is traced), and height differs from width.
     """
     config = model.config
     windows = [layer.blocks[0].window_size for layer in model.layers]
@@ -72,7 +72,8 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
         maps = [cells(side, config.patch_size * 2**stage) for stage in range(len(windows))]
         if side % config.patch_size == 0 or any(size % 2 == 0 for size in maps[:-1]):
             return False  # the patch embedding or a merging would have nothing to pad
-        return all(size > 2 * w and size % w for size, w in zip(maps, windows, strict=True))
+        # A window of 1 (a model built for images whose last map is one token) divides every side.
+        return all(size > 2 * w and (size % w or w == 1) for size, w in zip(maps, windows, strict=True))
 
     height = stride * (2 * max(windows) + 1) + 1
     while not generic(height):
