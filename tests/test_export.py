@@ -145,7 +145,7 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     assert "folder" in capsys.readouterr().err
 
 
-def _image_dims(graph: torch.fx.GraphModule) -> tuple:
+def _fixed_image_dims(graph: torch.fx.GraphModule) -> tuple:
     """Whether each of the traced images' batch, height and width is a fixed number in a dynamo graph."""
     (images,) = [node.meta["example_value"] for node in graph.graph.find_nodes(op="placeholder") if node.name == "l_x_"]
     return tuple(is_concrete_int(images.shape[dim]) for dim in (0, 2, 3))
@@ -159,7 +159,7 @@ def test_torch_compile_keeps_height_and_width_static_and_the_batch_dynamic(train
     graphs = []
 
     def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(_image_dims(graph))
+        graphs.append(_fixed_image_dims(graph))
         return graph.forward
 
     torch._dynamo.reset()  # dynamo remembers which dimensions it saw change, per code object
@@ -174,8 +174,8 @@ def test_torch_compile_keeps_height_and_width_static_and_the_batch_dynamic(train
             (gradient,) = torch.autograd.grad(got.square().sum(), x)
             (expected,) = torch.autograd.grad(want.square().sum(), x)
             torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-6)
-    assert len(graphs) == 4  # 64x64 static, 64x64 with a dynamic batch, then one per new size
-    assert graphs == [(True, True, True)] + [(False, True, True)] * 3  # batch dynamic, sizes fixed
+    # 64x64 static, 64x64 with a dynamic batch, then one per new size: batch dynamic, sizes fixed.
+    assert graphs == [(True, True, True)] + [(False, True, True)] * 3
 
 
 def test_compiled_model_matches_eager_without_graph_breaks():

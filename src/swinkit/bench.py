@@ -591,13 +591,13 @@ def run_bench(
             result = bench_training(trainable, model_name, x, rounds, target=target, drop_path_rate=drop_path_rate)
         # A training step is counted as three forwards (the backward's two products per forward one),
         # of the work each contender does: swinkit's fused CPU path skips stochastic depth's drops.
+        skipping = {name for name in trainable if skips_dropped_images(name, config, target)}
         skipped = 2 * count_flops(config, (3, size, size), skip_dropped=True).total
         table = result.table(
-            reference.partition("+")[0],
-            lambda name: 3 * (skipped if skips_dropped_images(name, config, target) else flops_per_image),
+            reference.partition("+")[0], lambda name: 3 * (skipped if name in skipping else flops_per_image)
         )
         for row in table:
-            row["skips_dropped_work"] = skips_dropped_images(row["contender"], config, target)
+            row["skips_dropped_work"] = row["contender"] in skipping
         if memory:
             for row in (r for r in table if "+" not in r["contender"]):
                 row["peak_memory_mib"] = peak_training_memory(
