@@ -1,6 +1,6 @@
 """What a dynamic height and width costs in onnxruntime: the dynamic file against static files.
 
-One Swin-T file with a dynamic height and width serves every side from 33 up (see
+One file with a dynamic height and width serves every side from 1 up (see
 ``swinkit.export``); a ``--static-size`` file serves one size with a leaner graph. This script
 exports both (random weights), then times onnxruntime on each size in interleaved rounds (each
 round runs every file once per size) and prints medians and the dynamic / static ratio.

@@ -25,7 +25,6 @@ from swinkit.export import (
     export_onnx_model,
     onnx_error,
     onnx_session,
-    side_range,
     trace_sides,
 )
 from swinkit.predict import predict
@@ -40,13 +39,6 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def test_side_range_starts_where_every_stage_has_a_two_by_two_map():
-    # Swin-T: patch 4 and three mergings, total stride 32; a side of 33 gives stage 4 two rows.
-    for model in (swinkit.create_model("swin_t"), swinkit.create_model("swin_t", always_shift=True)):
-        assert side_range(model) == (33, MAX_SIDE)
-    assert side_range(swinkit.create_model("swin_t", patch_size=2)) == (17, MAX_SIDE)
-
-
 def test_trace_sides_are_generic_for_every_stage():
     # Swin-T (window 7): 481 -> stage maps 121, 61, 31, 16; 482 -> the same maps from a different
     # padding. Every map is more than two windows and none divides by 7; all but the last are odd.
@@ -56,8 +48,10 @@ def test_trace_sides_are_generic_for_every_stage():
 
 # swin_test (patch 4, window 4; built at 96 its stage 4 has window 3): stage 3 clamps its window for
 # sides up to 64 and stage 4 for sides up to 96. These sizes cover both clamps, one, and none,
-# mixed between height and width, odd and even, and the lower end of the range.
+# mixed between height and width, odd and even, and maps of a single token (sides up to 32: stage
+# 4; 1 x 1: every stage).
 REGIME_SIZES = [(1, 3, 33, 33), (3, 3, 50, 81), (2, 3, 96, 70), (1, 3, 97, 130), (2, 3, 131, 40)]
+REGIME_SIZES += [(2, 3, 1, 1), (1, 3, 20, 32), (2, 3, 5, 57)]
 
 
 def test_onnx_matches_eager_in_every_window_regime(tmp_path):
@@ -68,9 +62,9 @@ def test_onnx_matches_eager_in_every_window_regime(tmp_path):
     for shape in REGIME_SIZES:
         assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(metadata["swinkit.size_range"]) == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
-    # Below the range (a map side of one token) onnxruntime cannot run assertions: every output is NaN.
-    for shape in [(2, 3, 96, 32), (1, 3, 20, 20)]:
+    assert json.loads(metadata["swinkit.size_range"]) == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
+    # Outside the range onnxruntime cannot run assertions: every output is NaN.
+    for shape in [(2, 3, MAX_SIDE + 1, 1), (1, 3, 3, MAX_SIDE + 5)]:
         (logits,) = session.run(None, {"images": torch.randn(shape).numpy()})
         assert logits.shape == (shape[0], 7) and torch.from_numpy(logits).isnan().all(), shape
 
@@ -88,38 +82,38 @@ def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):
     path = export_onnx_model(model, tmp_path / "backbone.onnx", torch.randn(2, 3, size, size))
     session = onnx_session(path)
     assert [o.name for o in session.get_outputs()] == ["features0", "features1", "features2", "features3"]
-    for shape in [(1, 3, size, size), (3, 3, 45, 110)]:
-        assert onnx_error(session, model, torch.randn(shape)) < 1e-5
+    for shape in [(1, 3, size, size), (3, 3, 45, 110), (2, 3, 9, 30)]:  # the last: every stage clamps
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
 
 
 def test_torch_export_program_round_trip(tmp_path):
     model = _perturbed(swinkit.create_model("swin_test", num_classes=5))
     report = export(model, tmp_path / "model.pt2", fmt="torch-export")
     assert report["max_abs_error"] < 1e-5
-    assert report["size_range"] == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
+    assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
     with torch.no_grad():
         for shape in REGIME_SIZES:
             x = torch.randn(shape)
             torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
-        with pytest.raises(AssertionError, match="33"):  # the program checks its input range
-            program(torch.randn(1, 3, 32, 64))
+        with pytest.raises(AssertionError, match=str(MAX_SIDE)):  # the program checks its input range
+            program(torch.randn(1, 3, MAX_SIDE + 1, 1))
 
 
-def test_a_model_with_a_one_token_window_exports_with_a_dynamic_size(tmp_path):
-    # swin_digits is built for 32 x 32 images: its last stage's window is 1, which divides every
-    # side; choosing the trace's example size looped forever on that before.
+def test_small_images_export_with_a_dynamic_size(tmp_path):
+    # swin_digits takes 32 x 32 images: its last stage is a single token. One dynamic file serves
+    # them and every larger size; only an example above the range needs --static-size. Its last
+    # stage's window is 1, which divides every side: choosing the trace's example size looped
+    # forever on that once.
     model = _perturbed(swinkit.create_model("swin_digits"))
-    report = export(model, tmp_path / "digits.pt2", fmt="torch-export", img_size=(64, 48))
-    assert report["max_abs_error"] < 1e-5
-    assert report["size_range"] == {"height": [33, MAX_SIDE], "width": [33, MAX_SIDE]}
-
-
-def test_dynamic_export_refuses_an_example_below_the_range(tmp_path):
-    model = swinkit.create_model("swin_digits")  # 32 x 32 images: stage 4 is a single token
-    with pytest.raises(ValueError, match=r"32x32 .*33\.\.8192.*--static-size"):
-        export(model, tmp_path / "digits.onnx")
-    report = export(model, tmp_path / "digits.onnx", static_size=True)
+    report = export(model, tmp_path / "digits.onnx")
+    assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [1, MAX_SIDE]
+    session = onnx_session(tmp_path / "digits.onnx")
+    for shape in [(3, 3, 32, 32), (1, 3, 7, 90), (2, 3, 1, 1)]:
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
+    with pytest.raises(ValueError, match=rf"{MAX_SIDE + 1}x32 .*1\.\.{MAX_SIDE}.*--static-size"):
+        export(model, tmp_path / "big.onnx", img_size=(MAX_SIDE + 1, 32))
+    report = export(model, tmp_path / "digits-static.onnx", static_size=True)
     assert report["max_abs_error"] < 1e-5
 
 

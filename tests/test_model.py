@@ -141,18 +141,19 @@ def test_relative_position_index_formula():
 
 @pytest.mark.parametrize("always_shift", [False, True])
 def test_traced_window_attention_matches_eager_for_every_window_rule(always_shift):
-    # The export path keeps the window (7), shifts by shift * [side > 7] and, under the
-    # classification rule, masks the padding of a side that fits in one window; it must equal the
-    # eager path, which clamps that window. Plain ints stand in for the traced sizes here; the
-    # export tests run the traced graph itself. Sides: clamped (3, 7), padded (9), exact (14).
+    # The export path (one gather each way, the classification rule as arithmetic: window
+    # min(side, 7), shift * [side > 7]) must equal the eager path (pad, roll, partition, and the
+    # rule as branches). Plain ints stand in for the traced sizes here; the export tests run the
+    # traced graph itself. Sides: clamped (3, 7), padded (9), exact (14).
     torch.manual_seed(2)
     attn = perturb(WindowAttention(12, 3, 7, qkv_bias=True, attn_drop=0.0, proj_drop=0.0).double().eval())
     for H, W in [(3, 5), (7, 9), (9, 14), (14, 3), (16, 11)]:
         x = torch.randn(2, H, W, 12, dtype=torch.float64)
         for shift_size in (0, 3):
             expected = shifted_window_attention(x, attn, *window_and_shift(H, W, 7, shift_size, always_shift))
+            window = (7, 7) if always_shift else (torch.sym_min(H, 7), torch.sym_min(W, 7))
             shift = tuple(shift_size if always_shift else shift_size * min(1, max(0, side - 7)) for side in (H, W))
-            traced = traced_window_attention(x, attn, (7, 7), shift, clamp=not always_shift)
+            traced = traced_window_attention(x, attn, window, shift)
             assert relative_error(traced, expected) < 1e-12, (H, W, shift_size)
 
 

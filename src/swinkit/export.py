@@ -3,10 +3,9 @@
 Both are traced from the reference attention path: fast paths and their caches step aside while
 tracing (see :func:`swinkit.model.tracing`), so the exported graph is the readable one.
 
-Batch, height and width are dynamic, and one file serves every image side from
-:func:`side_range`'s lower end (the smallest side whose last stage still has a 2 x 2 map; 33 for
-Swin-T) up to :data:`MAX_SIDE`. The official classification rule clamps the window of a stage
-whose map fits in one window, which would tie a traced graph to the example's clamps; traced with
+Batch, height and width are dynamic, and one file serves every image side from 1 up to
+:data:`MAX_SIDE` (:func:`side_range`). The official classification rule clamps the window of a
+stage whose map fits in one window, which would tie a traced graph to the example's clamps; traced with
 a symbolic size, the blocks write that rule without branching on the size (see
 :func:`swinkit.model.window_and_shift`), so no size picks another graph. The trace uses a generic
 example size of the library's choosing (no map side of one window or of one token, odd sides), so
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 
 from .model import cells
 
@@ -46,14 +46,12 @@ MAX_SIDE = 8192  # the largest height / width an exported file accepts
 
 
 def side_range(model: nn.Module) -> tuple[int, int]:
-    """The image sides a file exported with a dynamic height and width accepts.
+    """The image sides a file exported with a dynamic height and width accepts: 1 to :data:`MAX_SIDE`.
 
-    The lower end is one more than the total stride ``patch * 2**(stages - 1)``: from there every
-    stage's map is at least 2 tokens per side. torch.export decides tensor layouts on the
-    assumption that no map side is 1 and cannot trace both cases in one graph.
+    Maps of a single token per side included: the trace is size-oblivious (see
+    :func:`export_program`), so no layout is chosen on the assumption that a side is not 1.
     """
-    stride = model.config.patch_size * 2 ** (len(model.layers) - 1)
-    return stride + 1, MAX_SIDE
+    return 1, MAX_SIDE
 
 
 def trace_sides(model: nn.Module) -> tuple[int, int]:
@@ -117,7 +115,11 @@ def export_program(
         example = _example(model, trace_sides(model), example.shape[0])
     if nan_outside_range and dynamic_sides:
         model = _NaNOutsideRange(model, [list(side_range(model))] * 2).eval()
-    with torch.no_grad():
+    # Size-oblivious: the shape engine otherwise decides layouts assuming no map side is 1 and
+    # guards on it (Swin-T: every side at least 33, and exporting fails for a range from 1);
+    # with it one graph serves every side from 1 (tested against eager down to 1 x 1).
+    oblivious = fx_config.patch(backed_size_oblivious=dynamic_sides)
+    with torch.no_grad(), oblivious:
         program = torch.export.export(
             model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
         )
@@ -341,7 +343,7 @@ def export(
     if not static_size and not all(low <= side <= high for side in size):
         raise ValueError(
             f"image size {size[0]}x{size[1]} is outside the sides a file with a dynamic height and width accepts "
-            f"for this model ({low}..{high}: every stage needs a map of at least 2 x 2); use --static-size"
+            f"({low}..{high}); use --static-size"
         )
     if fmt == "onnx":
         path = export_onnx_model(model, path, example, opset, class_names, dynamic_size=not static_size)

@@ -141,14 +141,14 @@ def window_and_shift(H: int, W: int, window_size: int, shift_size: int, always_s
     Detection rule (``always_shift``): the window and shift stay; the map is padded instead.
 
     Traced with a symbolic size (torch.export with a dynamic height and width), the classification
-    rule keeps the window and writes "no shift along a side that fits in one window" as
-    arithmetic; :func:`shifted_window_attention` then masks that side's padding, which is the same
-    attention as the clamped window. Comparisons would tie the graph to the example's clamps.
+    rule is written as arithmetic on the symbols: the window is ``min(side, window_size)`` and the
+    shift ``shift_size * [side > window_size]``. Comparisons would tie the graph to the example's
+    clamps; symbols keep one graph exact, and as small as eager's, at every size.
     """
     if always_shift:
         return (window_size, window_size), (shift_size, shift_size)
     if symbolic(H, W):
-        return (window_size, window_size), (
+        return (torch.sym_min(H, window_size), torch.sym_min(W, window_size)), (
             _shift_unless_fits(H, window_size, shift_size),
             _shift_unless_fits(W, window_size, shift_size),
         )
@@ -338,17 +338,16 @@ def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.reshape(B_, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair, clamp: bool = True) -> Tensor:
+def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair) -> Tensor:
     """(S)W-MSA on a ``(B, H, W, C)`` map: pad, cyclic shift, partition, attend, reverse, crop.
 
     Padding comes before the shift (right/bottom, to a multiple of the window), so the mask is
     built on the padded map, as in the official detection code. A trace with a symbolic size
-    takes :func:`traced_window_attention` (``clamp``: the classification window rule, not
-    ``always_shift``).
+    takes :func:`traced_window_attention`.
     """
     B, H, W, _ = x.shape
     if symbolic(H, W):
-        return traced_window_attention(x, attn, window, shift, clamp)
+        return traced_window_attention(x, attn, window, shift)
     rows, cols = cells(H, window[0]), cells(W, window[1])
     Hp, Wp = rows * window[0], cols * window[1]
     x = pad_end(x, (Hp, Wp))
@@ -363,14 +362,13 @@ def shifted_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pa
     return crop_end(x, (H, W))
 
 
-def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair, clamp: bool) -> Tensor:
+def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pair) -> Tensor:
     """:func:`shifted_window_attention` as traced with a symbolic size: one gather each way.
 
     Padding, cyclic shift and partition are one gather from the map plus a zero token, and
     reverse, shift back and crop one gather back (:func:`window_gather_indices`); a graph that
-    cannot know whether anything is padded would otherwise copy the map for each step. ``shift``
-    may be symbolic (see :func:`window_and_shift`). With ``clamp`` the padding of a side that fits
-    in one window is masked (:func:`fitted_padding_mask`).
+    cannot know whether anything is padded would otherwise copy the map for each step. ``window``
+    and ``shift`` may be symbolic (see :func:`window_and_shift`).
     """
     B, H, W, C = x.shape
     rows, cols = cells(H, window[0]), cells(W, window[1])
@@ -380,9 +378,6 @@ def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pai
     windows = tokens.index_select(1, to_windows).reshape(B * rows * cols, window[0] * window[1], C)
     shifted = symbolic(*shift) or shift[0] > 0 or shift[1] > 0
     mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
-    if clamp:
-        padding = fitted_padding_mask((H, W), (Hp, Wp), window, x.dtype, x.device)
-        mask = padding if mask is None else mask + padding
     windows = attn(windows, window, mask)  # (B*nW, N, C)
     return windows.reshape(B, rows * cols * window[0] * window[1], C).index_select(1, to_map).view(B, H, W, C)
 
@@ -406,8 +401,10 @@ def window_gather_indices(
     to_windows = window_table(source, window).reshape(-1)
     map_rows = _wrapped(torch.arange(H, device=device) - shift[0], Hp)  # where each row went
     map_cols = _wrapped(torch.arange(W, device=device) - shift[1], Wp)
-    window_index = (map_rows // Wh)[:, None] * cols + (map_cols // Ww)[None, :]
-    to_map = (window_index * Wh + (map_rows % Wh)[:, None]) * Ww + (map_cols % Ww)[None, :]
+    window_rows, window_cols = map_rows // Wh, map_cols // Ww
+    within_rows, within_cols = map_rows - window_rows * Wh, map_cols - window_cols * Ww  # no remainder op (above)
+    window_index = window_rows[:, None] * cols + window_cols[None, :]
+    to_map = (window_index * Wh + within_rows[:, None]) * Ww + within_cols[None, :]
     return to_windows, to_map.reshape(-1)
 
 
@@ -415,24 +412,6 @@ def _wrapped(index: Tensor, length: int) -> Tensor:
     """``index`` modulo ``length`` for values in ``(-length, 2 * length)``."""
     index = torch.where(index < 0, index + length, index)
     return torch.where(index >= length, index - length, index)
-
-
-def fitted_padding_mask(size: Pair, padded: Pair, window: Pair, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(nW, N, N)``: ``-inf`` for keys in the padding of a side that fits in one window, else 0.
-
-    The classification rule clamps the window of such a side to its length. Traced with a
-    symbolic size, the window stays and this mask gives the padded keys probability exactly 0:
-    every real query then attends over the same keys, with the same relative offsets, as in the
-    clamped window. Padding of longer sides is attended to, as in eager.
-    """
-    sides = []
-    for length, padded_length, window_length in zip(size, padded, window, strict=True):
-        positions = torch.arange(padded_length, device=device)
-        sides.append((positions >= length) & (positions < window_length))
-    outside = sides[0][:, None] | sides[1][None, :]  # (Hp, Wp)
-    outside = window_table(outside, window)  # (nW, N)
-    outside = outside.unsqueeze(1).expand(-1, outside.shape[1], -1)  # the same keys for every query
-    return torch.zeros(outside.shape, dtype=dtype, device=device).masked_fill(outside, float("-inf"))
 
 
 def block_path(block: nn.Module, x: Tensor) -> Callable[[nn.Module, Tensor], Tensor] | None:
@@ -503,7 +482,7 @@ class SwinTransformerBlock(nn.Module):
             return fast(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
-        attention = shifted_window_attention(self.norm1(x), self.attn, window, shift, clamp=not self.always_shift)
+        attention = shifted_window_attention(self.norm1(x), self.attn, window, shift)
         x = x + self.drop_path(attention)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

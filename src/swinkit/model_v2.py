@@ -209,7 +209,7 @@ class SwinTransformerBlockV2(SwinTransformerBlock):
             return fast(self, x)
         H, W = x.shape[1:3]
         window, shift = window_and_shift(H, W, self.window_size, self.shift_size, self.always_shift)
-        attention = shifted_window_attention(x, self.attn, window, shift, clamp=not self.always_shift)
+        attention = shifted_window_attention(x, self.attn, window, shift)
         x = x + self.drop_path(self.norm1(attention))
         x = x + self.drop_path(self.norm2(self.mlp(x)))
         return self.norm3(x)
