@@ -4,7 +4,7 @@ Both are traced from the reference attention path: fast paths and their caches s
 tracing (see :func:`swinkit.model.tracing`), so the exported graph is the readable one.
 
 Batch, height and width are dynamic, and one file serves every image side from 1 up to
-:data:`MAX_SIDE` (:func:`side_range`). The official classification rule clamps the window of a
+:data:`MAX_SIDE` (:data:`SIDE_RANGE`). The official classification rule clamps the window of a
 stage whose map fits in one window, which would tie a traced graph to the example's clamps; traced with
 a symbolic size, the blocks write that rule without branching on the size (see
 :func:`swinkit.model.window_and_shift`), so no size picks another graph. The trace uses a generic
@@ -45,13 +45,10 @@ def _example(model: nn.Module, img_size: tuple[int, int] | None, batch: int) -> 
 MAX_SIDE = 8192  # the largest height / width an exported file accepts
 
 
-def side_range(model: nn.Module) -> tuple[int, int]:
-    """The image sides a file exported with a dynamic height and width accepts: 1 to :data:`MAX_SIDE`.
-
-    Maps of a single token per side included: the trace is size-oblivious (see
-    :func:`export_program`), so no layout is chosen on the assumption that a side is not 1.
-    """
-    return 1, MAX_SIDE
+# The image sides a file exported with a dynamic height and width accepts. Maps of a single token
+# per side are included: the trace is size-oblivious (see export_program), so no layout is chosen on
+# the assumption that a side is not 1.
+SIDE_RANGE = (1, MAX_SIDE)
 
 
 def trace_sides(model: nn.Module) -> tuple[int, int]:
@@ -86,7 +83,7 @@ def dynamic_shapes(model: nn.Module, dynamic_size: bool) -> dict[str, dict[int, 
     # min=1 keeps a batch of one legal (torch.export otherwise specialises sizes 0 and 1).
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size and _is_swinkit(model):  # other libraries' models (benchmark peers): batch only
-        low, high = side_range(model)
+        low, high = SIDE_RANGE
         dims[2] = torch.export.Dim("height", min=low, max=high)
         dims[3] = torch.export.Dim("width", min=low, max=high)
     return {"x": dims}
@@ -103,7 +100,7 @@ def export_program(
 
     With a dynamic height and width (swinkit models), the trace uses :func:`trace_sides` instead
     of ``img_size`` or ``example``'s size, and the program's scalar assertions are dropped (see
-    :func:`_drop_layout_assertions`); the input range (:func:`side_range`) is still checked.
+    :func:`_drop_layout_assertions`); the input range (:data:`SIDE_RANGE`) is still checked.
     ``nan_outside_range`` makes every output NaN for an image size outside the range, for runtimes
     that do not check it (ONNX).
     """
@@ -114,7 +111,7 @@ def export_program(
     if dynamic_sides:
         example = _example(model, trace_sides(model), example.shape[0])
     if nan_outside_range and dynamic_sides:
-        model = _NaNOutsideRange(model, [list(side_range(model))] * 2).eval()
+        model = _NaNOutsideRange(model, [list(SIDE_RANGE)] * 2).eval()
     # Size-oblivious: the shape engine otherwise decides layouts assuming no map side is 1 and
     # guards on it (Swin-T: every side at least 33, and exporting fails for a range from 1);
     # with it one graph serves every side from 1 (tested against eager down to 1 x 1).
@@ -191,7 +188,7 @@ def export_onnx_model(
     """Write ``model`` as ONNX with input ``images`` (N, C, H, W) and output ``logits`` or ``features{i}``.
 
     ``example`` gives the batch (and, with ``dynamic_size=False``, the height and width) to trace
-    with; a dynamic file takes every size in :func:`side_range`. The file's metadata holds the
+    with; a dynamic file takes every size in :data:`SIDE_RANGE`. The file's metadata holds the
     swinkit config (with its preprocessing), the accepted size range and the class names, so a
     runtime user needs nothing else. Outside the range every output is NaN (onnxruntime cannot
     assert the range; see :class:`_NaNOutsideRange`).
@@ -327,7 +324,7 @@ def export(
     """Export and, with ``check``, compare the file with eager (:func:`check_export`).
 
     Returns ``{"path", "format", "example_size", "size_range", "max_abs_error"}``: the file takes
-    any batch and any height / width inside ``size_range`` (see :func:`side_range`), whatever the
+    any batch and any height / width inside ``size_range`` (see :data:`SIDE_RANGE`), whatever the
     example size; ``img_size`` sets the first size checked against eager. With
     ``static_size`` height and width are fixed to the example's: the graph pads and crops with
     plain ops instead of size-generic gathers (in onnxruntime no faster than a dynamic file).
@@ -339,7 +336,7 @@ def export(
     model = model.eval()
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
-    low, high = side_range(model)
+    low, high = SIDE_RANGE
     if not static_size and not all(low <= side <= high for side in size):
         raise ValueError(
             f"image size {size[0]}x{size[1]} is outside the sides a file with a dynamic height and width accepts "
@@ -349,7 +346,7 @@ def export(
         path = export_onnx_model(model, path, example, opset, class_names, dynamic_size=not static_size)
     else:
         path = save_program(model, path, size, dynamic_size=not static_size)
-    ranges = size_ranges(model, size, static_size)
+    ranges = size_ranges(size, static_size)
     report: dict[str, Any] = {"path": str(path), "format": fmt, "example_size": list(size), "size_range": ranges}
     if check:
         report["max_abs_error"] = check_export(model, path, fmt, size, static_size)
@@ -357,14 +354,14 @@ def export(
     return report
 
 
-def size_ranges(model: nn.Module, size: tuple[int, ...], static_size: bool = False) -> dict[str, list[int]]:
+def size_ranges(size: tuple[int, ...], static_size: bool = False) -> dict[str, list[int]]:
     """The height and width range an exported file accepts (``[side, side]`` when static)."""
     if static_size:
         return {"height": [size[0], size[0]], "width": [size[1], size[1]]}
-    return {"height": list(side_range(model)), "width": list(side_range(model))}
+    return {"height": list(SIDE_RANGE), "width": list(SIDE_RANGE)}
 
 
-def check_sizes(model: nn.Module, size: tuple[int, ...], static_size: bool = False) -> list[tuple[int, int]]:
+def check_sizes(size: tuple[int, ...], static_size: bool = False) -> list[tuple[int, int]]:
     """The example size and a second one: height 39 larger and width 37 smaller (odd, other windows).
 
     For Swin-T at 224 that is 263 x 187: stage 4's map is 9 rows (no clamp) by 6 columns (clamped),
@@ -372,7 +369,7 @@ def check_sizes(model: nn.Module, size: tuple[int, ...], static_size: bool = Fal
     """
     if static_size:
         return [tuple(size), tuple(size)]
-    low, high = side_range(model)
+    low, high = SIDE_RANGE
     height = size[0] + 39 if size[0] + 39 <= high else size[0] - 39
     width = size[1] - 37 if size[1] - 37 >= low else size[1] + 37
     return [tuple(size), (height, width)]
@@ -384,7 +381,7 @@ def check_export(
     """Largest absolute error of the exported file against eager: batch 1 and 3, two image sizes."""
     generator = torch.Generator().manual_seed(0)
     channels = model.config.in_chans
-    sizes = check_sizes(model, size, static_size)
+    sizes = check_sizes(size, static_size)
     batches = [torch.randn(n, channels, *hw, generator=generator) for n, hw in zip((1, 3), sizes, strict=True)]
     if fmt == "onnx":
         session = onnx_session(path)
@@ -409,7 +406,7 @@ def _model_metadata(
     import dataclasses
 
     config = model.config
-    ranges = size_ranges(model, size, static_size)
+    ranges = size_ranges(size, static_size)
     metadata = {"swinkit.config": json.dumps(dataclasses.asdict(config)), "swinkit.size_range": json.dumps(ranges)}
     if class_names:
         metadata["swinkit.class_names"] = json.dumps(list(class_names))
