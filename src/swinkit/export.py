@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from .model import cells
+from .model import cells, derived_once_per_trace
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def export_program(
     # guards on it (Swin-T: every side at least 33, and exporting fails for a range from 1);
     # with it one graph serves every side from 1 (tested against eager down to 1 x 1).
     oblivious = fx_config.patch(backed_size_oblivious=dynamic_sides)
-    with torch.no_grad(), oblivious:
+    with torch.no_grad(), oblivious, derived_once_per_trace():
         program = torch.export.export(
             model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
         )
@@ -240,7 +240,8 @@ def _is_swinkit(model: nn.Module) -> bool:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    # The suffix stays last: torch.export.save warns about an archive not named *.pt2.
+    return path.with_name(f"{path.stem}.tmp{path.suffix}")
 
 
 def _add_metadata(path: Path, metadata: dict[str, str]) -> None:

@@ -13,9 +13,11 @@ follow the actual feature size and are cached by (size, dtype, device).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -169,6 +171,8 @@ def _derived(fn):
 
     Inference-mode tensors cannot be saved for backward, so a table first built under
     ``torch.inference_mode`` must still be an ordinary tensor when training uses it later.
+    While tracing, the tensor is part of the graph: built anew, or once per trace inside
+    :func:`derived_once_per_trace`.
     """
 
     @functools.lru_cache(maxsize=256)
@@ -178,11 +182,46 @@ def _derived(fn):
 
     @functools.wraps(fn)
     def derived(*args):
-        if tracing():
-            return fn(*args)  # under torch.compile / torch.export: part of the graph, never cached
-        return cached(*args)
+        if not tracing():
+            return cached(*args)
+        memo = _TRACE_MEMO.get()
+        if memo is None:
+            return fn(*args)
+        key = (fn, _expression(args))
+        if key not in memo:
+            memo[key] = fn(*args)
+        return memo[key]
 
     return derived
+
+
+# The tables of the trace under way: they are fake tensors of that trace, so they live no longer.
+_TRACE_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("swinkit_trace_memo", default=None)
+
+
+def _expression(value: Any) -> Any:
+    """``value`` with each symbolic size replaced by its expression: hashable, and equal where the
+    sizes are equal for every input (the blocks of a stage see the same expressions)."""
+    if isinstance(value, torch.SymInt):
+        return ("symbol", value.node.expr)
+    if isinstance(value, tuple | list):
+        return tuple(_expression(item) for item in value)
+    return value
+
+
+@contextlib.contextmanager
+def derived_once_per_trace() -> Iterator[None]:
+    """Inside, a trace builds each derived table (index tables, masks) once per set of sizes and
+    shares it between the blocks that ask for it, as eager's cache does.
+
+    Without it every block of a traced graph builds its own copy: for Swin-T at a dynamic size
+    that made ``torch.export`` and the ONNX conversion about a sixth slower (benchmarks/RESULTS.md).
+    """
+    token = _TRACE_MEMO.set({})
+    try:
+        yield
+    finally:
+        _TRACE_MEMO.reset(token)
 
 
 def symbolic(*sizes: int) -> bool:
@@ -382,6 +421,7 @@ def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pai
     return windows.reshape(B, rows * cols * window[0] * window[1], C).index_select(1, to_map).view(B, H, W, C)
 
 
+@_derived
 def window_gather_indices(
     size: Pair, window: Pair, shift: Pair, counts: Pair, device: torch.device
 ) -> tuple[Tensor, Tensor]:
