@@ -105,8 +105,9 @@ def test_torch_export_program_round_trip(tmp_path, capsys):
 
 
 def test_blocks_of_a_stage_share_their_traced_index_tables():
-    # Stage 3's third block shifts as the first does not: in the traced graph it gathers into window
-    # order and back with the first block's tables instead of building its own (two more tables).
+    # Stage 3's third block is unshifted like its first: in the traced graph it gathers into window
+    # order and back with the first block's two tables instead of building its own. Every other
+    # (stage, shift) has one block, so exactly two tables have two readers.
     model = _perturbed(swinkit.create_model("swin_test", depths=(2, 2, 3, 2)))
     program = export_program(model)
     gathers = [node for node in program.graph.nodes if node.target is torch.ops.aten.index_select.default]

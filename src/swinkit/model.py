@@ -215,7 +215,7 @@ def derived_once_per_trace() -> Iterator[None]:
     shares it between the blocks that ask for it, as eager's cache does.
 
     Without it every block of a traced graph builds its own copy: for Swin-T at a dynamic size
-    that made ``torch.export`` and the ONNX conversion about a sixth slower (benchmarks/RESULTS.md).
+    exporting took 1.16x (ONNX) to 1.22x (``.pt2``) as long (benchmarks/RESULTS.md).
     """
     token = _TRACE_MEMO.set({})
     try:
