@@ -142,8 +142,14 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     checkpoint = tmp_path / "model.safetensors"
     swinkit.save(model, checkpoint, class_names=["cat", "dog", "owl"])
     out = tmp_path / "m.onnx"
-    assert main(["export", str(out), "--checkpoint", str(checkpoint), "--img-size", "48x64", "--static-size"]) == 0
+    arguments = ["export", str(out), "--checkpoint", str(checkpoint), "--img-size", "48x64", "--static-size"]
+    assert main([*arguments, "--external-data"]) == 0
     report = json.loads(capsys.readouterr().out)
+    # The weights in a file of their own (what models above 1.5 GiB get), named for the model file;
+    # nothing else is left behind.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "model.safetensors"]
+    weight_bytes = sum(parameter.numel() * 4 for parameter in model.parameters())
+    assert (tmp_path / "m.onnx.data").stat().st_size >= weight_bytes > 4 * out.stat().st_size
     assert report["max_abs_error"] < 1e-5
     assert report["size_range"] == {"height": [48, 48], "width": [64, 64]}
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -157,6 +163,9 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     assert main(["export", str(tmp_path / "x.onnx")]) == 2  # neither --checkpoint nor --model
     assert main(["export", str(tmp_path / "missing" / "x.onnx"), "--model", "swin_test"]) == 2
     assert "folder" in capsys.readouterr().err
+    program = str(tmp_path / "x.pt2")
+    assert main(["export", program, "--model", "swin_test", "--format", "torch-export", "--external-data"]) == 2
+    assert "external weights are an ONNX option" in capsys.readouterr().err
 
 
 def _fixed_image_dims(graph: torch.fx.GraphModule) -> tuple:

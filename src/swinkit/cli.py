@@ -179,6 +179,12 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        default=None,
+        help="onnx: write the weights to OUTPUT.data beside the file (automatic above 1.5 GiB of weights)",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -197,7 +203,15 @@ def _run_export(args: argparse.Namespace) -> int:
     else:
         model = create_model(args.model)
     report = export(
-        model, args.output, args.format, args.img_size, args.opset, not args.no_check, class_names, args.static_size
+        model,
+        args.output,
+        args.format,
+        args.img_size,
+        args.opset,
+        not args.no_check,
+        class_names,
+        static_size=args.static_size,
+        external_data=args.external_data,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +185,7 @@ def export_onnx_model(
     opset: int = DEFAULT_OPSET,
     class_names: list[str] | None = None,
     dynamic_size: bool = True,
+    external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` as ONNX with input ``images`` (N, C, H, W) and output ``logits`` or ``features{i}``.
 
@@ -191,7 +193,8 @@ def export_onnx_model(
     with; a dynamic file takes every size in :data:`SIDE_RANGE`. The file's metadata holds the
     swinkit config (with its preprocessing), the accepted size range and the class names, so a
     runtime user needs nothing else. Outside the range every output is NaN (onnxruntime cannot
-    assert the range; see :class:`_NaNOutsideRange`).
+    assert the range; see :class:`_NaNOutsideRange`). With ``external_data`` (automatic for weights
+    above 1.5 GiB, as protobuf files end at 2 GiB) the weights go to ``<file>.data`` beside it.
     """
     path = Path(path)
     model = model.eval()
@@ -212,12 +215,26 @@ def export_onnx_model(
             optimize=True,
             verbose=False,
         )
-    onnx_program.save(str(_temporary(path)))
     if _is_swinkit(model):
         metadata = _model_metadata(model, tuple(example.shape[2:]), class_names, static_size=not dynamic_size)
-        _add_metadata(_temporary(path), metadata)
-    os.replace(_temporary(path), path)
+        onnx_program.model.metadata_props.update(metadata)
+    _save_onnx(onnx_program, path, external_data)
     return path
+
+
+def _save_onnx(onnx_program: Any, path: Path, external_data: bool | None) -> None:
+    """Write the file, and its weights file if external, each replacing its destination at once.
+
+    They are written under their final names in a temporary folder beside ``path``, because the
+    model file refers to its weights file by name.
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+        staged = Path(folder) / path.name
+        onnx_program.save(str(staged), external_data=external_data)
+        weights = staged.with_name(f"{staged.name}.data")
+        if weights.exists():  # first, so the model file never names a weights file not yet there
+            os.replace(weights, path.with_name(weights.name))
+        os.replace(staged, path)
 
 
 @contextlib.contextmanager
@@ -242,15 +259,6 @@ def _is_swinkit(model: nn.Module) -> bool:
 def _temporary(path: Path) -> Path:
     # The suffix stays last: torch.export.save warns about an archive not named *.pt2.
     return path.with_name(f"{path.stem}.tmp{path.suffix}")
-
-
-def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
@@ -321,6 +329,7 @@ def export(
     check: bool = True,
     class_names: list[str] | None = None,
     static_size: bool = False,
+    external_data: bool | None = None,
 ) -> dict[str, Any]:
     """Export and, with ``check``, compare the file with eager (:func:`check_export`).
 
@@ -329,9 +338,12 @@ def export(
     example size; ``img_size`` sets the first size checked against eager. With
     ``static_size`` height and width are fixed to the example's: the graph pads and crops with
     plain ops instead of size-generic gathers (in onnxruntime no faster than a dynamic file).
+    ``external_data`` (ONNX only): the weights in a file of their own (see :func:`export_onnx_model`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    if external_data and fmt != "onnx":
+        raise ValueError(f"external weights are an ONNX option; format {fmt!r} keeps them in its archive")
     if not Path(path).parent.is_dir():  # fail before a minute of tracing, not after
         raise FileNotFoundError(f"cannot write {path}: folder {Path(path).parent} does not exist")
     model = model.eval()
@@ -344,7 +356,7 @@ def export(
             f"({low}..{high}); use --static-size"
         )
     if fmt == "onnx":
-        path = export_onnx_model(model, path, example, opset, class_names, dynamic_size=not static_size)
+        path = export_onnx_model(model, path, example, opset, class_names, not static_size, external_data)
     else:
         path = save_program(model, path, size, dynamic_size=not static_size)
     ranges = size_ranges(size, static_size)
