@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
+from .checkpoint.io import atomic_write
 from .model import cells, derived_once_per_trace
 
 logger = logging.getLogger(__name__)
@@ -173,8 +174,7 @@ def save_program(
     """Write a ``.pt2`` program; ``torch.export.load(path).module()`` runs it."""
     path = Path(path)
     program = export_program(model, img_size, dynamic_size)
-    torch.export.save(program, _temporary(path))
-    os.replace(_temporary(path), path)
+    atomic_write(path, lambda temporary: torch.export.save(program, temporary))
     return path
 
 
@@ -254,11 +254,6 @@ def _is_swinkit(model: nn.Module) -> bool:
     from .variants import SwinConfig
 
     return isinstance(getattr(model, "config", None), SwinConfig)
-
-
-def _temporary(path: Path) -> Path:
-    # The suffix stays last: torch.export.save warns about an archive not named *.pt2.
-    return path.with_name(f"{path.stem}.tmp{path.suffix}")
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:

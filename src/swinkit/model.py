@@ -204,7 +204,7 @@ def _expression(value: Any) -> Any:
     sizes are equal for every input (the blocks of a stage see the same expressions)."""
     if isinstance(value, torch.SymInt):
         return ("symbol", value.node.expr)
-    if isinstance(value, tuple | list):
+    if isinstance(value, tuple):
         return tuple(_expression(item) for item in value)
     return value
 
