@@ -47,6 +47,36 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def outputs_and_gradients(model: nn.Module, impl: str, x: Tensor, dtype: torch.dtype | None = None):
+    """Output, input gradient and parameter gradients of ``model`` with ``attn_impl=impl``, under
+    autocast to ``dtype`` on ``x``'s device if given."""
+    model.set_attn_impl(impl)
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model(x)
+    out.float().square().sum().backward()
+    return out.detach().float(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_bfloat16_as_close_as_the_reference(model: nn.Module, impl: str, x: Tensor) -> None:
+    """``impl`` under bfloat16 autocast is close to the float32 reference, and each parameter
+    gradient about as close as the reference path's own under bfloat16.
+
+    A fixed bound per gradient cannot be the test: V2's logit scales and position-bias MLP weights
+    get small sums of many cancelling terms, which the reference itself misses by 10-20% in
+    bfloat16 (measured on CPU and CUDA); each may be off by twice the reference's error plus 2%.
+    """
+    expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
+    _, _, baseline_grads = outputs_and_gradients(model, "reference", x, torch.bfloat16)
+    out, input_grad, grads = outputs_and_gradients(model, impl, x, torch.bfloat16)
+    assert relative_error(out, expected) < 3e-2
+    assert relative_error(input_grad, expected_input_grad) < 5e-2
+    for name, grad in grads.items():
+        allowed = max(1e-1, 2 * relative_error(baseline_grads[name], expected_grads[name]) + 2e-2)
+        assert relative_error(grad, expected_grads[name]) < allowed, name
+
+
 def timm_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename a timm Swin state dict to the official Microsoft layout (written here, independently)."""
     out = {}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import swinkit
-from helpers import perturb, relative_error
+from helpers import assert_bfloat16_as_close_as_the_reference, perturb, relative_error
 from swinkit import fast
 from swinkit.attention import ATTENTION_IMPLS
 from swinkit.fast import window_order
@@ -163,6 +163,26 @@ def test_fused_chunks_and_whole_batch_agree_under_inference_mode():
     with torch.enable_grad():
         whole = model(x)  # grad mode: one chunk
     assert relative_error(chunked, whole.detach()) < 1e-13
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_tables_cached_under_inference_mode_serve_a_later_training_step(impl):
+    # `swinkit bench` (and a user's eval-then-train loop) runs inference first: index tables built
+    # then and cached were inference tensors, which an autograd function may not save.
+    fast._cached_window_order.cache_clear()
+    if HAS_TRITON:
+        from swinkit.triton_attention import kernel_index
+
+        kernel_index.cache_clear()
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05)
+    model.set_attn_impl(impl)
+    x = torch.randn(2, 3, 36, 44)  # padded in every stage
+    with torch.inference_mode():
+        model.eval()(x)
+    out, input_grad, grads = _run(model.train(), impl, x)
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    assert relative_error(out, expected) < 1e-5 and relative_error(input_grad, expected_input_grad) < 1e-5
+    assert all(relative_error(grads[name], expected_grads[name]) < 1e-4 for name in grads)
 
 
 def test_model_built_under_inference_mode_runs_the_fused_path():
@@ -351,3 +371,40 @@ def test_onednn_linear_has_second_order_gradients():
     expected = penalty(F.linear, x, weight)
     got = penalty(fast.OneDNNLinear.apply, x.float(), weight.detach().float().requires_grad_(True))
     assert relative_error(got.double(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_fused_blocks_under_autocast_keep_the_reference_dtypes(variant, grad):
+    # On CUDA autocast runs LayerNorm in float32, so the residual stream a block gets is float32
+    # and its projections bfloat16: the reference block returns float32 (stream + branch). Fed a
+    # float32 map under CPU autocast, a block sees the same mix here. The fused path once let its
+    # residual matrix product take autocast's bfloat16, which then failed to scatter back.
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).eval()
+    block = model.layers[0].blocks[1]  # shifted
+    x = torch.randn(2, 16, 16, 16)
+    outputs = {}
+    for impl in ("reference", "fused"):
+        block.attn.attn_impl = impl
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[impl] = block(x)
+    assert outputs["fused"].dtype == outputs["reference"].dtype == torch.float32
+    assert relative_error(outputs["fused"].float(), outputs["reference"].float()) < 2e-2
+
+
+@pytest.mark.parametrize("impl", [impl for impl in FAST_IMPLS if impl != "triton"])  # the interpreter has no bf16
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_bfloat16_autocast_is_as_close_to_float32_as_the_reference_path(impl, variant):
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).train()
+    assert_bfloat16_as_close_as_the_reference(model, impl, torch.randn(SHAPES[1]))
+
+
+def test_auto_is_the_measured_fastest_exact_path_per_device():
+    from swinkit.attention import cuda_auto_impl, resolve_impl
+
+    assert resolve_impl("auto", torch.device("cpu")) == "fused"
+    assert resolve_impl("sdpa", torch.device("cpu")) == "sdpa"  # an explicit choice stays
+    assert cuda_auto_impl((9, 0), has_triton=True) == "triton"  # H100 / H200, where it was measured
+    assert cuda_auto_impl((8, 0), has_triton=True) == "triton"  # A100: the kernels compile for it
+    assert cuda_auto_impl((7, 5), has_triton=True) == "reference"  # no bf16 tensor cores
+    assert cuda_auto_impl((9, 0), has_triton=False) == "reference"

@@ -6,23 +6,12 @@ import pytest
 import torch
 
 import swinkit
-from helpers import perturb, relative_error
+from helpers import assert_bfloat16_as_close_as_the_reference, outputs_and_gradients, perturb, relative_error
 from swinkit.attention import ATTENTION_IMPLS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "reference"]
 SHAPES = [(2, 3, 64, 64), (3, 3, 33, 71)]  # whole windows; padding in every stage
-
-
-def _run(model, impl, x, dtype=None):
-    """Output, input gradient and parameter gradients of ``impl`` (under autocast to ``dtype`` if given)."""
-    model.set_attn_impl(impl)
-    model.zero_grad()
-    x = x.clone().requires_grad_(True)
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-        out = model(x)
-    out.float().square().sum().backward()
-    return out.detach().float(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -31,8 +20,8 @@ def _run(model, impl, x, dtype=None):
 def test_float32_outputs_and_gradients_match_reference(impl, variant, shape):
     model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().train()
     x = torch.randn(shape, device="cuda")
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    out, input_grad, grads = _run(model, impl, x)
+    expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
+    out, input_grad, grads = outputs_and_gradients(model, impl, x)
     assert relative_error(out, expected) < 1e-5
     assert relative_error(input_grad, expected_input_grad) < 1e-5
     for name, grad in grads.items():
@@ -41,15 +30,9 @@ def test_float32_outputs_and_gradients_match_reference(impl, variant, shape):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
-def test_bfloat16_is_close_to_the_float32_reference(impl, variant):
+def test_bfloat16_is_as_close_to_float32_as_the_reference_path(impl, variant):
     model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().train()
-    x = torch.randn(SHAPES[1], device="cuda")
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    out, input_grad, grads = _run(model, impl, x, torch.bfloat16)
-    assert relative_error(out, expected) < 3e-2
-    assert relative_error(input_grad, expected_input_grad) < 5e-2
-    for name, grad in grads.items():
-        assert relative_error(grad, expected_grads[name]) < 1e-1, name
+    assert_bfloat16_as_close_as_the_reference(model, impl, torch.randn(SHAPES[1], device="cuda"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -135,17 +135,20 @@ def test_cpu_tensors_without_the_interpreter_are_refused_by_name():
     assert "attn_impl='triton' runs on CUDA GPUs, not on cpu tensors" in result.stderr
 
 
-def test_kernels_compile_for_hopper_gpus_without_one(tmp_path):
-    # Triton lowers each kernel to PTX and runs its bundled ptxas for sm_90 (H100 / H200): a real
-    # compile, which catches what the interpreter lets through (types, shapes of tl.dot, layouts).
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_ampere_and_hopper_gpus_without_one(tmp_path, arch):
+    # Triton lowers each kernel to PTX and runs its bundled ptxas for sm_80 (A100) and sm_90 (H100 /
+    # H200), where attn_impl="auto" picks them: a real compile, which catches what the interpreter
+    # lets through (types, shapes of tl.dot, layouts).
     from triton_compile import variants
 
-    result = _compiled_python(str(Path(__file__).with_name("triton_compile.py")), "90", TRITON_CACHE_DIR=str(tmp_path))
+    script = str(Path(__file__).with_name("triton_compile.py"))
+    result = _compiled_python(script, str(arch), TRITON_CACHE_DIR=str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     expected = [(kernel, dtype, flags["COSINE"], warps) for kernel, dtype, flags, warps in variants()]
     assert [(r["kernel"], r["dtype"], r["cosine"], r["warps"]) for r in rows] == expected
-    assert all(r["arch"] == 90 and r["cubin_bytes"] > 0 for r in rows)
+    assert all(r["arch"] == arch and r["cubin_bytes"] > 0 for r in rows)
     assert all(r["mma"] for r in rows if r["dtype"] in ("bfloat16", "float16"))  # on the tensor cores
 
 

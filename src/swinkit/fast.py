@@ -281,6 +281,10 @@ def _head_scales(attn: nn.Module) -> list[float]:
 
 def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast would run addmm, residual included, in the reduced dtype; the reference adds the
+        # reduced-precision branch to the residual stream in the stream's own dtype (float32 on CUDA).
+        return residual + F.linear(x, linear.weight, linear.bias)
     if _onednn(x):
         if torch.is_grad_enabled():
             return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
@@ -406,10 +410,12 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     # while they are in cache, so the map is read once and written once (CPU; a GPU takes the
     # whole batch at once: small chunks would leave it idle between launches).
     per = max(1, CHUNK_TOKENS // (nW * N)) if x.device.type == "cpu" else B
-    out = torch.empty_like(flat)
+    out = None
     for start in range(0, B, per):
         tokens = flat[start : start + per].index_select(1, index)
         result = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view_as(tokens)
+        if out is None:  # the block's output dtype, which autocast may make differ from its input's
+            out = flat.new_empty(flat.shape, dtype=result.dtype)
         torch.index_select(result, 1, inverse, out=out[start : start + per])
     return out.view_as(x)
 

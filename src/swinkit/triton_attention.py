@@ -17,8 +17,8 @@ before it is summed, is materialised, as every implementation must for a learned
 
 The kernels are compiled for CUDA GPUs. On CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is imported; slow): that is how the test suite checks it
-on machines without a GPU. Not chosen by ``attn_impl="auto"``: its speed against
-PyTorch's SDPA has not been measured on a GPU yet (benchmarks/RESULTS.md).
+on machines without a GPU. ``attn_impl="auto"`` picks it on Ampere and newer CUDA GPUs:
+measured on an H200 it is the fastest path (see :func:`swinkit.attention.cuda_auto_impl`).
 """
 
 from __future__ import annotations
@@ -73,11 +73,14 @@ def kernel_index(H: int, W: int, window: Pair, shift: Pair, device: torch.device
     token ``s`` (in window order) is ``-1 - s``: the kernels read the qkv bias for it, and the
     backward pass writes its gradient to slot ``s``.
     """
-    index, inverse, padded = window_order(H, W, window, shift, device)
-    if padded is None:
-        return index.to(torch.int32), inverse, 0
-    slots = -torch.cumsum(padded.long(), 0)  # -1, -2, ... at the padded tokens
-    return torch.where(padded, slots, index).to(torch.int32), inverse, int(padded.sum())
+    # Built as normal tensors even under inference mode: the cache outlives it, and the training
+    # kernels save the index for backward, which an inference tensor may not be.
+    with torch.inference_mode(False), torch.no_grad():
+        index, inverse, padded = window_order(H, W, window, shift, device)
+        if padded is None:
+            return index.to(torch.int32), inverse, 0
+        slots = -torch.cumsum(padded.long(), 0)  # -1, -2, ... at the padded tokens
+        return torch.where(padded, slots, index).to(torch.int32), inverse, int(padded.sum())
 
 
 def _attend(attn: nn.Module, tokens: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
