@@ -428,6 +428,32 @@ def test_epoch_totals_stay_exact_across_a_multi_process_resume(tmp_path):
         assert report["after"] == [6.0, 5.0, 1.0]  # counted once, plus the two new images
 
 
+FINISHING_RANKS = """
+import sys
+import time
+from pathlib import Path
+from swinkit.train import distributed
+
+out = Path(sys.argv[1])
+with distributed.process_group("cpu") as group:
+    if group.rank == 0:
+        time.sleep(2)  # rank 0 finishes late, as when it writes the final checkpoint
+        (out / "written").write_text("done")
+# Past the context: every rank has finished its run, so rank 0's file is there for rank 1 too.
+(out / f"rank{group.rank}-saw").write_text(str((out / "written").exists()))
+"""
+
+
+def test_no_rank_tears_down_before_every_rank_has_finished(tmp_path):
+    script = tmp_path / "finishing.py"
+    script.write_text(FINISHING_RANKS)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / f"rank{rank}-saw").read_text() for rank in (0, 1)] == ["True", "True"]
+
+
 def test_finetune_from_official_file_with_new_classes_and_window(digit_folder, tmp_path, caplog):
     source = swinkit.create_model("swin_test", num_classes=7, img_size=32)
     torch.save({"model": source.state_dict()}, tmp_path / "official.pth")

@@ -424,10 +424,7 @@ def fit_dense(config: DenseConfig) -> DenseResult:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # RoIAlign's CUDA backward has no deterministic version: warn about it rather than stop.
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dist = distributed.setup(config.device)
-    # The same seed on every rank: each builds the same initial model.
-    torch.manual_seed(config.seed)
-    try:
+    with distributed.process_group(config.device) as dist:
+        # The same seed on every rank: each builds the same initial model.
+        torch.manual_seed(config.seed)
         return trainers[type(config)](config, dist).run()
-    finally:
-        distributed.teardown()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -69,3 +71,18 @@ def setup(device_name: str = "auto") -> Distributed:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_name: str = "auto") -> Iterator[Distributed]:
+    """:func:`setup` on entry, :func:`teardown` on exit; after a run that finished, every rank
+    first waits for the others, so that none closes its connections while another may still have
+    a collective in flight (a gloo rank was once aborted at exit: "terminate called without an
+    active exception"). After an error there is no wait: the other ranks may never arrive.
+    """
+    group = setup(device_name)
+    try:
+        yield group
+        group.barrier()
+    finally:
+        teardown()

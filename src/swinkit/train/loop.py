@@ -467,10 +467,7 @@ def fit(config: TrainConfig) -> TrainResult:
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    dist = distributed.setup(config.device)
-    # The same seed on every rank: FSDP shards a model each rank built, so they must agree.
-    torch.manual_seed(config.seed)
-    try:
+    with distributed.process_group(config.device) as dist:
+        # The same seed on every rank: FSDP shards a model each rank built, so they must agree.
+        torch.manual_seed(config.seed)
         return Trainer(config, dist).run()
-    finally:
-        distributed.teardown()
