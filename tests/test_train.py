@@ -415,13 +415,18 @@ distributed.teardown()
 """
 
 
-def test_epoch_totals_stay_exact_across_a_multi_process_resume(tmp_path):
-    script = tmp_path / "totals.py"
-    script.write_text(RESUMED_TOTALS)
+def _torchrun_script(source: str, tmp_path) -> None:
+    """Run ``source`` as a script in 2 processes under torchrun, with ``tmp_path`` as its argument."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_epoch_totals_stay_exact_across_a_multi_process_resume(tmp_path):
+    _torchrun_script(RESUMED_TOTALS, tmp_path)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert report["saved"] == {"loss": 6.0, "images": 3.0, "bad": 1.0}  # both ranks' totals
@@ -445,12 +450,7 @@ with distributed.process_group("cpu") as group:
 
 
 def test_no_rank_tears_down_before_every_rank_has_finished(tmp_path):
-    script = tmp_path / "finishing.py"
-    script.write_text(FINISHING_RANKS)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_script(FINISHING_RANKS, tmp_path)
     assert [(tmp_path / f"rank{rank}-saw").read_text() for rank in (0, 1)] == ["True", "True"]
 
 
