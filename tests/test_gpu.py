@@ -46,3 +46,39 @@ def test_eval_is_deterministic_and_matches_reference(impl):
         first, second = model(x), model(x)
     assert torch.equal(first, second)
     assert relative_error(first, expected) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_bfloat16_inference_keeps_the_reference_dtype(impl, variant):
+    # The fused path once crashed here: under CUDA autocast the residual stream is float32.
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().eval()
+    x = torch.randn(SHAPES[1], device="cuda")
+    with torch.inference_mode():
+        model.set_attn_impl("reference")
+        expected = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            baseline = model(x)
+            model.set_attn_impl(impl)
+            out = model(x)
+    assert out.dtype == baseline.dtype
+    assert relative_error(out.float(), expected) < 3e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inference_first_then_training_on_the_same_shapes(impl):
+    # `swinkit bench` order: tables cached under inference mode must serve a training step.
+    from swinkit.fast import _cached_window_order
+    from swinkit.triton_attention import kernel_index
+
+    _cached_window_order.cache_clear()
+    kernel_index.cache_clear()
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).cuda()
+    model.set_attn_impl(impl)
+    x = torch.randn(2, 3, 36, 44, device="cuda")
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    expected, expected_input_grad, _ = outputs_and_gradients(model, "reference", x)
+    out, input_grad, _ = outputs_and_gradients(model, impl, x)
+    assert relative_error(out, expected) < 1e-5 and relative_error(input_grad, expected_input_grad) < 1e-5
