@@ -43,5 +43,5 @@ bench() {
 # inside the tool's 600 s per command (the machine's start is not counted in it).
 bench swin_t 110 swin_t --compare timm --impls reference,sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 8
 bench swinv2_t 90 swinv2_t --compare timm --impls sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 6
-bench swin_t_compile 130 swin_t --compare timm --compile --modes inference --batch-size 128 --rounds 4
+bench swin_t_compile 130 swin_t --compare timm,swinkit+compile --modes inference --batch-size 128 --rounds 4
 exit 0
