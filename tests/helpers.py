@@ -65,7 +65,8 @@ def assert_bfloat16_as_close_as_the_reference(model: nn.Module, impl: str, x: Te
 
     A fixed bound per gradient cannot be the test: V2's logit scales and position-bias MLP weights
     get small sums of many cancelling terms, which the reference itself misses by 10-20% in
-    bfloat16 (measured on CPU and CUDA); each may be off by twice the reference's error plus 2%.
+    bfloat16 (measured under CPU autocast; ``fused`` missed one by 11% on CUDA). Each may be off by
+    twice the reference's own error plus 2%, and by 10% in any case.
     """
     expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
     _, _, baseline_grads = outputs_and_gradients(model, "reference", x, torch.bfloat16)

@@ -392,7 +392,9 @@ def test_fused_blocks_under_autocast_keep_the_reference_dtypes(variant, grad):
     assert relative_error(outputs["fused"].float(), outputs["reference"].float()) < 2e-2
 
 
-@pytest.mark.parametrize("impl", [impl for impl in FAST_IMPLS if impl != "triton"])  # the interpreter has no bf16
+# Not triton: under Triton's interpreter its kernels come out wrong in bfloat16 (float16 is right,
+# and so is bfloat16 compiled on a GPU, where tests/test_gpu.py checks it).
+@pytest.mark.parametrize("impl", [impl for impl in FAST_IMPLS if impl != "triton"])
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_bfloat16_autocast_is_as_close_to_float32_as_the_reference_path(impl, variant):
     model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).train()
