@@ -85,10 +85,10 @@ def cuda_auto_impl(capability: tuple[int, int], has_triton: bool) -> str:
     and the GPU is an Ampere or newer one (its bf16 tensor-core products), else the reference path.
 
     Measured on an H200, Swin-T, bf16, batch 128 (benchmarks/RESULTS.md): inference ``triton``
-    1.43x timm, ``fused`` 1.09x, ``reference`` 1.02x, ``sdpa`` 0.88x (profiled: cuDNN's fused
-    kernel served the 5 shifted blocks at about twice the time of the reference's batched products
-    and softmax, and the 7 unshifted ones, whose mask is broadcast over the windows, ran a float32
-    fallback); training all within 0.93-1.06x.
+    1.43x timm, ``fused`` 1.09x, ``reference`` 1.02x, ``sdpa`` 0.88x (profiled, and attributed by
+    kernel counts: cuDNN's fused kernel ran for the 5 shifted blocks, slower per block than the
+    reference's batched products and softmax, and a float32 fallback for the 7 unshifted ones,
+    whose mask is broadcast over the windows); training all within 0.93-1.06x.
     """
     return "triton" if has_triton and capability >= (8, 0) else "reference"
 
