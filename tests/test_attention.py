@@ -52,6 +52,20 @@ def test_outputs_and_gradients_match_reference_in_training(impl, variant, shape,
         assert torch.allclose(grad, reference, rtol=tolerance, atol=tolerance * max(1.0, reference.abs().max())), name
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_detection_window_rule_matches_reference(impl, variant):
+    # Dense backbones keep the window and the shift on maps smaller than the window (the official
+    # detection rule): at 33 x 71 stage 3's 3 x 5 map and stage 4's 2 x 3 map are padded to whole
+    # 4 x 4 windows and shifted by 2, which the classification rule never does.
+    model = perturb(swinkit.create_model(variant, num_classes=4, always_shift=True), scale=0.05).double().train()
+    x = torch.randn(SHAPES[1], dtype=torch.float64)
+    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
+    out, input_grad, grads = _run(model, impl, x)
+    assert relative_error(out, expected) < 1e-12 and relative_error(input_grad, expected_input_grad) < 1e-12
+    assert all(relative_error(grads[name], expected_grads[name]) < 1e-10 for name in grads)
+
+
 def _stochastic_depth_model(variant: str, rate: float) -> nn.Module:
     """A float64 training model with stochastic depth, serial: its draws come from the global generator."""
     model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=rate), scale=0.05).double().train()

@@ -17,8 +17,10 @@ SHAPES = [(2, 3, 64, 64), (3, 3, 33, 71)]  # whole windows; padding in every sta
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_float32_outputs_and_gradients_match_reference(impl, variant, shape):
-    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).cuda().train()
+@pytest.mark.parametrize("always_shift", [False, True])  # True: the dense backbones' window rule
+def test_float32_outputs_and_gradients_match_reference(impl, variant, shape, always_shift):
+    model = swinkit.create_model(variant, num_classes=4, always_shift=always_shift)
+    model = perturb(model, scale=0.05).cuda().train()
     x = torch.randn(shape, device="cuda")
     expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
     out, input_grad, grads = outputs_and_gradients(model, impl, x)
