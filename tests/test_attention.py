@@ -420,7 +420,8 @@ def test_auto_is_the_measured_fastest_exact_path_per_device():
 
     assert resolve_impl("auto", torch.device("cpu")) == "fused"
     assert resolve_impl("sdpa", torch.device("cpu")) == "sdpa"  # an explicit choice stays
-    assert cuda_auto_impl((9, 0), has_triton=True) == "triton"  # H100 / H200, where it was measured
-    assert cuda_auto_impl((8, 0), has_triton=True) == "triton"  # A100: the kernels compile for it
-    assert cuda_auto_impl((7, 5), has_triton=True) == "reference"  # no bf16 tensor cores
-    assert cuda_auto_impl((9, 0), has_triton=False) == "reference"
+    assert cuda_auto_impl((9, 0), has_triton=True, half=True) == "triton"  # H100 / H200: measured in bf16
+    assert cuda_auto_impl((8, 0), has_triton=True, half=True) == "triton"  # A100: the kernels compile for it
+    assert cuda_auto_impl((9, 0), has_triton=True, half=False) == "reference"  # float32: not timed, spills
+    assert cuda_auto_impl((7, 5), has_triton=True, half=True) == "reference"  # no bf16 tensor cores
+    assert cuda_auto_impl((9, 0), has_triton=False, half=True) == "reference"

@@ -67,8 +67,9 @@ def window_attention(
     return _IMPLEMENTATIONS[resolve_impl(impl, q.device)](q, k, v, bias, dropout_p, training)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` -> the implementation chosen for ``device``; other names unchanged."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``auto`` -> the implementation chosen for ``device`` (and, on CUDA, for the precision of
+    ``dtype`` or of the autocast around the call); other names unchanged."""
     if impl != "auto":
         return impl
     if device.type != "cuda":
@@ -77,20 +78,29 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         # Traced blocks run as written, where the triton path's seam is the reference anyway; and
         # the device query below is no graph material.
         return "reference"
-    return _cuda_auto_impl(device.index)
+    half = dtype in HALF_DTYPES or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in HALF_DTYPES
+    )
+    return _cuda_auto_impl(device.index) if half else "reference"
 
 
-def cuda_auto_impl(capability: tuple[int, int], has_triton: bool) -> str:
-    """``auto`` on a CUDA GPU of compute ``capability``: the Triton kernel where Triton is installed
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cuda_auto_impl(capability: tuple[int, int], has_triton: bool, half: bool = True) -> str:
+    """``auto`` on a CUDA GPU of compute ``capability``, for 16-bit work (``half``: bf16 / fp16,
+    autocast or a half model) or not: the Triton kernel for 16-bit work where Triton is installed
     and the GPU is an Ampere or newer one (its bf16 tensor-core products), else the reference path.
 
     Measured on an H200, Swin-T, bf16, batch 128 (benchmarks/RESULTS.md): inference ``triton``
     1.43x timm, ``fused`` 1.09x, ``reference`` 1.02x, ``sdpa`` 0.88x (profiled, and attributed by
     kernel counts: cuDNN's fused kernel ran for the 5 shifted blocks, slower per block than the
     reference's batched products and softmax, and a float32 fallback for the 7 unshifted ones,
-    whose mask is broadcast over the windows); training all within 0.93-1.06x.
+    whose mask is broadcast over the windows); training all within 0.93-1.06x. float32 was not
+    timed; the kernels' IEEE float32 form spills registers (ptxas, see RESULTS), so float32 work
+    keeps the reference path.
     """
-    return "triton" if has_triton and capability >= (8, 0) else "reference"
+    return "triton" if half and has_triton and capability >= (8, 0) else "reference"
 
 
 @functools.lru_cache(maxsize=16)

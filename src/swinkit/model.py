@@ -462,7 +462,7 @@ def block_path(block: nn.Module, x: Tensor) -> Callable[[nn.Module, Tensor], Ten
     """
     if tracing():
         return None
-    impl = resolve_impl(block.attn.attn_impl, x.device)
+    impl = resolve_impl(block.attn.attn_impl, x.device, x.dtype)
     if impl == "fused":
         from .fast import fused_block_forward
 

@@ -17,8 +17,9 @@ before it is summed, is materialised, as every implementation must for a learned
 
 The kernels are compiled for CUDA GPUs. On CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is imported; slow): that is how the test suite checks it
-on machines without a GPU. ``attn_impl="auto"`` picks it on Ampere and newer CUDA GPUs:
-measured on an H200 it is the fastest path (see :func:`swinkit.attention.cuda_auto_impl`).
+on machines without a GPU. ``attn_impl="auto"`` picks it for bf16 / fp16 work on Ampere and
+newer CUDA GPUs: measured on an H200 it is the fastest path there (see
+:func:`swinkit.attention.cuda_auto_impl`).
 """
 
 from __future__ import annotations
