@@ -28,6 +28,7 @@ ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused", "triton")
 # The fastest exact implementation per device type, as measured (benchmarks/RESULTS.md). CUDA
 # GPUs: see :func:`cuda_auto_impl`.
 AUTO_IMPL = {"cpu": "fused"}
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # 16-bit work, for which CUDA's choice differs
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, training: bool) -> Tensor:
@@ -82,9 +83,6 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
         torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in HALF_DTYPES
     )
     return _cuda_auto_impl(device.index) if half else "reference"
-
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def cuda_auto_impl(capability: tuple[int, int], has_triton: bool, half: bool = True) -> str:
