@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import torch
@@ -55,8 +56,29 @@ def outputs_and_gradients(model: nn.Module, impl: str, x: Tensor, dtype: torch.d
     x = x.clone().requires_grad_(True)
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(x)
-    out.float().square().sum().backward()
-    return out.detach().float(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+    out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 -> float32; float64 stays
+    out.square().sum().backward()
+    return out.detach(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_tables_cached_under_inference_mode_serve_training(model: nn.Module, impl: str, x: Tensor) -> None:
+    """An inference-mode forward first (as ``swinkit bench`` runs), then a training step of ``impl``
+    on the same shapes matches the reference: the index tables cached by the first, built afresh
+    here, must be tensors an autograd function may save, which inference tensors are not."""
+    from swinkit.fast import _cached_window_order
+
+    _cached_window_order.cache_clear()
+    if importlib.util.find_spec("triton") is not None:
+        from swinkit.triton_attention import kernel_index
+
+        kernel_index.cache_clear()
+    model.set_attn_impl(impl)
+    with torch.inference_mode():
+        model.eval()(x)
+    out, input_grad, grads = outputs_and_gradients(model.train(), impl, x)
+    expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
+    assert relative_error(out, expected) < 1e-5 and relative_error(input_grad, expected_input_grad) < 1e-5
+    assert all(relative_error(grads[name], expected_grads[name]) < 1e-4 for name in grads)
 
 
 def assert_bfloat16_as_close_as_the_reference(model: nn.Module, impl: str, x: Tensor) -> None:

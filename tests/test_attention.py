@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import swinkit
-from helpers import assert_bfloat16_as_close_as_the_reference, perturb, relative_error
+from helpers import (
+    assert_bfloat16_as_close_as_the_reference,
+    assert_tables_cached_under_inference_mode_serve_training,
+    outputs_and_gradients,
+    perturb,
+    relative_error,
+)
 from swinkit import fast
 from swinkit.attention import ATTENTION_IMPLS
 from swinkit.fast import window_order
@@ -26,15 +32,6 @@ FAST_IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "reference" and (impl 
 SHAPES = [(2, 3, 64, 64), (3, 3, 33, 71)]
 
 
-def _run(model, impl, x):
-    model.set_attn_impl(impl)
-    model.zero_grad()
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.square().sum().backward()
-    return out.detach(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -42,8 +39,8 @@ def _run(model, impl, x):
 def test_outputs_and_gradients_match_reference_in_training(impl, variant, shape, dtype):
     model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).to(dtype).train()
     x = torch.randn(shape, dtype=dtype)
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    out, input_grad, grads = _run(model, impl, x)
+    expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
+    out, input_grad, grads = outputs_and_gradients(model, impl, x)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert relative_error(out, expected) < tolerance
     assert relative_error(input_grad, expected_input_grad) < tolerance
@@ -60,8 +57,8 @@ def test_detection_window_rule_matches_reference(impl, variant):
     # 4 x 4 windows and shifted by 2, which the classification rule never does.
     model = perturb(swinkit.create_model(variant, num_classes=4, always_shift=True), scale=0.05).double().train()
     x = torch.randn(SHAPES[1], dtype=torch.float64)
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    out, input_grad, grads = _run(model, impl, x)
+    expected, expected_input_grad, expected_grads = outputs_and_gradients(model, "reference", x)
+    out, input_grad, grads = outputs_and_gradients(model, impl, x)
     assert relative_error(out, expected) < 1e-12 and relative_error(input_grad, expected_input_grad) < 1e-12
     assert all(relative_error(grads[name], expected_grads[name]) < 1e-10 for name in grads)
 
@@ -75,7 +72,7 @@ def _stochastic_depth_model(variant: str, rate: float) -> nn.Module:
 
 def _run_seeded(model, impl, x, seed):
     torch.manual_seed(seed)
-    return _run(model, impl, x)
+    return outputs_and_gradients(model, impl, x)
 
 
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
@@ -134,7 +131,7 @@ def test_branches_that_drop_every_image_still_give_their_parameters_zero_gradien
     model = _stochastic_depth_model(variant, 0.95)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     expected, _, expected_grads = _run_seeded(model, "reference", x, 0)
-    out, _, grads = _run_seeded(model, "fused", x, 0)  # _run clones every .grad: None would raise
+    out, _, grads = _run_seeded(model, "fused", x, 0)  # every .grad is cloned: None would raise
     assert relative_error(out, expected) < 1e-12
     zero = [name for name, grad in grads.items() if not grad.any()]
     assert any(".mlp." in name for name in zero)  # at 0.95 some branches drop both images
@@ -181,22 +178,9 @@ def test_fused_chunks_and_whole_batch_agree_under_inference_mode():
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_tables_cached_under_inference_mode_serve_a_later_training_step(impl):
-    # `swinkit bench` (and a user's eval-then-train loop) runs inference first: index tables built
-    # then and cached were inference tensors, which an autograd function may not save.
-    fast._cached_window_order.cache_clear()
-    if HAS_TRITON:
-        from swinkit.triton_attention import kernel_index
-
-        kernel_index.cache_clear()
+    # `swinkit bench` (and a user's eval-then-train loop) runs inference first.
     model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05)
-    model.set_attn_impl(impl)
-    x = torch.randn(2, 3, 36, 44)  # padded in every stage
-    with torch.inference_mode():
-        model.eval()(x)
-    out, input_grad, grads = _run(model.train(), impl, x)
-    expected, expected_input_grad, expected_grads = _run(model, "reference", x)
-    assert relative_error(out, expected) < 1e-5 and relative_error(input_grad, expected_input_grad) < 1e-5
-    assert all(relative_error(grads[name], expected_grads[name]) < 1e-4 for name in grads)
+    assert_tables_cached_under_inference_mode_serve_training(model, impl, torch.randn(2, 3, 36, 44))
 
 
 def test_model_built_under_inference_mode_runs_the_fused_path():

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import swinkit
-from helpers import assert_bfloat16_as_close_as_the_reference, outputs_and_gradients, perturb, relative_error
+from helpers import (
+    assert_bfloat16_as_close_as_the_reference,
+    assert_tables_cached_under_inference_mode_serve_training,
+    outputs_and_gradients,
+    perturb,
+    relative_error,
+)
 from swinkit.attention import ATTENTION_IMPLS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,17 +76,5 @@ def test_bfloat16_inference_keeps_the_reference_dtype(impl, variant):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inference_first_then_training_on_the_same_shapes(impl):
     # `swinkit bench` order: tables cached under inference mode must serve a training step.
-    from swinkit.fast import _cached_window_order
-    from swinkit.triton_attention import kernel_index
-
-    _cached_window_order.cache_clear()
-    kernel_index.cache_clear()
     model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).cuda()
-    model.set_attn_impl(impl)
-    x = torch.randn(2, 3, 36, 44, device="cuda")
-    with torch.inference_mode():
-        model.eval()(x)
-    model.train()
-    expected, expected_input_grad, _ = outputs_and_gradients(model, "reference", x)
-    out, input_grad, _ = outputs_and_gradients(model, impl, x)
-    assert relative_error(out, expected) < 1e-5 and relative_error(input_grad, expected_input_grad) < 1e-5
+    assert_tables_cached_under_inference_mode_serve_training(model, impl, torch.randn(2, 3, 36, 44, device="cuda"))
