@@ -116,36 +116,63 @@ static unsigned int flush_subnormals(void) {
   return mode;
 }
 
-/* Logits of one row (N of them, `padded` = N rounded up to LANES) plus the bias row, turned into
- * exp(logit - max) in place, the padding lanes' logits set to -inf; returns 1 / their sum. */
-static float softmax_row(float *row, const float *bias, long N, long padded) {
+/* The rows of the next window-head into L1 while this one computes: `parts` segments of D floats,
+ * `part_step` floats apart, in each of N rows `stride` floats apart. A qkv row is 1-9 KB long, so
+ * each row of a head sits on a 4 KB page of its own, where the hardware prefetchers do not follow,
+ * and without these the kernel waited on its loads of k and v: in Swin-T's forward a stage-3 head
+ * took 1.6x as long (benchmarks/RESULTS.md). */
+static inline void prefetch_rows(const float *first, long stride, long N, int parts, long part_step) {
+  for (long r = 0; r < N; r++)
+    for (int part = 0; part < parts; part++) {
+      const char *p = (const char *)(first + r * stride + part * part_step);
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + 64, _MM_HINT_T0); /* D floats: two cache lines */
+    }
+}
+
+/* Logits of ROWS rows (`row_stride` floats apart, N logits each, `padded` = N rounded up to LANES)
+ * plus their bias rows, turned into exp(logit - max) in place, the padding lanes' logits set to
+ * -inf; inverse_sum[r] = 1 / the sum of row r. The rows go together so that their dependency
+ * chains (maximum, exp's polynomial, sum) interleave instead of waiting on each other's latency
+ * (with the prefetches, 1.08-1.1x on the forward kernel inside Swin-T). Rows must not overlap;
+ * bias rows may repeat. */
+static inline __attribute__((always_inline)) void softmax_rows(float *rows, long row_stride,
+                                                               const float *const bias[ROWS], long N, long padded,
+                                                               float inverse_sum[ROWS]) {
   const long whole = N / LANES * LANES;
-  vec top = splat(-INFINITY);
-  for (long j = 0; j < whole; j += LANES) {
-    vec v = load(row + j) + load(bias + j);
-    store(row + j, v);
-    top = larger(top, v);
-  }
+  vec top[ROWS];
+  for (int r = 0; r < ROWS; r++) top[r] = splat(-INFINITY);
+  for (long j = 0; j < whole; j += LANES)
+    for (int r = 0; r < ROWS; r++) {
+      vec v = load(rows + r * row_stride + j) + load(bias[r] + j);
+      store(rows + r * row_stride + j, v);
+      top[r] = larger(top[r], v);
+    }
   if (whole < N) {
-    vec tail_bias = splat(0.0f);
     ivec lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
-    for (long i = 0; i < N - whole; i++) tail_bias[i] = bias[whole + i];
-    ivec valid = lane < (int)(N - whole);
-    vec v = (vec)((valid & (ivec)(load(row + whole) + tail_bias)) | (~valid & (ivec)splat(-INFINITY)));
-    store(row + whole, v);
-    top = larger(top, v);
+    const ivec valid = lane < (int)(N - whole);
+    for (int r = 0; r < ROWS; r++) {
+      vec tail_bias = splat(0.0f);
+      for (long i = 0; i < N - whole; i++) tail_bias[i] = bias[r][whole + i];
+      float *row = rows + r * row_stride;
+      vec v = (vec)((valid & (ivec)(load(row + whole) + tail_bias)) | (~valid & (ivec)splat(-INFINITY)));
+      store(row + whole, v);
+      top[r] = larger(top[r], v);
+    }
   }
   /* exp(x) for x < -87 (the padding's -inf among them) is below float's normal range: 1.6e-38 in
    * its place is negligible next to the row maximum's exp(0) = 1 in the sum. */
-  const vec maximum = splat(largest_lane(top)), floor = splat(-87.0f);
-  vec sum = splat(0.0f);
-  for (long j = 0; j < padded; j += LANES) {
-    vec e = exp_nonpositive(larger(load(row + j) - maximum, floor));
-    store(row + j, e);
-    sum += e;
-  }
-  return 1.0f / lane_sum(sum);
+  const vec floor = splat(-87.0f);
+  vec maximum[ROWS], sum[ROWS];
+  for (int r = 0; r < ROWS; r++) maximum[r] = splat(largest_lane(top[r])), sum[r] = splat(0.0f);
+  for (long j = 0; j < padded; j += LANES)
+    for (int r = 0; r < ROWS; r++) {
+      vec e = exp_nonpositive(larger(load(rows + r * row_stride + j) - maximum[r], floor));
+      store(rows + r * row_stride + j, e);
+      sum[r] += e;
+    }
+  for (int r = 0; r < ROWS; r++) inverse_sum[r] = 1.0f / lane_sum(sum[r]);
 }
 
 static float inverse_norm(const float *row) {
@@ -176,7 +203,8 @@ static inline __attribute__((always_inline)) void transpose_block(vec rows[LANES
 }
 
 /* keys = k^T (D x `stride_keys`), zero past N; with cosine, k's rows normalised first. */
-static void transpose_keys(const float *k, long stride, long N, long stride_keys, int cosine, float *keys) {
+static inline __attribute__((always_inline)) void transpose_keys(const float *k, long stride, long N,
+                                                                 long stride_keys, int cosine, float *keys) {
   for (long first = 0; first < stride_keys; first += LANES) {
     float factor[LANES]; /* per key row: its 1 / norm with cosine, 1 without, 0 past N */
     for (int j = 0; j < LANES; j++)
@@ -192,7 +220,8 @@ static void transpose_keys(const float *k, long stride, long N, long stride_keys
 }
 
 /* logits[r * stride_keys + first_key ...] for ROWS query rows against one TILE of keys. */
-static void logits_tile(const float *queries, const float *keys, long stride_keys, long first_key, float *logits) {
+static inline __attribute__((always_inline)) void logits_tile(const float *queries, const float *keys,
+                                                              long stride_keys, long first_key, float *logits) {
   vec acc[ROWS][KEY_VECTORS];
   for (int r = 0; r < ROWS; r++)
     for (int t = 0; t < KEY_VECTORS; t++) acc[r][t] = splat(0.0f);
@@ -226,9 +255,9 @@ static inline __attribute__((always_inline)) void window_head(const float *q, co
     for (long first_key = 0; first_key < stride_keys; first_key += TILE)
       logits_tile(queries, keys, stride_keys, first_key, logits);
     float inverse_sum[ROWS];
-    for (int r = 0; r < ROWS; r++)
-      inverse_sum[r] = softmax_row(logits + r * stride_keys, bias + (first + (r < rows ? r : rows - 1)) * N, N,
-                                   padded);
+    const float *bias_rows[ROWS];
+    for (int r = 0; r < ROWS; r++) bias_rows[r] = bias + (first + (r < rows ? r : rows - 1)) * N;
+    softmax_rows(logits, stride_keys, bias_rows, N, padded, inverse_sum);
 
     vec acc[ROWS][OUT_VECTORS];
     for (int r = 0; r < ROWS; r++)
@@ -335,11 +364,16 @@ static inline __attribute__((always_inline)) void window_head_backward(
   }
   transpose_keys(k, qk_stride, N, stride_keys, 0, keys);
   rows_by_keys(q, qk_stride, N, scale, keys, stride_keys, p);
-  for (long i = 0; i < N; i++) {
-    float *row = p + i * stride_keys;
-    const float inverse_sum = softmax_row(row, bias + i * N, N, padded);
-    for (long j = 0; j < N; j++) row[j] *= inverse_sum;
-    for (long j = N; j < stride_keys; j++) row[j] = 0.0f;
+  for (long first = 0; first < N; first += ROWS) { /* rows past N: the slack rows, never read */
+    float inverse_sum[ROWS];
+    const float *bias_rows[ROWS];
+    for (int r = 0; r < ROWS; r++) bias_rows[r] = bias + (first + r < N ? first + r : N - 1) * N;
+    softmax_rows(p + first * stride_keys, stride_keys, bias_rows, N, padded, inverse_sum);
+    for (int r = 0; r < ROWS && first + r < N; r++) {
+      float *row = p + (first + r) * stride_keys;
+      for (long j = 0; j < N; j++) row[j] *= inverse_sum[r];
+      for (long j = N; j < stride_keys; j++) row[j] = 0.0f;
+    }
   }
   transpose_keys(v, stride, N, stride_keys, 0, keys);
   rows_by_keys(dout, dout_stride, N, 1.0f, keys, stride_keys, ds); /* dP; zero past N (v^T is) */
@@ -381,6 +415,13 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *dq = dqkv + w * N * stride + h * D, *db = dbias + ((w % groups) * heads + h) * N * N;
       float *dscale = dscales + h;
+      if (h + 1 < heads) { /* q, k, v and dout of the next head */
+        prefetch_rows(q + D, stride, N, 3, C);
+        prefetch_rows(o + D, C, N, 1, 0);
+      } else if (w + 1 < windows) {
+        prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
+        prefetch_rows(dout + (w + 1) * N * C, C, N, 1, 0);
+      }
       if (N == 49)
         window_head_backward(q, q + C, q + 2 * C, stride, 49, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
                              dscale, work);
@@ -410,6 +451,10 @@ int swinkit_window_attention(const float *qkv, long windows, long N, long C, lon
       const float *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *o = out + w * N * C + h * D, *logits = keys + D * stride_keys;
+      if (h + 1 < heads) /* the next head: the same rows, D floats on */
+        prefetch_rows(q + D, stride, N, 3, C);
+      else if (w + 1 < windows)
+        prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
       /* The published windows get copies compiled for their N: fixed trip counts let the compiler
        * unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). */
       if (N == 49)

@@ -1,0 +1,101 @@
+"""Two versions of the native kernel's source, side by side inside a model: seconds per window and head.
+
+Where ``native_attention.py`` turns the kernel off and on, this compares two builds of it: the
+current ``csrc/window_attention.c`` against an older one (for example
+``git show REV:src/swinkit/csrc/window_attention.c > /tmp/old.c``). One thread (one image-parallel
+worker's share), one process, rounds interleaved between the builds. It times every kernel call of a
+no-grad forward per (channels, shift groups), that is per stage and shift, and the whole forward;
+then forward + backward of a training step (stochastic depth off, so that both builds see the same
+work). Gradients must come out the same.
+
+    python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import swinkit
+from swinkit import native
+
+
+def build(source: Path) -> native.Kernels:
+    """The kernels of ``source`` for this CPU, built into the usual cache (named by the source's hash)."""
+    saved = native.SOURCE
+    native.SOURCE = source
+    try:
+        native.reset()
+        kernels = native.kernel()
+        if kernels is None:
+            raise SystemExit(native.status())
+        return kernels
+    finally:
+        native.SOURCE = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("baseline", type=Path, help="the older window_attention.c")
+    parser.add_argument("--model", default="swin_t")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    builds = {"baseline": build(args.baseline), "current": build(native.SOURCE)}
+    per_head = collections.defaultdict(list)  # (build, channels, groups) -> seconds per window and head
+    calls = {"build": None}
+    timed = native.window_attention
+
+    def window_attention(qkv, heads, bias, *rest, **options):
+        start = time.perf_counter()
+        out = timed(qkv, heads, bias, *rest, **options)
+        per_head[(calls["build"], qkv.shape[-1] // 3, bias.shape[0])].append(
+            (time.perf_counter() - start) / (qkv.shape[0] * heads)
+        )
+        return out
+
+    native.window_attention = window_attention
+    torch.manual_seed(0)
+    model = swinkit.create_model(args.model, drop_path_rate=0.0)
+    size = model.config.img_size
+    images = torch.randn(args.batch, 3, size, size)
+    labels = torch.randint(0, model.config.num_classes, (args.batch,))
+    forward, training, gradients = collections.defaultdict(list), collections.defaultdict(list), {}
+    for _ in range(args.rounds):
+        for name, kernels in builds.items():
+            native._kernels[native.cpu_variant()] = kernels
+            calls["build"] = name
+            model.eval()
+            with torch.inference_mode():
+                start = time.perf_counter()
+                model(images)
+                forward[name].append(time.perf_counter() - start)
+            calls["build"] = None  # the training step's calls are not counted per head
+            model.train().zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            F.cross_entropy(model(images), labels).backward()
+            training[name].append(time.perf_counter() - start)
+            gradients[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    native.reset()
+    keys = sorted({key[1:] for key in per_head if key[0] is not None})
+    print(f"{args.model}, batch {args.batch}, one thread, medians of {args.rounds} interleaved rounds")
+    print("per window and head, microseconds (channels, shift groups):")
+    for channels, groups in keys:
+        old, new = (statistics.median(per_head[(name, channels, groups)]) * 1e6 for name in builds)
+        print(f"  ({channels:4d}, {groups:2d})  baseline {old:6.2f}  current {new:6.2f}  {old / new:5.2f}x")
+    for label, times in (("forward (no grad)", forward), ("forward + backward", training)):
+        old, new = (statistics.median(times[name]) for name in builds)
+        print(f"{label:<20} baseline {old * 1e3:7.1f} ms  current {new * 1e3:7.1f} ms  {old / new:5.3f}x")
+    difference = (gradients["current"] - gradients["baseline"]).abs().max().item()
+    print(f"largest difference between the two builds' gradients: {difference:.1e}")
+
+
+if __name__ == "__main__":
+    main()
