@@ -117,10 +117,11 @@ static unsigned int flush_subnormals(void) {
 }
 
 /* The rows of the next window-head into L1 while this one computes: `parts` segments of D floats,
- * `part_step` floats apart, in each of N rows `stride` floats apart. A qkv row is 1-9 KB long, so
- * each row of a head sits on a 4 KB page of its own, where the hardware prefetchers do not follow,
- * and without these the kernel waited on its loads of k and v: in Swin-T's forward a stage-3 head
- * took 1.6x as long (benchmarks/RESULTS.md). */
+ * `part_step` floats apart, in each of N rows `stride` floats apart. A qkv row is 3C floats (1.1 KB
+ * in Swin-T's stage 1, 4.5 KB in stage 3), so a head's 128-byte slices lie far apart, from stage 3
+ * on each on a 4 KB page of its own, where the hardware prefetchers do not follow; without these
+ * the kernel waited on its loads of k and v: in Swin-T's forward a head took 1.3x as long in
+ * stage 1 and 1.6x in stage 3 (benchmarks/RESULTS.md). */
 static inline void prefetch_rows(const float *first, long stride, long N, int parts, long part_step) {
   for (long r = 0; r < N; r++)
     for (int part = 0; part < parts; part++) {
@@ -134,7 +135,7 @@ static inline void prefetch_rows(const float *first, long stride, long N, int pa
  * plus their bias rows, turned into exp(logit - max) in place, the padding lanes' logits set to
  * -inf; inverse_sum[r] = 1 / the sum of row r. The rows go together so that their dependency
  * chains (maximum, exp's polynomial, sum) interleave instead of waiting on each other's latency
- * (with the prefetches, 1.08-1.1x on the forward kernel inside Swin-T). Rows must not overlap;
+ * (with the prefetches, 1.08-1.12x on the forward kernel inside Swin-T). Rows must not overlap;
  * bias rows may repeat. */
 static inline __attribute__((always_inline)) void softmax_rows(float *rows, long row_stride,
                                                                const float *const bias[ROWS], long N, long padded,
