@@ -82,7 +82,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     half = dtype in HALF_DTYPES or (
         torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in HALF_DTYPES
     )
-    return _cuda_auto_impl(device.index) if half else "reference"
+    return _cuda_auto_impl(device.index, half)
 
 
 def cuda_auto_impl(capability: tuple[int, int], has_triton: bool, half: bool = True) -> str:
@@ -101,10 +101,10 @@ def cuda_auto_impl(capability: tuple[int, int], has_triton: bool, half: bool = T
     return "triton" if half and has_triton and capability >= (8, 0) else "reference"
 
 
-@functools.lru_cache(maxsize=16)
-def _cuda_auto_impl(index: int | None) -> str:
+@functools.lru_cache(maxsize=32)
+def _cuda_auto_impl(index: int | None, half: bool) -> str:
     has_triton = importlib.util.find_spec("triton") is not None
-    return cuda_auto_impl(torch.cuda.get_device_capability(index), has_triton)
+    return cuda_auto_impl(torch.cuda.get_device_capability(index), has_triton, half)
 
 
 def check_impl(impl: str) -> str:
