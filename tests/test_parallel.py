@@ -167,6 +167,44 @@ def test_split_training_step_matches_the_serial_path(two_threads, options):
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
 
 
+def test_split_training_adds_share_gradients_in_share_order_as_they_arrive():
+    """The shares' gradients of a parameter are added in share order whatever order they arrive in
+    (bit for bit), without writing to a gradient the engine handed over, and a share whose graph
+    never reaches the parameter is left out; the engine keeps a stand-in with no storage of its own."""
+    parameter = torch.zeros(64, requires_grad=True)
+    shares = [torch.randn(64) * 10**i for i in range(4)]
+    expected = ((shares[0] + shares[1]) + shares[2]) + shares[3]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        handed = [g.clone() for g in shares]
+        sums = parallel._RunningSums([parameter], 4)
+        (take,) = [hook for hook in parameter._backward_hooks.values()]
+        for share in order:
+            parallel._local.share = share
+            kept = take(handed[share])
+            assert kept.shape == parameter.shape and kept.untyped_storage().nbytes() <= 4 and not kept.any()
+        sums.remove_hooks()
+        assert not parameter._backward_hooks
+        (total,) = sums.totals()
+        assert torch.equal(total, expected), order
+        assert all(torch.equal(h, g) for h, g in zip(handed, shares, strict=True))  # none written to
+    sums = parallel._RunningSums([parameter], 3)
+    for share in (2, 1):  # share 0 never reaches the parameter
+        parallel._local.share = share
+        sums._taker(0)(shares[share])
+    sums.remove_hooks()
+    assert torch.equal(sums.totals()[0], shares[1] + shares[2])
+
+
+def test_split_training_with_parameter_hooks_stays_serial(two_threads):
+    split, _ = _training_models(num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    assert image_splits(split, x) == 2
+    handle = split.head.weight.register_hook(lambda grad: grad * 2)  # would see each share's gradient
+    assert image_splits(split, x) == 1
+    handle.remove()
+    assert image_splits(split, x) == 2
+
+
 def test_split_training_draws_stochastic_depth_per_share_reproducibly(two_threads):
     split, serial = _training_models(num_classes=5, drop_path_rate=0.5)
     x = torch.randn(4, 3, 64, 64)

@@ -14,11 +14,12 @@ for Swin-T under bfloat16 autocast on an AVX-512 BF16 CPU).
 
 Training (autograd on, training mode) splits too: each worker builds its share's graph, and one
 autograd node (:class:`_SharesFunction`) joins them. Its backward runs every share's backward in
-its worker and returns the parameter gradients summed in a fixed order, so hooks, gradient
-scalers, DDP and ``torch.autograd.grad`` see one ordinary node with ordinary gradients.
-Stochastic depth draws from one generator per share, seeded from the caller's generator: a run
-is as reproducible as a serial one (the masks differ from the serial path's). Dropout other than
-stochastic depth, gradient checkpointing, module hooks (they would see shares, in threads) keep
+its worker and returns the parameter gradients summed in a fixed order (added up while the
+backwards run, so that one set is held instead of one per share), so gradient scalers, DDP and
+``torch.autograd.grad`` see one ordinary node with ordinary gradients. Stochastic depth draws from
+one generator per share, seeded from the caller's generator: a run is as reproducible as a serial
+one (the masks differ from the serial path's). Dropout other than stochastic depth, gradient
+checkpointing, module hooks and parameters' tensor hooks (they would see shares, in threads) keep
 a batch serial; so do tracing, being inside a worker, one thread or one image.
 ``model.image_parallel = False`` turns splitting off (for callers that run their own threads).
 
@@ -101,7 +102,8 @@ def image_splits(model: torch.nn.Module, x: Tensor) -> int:
 
 
 def _hooked(model: torch.nn.Module) -> bool:
-    """Module hooks anywhere (or global ones): no split, a hook would see shares, in worker threads."""
+    """Module hooks anywhere (or global ones), or tensor hooks on parameters: no split, a hook would
+    see shares, in worker threads."""
     from torch.nn.modules import module as torch_module
 
     global_hooks = (
@@ -112,9 +114,12 @@ def _hooked(model: torch.nn.Module) -> bool:
     )
     if any(global_hooks):
         return True
-    return any(
+    if any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in model.modules()
-    )
+    ):
+        return True
+    # A parameter's tensor hook would see each share's gradient, and then their sum once more.
+    return any(p._backward_hooks for p in model.parameters())
 
 
 def _training_splits(model: torch.nn.Module) -> bool:
@@ -226,6 +231,7 @@ class _SharesFunction(torch.autograd.Function):
 
         def differentiate(index: int) -> tuple[Tensor | None, ...]:
             torch.set_flush_denormal(FLUSH_SUBNORMALS)
+            _local.share = index  # which share a running-sums hook in this thread is given
             images, outputs = shares[index]
             pairs = [
                 (o, g)
@@ -244,7 +250,12 @@ class _SharesFunction(torch.autograd.Function):
                 allow_unused=True,
             )
 
-        results = list(worker_pool().map(differentiate, range(parts)))
+        sums = None if create_graph else _RunningSums(wanted, parts)
+        try:
+            results = list(worker_pool().map(differentiate, range(parts)))
+        finally:
+            if sums is not None:
+                sums.remove_hooks()
         image_grads = None
         if shares[0][0].requires_grad:
             image_grads = torch.cat(
@@ -254,34 +265,71 @@ class _SharesFunction(torch.autograd.Function):
                 ]
             )
             results = [r[1:] for r in results]
-        summed = iter(_sum_over_shares(results, create_graph))
+        summed = iter(_sum_over_shares(results) if sums is None else sums.totals())
         parameter_grads = [next(summed) if needed else None for needed in ctx.needs_input_grad[2:]]
         return (None, image_grads, *parameter_grads)
+
+
+class _RunningSums:
+    """Per parameter, the shares' gradients added up while the shares' backwards still run.
+
+    Collecting every share's whole set of gradients first held one set per share at the end of the
+    backward (112 MiB each for Swin-T), the step's peak of memory. A hook on each parameter takes a
+    share's gradient as the engine hands it over, gives the engine a zero-size stand-in to keep,
+    and adds the gradients in share order as soon as the earlier shares' have arrived (the same
+    bits on every run). A share whose graph never reaches a parameter (all its images skipped a
+    block) is left out; the later shares' gradients then wait until :meth:`totals`.
+    """
+
+    def __init__(self, parameters: list[Tensor], parts: int) -> None:
+        self.waiting: list[dict[int, Tensor]] = [{} for _ in parameters]
+        self.sums: list[Tensor | None] = [None] * len(parameters)
+        self.owned = [False] * len(parameters)  # the sum is a tensor of ours (added in place)
+        self.next_share = [0] * len(parameters)
+        self.locks = [threading.Lock() for _ in parameters]  # contended only by the shares
+        self.handles = [p.register_hook(self._taker(i)) for i, p in enumerate(parameters)]
+
+    def _taker(self, index: int) -> Callable[[Tensor], Tensor]:
+        def take(grad: Tensor) -> Tensor:
+            with self.locks[index]:
+                self.waiting[index][_local.share] = grad
+                while self.next_share[index] in self.waiting[index]:
+                    self._add(index, self.waiting[index].pop(self.next_share[index]))
+                    self.next_share[index] += 1
+            return grad.new_zeros(()).expand_as(grad)
+
+        return take
+
+    def _add(self, index: int, grad: Tensor) -> None:
+        # The engine's gradient may be shared with another path of the graph: never written to.
+        total = self.sums[index]
+        if total is None:
+            self.sums[index] = grad
+        elif self.owned[index]:
+            total.add_(grad)
+        else:
+            self.sums[index], self.owned[index] = total + grad, True
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def totals(self) -> list[Tensor | None]:
+        for index, waiting in enumerate(self.waiting):
+            for share in sorted(waiting):
+                self._add(index, waiting.pop(share))
+        return self.sums
 
 
 def _as_tuple(outputs: Any) -> tuple[Tensor, ...]:
     return (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
 
 
-def _sum_over_shares(results: list[tuple[Tensor | None, ...]], create_graph: bool) -> list[Tensor | None]:
-    """Per parameter, the gradients of the shares added in share order (the same bits on every run),
-    the parameters spread over the workers."""
-
-    def add(columns: list[tuple[Tensor | None, ...]]) -> list[Tensor | None]:
-        sums = []
-        for column in columns:
-            present = [g for g in column if g is not None]
-            total = present[0] if present else None
-            for g in present[1:]:
-                total = total + g if create_graph else total.add_(g)
-            sums.append(total)
-        return sums
-
-    columns = list(zip(*results, strict=True))
-    workers = min(torch.get_num_threads(), max(1, len(columns)))
-    groups = [columns[i::workers] for i in range(workers)]
-    summed = list(worker_pool().map(add, groups))
-    ordered: list[Tensor | None] = [None] * len(columns)
-    for i in range(workers):
-        ordered[i::workers] = summed[i]
-    return ordered
+def _sum_over_shares(results: list[tuple[Tensor | None, ...]]) -> list[Tensor | None]:
+    """Per parameter, the gradients of the shares added in share order, as graph operations (a
+    backward with ``create_graph``, where :class:`_RunningSums`' hooks would cut the graph)."""
+    sums = []
+    for column in zip(*results, strict=True):
+        present = [g for g in column if g is not None]
+        sums.append(sum(present[1:], present[0]) if present else None)
+    return sums
