@@ -4,9 +4,10 @@ Where ``native_attention.py`` turns the kernel off and on, this compares two bui
 current ``csrc/window_attention.c`` against an older one (for example
 ``git show REV:src/swinkit/csrc/window_attention.c > /tmp/old.c``). One thread (one image-parallel
 worker's share), one process, rounds interleaved between the builds. It times every kernel call of a
-no-grad forward per (channels, shift groups), that is per stage and shift, and the whole forward;
+no-grad forward per (channels, shifted), that is per stage and shift, and the whole forward;
 then forward + backward of a training step (stochastic depth off, so that both builds see the same
-work). Gradients must come out the same.
+work). Gradients must come out the same. Both sources must take this swinkit's kernel arguments
+(``native.ABI``; sources before the shift mask was passed as patterns, ABI 2, take others).
 
     python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7]
 """
@@ -56,7 +57,8 @@ def main() -> None:
     def window_attention(qkv, heads, bias, *rest, **options):
         start = time.perf_counter()
         out = timed(qkv, heads, bias, *rest, **options)
-        per_head[(calls["build"], qkv.shape[-1] // 3, bias.shape[0])].append(
+        shifted = options.get("mask") is not None or bias.shape[0] > 1
+        per_head[(calls["build"], qkv.shape[-1] // 3, shifted)].append(
             (time.perf_counter() - start) / (qkv.shape[0] * heads)
         )
         return out
@@ -86,10 +88,10 @@ def main() -> None:
     native.reset()
     keys = sorted({key[1:] for key in per_head if key[0] is not None})
     print(f"{args.model}, batch {args.batch}, one thread, medians of {args.rounds} interleaved rounds")
-    print("per window and head, microseconds (channels, shift groups):")
-    for channels, groups in keys:
-        old, new = (statistics.median(per_head[(name, channels, groups)]) * 1e6 for name in builds)
-        print(f"  ({channels:4d}, {groups:2d})  baseline {old:6.2f}  current {new:6.2f}  {old / new:5.2f}x")
+    print("per window and head, microseconds (channels, shifted):")
+    for channels, shifted in keys:
+        old, new = (statistics.median(per_head[(name, channels, shifted)]) * 1e6 for name in builds)
+        print(f"  ({channels:4d}, {shifted!s:>5})  baseline {old:6.2f}  current {new:6.2f}  {old / new:5.2f}x")
     for label, times in (("forward (no grad)", forward), ("forward + backward", training)):
         old, new = (statistics.median(times[name]) for name in builds)
         print(f"{label:<20} baseline {old * 1e3:7.1f} ms  current {new * 1e3:7.1f} ms  {old / new:5.3f}x")

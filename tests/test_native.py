@@ -12,6 +12,7 @@ import swinkit
 from helpers import perturb, relative_error
 from swinkit import native
 from swinkit.attention import reference_attention
+from swinkit.model import shift_window_mask
 
 pytestmark = pytest.mark.skipif(native.unsupported_reason() is not None, reason=str(native.unsupported_reason()))
 
@@ -107,6 +108,51 @@ def test_backward_kernel_matches_float64_gradients(variant, tokens, groups, cosi
             assert relative_error(a, b) < 1e-5, name
 
 
+def _random_shift_mask(tokens):
+    """A mask of a shifted block's form for 4 windows per image: the first without any masked pair,
+    the other three each with a pattern of its own."""
+    mask = torch.where(torch.rand(4, tokens, tokens) < 0.3, -100.0, 0.0)
+    mask[0] = 0.0
+    return mask
+
+
+def test_shift_mask_patterns_of_a_real_mask():
+    # A 2 x 3 grid of 7 x 7 windows shifted by 3: inner windows unmasked, the last column, the last
+    # row and the corner one pattern each.
+    mask = shift_window_mask(14, 21, (7, 7), (3, 3), torch.float32, torch.device("cpu"))
+    patterns = native.ShiftMask.of(mask)
+    assert patterns.patterns.shape == (3, 49, 49) and patterns.patterns.dtype == torch.float32
+    index = patterns.index.tolist()
+    assert index[:2] == [-1, -1] and index[3] == index[4] and len({index[2], index[3], index[5]}) == 3
+    assert torch.equal(patterns.full(), mask)
+    random = _random_shift_mask(16)
+    assert torch.equal(native.ShiftMask.of(random).full(), random)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("tokens", [16, 21, 49, 64, 144])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_kernel_with_mask_patterns_matches_float64(variant, tokens, cosine):
+    """The position bias and the mask passed apart (the mask as patterns) give the attention and
+    gradients of their sum, per window (2 images of 4 windows)."""
+    heads = 3
+    qkv, bias = _inputs(8, tokens, heads, 1)
+    mask = _random_shift_mask(tokens)
+    scales = torch.tensor([10.0, 3.5, 0.7]) if cosine else torch.full((heads,), D**-0.5)
+    inputs = [t.clone().requires_grad_() for t in (qkv, bias, scales)]
+    out = native.window_attention(*inputs[:1], heads, inputs[1], inputs[2], cosine, variant, native.ShiftMask.of(mask))
+    combined = (bias + mask.unsqueeze(1)).repeat(2, 1, 1, 1)  # (8, heads, N, N): each window its own
+    assert relative_error(out, _float64_attention(qkv, heads, combined, scales, cosine)) < 1e-6
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    expected = _float64_gradients(qkv, heads, combined, scales, cosine, grad)
+    expected = (expected[0], expected[1].sum(0, keepdim=True), expected[2])  # one bias for every window
+    got, expected = ([*g[0].chunk(3, dim=-1), *g[1:]] for g in (got, expected))
+    for name, a, b in zip(("q", "k", "v", "bias", "scales"), got, expected, strict=True):
+        if cosine or name != "scales":
+            assert relative_error(a, b) < 1e-5, name
+
+
 def test_cosine_backward_through_a_clamped_norm():
     # A q / k row of norm below 1e-12: the normalisation divides by the clamp 1e-12 there (no
     # projection: the clamp's derivative is zero), so its gradient is about 1e12 times the others';
@@ -128,17 +174,20 @@ def test_cosine_backward_through_a_clamped_norm():
 
 
 @pytest.mark.parametrize("cosine", [False, True])
-def test_backward_kernel_gives_second_order_gradients(cosine):
-    qkv, bias = _inputs(4, 49, 2, 4)
+@pytest.mark.parametrize("masked", [False, True])
+def test_backward_kernel_gives_second_order_gradients(cosine, masked):
+    # masked: one position bias and the mask as patterns, against their sum per window in float64.
+    qkv, bias = _inputs(4, 49, 2, 1 if masked else 4)
+    mask = _random_shift_mask(49) if masked else None
     scales = torch.tensor([6.0, 0.8]) if cosine else torch.full((2,), D**-0.5)
     weights = torch.randn(4, 49, 2 * D)
     results = []
     for dtype in (torch.float32, torch.float64):
         q, b, s = (t.to(dtype).requires_grad_() for t in (qkv, bias, scales))
         if dtype == torch.float32:
-            out = native.window_attention(q, 2, b, s, cosine)
+            out = native.window_attention(q, 2, b, s, cosine, mask=None if mask is None else native.ShiftMask.of(mask))
         else:
-            out = _float64_attention(q, 2, b, s, cosine)
+            out = _float64_attention(q, 2, b if mask is None else b + mask.double().unsqueeze(1), s, cosine)
         (grad_qkv,) = torch.autograd.grad((out * weights.to(dtype)).sum(), q, create_graph=True)
         results.append(torch.autograd.grad(grad_qkv.square().sum(), (b, s)))
     for got, expected in zip(*results, strict=True):
@@ -155,7 +204,7 @@ def _model(variant):
 def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
     calls = []
     kernel_attention = native.window_attention
-    monkeypatch.setattr(native, "window_attention", lambda *a: calls.append(1) or kernel_attention(*a))
+    monkeypatch.setattr(native, "window_attention", lambda *a, **k: calls.append(1) or kernel_attention(*a, **k))
     model = _model(variant)
     x = torch.randn(3, 3, 72, 56)  # padding to the window in stages 1-2, clamped windows after
     with torch.no_grad():
@@ -182,7 +231,9 @@ def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
     parameter (V2: logit scales too) and image gradients as the reference path's."""
     backward_calls = []
     kernel_backward = native.window_attention_backward
-    monkeypatch.setattr(native, "window_attention_backward", lambda *a: backward_calls.append(1) or kernel_backward(*a))
+    monkeypatch.setattr(
+        native, "window_attention_backward", lambda *a, **k: backward_calls.append(1) or kernel_backward(*a, **k)
+    )
     model = _model(variant).train()
     reference = _model(variant).train()
     reference.load_state_dict(model.state_dict())
@@ -277,6 +328,15 @@ def test_damaged_cached_build_is_rebuilt(fresh_kernel):
     scales = torch.full((1,), D**-0.5)
     expected = _float64_attention(qkv, 1, bias, scales, False)
     assert relative_error(native.window_attention(qkv, 1, bias, scales, False), expected) < 1e-6
+
+
+def test_build_of_another_kernel_abi_is_refused(fresh_kernel, monkeypatch, tmp_path):
+    # A source whose entry points take other arguments (another swinkit's) must not be called.
+    other = tmp_path / "window_attention.c"
+    other.write_text(native.SOURCE.read_text().replace("abi(void) { return 2; }", "abi(void) { return 1; }"))
+    monkeypatch.setattr(native, "SOURCE", other)
+    assert native.kernel() is None
+    assert f"kernel ABI {native.ABI}" in native.status()
 
 
 def test_unwritable_cache_falls_back_to_pytorch(fresh_kernel, monkeypatch):

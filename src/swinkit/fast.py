@@ -97,8 +97,34 @@ def _parameter_versions(module: nn.Module) -> tuple[int, ...]:
     return tuple(p.data_ptr() if p.is_inference() else p._version for p in module.parameters(recurse=True))
 
 
-def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype: torch.dtype) -> Tensor:
-    """Position bias plus shift mask, ``(nW or 1, nH, N, N)``; cached without autograd.
+class WindowBias:
+    """A block's attention bias: the relative position bias ``position``, ``(1, nH, N, N)``, and in a
+    shifted block the shift mask ``mask``, ``(nW, N, N)`` (else None).
+
+    The native kernel takes the two apart, the mask as its few distinct patterns (``patterns``); the
+    PyTorch paths add ``combined``, the two added per window, ``(nW or 1, nH, N, N)``. Both are
+    built on first use.
+    """
+
+    def __init__(self, position: Tensor, mask: Tensor | None, geometry: tuple[int, int, Pair, Pair]) -> None:
+        self.position, self.mask, self.geometry = position, mask, geometry
+
+    @functools.cached_property
+    def combined(self) -> Tensor:
+        return self.position if self.mask is None else self.position + self.mask.unsqueeze(1)
+
+    @property
+    def patterns(self) -> native.ShiftMask | None:
+        return None if self.mask is None else _shift_mask_patterns(*self.geometry)
+
+
+@functools.lru_cache(maxsize=128)
+def _shift_mask_patterns(Hp: int, Wp: int, window: Pair, shift: Pair) -> native.ShiftMask:
+    return native.ShiftMask.of(shift_window_mask(Hp, Wp, window, shift, torch.float32, torch.device("cpu")))
+
+
+def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype: torch.dtype) -> WindowBias:
+    """The block's position bias and shift mask (:class:`WindowBias`); cached without autograd.
 
     The cache key holds the version counters of the module's parameters, so loading or
     training new weights rebuilds it.
@@ -116,14 +142,13 @@ def attention_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int,
     return bias
 
 
-def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype, device) -> Tensor:
-    bias = attn.relative_position_bias(window).to(dtype)
-    if shift[0] or shift[1]:
-        return bias.unsqueeze(0) + shift_window_mask(Hp, Wp, window, shift, dtype, device).unsqueeze(1)
-    return bias.unsqueeze(0)
+def _build_bias(attn: nn.Module, window: Pair, shift: Pair, Hp: int, Wp: int, dtype, device) -> WindowBias:
+    position = attn.relative_position_bias(window).to(dtype).unsqueeze(0)
+    mask = shift_window_mask(Hp, Wp, window, shift, dtype, device) if shift[0] or shift[1] else None
+    return WindowBias(position, mask, (Hp, Wp, window, shift))
 
 
-def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
+def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: WindowBias) -> Tensor:
     """Attention of ``h`` (``(c * nW, N, C)`` windows) through the output projection, before its bias."""
     # One head at a time pays on CPU caches; a GPU wants the few large batched products instead.
     if (attn.training and attn.attn_drop > 0) or h.device.type != "cpu":
@@ -136,16 +161,19 @@ def _attend(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tens
     return _attend_by_head(attn, h, window_count, bias)
 
 
-def _attend_batched(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor, qkv: Tensor | None = None) -> Tensor:
+def _attend_batched(
+    attn: nn.Module, h: Tensor, window_count: int, bias: WindowBias, qkv: Tensor | None = None
+) -> Tensor:
     """All heads and windows at once through the reference seam (autograd, dropout, GPUs)."""
     windows, N, C = h.shape
     q, k, v = attn.split_heads(_qkv_linear(attn, h) if qkv is None else qkv)  # each (c*nW, nH, N, d), q scaled
     # Per-window bias as the reference seam expects it.
-    out = reference_attention(q, k, v, bias.expand(window_count, -1, -1, -1), attn.attn_drop, attn.training)
+    combined = bias.combined.expand(window_count, -1, -1, -1)
+    out = reference_attention(q, k, v, combined, attn.attn_drop, attn.training)
     return out.transpose(1, 2).reshape(windows * N, C)
 
 
-def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor) -> Tensor:
+def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: WindowBias) -> Tensor:
     """No-grad attention of ``h`` (``(c * nW, N, C)`` windows): the native kernel where it applies
     (:mod:`swinkit.native`), else :func:`heads_attention`."""
     windows, N, C = h.shape
@@ -153,19 +181,22 @@ def _attend_by_head(attn: nn.Module, h: Tensor, window_count: int, bias: Tensor)
     out = _native_attention(attn, qkv, bias)
     if out is not None:
         return out
-    return heads_attention(qkv, attn.num_heads, window_count, bias, _head_scales(attn), hasattr(attn, "logit_scale"))
+    cosine = hasattr(attn, "logit_scale")
+    return heads_attention(qkv, attn.num_heads, window_count, bias.combined, _head_scales(attn), cosine)
 
 
-def _native_attention(attn: nn.Module, qkv: Tensor, bias: Tensor) -> Tensor | None:
+def _native_attention(attn: nn.Module, qkv: Tensor, bias: WindowBias) -> Tensor | None:
     """Attention of ``qkv`` (``(windows, N, 3C)``) through the native kernel, as ``(windows * N, C)``;
     None where the kernel does not apply."""
     windows, N, width = qkv.shape
-    if not native.applies(qkv, attn.num_heads, N, bias) or tracing():
+    if not native.applies(qkv, attn.num_heads, N, bias.position) or tracing():
         return None
     cosine = hasattr(attn, "logit_scale")
     # V2's learned logit scales as a tensor, so that in training they get their gradient too.
     scales = attn.logit_scales().flatten() if cosine else torch.full((attn.num_heads,), attn.scale)
-    out = native.window_attention(qkv, attn.num_heads, bias, scales.to(torch.float32), cosine)
+    out = native.window_attention(
+        qkv, attn.num_heads, bias.position, scales.to(torch.float32), cosine, mask=bias.patterns
+    )
     return out.view(windows * N, width // 3)
 
 
@@ -300,7 +331,7 @@ def _mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
     return _linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
 
 
-def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: WindowBias) -> Tensor:
     """V1 block (pre-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
     C = x.shape[-1]
     if _plain_residuals(block):
@@ -319,7 +350,7 @@ def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
     return _residual(block, x, mlp, nW * N)
 
 
-def _attention_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+def _attention_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: WindowBias) -> Tensor:
     """V1's first norm and attention of ``x``, before the output projection's bias."""
     C = x.shape[-1]
     h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
@@ -328,7 +359,7 @@ def _attention_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: i
     return _attend(block.attn, h.view(-1, N, C), nW, bias)
 
 
-def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: Tensor) -> Tensor:
+def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: WindowBias) -> Tensor:
     """V2 block (res-post-norm) on ``x``: ``(c * nW * N, C)`` tokens in window order."""
     proj, fc2 = block.attn.proj, block.mlp.fc2
 

@@ -47,6 +47,7 @@ VARIANTS = {
 CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # torch.backends.cpu.get_cpu_capability() -> variant
 HEAD_SIZE = 32
 MAX_TOKENS = 1024
+ABI = 2  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 _lock = threading.Lock()
@@ -109,14 +110,43 @@ def _load(variant: str) -> Kernels:
     except OSError:  # a damaged file in the cache (builds are renamed into place whole): build anew
         _build(target, flags)
         library = ctypes.CDLL(str(target))
+    abi = getattr(library, "swinkit_window_attention_abi", None)
+    if abi is None or abi() != ABI:
+        raise RuntimeError(f"{target} takes other arguments than this swinkit passes (kernel ABI {ABI})")
     size, pointer = ctypes.c_long, ctypes.c_void_p
+    # qkv, windows, N, C, heads, bias, groups, mask, mask_index, mask_windows, scales, cosine
+    layout = [pointer, size, size, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
     forward = library.swinkit_window_attention
-    forward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int, pointer]
+    forward.argtypes = [*layout, pointer]
     backward = library.swinkit_window_attention_backward
-    backward.argtypes = [pointer, size, size, size, size, pointer, size, pointer, ctypes.c_int]
-    backward.argtypes += [pointer, pointer, pointer, pointer]
+    backward.argtypes = [*layout, pointer, pointer, pointer, pointer]
     forward.restype = backward.restype = ctypes.c_int
     return Kernels(forward, backward)
+
+
+class ShiftMask(NamedTuple):
+    """A shifted block's mask as the kernel takes it: ``patterns`` ``(P, N, N)`` float32, the distinct
+    masks of its windows, and ``index`` ``(nW,)`` int32, the pattern window ``w`` of each image adds
+    (-1: none). Windows of a chunk are whole images, so window ``w`` of a chunk is ``w % nW``."""
+
+    patterns: Tensor
+    index: Tensor
+
+    @classmethod
+    def of(cls, mask: Tensor) -> ShiftMask:
+        """The patterns of a ``(nW, N, N)`` mask; windows without any masked pair get none."""
+        patterns, index = torch.unique(mask.flatten(1), dim=0, return_inverse=True)
+        index = index.to(torch.int32)
+        empty = ~patterns.any(1)
+        if empty.any():  # an all-zero pattern: its windows add nothing
+            index = torch.where(empty[index], -1, index - empty.cumsum(0).to(torch.int32)[index])
+            patterns = patterns[~empty]
+        return cls(patterns.view(-1, *mask.shape[1:]).to(torch.float32).contiguous(), index.contiguous())
+
+    def full(self) -> Tensor:
+        """The ``(nW, N, N)`` mask again."""
+        padded = torch.cat([self.patterns.new_zeros(1, *self.patterns.shape[1:]), self.patterns])
+        return padded[self.index.long() + 1]
 
 
 class Kernels(NamedTuple):
@@ -170,29 +200,46 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
 
 
 def window_attention(
-    qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None = None
+    qkv: Tensor,
+    heads: int,
+    bias: Tensor,
+    scales: Tensor,
+    cosine: bool,
+    variant: str | None = None,
+    mask: ShiftMask | None = None,
 ) -> Tensor:
-    """``softmax(scale * q k^T + bias) v`` for every window and head, heads side by side.
+    """``softmax(scale * q k^T + bias + mask) v`` for every window and head, heads side by side.
 
     ``qkv``: ``(windows, N, 3C)``; ``bias``: ``(groups, heads, N, N)``, window ``w`` using
-    ``bias[w % groups]``; ``scales``: ``(heads,)`` float32. Returns ``(windows, N, C)``. With
-    autograd on, differentiable in all three (V2's ``scales`` come from its learned logit scales).
+    ``bias[w % groups]``; ``scales``: ``(heads,)`` float32; ``mask``: a shifted block's mask
+    (:class:`ShiftMask`), or None. Returns ``(windows, N, C)``. With autograd on, differentiable
+    in ``qkv``, ``bias`` and ``scales`` (V2's ``scales`` come from its learned logit scales).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scales)):
-        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant)
-    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant)
+        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant, mask)
+    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask)
 
 
-def _forward(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None) -> Tensor:
+def _forward(
+    qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None, mask: ShiftMask | None
+) -> Tensor:
     windows, tokens, width = qkv.shape
     bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
-    _check(kernel(variant).forward(*_layout(qkv, heads, bias, scales), cosine, out.data_ptr()), qkv, heads, bias)
+    code = kernel(variant).forward(*_layout(qkv, heads, bias, mask, scales), cosine, out.data_ptr())
+    _check(code, qkv, heads, bias, mask)
     return out
 
 
 def window_attention_backward(
-    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None = None
+    qkv: Tensor,
+    grad: Tensor,
+    heads: int,
+    bias: Tensor,
+    scales: Tensor,
+    cosine: bool,
+    variant: str | None = None,
+    mask: ShiftMask | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of :func:`window_attention` with respect to ``qkv``, ``bias`` (summed over the
     windows that share each bias group) and ``scales`` (zero without cosine: V1's is not learned),
@@ -201,19 +248,37 @@ def window_attention_backward(
     grad_qkv = torch.empty_like(qkv)
     grad_bias, grad_scales = torch.zeros_like(bias), torch.zeros_like(scales)
     pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr(), grad_scales.data_ptr()
-    _check(kernel(variant).backward(*_layout(qkv, heads, bias, scales), cosine, *pointers), qkv, heads, bias)
+    code = kernel(variant).backward(*_layout(qkv, heads, bias, mask, scales), cosine, *pointers)
+    _check(code, qkv, heads, bias, mask)
     return grad_qkv, grad_bias, grad_scales
 
 
-def _layout(qkv: Tensor, heads: int, bias: Tensor, scales: Tensor) -> tuple[int, ...]:
-    """The arguments both entry points start with: qkv, its sizes, the bias and its groups, the scales."""
+def _layout(qkv: Tensor, heads: int, bias: Tensor, mask: ShiftMask | None, scales: Tensor) -> tuple[int, ...]:
+    """The arguments both entry points start with: qkv and its sizes, the bias and its groups, the
+    mask's patterns, their index and its length, the scales."""
     windows, tokens, width = qkv.shape
-    return qkv.data_ptr(), windows, tokens, width // 3, heads, bias.data_ptr(), bias.shape[0], scales.data_ptr()
+    masking = (0, 0, 1) if mask is None else (mask.patterns.data_ptr(), mask.index.data_ptr(), mask.index.numel())
+    return (
+        qkv.data_ptr(),
+        windows,
+        tokens,
+        width // 3,
+        heads,
+        bias.data_ptr(),
+        bias.shape[0],
+        *masking,
+        scales.data_ptr(),
+    )
 
 
-def _check(code: int, qkv: Tensor, heads: int, bias: Tensor) -> None:
+def _check(code: int, qkv: Tensor, heads: int, bias: Tensor, mask: ShiftMask | None) -> None:
     if code:
-        raise ValueError(f"the native kernel refused qkv {tuple(qkv.shape)}, {heads} heads, bias {tuple(bias.shape)}")
+        masking = (
+            "" if mask is None else f", mask patterns {tuple(mask.patterns.shape)} over {mask.index.numel()} windows"
+        )
+        raise ValueError(
+            f"the native kernel refused qkv {tuple(qkv.shape)}, {heads} heads, bias {tuple(bias.shape)}{masking}"
+        )
 
 
 class WindowAttention(torch.autograd.Function):
@@ -222,25 +287,32 @@ class WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, qkv: Tensor, bias: Tensor, scales: Tensor, heads: int, cosine: bool, variant: str | None
+        ctx,
+        qkv: Tensor,
+        bias: Tensor,
+        scales: Tensor,
+        heads: int,
+        cosine: bool,
+        variant: str | None,
+        mask: ShiftMask | None,
     ) -> Tensor:
         ctx.save_for_backward(qkv, bias, scales)
-        ctx.heads, ctx.cosine, ctx.variant = heads, cosine, variant
-        return _forward(qkv, heads, bias, scales, cosine, variant)
+        ctx.heads, ctx.cosine, ctx.variant, ctx.mask = heads, cosine, variant, mask
+        return _forward(qkv, heads, bias, scales, cosine, variant, mask)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         qkv, bias, scales = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            grads = _differentiable_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine)
+            grads = _differentiable_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine, ctx.mask)
         else:
-            grads = window_attention_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine, ctx.variant)
+            grads = window_attention_backward(qkv, grad, ctx.heads, bias, scales, ctx.cosine, ctx.variant, ctx.mask)
         wanted = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3], strict=True)]
-        return *wanted, None, None, None
+        return *wanted, None, None, None, None
 
 
 def _differentiable_backward(
-    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool
+    qkv: Tensor, grad: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, mask: ShiftMask | None
 ) -> tuple[Tensor | None, ...]:
     """The backward in PyTorch operations, itself differentiable (for second-order gradients)."""
     # From the saved tensors themselves, not detached copies: the gradients then carry their history.
@@ -251,6 +323,8 @@ def _differentiable_backward(
             q, k = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
         logits = (q * scales.view(1, heads, 1, 1)) @ k.transpose(-2, -1)
         logits = logits.view(-1, bias.shape[0], heads, tokens, tokens) + bias
+        if mask is not None:
+            logits = logits.view(-1, mask.index.numel(), heads, tokens, tokens) + mask.full().unsqueeze(1)
         out = logits.softmax(-1).view(windows, heads, tokens, tokens) @ v
         out = out.transpose(1, 2).reshape(windows, tokens, width // 3)
         inputs = (qkv, bias, scales)

@@ -54,7 +54,7 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     window, shift = window_and_shift(H, W, block.window_size, block.shift_size, block.always_shift)
     geometry = kernel_index(H, W, window, shift, x.device)
     Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
-    bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype)
+    bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype).combined
     post_norm = hasattr(block, "norm3")  # V2: res-post-norm, attention on the block input itself
     tokens = (x if post_norm else block.norm1(x)).reshape(B, H * W, C)
     attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))).view_as(x)

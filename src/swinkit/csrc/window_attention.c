@@ -13,6 +13,11 @@
  * Layout: qkv is (windows, N, 3C), the qkv projection's output (q | k | v, each head's d = 32
  * channels together); bias is (groups, heads, N, N) and window w uses bias[w % groups]; out is
  * (windows, N, C) with the heads side by side, as the output projection reads it.
+ * mask (optional, NULL for none): the shift mask as its distinct patterns, (patterns, N, N), shared by
+ * the heads; window w adds pattern mask_index[w % mask_windows], none where that is -1. A shifted
+ * block's mask has at most four patterns (inner windows: none), so the position bias and the mask
+ * stay in cache across the windows, where a bias-plus-mask block per window (64 of them in Swin-T's
+ * first stage, 1.8 MB) did not; the logits get (q k^T + bias) + mask, the official code's order.
  * cosine != 0: V2's cosine attention, q and k rows divided by max(|row|, 1e-12) first.
  * scales[h] multiplies the logits of head h (V1: d^-0.5; V2: the clamped exp(logit_scale)).
  */
@@ -132,13 +137,14 @@ static inline void prefetch_rows(const float *first, long stride, long N, int pa
 }
 
 /* Logits of ROWS rows (`row_stride` floats apart, N logits each, `padded` = N rounded up to LANES)
- * plus their bias rows, turned into exp(logit - max) in place, the padding lanes' logits set to
+ * plus their bias rows (and mask rows, unless mask is NULL), turned into exp(logit - max) in place, the padding lanes' logits set to
  * -inf; inverse_sum[r] = 1 / the sum of row r. The rows go together so that their dependency
  * chains (maximum, exp's polynomial, sum) interleave instead of waiting on each other's latency
  * (with the prefetches, 1.08-1.12x on the forward kernel inside Swin-T). Rows must not overlap;
  * bias rows may repeat. */
 static inline __attribute__((always_inline)) void softmax_rows(float *rows, long row_stride,
-                                                               const float *const bias[ROWS], long N, long padded,
+                                                               const float *const bias[ROWS],
+                                                               const float *const mask[ROWS], long N, long padded,
                                                                float inverse_sum[ROWS]) {
   const long whole = N / LANES * LANES;
   vec top[ROWS];
@@ -146,6 +152,7 @@ static inline __attribute__((always_inline)) void softmax_rows(float *rows, long
   for (long j = 0; j < whole; j += LANES)
     for (int r = 0; r < ROWS; r++) {
       vec v = load(rows + r * row_stride + j) + load(bias[r] + j);
+      if (mask) v += load(mask[r] + j); /* loop-invariant: the compiler makes two loops */
       store(rows + r * row_stride + j, v);
       top[r] = larger(top[r], v);
     }
@@ -154,10 +161,13 @@ static inline __attribute__((always_inline)) void softmax_rows(float *rows, long
     for (int i = 0; i < LANES; i++) lane[i] = i;
     const ivec valid = lane < (int)(N - whole);
     for (int r = 0; r < ROWS; r++) {
-      vec tail_bias = splat(0.0f);
+      vec tail_bias = splat(0.0f), tail_mask = splat(0.0f);
       for (long i = 0; i < N - whole; i++) tail_bias[i] = bias[r][whole + i];
+      if (mask)
+        for (long i = 0; i < N - whole; i++) tail_mask[i] = mask[r][whole + i];
       float *row = rows + r * row_stride;
-      vec v = (vec)((valid & (ivec)(load(row + whole) + tail_bias)) | (~valid & (ivec)splat(-INFINITY)));
+      const vec logit = load(row + whole) + tail_bias + tail_mask;
+      vec v = (vec)((valid & (ivec)logit) | (~valid & (ivec)splat(-INFINITY)));
       store(row + whole, v);
       top[r] = larger(top[r], v);
     }
@@ -240,9 +250,9 @@ static inline __attribute__((always_inline)) void logits_tile(const float *queri
 
 /* One window, one head. q, k, v rows are `stride` floats apart; out rows `out_stride`. */
 static inline __attribute__((always_inline)) void window_head(const float *q, const float *k, const float *v,
-                                                              long stride, long N, const float *bias, float scale,
-                                                              int cosine, float *out, long out_stride, float *keys,
-                                                              float *logits) {
+                                                              long stride, long N, const float *bias,
+                                                              const float *mask, float scale, int cosine, float *out,
+                                                              long out_stride, float *keys, float *logits) {
   const long stride_keys = (N + TILE - 1) / TILE * TILE, padded = (N + LANES - 1) / LANES * LANES;
   float queries[ROWS * D];
   transpose_keys(k, stride, N, stride_keys, cosine, keys);
@@ -256,9 +266,12 @@ static inline __attribute__((always_inline)) void window_head(const float *q, co
     for (long first_key = 0; first_key < stride_keys; first_key += TILE)
       logits_tile(queries, keys, stride_keys, first_key, logits);
     float inverse_sum[ROWS];
-    const float *bias_rows[ROWS];
-    for (int r = 0; r < ROWS; r++) bias_rows[r] = bias + (first + (r < rows ? r : rows - 1)) * N;
-    softmax_rows(logits, stride_keys, bias_rows, N, padded, inverse_sum);
+    const float *bias_rows[ROWS], *mask_rows[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+      const long i = first + (r < rows ? r : rows - 1);
+      bias_rows[r] = bias + i * N, mask_rows[r] = mask ? mask + i * N : NULL;
+    }
+    softmax_rows(logits, stride_keys, bias_rows, mask ? mask_rows : NULL, N, padded, inverse_sum);
 
     vec acc[ROWS][OUT_VECTORS];
     for (int r = 0; r < ROWS; r++)
@@ -351,8 +364,9 @@ static float through_normalisation(float *grad, long stride, long N, const float
  * is added onto *dscale. `work` holds D + 2 (N + ROWS) rows of stride_keys floats, all finite,
  * then 2 N D + 2 N floats. */
 static inline __attribute__((always_inline)) void window_head_backward(
-    const float *q, const float *k, const float *v, long stride, long N, const float *bias, float scale, int cosine,
-    const float *dout, long dout_stride, float *dq, float *dk, float *dv, float *dbias, float *dscale, float *work) {
+    const float *q, const float *k, const float *v, long stride, long N, const float *bias, const float *mask,
+    float scale, int cosine, const float *dout, long dout_stride, float *dq, float *dk, float *dv, float *dbias,
+    float *dscale, float *work) {
   const long stride_keys = (N + TILE - 1) / TILE * TILE, padded = (N + LANES - 1) / LANES * LANES;
   float *keys = work, *p = keys + D * stride_keys, *ds = p + (N + ROWS) * stride_keys;
   float *unit_q = ds + (N + ROWS) * stride_keys;
@@ -367,9 +381,12 @@ static inline __attribute__((always_inline)) void window_head_backward(
   rows_by_keys(q, qk_stride, N, scale, keys, stride_keys, p);
   for (long first = 0; first < N; first += ROWS) { /* rows past N: the slack rows, never read */
     float inverse_sum[ROWS];
-    const float *bias_rows[ROWS];
-    for (int r = 0; r < ROWS; r++) bias_rows[r] = bias + (first + r < N ? first + r : N - 1) * N;
-    softmax_rows(p + first * stride_keys, stride_keys, bias_rows, N, padded, inverse_sum);
+    const float *bias_rows[ROWS], *mask_rows[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+      const long i = first + r < N ? first + r : N - 1;
+      bias_rows[r] = bias + i * N, mask_rows[r] = mask ? mask + i * N : NULL;
+    }
+    softmax_rows(p + first * stride_keys, stride_keys, bias_rows, mask ? mask_rows : NULL, N, padded, inverse_sum);
     for (int r = 0; r < ROWS && first + r < N; r++) {
       float *row = p + (first + r) * stride_keys;
       for (long j = 0; j < N; j++) row[j] *= inverse_sum[r];
@@ -396,26 +413,50 @@ static inline __attribute__((always_inline)) void window_head_backward(
   }
 }
 
+/* The mask pattern of window w: NULL where it has none. */
+static inline const float *window_mask(const float *mask, const int *mask_index, long mask_windows, long w, long N) {
+  if (mask == NULL) return NULL;
+  const int pattern = mask_index[w % mask_windows];
+  return pattern < 0 ? NULL : mask + (long)pattern * N * N;
+}
+
+/* window_head_backward for N, through a copy compiled for the published window sizes. */
+static inline __attribute__((always_inline)) void head_backward_sized(const float *q, long C, long stride, long N,
+                                                                      const float *bias, const float *mask, float scale,
+                                                                      int cosine, const float *dout, float *dq,
+                                                                      float *dbias, float *dscale, float *work) {
+  if (N == 49)
+    window_head_backward(q, q + C, q + 2 * C, stride, 49, bias, mask, scale, cosine, dout, C, dq, dq + C, dq + 2 * C,
+                         dbias, dscale, work);
+  else if (N == 64)
+    window_head_backward(q, q + C, q + 2 * C, stride, 64, bias, mask, scale, cosine, dout, C, dq, dq + C, dq + 2 * C,
+                         dbias, dscale, work);
+  else
+    window_head_backward(q, q + C, q + 2 * C, stride, N, bias, mask, scale, cosine, dout, C, dq, dq + C, dq + 2 * C,
+                         dbias, dscale, work);
+}
+
 /* The gradients of swinkit_window_attention given dout, (windows, N, C) like out: dqkv
  * (windows, N, 3C) is written whole; dbias (groups, heads, N, N) and, with cosine, dscales
  * (heads) are added to (pass zeros). Returns 0, or -1 for sizes it does not take (nothing
  * written then). */
 int swinkit_window_attention_backward(const float *qkv, long windows, long N, long C, long heads, const float *bias,
-                                      long groups, const float *scales, int cosine, const float *dout, float *dqkv,
-                                      float *dbias, float *dscales) {
-  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
+                                      long groups, const float *mask, const int *mask_index, long mask_windows,
+                                      const float *scales, int cosine, const float *dout, float *dqkv, float *dbias,
+                                      float *dscales) {
+  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1 || (mask && mask_windows < 1)) return -1;
   const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
   const size_t floats = (size_t)(D + 2 * (N + ROWS)) * stride_keys + 2 * N * D + 2 * N;
   float *work = aligned_alloc(64, (sizeof(float) * floats + 63) / 64 * 64);
   if (work == NULL) return -1;
   memset(work, 0, sizeof(float) * floats);
   const unsigned int mode = flush_subnormals();
-  for (long w = 0; w < windows; w++)
+  for (long w = 0; w < windows; w++) {
+    const float *m = window_mask(mask, mask_index, mask_windows, w, N);
     for (long h = 0; h < heads; h++) {
       const float *q = qkv + w * N * stride + h * D, *o = dout + w * N * C + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *dq = dqkv + w * N * stride + h * D, *db = dbias + ((w % groups) * heads + h) * N * N;
-      float *dscale = dscales + h;
       if (h + 1 < heads) { /* q, k, v and dout of the next head */
         prefetch_rows(q + D, stride, N, 3, C);
         prefetch_rows(o + D, C, N, 1, 0);
@@ -423,31 +464,41 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
         prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
         prefetch_rows(dout + (w + 1) * N * C, C, N, 1, 0);
       }
-      if (N == 49)
-        window_head_backward(q, q + C, q + 2 * C, stride, 49, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
-                             dscale, work);
-      else if (N == 64)
-        window_head_backward(q, q + C, q + 2 * C, stride, 64, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
-                             dscale, work);
-      else
-        window_head_backward(q, q + C, q + 2 * C, stride, N, b, scales[h], cosine, o, C, dq, dq + C, dq + 2 * C, db,
-                             dscale, work);
+      head_backward_sized(q, C, stride, N, b, m, scales[h], cosine, o, dq, db, dscales + h, work);
     }
+  }
   _mm_setcsr(mode);
   free(work);
   return 0;
 }
 
+/* window_head for N, through a copy compiled for the published window sizes: fixed trip counts
+ * let the compiler unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). */
+static inline __attribute__((always_inline)) void head_sized(const float *q, long C, long stride, long N,
+                                                             const float *bias, const float *mask, float scale,
+                                                             int cosine, float *out, float *keys, float *logits) {
+  if (N == 49)
+    window_head(q, q + C, q + 2 * C, stride, 49, bias, mask, scale, cosine, out, C, keys, logits);
+  else if (N == 64)
+    window_head(q, q + C, q + 2 * C, stride, 64, bias, mask, scale, cosine, out, C, keys, logits);
+  else if (N == 144)
+    window_head(q, q + C, q + 2 * C, stride, 144, bias, mask, scale, cosine, out, C, keys, logits);
+  else
+    window_head(q, q + C, q + 2 * C, stride, N, bias, mask, scale, cosine, out, C, keys, logits);
+}
+
 /* Every window and head of the chunk. Returns 0, or -1 for sizes it does not take (nothing written then). */
 int swinkit_window_attention(const float *qkv, long windows, long N, long C, long heads, const float *bias,
-                             long groups, const float *scales, int cosine, float *out) {
-  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1) return -1;
+                             long groups, const float *mask, const int *mask_index, long mask_windows,
+                             const float *scales, int cosine, float *out) {
+  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1 || (mask && mask_windows < 1)) return -1;
   const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
   /* k^T, then the ROWS rows of logits, on cache-line boundaries */
   float *keys = aligned_alloc(64, sizeof(float) * (D + ROWS) * stride_keys);
   if (keys == NULL) return -1;
   const unsigned int mode = flush_subnormals();
-  for (long w = 0; w < windows; w++)
+  for (long w = 0; w < windows; w++) {
+    const float *m = window_mask(mask, mask_index, mask_windows, w, N);
     for (long h = 0; h < heads; h++) {
       const float *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
@@ -456,18 +507,13 @@ int swinkit_window_attention(const float *qkv, long windows, long N, long C, lon
         prefetch_rows(q + D, stride, N, 3, C);
       else if (w + 1 < windows)
         prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
-      /* The published windows get copies compiled for their N: fixed trip counts let the compiler
-       * unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). */
-      if (N == 49)
-        window_head(q, q + C, q + 2 * C, stride, 49, b, scales[h], cosine, o, C, keys, logits);
-      else if (N == 64)
-        window_head(q, q + C, q + 2 * C, stride, 64, b, scales[h], cosine, o, C, keys, logits);
-      else if (N == 144)
-        window_head(q, q + C, q + 2 * C, stride, 144, b, scales[h], cosine, o, C, keys, logits);
-      else
-        window_head(q, q + C, q + 2 * C, stride, N, b, scales[h], cosine, o, C, keys, logits);
+      head_sized(q, C, stride, N, b, m, scales[h], cosine, o, keys, logits);
     }
+  }
   _mm_setcsr(mode);
   free(keys);
   return 0;
 }
+
+/* The argument layout of the two entry points above (native.py refuses a build of another). */
+int swinkit_window_attention_abi(void) { return 2; }
