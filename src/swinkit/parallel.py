@@ -250,7 +250,7 @@ class _SharesFunction(torch.autograd.Function):
                 allow_unused=True,
             )
 
-        sums = None if create_graph else _RunningSums(wanted, parts)
+        sums = None if create_graph else _RunningSums(wanted)
         try:
             results = list(worker_pool().map(differentiate, range(parts)))
         finally:
@@ -281,7 +281,7 @@ class _RunningSums:
     block) is left out; the later shares' gradients then wait until :meth:`totals`.
     """
 
-    def __init__(self, parameters: list[Tensor], parts: int) -> None:
+    def __init__(self, parameters: list[Tensor]) -> None:
         self.waiting: list[dict[int, Tensor]] = [{} for _ in parameters]
         self.sums: list[Tensor | None] = [None] * len(parameters)
         self.owned = [False] * len(parameters)  # the sum is a tensor of ours (added in place)

@@ -15,9 +15,10 @@
  * (windows, N, C) with the heads side by side, as the output projection reads it.
  * mask (optional, NULL for none): the shift mask as its distinct patterns, (patterns, N, N), shared by
  * the heads; window w adds pattern mask_index[w % mask_windows], none where that is -1. A shifted
- * block's mask has at most four patterns (inner windows: none), so the position bias and the mask
- * stay in cache across the windows, where a bias-plus-mask block per window (64 of them in Swin-T's
- * first stage, 1.8 MB) did not; the logits get (q k^T + bias) + mask, the official code's order.
+ * block's mask has at most three patterns (last column, last row, corner; inner windows: none), so
+ * the position bias and the mask stay in cache across the windows, where a bias-plus-mask block per
+ * window (1.8 MB in Swin-T's first stage, 20 MB with Swin-B 384's 12 x 12 windows) did not; the
+ * logits get (q k^T + bias) + mask, the official code's order.
  * cosine != 0: V2's cosine attention, q and k rows divided by max(|row|, 1e-12) first.
  * scales[h] multiplies the logits of head h (V1: d^-0.5; V2: the clamped exp(logit_scale)).
  */
@@ -137,11 +138,11 @@ static inline void prefetch_rows(const float *first, long stride, long N, int pa
 }
 
 /* Logits of ROWS rows (`row_stride` floats apart, N logits each, `padded` = N rounded up to LANES)
- * plus their bias rows (and mask rows, unless mask is NULL), turned into exp(logit - max) in place, the padding lanes' logits set to
- * -inf; inverse_sum[r] = 1 / the sum of row r. The rows go together so that their dependency
- * chains (maximum, exp's polynomial, sum) interleave instead of waiting on each other's latency
- * (with the prefetches, 1.08-1.12x on the forward kernel inside Swin-T). Rows must not overlap;
- * bias rows may repeat. */
+ * plus their bias rows (and mask rows, unless mask is NULL), turned into exp(logit - max) in place,
+ * the padding lanes' logits set to -inf; inverse_sum[r] = 1 / the sum of row r. The rows go
+ * together so that their dependency chains (maximum, exp's polynomial, sum) interleave instead of
+ * waiting on each other's latency (with the prefetches, 1.08-1.12x on the forward kernel inside
+ * Swin-T). Rows must not overlap; bias and mask rows may repeat. */
 static inline __attribute__((always_inline)) void softmax_rows(float *rows, long row_stride,
                                                                const float *const bias[ROWS],
                                                                const float *const mask[ROWS], long N, long padded,
