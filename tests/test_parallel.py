@@ -176,7 +176,7 @@ def test_split_training_adds_share_gradients_in_share_order_as_they_arrive():
     expected = ((shares[0] + shares[1]) + shares[2]) + shares[3]
     for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
         handed = [g.clone() for g in shares]
-        sums = parallel._RunningSums([parameter], 4)
+        sums = parallel._RunningSums([parameter])
         (take,) = [hook for hook in parameter._backward_hooks.values()]
         for share in order:
             parallel._local.share = share
@@ -187,7 +187,7 @@ def test_split_training_adds_share_gradients_in_share_order_as_they_arrive():
         (total,) = sums.totals()
         assert torch.equal(total, expected), order
         assert all(torch.equal(h, g) for h, g in zip(handed, shares, strict=True))  # none written to
-    sums = parallel._RunningSums([parameter], 3)
+    sums = parallel._RunningSums([parameter])
     for share in (2, 1):  # share 0 never reaches the parameter
         parallel._local.share = share
         sums._taker(0)(shares[share])
