@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     builds = {"baseline": build(args.baseline), "current": build(native.SOURCE)}
-    per_head = collections.defaultdict(list)  # (build, channels, groups) -> seconds per window and head
+    per_head = collections.defaultdict(list)  # (build, channels, shifted) -> seconds per window and head
     calls = {"build": None}
     timed = native.window_attention
 

@@ -113,7 +113,7 @@ class WindowBias:
     def combined(self) -> Tensor:
         return self.position if self.mask is None else self.position + self.mask.unsqueeze(1)
 
-    @property
+    @functools.cached_property
     def patterns(self) -> native.ShiftMask | None:
         return None if self.mask is None else _shift_mask_patterns(*self.geometry)
 

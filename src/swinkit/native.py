@@ -135,13 +135,12 @@ class ShiftMask(NamedTuple):
     @classmethod
     def of(cls, mask: Tensor) -> ShiftMask:
         """The patterns of a ``(nW, N, N)`` mask; windows without any masked pair get none."""
-        patterns, index = torch.unique(mask.flatten(1), dim=0, return_inverse=True)
-        index = index.to(torch.int32)
-        empty = ~patterns.any(1)
-        if empty.any():  # an all-zero pattern: its windows add nothing
-            index = torch.where(empty[index], -1, index - empty.cumsum(0).to(torch.int32)[index])
-            patterns = patterns[~empty]
-        return cls(patterns.view(-1, *mask.shape[1:]).to(torch.float32).contiguous(), index.contiguous())
+        rows = mask.flatten(1)
+        masked = rows.any(1)
+        patterns, which = torch.unique(rows[masked], dim=0, return_inverse=True)
+        index = torch.full((rows.shape[0],), -1, dtype=torch.int32)
+        index[masked] = which.to(torch.int32)
+        return cls(patterns.view(-1, *mask.shape[1:]).to(torch.float32).contiguous(), index)
 
     def full(self) -> Tensor:
         """The ``(nW, N, N)`` mask again."""
