@@ -25,6 +25,7 @@ from swinkit.export import (
     export,
     export_onnx_model,
     export_program,
+    load_program,
     onnx_error,
     onnx_session,
     trace_sides,
@@ -88,24 +89,53 @@ def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):
         assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
 
 
-def test_torch_export_program_round_trip(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def size_generic_program(tmp_path_factory):
+    """A size-generic ``.pt2`` of a small classifier, written by ``export`` (which checks it), with
+    the model and the report; exporting takes about 20 s, so the tests below share one."""
     model = _perturbed(swinkit.create_model("swin_test", num_classes=5))
-    # The check loads the file back, as below; a size-generic program takes about 25 s to load
-    # (sympy parsing its size expressions), so the check runs on a fixed-size file.
-    report = export(model, tmp_path / "fixed.pt2", fmt="torch-export", static_size=True)
-    assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [64, 64]
-    (tmp_path / "fixed.pt2").unlink()
-    report = export(model, tmp_path / "model.pt2", fmt="torch-export", check=False)
-    assert [path.name for path in tmp_path.iterdir()] == ["model.pt2"]  # the temporary file renamed
-    assert "archive" not in capsys.readouterr().err  # torch's warning about a file not named *.pt2
+    path = tmp_path_factory.mktemp("program") / "model.pt2"
+    # The check reads the file back with load_program at two sizes.
+    return model, path, export(model, path, fmt="torch-export")
+
+
+def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program):
+    model, path, report = size_generic_program
+    assert report["max_abs_error"] < 1e-5
+    assert [child.name for child in path.parent.iterdir()] == ["model.pt2"]  # the temporary file renamed
     assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
-    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    program = load_program(path).module()
     with torch.no_grad():
         for shape in REGIME_SIZES:
             x = torch.randn(shape)
             torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
         with pytest.raises(AssertionError, match=str(MAX_SIDE)):  # the program checks its input range
             program(torch.randn(1, 3, MAX_SIDE + 1, 1))
+    report = export(model, tmp_path / "fixed.pt2", fmt="torch-export", static_size=True)
+    assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [64, 64]
+    assert "archive" not in capsys.readouterr().err  # torch's warning about a file not named *.pt2
+
+
+def test_load_program_reads_the_same_program_as_torch(tmp_path, size_generic_program):
+    # load_program parses each distinct size expression once; torch's own reader parses every
+    # occurrence (about 25 s for this file). Same graph, same symbolic sizes, same ranges.
+    from torch._export.serde.serialize import GraphModuleDeserializer
+
+    parse = GraphModuleDeserializer._parse_sym_expr
+    path = size_generic_program[1]
+    ours, torchs = load_program(path), torch.export.load(str(path))
+    assert GraphModuleDeserializer._parse_sym_expr is parse  # torch's reader restored
+    assert str(ours.graph) == str(torchs.graph)
+    assert ours.range_constraints == torchs.range_constraints
+    sizes = [str(node.meta.get("val")) for node in ours.graph.nodes]
+    assert sizes == [str(node.meta.get("val")) for node in torchs.graph.nodes]
+    assert any("s0" in size for size in sizes)  # symbolic sizes were read, not constants
+    (tmp_path / "noise.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="noise.pt2: not a torch.export program"):
+        load_program(tmp_path / "noise.pt2")
+    with pytest.raises(FileNotFoundError, match="absent.pt2: no such file"):
+        load_program(tmp_path / "absent.pt2")
+    assert GraphModuleDeserializer._parse_sym_expr is parse
 
 
 def test_blocks_of_a_stage_share_their_traced_index_tables():
