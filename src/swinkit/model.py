@@ -113,18 +113,23 @@ def crop_end(x: Tensor, size: Pair) -> Tensor:
     return x
 
 
-def window_partition(x: Tensor, window: Pair) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B * nW, Wh * Ww, C)``; windows batch-major, then row, then column."""
+def window_partition(x: Tensor, window: Pair, counts: Pair | None = None) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B * nW, Wh * Ww, C)``; windows batch-major, then row, then column.
+
+    ``counts``, the windows per column and per row when the caller knows them, spares a traced
+    graph the floor divisions of symbolic sizes (each one costs the shape engine about a second).
+    """
     B, H, W, C = x.shape
     Wh, Ww = window
-    rows, cols = H // Wh, W // Ww
+    rows, cols = counts if counts is not None else (H // Wh, W // Ww)
     x = x.reshape(B, rows, Wh, cols, Ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B * rows * cols, Wh * Ww, C)
 
 
-def window_table(table: Tensor, window: Pair) -> Tensor:
+def window_table(table: Tensor, window: Pair, counts: Pair | None = None) -> Tensor:
     """A per-position ``(H, W)`` table (indices, regions, flags) -> ``(nW, N)``, in window order."""
-    return window_partition(table[None, :, :, None], window).view(-1, window[0] * window[1])
+    rows, cols = counts if counts is not None else (table.shape[0] // window[0], table.shape[1] // window[1])
+    return window_partition(table[None, :, :, None], window, (rows, cols)).view(rows * cols, window[0] * window[1])
 
 
 def window_reverse(windows: Tensor, window: Pair, B: int, rows: int, cols: int) -> Tensor:
@@ -261,15 +266,18 @@ def _bands(length: int, window: int, shift: int) -> Tensor:
 
 
 @_derived
-def shift_window_mask(H: int, W: int, window: Pair, shift: Pair, dtype: torch.dtype, device: torch.device) -> Tensor:
+def shift_window_mask(
+    H: int, W: int, window: Pair, shift: Pair, dtype: torch.dtype, device: torch.device, counts: Pair | None = None
+) -> Tensor:
     """SW-MSA mask for a padded ``H`` x ``W`` map: ``(nW, N, N)``, ``-100`` across regions, else 0.
 
     The shifted map is cut into up to 3 x 3 regions that were not adjacent before the shift;
     tokens of one window in different regions must not attend to each other. The official code
-    adds ``-100`` (not ``-inf``), which we keep: it changes the softmax by ``e^-100``.
+    adds ``-100`` (not ``-inf``), which we keep: it changes the softmax by ``e^-100``. ``counts``:
+    see :func:`window_partition`.
     """
     regions = _bands(H, window[0], shift[0])[:, None] * 3 + _bands(W, window[1], shift[1])[None, :]  # (H, W)
-    regions = window_table(regions, window)  # (nW, N)
+    regions = window_table(regions, window, counts)  # (nW, N)
     different = regions.unsqueeze(1) != regions.unsqueeze(2)  # (nW, N, N)
     return torch.zeros(different.shape, dtype=dtype).masked_fill(different, -100.0).to(device)
 
@@ -416,7 +424,7 @@ def traced_window_attention(x: Tensor, attn: nn.Module, window: Pair, shift: Pai
     tokens = torch.cat((x.reshape(B, H * W, C), x.new_zeros(B, 1, C)), dim=1)
     windows = tokens.index_select(1, to_windows).reshape(B * rows * cols, window[0] * window[1], C)
     shifted = symbolic(*shift) or shift[0] > 0 or shift[1] > 0
-    mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device) if shifted else None
+    mask = shift_window_mask(Hp, Wp, window, shift, x.dtype, x.device, (rows, cols)) if shifted else None
     windows = attn(windows, window, mask)  # (B*nW, N, C)
     return windows.reshape(B, rows * cols * window[0] * window[1], C).index_select(1, to_map).view(B, H, W, C)
 
@@ -438,7 +446,7 @@ def window_gather_indices(
     source_cols = _wrapped(torch.arange(Wp, device=device) + shift[1], Wp)
     inside = (source_rows < H)[:, None] & (source_cols < W)[None, :]
     source = torch.where(inside, source_rows[:, None] * W + source_cols[None, :], H * W)  # (Hp, Wp)
-    to_windows = window_table(source, window).reshape(-1)
+    to_windows = window_table(source, window, counts).reshape(-1)
     map_rows = _wrapped(torch.arange(H, device=device) - shift[0], Hp)  # where each row went
     map_cols = _wrapped(torch.arange(W, device=device) - shift[1], Wp)
     window_rows, window_cols = map_rows // Wh, map_cols // Ww
