@@ -20,7 +20,10 @@ from helpers import write_digit_folder
 from swinkit.cli import main
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
+    FORMATS,
     MAX_SIDE,
+    PROGRAM_METADATA,
+    ProgramClassifier,
     compile_model,
     export,
     export_onnx_model,
@@ -28,6 +31,7 @@ from swinkit.export import (
     load_program,
     onnx_error,
     onnx_session,
+    save_program,
     trace_sides,
 )
 from swinkit.predict import predict
@@ -104,7 +108,11 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
     assert report["max_abs_error"] < 1e-5
     assert [child.name for child in path.parent.iterdir()] == ["model.pt2"]  # the temporary file renamed
     assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
-    program = load_program(path).module()
+    extra = {PROGRAM_METADATA: ""}
+    program = load_program(path, extra_files=extra).module()
+    metadata = json.loads(extra[PROGRAM_METADATA])  # what an ONNX file's metadata holds
+    assert json.loads(metadata["swinkit.config"])["num_classes"] == 5
+    assert json.loads(metadata["swinkit.size_range"]) == report["size_range"]
     with torch.no_grad():
         for shape in REGIME_SIZES:
             x = torch.randn(shape)
@@ -263,45 +271,68 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(gradients[0][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_predict_and_eval_take_the_exported_onnx_file(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_predict_and_eval_take_the_exported_file(tmp_path, fmt):
     folder = write_digit_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=2)
     model = _perturbed(swinkit.create_model("swin_test", num_classes=3))
     names = ["digit0", "digit1", "digit2"]
-    checkpoint, onnx_file = tmp_path / "model.safetensors", tmp_path / "model.onnx"
+    checkpoint = tmp_path / "model.safetensors"
+    exported_file = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
     swinkit.save(model, checkpoint, class_names=names)
-    export(model, onnx_file, class_names=names, check=False, static_size=True)  # the quicker trace
+    export(model, exported_file, fmt, class_names=names, check=False, static_size=True)  # the quicker trace
 
-    expected, exported = predict([folder], checkpoint, topk=3), predict([folder], onnx_file, topk=3)
+    expected, exported = predict([folder], checkpoint, topk=3), predict([folder], exported_file, topk=3)
     assert len(exported) == 6
     for want, got in zip(expected, exported, strict=True):
         assert [p["class"] for p in got["predictions"]] == [p["class"] for p in want["predictions"]]
         for p, q in zip(got["predictions"], want["predictions"], strict=True):
             assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
-    metrics = evaluate_checkpoint(folder, onnx_file, workers=0)
+    metrics = evaluate_checkpoint(folder, exported_file, workers=0)
     reference = evaluate_checkpoint(folder, checkpoint, workers=0)
     assert metrics["images"] == 6 and metrics["top1"] == reference["top1"]
     assert metrics["loss"] == pytest.approx(reference["loss"], abs=1e-5)
-    assert main(["predict", str(folder), "--checkpoint", str(onnx_file)]) == 0
+    assert main(["predict", str(folder), "--checkpoint", str(exported_file)]) == 0
+    if fmt == "torch-export":
+        with pytest.raises(ValueError, match="eval mode only"):
+            ProgramClassifier(exported_file).train()
 
 
-def test_onnx_files_that_cannot_classify_are_refused_by_name(tmp_path, capsys):
+def _write_unusable_onnx_files(folder) -> tuple[str, str]:
+    """backbone.onnx, bare.onnx (no metadata), broken.onnx; the broken one's message and the device message."""
+    backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
+    export_onnx_model(backbone, folder / "backbone.onnx", dynamic_size=False)  # the quicker trace
+    proto = onnx.load(str(folder / "backbone.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(folder / "bare.onnx"))
+    (folder / "broken.onnx").write_bytes(b"not a model")
+    return "onnxruntime cannot load it", "an ONNX file runs in onnxruntime on the CPU"
+
+
+def _write_unusable_programs(folder) -> tuple[str, str]:
+    """backbone.pt2, bare.pt2 (plain torch.export.save), broken.pt2; as above."""
+    backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
+    save_program(backbone, folder / "backbone.pt2", dynamic_size=False)  # the quicker trace
+    classifier = _perturbed(swinkit.create_model("swin_test", num_classes=3))
+    torch.export.save(export_program(classifier, dynamic_size=False), folder / "bare.pt2")
+    (folder / "broken.pt2").write_bytes(b"not a program")
+    return "not a torch.export program", "a .pt2 program runs on the CPU"
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_exported_files_that_cannot_classify_are_refused_by_name(tmp_path, capsys, suffix):
     image = tmp_path / "images"
     image.mkdir()
-    backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
-    export_onnx_model(backbone, tmp_path / "backbone.onnx", dynamic_size=False)  # the quicker trace
-    proto = onnx.load(str(tmp_path / "backbone.onnx"))
-    del proto.metadata_props[:]
-    onnx.save(proto, str(tmp_path / "bare.onnx"))
-    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    write = _write_unusable_onnx_files if suffix == ".onnx" else _write_unusable_programs
+    broken, on_the_cpu = write(tmp_path)
     cases = {
-        "backbone.onnx": "a backbone .outputs \\['features0'",
-        "bare.onnx": "no swinkit.config in its metadata",
-        "broken.onnx": "onnxruntime cannot load it",
+        "backbone": "a backbone .outputs \\['features0'",
+        "bare": "no swinkit.config in its metadata",
+        "broken": broken,
     }
     for name, message in cases.items():
-        with pytest.raises(ValueError, match=f"{name}: {message}"):
-            predict([image], tmp_path / name)
-    with pytest.raises(ValueError, match="onnxruntime on the CPU.*'cuda'.*'none'"):
-        predict([image], tmp_path / "backbone.onnx", device="cuda")
-    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "broken.onnx")]) == 2
-    assert "broken.onnx: onnxruntime cannot load it" in capsys.readouterr().err
+        with pytest.raises(ValueError, match=f"{name}{suffix}: {message}"):
+            predict([image], tmp_path / f"{name}{suffix}")
+    with pytest.raises(ValueError, match=f"{on_the_cpu}.*'cuda'.*'none'"):
+        predict([image], tmp_path / f"backbone{suffix}", device="cuda")
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / f"broken{suffix}")]) == 2
+    assert f"broken{suffix}: {broken}" in capsys.readouterr().err

@@ -77,7 +77,9 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image folder (one sub-folder per class) or CSV of path,label")
     parser.add_argument(
-        "--checkpoint", required=True, help="model file (any supported format, or a .onnx file from swinkit export)"
+        "--checkpoint",
+        required=True,
+        help="model file (any supported format, or an .onnx or .pt2 file from swinkit export)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -118,7 +120,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument(
-        "--checkpoint", required=True, help="model file (any supported format, or a .onnx file from swinkit export)"
+        "--checkpoint",
+        required=True,
+        help="model file (any supported format, or an .onnx or .pt2 file from swinkit export)",
     )
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)

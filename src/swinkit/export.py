@@ -170,18 +170,34 @@ class _NaNOutsideRange(nn.Module):
         return torch.where(inside, outputs, nan)
 
 
+PROGRAM_METADATA = "swinkit.json"  # the file in a .pt2 archive with the ONNX file's metadata
+
+
 def save_program(
-    model: nn.Module, path: str | os.PathLike, img_size: tuple[int, int] | None = None, dynamic_size: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    img_size: tuple[int, int] | None = None,
+    dynamic_size: bool = True,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Write a ``.pt2`` program; ``load_program(path).module()`` (or ``torch.export.load``, slower) runs it."""
+    """Write a ``.pt2`` program; ``load_program(path).module()`` (or ``torch.export.load``, slower) runs it.
+
+    A swinkit model's archive also holds :data:`PROGRAM_METADATA`: the metadata an ONNX file gets
+    (config with its preprocessing, size range, class names), so that prediction and evaluation
+    take the program in place of a checkpoint (:class:`ProgramClassifier`).
+    """
     path = Path(path)
     program = export_program(model, img_size, dynamic_size)
-    atomic_write(path, lambda temporary: torch.export.save(program, temporary))
+    extra = {}
+    if _is_swinkit(model):
+        size = tuple(_example(model, img_size, 1).shape[2:])
+        extra[PROGRAM_METADATA] = json.dumps(_model_metadata(model, size, class_names, static_size=not dynamic_size))
+    atomic_write(path, lambda temporary: torch.export.save(program, temporary, extra_files=extra))
     return path
 
 
-def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """``torch.export.load(path)``, with each distinct symbolic size parsed once.
+def load_program(path: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.load(path, extra_files=extra_files)``, with each distinct symbolic size parsed once.
 
     torch's reader parses the size expression of every tensor in the graph with sympy, again for
     each tensor that repeats it: a size-generic Swin-T program holds 3733 of them, 279 distinct,
@@ -195,7 +211,7 @@ def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch.export program (a .pt2 zip archive)")
     with _parse_each_size_once():
-        return torch.export.load(str(path))
+        return torch.export.load(str(path), extra_files=extra_files)
 
 
 _parse_lock = threading.Lock()
@@ -327,37 +343,87 @@ class OnnxClassifier(nn.Module):
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        from .variants import SwinConfig
-
         super().__init__()
         try:
             self.session = onnx_session(path, threads)
         except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
             raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
-        if "swinkit.config" not in metadata:
-            raise ValueError(
-                f"{path}: no swinkit.config in its metadata; only files written by `swinkit export` carry the "
-                "preprocessing and classes that prediction and evaluation need"
-            )
-        self.config = SwinConfig.from_dict(json.loads(metadata["swinkit.config"]))
         outputs = [output.name for output in self.session.get_outputs()]
-        if outputs != ["logits"]:
-            raise ValueError(f"{path}: a backbone (outputs {outputs}), not a classifier with logits")
-        names = json.loads(metadata.get("swinkit.class_names", "null"))
-        self.class_names: list[str] | None = names
-        self.size_range = json.loads(metadata.get("swinkit.size_range", "{}"))
-        crop = self.config.preprocessing.crop
-        for side, (low, high) in self.size_range.items():
-            if not low <= crop <= high:
-                raise ValueError(
-                    f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high}"
-                )
+        self.config, self.class_names, self.size_range = _classifier_metadata(path, metadata, outputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feed = {self.session.get_inputs()[0].name: images.detach().cpu().float().numpy()}
         (logits,) = self.session.run(None, feed)
         return torch.from_numpy(logits).to(images.device)
+
+
+class ProgramClassifier(nn.Module):
+    """A classifier written by ``swinkit export --format torch-export``: its ``.pt2`` program on the CPU.
+
+    Like :class:`OnnxClassifier`, with the config, size range and class names from the archive's
+    :data:`PROGRAM_METADATA`. The program was traced on the CPU (its index tables are CPU
+    constants), so it runs there, in float32.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        extra = {PROGRAM_METADATA: ""}
+        try:
+            program = load_program(path, extra_files=extra)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as error:  # torch's own errors (truncated archive, unknown operators)
+            raise ValueError(f"{path}: torch.export cannot load it: {error}") from None
+        try:
+            metadata = json.loads(extra[PROGRAM_METADATA] or "{}")
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: its {PROGRAM_METADATA} is not JSON") from None
+        config = _config_from_metadata(path, metadata)
+        outputs = [f"features{i}" for i in config.out_indices] if config.features_only else ["logits"]
+        self.config, self.class_names, self.size_range = _classifier_metadata(path, metadata, outputs)
+        self.program = program.module()
+        self.training = False
+
+    def train(self, mode: bool = True) -> ProgramClassifier:
+        # The traced program is the eval-mode function, and its module refuses train() and eval().
+        if mode:
+            raise ValueError("an exported program computes the model in eval mode only; it cannot train")
+        self.training = False
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.program(images.detach().cpu().float()).to(images.device)
+
+
+def _config_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> Any:
+    from .variants import SwinConfig
+
+    if "swinkit.config" not in metadata:
+        raise ValueError(
+            f"{path}: no swinkit.config in its metadata; only files written by `swinkit export` carry the "
+            "preprocessing and classes that prediction and evaluation need"
+        )
+    return SwinConfig.from_dict(json.loads(metadata["swinkit.config"]))
+
+
+def _classifier_metadata(
+    path: str | os.PathLike, metadata: dict[str, str], outputs: list[str]
+) -> tuple[Any, list[str] | None, dict[str, list[int]]]:
+    """An exported classifier's config, class names and size range, from its metadata; refused by name
+    when the metadata is missing, the file is a backbone, or its preprocessing falls outside its sizes."""
+    config = _config_from_metadata(path, metadata)
+    if outputs != ["logits"]:
+        raise ValueError(f"{path}: a backbone (outputs {outputs}), not a classifier with logits")
+    names = json.loads(metadata.get("swinkit.class_names", "null"))
+    size_range = json.loads(metadata.get("swinkit.size_range", "{}"))
+    crop = config.preprocessing.crop
+    for side, (low, high) in size_range.items():
+        if not low <= crop <= high:
+            raise ValueError(
+                f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high}"
+            )
+    return config, names, size_range
 
 
 def onnx_error(session: Any, model: nn.Module, images: torch.Tensor) -> float:
@@ -406,7 +472,7 @@ def export(
     if fmt == "onnx":
         path = export_onnx_model(model, path, example, opset, class_names, not static_size, external_data)
     else:
-        path = save_program(model, path, size, dynamic_size=not static_size)
+        path = save_program(model, path, size, not static_size, class_names)
     ranges = size_ranges(size, static_size)
     report: dict[str, Any] = {"path": str(path), "format": fmt, "example_size": list(size), "size_range": ranges}
     if check:
