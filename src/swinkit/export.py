@@ -349,8 +349,9 @@ class OnnxClassifier(nn.Module):
         except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
             raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
+        self.config = _config_from_metadata(path, metadata)
         outputs = [output.name for output in self.session.get_outputs()]
-        self.config, self.class_names, self.size_range = _classifier_metadata(path, metadata, outputs)
+        self.class_names, self.size_range = _classifier_metadata(path, metadata, self.config, outputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feed = {self.session.get_inputs()[0].name: images.detach().cpu().float().numpy()}
@@ -379,9 +380,10 @@ class ProgramClassifier(nn.Module):
             metadata = json.loads(extra[PROGRAM_METADATA] or "{}")
         except json.JSONDecodeError:
             raise ValueError(f"{path}: its {PROGRAM_METADATA} is not JSON") from None
-        config = _config_from_metadata(path, metadata)
-        outputs = [f"features{i}" for i in config.out_indices] if config.features_only else ["logits"]
-        self.config, self.class_names, self.size_range = _classifier_metadata(path, metadata, outputs)
+        self.config = _config_from_metadata(path, metadata)
+        features = self.config.features_only
+        outputs = [f"features{i}" for i in self.config.out_indices] if features else ["logits"]
+        self.class_names, self.size_range = _classifier_metadata(path, metadata, self.config, outputs)
         self.program = program.module()
         self.training = False
 
@@ -408,11 +410,10 @@ def _config_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> 
 
 
 def _classifier_metadata(
-    path: str | os.PathLike, metadata: dict[str, str], outputs: list[str]
-) -> tuple[Any, list[str] | None, dict[str, list[int]]]:
-    """An exported classifier's config, class names and size range, from its metadata; refused by name
-    when the metadata is missing, the file is a backbone, or its preprocessing falls outside its sizes."""
-    config = _config_from_metadata(path, metadata)
+    path: str | os.PathLike, metadata: dict[str, str], config: Any, outputs: list[str]
+) -> tuple[list[str] | None, dict[str, list[int]]]:
+    """An exported classifier's class names and size range, from its metadata; refused by name when
+    the file is a backbone or its preprocessing falls outside its sizes."""
     if outputs != ["logits"]:
         raise ValueError(f"{path}: a backbone (outputs {outputs}), not a classifier with logits")
     names = json.loads(metadata.get("swinkit.class_names", "null"))
@@ -423,7 +424,7 @@ def _classifier_metadata(
             raise ValueError(
                 f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high}"
             )
-    return config, names, size_range
+    return names, size_range
 
 
 def onnx_error(session: Any, model: nn.Module, images: torch.Tensor) -> float:

@@ -117,7 +117,7 @@ def window_partition(x: Tensor, window: Pair, counts: Pair | None = None) -> Ten
     """``(B, H, W, C)`` -> ``(B * nW, Wh * Ww, C)``; windows batch-major, then row, then column.
 
     ``counts``, the windows per column and per row when the caller knows them, spares a traced
-    graph the floor divisions of symbolic sizes (each one costs the shape engine about a second).
+    graph the floor divisions of symbolic sizes (a quarter of a second each for the shape engine).
     """
     B, H, W, C = x.shape
     Wh, Ww = window
