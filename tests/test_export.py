@@ -202,6 +202,10 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     assert onnx_error(session, model.eval(), torch.randn(5, 3, 48, 64)) < 1e-5
     with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument, match="dimensions"):
         session.run(None, {"images": torch.randn(1, 3, 64, 64).numpy()})
+    # Written again with its weights inside: the weights file the old one named goes with it.
+    assert main([*arguments, "--no-check"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx", "model.safetensors"]
+    assert onnx_error(onnx_session(out), model, torch.randn(2, 3, 48, 64)) < 1e-5
     assert main(["export", str(tmp_path / "x.onnx")]) == 2  # neither --checkpoint nor --model
     assert main(["export", str(tmp_path / "missing" / "x.onnx"), "--model", "swin_test"]) == 2
     assert "folder" in capsys.readouterr().err

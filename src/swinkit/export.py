@@ -295,15 +295,22 @@ def _save_onnx(onnx_program: Any, path: Path, external_data: bool | None) -> Non
     """Write the file, and its weights file if external, each replacing its destination at once.
 
     They are written under their final names in a temporary folder beside ``path``, because the
-    model file refers to its weights file by name.
+    model file refers to its weights file by name. A file with its weights inside that replaces one
+    with external weights removes that weights file: only the replaced file named it.
     """
+    old_weights = path.with_name(f"{path.name}.data")
+    replaces_external = path.exists() and old_weights.exists()
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
         staged = Path(folder) / path.name
         onnx_program.save(str(staged), external_data=external_data)
         weights = staged.with_name(f"{staged.name}.data")
-        if weights.exists():  # first, so the model file never names a weights file not yet there
-            os.replace(weights, path.with_name(weights.name))
+        inline = not weights.exists()
+        if not inline:  # first, so the model file never names a weights file not yet there
+            os.replace(weights, old_weights)
         os.replace(staged, path)
+    if inline and replaces_external:
+        old_weights.unlink()
+        logger.info("removed %s, the weights of the %s replaced (the new one holds its weights)", old_weights, path)
 
 
 @contextlib.contextmanager
