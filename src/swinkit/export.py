@@ -190,7 +190,7 @@ def save_program(
     program = export_program(model, img_size, dynamic_size)
     extra = {}
     if _is_swinkit(model):
-        size = tuple(_example(model, img_size, 1).shape[2:])
+        size = tuple(img_size or (model.config.img_size,) * 2)
         extra[PROGRAM_METADATA] = json.dumps(_model_metadata(model, size, class_names, static_size=not dynamic_size))
     atomic_write(path, lambda temporary: torch.export.save(program, temporary, extra_files=extra))
     return path
