@@ -409,3 +409,20 @@ def test_auto_is_the_measured_fastest_exact_path_per_device():
     assert cuda_auto_impl((9, 0), has_triton=True, half=False) == "reference"  # float32: not timed, spills
     assert cuda_auto_impl((7, 5), has_triton=True, half=True) == "reference"  # no bf16 tensor cores
     assert cuda_auto_impl((9, 0), has_triton=False, half=True) == "reference"
+
+
+def test_per_head_attention_leaves_out_probabilities_below_the_normal_range():
+    """The shift mask's -100 leaves probabilities near 4e-44; the per-head path sets them to zero,
+    as a thread that flushes subnormals computes them (products with them are slow otherwise)."""
+    N, heads, d = 4, 1, 2
+    q = k = torch.zeros(1, N, d)  # every logit 0: masked pairs get exp(-100) / 2
+    v = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1e30, 1.0], [1e30, 1.0]]).unsqueeze(0)  # tokens 2, 3 masked
+    qkv = torch.cat([q, k, v], -1)
+    mask = torch.zeros(1, heads, N, N)
+    mask[..., :2, 2:] = mask[..., 2:, :2] = -100.0
+    out = fast.heads_attention(qkv, heads, 1, mask, [1.0], cosine=False).view(N, d)
+    # Not flushed, the masked tokens would add 2 * exp(-100) / 2 * 1e30 = 3.7e-14 to query 0.
+    unflushed = torch.softmax(mask[0, 0].double(), -1) @ v[0].double()
+    assert unflushed[0, 0] > 1e-14
+    expected = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1e30, 1.0], [1e30, 1.0]])
+    assert torch.equal(out, expected)

@@ -211,16 +211,19 @@ def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
         model.set_attn_impl("reference")
         expected = model(x)
         model.set_attn_impl("fused")
-        outputs = [model(x)]  # image-parallel workers: one thread each
-        model.image_parallel = False
-        outputs.append(model(x))  # one batch over two intra-op threads: PyTorch's operations
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
+            torch.set_num_threads(2)
+            outputs = [model(x)]  # image-parallel workers: one thread each
+            model.image_parallel = False
+            outputs.append(model(x))  # one batch, two intra-op threads: the kernel on one
+            torch.set_num_threads(1)
             outputs.append(model(x))
+            torch.set_num_threads(native.MAX_THREADS + 1)
+            outputs.append(model(x))  # more threads: PyTorch's operations
         finally:
             torch.set_num_threads(threads)
-    assert len(calls) == 2 * 8 + 8  # every block, in each of two workers, then with one thread
+    assert len(calls) == 2 * 8 + 8 + 8  # every block, in each of two workers, then in one batch twice
     for out in outputs:
         assert relative_error(out, expected) < 1e-5
 
@@ -260,8 +263,10 @@ def test_kernel_declines_what_it_does_not_cover(monkeypatch):
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
-            torch.set_num_threads(2)
-            assert not native.applies(qkv, 2, 49, bias)  # several intra-op threads: PyTorch's path
+            torch.set_num_threads(native.MAX_THREADS + 1)
+            assert not native.applies(qkv, 2, 49, bias)  # more intra-op threads: PyTorch's path
+            torch.set_num_threads(native.MAX_THREADS)
+            assert native.applies(qkv, 2, 49, bias)
             torch.set_num_threads(1)
             assert native.applies(qkv, 2, 49, bias)
             assert not native.applies(qkv.double(), 2, 49, bias)  # float32 only

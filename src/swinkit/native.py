@@ -3,9 +3,11 @@
 The fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can (with
 autograd on, :class:`WindowAttention` pairs it with a backward kernel):
 float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
-windows of at most 1024 tokens (32 x 32), one intra-op thread: what the image-parallel workers of
-:mod:`swinkit.parallel` run with, or a one-thread process. (Sharing one batch's windows over the
-workers instead was 0.97-0.99x PyTorch's two-thread path at batch 16 and 1.01-1.03x at batch 1:
+windows of at most 1024 tokens (32 x 32), at most :data:`MAX_THREADS` intra-op threads. The kernel
+itself runs on one: the image-parallel workers of :mod:`swinkit.parallel` have one each, and where a
+batch is not split (batch 1, ``image_parallel = False``) on two threads, the kernel on one was still
+faster than PyTorch's operations on two (benchmarks/RESULTS.md). (Sharing one batch's windows over
+the workers instead was 0.97-0.99x PyTorch's two-thread path at batch 16 and 1.01-1.03x at batch 1:
 not kept.) Anywhere else the PyTorch operations run instead, with the same results up to float
 rounding.
 
@@ -46,6 +48,11 @@ VARIANTS = {
 }
 CAPABILITIES = {"AVX512": "avx512", "AVX2": "avx2"}  # torch.backends.cpu.get_cpu_capability() -> variant
 HEAD_SIZE = 32
+# The kernel runs on one thread. With two intra-op threads it was still faster than PyTorch's
+# operations on both (a batch of one 1.17x, a serial batch of 16 1.08x, a serial training step 1.40x,
+# Swin-T, benchmarks/RESULTS.md); with more, PyTorch's operations, which use them all, are taken
+# (not measured: the machine had two cores).
+MAX_THREADS = 2
 MAX_TOKENS = 1024
 ABI = 2  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
@@ -193,7 +200,7 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
         and bias.dtype == torch.float32
-        and torch.get_num_threads() == 1  # so in every image-parallel worker
+        and torch.get_num_threads() <= MAX_THREADS  # one in every image-parallel worker
         and kernel() is not None
     )
 
