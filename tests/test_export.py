@@ -179,6 +179,16 @@ def test_small_images_export_with_a_dynamic_size(tmp_path):
     assert report["max_abs_error"] < 1e-5
 
 
+def test_an_example_of_one_image_still_exports_a_dynamic_batch(tmp_path):
+    # torch.export ties a dynamic size traced at 1 to 1; `swinkit bench --batch-size 1 --onnxruntime`
+    # hands its one-image example to the exporter.
+    model = _perturbed(swinkit.create_model("swin_digits"))
+    export_onnx_model(model, tmp_path / "one.onnx", torch.randn(1, 3, 32, 32), dynamic_size=False)
+    session = onnx_session(tmp_path / "one.onnx")
+    for batch in (1, 3):
+        assert onnx_error(session, model, torch.randn(batch, 3, 32, 32)) < 1e-5, batch
+
+
 def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     model = swinkit.create_model("swin_test", num_classes=3)
     checkpoint = tmp_path / "model.safetensors"

@@ -110,6 +110,8 @@ def export_program(
     """
     model = model.eval()
     example = _example(model, img_size, 2) if example is None else example
+    if example.shape[0] < 2:  # torch.export would tie a dynamic batch traced at 1 to 1
+        example = example.expand(2, *example.shape[1:]).contiguous()
     shapes = dynamic_shapes(model, dynamic_size)
     dynamic_sides = len(shapes["x"]) == 3
     if dynamic_sides:
