@@ -31,6 +31,7 @@ from swinkit.export import (
     load_program,
     onnx_error,
     onnx_session,
+    program_on,
     save_program,
     trace_sides,
 )
@@ -109,7 +110,8 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
     assert [child.name for child in path.parent.iterdir()] == ["model.pt2"]  # the temporary file renamed
     assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
     extra = {PROGRAM_METADATA: ""}
-    program = load_program(path, extra_files=extra).module()
+    loaded = load_program(path, extra_files=extra)
+    program = loaded.module()
     metadata = json.loads(extra[PROGRAM_METADATA])  # what an ONNX file's metadata holds
     assert json.loads(metadata["swinkit.config"])["num_classes"] == 5
     assert json.loads(metadata["swinkit.size_range"]) == report["size_range"]
@@ -119,6 +121,12 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
             torch.testing.assert_close(program(x), model(x), rtol=1e-5, atol=1e-5)
         with pytest.raises(AssertionError, match=str(MAX_SIDE)):  # the program checks its input range
             program(torch.randn(1, 3, MAX_SIDE + 1, 1))
+    # Moved to another device whole: the meta device stands in for a GPU (any tensor or device
+    # argument left on the CPU would not mix with meta tensors); on CUDA: tests/test_gpu.py.
+    moved = program_on(loaded, "meta")
+    for shape in REGIME_SIZES[:2]:
+        out = moved(torch.randn(shape, device="meta"))
+        assert out.device.type == "meta" and out.shape == (shape[0], 5)
     report = export(model, tmp_path / "fixed.pt2", fmt="torch-export", static_size=True)
     assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [64, 64]
     assert "archive" not in capsys.readouterr().err  # torch's warning about a file not named *.pt2
@@ -144,6 +152,15 @@ def test_load_program_reads_the_same_program_as_torch(tmp_path, size_generic_pro
     with pytest.raises(FileNotFoundError, match="absent.pt2: no such file"):
         load_program(tmp_path / "absent.pt2")
     assert GraphModuleDeserializer._parse_sym_expr is parse
+
+
+def test_programs_run_on_the_cpu_or_an_available_gpu(tmp_path):
+    (tmp_path / "model.pt2").write_bytes(b"never read: the device is checked first")
+    with pytest.raises(ValueError, match="model.pt2: a .pt2 program runs on cpu or cuda.*'meta'"):
+        ProgramClassifier(tmp_path / "model.pt2", "meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model.pt2: device 'cuda' asked for, but no CUDA device"):
+            ProgramClassifier(tmp_path / "model.pt2", "cuda")
 
 
 def test_blocks_of_a_stage_share_their_traced_index_tables():
@@ -312,14 +329,19 @@ def test_predict_and_eval_take_the_exported_file(tmp_path, fmt):
 
 
 def _write_unusable_onnx_files(folder) -> tuple[str, str]:
-    """backbone.onnx, bare.onnx (no metadata), broken.onnx; the broken one's message and the device message."""
+    """backbone.onnx, bare.onnx (no metadata), broken.onnx; the broken one's message, an option the
+    format refuses and the refusal."""
     backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
     export_onnx_model(backbone, folder / "backbone.onnx", dynamic_size=False)  # the quicker trace
     proto = onnx.load(str(folder / "backbone.onnx"))
     del proto.metadata_props[:]
     onnx.save(proto, str(folder / "bare.onnx"))
     (folder / "broken.onnx").write_bytes(b"not a model")
-    return "onnxruntime cannot load it", "an ONNX file runs in onnxruntime on the CPU"
+    return (
+        "onnxruntime cannot load it",
+        {"device": "cuda"},
+        "an ONNX file runs in onnxruntime on the CPU.*'cuda'.*'none'",
+    )
 
 
 def _write_unusable_programs(folder) -> tuple[str, str]:
@@ -329,7 +351,11 @@ def _write_unusable_programs(folder) -> tuple[str, str]:
     classifier = _perturbed(swinkit.create_model("swin_test", num_classes=3))
     torch.export.save(export_program(classifier, dynamic_size=False), folder / "bare.pt2")
     (folder / "broken.pt2").write_bytes(b"not a program")
-    return "not a torch.export program", "a .pt2 program runs on the CPU"
+    return (
+        "not a torch.export program",
+        {"amp": "bf16"},
+        "a .pt2 program runs in its exported precision.*'bf16'.*accepted: none",
+    )
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
@@ -337,7 +363,7 @@ def test_exported_files_that_cannot_classify_are_refused_by_name(tmp_path, capsy
     image = tmp_path / "images"
     image.mkdir()
     write = _write_unusable_onnx_files if suffix == ".onnx" else _write_unusable_programs
-    broken, on_the_cpu = write(tmp_path)
+    broken, option, refusal = write(tmp_path)
     cases = {
         "backbone": "a backbone .outputs \\['features0'",
         "bare": "no swinkit.config in its metadata",
@@ -346,7 +372,7 @@ def test_exported_files_that_cannot_classify_are_refused_by_name(tmp_path, capsy
     for name, message in cases.items():
         with pytest.raises(ValueError, match=f"{name}{suffix}: {message}"):
             predict([image], tmp_path / f"{name}{suffix}")
-    with pytest.raises(ValueError, match=f"{on_the_cpu}.*'cuda'.*'none'"):
-        predict([image], tmp_path / f"backbone{suffix}", device="cuda")
+    with pytest.raises(ValueError, match=f"backbone{suffix}: {refusal}"):
+        predict([image], tmp_path / f"backbone{suffix}", **option)
     assert main(["predict", str(image), "--checkpoint", str(tmp_path / f"broken{suffix}")]) == 2
     assert f"broken{suffix}: {broken}" in capsys.readouterr().err

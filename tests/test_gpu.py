@@ -78,3 +78,18 @@ def test_inference_first_then_training_on_the_same_shapes(impl):
     # `swinkit bench` order: tables cached under inference mode must serve a training step.
     model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).cuda()
     assert_tables_cached_under_inference_mode_serve_training(model, impl, torch.randn(2, 3, 36, 44, device="cuda"))
+
+
+def test_a_pt2_program_predicts_on_the_gpu_as_on_the_cpu(tmp_path):
+    from swinkit.export import ProgramClassifier, save_program
+
+    model = perturb(swinkit.create_model("swin_test", num_classes=3), scale=0.05).eval()
+    path = tmp_path / "model.pt2"
+    save_program(model, path)  # size-generic, traced on the CPU
+    on_cpu, on_gpu = ProgramClassifier(path), ProgramClassifier(path, "cuda")
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected, got = on_cpu(x), on_gpu(x.cuda())
+        assert got.device.type == "cuda"
+        assert relative_error(got.cpu(), expected) < 1e-5

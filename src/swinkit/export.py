@@ -369,15 +369,21 @@ class OnnxClassifier(nn.Module):
 
 
 class ProgramClassifier(nn.Module):
-    """A classifier written by ``swinkit export --format torch-export``: its ``.pt2`` program on the CPU.
+    """A classifier written by ``swinkit export --format torch-export``: its ``.pt2`` program, in float32.
 
     Like :class:`OnnxClassifier`, with the config, size range and class names from the archive's
-    :data:`PROGRAM_METADATA`. The program was traced on the CPU (its index tables are CPU
-    constants), so it runs there, in float32.
+    :data:`PROGRAM_METADATA`. The program is traced on the CPU; on ``device`` "cuda" its weights,
+    constants and the device arguments of its operations are moved there first
+    (:func:`program_on`).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
         super().__init__()
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{path}: a .pt2 program runs on cpu or cuda[:index], not {device!r}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{path}: device {device!r} asked for, but no CUDA device is available here")
         extra = {PROGRAM_METADATA: ""}
         try:
             program = load_program(path, extra_files=extra)
@@ -393,7 +399,7 @@ class ProgramClassifier(nn.Module):
         features = self.config.features_only
         outputs = [f"features{i}" for i in self.config.out_indices] if features else ["logits"]
         self.class_names, self.size_range = _classifier_metadata(path, metadata, self.config, outputs)
-        self.program = program.module()
+        self.program = program.module() if self.device.type == "cpu" else program_on(program, self.device)
         self.training = False
 
     def train(self, mode: bool = True) -> ProgramClassifier:
@@ -404,7 +410,25 @@ class ProgramClassifier(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.program(images.detach().cpu().float()).to(images.device)
+        return self.program(images.detach().to(self.device, torch.float32)).to(images.device)
+
+
+def program_on(program: torch.export.ExportedProgram, device: str | torch.device) -> torch.fx.GraphModule:
+    """``program``'s module with its weights and buffers on ``device`` and its operations' ``device``
+    arguments (the traced index tables are built on the tracing device) pointing there.
+
+    torch's ``move_to_device_pass`` does this on the program, and moves every node's symbolic
+    example value too, which for a size-generic program takes longer than loading it (10 s for
+    ``swin_test``); running the module needs none of those."""
+    device = torch.device(device)
+    module = program.module().to(device)
+    for node in module.graph.nodes:
+        if "device" in node.kwargs:
+            node.kwargs = {**node.kwargs, "device": device}
+        if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+            node.args = (node.args[0], device, *node.args[2:])
+    module.recompile()
+    return module
 
 
 def _config_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> Any:

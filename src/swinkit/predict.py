@@ -41,19 +41,22 @@ def load_classifier(
 
     A ``.onnx`` file written by ``swinkit export`` runs in onnxruntime on the CPU
     (:class:`~swinkit.export.OnnxClassifier`), a ``.pt2`` program as a ``torch.export`` program on
-    the CPU (:class:`~swinkit.export.ProgramClassifier`), each in the precision it was exported in.
+    ``device`` (:class:`~swinkit.export.ProgramClassifier`), each in the precision it was exported in.
     """
     suffix = Path(checkpoint).suffix.lower()
+    if suffix == ".onnx" and (torch.device(device).type != "cpu" or amp != "none"):
+        raise ValueError(
+            f"{checkpoint}: an ONNX file runs in onnxruntime on the CPU in its exported precision; "
+            f"got device {device!r} and amp {amp!r} (accepted: cpu and none)"
+        )
+    if suffix == ".pt2" and amp != "none":
+        raise ValueError(
+            f"{checkpoint}: a .pt2 program runs in its exported precision; got amp {amp!r} (accepted: none)"
+        )
     if suffix in (".onnx", ".pt2"):
         from .export import OnnxClassifier, ProgramClassifier
 
-        if torch.device(device).type != "cpu" or amp != "none":
-            kind = "an ONNX file runs in onnxruntime" if suffix == ".onnx" else "a .pt2 program runs"
-            raise ValueError(
-                f"{checkpoint}: {kind} on the CPU in its exported precision; "
-                f"got device {device!r} and amp {amp!r} (accepted: cpu and none)"
-            )
-        model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint)
+        model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
     return create_model(checkpoint=loaded).to(device).eval(), class_names_from_metadata(loaded.metadata)
