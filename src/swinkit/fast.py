@@ -217,6 +217,11 @@ def heads_attention(
     eps = max(1e-12, torch.finfo(qkv.dtype).tiny)
     out = torch.empty(heads, windows, N, d, dtype=qkv.dtype, device=qkv.device)
     images = windows // window_count
+    # The shift mask's -100 leaves probabilities below float32's normal range, and every product
+    # with one takes a microcode assist (the shifted blocks' bmm ran 8x slower on two threads). They
+    # are set to zero, as a thread that flushes subnormals (an image-parallel worker) computes them;
+    # bfloat16 has float32's range and is multiplied in float32. Float64 and float16 are left alone.
+    flush = qkv.dtype in (torch.float32, torch.bfloat16)
     for head in range(heads):
         q, k, v = (qkv[:, :, part * C + head * d : part * C + (head + 1) * d] for part in range(3))
         if cosine:
@@ -224,10 +229,8 @@ def heads_attention(
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(scales[head])  # (c*nW, N, N)
         scores.view(images, window_count, N, N).add_(bias[:, head])
         probabilities = torch.softmax(scores, dim=-1)
-        # The shift mask's -100 leaves probabilities below float32's normal range, and products with
-        # them take a microcode assist each: the shifted blocks' bmm ran 8x slower. They are set to
-        # zero, as a thread that flushes subnormals (the image-parallel workers) computes them.
-        F.threshold(probabilities, FLOAT32_TINY, 0.0, inplace=True)
+        if flush:
+            F.threshold(probabilities, FLOAT32_TINY, 0.0, inplace=True)
         torch.bmm(probabilities, v, out=out[head])
     return out.permute(1, 2, 0, 3).reshape(windows * N, C)
 
