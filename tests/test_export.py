@@ -154,6 +154,17 @@ def test_load_program_reads_the_same_program_as_torch(tmp_path, size_generic_pro
     assert GraphModuleDeserializer._parse_sym_expr is parse
 
 
+def test_program_on_moves_tensor_constants_too():
+    class AddsAConstant(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.tensor([1.0, 2.0])  # a constant of the program, not a buffer
+
+    program = torch.export.export(AddsAConstant(), (torch.randn(3, 2),))
+    assert program.constants  # what this test is about
+    out = program_on(program, "meta")(torch.randn(3, 2, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 2)
+
+
 def test_programs_run_on_the_cpu_or_an_available_gpu(tmp_path):
     (tmp_path / "model.pt2").write_bytes(b"never read: the device is checked first")
     with pytest.raises(ValueError, match="model.pt2: a .pt2 program runs on cpu or cuda.*'meta'"):

@@ -373,7 +373,7 @@ class ProgramClassifier(nn.Module):
 
     Like :class:`OnnxClassifier`, with the config, size range and class names from the archive's
     :data:`PROGRAM_METADATA`. The program is traced on the CPU; on ``device`` "cuda" its weights,
-    constants and the device arguments of its operations are moved there first
+    buffers, constants and the device arguments of its operations are moved there first
     (:func:`program_on`).
     """
 
@@ -414,14 +414,19 @@ class ProgramClassifier(nn.Module):
 
 
 def program_on(program: torch.export.ExportedProgram, device: str | torch.device) -> torch.fx.GraphModule:
-    """``program``'s module with its weights and buffers on ``device`` and its operations' ``device``
-    arguments (the traced index tables are built on the tracing device) pointing there.
+    """``program``'s module with its weights, buffers and tensor constants on ``device`` and its
+    operations' ``device`` arguments (the traced index tables are built on the tracing device)
+    pointing there.
 
     torch's ``move_to_device_pass`` does this on the program, and moves every node's symbolic
     example value too, which for a size-generic program takes longer than loading it (10 s for
     ``swin_test``); running the module needs none of those."""
     device = torch.device(device)
     module = program.module().to(device)
+    for submodule in module.modules():  # constants are plain tensor attributes, which .to() leaves
+        for name, value in list(vars(submodule).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(submodule, name, value.to(device))
     for node in module.graph.nodes:
         if "device" in node.kwargs:
             node.kwargs = {**node.kwargs, "device": device}
