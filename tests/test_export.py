@@ -339,7 +339,7 @@ def test_predict_and_eval_take_the_exported_file(tmp_path, fmt):
             ProgramClassifier(exported_file).train()
 
 
-def _write_unusable_onnx_files(folder) -> tuple[str, str]:
+def _write_unusable_onnx_files(folder) -> tuple[str, dict[str, str], str]:
     """backbone.onnx, bare.onnx (no metadata), broken.onnx; the broken one's message, an option the
     format refuses and the refusal."""
     backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
@@ -355,7 +355,7 @@ def _write_unusable_onnx_files(folder) -> tuple[str, str]:
     )
 
 
-def _write_unusable_programs(folder) -> tuple[str, str]:
+def _write_unusable_programs(folder) -> tuple[str, dict[str, str], str]:
     """backbone.pt2, bare.pt2 (plain torch.export.save), broken.pt2; as above."""
     backbone = _perturbed(swinkit.create_model("swin_test", features_only=True))
     save_program(backbone, folder / "backbone.pt2", dynamic_size=False)  # the quicker trace
