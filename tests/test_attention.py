@@ -18,7 +18,7 @@ from helpers import (
     perturb,
     relative_error,
 )
-from swinkit import fast
+from swinkit import fast, native
 from swinkit.attention import ATTENTION_IMPLS
 from swinkit.fast import window_order
 
@@ -346,11 +346,11 @@ def test_packed_onednn_weights_follow_weight_changes():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(x)
-        packed = fast._packed_weights[fc1.weight][1]
+        packed = fast._packed_weights[fc1.weight][torch.float32][1]
         assert packed.is_mkldnn  # the no-grad path packed it
         fc1.weight.mul_(-1.5)  # in place, as load_state_dict copies
         changed = model(x)
-        assert fast._packed_weights[fc1.weight][1] is not packed
+        assert fast._packed_weights[fc1.weight][torch.float32][1] is not packed
         model.set_attn_impl("reference")
         assert relative_error(changed, model(x)) < 1e-5
     copy.deepcopy(model)  # the packed weights live outside the model: EMA copies still work
@@ -388,6 +388,55 @@ def test_fused_blocks_under_autocast_keep_the_reference_dtypes(variant, grad):
             outputs[impl] = block(x)
     assert outputs["fused"].dtype == outputs["reference"].dtype == torch.float32
     assert relative_error(outputs["fused"].float(), outputs["reference"].float()) < 2e-2
+
+
+@pytest.mark.skipif(not fast.ONEDNN_BFLOAT16, reason="no oneDNN bfloat16 linear on this CPU")
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_bfloat16_inference_packs_bfloat16_weights_and_runs_the_native_kernel(variant, monkeypatch):
+    # No-grad work under CPU bfloat16 autocast: oneDNN's bfloat16 linears from weights packed once,
+    # and the float32 native kernel on the widened qkv. As close to float32 as the reference path
+    # under the same autocast.
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).eval()
+    x = torch.randn(3, 3, 64, 64)
+    calls = []
+    kernel = native.window_attention
+    monkeypatch.setattr(
+        native, "window_attention", lambda qkv, *rest, **named: calls.append(qkv.dtype) or kernel(qkv, *rest, **named)
+    )
+    with torch.no_grad():
+        model.set_attn_impl("reference")
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced_reference = model(x).float()
+            model.set_attn_impl("fused")
+            out = model(x).float()
+            assert fast._onednn_bfloat16(x) and not fast._onednn(x)
+        assert not fast._onednn_bfloat16(x)  # outside autocast: float32 as before
+    fc1 = model.layers[0].blocks[0].mlp.fc1
+    assert fast._packed_weights[fc1.weight][torch.bfloat16][1].dtype == torch.bfloat16
+    if native.kernel() is not None:
+        assert calls and set(calls) == {torch.bfloat16}
+    assert relative_error(out, expected) < 2 * relative_error(reduced_reference, expected) + 5e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast._onednn_bfloat16(x)  # with autograd on: autocast's own F.linear
+        assert not fast._onednn_bfloat16(x.double())
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no native kernel on this machine")
+def test_bfloat16_training_attends_through_the_native_kernel(monkeypatch):
+    # Under CPU bfloat16 autocast with autograd, qkv is widened differentiably into the float32
+    # kernel: its gradients reach the bfloat16 qkv linear as close as the reference path's own.
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).train()
+    calls = []
+    kernel = native.window_attention
+
+    def recording(qkv, *rest, **named):
+        calls.append((qkv.dtype, qkv.requires_grad))
+        return kernel(qkv, *rest, **named)
+
+    monkeypatch.setattr(native, "window_attention", recording)
+    assert_bfloat16_as_close_as_the_reference(model, "fused", torch.randn(SHAPES[1]))
+    assert (torch.bfloat16, True) in calls
 
 
 # Not triton: under Triton's interpreter its kernels come out wrong in bfloat16 (float16 is right,

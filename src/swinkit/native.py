@@ -2,7 +2,8 @@
 
 The fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can (with
 autograd on, :class:`WindowAttention` pairs it with a backward kernel):
-float32 on an x86-64 Linux CPU with AVX-512 or AVX2, head size 32 (every Swin configuration),
+float32 (or bfloat16, widened to float32 on the way in and rounded back on the way out) on an x86-64 Linux CPU
+with AVX-512 or AVX2, head size 32 (every Swin configuration),
 windows of at most 1024 tokens (32 x 32), at most :data:`MAX_THREADS` intra-op threads. The kernel
 itself runs on one: the image-parallel workers of :mod:`swinkit.parallel` have one each, and where a
 batch is not split (batch 1, ``image_parallel = False``) on two threads, the kernel on one was still
@@ -54,6 +55,8 @@ HEAD_SIZE = 32
 # (not measured: the machine had two cores).
 MAX_THREADS = 2
 MAX_TOKENS = 1024
+# Inputs the kernel takes: float32, and bfloat16 widened to float32 on the way in (CPU autocast).
+INPUT_DTYPES = (torch.float32, torch.bfloat16)
 ABI = 2  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
@@ -194,12 +197,12 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
     """Whether the kernel can take this attention call (checked per call, cheaply)."""
     return (
         ENABLED
-        and qkv.dtype == torch.float32
+        and qkv.dtype in INPUT_DTYPES
         and qkv.device.type == "cpu"
         and qkv.is_contiguous()
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
-        and bias.dtype == torch.float32
+        and bias.dtype in INPUT_DTYPES
         and torch.get_num_threads() <= MAX_THREADS  # one in every image-parallel worker
         and kernel() is not None
     )
@@ -221,9 +224,12 @@ def window_attention(
     (:class:`ShiftMask`), or None. Returns ``(windows, N, C)``. With autograd on, differentiable
     in ``qkv``, ``bias`` and ``scales`` (V2's ``scales`` come from its learned logit scales).
     """
+    # bfloat16 (CPU autocast, a bfloat16 model) is widened exactly (differentiably) and attended in
+    # float32, more precisely than bfloat16 products; the output is rounded back to qkv's dtype.
+    dtype, qkv, bias = qkv.dtype, qkv.float(), bias.float()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scales)):
-        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant, mask)
-    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask)
+        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant, mask).to(dtype)
+    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask).to(dtype)
 
 
 def _forward(
