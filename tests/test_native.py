@@ -64,6 +64,26 @@ def test_kernel_keeps_large_logits_exact():
     assert relative_error(native.window_attention(qkv, 2, bias, scales, False), expected) < 1e-6
 
 
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("tokens", [21, 49])
+def test_kernel_propagates_nan_and_infinity_as_pytorch_does(variant, tokens):
+    # A NaN in a query row makes that row NaN, one in a key row the whole window-head, one in a value
+    # row that channel; an infinite key component makes the rows whose logit is +inf NaN and leaves
+    # those with -inf finite. The kernel's vector maximum used to drop NaN logits.
+    heads = 3
+    qkv, bias = _inputs(4, tokens, heads, 1)
+    qkv[0, 0, 5] = float("nan")  # q, head 0
+    qkv[1, 3, heads * D + D + 1] = float("inf")  # k, head 1
+    qkv[2, 7, 2 * heads * D + 4] = float("nan")  # v, head 0
+    qkv[3, 2, heads * D + 2 * D] = float("nan")  # k, head 2
+    scales = torch.full((heads,), D**-0.5)
+    out = native.window_attention(qkv, heads, bias, scales, False, variant)
+    expected = _float64_attention(qkv, heads, bias, scales, False)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert 0 < int(out[1].isnan().sum()) < tokens * D  # +inf rows only
+    assert relative_error(out.nan_to_num(), expected.nan_to_num()) < 1e-6
+
+
 def test_kernel_leaves_the_threads_subnormal_mode_as_it_found_it():
     # The kernel flushes subnormal floats to zero while it runs (they cost microcode assists);
     # PyTorch's operations in the same thread must see them again after it returns.
@@ -151,6 +171,28 @@ def test_kernel_with_mask_patterns_matches_float64(variant, tokens, cosine):
     for name, a, b in zip(("q", "k", "v", "bias", "scales"), got, expected, strict=True):
         if cosine or name != "scales":
             assert relative_error(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("tokens", [16, 21, 49, 144])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_bfloat16_kernel_is_the_float32_kernel_rounded(variant, tokens, cosine):
+    # bfloat16 qkv (CPU autocast) is widened inside the kernel, which is exact, and its output
+    # rounded to nearest even as PyTorch's conversion rounds: bit for bit the float32 kernel on the
+    # widened qkv, then converted. A NaN in each of two windows stays NaN there.
+    heads = 3
+    qkv, bias = _inputs(8, tokens, heads, 1)
+    qkv = qkv.to(torch.bfloat16)
+    qkv[2, 0, 5], qkv[5, 1, 3 * D + 1] = float("nan"), float("nan")
+    mask = native.ShiftMask.of(_random_shift_mask(tokens))
+    scales = torch.tensor([10.0, 3.5, 0.7]) if cosine else torch.full((heads,), D**-0.5)
+    got = native.window_attention(qkv, heads, bias, scales, cosine, variant, mask)
+    widened = native.window_attention(qkv.float(), heads, bias, scales, cosine, variant, mask)
+    assert got.dtype == torch.bfloat16 and widened.dtype == torch.float32
+    rounded, numbers = widened.to(torch.bfloat16), ~widened.isnan()
+    assert torch.equal(got[numbers].view(torch.int16), rounded[numbers].view(torch.int16))
+    assert torch.equal(got.isnan(), ~numbers)  # NaN's bits are PyTorch's choice; NaN it stays
+    assert got[2].isnan().any() and got[5].isnan().any() and not got[[0, 1, 3, 4, 6, 7]].isnan().any()
 
 
 def test_cosine_backward_through_a_clamped_norm():
@@ -338,7 +380,8 @@ def test_damaged_cached_build_is_rebuilt(fresh_kernel):
 def test_build_of_another_kernel_abi_is_refused(fresh_kernel, monkeypatch, tmp_path):
     # A source whose entry points take other arguments (another swinkit's) must not be called.
     other = tmp_path / "window_attention.c"
-    other.write_text(native.SOURCE.read_text().replace("abi(void) { return 2; }", "abi(void) { return 1; }"))
+    source = native.SOURCE.read_text()
+    other.write_text(source.replace(f"abi(void) {{ return {native.ABI}; }}", "abi(void) { return 1; }"))
     monkeypatch.setattr(native, "SOURCE", other)
     assert native.kernel() is None
     assert f"kernel ABI {native.ABI}" in native.status()

@@ -57,7 +57,7 @@ MAX_THREADS = 2
 MAX_TOKENS = 1024
 # Inputs the kernel takes: float32, and bfloat16 widened to float32 on the way in (CPU autocast).
 INPUT_DTYPES = (torch.float32, torch.bfloat16)
-ABI = 2  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
+ABI = 3  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 _lock = threading.Lock()
@@ -126,12 +126,12 @@ def _load(variant: str) -> Kernels:
     size, pointer = ctypes.c_long, ctypes.c_void_p
     # qkv, windows, N, C, heads, bias, groups, mask, mask_index, mask_windows, scales, cosine
     layout = [pointer, size, size, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
-    forward = library.swinkit_window_attention
-    forward.argtypes = [*layout, pointer]
+    forward, forward_bfloat16 = library.swinkit_window_attention, library.swinkit_window_attention_bf16
+    forward.argtypes = forward_bfloat16.argtypes = [*layout, pointer]
     backward = library.swinkit_window_attention_backward
     backward.argtypes = [*layout, pointer, pointer, pointer, pointer]
-    forward.restype = backward.restype = ctypes.c_int
-    return Kernels(forward, backward)
+    forward.restype = forward_bfloat16.restype = backward.restype = ctypes.c_int
+    return Kernels(forward, backward, forward_bfloat16)
 
 
 class ShiftMask(NamedTuple):
@@ -163,6 +163,7 @@ class Kernels(NamedTuple):
 
     forward: Callable[..., int]
     backward: Callable[..., int]
+    forward_bfloat16: Callable[..., int]  # the forward on bfloat16 qkv and output
 
 
 def kernel(variant: str | None = None) -> Kernels | None:
@@ -224,12 +225,13 @@ def window_attention(
     (:class:`ShiftMask`), or None. Returns ``(windows, N, C)``. With autograd on, differentiable
     in ``qkv``, ``bias`` and ``scales`` (V2's ``scales`` come from its learned logit scales).
     """
-    # bfloat16 (CPU autocast, a bfloat16 model) is widened exactly (differentiably) and attended in
-    # float32, more precisely than bfloat16 products; the output is rounded back to qkv's dtype.
-    dtype, qkv, bias = qkv.dtype, qkv.float(), bias.float()
+    # bfloat16 (CPU autocast, a bfloat16 model) is attended in float32, more precisely than bfloat16
+    # products, and the output rounded back to bfloat16: without autograd the kernel widens and
+    # rounds as it goes; with autograd qkv is widened here, differentiably.
+    bias = bias.float()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scales)):
-        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant, mask).to(dtype)
-    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask).to(dtype)
+        return WindowAttention.apply(qkv.float(), bias, scales, heads, cosine, variant, mask).to(qkv.dtype)
+    return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask)
 
 
 def _forward(
@@ -238,7 +240,9 @@ def _forward(
     windows, tokens, width = qkv.shape
     bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
-    code = kernel(variant).forward(*_layout(qkv, heads, bias, mask, scales), cosine, out.data_ptr())
+    kernels = kernel(variant)
+    forward = kernels.forward_bfloat16 if qkv.dtype == torch.bfloat16 else kernels.forward
+    code = forward(*_layout(qkv, heads, bias, mask, scales), cosine, out.data_ptr())
     _check(code, qkv, heads, bias, mask)
     return out
 

@@ -174,13 +174,16 @@ static inline __attribute__((always_inline)) void softmax_rows(float *rows, long
     }
   }
   /* exp(x) for x < -87 (the padding's -inf among them) is below float's normal range: 1.6e-38 in
-   * its place is negligible next to the row maximum's exp(0) = 1 in the sum. */
+   * its place is negligible next to the row maximum's exp(0) = 1 in the sum. The floor goes first:
+   * `larger` returns its second operand where either is NaN, so a NaN logit, a +inf one (inf - inf)
+   * and a row of -inf ones stay NaN through exp and the sum, as PyTorch's softmax makes their rows
+   * (the floor second dropped them: the kernel gave finite rows there). */
   const vec floor = splat(-87.0f);
   vec maximum[ROWS], sum[ROWS];
   for (int r = 0; r < ROWS; r++) maximum[r] = splat(largest_lane(top[r])), sum[r] = splat(0.0f);
   for (long j = 0; j < padded; j += LANES)
     for (int r = 0; r < ROWS; r++) {
-      vec e = exp_nonpositive(larger(load(rows + r * row_stride + j) - maximum[r], floor));
+      vec e = exp_nonpositive(larger(floor, load(rows + r * row_stride + j) - maximum[r]));
       store(rows + r * row_stride + j, e);
       sum[r] += e;
     }
@@ -516,5 +519,70 @@ int swinkit_window_attention(const float *qkv, long windows, long N, long C, lon
   return 0;
 }
 
-/* The argument layout of the two entry points above (native.py refuses a build of another). */
-int swinkit_window_attention_abi(void) { return 2; }
+/* bfloat16 in and out (CPU autocast): a bfloat16 is the upper half of a float32, so widening is a
+ * shift, exact; narrowing rounds to nearest even, as PyTorch's conversion does (NaN stays NaN). */
+typedef unsigned short bf16;
+typedef bf16 bf16_lanes __attribute__((vector_size(LANES * sizeof(bf16))));
+typedef unsigned int uvec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vec widen(const bf16 *p) {
+  bf16_lanes h;
+  memcpy(&h, p, sizeof h);
+  const uvec bits = __builtin_convertvector(h, uvec) << 16;
+  vec v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+static inline void narrow(bf16 *p, vec v) {
+  uvec bits;
+  memcpy(&bits, &v, sizeof bits);
+  const uvec nan = (uvec)((bits & 0x7FFFFFFFu) > 0x7F800000u); /* all ones where NaN */
+  const uvec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const bf16_lanes h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), bf16_lanes);
+  memcpy(p, &h, sizeof h);
+}
+
+/* One head's q, k and v rows of a window (`stride` apart in qkv) as N rows of 3D floats. */
+static void widen_head(const bf16 *q, long stride, long C, long N, float *local) {
+  for (long r = 0; r < N; r++)
+    for (int part = 0; part < 3; part++)
+      for (int t = 0; t < D; t += LANES) store(local + r * 3 * D + part * D + t, widen(q + r * stride + part * C + t));
+}
+
+/* swinkit_window_attention on bfloat16 qkv and out (bias, mask and scales stay float32): each
+ * window-head's rows are widened into a float32 copy in L1 and its output rounded on the way out,
+ * instead of a widened copy of the whole qkv and a rounding pass over the whole output in PyTorch. */
+int swinkit_window_attention_bf16(const bf16 *qkv, long windows, long N, long C, long heads, const float *bias,
+                                  long groups, const float *mask, const int *mask_index, long mask_windows,
+                                  const float *scales, int cosine, bf16 *out) {
+  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1 || (mask && mask_windows < 1)) return -1;
+  const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
+  /* k^T, the ROWS rows of logits, the head's widened rows and its output, on cache-line boundaries */
+  float *keys = aligned_alloc(64, sizeof(float) * ((D + ROWS) * stride_keys + 4 * D * N));
+  if (keys == NULL) return -1;
+  float *logits = keys + D * stride_keys, *local = logits + ROWS * stride_keys, *result = local + 3 * D * N;
+  const unsigned int mode = flush_subnormals();
+  for (long w = 0; w < windows; w++) {
+    const float *m = window_mask(mask, mask_index, mask_windows, w, N);
+    for (long h = 0; h < heads; h++) {
+      const bf16 *q = qkv + w * N * stride + h * D;
+      const float *b = bias + ((w % groups) * heads + h) * N * N;
+      if (h + 1 < heads) /* the next head: the same rows, D values on (prefetch_rows counts floats) */
+        prefetch_rows((const float *)(q + D), stride / 2, N, 3, C / 2);
+      else if (w + 1 < windows)
+        prefetch_rows((const float *)(qkv + (w + 1) * N * stride), stride / 2, N, 3, C / 2);
+      widen_head(q, stride, C, N, local);
+      head_sized(local, D, 3 * D, N, b, m, scales[h], cosine, result, keys, logits);
+      bf16 *o = out + w * N * C + h * D;
+      for (long r = 0; r < N; r++)
+        for (int t = 0; t < D; t += LANES) narrow(o + r * C + t, load(result + r * D + t));
+    }
+  }
+  _mm_setcsr(mode);
+  free(keys);
+  return 0;
+}
+
+/* The argument layout of the entry points above (native.py refuses a build of another). */
+int swinkit_window_attention_abi(void) { return 3; }
