@@ -7,7 +7,8 @@ worker's share), one process, rounds interleaved between the builds. It times ev
 no-grad forward per (channels, shifted), that is per stage and shift, and the whole forward;
 then forward + backward of a training step (stochastic depth off, so that both builds see the same
 work). Gradients must come out the same. Both sources must take this swinkit's kernel arguments
-(``native.ABI``; sources before the shift mask was passed as patterns, ABI 2, take others).
+(``native.ABI``, 3; sources before the bfloat16 entry point are ABI 2 and are refused: to time
+one of those, give a copy of it the bfloat16 entry and ``abi`` of today's source).
 
     python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7]
 """

@@ -193,6 +193,33 @@ def test_bfloat16_kernel_is_the_float32_kernel_rounded(variant, tokens, cosine):
     assert torch.equal(got[numbers].view(torch.int16), rounded[numbers].view(torch.int16))
     assert torch.equal(got.isnan(), ~numbers)  # NaN's bits are PyTorch's choice; NaN it stays
     assert got[2].isnan().any() and got[5].isnan().any() and not got[[0, 1, 3, 4, 6, 7]].isnan().any()
+    # The backward entry the same way: dq, dk, dv rounded, the bias and scale gradients as in float32.
+    qkv[2, 0, 5], qkv[5, 1, 3 * D + 1] = 0.5, 0.25
+    grad = torch.randn(got.shape).to(torch.bfloat16)
+    grads = native.window_attention_backward(qkv, grad, heads, bias, scales, cosine, variant, mask)
+    expected = native.window_attention_backward(qkv.float(), grad.float(), heads, bias, scales, cosine, variant, mask)
+    assert grads[0].dtype == torch.bfloat16
+    assert torch.equal(grads[0].view(torch.int16), expected[0].to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(grads[1], expected[1]) and torch.equal(grads[2], expected[2])
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_bfloat16_second_order_gradients_go_through_float32(cosine):
+    # A gradient penalty on bfloat16 qkv (create_graph=True): the differentiable backward widens
+    # qkv and hands back bfloat16 gradients, close to the same penalty on float32 qkv.
+    heads = 2
+    qkv, bias = _inputs(4, 49, heads, 4)
+    scales = torch.tensor([3.0, 0.5]) if cosine else torch.full((heads,), D**-0.5)
+    grad_out = torch.randn(4, 49, heads * D)
+    penalties = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        leaf = qkv.to(dtype).requires_grad_()
+        out = native.window_attention(leaf, heads, bias, scales, cosine)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dtype), create_graph=True)
+        assert grad.dtype == dtype
+        (penalties[dtype],) = torch.autograd.grad(grad.float().square().sum(), leaf)
+    assert penalties[torch.bfloat16].dtype == torch.bfloat16
+    assert relative_error(penalties[torch.bfloat16], penalties[torch.float32]) < 5e-2
 
 
 def test_cosine_backward_through_a_clamped_norm():

@@ -128,10 +128,14 @@ def _load(variant: str) -> Kernels:
     layout = [pointer, size, size, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
     forward, forward_bfloat16 = library.swinkit_window_attention, library.swinkit_window_attention_bf16
     forward.argtypes = forward_bfloat16.argtypes = [*layout, pointer]
-    backward = library.swinkit_window_attention_backward
-    backward.argtypes = [*layout, pointer, pointer, pointer, pointer]
-    forward.restype = forward_bfloat16.restype = backward.restype = ctypes.c_int
-    return Kernels(forward, backward, forward_bfloat16)
+    backward, backward_bfloat16 = (
+        library.swinkit_window_attention_backward,
+        library.swinkit_window_attention_backward_bf16,
+    )
+    backward.argtypes = backward_bfloat16.argtypes = [*layout, pointer, pointer, pointer, pointer]
+    for entry in (forward, forward_bfloat16, backward, backward_bfloat16):
+        entry.restype = ctypes.c_int
+    return Kernels(forward, backward, forward_bfloat16, backward_bfloat16)
 
 
 class ShiftMask(NamedTuple):
@@ -164,6 +168,7 @@ class Kernels(NamedTuple):
     forward: Callable[..., int]
     backward: Callable[..., int]
     forward_bfloat16: Callable[..., int]  # the forward on bfloat16 qkv and output
+    backward_bfloat16: Callable[..., int]  # the backward on bfloat16 qkv, output gradient and qkv gradient
 
 
 def kernel(variant: str | None = None) -> Kernels | None:
@@ -226,11 +231,11 @@ def window_attention(
     in ``qkv``, ``bias`` and ``scales`` (V2's ``scales`` come from its learned logit scales).
     """
     # bfloat16 (CPU autocast, a bfloat16 model) is attended in float32, more precisely than bfloat16
-    # products, and the output rounded back to bfloat16: without autograd the kernel widens and
-    # rounds as it goes; with autograd qkv is widened here, differentiably.
+    # products: the kernel widens each window-head's rows as it goes and rounds the output (and in
+    # the backward the qkv gradient) back to bfloat16.
     bias = bias.float()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, bias, scales)):
-        return WindowAttention.apply(qkv.float(), bias, scales, heads, cosine, variant, mask).to(qkv.dtype)
+        return WindowAttention.apply(qkv, bias, scales, heads, cosine, variant, mask)
     return _forward(qkv.detach(), heads, bias.detach(), scales.detach(), cosine, variant, mask)
 
 
@@ -260,11 +265,14 @@ def window_attention_backward(
     """The gradients of :func:`window_attention` with respect to ``qkv``, ``bias`` (summed over the
     windows that share each bias group) and ``scales`` (zero without cosine: V1's is not learned),
     given ``grad`` of its output."""
-    qkv, grad, bias, scales = qkv.contiguous(), grad.contiguous(), bias.contiguous(), scales.contiguous()
+    qkv, bias, scales = qkv.contiguous(), bias.contiguous(), scales.contiguous()
+    grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
     grad_bias, grad_scales = torch.zeros_like(bias), torch.zeros_like(scales)
     pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr(), grad_scales.data_ptr()
-    code = kernel(variant).backward(*_layout(qkv, heads, bias, mask, scales), cosine, *pointers)
+    kernels = kernel(variant)
+    backward = kernels.backward_bfloat16 if qkv.dtype == torch.bfloat16 else kernels.backward
+    code = backward(*_layout(qkv, heads, bias, mask, scales), cosine, *pointers)
     _check(code, qkv, heads, bias, mask)
     return grad_qkv, grad_bias, grad_scales
 
@@ -334,7 +342,9 @@ def _differentiable_backward(
     # From the saved tensors themselves, not detached copies: the gradients then carry their history.
     with torch.enable_grad():
         windows, tokens, width = qkv.shape
-        q, k, v = qkv.view(windows, tokens, 3, heads, HEAD_SIZE).permute(2, 0, 3, 1, 4).unbind(0)
+        # In float32 as the kernel computes (bfloat16 qkv widened; its gradient comes back bfloat16).
+        wide = qkv.float().view(windows, tokens, 3, heads, HEAD_SIZE)
+        q, k, v = wide.permute(2, 0, 3, 1, 4).unbind(0)
         if cosine:
             q, k = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
         logits = (q * scales.view(1, heads, 1, 1)) @ k.transpose(-2, -1)
@@ -345,5 +355,5 @@ def _differentiable_backward(
         out = out.transpose(1, 2).reshape(windows, tokens, width // 3)
         inputs = (qkv, bias, scales)
         wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+        grads = iter(torch.autograd.grad(out, wanted, grad.to(out.dtype), create_graph=True))
         return tuple(next(grads) if t.requires_grad else None for t in inputs)

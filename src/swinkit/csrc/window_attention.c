@@ -550,6 +550,12 @@ static void widen_head(const bf16 *q, long stride, long C, long N, float *local)
       for (int t = 0; t < D; t += LANES) store(local + r * 3 * D + part * D + t, widen(q + r * stride + part * C + t));
 }
 
+/* One head's rows of `rows` (N x D floats) into bfloat16 rows `stride` apart, rounded. */
+static void narrow_head(const float *rows, long N, bf16 *out, long stride) {
+  for (long r = 0; r < N; r++)
+    for (int t = 0; t < D; t += LANES) narrow(out + r * stride + t, load(rows + r * D + t));
+}
+
 /* swinkit_window_attention on bfloat16 qkv and out (bias, mask and scales stay float32): each
  * window-head's rows are widened into a float32 copy in L1 and its output rounded on the way out,
  * instead of a widened copy of the whole qkv and a rounding pass over the whole output in PyTorch. */
@@ -574,13 +580,57 @@ int swinkit_window_attention_bf16(const bf16 *qkv, long windows, long N, long C,
         prefetch_rows((const float *)(qkv + (w + 1) * N * stride), stride / 2, N, 3, C / 2);
       widen_head(q, stride, C, N, local);
       head_sized(local, D, 3 * D, N, b, m, scales[h], cosine, result, keys, logits);
-      bf16 *o = out + w * N * C + h * D;
-      for (long r = 0; r < N; r++)
-        for (int t = 0; t < D; t += LANES) narrow(o + r * C + t, load(result + r * D + t));
+      narrow_head(result, N, out + w * N * C + h * D, C);
     }
   }
   _mm_setcsr(mode);
   free(keys);
+  return 0;
+}
+
+/* swinkit_window_attention_backward on bfloat16 qkv, dout and dqkv (bias, mask, scales and their
+ * gradients stay float32): each window-head's q, k, v and dout rows widened into float32 copies,
+ * its dq, dk, dv rounded on the way out, as the forward above does. */
+int swinkit_window_attention_backward_bf16(const bf16 *qkv, long windows, long N, long C, long heads,
+                                           const float *bias, long groups, const float *mask, const int *mask_index,
+                                           long mask_windows, const float *scales, int cosine, const bf16 *dout,
+                                           bf16 *dqkv, float *dbias, float *dscales) {
+  if (N < 1 || N > MAX_TOKENS || C != heads * D || groups < 1 || (mask && mask_windows < 1)) return -1;
+  const long stride = 3 * C, stride_keys = (N + TILE - 1) / TILE * TILE;
+  /* window_head_backward's work space, then the head's widened q | k | v rows, dout rows and dq | dk | dv rows */
+  const size_t floats = (size_t)(D + 2 * (N + ROWS)) * stride_keys + 2 * N * D + 2 * N;
+  const size_t local = (floats + 15) / 16 * 16;
+  float *work = aligned_alloc(64, (sizeof(float) * (local + 7 * N * D) + 63) / 64 * 64);
+  if (work == NULL) return -1;
+  memset(work, 0, sizeof(float) * floats);
+  float *rows = work + local, *dout_rows = rows + 3 * N * D, *grad_rows = dout_rows + N * D;
+  const unsigned int mode = flush_subnormals();
+  for (long w = 0; w < windows; w++) {
+    const float *m = window_mask(mask, mask_index, mask_windows, w, N);
+    for (long h = 0; h < heads; h++) {
+      const bf16 *q = qkv + w * N * stride + h * D, *o = dout + w * N * C + h * D;
+      const float *b = bias + ((w % groups) * heads + h) * N * N;
+      float *db = dbias + ((w % groups) * heads + h) * N * N;
+      if (h + 1 < heads) { /* q, k, v and dout of the next head (prefetch_rows counts floats) */
+        prefetch_rows((const float *)(q + D), stride / 2, N, 3, C / 2);
+        prefetch_rows((const float *)(o + D), C / 2, N, 1, 0);
+      } else if (w + 1 < windows) {
+        prefetch_rows((const float *)(qkv + (w + 1) * N * stride), stride / 2, N, 3, C / 2);
+        prefetch_rows((const float *)(dout + (w + 1) * N * C), C / 2, N, 1, 0);
+      }
+      widen_head(q, stride, C, N, rows);
+      for (long r = 0; r < N; r++)
+        for (int t = 0; t < D; t += LANES) store(dout_rows + r * D + t, widen(o + r * C + t));
+      head_backward_sized(rows, D, 3 * D, N, b, m, scales[h], cosine, dout_rows, grad_rows, db, dscales + h, work);
+      bf16 *dq = dqkv + w * N * stride + h * D;
+      for (int part = 0; part < 3; part++)
+        for (long r = 0; r < N; r++)
+          for (int t = 0; t < D; t += LANES)
+            narrow(dq + r * stride + part * C + t, load(grad_rows + r * 3 * D + part * D + t));
+    }
+  }
+  _mm_setcsr(mode);
+  free(work);
   return 0;
 }
 
