@@ -1,9 +1,9 @@
 """The native CPU kernel: window attention in one pass per window and head (``csrc/window_attention.c``).
 
 The fused path (:mod:`swinkit.fast`) runs its attention through this kernel where it can (with
-autograd on, :class:`WindowAttention` pairs it with a backward kernel):
-float32 (or bfloat16, widened to float32 on the way in and rounded back on the way out) on an x86-64 Linux CPU
-with AVX-512 or AVX2, head size 32 (every Swin configuration),
+autograd on, :class:`WindowAttention` pairs it with a backward kernel): float32, or bfloat16
+(widened to float32 per window and head, the results rounded back), on an x86-64 Linux CPU with
+AVX-512 or AVX2, head size 32 (every Swin configuration),
 windows of at most 1024 tokens (32 x 32), at most :data:`MAX_THREADS` intra-op threads. The kernel
 itself runs on one: the image-parallel workers of :mod:`swinkit.parallel` have one each, and where a
 batch is not split (batch 1, ``image_parallel = False``) on two threads, the kernel on one was still
@@ -55,7 +55,7 @@ HEAD_SIZE = 32
 # (not measured: the machine had two cores).
 MAX_THREADS = 2
 MAX_TOKENS = 1024
-# Inputs the kernel takes: float32, and bfloat16 widened to float32 on the way in (CPU autocast).
+# Inputs the kernel takes: float32, and bfloat16 (CPU autocast), which it widens to float32 as it goes.
 INPUT_DTYPES = (torch.float32, torch.bfloat16)
 ABI = 3  # swinkit_window_attention_abi() of a build whose entry points take the arguments below
 X86_LINUX = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")

@@ -2,7 +2,8 @@
  *
  * Built by swinkit/native.py on first use and called through ctypes by the fused path
  * (swinkit/fast.py), one call per chunk of windows; swinkit_window_attention_backward gives the
- * gradients for training (V1 and V2). It replaces, per head, two small batched
+ * gradients for training (V1 and V2), and the _bf16 entry points at the end do both on bfloat16
+ * qkv (CPU autocast), computing in float32. It replaces, per head, two small batched
  * matrix products (49 x 32 x 49: MKL runs those at a third of its large-GEMM rate), the scale, the
  * bias add, the softmax and the copy that interleaves the heads again: each window's q, k, v stay
  * in the L1 cache from the first product to the output.
