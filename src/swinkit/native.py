@@ -196,7 +196,7 @@ def status() -> str:
         return "native window attention: off (swinkit.native.ENABLED = False)"
     if kernel() is None:
         return f"native window attention: not used ({unsupported_reason() or _kernels[cpu_variant()]})"
-    return f"native window attention: on ({cpu_variant()}, float32)"
+    return f"native window attention: on ({cpu_variant()}, float32 and bfloat16)"
 
 
 def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
