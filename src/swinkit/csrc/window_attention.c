@@ -426,7 +426,7 @@ static inline const float *window_mask(const float *mask, const int *mask_index,
 }
 
 /* window_head_backward for N, through a copy compiled for the published window sizes. */
-static inline __attribute__((always_inline)) void head_backward_sized(const float *q, long C, long stride, long N,
+static __attribute__((noinline)) void head_backward_sized(const float *q, long C, long stride, long N,
                                                                       const float *bias, const float *mask, float scale,
                                                                       int cosine, const float *dout, float *dq,
                                                                       float *dbias, float *dscale, float *work) {
@@ -478,8 +478,10 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
 }
 
 /* window_head for N, through a copy compiled for the published window sizes: fixed trip counts
- * let the compiler unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). */
-static inline __attribute__((always_inline)) void head_sized(const float *q, long C, long stride, long N,
+ * let the compiler unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). Out of
+ * line, as head_backward_sized: the float32 and bfloat16 entry points share one copy (the build
+ * takes 8 s instead of 11; the same speed within noise, benchmarks/RESULTS.md). */
+static __attribute__((noinline)) void head_sized(const float *q, long C, long stride, long N,
                                                              const float *bias, const float *mask, float scale,
                                                              int cosine, float *out, float *keys, float *logits) {
   if (N == 49)
