@@ -252,7 +252,7 @@ def _onednn(x: Tensor) -> bool:
 
 
 # oneDNN's bfloat16 linears on CPUs with native bfloat16 (AMX, AVX-512 BF16): 4-10x its float32 rate
-# per core for Swin's shapes on a Xeon with AMX, and 1.2-1.5x autocast's F.linear on the same CPU
+# per core for Swin's shapes on a Xeon with AMX, and 1.0-1.5x autocast's F.linear on the same CPU
 # (weights packed once instead of cast on every call).
 ONEDNN_BFLOAT16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
