@@ -24,8 +24,10 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
+# Two worker processes of one thread each (tests/conftest.py): most of the suite's time is tracing
+# and exporting, which runs on one core. An idle worker takes tests queued for the other.
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --timeout=900
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --timeout=900 -n 2 --dist worksteal
 
 format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format src tests

@@ -12,7 +12,11 @@ if not torch.cuda.is_available():
     # must be chosen before anything imports triton (swinkit and timm do).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads (the benchmarks' setting), shared out among pytest-xdist's workers when `make test`
+# runs the suite in several processes, so the workers together use the cores once. Tests about
+# threading set their own count.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture(autouse=True)

@@ -43,6 +43,16 @@ def assert_forward_backward(model: nn.Module, shape: tuple[int, ...], num_classe
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def assert_same_weights(model: nn.Module, expected: nn.Module) -> None:
+    """Every parameter and buffer of ``model`` is ``expected``'s, bit for bit, under the same names:
+    two models of one class and config then compute the same function, without running either."""
+    for kind in ("named_parameters", "named_buffers"):
+        got, want = dict(getattr(model, kind)()), dict(getattr(expected, kind)())
+        assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())[:5]
+        for name, tensor in want.items():
+            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
 def relative_error(a: Tensor, b: Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

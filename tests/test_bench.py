@@ -71,20 +71,18 @@ def test_fresh_processes_time_every_contender_in_a_process_of_its_own():
         batch=2,
         train_batch=2,
         rounds=2,
-        impls=["reference"],
         onnxruntime=True,
         fresh_processes=True,
         drop_path_rate=0.25,
     )
     assert report["machine"]["processes"] == "fresh per contender and round"
     assert report["drop_path_rate"] == 0.25 and "stochastic depth rate 0.25" in format_rows(report)
+    # Other attn_impl values are named the same way in fresh processes (each process runs one
+    # name through `build`); the in-process test above covers them.
     assert [(r["mode"], r["contender"]) for r in report["rows"]] == [
         ("inference", "swinkit"),
-        ("inference", "swinkit:reference"),
         ("inference", "swinkit+ort"),
-        ("inference", "swinkit:reference+ort"),
         ("training", "swinkit"),
-        ("training", "swinkit:reference"),
     ]
     assert all(r["rounds"] == 2 and r["images_per_second"] > 0 and r["gemm_gflops"] > 0 for r in report["rows"])
 
