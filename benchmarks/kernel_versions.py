@@ -10,7 +10,9 @@ work). Gradients must come out the same. Both sources must take this swinkit's k
 (``native.ABI``, 3; sources before the bfloat16 entry point are ABI 2 and are refused: to time
 one of those, give a copy of it the bfloat16 entry and ``abi`` of today's source).
 
-    python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7]
+    python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7] [--bf16]
+
+``--bf16`` runs both under CPU bfloat16 autocast, which takes the kernel's bfloat16 entry points.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def main() -> None:
     parser.add_argument("--model", default="swin_t")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--bf16", action="store_true", help="under CPU bfloat16 autocast")
     args = parser.parse_args()
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     torch.set_num_threads(1)
     builds = {"baseline": build(args.baseline), "current": build(native.SOURCE)}
     per_head = collections.defaultdict(list)  # (build, channels, shifted) -> seconds per window and head
@@ -76,19 +80,22 @@ def main() -> None:
             native._kernels[native.cpu_variant()] = kernels
             calls["build"] = name
             model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), precision:
                 start = time.perf_counter()
                 model(images)
                 forward[name].append(time.perf_counter() - start)
             calls["build"] = None  # the training step's calls are not counted per head
             model.train().zero_grad(set_to_none=True)
             start = time.perf_counter()
-            F.cross_entropy(model(images), labels).backward()
+            with precision:
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
             training[name].append(time.perf_counter() - start)
             gradients[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
     native.reset()
     keys = sorted({key[1:] for key in per_head if key[0] is not None})
-    print(f"{args.model}, batch {args.batch}, one thread, medians of {args.rounds} interleaved rounds")
+    dtype = "bfloat16 autocast" if args.bf16 else "float32"
+    print(f"{args.model}, batch {args.batch}, {dtype}, one thread, medians of {args.rounds} interleaved rounds")
     print("per window and head, microseconds (channels, shifted):")
     for channels, shifted in keys:
         old, new = (statistics.median(per_head[(name, channels, shifted)]) * 1e6 for name in builds)

@@ -123,19 +123,39 @@ static unsigned int flush_subnormals(void) {
   return mode;
 }
 
-/* The rows of the next window-head into L1 while this one computes: `parts` segments of D floats,
- * `part_step` floats apart, in each of N rows `stride` floats apart. A qkv row is 3C floats (1.1 KB
- * in Swin-T's stage 1, 4.5 KB in stage 3), so a head's 128-byte slices lie far apart, from stage 3
- * on each on a 4 KB page of its own, where the hardware prefetchers do not follow; without these
- * the kernel waited on its loads of k and v: in Swin-T's forward a head took 1.3x as long in
- * stage 1 and 1.6x in stage 3 (benchmarks/RESULTS.md). */
-static inline void prefetch_rows(const float *first, long stride, long N, int parts, long part_step) {
+/* The rows of the next window-head into L1 while this one computes. A qkv row is 3C values (1.1 KB
+ * of float32 in Swin-T's stage 1, 4.5 KB in stage 3), so a head's slices of D values lie far apart,
+ * from stage 3 on each on a 4 KB page of its own, where the hardware prefetchers do not follow;
+ * without these the kernel waited on its loads of k and v: in Swin-T's forward a head took 1.3x as
+ * long in stage 1 and 1.6x in stage 3 (benchmarks/RESULTS.md). `parts` slices, `part_step` bytes
+ * apart, in each of N rows `stride` bytes apart; a slice is D values of `size` bytes (two cache
+ * lines in float32, one in bfloat16). */
+static inline __attribute__((always_inline)) void prefetch_rows(const char *first, long stride, long N, int parts,
+                                                                long part_step, long size) {
   for (long r = 0; r < N; r++)
-    for (int part = 0; part < parts; part++) {
-      const char *p = (const char *)(first + r * stride + part * part_step);
-      _mm_prefetch(p, _MM_HINT_T0);
-      _mm_prefetch(p + 64, _MM_HINT_T0); /* D floats: two cache lines */
-    }
+    for (int part = 0; part < parts; part++)
+      for (long line = 0; line < D * size; line += 64)
+        _mm_prefetch(first + r * stride + part * part_step + line, _MM_HINT_T0);
+}
+
+/* Before window w's head h: prefetch the q, k, v rows (and the output-gradient rows, unless dout
+ * is NULL) of the next head, the same rows D values on, or after the last head, the next window's
+ * first. qkv and dout hold values of `size` bytes. (Inlined: as a call, with its byte counts
+ * unknown to the compiler, a head took 1.2-1.3x as long in stages 2-4 of Swin-T.) */
+static inline __attribute__((always_inline)) void prefetch_next_head(const void *qkv, const void *dout, long w, long h,
+                                                                     long windows, long heads, long N, long C,
+                                                                     long size) {
+  long window, head;
+  if (h + 1 < heads)
+    window = w, head = h + 1;
+  else if (w + 1 < windows)
+    window = w + 1, head = 0;
+  else
+    return;
+  const long stride = 3 * C * size;
+  prefetch_rows((const char *)qkv + window * N * stride + head * D * size, stride, N, 3, C * size, size);
+  if (dout != NULL)
+    prefetch_rows((const char *)dout + (window * N * C + head * D) * size, C * size, N, 1, 0, size);
 }
 
 /* Logits of ROWS rows (`row_stride` floats apart, N logits each, `padded` = N rounded up to LANES)
@@ -462,13 +482,7 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
       const float *q = qkv + w * N * stride + h * D, *o = dout + w * N * C + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *dq = dqkv + w * N * stride + h * D, *db = dbias + ((w % groups) * heads + h) * N * N;
-      if (h + 1 < heads) { /* q, k, v and dout of the next head */
-        prefetch_rows(q + D, stride, N, 3, C);
-        prefetch_rows(o + D, C, N, 1, 0);
-      } else if (w + 1 < windows) {
-        prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
-        prefetch_rows(dout + (w + 1) * N * C, C, N, 1, 0);
-      }
+      prefetch_next_head(qkv, dout, w, h, windows, heads, N, C, sizeof(float));
       head_backward_sized(q, C, stride, N, b, m, scales[h], cosine, o, dq, db, dscales + h, work);
     }
   }
@@ -510,10 +524,7 @@ int swinkit_window_attention(const float *qkv, long windows, long N, long C, lon
       const float *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *o = out + w * N * C + h * D, *logits = keys + D * stride_keys;
-      if (h + 1 < heads) /* the next head: the same rows, D floats on */
-        prefetch_rows(q + D, stride, N, 3, C);
-      else if (w + 1 < windows)
-        prefetch_rows(qkv + (w + 1) * N * stride, stride, N, 3, C);
+      prefetch_next_head(qkv, NULL, w, h, windows, heads, N, C, sizeof(float));
       head_sized(q, C, stride, N, b, m, scales[h], cosine, o, keys, logits);
     }
   }
@@ -577,10 +588,7 @@ int swinkit_window_attention_bf16(const bf16 *qkv, long windows, long N, long C,
     for (long h = 0; h < heads; h++) {
       const bf16 *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
-      if (h + 1 < heads) /* the next head: the same rows, D values on (prefetch_rows counts floats) */
-        prefetch_rows((const float *)(q + D), stride / 2, N, 3, C / 2);
-      else if (w + 1 < windows)
-        prefetch_rows((const float *)(qkv + (w + 1) * N * stride), stride / 2, N, 3, C / 2);
+      prefetch_next_head(qkv, NULL, w, h, windows, heads, N, C, sizeof(bf16));
       widen_head(q, stride, C, N, local);
       head_sized(local, D, 3 * D, N, b, m, scales[h], cosine, result, keys, logits);
       narrow_head(result, N, out + w * N * C + h * D, C);
@@ -614,13 +622,7 @@ int swinkit_window_attention_backward_bf16(const bf16 *qkv, long windows, long N
       const bf16 *q = qkv + w * N * stride + h * D, *o = dout + w * N * C + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *db = dbias + ((w % groups) * heads + h) * N * N;
-      if (h + 1 < heads) { /* q, k, v and dout of the next head (prefetch_rows counts floats) */
-        prefetch_rows((const float *)(q + D), stride / 2, N, 3, C / 2);
-        prefetch_rows((const float *)(o + D), C / 2, N, 1, 0);
-      } else if (w + 1 < windows) {
-        prefetch_rows((const float *)(qkv + (w + 1) * N * stride), stride / 2, N, 3, C / 2);
-        prefetch_rows((const float *)(dout + (w + 1) * N * C), C / 2, N, 1, 0);
-      }
+      prefetch_next_head(qkv, dout, w, h, windows, heads, N, C, sizeof(bf16));
       widen_head(q, stride, C, N, rows);
       for (long r = 0; r < N; r++)
         for (int t = 0; t < D; t += LANES) store(dout_rows + r * D + t, widen(o + r * C + t));
