@@ -207,6 +207,41 @@ def test_fused_bias_cache_follows_weight_changes():
         assert torch.allclose(after, model(x), atol=1e-5) and not torch.allclose(after, before, atol=1e-4)
 
 
+PRECISIONS = ["float32"] + (["bfloat16"] if fast.ONEDNN_BFLOAT16 else [])  # bfloat16: its packed weights
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("optimizer", ["build_optimizer", "sgd"])
+def test_a_forward_after_fused_optimizer_steps_uses_the_new_weights(precision, optimizer):
+    # What validation between training epochs does. A fused optimizer writes the parameters without
+    # counting it in their version counters, which the packed linear weights and the position-bias
+    # cache are keyed by; a no-grad forward then ran on the weights of before the steps.
+    from swinkit.train.optim import build_optimizer
+
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05)
+    if optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=True)
+    else:
+        optimizer = build_optimizer(model, 0.05, None, lr=0.05)
+    assert all(group["fused"] for group in optimizer.param_groups)  # what this test is about
+    x, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+    def evaluate(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return model.eval()(x).float()
+
+    evaluate(model)  # fills the caches
+    for _ in range(2):
+        F.cross_entropy(model.train()(x), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fresh = swinkit.create_model("swin_test", num_classes=4)
+    fresh.load_state_dict(model.state_dict())  # the same weights, nothing cached
+    tolerance = 1e-5 if precision == "float32" else 0.0  # bfloat16: both round the same way
+    torch.testing.assert_close(evaluate(model), evaluate(fresh), rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 def test_eval_is_deterministic_with_attention_dropout(impl):
     model = swinkit.create_model("swin_test", num_classes=4, attn_drop_rate=0.5, drop_rate=0.3, drop_path_rate=0.3)
