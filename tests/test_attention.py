@@ -207,6 +207,23 @@ def test_fused_bias_cache_follows_weight_changes():
         assert torch.allclose(after, model(x), atol=1e-5) and not torch.allclose(after, before, atol=1e-4)
 
 
+def test_fused_caches_follow_parameters_replaced_by_assignment():
+    # load_state_dict(assign=True) puts new tensors in place of the parameters, each with a version
+    # counter of its own (0 for freshly made ones, for two loads in a row).
+    model, fresh = (swinkit.create_model("swin_test", num_classes=4).eval() for _ in range(2))
+    x = torch.randn(2, 3, 64, 64)
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        state = {name: 0.1 * torch.randn(v.shape, generator=generator) for name, v in model.state_dict().items()}
+        assert all(value.is_floating_point() for value in model.state_dict().values())  # no index buffers saved
+        model.load_state_dict(state, assign=True)
+        assert model.layers[0].blocks[0].attn.qkv.weight._version == 0  # the case at hand
+        fresh.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), fresh(x), rtol=1e-5, atol=1e-5)
+        fresh = swinkit.create_model("swin_test", num_classes=4).eval()  # nothing cached for the next
+
+
 PRECISIONS = ["float32"] + (["bfloat16"] if fast.ONEDNN_BFLOAT16 else [])  # bfloat16: its packed weights
 
 
