@@ -447,9 +447,9 @@ static inline const float *window_mask(const float *mask, const int *mask_index,
 
 /* window_head_backward for N, through a copy compiled for the published window sizes. */
 static __attribute__((noinline)) void head_backward_sized(const float *q, long C, long stride, long N,
-                                                                      const float *bias, const float *mask, float scale,
-                                                                      int cosine, const float *dout, float *dq,
-                                                                      float *dbias, float *dscale, float *work) {
+                                                          const float *bias, const float *mask, float scale,
+                                                          int cosine, const float *dout, float *dq, float *dbias,
+                                                          float *dscale, float *work) {
   if (N == 49)
     window_head_backward(q, q + C, q + 2 * C, stride, 49, bias, mask, scale, cosine, dout, C, dq, dq + C, dq + 2 * C,
                          dbias, dscale, work);
@@ -495,9 +495,9 @@ int swinkit_window_attention_backward(const float *qkv, long windows, long N, lo
  * let the compiler unroll the softmax and the products (1.1-1.3x on the kernel for 7 x 7). Out of
  * line, as head_backward_sized: the float32 and bfloat16 entry points share one copy (the build
  * takes 8 s instead of 11; the same speed within noise, benchmarks/RESULTS.md). */
-static __attribute__((noinline)) void head_sized(const float *q, long C, long stride, long N,
-                                                             const float *bias, const float *mask, float scale,
-                                                             int cosine, float *out, float *keys, float *logits) {
+static __attribute__((noinline)) void head_sized(const float *q, long C, long stride, long N, const float *bias,
+                                                 const float *mask, float scale, int cosine, float *out, float *keys,
+                                                 float *logits) {
   if (N == 49)
     window_head(q, q + C, q + 2 * C, stride, 49, bias, mask, scale, cosine, out, C, keys, logits);
   else if (N == 64)
@@ -557,17 +557,21 @@ static inline void narrow(bf16 *p, vec v) {
   memcpy(p, &h, sizeof h);
 }
 
-/* One head's q, k and v rows of a window (`stride` apart in qkv) as N rows of 3D floats. */
-static void widen_head(const bf16 *q, long stride, long C, long N, float *local) {
+/* One head's slices of a window's bfloat16 rows (`parts` of D values, C apart, in N rows `stride`
+ * apart: q, k and v in qkv, or one in the output gradient) as N rows of parts * D floats. */
+static void widen_head(const bf16 *first, long stride, long C, int parts, long N, float *local) {
   for (long r = 0; r < N; r++)
-    for (int part = 0; part < 3; part++)
-      for (int t = 0; t < D; t += LANES) store(local + r * 3 * D + part * D + t, widen(q + r * stride + part * C + t));
+    for (int part = 0; part < parts; part++)
+      for (int t = 0; t < D; t += LANES)
+        store(local + (r * parts + part) * D + t, widen(first + r * stride + part * C + t));
 }
 
-/* One head's rows of `rows` (N x D floats) into bfloat16 rows `stride` apart, rounded. */
-static void narrow_head(const float *rows, long N, bf16 *out, long stride) {
+/* The inverse of widen_head: N rows of parts * D floats into the head's bfloat16 slices, rounded. */
+static void narrow_head(const float *local, long N, int parts, bf16 *first, long stride, long C) {
   for (long r = 0; r < N; r++)
-    for (int t = 0; t < D; t += LANES) narrow(out + r * stride + t, load(rows + r * D + t));
+    for (int part = 0; part < parts; part++)
+      for (int t = 0; t < D; t += LANES)
+        narrow(first + r * stride + part * C + t, load(local + (r * parts + part) * D + t));
 }
 
 /* swinkit_window_attention on bfloat16 qkv and out (bias, mask and scales stay float32): each
@@ -589,9 +593,9 @@ int swinkit_window_attention_bf16(const bf16 *qkv, long windows, long N, long C,
       const bf16 *q = qkv + w * N * stride + h * D;
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       prefetch_next_head(qkv, NULL, w, h, windows, heads, N, C, sizeof(bf16));
-      widen_head(q, stride, C, N, local);
+      widen_head(q, stride, C, 3, N, local);
       head_sized(local, D, 3 * D, N, b, m, scales[h], cosine, result, keys, logits);
-      narrow_head(result, N, out + w * N * C + h * D, C);
+      narrow_head(result, N, 1, out + w * N * C + h * D, C, 0);
     }
   }
   _mm_setcsr(mode);
@@ -623,15 +627,10 @@ int swinkit_window_attention_backward_bf16(const bf16 *qkv, long windows, long N
       const float *b = bias + ((w % groups) * heads + h) * N * N;
       float *db = dbias + ((w % groups) * heads + h) * N * N;
       prefetch_next_head(qkv, dout, w, h, windows, heads, N, C, sizeof(bf16));
-      widen_head(q, stride, C, N, rows);
-      for (long r = 0; r < N; r++)
-        for (int t = 0; t < D; t += LANES) store(dout_rows + r * D + t, widen(o + r * C + t));
+      widen_head(q, stride, C, 3, N, rows);
+      widen_head(o, C, 0, 1, N, dout_rows);
       head_backward_sized(rows, D, 3 * D, N, b, m, scales[h], cosine, dout_rows, grad_rows, db, dscales + h, work);
-      bf16 *dq = dqkv + w * N * stride + h * D;
-      for (int part = 0; part < 3; part++)
-        for (long r = 0; r < N; r++)
-          for (int t = 0; t < D; t += LANES)
-            narrow(dq + r * stride + part * C + t, load(grad_rows + r * 3 * D + part * D + t));
+      narrow_head(grad_rows, N, 3, dqkv + w * N * stride + h * D, stride, C);
     }
   }
   _mm_setcsr(mode);
