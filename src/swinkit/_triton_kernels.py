@@ -1,10 +1,11 @@
-"""Triton kernels of ``attn_impl="triton"``: window attention forward and backward on the map.
+"""Triton kernels of ``attn_impl="triton"``: window attention forward and backward on the map, and
+the LayerNorm of V1 inference (``layer_norm_rows``, last).
 
 Imported only when ``attn_impl="triton"`` runs (it imports triton). ``triton.jit`` compiles them
 for GPU tensors; under ``TRITON_INTERPRET=1`` (set before triton is imported) they run in Triton's
 interpreter on CPU tensors: slow, exact, and how they are tested on machines without a GPU.
 
-Every program works on one (image, window, head) and a tile of its tokens. Window token ``t`` of
+Every attention program works on one (image, window, head) and a tile of its tokens. Window token ``t`` of
 window ``w`` is map token ``index[w * N + t]`` when that is >= 0; a negative entry ``-1 - s`` is
 padded token ``s`` of the image, whose q, k, v are the qkv bias (its input is zero) and whose
 gradient goes to ``pad_grad[image, s]``. So shift, padding and partition are all in the reads.
@@ -324,3 +325,41 @@ def window_attention_backward_queries(
     target = qkv_grad + image * L * 3 * C + head * d
     pad_target = pad_grad + image * padded_count * 3 * C + head * d
     _store_rows(q_grad, target, pad_target, row_token, row_real, row_ok, channels, channel_ok, C)
+
+
+@triton.jit
+def layer_norm_rows(
+    x,
+    branch,
+    total,
+    out,
+    weight,
+    bias,
+    rows,
+    C,
+    eps,
+    HAS_BRANCH: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """LayerNorm over the ``C`` channels of ``BLOCK_ROWS`` rows, computed in float32, written in
+    ``out``'s dtype (the next linear layer's input dtype: the cast autocast would make, in the same
+    pass). With ``HAS_BRANCH`` the rows are the residual sum ``x + branch`` first, rounded to and
+    written in ``total``'s dtype as the separate add would be, and normalised as rounded."""
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    channel = tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    ok = (row < rows)[:, None] & channel_ok[None, :]
+    offsets = row.to(tl.int64)[:, None] * C + channel[None, :]
+    values = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BRANCH:
+        summed = (values + tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)).to(total.dtype.element_ty)
+        tl.store(total + offsets, summed, mask=ok)
+        values = summed.to(tl.float32)
+    mean = tl.sum(values, axis=1) / C
+    centred = tl.where(ok, values - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    scale = tl.load(weight + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    shift = tl.load(bias + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    normed = centred * rstd[:, None] * scale[None, :] + shift[None, :]
+    tl.store(out + offsets, normed.to(out.dtype.element_ty), mask=ok)

@@ -9,6 +9,9 @@ the qkv bias, as the reference's zero padding gives), adds the position bias and
 takes the softmax in float32, multiplies by v and writes the result back to the tokens' map
 positions. No per-window copy of the map and no ``(windows, heads, N, N)`` tensor is ever made.
 
+Without autograd a V1 block also takes each of its LayerNorms in one kernel (:func:`norm_rows`),
+with the cast to the linear layers' dtype and, for the second, the residual add before it.
+
 The backward pass is two more kernels in the same layout (flash-attention style, from the
 forward's saved log-sum-exp): one per key tile for dK, dV, the bias gradient and V2's scale
 gradient, one per query tile for dQ; V2's normalisation is differentiated inside them. Gradients
@@ -35,6 +38,10 @@ from .attention import reference_attention
 from .fast import attention_bias, fused_block_forward, window_order
 from .model import Pair, window_and_shift
 
+# The norm kernel of V1 inference (:func:`norm_rows`); False: PyTorch's LayerNorm, casts and adds,
+# for measuring the kernel against them (benchmarks/triton_norms.py).
+NORM_KERNEL = True
+
 
 def triton_available() -> bool:
     try:
@@ -56,6 +63,8 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
     bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype).combined
     post_norm = hasattr(block, "norm3")  # V2: res-post-norm, attention on the block input itself
+    if NORM_KERNEL and not post_norm and not torch.is_grad_enabled():
+        return _v1_without_autograd(block, x, bias, geometry)
     tokens = (x if post_norm else block.norm1(x)).reshape(B, H * W, C)
     attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))).view_as(x)
     if post_norm:
@@ -64,6 +73,49 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
         return block.norm3(x)
     x = x + block.drop_path(attended)
     return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+def _v1_without_autograd(block: nn.Module, x: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
+    """A V1 block without autograd: each norm is one kernel (:func:`norm_rows`) that also casts to
+    the linear layers' input dtype, the second with the residual add before it. On a GPU the passes
+    over the map (norms, casts, adds), not the matrix products, took most of a forward
+    (benchmarks/RESULTS.md, "GPU (H200, bf16)"); a block's elementwise passes go from seven (two
+    norms, two casts to bf16, two residual adds, GELU) to four."""
+    B, H, W, C = x.shape
+    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.reshape(B, H * W, C)
+    _, tokens = norm_rows(block.norm1, rows, dtype)
+    attended = block.drop_path(attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))))
+    rows, hidden = norm_rows(block.norm2, rows, dtype, branch=attended)
+    return (rows + block.drop_path(block.mlp(hidden))).view_as(x)
+
+
+def _linear_input_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes ``x`` in: autocast's where it is on, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def norm_rows(norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype, branch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``norm(x)``, or ``norm(x + branch)``, over the last dimension in one kernel, without autograd.
+
+    Returns the rows normalised (``x + branch`` in the dtype the add would give, or ``x`` itself)
+    and ``norm`` of them in ``dtype``: computed in float32 and rounded once, as autocast's float32
+    LayerNorm and its cast to the next linear layer's dtype round it.
+    """
+    C = x.shape[-1]
+    x = x.contiguous()
+    total, other = x, x  # without a branch the kernel reads neither of the last two
+    if branch is not None:
+        other = branch.contiguous()
+        total = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rows, block_c = x.numel() // C, _power_of_two(C)
+    block_rows = max(1, 4096 // block_c)  # 4096 values a program: 32 rows of Swin-T's 96 channels
+    _kernel("layer_norm_rows")[(-(-rows // block_rows),)](
+        x, other, total, out, norm.weight, norm.bias, rows, C, norm.eps,
+        HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+    )  # fmt: skip
+    return total, out
 
 
 @functools.lru_cache(maxsize=128)
@@ -293,6 +345,7 @@ def _triton_dtype(dtype: torch.dtype):
 # 4 warps keep register pressure high (205 registers a thread for the bf16 forward on sm_90, a few
 # bytes spilled in the backward), 8 warps halve it; which runs faster is the GPU's to say.
 WARPS = (4, 8)
+TUNED = ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries")
 
 
 @functools.cache
@@ -305,7 +358,7 @@ def _kernel(name: str):
     from . import _triton_kernels
 
     kernel = getattr(_triton_kernels, name)
-    if not isinstance(kernel, JITFunction):  # Triton's interpreter: nothing to tune
+    if not isinstance(kernel, JITFunction) or name not in TUNED:  # interpreted, or the norm kernel: not tuned
         return kernel
     configs = [triton.Config({}, num_warps=warps) for warps in WARPS]
     return triton.autotune(configs=configs, key=["N", "d", "C"])(kernel)
