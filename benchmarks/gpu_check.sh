@@ -42,7 +42,7 @@ bench() {
 # Most important first: whatever a timeout cuts is the least needed. The limits sum to 550 s,
 # inside the tool's 600 s per command (the machine's start is not counted in it).
 bench swin_t 110 swin_t --compare timm --impls reference,sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 8
-# The triton path's norm kernel (V1 inference) on and off, side by side: built without a GPU.
+# The triton path's inference norm kernels on and off, side by side: built without a GPU.
 timeout 60 $PY benchmarks/triton_norms.py --batch 128 --rounds 9 2>&1 | tee -a "$LOG"
 bench swinv2_t 70 swinv2_t --compare timm --impls sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 6
 # Last: compiling took more than 75 s per model on 2026-12-04, so this may well be cut.

@@ -1,10 +1,11 @@
-"""The ``triton`` path's norm kernel on and off: V1 inference under autocast, interleaved in one process.
+"""The ``triton`` path's norm kernels on and off: inference under autocast, interleaved in one process.
 
     python benchmarks/triton_norms.py [--model swin_t] [--batch 128] [--rounds 9] [--dtype bfloat16]
 
-Without autograd a V1 block of ``attn_impl="triton"`` takes both of its LayerNorms, the casts to the
-linear layers' dtype and the first residual add in two kernels (``triton_attention.norm_rows``);
-with ``triton_attention.NORM_KERNEL = False`` it runs PyTorch's LayerNorm, cast and add instead.
+Without autograd a block of ``attn_impl="triton"`` takes its two LayerNorms with the residual adds
+next to them and the casts to the linear layers' dtype in two kernels (``triton_attention.norm_rows``
+for V1, ``residual_plus_norm`` for V2, e.g. ``--model swinv2_t``); with
+``triton_attention.NORM_KERNEL = False`` it runs PyTorch's LayerNorms, casts and adds instead.
 Prints images/s of both per round, their medians and ratio, and how far apart their outputs are.
 For a CUDA GPU; on a CPU only as a smoke run under Triton's interpreter (``TRITON_INTERPRET=1``,
 a tiny model: ``--model swin_test --batch 1 --rounds 1 --size 64 --dtype float16``).
@@ -68,10 +69,11 @@ def main() -> None:
         for on in (True, False) if round_ % 2 == 0 else (False, True):
             triton_attention.NORM_KERNEL = on
             rates[on].append(images_per_second(model, x, dtype, args.repeats))
-        print(f"round {round_ + 1}: norm kernel {rates[True][-1]:.1f}, PyTorch's norms {rates[False][-1]:.1f} images/s")
+        latest = f"norm kernels {rates[True][-1]:.1f}, PyTorch's norms {rates[False][-1]:.1f} images/s"
+        print(f"round {round_ + 1}: {latest}")
     triton_attention.NORM_KERNEL = True
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"median: norm kernel {on:.1f}, PyTorch's norms {off:.1f} images/s, ratio {on / off:.3f}")
+    print(f"median: norm kernels {on:.1f}, PyTorch's norms {off:.1f} images/s, ratio {on / off:.3f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from swinkit.triton_attention import (
     launch_backward,
     map_window_attention,
     norm_rows,
+    residual_plus_norm,
 )
 
 pytest.importorskip("triton")
@@ -126,7 +127,7 @@ def test_norm_kernel_is_the_residual_add_then_layer_norm_rounded_once(C, branch_
     norm = torch.nn.LayerNorm(C).to(DEVICE)
     with torch.no_grad():
         norm.weight.normal_(generator=generator), norm.bias.normal_(generator=generator)
-        # 135 rows: at 96 channels 5 programs of 32, the last part-filled
+        # 135 rows: at 96 channels 17 programs of 8, the last part-filled
         x = (torch.randn(3, 45, C, generator=generator) * 3 + 2).to(DEVICE)
         branch = None if branch_dtype is None else torch.randn(3, 45, C, generator=generator).to(DEVICE, branch_dtype)
         total, out = norm_rows(norm, x, out_dtype, branch)
@@ -140,26 +141,52 @@ def test_norm_kernel_is_the_residual_add_then_layer_norm_rounded_once(C, branch_
         assert torch.allclose(out.double(), exact, rtol=ulp if out_dtype == torch.float16 else 1e-6, atol=1e-6)
 
 
-def test_v1_inference_under_float16_autocast_takes_the_norm_kernels(monkeypatch):
-    # Without autograd a V1 block's two norms run in the kernel above, in autocast's dtype, the
-    # second with the residual add: as close to the reference under the same autocast as the
-    # reference itself is to float32. (bfloat16 is left to tests/test_gpu.py: the interpreter's
-    # bfloat16 comes out wrong.)
-    calls = []
-    kernel_norm = triton_attention.norm_rows
-    monkeypatch.setattr(triton_attention, "norm_rows", lambda *a, **k: calls.append(a[2]) or kernel_norm(*a, **k))
-    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).to(DEVICE).eval()
-    x = torch.randn(2, 3, 33, 71).to(DEVICE)  # padded windows in every stage
+@pytest.mark.parametrize("C", [96, 20])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16])
+def test_residual_plus_norm_kernel_is_the_norm_then_the_add_in_float32(C, out_dtype):
+    generator = torch.Generator().manual_seed(C + 1)
+    norm = torch.nn.LayerNorm(C).to(DEVICE)
     with torch.no_grad():
-        model.set_attn_impl("reference")
-        full = model(x)
-        with torch.autocast(DEVICE.type, dtype=torch.float16):
-            expected = model(x)
-            model.set_attn_impl("triton")
-            got = model(x)
-    assert calls == [torch.float16] * 2 * 8  # both norms of every block
-    assert got.dtype == expected.dtype == torch.float16
-    assert relative_error(got.float(), expected.float()) < 2 * relative_error(expected.float(), full) + 1e-4
+        norm.weight.normal_(generator=generator), norm.bias.normal_(generator=generator)
+        x = (torch.randn(3, 45, C, generator=generator) * 3).to(DEVICE)
+        branch = (torch.randn(3, 45, C, generator=generator) * 2 + 1).to(DEVICE, torch.float16)  # autocast's output
+        total, out = residual_plus_norm(norm, x, branch, out_dtype)
+        exact = x.double() + norm.double()(branch.double())
+        assert total.dtype == torch.float32
+        assert torch.allclose(total.double(), exact, rtol=1e-6, atol=1e-5)
+        if out_dtype is None:
+            assert out is None
+        elif out_dtype == torch.float32:
+            assert out is total
+        else:  # the sum rounded once, as autocast's cast of it for the next linear layer
+            assert out.dtype == out_dtype and torch.equal(out, total.to(out_dtype))
+
+
+@pytest.mark.parametrize(("variant", "kernel"), [("swin_test", "norm_rows"), ("swinv2_test", "residual_plus_norm")])
+def test_inference_under_float16_autocast_takes_the_norm_kernels(variant, kernel, monkeypatch):
+    # Without autograd a block's two norms run in the kernels above, the residual add with each,
+    # and the linear layers' inputs come out in autocast's dtype: as close to the reference under
+    # the same autocast as the reference itself is to float32. Block by block on a float32 map, the
+    # residual stream CUDA's autocast keeps (its LayerNorm is a float32 operation; CPU autocast
+    # leaves it in float16). bfloat16 is left to tests/test_gpu.py: the interpreter's comes out wrong.
+    calls = []
+    kernel_norm = getattr(triton_attention, kernel)
+    monkeypatch.setattr(triton_attention, kernel, lambda *a, **k: calls.append(1) or kernel_norm(*a, **k))
+    model = perturb(swinkit.create_model(variant, num_classes=4), scale=0.05).to(DEVICE).eval()
+    blocks = list(model.layers[0].blocks)  # an unshifted and a shifted block
+    x = torch.randn(2, 9, 13, blocks[0].norm1.normalized_shape[0]).to(DEVICE)  # padded to the window
+    with torch.no_grad():
+        for block in blocks:
+            block.attn.attn_impl = "reference"
+            full = block(x)
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
+                expected = block(x)
+                block.attn.attn_impl = "triton"
+                got = block(x)
+            assert got.dtype == expected.dtype == torch.float32
+            assert relative_error(got, expected) < 2 * relative_error(expected, full) + 1e-6
+            x = expected
+    assert len(calls) == 2 * 2  # both norms of both blocks
 
 
 def test_padded_tokens_are_dropped_and_every_map_token_is_written():

@@ -30,7 +30,7 @@ TRITON_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float
 def variants() -> list[tuple[str, str, dict, int]]:
     """(kernel, dtype, flags, warps): every attention kernel in bf16 (V1 and V2) with 4 warps, and
     V2's with 8 (the other setting the autotuner tries), float16 / float32 forwards, a float32
-    backward; the norm kernel with bf16 output, with and without its residual add."""
+    backward; the norm kernels with bf16 output (V1's with and without its residual add)."""
     names = ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries")
     chosen = [(name, "bfloat16", {"COSINE": cosine}, 4) for name in names for cosine in (False, True)]
     chosen += [(name, "bfloat16", {"COSINE": True}, 8) for name in names]
@@ -38,6 +38,7 @@ def variants() -> list[tuple[str, str, dict, int]]:
     chosen += [("window_attention_forward", "float32", {"COSINE": True}, 4)]
     chosen += [("window_attention_backward_keys", "float32", {"COSINE": True}, 4)]
     chosen += [("layer_norm_rows", "bfloat16", {"HAS_BRANCH": branch}, 4) for branch in (False, True)]
+    chosen += [("residual_plus_layer_norm_rows", "bfloat16", {"WRITE_OUT": True}, 4)]
     return chosen
 
 
@@ -45,7 +46,7 @@ def compile_variant(name: str, dtype: str, flags: dict, warps: int, arch: int) -
     fn = getattr(kernels, name)
     data, wide = TRITON_NAMES[dtype], "fp64" if dtype == "float64" else "fp32"
     constants = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "ACC": tl.float64 if wide == "fp64" else tl.float32}
-    constants |= {"BLOCK_ROWS": 32, "BLOCK_C": 128}  # the norm kernel's tile for Swin-T's 96 channels
+    constants |= {"BLOCK_ROWS": 8, "BLOCK_C": 128}  # the norm kernels' tile for Swin-T's 96 channels
     constants |= {"SAVE_LSE": True, "BIAS_GRAD": True, "SCALE_GRAD": True} | flags
     constants = {key: value for key, value in constants.items() if key in fn.arg_names}
     signature = {}

@@ -1,5 +1,6 @@
 """Triton kernels of ``attn_impl="triton"``: window attention forward and backward on the map, and
-the LayerNorm of V1 inference (``layer_norm_rows``, last).
+the LayerNorms of inference with their residual adds and casts (``layer_norm_rows`` for V1,
+``residual_plus_layer_norm_rows`` for V2, last).
 
 Imported only when ``attn_impl="triton"`` runs (it imports triton). ``triton.jit`` compiles them
 for GPU tensors; under ``TRITON_INTERPRET=1`` (set before triton is imported) they run in Triton's
@@ -328,6 +329,27 @@ def window_attention_backward_queries(
 
 
 @triton.jit
+def _row_tile(rows, C, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's ``BLOCK_ROWS`` rows of ``C`` channels: element offsets, masks, channel numbers."""
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    channel = tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    ok = (row < rows)[:, None] & channel_ok[None, :]
+    return row.to(tl.int64)[:, None] * C + channel[None, :], ok, channel, channel_ok
+
+
+@triton.jit
+def _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps):
+    """LayerNorm of float32 rows (masked lanes hold 0): mean, then the variance about it."""
+    mean = tl.sum(values, axis=1) / C
+    centred = tl.where(ok, values - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
+    scale = tl.load(weight + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    shift = tl.load(bias + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    return centred * rstd[:, None] * scale[None, :] + shift[None, :]
+
+
+@triton.jit
 def layer_norm_rows(
     x,
     branch,
@@ -342,24 +364,43 @@ def layer_norm_rows(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """LayerNorm over the ``C`` channels of ``BLOCK_ROWS`` rows, computed in float32, written in
-    ``out``'s dtype (the next linear layer's input dtype: the cast autocast would make, in the same
-    pass). With ``HAS_BRANCH`` the rows are the residual sum ``x + branch`` first, rounded to and
-    written in ``total``'s dtype as the separate add would be, and normalised as rounded."""
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    channel = tl.arange(0, BLOCK_C)
-    channel_ok = channel < C
-    ok = (row < rows)[:, None] & channel_ok[None, :]
-    offsets = row.to(tl.int64)[:, None] * C + channel[None, :]
+    """V1 (pre-norm): LayerNorm over the ``C`` channels of ``BLOCK_ROWS`` rows, computed in float32,
+    written in ``out``'s dtype (the next linear layer's input dtype: the cast autocast would make,
+    in the same pass). With ``HAS_BRANCH`` the rows are the residual sum ``x + branch`` first,
+    rounded to and written in ``total``'s dtype as the separate add would be, and normalised as
+    rounded."""
+    offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
     values = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32)
     if HAS_BRANCH:
         summed = (values + tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)).to(total.dtype.element_ty)
         tl.store(total + offsets, summed, mask=ok)
         values = summed.to(tl.float32)
-    mean = tl.sum(values, axis=1) / C
-    centred = tl.where(ok, values - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
-    scale = tl.load(weight + channel, mask=channel_ok, other=0.0).to(tl.float32)
-    shift = tl.load(bias + channel, mask=channel_ok, other=0.0).to(tl.float32)
-    normed = centred * rstd[:, None] * scale[None, :] + shift[None, :]
+    normed = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
     tl.store(out + offsets, normed.to(out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def residual_plus_layer_norm_rows(
+    x,
+    branch,
+    total,
+    out,
+    weight,
+    bias,
+    rows,
+    C,
+    eps,
+    WRITE_OUT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """V2 (res-post-norm): ``total = x + LayerNorm(branch)`` in float32 (``x`` and ``total``
+    float32, the residual stream autocast keeps), the norm computed in float32 as autocast's is;
+    with ``WRITE_OUT`` also ``total`` in ``out``'s dtype, the next linear layer's cast of it."""
+    offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
+    values = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
+    normed = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
+    summed = tl.load(x + offsets, mask=ok, other=0.0) + normed
+    tl.store(total + offsets, summed, mask=ok)
+    if WRITE_OUT:
+        tl.store(out + offsets, summed.to(out.dtype.element_ty), mask=ok)

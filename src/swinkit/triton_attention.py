@@ -9,8 +9,9 @@ the qkv bias, as the reference's zero padding gives), adds the position bias and
 takes the softmax in float32, multiplies by v and writes the result back to the tokens' map
 positions. No per-window copy of the map and no ``(windows, heads, N, N)`` tensor is ever made.
 
-Without autograd a V1 block also takes each of its LayerNorms in one kernel (:func:`norm_rows`),
-with the cast to the linear layers' dtype and, for the second, the residual add before it.
+Without autograd a block also takes each of its LayerNorms in one kernel with the residual add next
+to it and the cast to the linear layers' dtype: V1's add before its second norm
+(:func:`norm_rows`), V2's add after each norm (:func:`residual_plus_norm`, in eval).
 
 The backward pass is two more kernels in the same layout (flash-attention style, from the
 forward's saved log-sum-exp): one per key tile for dK, dV, the bias gradient and V2's scale
@@ -38,8 +39,8 @@ from .attention import reference_attention
 from .fast import attention_bias, fused_block_forward, window_order
 from .model import Pair, window_and_shift
 
-# The norm kernel of V1 inference (:func:`norm_rows`); False: PyTorch's LayerNorm, casts and adds,
-# for measuring the kernel against them (benchmarks/triton_norms.py).
+# The norm kernels of inference (:func:`norm_rows`, :func:`residual_plus_norm`); False: PyTorch's
+# LayerNorm, casts and adds, for measuring the kernels against them (benchmarks/triton_norms.py).
 NORM_KERNEL = True
 
 
@@ -63,8 +64,11 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
     bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype).combined
     post_norm = hasattr(block, "norm3")  # V2: res-post-norm, attention on the block input itself
-    if NORM_KERNEL and not post_norm and not torch.is_grad_enabled():
-        return _v1_without_autograd(block, x, bias, geometry)
+    if NORM_KERNEL and not torch.is_grad_enabled():
+        if not post_norm:
+            return _v1_without_autograd(block, x, bias, geometry)
+        if not block.training and x.dtype == torch.float32:  # no drop path between norm and add
+            return _v2_without_autograd(block, x, bias, geometry)
     tokens = (x if post_norm else block.norm1(x)).reshape(B, H * W, C)
     attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))).view_as(x)
     if post_norm:
@@ -89,6 +93,19 @@ def _v1_without_autograd(block: nn.Module, x: Tensor, bias: Tensor, geometry: tu
     return (rows + block.drop_path(block.mlp(hidden))).view_as(x)
 
 
+def _v2_without_autograd(block: nn.Module, x: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
+    """A V2 block in eval without autograd, its float32 residual stream ``x``: each norm and the add
+    after it in one kernel (:func:`residual_plus_norm`), the first also writing the sum in the MLP's
+    input dtype. A block's elementwise passes go from seven (two norms, two adds, two casts, GELU) to
+    four (the attention's input cast, two kernels, GELU)."""
+    B, H, W, C = x.shape
+    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.reshape(B, H * W, C)
+    attended = attn.proj_drop(attn.proj(_attend(attn, rows, bias, geometry)))
+    rows, tokens = residual_plus_norm(block.norm1, rows, attended, dtype)
+    rows, _ = residual_plus_norm(block.norm2, rows, block.mlp(tokens))
+    return block.norm3(rows.view_as(x))
+
+
 def _linear_input_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear layer computes ``x`` in: autocast's where it is on, else ``x``'s own."""
     device = x.device.type
@@ -102,20 +119,42 @@ def norm_rows(norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype, branch: Tensor 
     and ``norm`` of them in ``dtype``: computed in float32 and rounded once, as autocast's float32
     LayerNorm and its cast to the next linear layer's dtype round it.
     """
-    C = x.shape[-1]
     x = x.contiguous()
     total, other = x, x  # without a branch the kernel reads neither of the last two
     if branch is not None:
         other = branch.contiguous()
         total = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    rows, block_c = x.numel() // C, _power_of_two(C)
-    block_rows = max(1, 4096 // block_c)  # 4096 values a program: 32 rows of Swin-T's 96 channels
-    _kernel("layer_norm_rows")[(-(-rows // block_rows),)](
-        x, other, total, out, norm.weight, norm.bias, rows, C, norm.eps,
-        HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-    )  # fmt: skip
+    _launch_rows("layer_norm_rows", norm, x, other, total, out, HAS_BRANCH=branch is not None)
     return total, out
+
+
+def residual_plus_norm(
+    norm: nn.LayerNorm, x: Tensor, branch: Tensor, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``x + norm(branch)`` over the last dimension in one kernel, without autograd (V2's
+    res-post-norm); ``x`` float32, and the norm computed in float32 as autocast's LayerNorm is.
+    Returns the sum and, for a ``dtype`` other than float32, the sum in it (the next linear layer's
+    input: autocast's cast, in the same pass)."""
+    x, branch = x.contiguous(), branch.contiguous()
+    total = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device) if dtype not in (None, x.dtype) else None
+    _launch_rows("residual_plus_layer_norm_rows", norm, x, branch, total, out, WRITE_OUT=out is not None)
+    return total, (total if dtype == x.dtype else out)
+
+
+def _launch_rows(name: str, norm: nn.LayerNorm, x: Tensor, branch: Tensor, total: Tensor, out: Tensor | None, **flags):
+    """One of the row-wise norm kernels over every row of ``x``, a tile of rows per program."""
+    C = x.shape[-1]
+    rows, block_c = x.numel() // C, _power_of_two(C)
+    # 1024 values a program (8 rows of Swin-T's 96 channels, 8 values a thread): these kernels wait
+    # on memory, and at sm_90 ptxas gave them 48-64 registers a thread, where 4096 values took
+    # 196-255 and would leave a quarter as many warps in flight to hide that wait.
+    block_rows = max(1, 1024 // block_c)
+    _kernel(name)[(-(-rows // block_rows),)](
+        x, branch, total, total if out is None else out, norm.weight, norm.bias, rows, C, norm.eps,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, **flags,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=128)
