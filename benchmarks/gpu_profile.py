@@ -3,10 +3,11 @@
     python benchmarks/gpu_profile.py [model] [batch] [contender ...]
 
 For each contender (names as in ``swinkit bench``: swinkit, swinkit:<attn_impl>, timm, ...) one
-bf16-autocast inference forward and one training step (forward, backward) are profiled after a
-warm-up: wall milliseconds, milliseconds the GPU spent in kernels, the kernel count, and the
-kernels that take the most time. Kernel time well under wall time means the host (Python and
-launches) is the limit, not the GPU. Runs on the CPU too (host-side figures only), to check it.
+bf16-autocast inference forward and one training step (forward, backward and an AdamW step, the
+same fused AdamW for every contender on a GPU) are profiled after a warm-up: wall milliseconds,
+milliseconds the GPU spent in kernels, the kernel count, and the kernels that take the most time.
+Kernel time well under wall time means the host (Python and launches) is the limit, not the GPU.
+Runs on the CPU too (host-side figures only), to check it.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def infer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         model.eval()(x)
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model.train()(x), y)
     loss.backward()
-    model.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def main() -> None:
@@ -72,10 +74,15 @@ def main() -> None:
     y = torch.randint(0, 1000, (batch,), device=device)
     for name in names:
         model = build(name, model_name).to(device)
-        for mode, call in (("inference", infer), ("training forward+backward", train_step)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        calls = (
+            ("inference", functools.partial(infer, model, x, y)),
+            ("training step (forward, backward, AdamW)", functools.partial(train_step, model, optimizer, x, y)),
+        )
+        for mode, call in calls:
             print(f"{name} {model_name} batch {batch} {mode}:", flush=True)
-            profiled(functools.partial(call, model, x, y), device)
-        del model
+            profiled(call, device)
+        del model, optimizer
 
 
 if __name__ == "__main__":
