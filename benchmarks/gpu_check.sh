@@ -43,12 +43,12 @@ bench() {
 # Most important first: whatever a timeout cuts is the least needed. The limits sum to 550 s,
 # inside the tool's 600 s per command (the machine's start is not counted in it).
 bench swin_t 110 swin_t --compare timm --impls reference,sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 8
-# The triton path's inference norm kernels on and off, side by side: built without a GPU.
-timeout 60 $PY benchmarks/triton_norms.py --batch 128 --rounds 9 2>&1 | tee -a "$LOG"
+# The triton path's norm kernels on and off, inference and training, side by side: built without a GPU.
+timeout 80 $PY benchmarks/triton_norms.py --batch 128 --train-batch 128 --rounds 5 --repeats 5 2>&1 | tee -a "$LOG"
 # Where a training step's time goes, the host's or the GPU's (wall against kernel time): every
 # attn_impl trained at the same 44.9 ms at batch 64 on 2026-12-04.
 timeout 70 $PY benchmarks/gpu_profile.py swin_t 128 swinkit timm 2>&1 | tee -a "$LOG"
-bench swinv2_t 70 swinv2_t --compare timm --impls sdpa --batch-size 128 --train-batch-size 128 --memory --rounds 6
+bench swinv2_t 50 swinv2_t --compare timm --batch-size 128 --train-batch-size 128 --rounds 4
 # Not here: torch.compile (`--compare timm,swinkit+compile`) compiled for more than 75 s and 100 s
 # on 2026-12-04 and was cut both times; it needs a device call of its own, with 300 s or more.
 exit 0

@@ -142,6 +142,43 @@ def test_norm_kernel_is_the_residual_add_then_layer_norm_rounded_once(C, branch_
 
 
 @pytest.mark.parametrize("C", [96, 20])
+@pytest.mark.parametrize("with_branch", [False, True])
+def test_norm_kernels_gradients_match_autograd_of_layer_norm(C, with_branch):
+    # float64 throughout (the kernels compute in it then): the gradients of x, the branch, the
+    # weight and the bias, through the norm and through the sum's own later use (total_weight).
+    generator = torch.Generator().manual_seed(C + 2)
+    norm = torch.nn.LayerNorm(C).to(DEVICE, torch.float64)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE)
+
+    with torch.no_grad():
+        norm.weight.copy_(rand(C)), norm.bias.copy_(rand(C))
+    x, branch = (rand(3, 45, C) * 2 + 1).requires_grad_(), rand(3, 45, C).requires_grad_()
+    out_weight, total_weight = rand(3, 45, C), rand(3, 45, C)
+    inputs = (x, branch, norm.weight, norm.bias) if with_branch else (x, norm.weight, norm.bias)
+
+    def loss(total, out):
+        return (out * out_weight).sum() + ((total * total_weight).sum() if with_branch else 0)
+
+    total, out = norm_rows(norm, x, torch.float64, branch if with_branch else None)
+    got = torch.autograd.grad(loss(total, out), inputs)
+    total = x + branch if with_branch else x
+    expected = torch.autograd.grad(loss(total, norm(total)), inputs)
+    for g, e in zip(got, expected, strict=True):
+        assert relative_error(g, e) < 1e-12
+
+
+def test_norm_kernels_refuse_second_derivatives():
+    norm = torch.nn.LayerNorm(20).to(DEVICE)
+    x = torch.randn(2, 5, 20).to(DEVICE).requires_grad_()
+    _, out = norm_rows(norm, x, torch.float32)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("C", [96, 20])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16])
 def test_residual_plus_norm_kernel_is_the_norm_then_the_add_in_float32(C, out_dtype):
     generator = torch.Generator().manual_seed(C + 1)

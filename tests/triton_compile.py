@@ -22,22 +22,25 @@ from swinkit import _triton_kernels as kernels
 # or fixed. Every other argument is an int32 size, except eps.
 DATA = {"qkv", "qkv_bias", "out", "out_grad", "qkv_grad", "branch"}
 WIDE = {"scales", "lse", "delta", "pad_grad", "bias_grad", "scale_grad"}
-# The norm kernel's residual stream (x, total) is float32, as autocast keeps it.
+# The norm kernels' residual stream (x, total) and its gradients are float32, as autocast keeps them.
 FIXED = {"index": "*i32", "bias": "*fp32", "eps": "fp32", "x": "*fp32", "total": "*fp32", "weight": "*fp32"}
+FIXED |= {"mean": "*fp32", "rstd": "*fp32", "total_grad": "*fp32", "x_grad": "*fp32", "weight_grad": "*fp32"}
 TRITON_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
 
 def variants() -> list[tuple[str, str, dict, int]]:
     """(kernel, dtype, flags, warps): every attention kernel in bf16 (V1 and V2) with 4 warps, and
     V2's with 8 (the other setting the autotuner tries), float16 / float32 forwards, a float32
-    backward; the norm kernels with bf16 output (V1's with and without its residual add)."""
+    backward; the norm kernels with bf16 output (V1's with and without its residual add, the
+    second saving its statistics for the backward kernel, which is compiled too)."""
     names = ("window_attention_forward", "window_attention_backward_keys", "window_attention_backward_queries")
     chosen = [(name, "bfloat16", {"COSINE": cosine}, 4) for name in names for cosine in (False, True)]
     chosen += [(name, "bfloat16", {"COSINE": True}, 8) for name in names]
     chosen += [("window_attention_forward", "float16", {"COSINE": False}, 4)]
     chosen += [("window_attention_forward", "float32", {"COSINE": True}, 4)]
     chosen += [("window_attention_backward_keys", "float32", {"COSINE": True}, 4)]
-    chosen += [("layer_norm_rows", "bfloat16", {"HAS_BRANCH": branch}, 4) for branch in (False, True)]
+    chosen += [("layer_norm_rows", "bfloat16", {"HAS_BRANCH": branch, "SAVE_STATS": branch}, 4) for branch in (0, 1)]
+    chosen += [("layer_norm_rows_backward", "bfloat16", {"HAS_TOTAL_GRAD": True}, 4)]
     chosen += [("residual_plus_layer_norm_rows", "bfloat16", {"WRITE_OUT": True}, 4)]
     return chosen
 

@@ -1,6 +1,6 @@
 """Triton kernels of ``attn_impl="triton"``: window attention forward and backward on the map, and
-the LayerNorms of inference with their residual adds and casts (``layer_norm_rows`` for V1,
-``residual_plus_layer_norm_rows`` for V2, last).
+the blocks' LayerNorms with their residual adds and casts (last: ``layer_norm_rows`` and its
+backward for V1, ``residual_plus_layer_norm_rows`` for V2's inference).
 
 Imported only when ``attn_impl="triton"`` runs (it imports triton). ``triton.jit`` compiles them
 for GPU tensors; under ``TRITON_INTERPRET=1`` (set before triton is imported) they run in Triton's
@@ -330,23 +330,25 @@ def window_attention_backward_queries(
 
 @triton.jit
 def _row_tile(rows, C, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's ``BLOCK_ROWS`` rows of ``C`` channels: element offsets, masks, channel numbers."""
+    """This program's ``BLOCK_ROWS`` rows of ``C`` channels: row numbers, element offsets, masks,
+    channel numbers."""
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     channel = tl.arange(0, BLOCK_C)
     channel_ok = channel < C
     ok = (row < rows)[:, None] & channel_ok[None, :]
-    return row.to(tl.int64)[:, None] * C + channel[None, :], ok, channel, channel_ok
+    return row, row.to(tl.int64)[:, None] * C + channel[None, :], ok, channel, channel_ok
 
 
 @triton.jit
 def _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps):
-    """LayerNorm of float32 rows (masked lanes hold 0): mean, then the variance about it."""
+    """LayerNorm of rows (masked lanes hold 0) in their own float dtype: mean, then the variance
+    about it. Returns the normalised rows, their means and reciprocal standard deviations."""
     mean = tl.sum(values, axis=1) / C
     centred = tl.where(ok, values - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps)
-    scale = tl.load(weight + channel, mask=channel_ok, other=0.0).to(tl.float32)
-    shift = tl.load(bias + channel, mask=channel_ok, other=0.0).to(tl.float32)
-    return centred * rstd[:, None] * scale[None, :] + shift[None, :]
+    scale = tl.load(weight + channel, mask=channel_ok, other=0.0).to(values.dtype)
+    shift = tl.load(bias + channel, mask=channel_ok, other=0.0).to(values.dtype)
+    return centred * rstd[:, None] * scale[None, :] + shift[None, :], mean, rstd
 
 
 @triton.jit
@@ -357,26 +359,77 @@ def layer_norm_rows(
     out,
     weight,
     bias,
+    mean,
+    rstd,
     rows,
     C,
     eps,
     HAS_BRANCH: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """V1 (pre-norm): LayerNorm over the ``C`` channels of ``BLOCK_ROWS`` rows, computed in float32,
-    written in ``out``'s dtype (the next linear layer's input dtype: the cast autocast would make,
-    in the same pass). With ``HAS_BRANCH`` the rows are the residual sum ``x + branch`` first,
-    rounded to and written in ``total``'s dtype as the separate add would be, and normalised as
-    rounded."""
-    offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
-    values = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32)
+    """V1 (pre-norm): LayerNorm over the ``C`` channels of ``BLOCK_ROWS`` rows, computed in ``ACC``
+    (float32; float64 for float64 work), written in ``out``'s dtype (the next linear layer's input
+    dtype: the cast autocast would make, in the same pass). With ``HAS_BRANCH`` the rows are the
+    residual sum ``x + branch`` first, rounded to and written in ``total``'s dtype as the separate
+    add would be, and normalised as rounded. ``SAVE_STATS``: each row's mean and reciprocal
+    standard deviation too, for the backward kernel."""
+    row, offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
+    values = tl.load(x + offsets, mask=ok, other=0.0).to(ACC)
     if HAS_BRANCH:
-        summed = (values + tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)).to(total.dtype.element_ty)
+        summed = (values + tl.load(branch + offsets, mask=ok, other=0.0).to(ACC)).to(total.dtype.element_ty)
         tl.store(total + offsets, summed, mask=ok)
-        values = summed.to(tl.float32)
-    normed = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
+        values = summed.to(ACC)
+    normed, row_mean, row_rstd = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
     tl.store(out + offsets, normed.to(out.dtype.element_ty), mask=ok)
+    if SAVE_STATS:
+        tl.store(mean + row, row_mean, mask=row < rows)
+        tl.store(rstd + row, row_rstd, mask=row < rows)
+
+
+@triton.jit
+def layer_norm_rows_backward(
+    total,
+    mean,
+    rstd,
+    out_grad,
+    total_grad,
+    weight,
+    x_grad,
+    weight_grad,
+    bias_grad,
+    rows,
+    C,
+    HAS_TOTAL_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The gradients of :func:`layer_norm_rows` from its saved rows (``total``: ``x + branch``, or
+    ``x``), means and reciprocal standard deviations, given the gradient of its output and (with
+    ``HAS_TOTAL_GRAD``) of ``total``: ``x_grad`` (the rows' gradient, which is also the branch's),
+    and this program's sums over its rows of the weight's and bias's gradients, one row of
+    ``weight_grad`` / ``bias_grad`` per program (summed afterwards: the same order every run)."""
+    row, offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
+    row_ok = row < rows
+    values = tl.load(total + offsets, mask=ok, other=0.0).to(ACC)
+    row_mean = tl.load(mean + row, mask=row_ok, other=0.0)
+    row_rstd = tl.load(rstd + row, mask=row_ok, other=0.0)
+    unit = tl.where(ok, (values - row_mean[:, None]) * row_rstd[:, None], 0.0)
+    grad = tl.load(out_grad + offsets, mask=ok, other=0.0).to(ACC)
+    scaled = grad * tl.load(weight + channel, mask=channel_ok, other=0.0).to(ACC)[None, :]
+    # d(unit): the scaled gradient less its mean and its projection on the normalised row.
+    along_unit = tl.sum(scaled * unit, axis=1) / C
+    average = tl.sum(scaled, axis=1) / C
+    rows_grad = (scaled - unit * along_unit[:, None] - average[:, None]) * row_rstd[:, None]
+    if HAS_TOTAL_GRAD:
+        rows_grad += tl.load(total_grad + offsets, mask=ok, other=0.0).to(ACC)
+    tl.store(x_grad + offsets, rows_grad.to(x_grad.dtype.element_ty), mask=ok)
+    partial = tl.program_id(0).to(tl.int64) * C + channel
+    tl.store(weight_grad + partial, tl.sum(grad * unit, axis=0), mask=channel_ok)
+    tl.store(bias_grad + partial, tl.sum(grad, axis=0), mask=channel_ok)
 
 
 @triton.jit
@@ -393,13 +446,14 @@ def residual_plus_layer_norm_rows(
     WRITE_OUT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """V2 (res-post-norm): ``total = x + LayerNorm(branch)`` in float32 (``x`` and ``total``
-    float32, the residual stream autocast keeps), the norm computed in float32 as autocast's is;
-    with ``WRITE_OUT`` also ``total`` in ``out``'s dtype, the next linear layer's cast of it."""
-    offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
-    values = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
-    normed = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
+    """V2 (res-post-norm): ``total = x + LayerNorm(branch)`` in ``ACC`` (``x`` and ``total`` float32,
+    the residual stream autocast keeps, or float64), the norm computed as autocast's is; with
+    ``WRITE_OUT`` also ``total`` in ``out``'s dtype, the next linear layer's cast of it."""
+    _, offsets, ok, channel, channel_ok = _row_tile(rows, C, BLOCK_ROWS, BLOCK_C)
+    values = tl.load(branch + offsets, mask=ok, other=0.0).to(ACC)
+    normed, _, _ = _layer_norm(values, ok, channel, channel_ok, weight, bias, C, eps)
     summed = tl.load(x + offsets, mask=ok, other=0.0) + normed
     tl.store(total + offsets, summed, mask=ok)
     if WRITE_OUT:

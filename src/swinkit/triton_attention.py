@@ -9,9 +9,9 @@ the qkv bias, as the reference's zero padding gives), adds the position bias and
 takes the softmax in float32, multiplies by v and writes the result back to the tokens' map
 positions. No per-window copy of the map and no ``(windows, heads, N, N)`` tensor is ever made.
 
-Without autograd a block also takes each of its LayerNorms in one kernel with the residual add next
-to it and the cast to the linear layers' dtype: V1's add before its second norm
-(:func:`norm_rows`), V2's add after each norm (:func:`residual_plus_norm`, in eval).
+A block also takes each of its LayerNorms in one kernel with the residual add next to it and the
+cast to the linear layers' dtype: V1's add before its second norm (:func:`norm_rows`, in training
+with a backward kernel), V2's add after each norm (:func:`residual_plus_norm`, eval inference).
 
 The backward pass is two more kernels in the same layout (flash-attention style, from the
 forward's saved log-sum-exp): one per key tile for dK, dV, the bias gradient and V2's scale
@@ -34,14 +34,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .attention import reference_attention
 from .fast import attention_bias, fused_block_forward, window_order
 from .model import Pair, window_and_shift
 
-# The norm kernels of inference (:func:`norm_rows`, :func:`residual_plus_norm`); False: PyTorch's
-# LayerNorm, casts and adds, for measuring the kernels against them (benchmarks/triton_norms.py).
+# The norm kernels (:func:`norm_rows`, :func:`residual_plus_norm`); False: PyTorch's LayerNorm,
+# casts and adds, for measuring the kernels against them (benchmarks/triton_norms.py).
 NORM_KERNEL = True
+WIDE_DTYPES = (torch.float32, torch.float64)  # a residual stream V2's kernel takes
 
 
 def triton_available() -> bool:
@@ -64,11 +66,10 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
     bias = attention_bias(attn, window, shift, Hp, Wp, x.dtype).combined
     post_norm = hasattr(block, "norm3")  # V2: res-post-norm, attention on the block input itself
-    if NORM_KERNEL and not torch.is_grad_enabled():
-        if not post_norm:
-            return _v1_without_autograd(block, x, bias, geometry)
-        if not block.training and x.dtype == torch.float32:  # no drop path between norm and add
-            return _v2_without_autograd(block, x, bias, geometry)
+    if NORM_KERNEL and not post_norm:
+        return _v1_with_norm_kernels(block, x, bias, geometry)
+    if NORM_KERNEL and not torch.is_grad_enabled() and not block.training and x.dtype in WIDE_DTYPES:
+        return _v2_without_autograd(block, x, bias, geometry)  # in eval: no drop path between norm and add
     tokens = (x if post_norm else block.norm1(x)).reshape(B, H * W, C)
     attended = attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))).view_as(x)
     if post_norm:
@@ -79,12 +80,12 @@ def triton_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.drop_path(block.mlp(block.norm2(x)))
 
 
-def _v1_without_autograd(block: nn.Module, x: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
-    """A V1 block without autograd: each norm is one kernel (:func:`norm_rows`) that also casts to
-    the linear layers' input dtype, the second with the residual add before it. On a GPU the passes
-    over the map (norms, casts, adds), not the matrix products, took most of a forward
-    (benchmarks/RESULTS.md, "GPU (H200, bf16)"); a block's elementwise passes go from seven (two
-    norms, two casts to bf16, two residual adds, GELU) to four."""
+def _v1_with_norm_kernels(block: nn.Module, x: Tensor, bias: Tensor, geometry: tuple[Tensor, Tensor, int]) -> Tensor:
+    """A V1 block whose norms are one kernel each (:func:`norm_rows`, with autograd a backward
+    kernel too), each also casting to the linear layers' input dtype, the second with the residual
+    add before it. On a GPU the passes over the map (norms, casts, adds), not the matrix products,
+    took most of a forward (benchmarks/RESULTS.md, "GPU (H200, bf16)"); a block's elementwise
+    passes go from seven (two norms, two casts to bf16, two residual adds, GELU) to four."""
     B, H, W, C = x.shape
     attn, dtype, rows = block.attn, _linear_input_dtype(x), x.reshape(B, H * W, C)
     _, tokens = norm_rows(block.norm1, rows, dtype)
@@ -113,48 +114,138 @@ def _linear_input_dtype(x: Tensor) -> torch.dtype:
 
 
 def norm_rows(norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype, branch: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``norm(x)``, or ``norm(x + branch)``, over the last dimension in one kernel, without autograd.
+    """``norm(x)``, or ``norm(x + branch)``, over the last dimension in one kernel.
 
     Returns the rows normalised (``x + branch`` in the dtype the add would give, or ``x`` itself)
-    and ``norm`` of them in ``dtype``: computed in float32 and rounded once, as autocast's float32
-    LayerNorm and its cast to the next linear layer's dtype round it.
+    and ``norm`` of them in ``dtype``: computed in float32 (float64 for float64 rows) and rounded
+    once, as autocast's float32 LayerNorm and its cast to the next linear layer's dtype round it.
+    With autograd, differentiable in ``x``, ``branch`` and the norm's weight and bias
+    (:class:`_NormRows`; first derivatives only).
     """
+    inputs = (x, branch, norm.weight, norm.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        if branch is None:
+            return x, _NormRows.apply(x, norm.weight, norm.bias, norm.eps, dtype)
+        return _NormRowsAfterAdd.apply(x, branch, norm.weight, norm.bias, norm.eps, dtype)
+    total, out, _, _ = _norm_rows(x, branch, norm.weight, norm.bias, norm.eps, dtype)
+    return total, out
+
+
+def _norm_rows(
+    x: Tensor, branch: Tensor | None, weight: Tensor, bias: Tensor, eps: float, dtype: torch.dtype, stats: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The forward kernel: the rows (``x + branch`` or ``x``), their norm in ``dtype``, and with
+    ``stats`` each row's mean and reciprocal standard deviation."""
     x = x.contiguous()
     total, other = x, x  # without a branch the kernel reads neither of the last two
     if branch is not None:
         other = branch.contiguous()
         total = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _launch_rows("layer_norm_rows", norm, x, other, total, out, HAS_BRANCH=branch is not None)
-    return total, out
+    tiles = _RowTiles.of(total)
+    mean = torch.empty(tiles.rows, dtype=tiles.wide, device=x.device) if stats else out
+    rstd = torch.empty(tiles.rows, dtype=tiles.wide, device=x.device) if stats else out
+    _kernel("layer_norm_rows")[(tiles.programs,)](
+        x, other, total, out, weight, bias, mean, rstd, tiles.rows, tiles.C, eps,
+        HAS_BRANCH=branch is not None, SAVE_STATS=stats, **tiles.constants(),
+    )  # fmt: skip
+    return total, out, (mean if stats else None), (rstd if stats else None)
+
+
+def _norm_rows_backward(
+    saved: tuple[Tensor, Tensor, Tensor, Tensor], out_grad: Tensor | None, total_grad: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernel: the gradients of the rows, of the weight and of the bias."""
+    total, mean, rstd, weight = saved
+    tiles = _RowTiles.of(total)
+    out_grad = torch.zeros_like(total) if out_grad is None else out_grad.contiguous()
+    x_grad = torch.empty_like(total)
+    partial = torch.empty(2, tiles.programs, tiles.C, dtype=tiles.wide, device=total.device)
+    _kernel("layer_norm_rows_backward")[(tiles.programs,)](
+        total, mean, rstd, out_grad, out_grad if total_grad is None else total_grad.contiguous(), weight,
+        x_grad, partial[0], partial[1], tiles.rows, tiles.C,
+        HAS_TOTAL_GRAD=total_grad is not None, **tiles.constants(),
+    )  # fmt: skip
+    weight_grad, bias_grad = partial.sum(1).to(weight.dtype)  # per-program sums, in a fixed order
+    return x_grad, weight_grad, bias_grad
+
+
+class _NormRows(torch.autograd.Function):
+    """``norm(x)`` in ``dtype`` by the kernels, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, dtype):
+        _, out, mean, rstd = _norm_rows(x, None, weight, bias, eps, dtype, stats=True)
+        ctx.save_for_backward(x.contiguous(), mean, rstd, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, out_grad):
+        x_grad, weight_grad, bias_grad = _norm_rows_backward(ctx.saved_tensors, out_grad, None)
+        return x_grad, weight_grad, bias_grad, None, None
+
+
+class _NormRowsAfterAdd(torch.autograd.Function):
+    """``x + branch`` and its norm in ``dtype`` by the kernels, forward and backward: the sum's
+    gradient is the rows' (the norm's and the sum's own, from its later uses) for both addends."""
+
+    @staticmethod
+    def forward(ctx, x, branch, weight, bias, eps, dtype):
+        total, out, mean, rstd = _norm_rows(x, branch, weight, bias, eps, dtype, stats=True)
+        ctx.save_for_backward(total, mean, rstd, weight)
+        ctx.dtypes = x.dtype, branch.dtype
+        return total, out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, total_grad, out_grad):
+        rows_grad, weight_grad, bias_grad = _norm_rows_backward(ctx.saved_tensors, out_grad, total_grad)
+        return rows_grad.to(ctx.dtypes[0]), rows_grad.to(ctx.dtypes[1]), weight_grad, bias_grad, None, None
 
 
 def residual_plus_norm(
     norm: nn.LayerNorm, x: Tensor, branch: Tensor, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """``x + norm(branch)`` over the last dimension in one kernel, without autograd (V2's
-    res-post-norm); ``x`` float32, and the norm computed in float32 as autocast's LayerNorm is.
-    Returns the sum and, for a ``dtype`` other than float32, the sum in it (the next linear layer's
-    input: autocast's cast, in the same pass)."""
+    res-post-norm); ``x`` float32 (or float64), and the norm computed in it as autocast's LayerNorm
+    is. Returns the sum and, for a ``dtype`` other than ``x``'s, the sum in it (the next linear
+    layer's input: autocast's cast, in the same pass)."""
     x, branch = x.contiguous(), branch.contiguous()
     total = torch.empty_like(x)
     out = torch.empty(x.shape, dtype=dtype, device=x.device) if dtype not in (None, x.dtype) else None
-    _launch_rows("residual_plus_layer_norm_rows", norm, x, branch, total, out, WRITE_OUT=out is not None)
+    tiles = _RowTiles.of(x)
+    _kernel("residual_plus_layer_norm_rows")[(tiles.programs,)](
+        x, branch, total, total if out is None else out, norm.weight, norm.bias, tiles.rows, tiles.C, norm.eps,
+        WRITE_OUT=out is not None, **tiles.constants(),
+    )  # fmt: skip
     return total, (total if dtype == x.dtype else out)
 
 
-def _launch_rows(name: str, norm: nn.LayerNorm, x: Tensor, branch: Tensor, total: Tensor, out: Tensor | None, **flags):
-    """One of the row-wise norm kernels over every row of ``x``, a tile of rows per program."""
-    C = x.shape[-1]
-    rows, block_c = x.numel() // C, _power_of_two(C)
-    # 1024 values a program (8 rows of Swin-T's 96 channels, 8 values a thread): these kernels wait
-    # on memory, and at sm_90 ptxas gave them 48-64 registers a thread, where 4096 values took
-    # 196-255 and would leave a quarter as many warps in flight to hide that wait.
-    block_rows = max(1, 1024 // block_c)
-    _kernel(name)[(-(-rows // block_rows),)](
-        x, branch, total, total if out is None else out, norm.weight, norm.bias, rows, C, norm.eps,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, **flags,
-    )  # fmt: skip
+class _RowTiles(NamedTuple):
+    """How the norm kernels split ``rows`` rows of ``C`` channels: ``per_program`` rows a program."""
+
+    rows: int
+    C: int
+    per_program: int
+    wide: torch.dtype  # the dtype they compute in
+
+    @classmethod
+    def of(cls, x: Tensor) -> _RowTiles:
+        C = x.shape[-1]
+        # 1024 values a program (8 rows of Swin-T's 96 channels, 8 values a thread): these kernels
+        # wait on memory, and at sm_90 ptxas gave them 48-64 registers a thread, where 4096 values
+        # took 196-255 and would leave a quarter as many warps in flight to hide that wait.
+        per_program = max(1, 1024 // _power_of_two(C))
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return cls(x.numel() // C, C, per_program, wide)
+
+    @property
+    def programs(self) -> int:
+        return -(-self.rows // self.per_program)
+
+    def constants(self) -> dict:
+        return {"BLOCK_ROWS": self.per_program, "BLOCK_C": _power_of_two(self.C), "ACC": _triton_dtype(self.wide)}
 
 
 @functools.lru_cache(maxsize=128)
