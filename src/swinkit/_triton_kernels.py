@@ -6,10 +6,11 @@ Imported only when ``attn_impl="triton"`` runs (it imports triton). ``triton.jit
 for GPU tensors; under ``TRITON_INTERPRET=1`` (set before triton is imported) they run in Triton's
 interpreter on CPU tensors: slow, exact, and how they are tested on machines without a GPU.
 
-Every attention program works on one (image, window, head) and a tile of its tokens. Window token ``t`` of
-window ``w`` is map token ``index[w * N + t]`` when that is >= 0; a negative entry ``-1 - s`` is
-padded token ``s`` of the image, whose q, k, v are the qkv bias (its input is zero) and whose
-gradient goes to ``pad_grad[image, s]``. So shift, padding and partition are all in the reads.
+Every attention program works on one (image, window, head) and a tile of its tokens. Window token
+``t`` of window ``w`` is map token ``index[w * N + t]`` when that is >= 0; a negative entry
+``-1 - s`` is padded token ``s`` of the image, whose q, k, v are the qkv bias (its input is zero)
+and whose gradient goes to ``pad_grad[image, s]``. So shift, padding and partition are all in the
+reads. The norm kernels work on a tile of whole rows (tokens) each.
 """
 
 from __future__ import annotations
