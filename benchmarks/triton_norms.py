@@ -63,7 +63,7 @@ def contenders(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     return {mode: steps[mode] for mode in args.modes.split(",")}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="swin_t")
     parser.add_argument("--batch", type=int, default=128)
@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=10, help="steps timed per contender and round")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = swinkit.create_model(args.model, attn_impl="triton").to(device)
     steps = contenders(model, args, device)
