@@ -86,8 +86,7 @@ def _v1_with_norm_kernels(block: nn.Module, x: Tensor, bias: Tensor, geometry: t
     add before it. On a GPU the passes over the map (norms, casts, adds), not the matrix products,
     took most of a forward (benchmarks/RESULTS.md, "GPU (H200, bf16)"); a block's elementwise
     passes go from seven (two norms, two casts to bf16, two residual adds, GELU) to four."""
-    B, H, W, C = x.shape
-    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.reshape(B, H * W, C)
+    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.flatten(1, 2)  # (B, H * W, C)
     _, tokens = norm_rows(block.norm1, rows, dtype)
     attended = block.drop_path(attn.proj_drop(attn.proj(_attend(attn, tokens, bias, geometry))))
     rows, hidden = norm_rows(block.norm2, rows, dtype, branch=attended)
@@ -99,8 +98,7 @@ def _v2_without_autograd(block: nn.Module, x: Tensor, bias: Tensor, geometry: tu
     after it in one kernel (:func:`residual_plus_norm`), the first also writing the sum in the MLP's
     input dtype. A block's elementwise passes go from seven (two norms, two adds, two casts, GELU) to
     four (the attention's input cast, two kernels, GELU)."""
-    B, H, W, C = x.shape
-    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.reshape(B, H * W, C)
+    attn, dtype, rows = block.attn, _linear_input_dtype(x), x.flatten(1, 2)  # (B, H * W, C)
     attended = attn.proj_drop(attn.proj(_attend(attn, rows, bias, geometry)))
     rows, tokens = residual_plus_norm(block.norm1, rows, attended, dtype)
     rows, _ = residual_plus_norm(block.norm2, rows, block.mlp(tokens))
@@ -237,8 +235,7 @@ class _RowTiles(NamedTuple):
         # wait on memory, and at sm_90 ptxas gave them 48-64 registers a thread, where 4096 values
         # took 196-255 and would leave a quarter as many warps in flight to hide that wait.
         per_program = max(1, 1024 // _power_of_two(C))
-        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return cls(x.numel() // C, C, per_program, wide)
+        return cls(x.numel() // C, C, per_program, _accumulator_dtype(x.dtype))
 
     @property
     def programs(self) -> int:
@@ -433,8 +430,7 @@ class _Shape(NamedTuple):
     def of(cls, qkv: Tensor, bias: Tensor, index: Tensor, heads: int) -> _Shape:
         B, L, three_C = qkv.shape
         N = bias.shape[-1]
-        wide = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        return cls(B, L, three_C // 3, N, index.numel() // N, heads, bias.shape[0], wide)
+        return cls(B, L, three_C // 3, N, index.numel() // N, heads, bias.shape[0], _accumulator_dtype(qkv.dtype))
 
     @property
     def programs(self) -> int:
@@ -459,6 +455,11 @@ class _Shape(NamedTuple):
             "BLOCK_D": max(16, _power_of_two(d)),
             "ACC": _triton_dtype(self.wide),
         }
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute ``dtype`` data in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _power_of_two(n: int) -> int:
