@@ -16,7 +16,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 import swinkit
-from helpers import write_digit_folder
+from helpers import relative_error, write_digit_folder
+from swinkit import fast, native
 from swinkit.cli import main
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
@@ -287,15 +288,89 @@ def test_torch_compile_keeps_height_and_width_static_and_the_batch_dynamic(train
     assert graphs == [(True, True, True)] + [(False, True, True)] * 3
 
 
+def _head_size_32(variant: str, **overrides) -> torch.nn.Module:
+    """A test preset with head size 32, as in every published configuration: the native kernel's."""
+    overrides = {"num_classes": 5, "embed_dim": 32, "num_heads": (1, 2, 4, 8), "window_size": 7, **overrides}
+    return _perturbed(swinkit.create_model(variant, **overrides))
+
+
+def _operator_calls(graph: torch.fx.GraphModule) -> tuple[int, int]:
+    """How many ``swinkit::window_attention`` and ``swinkit::linear`` calls a dynamo graph makes."""
+    targets = [node.target for node in graph.graph.nodes]
+    return targets.count(torch.ops.swinkit.window_attention), targets.count(torch.ops.swinkit.linear)
+
+
+@pytest.mark.skipif(not native.built(), reason=native.status())
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_compiled_graph_keeps_the_native_kernel(variant):
+    """Under torch.compile the fused path's attention is one ``swinkit::window_attention`` per block
+    (the eager path's kernel) and its four linear layers ``swinkit::linear`` (oneDNN's), with a
+    dynamic batch; AOTAutograd takes their gradient formulas. Outputs and every gradient as the
+    reference path's."""
+    graphs = []
+
+    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(_operator_calls(graph))
+        return graph.forward
+
+    torch._dynamo.reset()
+    model, reference = _head_size_32(variant), _head_size_32(variant)
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_impl("reference")
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+    with torch.no_grad():
+        for batch in (2, 3):  # 72 x 56: padding in stages 1-2, clamped windows after
+            x = torch.randn(batch, 3, 72, 56)
+            assert relative_error(compiled(x), reference(x)) < 1e-5
+    linears = 32 if fast.ONEDNN_LINEAR else 0
+    assert graphs == [(8, linears)] * 2  # every block of both graphs (a static, then a dynamic batch)
+
+    torch._dynamo.reset()
+    model.train(), reference.train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 72, 56)
+    results = []
+    for net in (compiled, reference):  # the same parameters in the same order
+        images = x.clone().requires_grad_()
+        loss = (net(images) * torch.arange(5.0)).sum()
+        results.append(torch.autograd.grad(loss, (images, *net.parameters())))
+    names = [name for name, _ in model.named_parameters()]
+    for name, got, expected in zip(("images", *names), *results, strict=True):
+        assert relative_error(got, expected) < 1e-5, name
+
+
+@pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def test_compile_linear_operator(packed, epilogue):
+    """``swinkit::linear``: torch.library's checks, and its output and gradients as PyTorch's linear
+    with GELU or the residual added (oneDNN's GEMM: float32 rounding apart)."""
+    x, weight, bias = (torch.randn(shape, requires_grad=True) for shape in ((50, 96), (288, 96), (288,)))
+    residual = torch.randn(50, 288, requires_grad=True) if epilogue == "residual" else None
+    gelu = epilogue == "gelu"
+    arguments = (x, weight, bias, gelu, residual, packed)
+    torch.library.opcheck(torch.ops.swinkit.linear.default, arguments)
+    got = torch.ops.swinkit.linear(*arguments)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    expected = torch.nn.functional.gelu(expected) if gelu else expected
+    expected = expected + residual if residual is not None else expected
+    assert relative_error(got, expected) < 1e-6
+    inputs = [t for t in (x, weight, bias, residual) if t is not None]
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad), strict=True):
+        assert relative_error(a, b) < 1e-6
+
+
 # Inductor writes and compiles C++ kernels for every block and image size: on a cold cache (2
 # cores) the two tests below took 100 s and 75 s with swin_test's eight blocks, 83 s and 52 s with
 # these five (a shifted and an unshifted block in the first stage, one block in each other). The
-# tests above trace the whole of swin_test, without inductor.
+# tests above trace the whole of swin_test, without inductor. With head size 32 the native kernel
+# runs inside inductor's code.
 INDUCTOR_DEPTHS = (2, 1, 1, 1)
 
 
 def test_compiled_model_matches_eager_without_graph_breaks():
-    model = _perturbed(swinkit.create_model("swin_test", depths=INDUCTOR_DEPTHS, num_classes=5))
+    model = _head_size_32("swin_test", depths=INDUCTOR_DEPTHS)
     # dynamic=True would make height and width symbolic too: the model keeps them static.
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # fullgraph: a graph break is an error
     with torch.no_grad():
@@ -307,7 +382,7 @@ def test_compiled_model_matches_eager_without_graph_breaks():
 
 def test_compiled_training_step_matches_eager():
     # What `swinkit train --compile` runs: forward and backward through inductor, every gradient.
-    model = _perturbed(swinkit.create_model("swin_test", depths=INDUCTOR_DEPTHS, num_classes=5)).train()
+    model = _head_size_32("swin_test", depths=INDUCTOR_DEPTHS).train()
     compiled = torch.compile(model, fullgraph=True)
     x, labels = torch.randn(3, 3, 40, 56), torch.tensor([0, 4, 2])
     losses, gradients = [], []

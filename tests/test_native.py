@@ -327,6 +327,64 @@ def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
         assert relative_error(got, expected) < 1e-5, name
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+def test_windows_split_over_threads_compute_what_one_call_does(cosine):
+    """Runs over the worker threads (what the operators under torch.compile use): 3 images of 4
+    windows cut at image boundaries, so each run's windows read the mask patterns the whole batch's
+    would; the outputs and the qkv gradient bit for bit, the summed bias and scale gradients to
+    float rounding."""
+    heads, tokens = 2, 49
+    qkv, bias = _inputs(12, tokens, heads, 1)
+    mask = native.ShiftMask.of(_random_shift_mask(tokens))
+    scales = torch.tensor([10.0, 3.5]) if cosine else torch.full((heads,), D**-0.5)
+    grad = torch.randn(12, tokens, heads * D)
+    whole = native._forward(qkv, heads, bias, scales, cosine, None, mask)
+    gradients = native.window_attention_backward(qkv, grad, heads, bias, scales, cosine, None, mask)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the worker pool has one thread per intra-op thread
+        for parts in (2, 3, 5):  # 5: more parts than images, so some are empty and left out
+            assert torch.equal(native._forward(qkv, heads, bias, scales, cosine, None, mask, parts), whole)
+            got = native.window_attention_backward(qkv, grad, heads, bias, scales, cosine, None, mask, parts)
+            assert torch.equal(got[0], gradients[0])
+            torch.testing.assert_close(got[1], gradients[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[2], gradients[2], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+SHIFTED_14x14 = [14, 14, 7, 7, 3, 3]  # Hp, Wp, window, shift: 2 x 2 windows of 49 tokens per image
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("shift_geometry", [[], SHIFTED_14x14])
+def test_compile_operator_is_the_kernel(cosine, shift_geometry):
+    """``swinkit::window_attention``, the kernel as torch.compile sees it: torch.library's own checks
+    (schema, fake tensors, autograd registration, AOT dispatch), and its output and gradients those
+    of :func:`native.window_attention` with the mask the geometry describes."""
+    from swinkit.fast import _shift_mask_patterns
+
+    heads = 2
+    qkv, position = _inputs(8, 49, heads, 1)
+    scales = torch.tensor([10.0, 3.5]) if cosine else torch.full((heads,), D**-0.5)
+    inputs = [t.clone().requires_grad_(cosine or t is not scales) for t in (qkv, position, scales)]
+    operator = torch.ops.swinkit.window_attention.default
+    torch.library.opcheck(operator, (*inputs, heads, cosine, shift_geometry))
+    mask = _shift_mask_patterns(14, 14, (7, 7), (3, 3)) if shift_geometry else None
+    expected_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    got = operator(*inputs, heads, cosine, shift_geometry)
+    expected = native.window_attention(*expected_inputs[:1], heads, *expected_inputs[1:], cosine, mask=mask)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(got)
+    wanted = [t for t in inputs if t.requires_grad]
+    for a, b in zip(
+        torch.autograd.grad(got, wanted, grad),
+        torch.autograd.grad(expected, [t for t in expected_inputs if t.requires_grad], grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):
     qkv, bias = _inputs(2, 49, 2, 1)
     threads = torch.get_num_threads()

@@ -3,6 +3,7 @@
 The public API: build models, load and save checkpoints, count FLOPs.
 """
 
+from . import fast  # noqa: F401  registers the native kernel's operators before anything compiles
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint, save
 from .factory import build_model, create_model
 from .flops import FlopsReport, count_parameters, flops

@@ -15,6 +15,9 @@ native kernel in float32.
 
 Padded tokens enter attention as zeros after the first norm, exactly like the reference (the
 official detection code's padding), and are dropped on the way back.
+
+Under torch.compile (CPU) the same window-order blocks are traced, the whole batch at once, with the
+native kernel and oneDNN's linears as operators (``swinkit::window_attention``, ``swinkit::linear``).
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ def _window_order(
         source, inverse = window_gather_indices((H, W), window, shift, counts, torch.device("cpu"))
         valid = source < H * W  # H * W is the zero token standing for padding
         index = torch.where(valid, source, 0)
-        padded = None if bool(valid.all()) else (~valid).to(device)
+        # Padding is there exactly when the windows overhang the map (decided without reading
+        # `valid`, so that torch.compile traces no data-dependent branch).
+        overhang = counts[0] * window[0] != H or counts[1] * window[1] != W
+        padded = (~valid).to(device) if overhang else None
         return index.to(device), inverse.to(device), padded
 
 
@@ -135,14 +141,24 @@ class WindowBias:
 
     def __init__(self, position: Tensor, mask: Tensor | None, geometry: tuple[int, int, Pair, Pair]) -> None:
         self.position, self.mask, self.geometry = position, mask, geometry
+        self._combined: Tensor | None = None
 
-    @functools.cached_property
+    @property
     def combined(self) -> Tensor:
-        return self.position if self.mask is None else self.position + self.mask.unsqueeze(1)
+        # Kept by hand: functools.cached_property takes a lock on Python 3.11, which torch.compile
+        # cannot trace. Two image-parallel workers may both build it; either result is the same.
+        if self._combined is None:
+            self._combined = self.position if self.mask is None else self.position + self.mask.unsqueeze(1)
+        return self._combined
 
     @functools.cached_property
     def patterns(self) -> native.ShiftMask | None:
         return None if self.mask is None else _shift_mask_patterns(*self.geometry)
+
+    def shift_geometry(self) -> list[int]:
+        """``[Hp, Wp, window h, window w, shift h, shift w]`` of a shifted block, ``[]`` otherwise."""
+        Hp, Wp, window, shift = self.geometry
+        return [] if self.mask is None else [Hp, Wp, *window, *shift]
 
 
 @functools.lru_cache(maxsize=128)
@@ -216,15 +232,85 @@ def _native_attention(attn: nn.Module, qkv: Tensor, bias: WindowBias) -> Tensor 
     """Attention of ``qkv`` (``(windows, N, 3C)``) through the native kernel, as ``(windows * N, C)``;
     None where the kernel does not apply."""
     windows, N, width = qkv.shape
-    if not native.applies(qkv, attn.num_heads, N, bias.position) or tracing():
+    if compiling():
+        if not (native.takes(qkv, attn.num_heads, N, bias.position) and native.built()):
+            return None
+    elif not native.applies(qkv, attn.num_heads, N, bias.position) or tracing():
         return None
     cosine = hasattr(attn, "logit_scale")
     # V2's learned logit scales as a tensor, so that in training they get their gradient too.
     scales = attn.logit_scales().flatten() if cosine else torch.full((attn.num_heads,), attn.scale)
-    out = native.window_attention(
-        qkv, attn.num_heads, bias.position, scales.to(torch.float32), cosine, mask=bias.patterns
-    )
+    scales = scales.to(torch.float32)
+    if compiling():
+        position = bias.position.float().contiguous()
+        out = torch.ops.swinkit.window_attention(qkv, position, scales, attn.num_heads, cosine, bias.shift_geometry())
+    else:
+        out = native.window_attention(qkv, attn.num_heads, bias.position, scales, cosine, mask=bias.patterns)
     return out.view(windows * N, width // 3)
+
+
+def compiling() -> bool:
+    """Whether torch.compile traces (torch.export traces the blocks as written, for other runtimes)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+# The native kernel as operators that torch.compile keeps whole in its graphs (their arguments are
+# tensors and plain numbers; a shifted block's mask patterns are found from its geometry when the
+# operator runs). There it takes all the intra-op threads, its windows split over them: a compiled
+# graph runs the whole batch in the caller's thread, not split by images as eager swinkit does.
+
+
+@torch.library.custom_op("swinkit::window_attention", mutates_args=(), device_types="cpu")
+def _compiled_attention(
+    qkv: Tensor, position: Tensor, scales: Tensor, heads: int, cosine: bool, shift_geometry: list[int]
+) -> Tensor:
+    """:func:`native.window_attention` of ``qkv`` with the ``position`` bias and the shift mask of
+    ``shift_geometry`` (:meth:`WindowBias.shift_geometry`)."""
+    mask = _geometry_mask(shift_geometry)
+    return native._forward(qkv.contiguous(), heads, position, scales, cosine, None, mask, torch.get_num_threads())
+
+
+@_compiled_attention.register_fake
+def _(qkv: Tensor, position: Tensor, scales: Tensor, heads: int, cosine: bool, shift_geometry: list[int]) -> Tensor:
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+
+
+@torch.library.custom_op("swinkit::window_attention_backward", mutates_args=(), device_types="cpu")
+def _compiled_attention_backward(
+    qkv: Tensor, grad: Tensor, position: Tensor, scales: Tensor, heads: int, cosine: bool, shift_geometry: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`native.window_attention_backward`: the gradients of ``qkv``, ``position`` and ``scales``."""
+    mask = _geometry_mask(shift_geometry)
+    parts = torch.get_num_threads()
+    return native.window_attention_backward(qkv, grad, heads, position, scales, cosine, None, mask, parts)
+
+
+@_compiled_attention_backward.register_fake
+def _(
+    qkv: Tensor, grad: Tensor, position: Tensor, scales: Tensor, heads: int, cosine: bool, shift_geometry: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv.new_empty(qkv.shape), position.new_empty(position.shape), scales.new_empty(scales.shape)
+
+
+def _keep_for_backward(ctx, inputs: tuple, output: Tensor) -> None:
+    qkv, position, scales, ctx.heads, ctx.cosine, ctx.shift_geometry = inputs
+    ctx.save_for_backward(qkv, position, scales)
+
+
+def _compiled_attention_gradients(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    qkv, position, scales = ctx.saved_tensors
+    backward = torch.ops.swinkit.window_attention_backward
+    return *backward(qkv, grad, position, scales, ctx.heads, ctx.cosine, ctx.shift_geometry), None, None, None
+
+
+_compiled_attention.register_autograd(_compiled_attention_gradients, setup_context=_keep_for_backward)
+
+
+def _geometry_mask(shift_geometry: list[int]) -> native.ShiftMask | None:
+    if not shift_geometry:
+        return None
+    Hp, Wp, window_h, window_w, shift_h, shift_w = shift_geometry
+    return _shift_mask_patterns(Hp, Wp, (window_h, window_w), (shift_h, shift_w))
 
 
 def heads_attention(
@@ -261,15 +347,16 @@ def heads_attention(
 
 
 def _onednn(x: Tensor) -> bool:
-    """oneDNN takes the linear layers of eager float32 CPU work (it has no export form; under
-    autocast F.linear picks the reduced dtype), unless ``torch.backends.mkldnn`` is turned off."""
+    """oneDNN takes the linear layers of float32 CPU work, eager or under torch.compile (as
+    ``swinkit::linear``), unless ``torch.backends.mkldnn`` is turned off. Not under torch.export (no
+    export form) or autocast (F.linear picks the reduced dtype)."""
     return (
         ONEDNN_LINEAR
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not tracing()
+        and not torch.compiler.is_exporting()
     )
 
 
@@ -355,6 +442,10 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         return _onednn_linear(x.to(torch.bfloat16), weight, bias, "gelu" if gelu else "none")
     if not _onednn(x):
         out = F.linear(x, weight, bias)
+    elif compiling():
+        if not torch.is_grad_enabled():
+            return torch.ops.swinkit.linear(x, weight, bias, gelu, None, True)
+        out = torch.ops.swinkit.linear(x, weight, bias, False, None, False)
     elif torch.is_grad_enabled():
         out = OneDNNLinear.apply(x, weight, bias)
     else:
@@ -363,6 +454,50 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         return out
     # In place without autograd: about 1.5x faster than a fresh output.
     return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
+
+
+# oneDNN's linear as an operator for torch.compile, which would otherwise run each linear layer as
+# addmm after copying the bias into its output (a sixth of a compiled Swin-T forward's GEMM time).
+
+
+@torch.library.custom_op("swinkit::linear", mutates_args=(), device_types="cpu")
+def _compiled_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual: Tensor | None, packed: bool
+) -> Tensor:
+    """``x W^T + b`` through oneDNN, then GELU (exact) if ``gelu``, or plus ``residual`` (2-D ``x``);
+    ``packed``: from the weight reordered once and kept (:func:`_packed`), for graphs without
+    autograd (in training the weights change every step)."""
+    if packed:
+        weight = _packed(weight, x.numel() // x.shape[-1])
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return _onednn_linear(x, weight, bias, "gelu" if gelu else "none")
+
+
+@_compiled_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual: Tensor | None, packed: bool) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _keep_linear_inputs(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, bias, ctx.gelu, residual, _ = inputs
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _compiled_linear_gradients(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, bias = ctx.saved_tensors
+    grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[4] else None
+    if ctx.gelu:  # GELU's gradient at the linear output, recomputed (swinkit passes gelu without autograd only)
+        grad = torch.ops.aten.gelu_backward(grad, F.linear(x, weight, bias))
+    rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = rows.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    grad_weight = rows.t().mm(inputs) if ctx.needs_input_grad[1] else None
+    grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias, None, grad_residual, None
+
+
+_compiled_linear.register_autograd(_compiled_linear_gradients, setup_context=_keep_linear_inputs)
 
 
 def _qkv_linear(attn: nn.Module, h: Tensor) -> Tensor:
@@ -383,6 +518,10 @@ def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
         # Autocast would run addmm, residual included, in the reduced dtype; the reference adds the
         # reduced-precision branch to the residual stream in the stream's own dtype (float32 on CUDA).
         return residual + F.linear(x, linear.weight, linear.bias)
+    if _onednn(x) and compiling():
+        if torch.is_grad_enabled():
+            return residual + torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, None, False)
+        return torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, residual, True)
     if _onednn(x):
         if torch.is_grad_enabled():
             return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
@@ -483,10 +622,11 @@ def _skips_dropped_images(block: nn.Module, x: Tensor) -> bool:
     computing, which saves about the drop rate's share of a block's work (the original stochastic
     depth paper's point). It needs the draws first; they are the same draws in the same order as
     the reference blocks' only while no dropout draws in between. Not on a GPU, where reading the
-    kept count back would wait for the stream at every block.
+    kept count back would wait for the stream at every block, and not in a torch.compile graph,
+    where the kept count would be data-dependent.
     """
     no_dropout = block.attn.attn_drop == 0 and block.attn.proj_drop.p == 0 and block.mlp.drop.p == 0
-    return no_dropout and x.device.type == "cpu"
+    return no_dropout and x.device.type == "cpu" and not tracing()
 
 
 def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -504,6 +644,10 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
         tokens = ToWindows.apply(flat, index, inverse, pad)  # (B, nW*N, C) in window order
         out = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C)
         return ToMap.apply(out, index, inverse, pad).view_as(x)
+    if tracing():  # torch.compile: the whole batch at once, as its size is symbolic (no chunk loop)
+        tokens = flat.index_select(1, index)
+        result = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view_as(tokens)
+        return result.index_select(1, inverse).view_as(x)
     # A few images at a time: gathered into window order, through the block and scattered back
     # while they are in cache, so the map is read once and written once (CPU; a GPU takes the
     # whole batch at once: small chunks would leave it idle between launches).

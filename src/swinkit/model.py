@@ -466,16 +466,18 @@ def block_path(block: nn.Module, x: Tensor) -> Callable[[nn.Module, Tensor], Ten
     """The block-level fast path ``block.attn.attn_impl`` names on ``x``'s device, or None.
 
     ``fused`` (swinkit.fast) and ``triton`` (swinkit.triton_attention) compute the same function as
-    the blocks below in another order; while tracing (compile, export) the blocks run as written.
+    the blocks below in another order. Under torch.compile ``fused`` keeps its order on the CPU (the
+    native kernel enters the graph as an operator) and the rest run as written; torch.export always
+    traces the blocks as written, for runtimes that know only standard operators.
     """
-    if tracing():
+    if torch.compiler.is_exporting():
         return None
     impl = resolve_impl(block.attn.attn_impl, x.device, x.dtype)
-    if impl == "fused":
+    if impl == "fused" and (x.device.type == "cpu" or not tracing()):
         from .fast import fused_block_forward
 
         return fused_block_forward
-    if impl == "triton":
+    if impl == "triton" and not tracing():
         from .triton_attention import triton_block_forward
 
         return triton_block_forward

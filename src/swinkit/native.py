@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
+import math
 import os
 import platform
 import subprocess
@@ -36,6 +38,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .parallel import worker_pool
 
 ENABLED = True
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
@@ -200,7 +204,16 @@ def status() -> str:
 
 
 def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
-    """Whether the kernel can take this attention call (checked per call, cheaply)."""
+    """Whether the kernel can take this eager attention call (checked per call, cheaply)."""
+    return (
+        takes(qkv, heads, tokens, bias)
+        and torch.get_num_threads() <= MAX_THREADS  # one in every image-parallel worker
+        and built()
+    )
+
+
+def takes(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
+    """Whether the kernel, if built, computes attention of these shapes and dtypes."""
     return (
         ENABLED
         and qkv.dtype in INPUT_DTYPES
@@ -209,9 +222,13 @@ def applies(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
         and qkv.shape[-1] == 3 * heads * HEAD_SIZE
         and tokens <= MAX_TOKENS
         and bias.dtype in INPUT_DTYPES
-        and torch.get_num_threads() <= MAX_THREADS  # one in every image-parallel worker
-        and kernel() is not None
     )
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, while it traces
+def built() -> bool:
+    """Whether the kernel for this CPU is built and loaded (building it on first call)."""
+    return kernel() is not None
 
 
 def window_attention(
@@ -240,15 +257,26 @@ def window_attention(
 
 
 def _forward(
-    qkv: Tensor, heads: int, bias: Tensor, scales: Tensor, cosine: bool, variant: str | None, mask: ShiftMask | None
+    qkv: Tensor,
+    heads: int,
+    bias: Tensor,
+    scales: Tensor,
+    cosine: bool,
+    variant: str | None,
+    mask: ShiftMask | None,
+    parts: int = 1,
 ) -> Tensor:
     windows, tokens, width = qkv.shape
     bias, scales = bias.contiguous(), scales.contiguous()
     out = torch.empty(windows, tokens, width // 3, dtype=qkv.dtype)
     kernels = kernel(variant)
     forward = kernels.forward_bfloat16 if qkv.dtype == torch.bfloat16 else kernels.forward
-    code = forward(*_layout(qkv, heads, bias, mask, scales), cosine, out.data_ptr())
-    _check(code, qkv, heads, bias, mask)
+
+    def share_forward(share: slice) -> None:
+        code = forward(*_layout(qkv[share], heads, bias, mask, scales), cosine, out[share].data_ptr())
+        _check(code, qkv[share], heads, bias, mask)
+
+    _each_share(share_forward, windows, bias, mask, parts)
     return out
 
 
@@ -261,20 +289,48 @@ def window_attention_backward(
     cosine: bool,
     variant: str | None = None,
     mask: ShiftMask | None = None,
+    parts: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of :func:`window_attention` with respect to ``qkv``, ``bias`` (summed over the
     windows that share each bias group) and ``scales`` (zero without cosine: V1's is not learned),
-    given ``grad`` of its output."""
+    given ``grad`` of its output. ``parts``: see :func:`_each_share`."""
     qkv, bias, scales = qkv.contiguous(), bias.contiguous(), scales.contiguous()
     grad = grad.to(qkv.dtype).contiguous()
     grad_qkv = torch.empty_like(qkv)
-    grad_bias, grad_scales = torch.zeros_like(bias), torch.zeros_like(scales)
-    pointers = grad.data_ptr(), grad_qkv.data_ptr(), grad_bias.data_ptr(), grad_scales.data_ptr()
     kernels = kernel(variant)
     backward = kernels.backward_bfloat16 if qkv.dtype == torch.bfloat16 else kernels.backward
-    code = backward(*_layout(qkv, heads, bias, mask, scales), cosine, *pointers)
-    _check(code, qkv, heads, bias, mask)
+
+    def share_backward(share: slice) -> tuple[Tensor, Tensor]:
+        grad_bias, grad_scales = torch.zeros_like(bias), torch.zeros_like(scales)
+        pointers = grad[share].data_ptr(), grad_qkv[share].data_ptr(), grad_bias.data_ptr(), grad_scales.data_ptr()
+        code = backward(*_layout(qkv[share], heads, bias, mask, scales), cosine, *pointers)
+        _check(code, qkv[share], heads, bias, mask)
+        return grad_bias, grad_scales
+
+    shares = _each_share(share_backward, qkv.shape[0], bias, mask, parts)
+    grad_bias, grad_scales = shares[0]
+    for share_bias, share_scales in shares[1:]:  # summed in the shares' order: the same sums every run
+        grad_bias += share_bias
+        grad_scales += share_scales
     return grad_qkv, grad_bias, grad_scales
+
+
+def _each_share(
+    function: Callable[[slice], object], windows: int, bias: Tensor, mask: ShiftMask | None, parts: int
+) -> list:
+    """``function`` of each of up to ``parts`` runs of windows, in the image-parallel workers' threads
+    when there are several (``ctypes`` lets go of the GIL for each call); returns the results in order.
+
+    Runs start at multiples of the period over which the windows' bias groups and mask patterns
+    repeat, so that each run indexes them from its own window 0 as the whole would.
+    """
+    period = math.lcm(bias.shape[0], mask.index.numel() if mask is not None else 1)
+    groups = windows // period
+    bounds = [period * (groups * part // parts) for part in range(parts)] + [windows]
+    shares = [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a] or [slice(0, windows)]
+    if len(shares) == 1:
+        return [function(shares[0])]
+    return list(worker_pool().map(function, shares))
 
 
 def _layout(qkv: Tensor, heads: int, bias: Tensor, mask: ShiftMask | None, scales: Tensor) -> tuple[int, ...]:
