@@ -339,6 +339,28 @@ def test_compiled_graph_keeps_the_native_kernel(variant):
         assert relative_error(got, expected) < 1e-5, name
 
 
+def test_compiled_graph_without_the_kernel_or_onednn(monkeypatch):
+    """With the native kernel off (as where it cannot be built) and oneDNN off, a compiled model
+    traces the fused path in PyTorch operations alone, and still computes the reference's outputs."""
+    graphs = []
+
+    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(_operator_calls(graph))
+        return graph.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(native, "ENABLED", False)
+    model, reference = _head_size_32("swin_test"), _head_size_32("swin_test")
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_impl("reference")
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+        assert relative_error(got, reference(x)) < 1e-5
+    assert graphs == [(0, 0)]
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
