@@ -361,6 +361,19 @@ def test_compiled_graph_without_the_kernel_or_onednn(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one image runs in the caller's thread; two split over the workers
+def test_jit_trace_is_refused_with_the_ways_that_work(tmp_path, batch):
+    # The tracer once stored the native kernel's and the workers' results as constants: a traced
+    # model gave other images wrong outputs (batch 2), or the trace failed deep inside (batch 1).
+    model = _head_size_32("swin_test")
+    x = torch.randn(batch, 3, 64, 64)
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace cannot trace swinkit models.*swinkit\.export"):
+        torch.jit.trace(model, x)
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace cannot trace swinkit models"):
+        torch.onnx.export(model, (x,), tmp_path / "legacy.onnx", dynamo=False)
+    assert model(x).shape == (batch, 5)  # nothing left behind: eager runs as before
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])

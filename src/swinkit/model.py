@@ -760,6 +760,15 @@ class SwinTransformer(nn.Module):
 
 def check_images(x: Tensor, in_chans: int) -> None:
     """Fail early, naming the shape, instead of deep inside a convolution."""
+    if torch.jit.is_tracing():
+        # The jit tracer hands sizes over as tensors and records only this thread's PyTorch
+        # operations: a trace failed, or (with the native kernel or the worker threads) stored their
+        # results as constants and computed wrong outputs for other images.
+        raise RuntimeError(
+            "torch.jit.trace cannot trace swinkit models (nor can torch.onnx.export(..., dynamo=False), "
+            "which uses it). For a graph, use swinkit.export.export(model, 'model.onnx') or "
+            "fmt='torch-export' (the `swinkit export` command), or torch.compile."
+        )
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_chans:
