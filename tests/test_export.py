@@ -361,6 +361,31 @@ def test_compiled_graph_without_the_kernel_or_onednn(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not native.built(), reason=native.status())
+def test_compiled_graph_under_bfloat16_autocast():
+    """CPU bfloat16 autocast (`--amp bf16`) compiles without graph breaks: the kernel operator takes
+    the bfloat16 qkv (it attends in float32), the linear layers are autocast's, and the outputs are as
+    close to float32's as eager swinkit's under the same autocast."""
+    graphs = []
+
+    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(_operator_calls(graph))
+        return graph.forward
+
+    torch._dynamo.reset()
+    model = _head_size_32("swinv2_test")
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = model(x)
+            got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    assert graphs == [(8, 0)]
+    assert relative_error(got.float(), want) < max(2 * relative_error(eager.float(), want), 1e-2)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("batch", [1, 2])  # one image runs in the caller's thread; two split over the workers
 def test_jit_trace_is_refused_with_the_ways_that_work(tmp_path, batch):
     # The tracer once stored the native kernel's and the workers' results as constants: a traced
