@@ -232,10 +232,11 @@ def _native_attention(attn: nn.Module, qkv: Tensor, bias: WindowBias) -> Tensor 
     """Attention of ``qkv`` (``(windows, N, 3C)``) through the native kernel, as ``(windows * N, C)``;
     None where the kernel does not apply."""
     windows, N, width = qkv.shape
-    if compiling():
-        if not (native.takes(qkv, attn.num_heads, N, bias.position) and native.built()):
-            return None
-    elif not native.applies(qkv, attn.num_heads, N, bias.position) or tracing():
+    if compiling():  # the operator splits the windows over the threads itself: any thread count
+        usable = native.takes(qkv, attn.num_heads, N, bias.position) and native.built()
+    else:
+        usable = native.applies(qkv, attn.num_heads, N, bias.position) and not tracing()
+    if not usable:
         return None
     cosine = hasattr(attn, "logit_scale")
     # V2's learned logit scales as a tensor, so that in training they get their gradient too.
@@ -419,18 +420,26 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and (torch.is_grad_enabled() or MKL_INPUT_GRADIENT):
-            # Under create_graph=True this product is differentiable: second-order gradients.
-            grad_x = rows.mm(weight).view(x.shape)
-        elif ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(rows, weight.t(), None).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias
+        # Under create_graph=True the MKL product is differentiable: second-order gradients.
+        by_mkl = torch.is_grad_enabled() or MKL_INPUT_GRADIENT
+        return _linear_gradients(grad, x, weight, ctx.has_bias, ctx.needs_input_grad, by_mkl)
+
+
+def _linear_gradients(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, needed: tuple[bool, ...], input_by_mkl: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``x``, ``weight`` and the bias of ``x W^T + b`` given ``grad`` of its output,
+    those ``needed``; the input gradient by MKL's GEMM or, if not ``input_by_mkl``, oneDNN's."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad_weight = grad_bias = None
+    if needed[0]:
+        grad_x = rows.mm(weight) if input_by_mkl else _onednn_linear(rows, weight.t(), None)
+        grad_x = grad_x.view(x.shape)
+    if needed[1]:
+        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
+    if has_bias and needed[2]:
+        grad_bias = rows.sum(0)
+    return grad_x, grad_weight, grad_bias
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
@@ -490,11 +499,7 @@ def _compiled_linear_gradients(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[4] else None
     if ctx.gelu:  # GELU's gradient at the linear output, recomputed (swinkit passes gelu without autograd only)
         grad = torch.ops.aten.gelu_backward(grad, F.linear(x, weight, bias))
-    rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    grad_x = rows.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-    grad_weight = rows.t().mm(inputs) if ctx.needs_input_grad[1] else None
-    grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_weight, grad_bias, None, grad_residual, None
+    return *_linear_gradients(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None, grad_residual, None
 
 
 _compiled_linear.register_autograd(_compiled_linear_gradients, setup_context=_keep_linear_inputs)
@@ -518,11 +523,11 @@ def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
         # Autocast would run addmm, residual included, in the reduced dtype; the reference adds the
         # reduced-precision branch to the residual stream in the stream's own dtype (float32 on CUDA).
         return residual + F.linear(x, linear.weight, linear.bias)
-    if _onednn(x) and compiling():
-        if torch.is_grad_enabled():
-            return residual + torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, None, False)
-        return torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, residual, True)
     if _onednn(x):
+        if compiling() and torch.is_grad_enabled():
+            return residual + torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, None, False)
+        if compiling():
+            return torch.ops.swinkit.linear(x, linear.weight, linear.bias, False, residual, True)
         if torch.is_grad_enabled():
             return residual + OneDNNLinear.apply(x, linear.weight, linear.bias)
         weight = _packed(linear.weight, x.shape[0])
