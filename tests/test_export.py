@@ -261,16 +261,24 @@ def _fixed_image_dims(graph: torch.fx.GraphModule) -> tuple:
     return tuple(is_concrete_int(images.shape[dim]) for dim in (0, 2, 3))
 
 
+def _recording_backend(describe) -> tuple[list, object]:
+    """A torch.compile backend that runs each dynamo graph as traced, keeping ``describe(graph)`` of
+    each in the returned list."""
+    graphs = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(describe(graph))
+        return graph.forward
+
+    return graphs, backend
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_torch_compile_keeps_height_and_width_static_and_the_batch_dynamic(training):
     # torch 2.14 does not finish compiling Swin's padding arithmetic with a symbolic height and
     # width (a plain torch.compile fell into it at the second image size and took minutes): the
     # model guards on them instead, one graph per size, while the batch goes dynamic as usual.
-    graphs = []
-
-    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(_fixed_image_dims(graph))
-        return graph.forward
+    graphs, recording_backend = _recording_backend(_fixed_image_dims)
 
     torch._dynamo.reset()  # dynamo remembers which dimensions it saw change, per code object
     model = _perturbed(swinkit.create_model("swin_test", num_classes=5, drop_path_rate=0.0)).train(training)
@@ -294,6 +302,14 @@ def _head_size_32(variant: str, **overrides) -> torch.nn.Module:
     return _perturbed(swinkit.create_model(variant, **overrides))
 
 
+def _with_reference(variant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A head-size-32 model and the same weights on the reference path."""
+    model, reference = _head_size_32(variant), _head_size_32(variant)
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_impl("reference")
+    return model, reference
+
+
 def _operator_calls(graph: torch.fx.GraphModule) -> tuple[int, int]:
     """How many ``swinkit::window_attention`` and ``swinkit::linear`` calls a dynamo graph makes."""
     targets = [node.target for node in graph.graph.nodes]
@@ -307,16 +323,10 @@ def test_compiled_graph_keeps_the_native_kernel(variant):
     (the eager path's kernel) and its four linear layers ``swinkit::linear`` (oneDNN's), with a
     dynamic batch; AOTAutograd takes their gradient formulas. Outputs and every gradient as the
     reference path's."""
-    graphs = []
-
-    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(_operator_calls(graph))
-        return graph.forward
+    graphs, recording_backend = _recording_backend(_operator_calls)
 
     torch._dynamo.reset()
-    model, reference = _head_size_32(variant), _head_size_32(variant)
-    reference.load_state_dict(model.state_dict())
-    reference.set_attn_impl("reference")
+    model, reference = _with_reference(variant)
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
     with torch.no_grad():
         for batch in (2, 3):  # 72 x 56: padding in stages 1-2, clamped windows after
@@ -342,17 +352,11 @@ def test_compiled_graph_keeps_the_native_kernel(variant):
 def test_compiled_graph_without_the_kernel_or_onednn(monkeypatch):
     """With the native kernel off (as where it cannot be built) and oneDNN off, a compiled model
     traces the fused path in PyTorch operations alone, and still computes the reference's outputs."""
-    graphs = []
-
-    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(_operator_calls(graph))
-        return graph.forward
+    graphs, recording_backend = _recording_backend(_operator_calls)
 
     torch._dynamo.reset()
     monkeypatch.setattr(native, "ENABLED", False)
-    model, reference = _head_size_32("swin_test"), _head_size_32("swin_test")
-    reference.load_state_dict(model.state_dict())
-    reference.set_attn_impl("reference")
+    model, reference = _with_reference("swin_test")
     x = torch.randn(2, 3, 72, 56)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
@@ -366,11 +370,7 @@ def test_compiled_graph_under_bfloat16_autocast():
     """CPU bfloat16 autocast (`--amp bf16`) compiles without graph breaks: the kernel operator takes
     the bfloat16 qkv (it attends in float32), the linear layers are autocast's, and the outputs are as
     close to float32's as eager swinkit's under the same autocast."""
-    graphs = []
-
-    def recording_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
-        graphs.append(_operator_calls(graph))
-        return graph.forward
+    graphs, recording_backend = _recording_backend(_operator_calls)
 
     torch._dynamo.reset()
     model = _head_size_32("swinv2_test")
