@@ -335,6 +335,24 @@ def test_config_overrides():
         assert model.eval()(torch.randn(1, 1, 256, 256)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("name", ["swin_test", "swinv2_test"])
+def test_a_new_number_of_stages_brings_its_per_stage_defaults(name):
+    model = swinkit.create_model(name, depths=(1, 2, 1), num_heads=(1, 2, 2), num_classes=3)
+    assert model.config.out_indices == (0, 1, 2) and model.config.pretrained_window_sizes == (0, 0, 0)
+    assert len(model.layers) == 3 and model.head.in_features == 16 * 4
+    backbone = swinkit.create_model(name, depths=(2, 2), num_heads=(1, 2), features_only=True).eval()
+    with torch.no_grad():
+        assert [tuple(f.shape) for f in backbone(torch.randn(1, 3, 32, 32))] == [(1, 16, 8, 8), (1, 32, 4, 4)]
+    # Values the caller chose are theirs to fit to the stages: a clear error, not a silent guess.
+    with pytest.raises(ValueError, match=r"out_indices \(0, 3\) must name stages in 0..2 \(depths \(1, 2, 1\)"):
+        swinkit.create_model(name, depths=(1, 2, 1), num_heads=(1, 2, 2), out_indices=(0, 3))
+    with pytest.raises(ValueError, match=r"pretrained_window_sizes \(4, 4, 4, 4\) needs one entry per stage"):
+        swinkit.create_model("swinv2_test", pretrained_window_sizes=(4, 4, 4, 4), depths=(1, 1), num_heads=(1, 2))
+    transferred = swinkit.create_model("swinv2_test", pretrained_window_sizes=(8, 8, 8, 4)).config
+    with pytest.raises(ValueError, match=r"pretrained_window_sizes \(8, 8, 8, 4\) needs one entry per stage"):
+        transferred.replace(depths=(1, 1), num_heads=(1, 2))
+
+
 def test_official_initialisation():
     model = swinkit.create_model("swin_t")
     linear = model.layers[0].blocks[0].mlp.fc1

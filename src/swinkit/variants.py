@@ -88,10 +88,14 @@ class SwinConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         bad = [i for i in self.out_indices if not 0 <= i < len(self.depths)]
         if bad or not self.out_indices:
-            raise ValueError(f"out_indices {self.out_indices} must name stages in 0..{len(self.depths) - 1}")
+            raise ValueError(
+                f"out_indices {self.out_indices} must name stages in 0..{len(self.depths) - 1} "
+                f"(depths {self.depths} has {len(self.depths)} stages)"
+            )
         if len(self.pretrained_window_sizes) != len(self.depths):
             raise ValueError(
-                f"pretrained_window_sizes {self.pretrained_window_sizes} needs one entry per stage ({len(self.depths)})"
+                f"pretrained_window_sizes {self.pretrained_window_sizes} needs one entry per stage "
+                f"(depths {self.depths} has {len(self.depths)} stages; 0 = the stage's current window)"
             )
 
     @property
@@ -130,7 +134,25 @@ class SwinConfig:
             overrides["preprocessing"] = Preprocessing.for_size(overrides["img_size"])
         if overrides.get("features_only") and "stage_norms" not in overrides:
             overrides["stage_norms"] = True
+        overrides.update(self._per_stage_defaults(overrides))
         return dataclasses.replace(self, **overrides)
+
+    def _per_stage_defaults(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Per-stage fields that follow a new number of stages while they hold their defaults.
+
+        ``depths=(2, 2, 6)`` alone should give a three-stage model: every stage out, no pretrained
+        windows. A per-stage value that is not the default (some pretrained window sizes, a
+        choice of stages) is left for :meth:`__post_init__` to check, as only the caller knows it.
+        """
+        stages = len(overrides.get("depths", self.depths))
+        if stages == len(self.depths):
+            return {}
+        follow = {}
+        if "out_indices" not in overrides and self.out_indices == tuple(range(len(self.depths))):
+            follow["out_indices"] = tuple(range(stages))
+        if "pretrained_window_sizes" not in overrides and not any(self.pretrained_window_sizes):
+            follow["pretrained_window_sizes"] = (0,) * stages
+        return follow
 
 
 def _v1(embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], **kw: Any) -> SwinConfig:
