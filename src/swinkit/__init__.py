@@ -7,6 +7,7 @@ from . import fast  # noqa: F401  registers the native kernel's operators before
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint, save
 from .factory import build_model, create_model
 from .flops import FlopsReport, count_parameters, flops
+from .quantize import quantize_dynamic
 from .variants import PRESETS, Preprocessing, SwinConfig, get_config, variant_names
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "flops",
     "get_config",
     "load_checkpoint",
+    "quantize_dynamic",
     "save",
     "variant_names",
 ]

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from . import native
 from .attention import resolve_impl
 from .export import compile_model, export_onnx_model, onnx_session
 from .flops import count_flops
+from .quantize import quantize_dynamic
 from .variants import SwinConfig
 
 # swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
@@ -147,7 +149,8 @@ class BenchResult:
                 "rounds": len(times),
             }
             flops = flops_per_image(name) if callable(flops_per_image) else flops_per_image
-            if flops and self.gemm_times:
+            # An int8 contender's products are not float32 ones: its rate against the float32 GEMM would mislead.
+            if flops and self.gemm_times and not name.endswith("+int8"):
                 row["gflops"] = self.images_per_second(name) * flops / 1e9
                 row["gemm_gflops"] = self.gemm_gflops
                 row["gemm_fraction"] = row["gflops"] / self.gemm_gflops
@@ -247,11 +250,29 @@ def skips_dropped_images(name: str, config: SwinConfig, target: Target) -> bool:
     )
 
 
+# +compile: torch.compile; +ort: exported to onnxruntime; +int8: int8 dynamic quantization of the
+# linear layers (swinkit.quantize_dynamic for swinkit, torch.ao's quantize_dynamic on every
+# nn.Linear for a peer, as its users would do). The last two are inference-only, on the CPU.
+VARIANTS = ("", "compile", "ort", "int8")
+INFERENCE_ONLY = ("+ort", "+int8")
+
+
+def int8_model(name: str, model: nn.Module) -> nn.Module:
+    """Contender ``name``'s model with int8 dynamic-quantized linear layers."""
+    if name == "swinkit" or name.startswith("swinkit:"):
+        return quantize_dynamic(model)
+    from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        return ao_quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
 def check_contender(name: str, model_name: str) -> None:
     """Refuse an unknown contender (``base`` or ``base+variant``) by name, before anything is built."""
     base, _, variant = name.partition("+")
-    if variant not in ("", "compile", "ort"):
-        raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort, +int8")
     if base == "swinkit" or base.startswith("swinkit:"):
         return
     if base not in BUILDERS:
@@ -302,11 +323,13 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
     for name in names:
         base, _, variant = name.partition("+")
         check_contender(name, model_name)
-        if variant == "ort" and example.device.type != "cpu":
-            raise ValueError(f"{name!r}: onnxruntime contenders run on the CPU, not on {example.device}")
+        if variant in ("ort", "int8") and example.device.type != "cpu":
+            raise ValueError(f"{name!r}: onnxruntime and int8 contenders run on the CPU, not on {example.device}")
         model = build(base, model_name).eval().to(example.device)
-        if variant == "compile":
-            run: Callable[[torch.Tensor], Any] = compile_model(model)
+        if variant == "int8":
+            run: Callable[[torch.Tensor], Any] = int8_model(base, model)
+        elif variant == "compile":
+            run = compile_model(model)
         elif variant == "ort":
             run = onnxruntime_runner(model, example)
         else:
@@ -540,11 +563,13 @@ def run_bench(
     dtype: str = "float32",
     fresh_processes: bool = False,
     drop_path_rate: float | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
 
     ``impls`` adds swinkit with other ``attn_impl`` values; ``compiled`` adds a ``torch.compile``
-    variant of every contender, ``onnxruntime`` an exported one (inference only, CPU only).
+    variant of every contender, ``onnxruntime`` an exported one and ``int8`` an int8 dynamic-quantized
+    one (those two: inference only, CPU only, float32).
     ``device`` (cpu, cuda) and ``dtype`` (float32, or bfloat16 / float16 under autocast): see
     the module docstring. ``fresh_processes``: each contender times itself in a new process per
     round (:func:`bench_in_fresh_processes`) instead of all in this one. ``drop_path_rate``: the
@@ -553,6 +578,8 @@ def run_bench(
     target = parse_target(device, dtype)
     if onnxruntime and target.device.type != "cpu":
         raise ValueError(f"--onnxruntime: onnxruntime contenders run on the CPU, not on {device}")
+    if int8 and (target.device.type != "cpu" or target.dtype != torch.float32):
+        raise ValueError(f"--int8: int8 contenders run on the CPU from float32, not on {device} in {dtype}")
     if threads:
         torch.set_num_threads(threads)
     from .variants import get_config
@@ -567,6 +594,8 @@ def run_bench(
         names += [f"{name}+compile" for name in base]
     if onnxruntime:
         names += [f"{name}+ort" for name in base]
+    if int8:
+        names += [f"{name}+int8" for name in base]
     reference = (compare or ["swinkit"])[0]
     rows: list[dict[str, Any]] = []
     if "inference" in modes:
@@ -580,7 +609,7 @@ def run_bench(
             gc.collect()
         rows += result.table(reference, flops_per_image)
     if "training" in modes:
-        trainable = [n for n in names if "+ort" not in n]
+        trainable = [n for n in names if not n.endswith(INFERENCE_ONLY)]
         if fresh_processes:
             steps = TRAINING_STEPS_PER_PROCESS
             result = bench_in_fresh_processes(

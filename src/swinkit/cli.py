@@ -88,6 +88,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throughput", action="store_true", help="also measure images/s (official method)")
     parser.add_argument("--device", default="cpu")
     _add_amp(parser)
+    _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
 
 
@@ -104,6 +105,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         args.throughput,
         args.device,
         args.amp,
+        args.int8,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -128,6 +130,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     _add_amp(parser)
+    _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -141,10 +144,18 @@ def _add_amp(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_int8(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 dynamic quantization of the linear layers (CPU, opt-in: measure its accuracy with eval --int8)",
+    )
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from .predict import format_results, predict
 
-    results = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.amp)
+    results = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.amp, args.int8)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 1 if results and all("error" in r for r in results) else 0
 
@@ -229,6 +240,9 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants of every contender")
     parser.add_argument("--onnxruntime", action="store_true", help="add onnxruntime variants (inference)")
     parser.add_argument(
+        "--int8", action="store_true", help="add int8 dynamic-quantized variants (inference, CPU, float32)"
+    )
+    parser.add_argument(
         "--impls",
         default="",
         help="also time swinkit with these attn_impl values, e.g. reference "
@@ -274,6 +288,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         fresh_processes=args.fresh_processes,
         drop_path_rate=args.drop_path_rate,
+        int8=args.int8,
     )
     print(format_rows(report))
     if args.json:

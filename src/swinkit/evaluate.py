@@ -157,10 +157,13 @@ def evaluate_checkpoint(
     measure_throughput: bool = False,
     device: str = "cpu",
     amp: str = "none",
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on an image folder or CSV list with the preprocessing stored in the file.
 
     ``amp`` (``bf16``, ``fp16``) runs the model under autocast; metrics are computed in float32.
+    ``int8``: the linear layers int8 dynamic-quantized (:func:`~swinkit.predict.load_classifier`),
+    to measure what quantization does to the accuracy on your data.
 
     Writes ``metrics.json`` and ``confusion.png`` to ``output`` when given; returns the metrics.
     """
@@ -173,7 +176,7 @@ def evaluate_checkpoint(
     from .predict import load_classifier
 
     dtype = amp_dtype(amp)
-    model, stored = load_classifier(checkpoint, device, amp)
+    model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     load = csv_list if str(data).lower().endswith(".csv") else image_folder
     dataset = load(data, transform=eval_transform(model.config.preprocessing), strict=strict_data)

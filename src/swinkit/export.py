@@ -32,6 +32,7 @@ from torch.fx.experimental import _config as fx_config
 
 from .checkpoint.io import atomic_write
 from .model import cells, derived_once_per_trace
+from .quantize import refuse_int8
 
 logger = logging.getLogger(__name__)
 
@@ -495,6 +496,7 @@ def export(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    refuse_int8(model, "export")
     if external_data and fmt != "onnx":
         raise ValueError(f"external weights are an ONNX option; format {fmt!r} keeps them in its archive")
     if not Path(path).parent.is_dir():  # fail before a minute of tracing, not after

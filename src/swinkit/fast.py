@@ -42,6 +42,7 @@ from .model import (
     window_and_shift,
     window_gather_indices,
 )
+from .quantize import is_int8
 
 WindowOrder = tuple[Tensor, Tensor, Tensor | None]
 
@@ -506,7 +507,20 @@ _compiled_linear.register_autograd(_compiled_linear_gradients, setup_context=_ke
 
 
 def _qkv_linear(attn: nn.Module, h: Tensor) -> Tensor:
+    if is_int8(attn.qkv):
+        return attn.project_qkv(h)
     return _linear(h, attn.qkv.weight, attn.combined_qkv_bias())
+
+
+def _apply(linear: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
+    """``linear(x)``, then GELU if asked: :func:`_linear` on its weights, or its own forward where it
+    is int8 (:mod:`swinkit.quantize`)."""
+    if not is_int8(linear):
+        return _linear(x, linear.weight, linear.bias, gelu)
+    out = linear(x)
+    if not gelu:
+        return out
+    return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
 
 
 def _head_scales(attn: nn.Module) -> list[float]:
@@ -517,6 +531,9 @@ def _head_scales(attn: nn.Module) -> list[float]:
 
 def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
+    if is_int8(linear):
+        out = linear(x)
+        return residual + out if torch.is_grad_enabled() else out.add_(residual)
     if _onednn_bfloat16(x):
         return residual + _linear(x, linear.weight, linear.bias)
     if torch.is_autocast_enabled(x.device.type):
@@ -538,8 +555,8 @@ def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
 
 def _mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
     if mlp.training and mlp.drop.p > 0:
-        return mlp.drop(_linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True))
-    return _linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        return mlp.drop(_apply(mlp.fc1, x, gelu=True))
+    return _apply(mlp.fc1, x, gelu=True)
 
 
 def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, bias: WindowBias) -> Tensor:
@@ -552,10 +569,10 @@ def _chunk_v1(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
     proj, fc2 = block.attn.proj, block.mlp.fc2
 
     def attention(x: Tensor) -> Tensor:
-        return block.attn.proj_drop(_linear(_attention_v1(block, x, pad, nW, N, bias), proj.weight, proj.bias))
+        return block.attn.proj_drop(_apply(proj, _attention_v1(block, x, pad, nW, N, bias)))
 
     def mlp(x: Tensor) -> Tensor:
-        return block.mlp.drop(_linear(_mlp_hidden(block.mlp, block.norm2(x)), fc2.weight, fc2.bias))
+        return block.mlp.drop(_apply(fc2, _mlp_hidden(block.mlp, block.norm2(x))))
 
     x = _residual(block, x, attention, nW * N)
     return _residual(block, x, mlp, nW * N)
@@ -577,11 +594,11 @@ def _chunk_v2(block: nn.Module, x: Tensor, pad: Tensor | None, nW: int, N: int, 
     def attention(x: Tensor) -> Tensor:
         C = x.shape[-1]
         h = x if pad is None else x.view(-1, pad.numel(), C).masked_fill(pad[None, :, None], 0.0).view(-1, C)
-        attended = _linear(_attend(block.attn, h.view(-1, N, C), nW, bias), proj.weight, proj.bias)
+        attended = _apply(proj, _attend(block.attn, h.view(-1, N, C), nW, bias))
         return block.norm1(block.attn.proj_drop(attended))
 
     def mlp(x: Tensor) -> Tensor:
-        return block.norm2(block.mlp.drop(_linear(_mlp_hidden(block.mlp, x), fc2.weight, fc2.bias)))
+        return block.norm2(block.mlp.drop(_apply(fc2, _mlp_hidden(block.mlp, x))))
 
     x = _residual(block, x, attention, nW * N)
     return block.norm3(_residual(block, x, mlp, nW * N))

@@ -360,9 +360,13 @@ class WindowAttention(nn.Module):
         """The bias of the ``(3C,)`` q, k, v projection (None without one)."""
         return self.qkv.bias
 
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """``(..., C)`` tokens -> their ``(..., 3 C)`` q, k, v projection."""
+        return self.qkv(x)
+
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> q (scaled by ``d**-0.5``), k, v, each ``(B * nW, nH, N, d)``."""
-        return self.split_heads(self.qkv(x))
+        return self.split_heads(self.project_qkv(x))
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The ``qkv`` projection ``(B * nW, N, 3 C)`` -> q (scaled), k, v, each ``(B * nW, nH, N, d)``."""

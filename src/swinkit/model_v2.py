@@ -40,6 +40,7 @@ from .model import (
     split_qkv,
     window_and_shift,
 )
+from .quantize import is_int8
 from .variants import SwinConfig
 
 # Sec. 3.2: tau > 0.01, so the logit scale 1 / tau is at most 100.
@@ -141,9 +142,16 @@ class WindowAttentionV2(nn.Module):
         """``1 / tau`` of Eq. 2 per head, ``(nH, 1, 1)``: the learned log-scale clamped at log(100)."""
         return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
 
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """``(..., C)`` tokens -> their ``(..., 3 C)`` q, k, v projection, with the q and v biases."""
+        if is_int8(self.qkv):  # swinkit.quantize_dynamic: only the layer's own forward reads its weights
+            bias = self.combined_qkv_bias()
+            return self.qkv(x) if bias is None else self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, self.combined_qkv_bias())
+
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B * nW, N, C)`` windows -> unit q times ``1 / tau``, unit k, and v, each ``(B * nW, nH, N, d)``."""
-        return self.split_heads(F.linear(x, self.qkv.weight, self.combined_qkv_bias()))
+        return self.split_heads(self.project_qkv(x))
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The ``qkv`` projection ``(B * nW, N, 3 C)`` -> unit q times ``1 / tau``, unit k, and v."""

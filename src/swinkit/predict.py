@@ -16,6 +16,7 @@ from .checkpoint.native import class_names_from_metadata
 from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
 from .evaluate import amp_dtype
 from .factory import create_model
+from .quantize import quantize_dynamic
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,22 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def load_classifier(
-    checkpoint: str | os.PathLike, device: str = "cpu", amp: str = "none"
+    checkpoint: str | os.PathLike, device: str = "cpu", amp: str = "none", int8: bool = False
 ) -> tuple[nn.Module, list[str] | None]:
     """A model in eval mode and the class names its file stores (None when it stores none).
 
     A ``.onnx`` file written by ``swinkit export`` runs in onnxruntime on the CPU
     (:class:`~swinkit.export.OnnxClassifier`), a ``.pt2`` program as a ``torch.export`` program on
     ``device`` (:class:`~swinkit.export.ProgramClassifier`), each in the precision it was exported in.
+    ``int8``: the linear layers int8 dynamic-quantized after loading (:mod:`swinkit.quantize`; CPU,
+    float32 checkpoints in any supported format, no ``amp``).
     """
     suffix = Path(checkpoint).suffix.lower()
+    if int8 and (suffix in (".onnx", ".pt2") or torch.device(device).type != "cpu" or amp != "none"):
+        raise ValueError(
+            f"{checkpoint}: int8 quantizes a checkpoint's linear layers for the CPU; it takes no .onnx or .pt2 file, "
+            f"no device other than cpu and no amp (got device {device!r}, amp {amp!r})"
+        )
     if suffix == ".onnx" and (torch.device(device).type != "cpu" or amp != "none"):
         raise ValueError(
             f"{checkpoint}: an ONNX file runs in onnxruntime on the CPU in its exported precision; "
@@ -59,7 +67,8 @@ def load_classifier(
         model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
-    return create_model(checkpoint=loaded).to(device).eval(), class_names_from_metadata(loaded.metadata)
+    model = create_model(checkpoint=loaded).to(device).eval()
+    return quantize_dynamic(model) if int8 else model, class_names_from_metadata(loaded.metadata)
 
 
 @torch.no_grad()
@@ -70,17 +79,19 @@ def predict(
     batch_size: int = 32,
     device: str = "cpu",
     amp: str = "none",
+    int8: bool = False,
 ) -> list[dict[str, Any]]:
     """Classify every image in ``inputs``; one result per file, in order.
 
     A result is ``{"path", "predictions": [{"class", "index", "probability"}, ...]}``, or
     ``{"path", "error"}`` for a file that could not be decoded. ``amp`` (``bf16``, ``fp16``) runs
-    the model under autocast; probabilities are computed in float32.
+    the model under autocast; probabilities are computed in float32. ``int8``: see
+    :func:`load_classifier`.
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     dtype = amp_dtype(amp)
-    model, stored = load_classifier(checkpoint, device, amp)
+    model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     transform = eval_transform(model.config.preprocessing)
     paths = expand_inputs(inputs)

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from torch import Tensor, nn
 
+from ..quantize import refuse_int8
 from ..variants import SwinConfig
 from .io import CheckpointError, save_safetensors
 
@@ -31,6 +32,7 @@ def save(
 
     ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered weights of a sharded model).
     """
+    refuse_int8(model, "save")
     write(model.state_dict() if state_dict is None else state_dict, model.config, path, class_names)
 
 

@@ -1,0 +1,155 @@
+"""int8 dynamic quantization (opt-in): which layers, their arithmetic, batch independence, entry points."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import swinkit
+from helpers import perturb, relative_error, write_digit_folder
+from swinkit.bench import check_contender, run_bench
+from swinkit.checkpoint.native import save
+from swinkit.cli import main
+from swinkit.evaluate import evaluate_checkpoint
+from swinkit.export import export
+from swinkit.predict import predict
+from swinkit.quantize import LEVELS, Int8Linear, quantize_dynamic
+
+VARIANTS = ["swin_test", "swinv2_test"]
+
+
+def _model(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return perturb(swinkit.create_model(name, **{"num_classes": 5, **overrides}), scale=0.05).eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_blocks_and_mergings_linears_become_int8_and_the_original_stays_float(name):
+    model = _model(name)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    quantized = quantize_dynamic(model)
+    int8 = {n for n, m in quantized.named_modules() if isinstance(m, Int8Linear)}
+    expected = set()
+    for s, layer in enumerate(model.layers):
+        expected |= {f"layers.{s}.blocks.{b}.{part}" for b in range(len(layer.blocks))
+                     for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}  # fmt: skip
+        expected |= {f"layers.{s}.downsample.reduction"} if layer.downsample is not None else set()
+    assert int8 == expected
+    floats = {n for n, m in quantized.named_modules() if type(m) is nn.Linear}
+    assert "head" in floats and all(n == "head" or ".cpb_mlp." in n for n in floats)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_int8_linear_is_per_token_int8_times_per_channel_int8():
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    x = torch.randn(3, 7, 40) * torch.logspace(-2, 2, 7)[:, None]  # tokens of very different ranges
+    quantized = Int8Linear(linear)
+    # The same arithmetic in float64, step by step: weights per output row, inputs per token.
+    weight = linear.weight.detach().double()
+    weight_scale = weight.abs().amax(1) / LEVELS
+    weight_int = torch.round(weight / weight_scale[:, None])
+    rows = x.double().reshape(-1, 40)
+    row_scale = rows.abs().amax(1, keepdim=True) / LEVELS
+    expected = (torch.round(rows / row_scale) @ weight_int.t()) * row_scale * weight_scale + linear.bias.double()
+    with torch.no_grad():
+        out = quantized(x)
+    assert out.shape == (3, 7, 24) and out.dtype == torch.float32
+    assert relative_error(out.reshape(-1, 24), expected) < 1e-6
+    assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() <= LEVELS
+    # Per token, the error is a small fraction of each token's own output, whatever its range.
+    with torch.no_grad():
+        reference = linear(x)
+    for token in range(7):
+        assert relative_error(out[:, token], reference[:, token]) < 0.02
+    with pytest.raises(ValueError, match="Int8Linear takes float32 CPU inputs, got torch.float64"):
+        quantized(x.double())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_an_images_int8_logits_do_not_depend_on_its_batch_or_the_path(name):
+    model = _model(name)
+    quantized = quantize_dynamic(model)
+    reference = copy.deepcopy(quantized)
+    reference.set_attn_impl("reference")
+    for size in ((64, 64), (33, 71)):  # (33, 71): padded windows in every stage
+        x = torch.randn(5, 3, *size)
+        with torch.no_grad():
+            batch = quantized(x)  # split over the image-parallel workers, in chunks
+            alone = torch.cat([quantized(image[None]) for image in x])
+            written = reference(x)  # the blocks as written: whole batch, padded maps, other token order
+            floats = model(x)
+        # Up to float rounding (which can move a value across an int8 rounding boundary).
+        assert relative_error(batch, alone) < 2e-3
+        assert relative_error(batch, written) < 2e-3
+        assert 1e-4 < relative_error(batch, floats) < 0.05  # quantized, and close
+
+
+def test_int8_models_are_refused_where_float_weights_are_needed(tmp_path):
+    model = _model("swin_test")
+    quantized = quantize_dynamic(model)
+    with pytest.raises(ValueError, match="cannot save an int8-quantized model .* quantize after loading"):
+        save(quantized, tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match="cannot export an int8-quantized model"):
+        export(quantized, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.safetensors").exists() and not (tmp_path / "q.onnx").exists()
+    with pytest.raises(ValueError, match="already int8-quantized"):
+        quantize_dynamic(quantized)
+    with pytest.raises(ValueError, match="starts from float32 weights; patch_embed.proj.weight is torch.float64"):
+        quantize_dynamic(copy.deepcopy(model).double())
+    with pytest.raises(ValueError, match="for CPU inference; patch_embed.proj.weight is on meta"):
+        quantize_dynamic(copy.deepcopy(model).to("meta"))
+
+
+def test_predict_eval_and_the_cli_take_int8(tmp_path, capsys):
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=3)
+    checkpoint = tmp_path / "model.safetensors"
+    save(_model("swin_test", img_size=32, num_classes=2), checkpoint, class_names=["digit0", "digit1"])
+
+    def probabilities(results):
+        return torch.tensor(
+            [[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in results]
+        )
+
+    plain, int8 = (probabilities(predict([folder], checkpoint, topk=2, int8=flag)) for flag in (False, True))
+    assert plain.shape == int8.shape == (6, 2)
+    assert not torch.equal(plain, int8) and torch.allclose(plain, int8, atol=2e-2)
+    metrics = {flag: evaluate_checkpoint(folder, checkpoint, workers=0, int8=flag) for flag in (False, True)}
+    assert metrics[True]["images"] == metrics[False]["images"] == 6
+    assert metrics[True]["loss"] == pytest.approx(metrics[False]["loss"], abs=2e-2)
+
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--int8", "--json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    assert torch.allclose(probabilities(from_cli), int8, atol=1e-6)
+    assert main(["eval", "--data", str(folder), "--checkpoint", str(checkpoint), "--int8", "--workers", "0"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+    for bad in ({"device": "meta"}, {"amp": "bf16"}):
+        with pytest.raises(ValueError, match="int8 quantizes a checkpoint's linear layers for the CPU"):
+            predict([folder], checkpoint, int8=True, **bad)
+    with pytest.raises(ValueError, match="it takes no .onnx or .pt2 file"):
+        predict([folder], tmp_path / "model.onnx", int8=True)
+
+
+def test_bench_times_int8_variants_for_inference_only():
+    report = run_bench("swin_test", batch=2, train_batch=2, rounds=1, int8=True)
+    assert [(r["mode"], r["contender"]) for r in report["rows"]] == [
+        ("inference", "swinkit"),
+        ("inference", "swinkit+int8"),
+        ("training", "swinkit"),
+    ]
+    plain, int8 = report["rows"][:2]
+    assert int8["images_per_second"] > 0 and "gemm_fraction" in plain and "gemm_fraction" not in int8
+    check_contender("timm+int8", "swin_t")
+    with pytest.raises(ValueError, match=r"unknown variant 'int4' in 'swinkit\+int4'; accepted: .*\+int8"):
+        check_contender("swinkit+int4", "swin_t")
+    with pytest.raises(ValueError, match="--int8: int8 contenders run on the CPU from float32"):
+        run_bench("swin_test", batch=1, rounds=1, dtype="bfloat16", int8=True)
