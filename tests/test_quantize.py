@@ -11,6 +11,7 @@ from torch import nn
 
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
+from swinkit import native
 from swinkit.bench import check_contender, run_bench
 from swinkit.checkpoint.native import save
 from swinkit.cli import main
@@ -72,6 +73,32 @@ def test_int8_linear_is_per_token_int8_times_per_channel_int8():
         assert relative_error(out[:, token], reference[:, token]) < 0.02
     with pytest.raises(ValueError, match="Int8Linear takes float32 CPU inputs, got torch.float64"):
         quantized(x.double())
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_native_passes_compute_what_the_pytorch_operations_do(with_bias, monkeypatch):
+    if native.kernel() is None:
+        pytest.skip(f"no native library here: {native.status()}")
+    torch.manual_seed(0)
+    linear = Int8Linear(nn.Linear(40, 24, bias=with_bias))
+    wide = torch.randn(9, 56) * torch.logspace(-3, 3, 9)[:, None]
+    wide[1] = 0.0  # an all-zero token
+    wide[4, 5], wide[6, 0], wide[7, 3] = float("inf"), float("nan"), -float("inf")
+    x = wide[:, :40]  # rows 56 floats apart
+    residual = torch.randn(9, 24)
+    quantized, scale = native.quantize_rows(x)
+    expected_scale = x.abs().amax(1, keepdim=True).clamp_min(1e-30) / LEVELS
+    finite = torch.tensor([True, True, True, True, False, True, False, False, True])
+    assert torch.equal(scale[finite], expected_scale[finite]) and scale[~finite].isnan().all()
+    assert torch.equal(quantized[finite], torch.round(x[finite] / expected_scale[finite]).to(torch.int8))
+    assert torch.equal(quantized[1], torch.zeros(40, dtype=torch.int8))
+    with torch.no_grad():
+        fast = linear(x, residual=residual)
+        monkeypatch.setattr(native, "ENABLED", False)
+        assert native.quantize_rows(x) is None
+        written = linear(x, residual=residual)
+    assert torch.allclose(fast[finite], written[finite], rtol=1e-6, atol=1e-6)
+    assert fast[~finite].isnan().all() and written[~finite].isnan().all()  # as a float product would be
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -532,8 +532,7 @@ def _head_scales(attn: nn.Module) -> list[float]:
 def _linear_into(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """``residual + linear(x)`` with one GEMM writing onto the residual (no separate bias copy)."""
     if is_int8(linear):
-        out = linear(x)
-        return residual + out if torch.is_grad_enabled() else out.add_(residual)
+        return linear(x, residual=residual)
     if _onednn_bfloat16(x):
         return residual + _linear(x, linear.weight, linear.bias)
     if torch.is_autocast_enabled(x.device.type):

@@ -46,6 +46,8 @@ from .parallel import worker_pool
 ENABLED = True
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
 SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
+# Built into the same library: the passes around an int8 product (swinkit.quantize.Int8Linear).
+INT8_SOURCE = SOURCE.with_name("int8_rows.c")
 FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 # Per instruction set: vector width (LANES floats), keys per pass (TILE) and query rows per register
 # block (ROWS), the fastest of the combinations timed on Swin's shapes (benchmarks/RESULTS.md).
@@ -99,11 +101,12 @@ def unsupported_reason() -> str | None:
 
 
 def _build(target: Path, flags: tuple[str, ...]) -> None:
-    """Compile ``SOURCE`` into ``target``, written under a temporary name and renamed into place."""
+    """Compile ``SOURCE`` and ``INT8_SOURCE`` into ``target``, written under a temporary name and
+    renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [os.environ.get("CC", "cc"), *flags, str(SOURCE), "-o", str(built), "-lm"]
+        command = [os.environ.get("CC", "cc"), *flags, str(SOURCE), str(INT8_SOURCE), "-o", str(built), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
@@ -111,9 +114,9 @@ def _build(target: Path, flags: tuple[str, ...]) -> None:
 
 
 def library_path(variant: str) -> Path:
-    """The cached build of ``variant``: named by the hash of the source and the compiler flags."""
+    """The cached build of ``variant``: named by the hash of the sources and the compiler flags."""
     flags = FLAGS + VARIANTS[variant]
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(SOURCE.read_bytes() + INT8_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     return cache_dir() / f"window_attention-{variant}-{tag}.so"
 
 
@@ -141,7 +144,12 @@ def _load(variant: str) -> Kernels:
     backward.argtypes = backward_bfloat16.argtypes = [*layout, pointer, pointer, pointer, pointer]
     for entry in (forward, forward_bfloat16, backward, backward_bfloat16):
         entry.restype = ctypes.c_int
-    return Kernels(forward, backward, forward_bfloat16, backward_bfloat16)
+    quantize, dequantize = library.swinkit_quantize_rows, library.swinkit_dequantize_rows
+    quantize.argtypes = [pointer, size, size, size, pointer, pointer]  # x, rows, cols, stride, q, scale
+    # acc, rows, cols, row_scale, column_scale, bias, residual, out
+    dequantize.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, pointer]
+    quantize.restype = dequantize.restype = None
+    return Kernels(forward, backward, forward_bfloat16, backward_bfloat16, quantize, dequantize)
 
 
 class ShiftMask(NamedTuple):
@@ -175,6 +183,8 @@ class Kernels(NamedTuple):
     backward: Callable[..., int]
     forward_bfloat16: Callable[..., int]  # the forward on bfloat16 qkv and output
     backward_bfloat16: Callable[..., int]  # the backward on bfloat16 qkv, output gradient and qkv gradient
+    quantize_rows: Callable[..., None]  # csrc/int8_rows.c
+    dequantize_rows: Callable[..., None]
 
 
 def kernel(variant: str | None = None) -> Kernels | None:
@@ -191,7 +201,7 @@ def kernel(variant: str | None = None) -> Kernels | None:
                 try:
                     loaded = _load(variant)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    loaded = f"could not build {SOURCE.name}: {error}"
+                    loaded = f"could not build {SOURCE.name} and {INT8_SOURCE.name}: {error}"
                 _kernels[variant] = loaded
     return None if isinstance(loaded, str) else loaded
 
@@ -333,6 +343,33 @@ def _each_share(
     if len(shares) == 1:
         return [function(shares[0])]
     return list(worker_pool().map(function, shares))
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``x`` (2-D float32, rows contiguous) as int8 rows and their ``(rows, 1)`` scales, in one pass
+    (:func:`swinkit.quantize.Int8Linear.forward` has the same arithmetic in PyTorch operations);
+    None where the native library is not available."""
+    kernels = kernel() if ENABLED else None
+    if kernels is None:
+        return None
+    rows, cols = x.shape
+    quantized = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, 1)
+    kernels.quantize_rows(x.data_ptr(), rows, cols, x.stride(0), quantized.data_ptr(), scale.data_ptr())
+    return quantized, scale
+
+
+def dequantize_rows(
+    acc: Tensor, row_scale: Tensor, column_scale: Tensor, bias: Tensor | None, residual: Tensor | None
+) -> Tensor:
+    """``(acc * row_scale) * column_scale + bias (+ residual)`` in one pass, as float32; ``acc``
+    ``(rows, cols)`` int32 and ``residual`` contiguous (only after :func:`quantize_rows` gave a result)."""
+    out = torch.empty(acc.shape)
+    pointers = [None if t is None else t.data_ptr() for t in (bias, residual)]
+    kernel().dequantize_rows(
+        acc.data_ptr(), *acc.shape, row_scale.data_ptr(), column_scale.data_ptr(), *pointers, out.data_ptr()
+    )
+    return out
 
 
 def _layout(qkv: Tensor, heads: int, bias: Tensor, mask: ShiftMask | None, scales: Tensor) -> tuple[int, ...]:
