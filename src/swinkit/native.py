@@ -19,7 +19,9 @@ instruction set PyTorch uses on this CPU, into ``~/.cache/swinkit`` (or ``$XDG_C
 or ``CACHE_DIR``), named by a hash of its source and flags, and loaded with ``ctypes``: no build
 step at install time. If there is no compiler, or the build fails, the PyTorch path is used and
 :func:`status` says why. ``ENABLED = False`` turns the kernel off (as
-``benchmarks/native_attention.py`` does to measure it).
+``benchmarks/native_attention.py`` does to measure it). The same library holds the passes around an
+int8 product of :mod:`swinkit.quantize` (``csrc/int8_rows.c``): :func:`quantize_rows` and
+:func:`dequantize_rows`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 :func:`quantize_dynamic` replaces the blocks' and the patch mergings' linear layers with
 :class:`Int8Linear`: int8 weights with one scale per output channel, and inputs quantized to int8
 on every call with one scale per token (row), from that token's own largest magnitude. The
-products run in int8 with int32 sums (``torch._int_mm``: VNNI / AMX where the CPU has them). So
+products run in int8 with int32 sums (``torch._int_mm``: VNNI / AMX where the CPU has them); the
+passes around them are native where swinkit's CPU library is built (:func:`swinkit.native.quantize_rows`,
+:func:`~swinkit.native.dequantize_rows`), else the same arithmetic in PyTorch operations. So
 every token's result depends on that token alone: not on the other images of the batch, on how
 swinkit chunks or splits it, or on padding, unlike per-tensor dynamic quantization
 (``torch.ao.quantization.quantize_dynamic``), where an image's logits move with its batch. Those
@@ -12,7 +14,7 @@ products and softmax, Swin V2's bias MLP (computed once per window size) and the
 float32, and the fused path (window-order gathers, the native attention kernel, images split
 over the worker threads) runs as before. The result is a different function from the float
 model's: measure what it does to your accuracy (``swinkit eval --int8``) before you rely on it.
-Speed and accuracy change: benchmarks/RESULTS.md, section "int8 dynamic quantization".
+Speed and accuracy change: benchmarks/RESULTS.md, section "Per-token int8 on the fused path".
 """
 
 from __future__ import annotations
