@@ -55,6 +55,17 @@ def test_trace_sides_are_generic_for_every_stage():
     assert trace_sides(model) == (481, 482)
 
 
+def test_a_patch_of_one_exports_with_a_dynamic_size(tmp_path):
+    # With patch 1 the patch embedding never pads: the trace-size search once looked forever for
+    # a side it would pad.
+    model = _perturbed(swinkit.create_model("swin_test", patch_size=1, img_size=16, depths=(1, 1), num_heads=(1, 2)))
+    height, width = trace_sides(model)
+    assert height != width and all(side % 2 and side > 2 * 4 * 2 for side in (height, width))
+    session = onnx_session(export_onnx_model(model, tmp_path / "model.onnx"))
+    for shape in [(1, 3, 16, 16), (2, 3, 9, 23), (1, 3, 1, 2)]:
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
+
+
 # swin_test (patch 4, window 4; built at 96 its stage 4 has window 3): stage 3 clamps its window for
 # sides up to 64 and stage 4 for sides up to 96. These sizes cover both clamps, one, and none,
 # mixed between height and width, odd and even, and maps of a single token (sides up to 32: stage

@@ -70,17 +70,17 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
 
     def generic(side: int) -> bool:
         maps = [cells(side, config.patch_size * 2**stage) for stage in range(len(windows))]
-        if side % config.patch_size == 0 or any(size % 2 == 0 for size in maps[:-1]):
-            return False  # the patch embedding or a merging would have nothing to pad
+        # The patch embedding or a merging would have nothing to pad (a patch of 1 never pads).
+        if (config.patch_size > 1 and side % config.patch_size == 0) or any(size % 2 == 0 for size in maps[:-1]):
+            return False
         # A window of 1 (a model built for images whose last map is one token) divides every side.
         return all(size > 2 * w and (size % w or w == 1) for size, w in zip(maps, windows, strict=True))
 
-    height = stride * (2 * max(windows) + 1) + 1
-    while not generic(height):
-        height += 1
-    width = height + 1
-    while not generic(width):
-        width += 1
+    start = stride * (2 * max(windows) + 1) + 1
+    height = next((side for side in range(start, MAX_SIDE) if generic(side)), None)
+    width = None if height is None else next((side for side in range(height + 1, MAX_SIDE) if generic(side)), None)
+    if width is None:  # not reached by any configuration swinkit builds; a bound instead of a hang
+        raise ValueError(f"found no generic trace size below {MAX_SIDE} for {config}")
     return height, width
 
 
