@@ -257,9 +257,14 @@ VARIANTS = ("", "compile", "ort", "int8")
 INFERENCE_ONLY = ("+ort", "+int8")
 
 
+def _is_swinkit(name: str) -> bool:
+    """Whether contender ``name`` (without its variant) is swinkit: ``swinkit`` or ``swinkit:<impl>``."""
+    return name == "swinkit" or name.startswith("swinkit:")
+
+
 def int8_model(name: str, model: nn.Module) -> nn.Module:
     """Contender ``name``'s model with int8 dynamic-quantized linear layers."""
-    if name == "swinkit" or name.startswith("swinkit:"):
+    if _is_swinkit(name):
         return quantize_dynamic(model)
     from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
 
@@ -273,7 +278,7 @@ def check_contender(name: str, model_name: str) -> None:
     base, _, variant = name.partition("+")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} in {name!r}; accepted: +compile, +ort, +int8")
-    if base == "swinkit" or base.startswith("swinkit:"):
+    if _is_swinkit(base):
         return
     if base not in BUILDERS:
         raise ValueError(f"unknown contender {base!r}; accepted: swinkit, swinkit:<attn_impl>, {', '.join(BUILDERS)}")
@@ -293,7 +298,7 @@ def build(name: str, model_name: str, num_classes: int = 1000, drop_path_rate: f
         from .variants import get_config
 
         drop_path_rate = get_config(model_name).drop_path_rate
-    if name == "swinkit" or name.startswith("swinkit:"):
+    if _is_swinkit(name):
         return _swinkit(model_name, num_classes, drop_path_rate, name.partition(":")[2] or None)
     return BUILDERS[name](model_name, num_classes, drop_path_rate)
 

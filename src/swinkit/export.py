@@ -76,12 +76,14 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
         # A window of 1 (a model built for images whose last map is one token) divides every side.
         return all(size > 2 * w and (size % w or w == 1) for size, w in zip(maps, windows, strict=True))
 
-    start = stride * (2 * max(windows) + 1) + 1
-    height = next((side for side in range(start, MAX_SIDE) if generic(side)), None)
-    width = None if height is None else next((side for side in range(height + 1, MAX_SIDE) if generic(side)), None)
-    if width is None:  # not reached by any configuration swinkit builds; a bound instead of a hang
-        raise ValueError(f"found no generic trace size below {MAX_SIDE} for {config}")
-    return height, width
+    def first_generic(start: int) -> int:
+        side = next((side for side in range(start, MAX_SIDE) if generic(side)), None)
+        if side is None:  # not reached by any configuration swinkit builds; a bound instead of a hang
+            raise ValueError(f"found no generic trace size below {MAX_SIDE} for {config}")
+        return side
+
+    height = first_generic(stride * (2 * max(windows) + 1) + 1)
+    return height, first_generic(height + 1)
 
 
 def dynamic_shapes(model: nn.Module, dynamic_size: bool) -> dict[str, dict[int, Any]]:

@@ -460,8 +460,10 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         out = OneDNNLinear.apply(x, weight, bias)
     else:
         return _onednn_linear(x, _packed(weight, x.numel() // x.shape[-1]), bias, "gelu" if gelu else "none")
-    if not gelu:
-        return out
+    return _gelu(out) if gelu else out
+
+
+def _gelu(out: Tensor) -> Tensor:
     # In place without autograd: about 1.5x faster than a fresh output.
     return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
 
@@ -518,9 +520,7 @@ def _apply(linear: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
     if not is_int8(linear):
         return _linear(x, linear.weight, linear.bias, gelu)
     out = linear(x)
-    if not gelu:
-        return out
-    return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
+    return _gelu(out) if gelu else out
 
 
 def _head_scales(attn: nn.Module) -> list[float]:
