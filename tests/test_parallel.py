@@ -282,3 +282,53 @@ def test_workers_flush_subnormals_and_the_caller_keeps_its_mode(two_threads, mon
         assert (tiny * 1.0).ne(0).all()  # not in the caller's thread
         monkeypatch.setattr(parallel, "FLUSH_SUBNORMALS", False)
         assert parallel.run_split(lambda t: t * 1.0, tiny, 2).eq(tiny).all()
+
+
+def test_split_training_adds_into_a_gradient_only_where_swinkit_made_it_alone():
+    """Gradients marked by sole_gradient (swinkit's own backward made them for one parameter) take
+    the sum in place, with the same bits as adding into fresh memory; unmarked ones are never written."""
+    parameter = torch.zeros(64, requires_grad=True)
+    shares = [torch.randn(64) * 10**i for i in range(4)]
+    expected = ((shares[0] + shares[1]) + shares[2]) + shares[3]
+    for sole in ([0], [1], [2], [0, 1, 2, 3]):
+        for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]):
+            handed = [g.clone() for g in shares]
+            parallel._local.share = 0  # as inside a share's backward
+            for share in sole:
+                parallel.sole_gradient(handed[share])
+            sums = parallel._RunningSums([parameter])
+            for share in order:
+                parallel._local.share = share
+                sums._taker(0)(handed[share])
+            parallel._local.share = None
+            sums.remove_hooks()
+            (total,) = sums.totals()
+            assert torch.equal(total, expected), (sole, order)
+            if {0, 1} & set(sole):  # the first addition finds a marked gradient: summed into it
+                assert any(total is handed[share] for share in sole)
+            assert not hasattr(total, "_swinkit_sole")  # no mark left on what becomes .grad
+            for share in set(range(4)) - set(sole):
+                assert torch.equal(handed[share], shares[share])
+    outside = parallel.sole_gradient(torch.ones(3))  # not in a share's backward: not marked
+    assert not hasattr(outside, "_swinkit_sole")
+
+
+def test_split_training_marks_the_linear_gradients_it_sums_in_place(two_threads, monkeypatch):
+    """In a real split step the linear layers' weight and bias gradients arrive marked and are summed
+    in place; the result is what fresh sums give, bit for bit."""
+    split, _ = _training_models(num_classes=3, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    original = parallel._is_sole
+    results, marked = [], []
+    for in_place in (True, False):
+        seen = []
+        monkeypatch.setattr(parallel, "_is_sole", lambda grad, seen=seen: seen.append(original(grad)) or seen[-1])
+        monkeypatch.setattr(parallel, "ADD_IN_PLACE", in_place)
+        _, _, grads = _gradients(split, x, [torch.ones(2, 3)])
+        results.append(grads)
+        marked.append(sum(seen))
+    # The blocks' linear layers run through the fused path's own backward: weight and bias each.
+    linears = sum(isinstance(m, torch.nn.Linear) for layer in split.layers for m in layer.blocks.modules())
+    assert marked == [2 * linears, 0]
+    for name, grad in results[0].items():
+        assert torch.equal(grad, results[1][name]), name

@@ -42,6 +42,7 @@ from .model import (
     window_and_shift,
     window_gather_indices,
 )
+from .parallel import sole_gradient
 from .quantize import is_int8
 
 WindowOrder = tuple[Tensor, Tensor, Tensor | None]
@@ -437,9 +438,9 @@ def _linear_gradients(
         grad_x = rows.mm(weight) if input_by_mkl else _onednn_linear(rows, weight.t(), None)
         grad_x = grad_x.view(x.shape)
     if needed[1]:
-        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
+        grad_weight = sole_gradient(rows.t().mm(x.reshape(-1, x.shape[-1])))
     if has_bias and needed[2]:
-        grad_bias = rows.sum(0)
+        grad_bias = sole_gradient(rows.sum(0))
     return grad_x, grad_weight, grad_bias
 
 
