@@ -301,11 +301,12 @@ def test_model_with_the_kernel_matches_the_reference(variant, monkeypatch):
 def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
     """A split training batch (one thread per worker) runs the kernel's forward and backward;
     parameter (V2: logit scales too) and image gradients as the reference path's."""
-    backward_calls = []
-    kernel_backward = native.window_attention_backward
+    backward_calls, gelu_calls = [], []
+    kernel_backward, gelu_backward = native.window_attention_backward, native.gelu_backward
     monkeypatch.setattr(
         native, "window_attention_backward", lambda *a, **k: backward_calls.append(1) or kernel_backward(*a, **k)
     )
+    monkeypatch.setattr(native, "gelu_backward", lambda *a: gelu_calls.append(1) or gelu_backward(*a))
     model = _model(variant).train()
     reference = _model(variant).train()
     reference.load_state_dict(model.state_dict())
@@ -322,9 +323,67 @@ def test_training_with_the_kernel_matches_the_reference(variant, monkeypatch):
             results.append(torch.autograd.grad(loss, (images, *params)))
     finally:
         torch.set_num_threads(threads)
-    assert len(backward_calls) == 2 * 8  # every block in two workers
+    assert len(backward_calls) == len(gelu_calls) == 2 * 8  # every block in two workers
     for name, got, expected in zip(("images", *names), *results, strict=True):
         assert relative_error(got, expected) < 1e-5, name
+
+
+def _gelu_gradient(variant, grad, x):
+    out = torch.full((x.numel() + 16,), 7.0)  # 16 past the end: must stay untouched
+    native.kernel(variant).gelu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel())
+    assert (out[x.numel() :] == 7.0).all()
+    return out[: x.numel()]
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_gelu_gradient_kernel_matches_float64(variant):
+    # Every length up to a few vectors (the tail goes through the same vector code), then a long run
+    # over the range where GELU's slope changes, out to where exp(-x^2 / 2) underflows.
+    for count in [*range(0, 35), 4099]:
+        x = torch.cat([torch.randn(count) * 3, torch.linspace(-14, 14, 2001 if count == 4099 else 0)])
+        grad = torch.randn_like(x)
+        truth = torch.ops.aten.gelu_backward(grad.double(), x.double())
+        error = (_gelu_gradient(variant, grad, x).double() - truth).abs()
+        assert (error <= 1e-6 * grad.double().abs()).all(), count  # PyTorch's float32 is at most 3e-7 off
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_gelu_gradient_kernel_gives_pytorchs_special_values(variant):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 80.0, -80.0])
+    grad = torch.ones_like(x)
+    expected = torch.ops.aten.gelu_backward(grad, x)  # NaN for NaN and for both infinities (inf * 0)
+    torch.testing.assert_close(_gelu_gradient(variant, grad, x), expected, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def test_gelu_function_is_pytorchs_gelu_to_second_order():
+    x = torch.randn(5, 77) * 2
+    weights, directions = torch.randn(5, 77), torch.randn(5, 77)
+    results = []
+    for gelu in (native.GELU.apply, F.gelu):
+        leaf = x.clone().requires_grad_()
+        out = gelu(leaf)
+        (grad,) = torch.autograd.grad((out * weights).sum(), leaf, create_graph=True)
+        (second,) = torch.autograd.grad((grad * directions).sum(), leaf)
+        (first,) = torch.autograd.grad((gelu(leaf) * weights).sum(), leaf)  # without create_graph: the kernel
+        results.append((out.detach(), first, second))
+    assert torch.equal(results[0][0], results[1][0])  # the forward is PyTorch's
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_kernel_declines_what_it_does_not_cover(monkeypatch):
+    x = torch.randn(4, 8)
+    assert native.gelu_applies(x)
+    assert not native.gelu_applies(x.double())
+    assert not native.gelu_applies(x.t())  # not contiguous
+    threads = torch.get_num_threads()
+    torch.set_num_threads(native.MAX_THREADS + 1)
+    try:
+        assert not native.gelu_applies(x)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not native.gelu_applies(x)
 
 
 @pytest.mark.parametrize("cosine", [False, True])

@@ -16,12 +16,14 @@ float rounding.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) for the
 instruction set PyTorch uses on this CPU, into ``~/.cache/swinkit`` (or ``$XDG_CACHE_HOME/swinkit``,
-or ``CACHE_DIR``), named by a hash of its source and flags, and loaded with ``ctypes``: no build
+or ``CACHE_DIR``), named by a hash of its sources and flags, and loaded with ``ctypes``: no build
 step at install time. If there is no compiler, or the build fails, the PyTorch path is used and
 :func:`status` says why. ``ENABLED = False`` turns the kernel off (as
 ``benchmarks/native_attention.py`` does to measure it). The same library holds the passes around an
 int8 product of :mod:`swinkit.quantize` (``csrc/int8_rows.c``): :func:`quantize_rows` and
-:func:`dequantize_rows`.
+:func:`dequantize_rows`; and GELU's gradient (``csrc/gelu.c``): :class:`GELU`, which the fused path's
+training step uses (PyTorch's ``gelu_backward`` took twice a GELU's time, about 5% of a Swin-T step).
+The sources share their vector helpers through ``csrc/vector.h``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ from .parallel import worker_pool
 ENABLED = True
 CACHE_DIR: str | os.PathLike | None = None  # None: $XDG_CACHE_HOME/swinkit or ~/.cache/swinkit
 SOURCE = Path(__file__).with_name("csrc") / "window_attention.c"
-# Built into the same library: the passes around an int8 product (swinkit.quantize.Int8Linear).
+# Built into the same library: the passes around an int8 product (swinkit.quantize.Int8Linear),
+# GELU's gradient, and the vector helpers they share (a header).
 INT8_SOURCE = SOURCE.with_name("int8_rows.c")
+GELU_SOURCE = SOURCE.with_name("gelu.c")
+HEADER = SOURCE.with_name("vector.h")
 FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 # Per instruction set: vector width (LANES floats), keys per pass (TILE) and query rows per register
 # block (ROWS), the fastest of the combinations timed on Swin's shapes (benchmarks/RESULTS.md).
@@ -102,13 +107,18 @@ def unsupported_reason() -> str | None:
     return f"no AVX-512 or AVX2 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
 
 
+def sources() -> tuple[Path, ...]:
+    """The C files built into the library (they include :data:`HEADER`)."""
+    return SOURCE, INT8_SOURCE, GELU_SOURCE
+
+
 def _build(target: Path, flags: tuple[str, ...]) -> None:
-    """Compile ``SOURCE`` and ``INT8_SOURCE`` into ``target``, written under a temporary name and
-    renamed into place."""
+    """Compile :func:`sources` into ``target``, written under a temporary name and renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [os.environ.get("CC", "cc"), *flags, str(SOURCE), str(INT8_SOURCE), "-o", str(built), "-lm"]
+        include = f"-I{HEADER.parent}"
+        command = [os.environ.get("CC", "cc"), *flags, include, *map(str, sources()), "-o", str(built), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
@@ -116,9 +126,10 @@ def _build(target: Path, flags: tuple[str, ...]) -> None:
 
 
 def library_path(variant: str) -> Path:
-    """The cached build of ``variant``: named by the hash of the sources and the compiler flags."""
+    """The cached build of ``variant``: named by the hash of the sources, the header and the flags."""
     flags = FLAGS + VARIANTS[variant]
-    tag = hashlib.sha256(SOURCE.read_bytes() + INT8_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    text = b"".join(path.read_bytes() for path in (*sources(), HEADER)) + " ".join(flags).encode()
+    tag = hashlib.sha256(text).hexdigest()[:16]
     return cache_dir() / f"window_attention-{variant}-{tag}.so"
 
 
@@ -151,7 +162,10 @@ def _load(variant: str) -> Kernels:
     # acc, rows, cols, row_scale, column_scale, bias, residual, out
     dequantize.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, pointer]
     quantize.restype = dequantize.restype = None
-    return Kernels(forward, backward, forward_bfloat16, backward_bfloat16, quantize, dequantize)
+    gelu_backward = library.swinkit_gelu_backward
+    gelu_backward.argtypes = [pointer, pointer, pointer, size]  # grad, x, out, count
+    gelu_backward.restype = None
+    return Kernels(forward, backward, forward_bfloat16, backward_bfloat16, quantize, dequantize, gelu_backward)
 
 
 class ShiftMask(NamedTuple):
@@ -187,6 +201,7 @@ class Kernels(NamedTuple):
     backward_bfloat16: Callable[..., int]  # the backward on bfloat16 qkv, output gradient and qkv gradient
     quantize_rows: Callable[..., None]  # csrc/int8_rows.c
     dequantize_rows: Callable[..., None]
+    gelu_backward: Callable[..., None]  # csrc/gelu.c
 
 
 def kernel(variant: str | None = None) -> Kernels | None:
@@ -203,7 +218,7 @@ def kernel(variant: str | None = None) -> Kernels | None:
                 try:
                     loaded = _load(variant)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    loaded = f"could not build {SOURCE.name} and {INT8_SOURCE.name}: {error}"
+                    loaded = f"could not build {', '.join(path.name for path in sources())}: {error}"
                 _kernels[variant] = loaded
     return None if isinstance(loaded, str) else loaded
 
@@ -371,6 +386,44 @@ def dequantize_rows(
     kernel().dequantize_rows(
         acc.data_ptr(), *acc.shape, row_scale.data_ptr(), column_scale.data_ptr(), *pointers, out.data_ptr()
     )
+    return out
+
+
+def gelu_applies(x: Tensor) -> bool:
+    """Whether :class:`GELU` takes ``x`` (float32 and contiguous on the CPU, at most
+    :data:`MAX_THREADS` intra-op threads, the library built)."""
+    return (
+        ENABLED
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and torch.get_num_threads() <= MAX_THREADS
+        and built()
+    )
+
+
+class GELU(torch.autograd.Function):
+    """Exact (erf) GELU: PyTorch's forward, the gradient by the native pass (:func:`gelu_backward`).
+    Second-order gradients go through PyTorch's ``gelu_backward``, which is differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return torch.ops.aten.gelu_backward(grad, x)
+        return gelu_backward(grad, x)
+
+
+def gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad * GELU'(x)`` in one pass on this thread (``x`` as :func:`gelu_applies` takes it)."""
+    grad = grad.contiguous()
+    out = torch.empty_like(x)
+    kernel().gelu_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 

@@ -28,9 +28,8 @@
 #include <string.h>
 #include <xmmintrin.h>
 
-#ifndef LANES
-#define LANES 16 /* floats per vector register */
-#endif
+#include "vector.h"
+
 #ifndef TILE
 #define TILE 64 /* key positions per pass of q k^T, in TILE / LANES vectors */
 #endif
@@ -42,31 +41,6 @@
 #define KEY_VECTORS (TILE / LANES)
 #define OUT_VECTORS (D / LANES)
 
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef int ivec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline vec splat(float x) { /* a broadcast (x + a zero vector would be a scalar add first) */
-  vec v = {x};
-  return __builtin_shuffle(v, (ivec){0});
-}
-static inline vec load(const float *p) {
-  vec v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
-#if defined(__AVX512F__) && LANES == 16
-#include <immintrin.h>
-static inline vec larger(vec a, vec b) { return (vec)_mm512_max_ps((__m512)a, (__m512)b); }
-#elif defined(__AVX__) && LANES == 8
-#include <immintrin.h>
-static inline vec larger(vec a, vec b) { return (vec)_mm256_max_ps((__m256)a, (__m256)b); }
-#else
-static inline vec larger(vec a, vec b) {
-  ivec a_wins = a > b;
-  return (vec)((a_wins & (ivec)a) | (~a_wins & (ivec)b));
-}
-#endif
 /* Horizontal max / sum as a tree: halves folded onto each other (a loop over the lanes would be a
  * chain of LANES dependent operations, about 50 cycles per softmax row). */
 typedef float quarter __attribute__((vector_size(4 * sizeof(float))));
@@ -90,26 +64,6 @@ static inline float largest_lane(vec v) {
 static inline float lane_sum(vec v) {
   quarter q = fold_to_quarter(v, 0);
   return (q[0] + q[1]) + (q[2] + q[3]);
-}
-
-/* exp(x) for x in [-87, 0] (x = logit - row maximum, clamped): x = n ln2 + r with |r| <= ln2 / 2,
- * e^r by its Taylor series to degree 7 (truncation error below 6e-9, under float's 6e-8 half-ulp),
- * times 2^n written straight into the exponent bits (n >= -126 keeps it a normal float). */
-static inline vec exp_nonpositive(vec x) {
-  const vec round = splat(12582912.0f); /* 1.5 * 2^23: adding and subtracting rounds to an integer */
-  vec n = (x * splat(1.44269504088896341f) + round) - round;
-  vec r = x - n * splat(0.693145751953125f); /* ln2, its high 16 bits: n * it is exact */
-  r = r - n * splat(1.428606765330187e-06f); /* ln2, the rest */
-  vec p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  ivec two_to_n = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return p * (vec)two_to_n;
 }
 
 /* Subnormal floats flushed to zero for the duration of a call (the MXCSR's flush-to-zero and
