@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from ablation import arguments, median_seconds, report, switched
 
-from swinkit import fast
+from swinkit import fast, native
 from swinkit.bench import BenchResult, Target, _interleave, _train_step, build, training_optimizer
 
 # (tokens, in, out) of Swin-T's qkv / proj / fc1 / fc2 per stage, at one chunk of the no-grad path.
@@ -60,7 +60,7 @@ def input_gradient_shapes() -> None:
     print(
         f"all blocks: MKL {mkl_total * 1e3:.1f} ms, oneDNN {onednn_total * 1e3:.1f} ms ({onednn_total / mkl_total:.2f})"
     )
-    vendor = fast._cpu_vendor() or "unknown"
+    vendor = native.cpu_vendor() or "unknown"
     print(f"fast.MKL_INPUT_GRADIENT here: {fast.MKL_INPUT_GRADIENT} (CPU vendor {vendor})")
     torch.set_num_threads(threads)
 

@@ -531,6 +531,21 @@ def test_build_of_another_kernel_abi_is_refused(fresh_kernel, monkeypatch, tmp_p
     assert f"kernel ABI {native.ABI}" in native.status()
 
 
+def test_prefetch_target_changes_the_build_not_the_numbers(fresh_kernel, monkeypatch):
+    """Prefetching the next head's rows into L1 (Intel) or L2 (other CPUs) is a build of its own,
+    with the same results bit for bit."""
+    qkv, bias = _inputs(6, 49, 2, 4)
+    scales, grad = torch.full((2,), D**-0.5), torch.randn(6, 49, 2 * D)
+    results = []
+    for to_l1 in (True, False):
+        monkeypatch.setattr(native, "PREFETCH_TO_L1", to_l1)
+        native.reset()
+        out = native.window_attention(qkv, 2, bias, scales, False)
+        results.append((out, *native.window_attention_backward(qkv, grad, 2, bias, scales, False)))
+    assert len(list(fresh_kernel.glob("window_attention-*.so"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_unwritable_cache_falls_back_to_pytorch(fresh_kernel, monkeypatch):
     blocker = fresh_kernel / "a-file"
     blocker.write_text("")

@@ -57,19 +57,10 @@ CHUNK_TOKENS = 4096
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _cpu_vendor() -> str:
-    """The x86 vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" where Linux does not say."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 # The input gradient of a training linear: MKL's GEMM on Intel CPUs (13% faster than oneDNN over
 # Swin-T's shapes on a Xeon with AVX-512, 1.9x at stage 4's fc2, where oneDNN reorders the transposed
 # weight on every call); oneDNN elsewhere (10-20% faster than MKL on an AMD EPYC).
-MKL_INPUT_GRADIENT = _cpu_vendor() == "GenuineIntel"
+MKL_INPUT_GRADIENT = native.cpu_vendor() == "GenuineIntel"
 
 
 def window_order(

@@ -79,6 +79,28 @@ _lock = threading.Lock()
 _kernels: dict[str, Kernels | str] = {}  # variant -> the loaded kernels, or why there are none
 
 
+def cpu_vendor() -> str:
+    """The x86 vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" where Linux does not say."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# Where the kernel prefetches the next window-head's rows to: L1 on Intel CPUs, where it was tuned,
+# else L2. On an AMD EPYC (32 KB of L1 per core) the next head's rows in L1 pushed out the current
+# head's: with L2, Swin-T's forward kernel ran 1.03-1.12x and its backward 1.06-1.08x faster per
+# stage (benchmarks/RESULTS.md, 2026-12-06). Part of the build's flags (and of its file name).
+PREFETCH_TO_L1 = cpu_vendor() == "GenuineIntel"
+
+
+def build_flags(variant: str) -> tuple[str, ...]:
+    """The compiler flags of ``variant``'s build on this machine."""
+    prefetch = () if PREFETCH_TO_L1 else ("-DPREFETCH_HINT=_MM_HINT_T1",)
+    return FLAGS + VARIANTS[variant] + prefetch
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept: ``CACHE_DIR`` if set, else the user's cache directory."""
     if CACHE_DIR is not None:
@@ -127,14 +149,14 @@ def _build(target: Path, flags: tuple[str, ...]) -> None:
 
 def library_path(variant: str) -> Path:
     """The cached build of ``variant``: named by the hash of the sources, the header and the flags."""
-    flags = FLAGS + VARIANTS[variant]
+    flags = build_flags(variant)
     text = b"".join(path.read_bytes() for path in (*sources(), HEADER)) + " ".join(flags).encode()
     tag = hashlib.sha256(text).hexdigest()[:16]
     return cache_dir() / f"window_attention-{variant}-{tag}.so"
 
 
 def _load(variant: str) -> Kernels:
-    flags, target = FLAGS + VARIANTS[variant], library_path(variant)
+    flags, target = build_flags(variant), library_path(variant)
     if not target.exists():
         _build(target, flags)
     try:

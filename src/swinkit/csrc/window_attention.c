@@ -36,6 +36,9 @@
 #ifndef ROWS
 #define ROWS 4 /* query rows per register block: ROWS * TILE / LANES accumulators */
 #endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0 /* where the next head's rows go: L1 (native.py: L2 on non-Intel CPUs) */
+#endif
 #define D 32            /* head size of every Swin configuration */
 #define MAX_TOKENS 1024 /* windows up to 32 x 32 */
 #define KEY_VECTORS (TILE / LANES)
@@ -89,7 +92,7 @@ static inline __attribute__((always_inline)) void prefetch_rows(const char *firs
   for (long r = 0; r < N; r++)
     for (int part = 0; part < parts; part++)
       for (long line = 0; line < D * size; line += 64)
-        _mm_prefetch(first + r * stride + part * part_step + line, _MM_HINT_T0);
+        _mm_prefetch(first + r * stride + part * part_step + line, PREFETCH_HINT);
 }
 
 /* Before window w's head h: prefetch the q, k, v rows (and the output-gradient rows, unless dout
