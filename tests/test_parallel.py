@@ -332,3 +332,36 @@ def test_split_training_marks_the_linear_gradients_it_sums_in_place(two_threads,
     assert marked == [2 * linears, 0]
     for name, grad in results[0].items():
         assert torch.equal(grad, results[1][name]), name
+
+
+class _LowRankUpdate(torch.nn.Module):
+    """weight + A B, as a LoRA-style parametrization computes it (A starts nonzero here)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(rows, 2) * 0.1)
+        self.B = torch.nn.Parameter(torch.randn(2, cols) * 0.1)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.A @ self.B
+
+
+def test_split_training_keeps_gradients_a_parametrized_weight_shares(two_threads):
+    """A weight computed from parameters (here original + A B) is not a gradient the fused path made
+    for one parameter: autograd hands the same tensor to the original and to A B's product, so it
+    must not be summed into. Split and serial gradients agree for all three."""
+    from torch.nn.utils import parametrize
+
+    split, serial = _training_models(num_classes=3, drop_path_rate=0.0)
+    for model in (split, serial):
+        torch.manual_seed(1)
+        fc1 = model.layers[0].blocks[0].mlp.fc1
+        parametrize.register_parametrization(fc1, "weight", _LowRankUpdate(*fc1.weight.shape))
+    x = torch.randn(2, 3, 64, 64)
+    _, _, grads = _gradients(split, x, [torch.ones(2, 3)])
+    _, _, expected = _gradients(serial, x, [torch.ones(2, 3)])
+    names = [n for n in grads if "parametrizations" in n]
+    assert len(names) == 3  # original, A, B
+    for name in names:
+        error = (grads[name] - expected[name]).abs().max() / expected[name].abs().max()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"

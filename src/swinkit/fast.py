@@ -408,6 +408,9 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        # A leaf (a parameter used as it is) gets its gradient from here alone. A computed weight
+        # (a parametrization's original + A B) may hand the same gradient tensor to several inputs.
+        ctx.leaves = (weight.is_leaf, bias is not None and bias.is_leaf)
         return _onednn_linear(x, weight, bias)
 
     @staticmethod
@@ -415,7 +418,9 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         # Under create_graph=True the MKL product is differentiable: second-order gradients.
         by_mkl = torch.is_grad_enabled() or MKL_INPUT_GRADIENT
-        return _linear_gradients(grad, x, weight, ctx.has_bias, ctx.needs_input_grad, by_mkl)
+        grad_x, *grads = _linear_gradients(grad, x, weight, ctx.has_bias, ctx.needs_input_grad, by_mkl)
+        marked = [sole_gradient(g) if g is not None and leaf else g for g, leaf in zip(grads, ctx.leaves, strict=True)]
+        return grad_x, *marked
 
 
 def _linear_gradients(
@@ -429,9 +434,9 @@ def _linear_gradients(
         grad_x = rows.mm(weight) if input_by_mkl else _onednn_linear(rows, weight.t(), None)
         grad_x = grad_x.view(x.shape)
     if needed[1]:
-        grad_weight = sole_gradient(rows.t().mm(x.reshape(-1, x.shape[-1])))
+        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
     if has_bias and needed[2]:
-        grad_bias = sole_gradient(rows.sum(0))
+        grad_bias = rows.sum(0)
     return grad_x, grad_weight, grad_bias
 
 

@@ -235,7 +235,6 @@ class _SharesFunction(torch.autograd.Function):
 
         def differentiate(index: int) -> tuple[Tensor | None, ...]:
             torch.set_flush_denormal(FLUSH_SUBNORMALS)
-            _local.share = index  # which share a running-sums hook in this thread is given
             images, outputs = shares[index]
             pairs = [
                 (o, g)
@@ -245,6 +244,7 @@ class _SharesFunction(torch.autograd.Function):
             inputs = ([images] if images.requires_grad else []) + wanted
             if not pairs:
                 return (None,) * len(inputs)
+            _local.share = index  # which share a running-sums hook in this thread is given
             try:
                 return torch.autograd.grad(
                     [o for o, _ in pairs],
