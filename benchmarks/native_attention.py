@@ -9,7 +9,8 @@ interleaving per round: swinkit with the kernel, timm, swinkit without, for Swin
 Then the same for training (the kernel's backward): forward + backward of one worker's share
 (4 images) per Swin-T stage, kernel against PyTorch's batched attention (the path training takes
 without it), and the whole training step (batch 8, AdamW) on and off beside timm, for Swin-T and
-SwinV2-T.
+SwinV2-T. ``ENABLED`` switches the whole native library, so since 2026-12-06 the training step's
+"off" also runs PyTorch's GELU gradient instead of ``csrc/gelu.c``'s.
 
     python benchmarks/native_attention.py [--rounds 7] [--threads 2]
 """
