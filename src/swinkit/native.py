@@ -22,7 +22,7 @@ step at install time. If there is no compiler, or the build fails, the PyTorch p
 ``benchmarks/native_attention.py`` does to measure it). The same library holds the passes around an
 int8 product of :mod:`swinkit.quantize` (``csrc/int8_rows.c``): :func:`quantize_rows` and
 :func:`dequantize_rows`; and GELU's gradient (``csrc/gelu.c``): :class:`GELU`, which the fused path's
-training step uses (PyTorch's ``gelu_backward`` took twice a GELU's time, about 5% of a Swin-T step).
+training step uses (PyTorch's ``gelu_backward`` took twice a GELU's time, 3% of a Swin-T step).
 The sources share their vector helpers through ``csrc/vector.h``.
 """
 

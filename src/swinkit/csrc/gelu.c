@@ -2,8 +2,9 @@
  *
  * Built into the same library as window_attention.c (swinkit/native.py). PyTorch's gelu_backward
  * evaluates exp through a slower, more precise routine than its forward's erf does, and took twice a
- * forward GELU's time (6.8 against 3.1 ms on a stage-1 hidden layer of 4 images, one thread): about
- * 5% of a Swin-T training step (benchmarks/RESULTS.md). Here one exp serves both terms:
+ * forward GELU's time (6.8 against 3.1 ms on a stage-1 hidden layer of 4 images, one thread): 3% of
+ * a Swin-T training step in a profile, and a plain multiply in its place made the step 1.04-1.08x
+ * faster (benchmarks/RESULTS.md). Here one exp serves both terms:
  *
  *   GELU'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
  *   Phi(x) = 1 - erfc(|x| / sqrt 2) / 2 for x >= 0, erfc(|x| / sqrt 2) / 2 for x < 0,
