@@ -5,7 +5,8 @@
 on every call with one scale per token (row), from that token's own largest magnitude. The
 products run in int8 with int32 sums (``torch._int_mm``: VNNI / AMX where the CPU has them); the
 passes around them are native where swinkit's CPU library is built (:func:`swinkit.native.quantize_rows`,
-:func:`~swinkit.native.dequantize_rows`), else the same arithmetic in PyTorch operations. So
+:func:`~swinkit.native.dequantize_rows`), else (or under ``torch.compile``, which traces a
+quantized model whole) the same arithmetic in PyTorch operations, rounded alike. So
 every token's result depends on that token alone: not on the other images of the batch, on how
 swinkit chunks or splits it, or on padding, unlike per-tensor dynamic quantization
 (``torch.ao.quantization.quantize_dynamic``), where an image's logits move with its batch. Those
@@ -60,8 +61,10 @@ class Int8Linear(nn.Module):
             # abs().amax(): 20x faster than vector_norm(inf) over rows on a CPU (measured at Swin's shapes).
             scale = rows.abs().amax(1, keepdim=True).clamp_min_(1e-30).div_(LEVELS)
             quantized = rows.div(scale).round_().to(torch.int8)
-            out = torch._int_mm(quantized, self.weight_int8).float().mul_(scale)
-            out = out.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias, out, self.weight_scale)
+            # Rounded as the native pass rounds (no fused multiply-add, which addcmul may use): one
+            # unit in the last place here moves int8 rounding in the layers after it.
+            out = torch._int_mm(quantized, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
+            out = out if self.bias is None else out.add_(self.bias)
             out = out if added is None else out.add_(added)
         return out.view(*x.shape[:-1], self.out_features)
 
