@@ -48,7 +48,9 @@ void swinkit_quantize_rows(const float *x, long rows, long cols, long stride, in
 }
 
 /* out[r, c] = ((float) acc[r, c] * row_scale[r]) * column_scale[c] + bias[c] (+ residual[r, c]);
- * acc, out and residual are rows x cols, contiguous; bias and residual may be NULL. */
+ * acc, out and residual are rows x cols, contiguous; bias and residual may be NULL. out may be acc
+ * (swinkit passes it so): each value is read before the one written in its place, and the three
+ * steps stay separate loops so that no multiply and add fuse into one rounding (PyTorch's order). */
 void swinkit_dequantize_rows(const int32_t *acc, long rows, long cols, const float *row_scale,
                              const float *column_scale, const float *bias, const float *residual, float *out) {
   for (long r = 0; r < rows; r++) {
