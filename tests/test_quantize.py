@@ -12,7 +12,7 @@ from torch import nn
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit import native
-from swinkit.bench import check_contender, run_bench
+from swinkit.bench import build, check_contender, int8_model, run_bench
 from swinkit.checkpoint.native import save
 from swinkit.cli import main
 from swinkit.evaluate import evaluate_checkpoint
@@ -190,6 +190,27 @@ def test_predict_eval_and_the_cli_take_int8(tmp_path, capsys):
             predict([folder], checkpoint, int8=True, **bad)
     with pytest.raises(ValueError, match="it takes no .onnx or .pt2 file"):
         predict([folder], tmp_path / "model.onnx", int8=True)
+
+
+@pytest.mark.parametrize("peer", ["timm", "torchvision", "hf"])
+@pytest.mark.parametrize("model_name", ["swin_t", "swinv2_t"])
+def test_the_peers_int8_variants_quantize_the_linears_their_forward_calls(peer, model_name):
+    # torchvision's Swin (qkv, proj) and timm's SwinV2 (qkv) hand linear weights to F.linear as
+    # tensors; torch.ao's quantized layer has none, and `bench --int8` once failed on them after
+    # timing every other contender. Those layers stay float32; every MLP layer is quantized.
+    from torch.ao.nn.quantized.dynamic import Linear as AoLinear
+
+    model = build(peer, model_name, num_classes=10).eval()
+    size = 256 if model_name == "swinv2_t" else 224
+    image = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(image[:1])
+    quantized = int8_model(peer, copy.deepcopy(model), image)
+    with torch.no_grad():
+        got = quantized(image[:1])
+    assert relative_error(got, expected) < 0.1
+    int8_layers = sum(isinstance(m, AoLinear) for m in quantized.modules())
+    assert int8_layers >= 2 * 12  # at least both MLP layers of each of the 12 blocks
 
 
 def test_bench_times_int8_variants_for_inference_only():

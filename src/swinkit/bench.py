@@ -262,15 +262,35 @@ def _is_swinkit(name: str) -> bool:
     return name == "swinkit" or name.startswith("swinkit:")
 
 
-def int8_model(name: str, model: nn.Module) -> nn.Module:
-    """Contender ``name``'s model with int8 dynamic-quantized linear layers."""
+def int8_model(name: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Contender ``name``'s model with int8 dynamic-quantized linear layers: swinkit's own
+    :func:`~swinkit.quantize.quantize_dynamic`; for a peer, torch.ao's on every ``nn.Linear`` its
+    forward calls (found by running it on one image of ``example``). torchvision's Swin passes its
+    attention's qkv and projection weights, and timm's SwinV2 its qkv weight, to ``F.linear`` as
+    tensors, which torch.ao's quantized layer does not hold: those layers stay float32, as they
+    would for a user of that library (quantizing them too made the forward fail)."""
     if _is_swinkit(name):
         return quantize_dynamic(model)
     from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
 
+    called = _called_linears(model, example[:1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        return ao_quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+        return ao_quantize_dynamic(model.eval(), called, dtype=torch.qint8)
+
+
+def _called_linears(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """The names of the ``nn.Linear`` modules whose own forward ``model(example)`` calls."""
+    called = set()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n)) for n, m in linears]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
 
 
 def check_contender(name: str, model_name: str) -> None:
@@ -332,7 +352,7 @@ def inference_contenders(names: list[str], model_name: str, example: torch.Tenso
             raise ValueError(f"{name!r}: onnxruntime and int8 contenders run on the CPU, not on {example.device}")
         model = build(base, model_name).eval().to(example.device)
         if variant == "int8":
-            run: Callable[[torch.Tensor], Any] = int8_model(base, model)
+            run: Callable[[torch.Tensor], Any] = int8_model(base, model, example)
         elif variant == "compile":
             run = compile_model(model)
         elif variant == "ort":
