@@ -105,7 +105,7 @@ def test_stochastic_depth_computes_a_branch_for_the_images_it_keeps_only():
     kept_counts = set()
     for seed in range(12):
         torch.manual_seed(seed)
-        scales = swinkit.model.drop_path_scales(x.detach().view(2, tokens, C), 0.5)  # the draws the block makes
+        scales = swinkit.parallel.drop_path_scales(x.detach().view(2, tokens, C), 0.5)  # the draws the block makes
         expected = x + (branch(x).view(2, tokens, C) * scales).view_as(x)
         images_seen.clear()
         torch.manual_seed(seed)

@@ -7,7 +7,9 @@ sizes; dynamic files are checked at sizes in every window regime (clamped stage 
 from __future__ import annotations
 
 import collections
+import copy
 import json
+import threading
 
 import onnx
 import onnxruntime
@@ -17,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 import swinkit
 from helpers import relative_error, write_digit_folder
-from swinkit import fast, native
+from swinkit import fast, native, parallel
 from swinkit.cli import main
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
@@ -36,6 +38,7 @@ from swinkit.export import (
     save_program,
     trace_sides,
 )
+from swinkit.parallel import image_splits
 from swinkit.predict import predict
 
 
@@ -410,6 +413,75 @@ def test_jit_trace_is_refused_with_the_ways_that_work(tmp_path, batch):
     assert model(x).shape == (batch, 5)  # nothing left behind: eager runs as before
 
 
+def _thread_and_batch(graph: torch.fx.GraphModule) -> tuple[str, int]:
+    """The thread that traced a dynamo graph and the batch size of the images it was traced with."""
+    (images,) = [node.meta["example_value"] for node in graph.graph.find_nodes(op="placeholder") if node.name == "l_x_"]
+    batch = images.shape[0]
+    return threading.current_thread().name, batch if is_concrete_int(batch) else batch.node.hint  # a symbol's value
+
+
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_model_compile_keeps_the_batch_split_over_the_workers(variant, two_threads, monkeypatch):
+    # torch.compile(model) traces forward whole: a CPU batch then runs unsplit (0.85-0.87x eager). In
+    # place, model.compile() compiles each share's forward, which the workers run a few images at
+    # a time without autograd: here two, as for Swin-T's four at 224.
+    monkeypatch.setattr(parallel, "COMPILED_CHUNK_TOKENS", 2 * 16 * 16)
+    graphs, recording_backend = _recording_backend(_thread_and_batch)
+    model = _head_size_32(variant)
+    eager = copy.deepcopy(model)
+    model.compile(backend=recording_backend, fullgraph=True)
+    with torch.no_grad():
+        for shape in [(8, 3, 64, 64), (7, 3, 40, 56), (1, 3, 40, 56)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+    shares = [batch for thread, batch in graphs if thread.startswith("swinkit-images")]
+    whole = [batch for thread, batch in graphs if not thread.startswith("swinkit-images")]
+    # 8 images of 64x64 (2 per part): shares of 4, each in parts of 2 and 2. 7 of 40x56 (3 per
+    # part): shares of 4 (parts of 2 and 2) and 3 (one part). Never a whole share of 4 at once.
+    # (The batch may be a symbol from the start: dynamo remembers sizes per function name and line.)
+    assert 2 in shares and set(shares) <= {2, 3}
+    assert whole == [1]  # one image does not split: compiled in the caller's thread
+    # The model stays itself: its state dict's keys, and a copy of it (EMA, int8) is a plain model.
+    assert list(model.state_dict()) == list(eager.state_dict())
+    copied = copy.deepcopy(model)
+    count = len(graphs)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == count
+    assert compile_model(model) is model  # compile_model compiles a swinkit model in place
+    assert compile_model(torch.nn.Linear(2, 2)).__class__ is torch.compile(torch.nn.Linear(2, 2)).__class__
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_compiled_training_draws_the_eager_stochastic_depth_masks(in_place, two_threads):
+    # Dynamo cannot trace a generator, and inductor's random numbers come from the process's
+    # generator, which two shares would draw from in either order: the masks are drawn by an
+    # operator when the graph runs. model.compile() draws each share's from its own generator, as
+    # eager does; torch.compile(model) draws from the default one in the serial path's order.
+    model = _head_size_32("swin_test", drop_path_rate=0.5).train()
+    eager = copy.deepcopy(model)
+    if in_place:
+        model.compile(backend="aot_eager", fullgraph=True)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        eager.image_parallel = False  # a compiled graph takes the batch whole
+    x, labels = torch.randn(4, 3, 40, 56), torch.tensor([0, 4, 2, 1])
+    assert image_splits(eager, x) == (2 if in_place else 1)
+    losses, gradients = [], []
+    for run in (compiled, eager, compiled):  # the compiled run twice: the same draws from the same seed
+        torch.manual_seed(7)
+        loss = torch.nn.functional.cross_entropy(run(x), labels)
+        losses.append(loss.detach())
+        gradients.append(torch.autograd.grad(loss, list(run.parameters())))
+    for loss, grads in zip(losses[1:], gradients[1:], strict=True):
+        torch.testing.assert_close(loss, losses[0], rtol=1e-6, atol=1e-6)
+        for got, want in zip(gradients[0], grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(8)  # another seed, other masks: the draws are random, not fixed in the graph
+    assert not torch.allclose(torch.nn.functional.cross_entropy(compiled(x), labels).detach(), losses[0])
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
@@ -448,21 +520,23 @@ def test_compiled_model_matches_eager_without_graph_breaks():
         for shape in [(2, 3, 64, 64), (3, 3, 64, 64), (2, 3, 40, 56)]:
             x = torch.randn(shape)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    assert compile_model(model).__class__ is compiled.__class__  # the name kept for callers
 
 
-def test_compiled_training_step_matches_eager():
-    # What `swinkit train --compile` runs: forward and backward through inductor, every gradient.
-    model = _head_size_32("swin_test", depths=INDUCTOR_DEPTHS).train()
-    compiled = torch.compile(model, fullgraph=True)
-    x, labels = torch.randn(3, 3, 40, 56), torch.tensor([0, 4, 2])
+def test_compiled_training_step_matches_eager(two_threads):
+    # What `swinkit train --compile` runs: each share's forward and backward through inductor, in
+    # the worker threads, with stochastic depth drawn as eager draws it; every gradient.
+    model = _head_size_32("swin_test", depths=INDUCTOR_DEPTHS, drop_path_rate=0.3).train()
+    eager = copy.deepcopy(model)
+    compiled = compile_model(model, fullgraph=True)
+    x, labels = torch.randn(4, 3, 40, 56), torch.tensor([0, 4, 2, 1])
+    assert image_splits(model, x) == 2
     losses, gradients = [], []
-    for run in (compiled, model):
-        model.zero_grad()
+    for run in (compiled, eager):
+        torch.manual_seed(3)
         loss = torch.nn.functional.cross_entropy(run(x), labels)
         loss.backward()
         losses.append(loss.detach())
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        gradients.append({name: p.grad.clone() for name, p in run.named_parameters()})
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for name, expected in gradients[1].items():
         torch.testing.assert_close(gradients[0][name], expected, rtol=1e-4, atol=1e-6, msg=name)

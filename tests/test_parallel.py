@@ -12,14 +12,6 @@ from swinkit import parallel
 from swinkit.parallel import image_splits, worker_pool
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _models(**options):
     fused = swinkit.create_model("swin_test", **options).eval()
     reference = swinkit.create_model("swin_test", attn_impl="reference", **options).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 import swinkit
 from helpers import write_digit_folder
+from swinkit import parallel
 from swinkit.cli import main
 from swinkit.data import DigitsDataset
 from swinkit.data.transforms import eval_transform
@@ -529,3 +531,12 @@ def test_bf16_autocast_ema_and_accumulation_run(digit_folder, tmp_path):
     final = load_file(tmp_path / "model-final.safetensors")
     assert not torch.equal(ema["head.weight"], final["head.weight"])
     assert trainer.steps_per_epoch == trainer.sampler.steps // 2
+
+
+def test_compile_compiles_the_model_in_place_keeping_the_split(digit_folder, tmp_path):
+    # One process: the model itself is compiled (model.compile()), so a CPU batch still splits over
+    # the image-parallel workers, each share through the graph; checkpoints keep the plain keys.
+    trainer = _trainer(digit_folder, tmp_path, compile=True)
+    assert trainer.forward_model is trainer.model
+    assert isinstance(parallel.forward_function(trainer.model, split=True), functools.partial)
+    assert not any(key.startswith("_orig_mod.") for key in trainer.model_state())

@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx.experimental import _config as fx_config
 
 from .checkpoint.io import atomic_write
-from .model import cells, derived_once_per_trace
+from .model import SwinTransformer, cells, derived_once_per_trace
 from .quantize import refuse_int8
 
 logger = logging.getLogger(__name__)
@@ -584,10 +584,14 @@ def _model_metadata(
 
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
-    """``torch.compile(model, **options)``: a dynamic batch, one graph per image height and width.
+    """``model`` compiled: a dynamic batch, one graph per image height and width.
 
-    The model itself keeps height and width static under ``torch.compile``
-    (:func:`swinkit.model.static_size_under_compile`), so a plain ``torch.compile`` does the same;
-    this name stays for the code that calls it.
+    A swinkit model is compiled in place (:meth:`swinkit.model.SwinTransformer.compile`, which keeps
+    a CPU batch split over the image-parallel workers) and returned; any other model is returned
+    as ``torch.compile(model, **options)``. A swinkit model keeps height and width static under
+    ``torch.compile`` (:func:`swinkit.model.static_size_under_compile`) either way.
     """
+    if isinstance(model, SwinTransformer):
+        model.compile(**options)
+        return model
     return torch.compile(model, **options)

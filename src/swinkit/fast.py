@@ -16,8 +16,9 @@ native kernel in float32.
 Padded tokens enter attention as zeros after the first norm, exactly like the reference (the
 official detection code's padding), and are dropped on the way back.
 
-Under torch.compile (CPU) the same window-order blocks are traced, the whole batch at once, with the
-native kernel and oneDNN's linears as operators (``swinkit::window_attention``, ``swinkit::linear``).
+Under torch.compile (CPU) the same window-order blocks are traced, the whole batch (or with
+``model.compile()`` a worker's share of it) at once, with the native kernel and oneDNN's linears as
+operators (``swinkit::window_attention``, ``swinkit::linear``).
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ from .attention import reference_attention
 from .model import (
     Pair,
     cells,
-    drop_path_scales,
     shift_window_mask,
     tracing,
     window_and_shift,
     window_gather_indices,
 )
-from .parallel import sole_gradient
+from .parallel import drop_path_scales, sole_gradient
 from .quantize import is_int8
 
 WindowOrder = tuple[Tensor, Tensor, Tensor | None]
@@ -250,8 +250,9 @@ def compiling() -> bool:
 
 # The native kernel as operators that torch.compile keeps whole in its graphs (their arguments are
 # tensors and plain numbers; a shifted block's mask patterns are found from its geometry when the
-# operator runs). There it takes all the intra-op threads, its windows split over them: a compiled
-# graph runs the whole batch in the caller's thread, not split by images as eager swinkit does.
+# operator runs). There it takes the running thread's intra-op threads, its windows split over
+# them: all of them for a graph of torch.compile(model), which runs the whole batch in the caller's
+# thread; one in a worker running its share under model.compile().
 
 
 @torch.library.custom_op("swinkit::window_attention", mutates_args=(), device_types="cpu")

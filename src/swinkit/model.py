@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
-from .parallel import generator, image_splits, run_split
+from .parallel import compile_forward, drop_path_scales, forward_function, image_splits, run_split
 from .variants import SwinConfig
 
 Pair = tuple[int, int]
@@ -287,13 +287,6 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     if p == 0.0 or not training:
         return x
     return x * drop_path_scales(x, p)
-
-
-def drop_path_scales(x: Tensor, p: float) -> Tensor:
-    """Per sample of ``x``, 0 (dropped, probability ``p``) or ``1 / (1 - p)``, shaped to broadcast over it."""
-    # A split training batch draws from its share's generator (swinkit.parallel), else the default one.
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p, generator=generator())
-    return keep.div_(1.0 - p)
 
 
 class DropPath(nn.Module):
@@ -753,8 +746,18 @@ class SwinTransformer(nn.Module):
         check_images(x, self.config.in_chans)
         parts = image_splits(self, x)  # fused CPU path: images over worker threads (swinkit.parallel)
         if parts > 1:
-            return run_split(self._forward, x, parts, self)
-        return self._forward(x)
+            return run_split(forward_function(self, split=True), x, parts, self)
+        return forward_function(self, split=False)(x)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` this model in place (``torch.nn.Module.compile``), keeping its batch split.
+
+        ``torch.compile(model)`` traces :meth:`forward` whole, so a CPU batch runs unsplit on all the
+        intra-op threads. Here the compiled function is each share's forward: a CPU batch still splits
+        over the image-parallel workers (:mod:`swinkit.parallel`), each running its images through
+        the compiled graph on one thread. ``args`` and ``kwargs`` are torch.compile's.
+        """
+        compile_forward(self, *args, **kwargs)
 
     def _forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.config.features_only:

@@ -9,10 +9,10 @@ itself runs on one: the image-parallel workers of :mod:`swinkit.parallel` have o
 batch is not split (batch 1, ``image_parallel = False``) on two threads, the kernel on one was still
 faster than PyTorch's operations on two (benchmarks/RESULTS.md). (Sharing one batch's windows over
 the workers instead was 0.97-0.99x PyTorch's two-thread path at batch 16 and 1.01-1.03x at batch 1:
-not kept.) Under torch.compile, whose graph takes a whole batch on all the intra-op threads, the
-kernel runs as an operator (:mod:`swinkit.fast`) with the windows split over the threads, whole
-images to each. Anywhere else the PyTorch operations run instead, with the same results up to
-float rounding.
+not kept.) Under torch.compile the kernel runs as an operator (:mod:`swinkit.fast`) with the
+windows split over the running thread's intra-op threads, whole images to each: all of them where
+the graph takes a whole batch (``torch.compile(model)``), one in a worker (``model.compile()``).
+Anywhere else the PyTorch operations run instead, with the same results up to float rounding.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) for the
 instruction set PyTorch uses on this CPU, into ``~/.cache/swinkit`` (or ``$XDG_CACHE_HOME/swinkit``,

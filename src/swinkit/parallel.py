@@ -24,6 +24,9 @@ checkpointing, module hooks and parameters' tensor hooks (they would see shares,
 a batch serial; so do tracing, being inside a worker, one thread or one image.
 ``model.image_parallel = False`` turns splitting off (for callers that run their own threads).
 
+``model.compile()`` (:func:`compile_forward`) compiles the forward each share runs, so that a
+compiled model splits too: ``torch.compile(model)`` traces the split away and runs the batch whole.
+
 The workers flush subnormal floats to zero (``torch.set_flush_denormal``, in these threads only:
 the caller's own threads keep their mode). The shift mask's -100 makes attention probabilities
 near 1e-38 / sum, below float32's normal range, and every product with such a number takes a
@@ -34,6 +37,7 @@ Results move by less than 1.2e-38 per value. ``FLUSH_SUBNORMALS = False`` keeps 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -42,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import resolve_impl
 
@@ -142,6 +147,107 @@ def generator() -> torch.Generator | None:
     return getattr(_local, "generator", None)
 
 
+def drop_path_scales(x: Tensor, p: float) -> Tensor:
+    """Per sample of ``x``, 0 (dropped, probability ``p``) or ``1 / (1 - p)``, shaped to broadcast over it.
+
+    A split training batch draws from its share's generator, else the default one. A torch.compile
+    graph on the CPU draws through an operator (``swinkit::drop_path_scales``) that runs when the
+    graph does, in its worker: dynamo cannot trace a generator, and inductor's own random numbers
+    come from the process's generator, which two shares would draw from in either order.
+    """
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return torch.ops.swinkit.drop_path_scales(x.detach(), p)
+    return _draw_scales(x, p)
+
+
+def _draw_scales(x: Tensor, p: float) -> Tensor:
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p, generator=generator())
+    return keep.div_(1.0 - p)
+
+
+# Tagged as drawing random numbers: the graph keeps every call (no two merged as equal) and saves
+# the draw for the backward instead of drawing again. Each draw takes the branch's output (detached)
+# so that it comes after the previous block's in the graph, in the eager path's order: a compiled
+# share draws the same masks as an eager one.
+@torch.library.custom_op(
+    "swinkit::drop_path_scales", mutates_args=(), device_types="cpu", tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _drawn_scales(x: Tensor, p: float) -> Tensor:
+    """:func:`drop_path_scales`, drawn when a compiled graph runs."""
+    return _draw_scales(x, p)
+
+
+@_drawn_scales.register_fake
+def _(x: Tensor, p: float) -> Tensor:
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1))
+
+
+# -- torch.compile with the split ------------------------------------------------------------------
+
+# model -> its (per-share, whole-batch) compiled forwards, after SwinTransformer.compile. Kept here
+# rather than on the model: a deepcopy (EMA, int8) or a pickle of the model stays a plain model.
+_compiled: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def compile_forward(model: torch.nn.Module, *args: Any, **options: Any) -> None:
+    """``torch.compile`` ``model._forward`` (``*args`` and ``**options`` are torch.compile's), in two
+    forms: the one a worker thread runs on its share of a split batch, and the one the caller's
+    thread runs on a whole batch (a GPU batch, one image, a model with hooks).
+
+    Two functions, so that dynamo keeps their graphs apart: inductor writes its C++ kernels for the
+    thread count of the thread that compiles them, one in a worker, all in the caller's.
+    """
+    share = torch.compile(_fresh(_share_forward), *args, **options)
+    _compiled[model] = share, torch.compile(_fresh(_whole_forward), *args, **options)
+
+
+def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``function`` with a code object of its own: dynamo keeps its graphs and its limit of
+    8 per code object, so each compiled model gets its own (not shared with every other model)."""
+    return type(function)(function.__code__.replace(), function.__globals__, function.__name__)
+
+
+def forward_function(model: torch.nn.Module, split: bool) -> Callable[[Tensor], Any]:
+    """The function :meth:`SwinTransformer.forward` runs on a share (``split``) or on the whole batch:
+    ``model._forward``, compiled after ``model.compile()``."""
+    if torch.compiler.is_compiling():  # torch.compile(model), or torch.export: traced as it is
+        return model._forward
+    compiled = _compiled.get(model)
+    if compiled is None:
+        return model._forward
+    if split and not torch.is_grad_enabled():
+        return functools.partial(_in_chunks, compiled[0], model)
+    return functools.partial(compiled[0] if split else compiled[1], model)
+
+
+# Stage-1 tokens per call of a share's compiled graph without autograd: 4 images of 224. A graph
+# runs its images through every block at once, so a share of 8 makes intermediates of 29-39 MB
+# (Swin-T's qkv and MLP hidden layer) that cannot stay in cache; the eager path goes a few images at
+# a time for the same reason. Paired, batch 16 on two threads: 2, 4 and 8 images per call ran at 0.98x,
+# 0.995-1.01x and 0.95-0.96x eager (fewer images leave the later stages' products too few rows).
+COMPILED_CHUNK_TOKENS = 4 * 56 * 56
+
+
+def _in_chunks(compiled: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Any:
+    """``compiled(model, x)`` a few images at a time (about :data:`COMPILED_CHUNK_TOKENS` stage-1
+    tokens each, in near-equal parts so that no part has one image unless ``x`` has: a graph for
+    one image is compiled apart, dynamo specialises size 1), joined again."""
+    patch = model.config.patch_size
+    tokens = max(1, (x.shape[2] // patch) * (x.shape[3] // patch))
+    parts = -(-x.shape[0] // max(1, COMPILED_CHUNK_TOKENS // tokens))
+    if parts == 1:
+        return compiled(model, x)
+    return _join([compiled(model, images) for images in x.tensor_split(parts)])
+
+
+def _share_forward(model: torch.nn.Module, x: Tensor) -> Any:
+    return model._forward(x)
+
+
+def _whole_forward(model: torch.nn.Module, x: Tensor) -> Any:
+    return model._forward(x)
+
+
 def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: torch.nn.Module | None = None) -> Any:
     """``function(x)`` computed on ``parts`` slices of the batch in worker threads, joined again.
 
@@ -157,7 +263,11 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: t
         outputs = _SharesFunction.apply(spec, x, *parameters)
         return outputs if isinstance(outputs, Tensor) else list(outputs)
     in_thread = _caller_state()
-    results = list(worker_pool().map(lambda images: in_thread(function, images), x.tensor_split(parts)))
+    return _join(list(worker_pool().map(lambda images: in_thread(function, images), x.tensor_split(parts))))
+
+
+def _join(results: list[Any]) -> Any:
+    """The outputs of a batch's parts (tensors, or lists / tuples of them) joined along the batch."""
     if isinstance(results[0], Tensor):
         return torch.cat(results)
     return type(results[0])(torch.cat(outputs) for outputs in zip(*results, strict=True))

@@ -259,7 +259,12 @@ class Trainer(TrainingLoop):
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         else:
-            wrapped = model
+            if self.config.compile:
+                # In place: a CPU batch still splits over the image-parallel workers, each share through
+                # the compiled graph (torch.compile(model) would run it unsplit, slower than eager).
+                model.compile()
+            return model
+        # Compiled around DDP / FSDP, which dynamo splits at the gradient buckets.
         return torch.compile(wrapped) if self.config.compile else wrapped
 
     def model_state(self) -> dict[str, torch.Tensor]:
