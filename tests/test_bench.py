@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
+import swinkit
 from swinkit import get_config
 from swinkit.bench import (
+    Contender,
     Target,
     bench_in_fresh_processes,
+    bench_inference,
     build,
     format_rows,
     parse_target,
     run_bench,
     skips_dropped_images,
 )
+from swinkit.cli import main
 from swinkit.flops import count_flops
 
 
@@ -97,6 +104,55 @@ def test_fresh_processes_refuse_unknown_contenders_before_starting_any():
 def test_a_failing_fresh_process_is_reported_with_its_error():
     with pytest.raises(RuntimeError, match="timing 'swinkit' in a fresh process failed(.|\n)*swin_nonexistent"):
         bench_in_fresh_processes(["swinkit"], "inference", "swin_nonexistent", batch=1, size=64, rounds=1)
+
+
+def test_a_peer_that_fails_in_its_process_leaves_the_others_results(tmp_path, monkeypatch, capsys):
+    # Each fresh process imports this sitecustomize first: there, building timm's model fails, as
+    # a peer's forward did before (timm's SwinV2 under torch.ao int8). The bench goes on without it
+    # and reports it, instead of losing every round already timed; the command exits with 1.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import swinkit.bench\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('this peer cannot run here')\n"
+        "swinkit.bench.BUILDERS['timm'] = broken\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    arguments = "bench swin_t --compare timm --modes inference --fresh-processes --rounds 2 --batch-size 1 --threads 1"
+    code = main([*arguments.split(), "--json", str(tmp_path / "report.json")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "timm (inference) failed" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["contender"], r["rounds"], r["ratio_to"]) for r in report["rows"]] == [("swinkit", 2, "swinkit")]
+    (failure,) = report["failures"]
+    assert failure["contender"] == "timm" and "this peer cannot run here" in failure["error"]
+    assert "FAILED inference timm (left out from then on): RuntimeError: this peer cannot run here" in out
+    assert "inference: ratios against swinkit" in out
+
+
+def test_a_contender_that_fails_in_this_process_is_left_out_of_the_later_rounds():
+    x = torch.randn(2, 3, 64, 64)
+    model = swinkit.create_model("swin_test").eval()
+    calls = []
+
+    def fails_in_its_second_round(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        if len(calls) == 4:  # two warm-up calls, one timed round, then this
+            raise torch.OutOfMemoryError("out of memory in round 2")
+        return model(images)
+
+    contenders = [Contender("swinkit", model, model), Contender("flaky", model, fails_in_its_second_round)]
+    result = bench_inference(contenders, x, rounds=3)
+    assert len(result.times["swinkit"]) == 3 and len(result.times["flaky"]) == 1 and len(calls) == 4
+    assert list(result.failures) == ["flaky"]
+    error = result.failures["flaky"]  # with its traceback, for --json
+    assert "in fails_in_its_second_round" in error and error.endswith("OutOfMemoryError: out of memory in round 2")
+    assert [row["contender"] for row in result.table("swinkit")] == ["swinkit", "flaky"]  # its one round stays
+    with pytest.raises(RuntimeError, match="'broken' failed:(.|\n)*in _raises(.|\n)*ValueError: no"):
+        bench_inference([Contender("broken", model, _raises)], x, rounds=2)  # nothing ran: nothing to report
+
+
+def _raises(images: torch.Tensor) -> None:
+    raise ValueError("no")
 
 
 def test_unknown_contenders_are_named():

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,6 +122,14 @@ class BenchResult:
     times: dict[str, list[float]] = field(default_factory=dict)
     gemm_times: list[float] = field(default_factory=list)
     gemm_side: int = GEMM_SIDE["cpu"]
+    # contender -> its error: a contender that fails is left out of the later rounds (the rounds it
+    # completed stay), so that one peer that cannot run does not take the others' results with it.
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def refuse_if_none_ran(self) -> None:
+        """Raise the failures when every contender failed before completing a round."""
+        if self.failures and not self.times:
+            raise RuntimeError("\n".join(self.failures.values()))
 
     @property
     def gemm_gflops(self) -> float:
@@ -146,6 +155,7 @@ class BenchResult:
                 "images_per_second": self.images_per_second(name),
                 "latency_ms": statistics.median(times) * 1000,
                 "ratio": self.images_per_second(name) / base,
+                "ratio_to": reference,
                 "rounds": len(times),
             }
             flops = flops_per_image(name) if callable(flops_per_image) else flops_per_image
@@ -378,18 +388,36 @@ def _interleave(
 ) -> None:
     """Warm every call up, then per round: the reference matrix product, then each call once, timed."""
     gemm = gemm_operands(target)
+    running = dict(calls)
     with target.precision():
-        for _, call in calls:
-            for _ in range(warmup):
-                call()
+        for name, call in calls:
+            try:
+                for _ in range(warmup):
+                    call()
+            except Exception as failure:  # reported with the results; the others go on
+                _fail(result, running, name, failure)
         for _ in range(rounds):
+            if not running:
+                break
             result.gemm_times.append(time_gemm(gemm, target))
-            for name, call in calls:
-                target.synchronize()
-                start = time.perf_counter()
-                call()
-                target.synchronize()
+            for name, call in list(running.items()):
+                try:
+                    target.synchronize()
+                    start = time.perf_counter()
+                    call()
+                    target.synchronize()
+                except Exception as failure:
+                    _fail(result, running, name, failure)
+                    continue
                 result.times.setdefault(name, []).append(time.perf_counter() - start)
+    result.refuse_if_none_ran()
+
+
+def _fail(result: BenchResult, running: dict[str, Any], name: str, failure: Exception) -> None:
+    # Kept as text: the exception's traceback would hold its frames' tensors (a GPU's memory) for
+    # the rest of the run.
+    result.failures[name] = f"{name!r} failed:\n" + "".join(traceback.format_exception(failure)).rstrip()
+    del running[name]
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -472,18 +500,27 @@ def bench_in_fresh_processes(
             model = build(name.partition("+")[0], model_name).eval()
             export_onnx_model(model, exported[name], torch.randn(batch, 3, size, size), dynamic_size=False)
         for _ in range(rounds):
-            for name in names:
-                seconds, gemm = _time_in_child(common | {"name": name, "onnx": exported.get(name)})
+            for name in [n for n in names if n not in result.failures]:
+                try:
+                    seconds, gemm = _time_in_child(common | {"name": name, "onnx": exported.get(name)})
+                except ChildFailed as failure:
+                    result.failures[name] = str(failure)
+                    continue
                 result.times.setdefault(name, []).append(seconds)
                 result.gemm_times.append(gemm)
+    result.refuse_if_none_ran()
     return result
+
+
+class ChildFailed(RuntimeError):
+    """A contender's fresh process exited with an error (its standard error's end in the message)."""
 
 
 def _time_in_child(spec: dict[str, Any]) -> tuple[float, float]:
     code = "import sys, swinkit.bench as b; b._time_this_process(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"timing {spec['name']!r} in a fresh process failed:\n{done.stderr[-2000:]}")
+        raise ChildFailed(f"timing {spec['name']!r} in a fresh process failed:\n{done.stderr[-2000:].rstrip()}")
     seconds, gemm = json.loads(done.stdout.strip().splitlines()[-1])
     return seconds, gemm
 
@@ -623,6 +660,7 @@ def run_bench(
         names += [f"{name}+int8" for name in base]
     reference = (compare or ["swinkit"])[0]
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
     if "inference" in modes:
         if fresh_processes:
             result = bench_in_fresh_processes(names, "inference", model_name, batch, size, rounds, target)
@@ -633,6 +671,7 @@ def run_bench(
             del contenders
             gc.collect()
         rows += result.table(reference, flops_per_image)
+        failures += _failure_rows(result)
     if "training" in modes:
         trainable = [n for n in names if not n.endswith(INFERENCE_ONLY)]
         if fresh_processes:
@@ -658,11 +697,17 @@ def run_bench(
                     row["contender"], model_name, train_batch, size, target, drop_path_rate
                 )
         rows += table
+        failures += _failure_rows(result)
     report = {"model": model_name, "machine": machine(target), "rows": rows, "max_rss_mib": peak_rss_mib()}
+    report["failures"] = failures
     report["machine"]["processes"] = "fresh per contender and round" if fresh_processes else "one, interleaved"
     if "training" in modes:
         report["drop_path_rate"] = drop_path_rate
     return report
+
+
+def _failure_rows(result: BenchResult) -> list[dict[str, str]]:
+    return [{"mode": result.mode, "contender": name, "error": error} for name, error in result.failures.items()]
 
 
 def format_rows(report: dict[str, Any]) -> str:
@@ -689,4 +734,10 @@ def format_rows(report: dict[str, Any]) -> str:
         )
     if any(row.get("skips_dropped_work") for row in report["rows"]):
         lines.append("* counted with the expected work left after skipping the branches stochastic depth drops")
+    for failure in report.get("failures", []):
+        last = [line for line in failure["error"].splitlines() if line.strip()][-1]
+        lines.append(f"FAILED {failure['mode']} {failure['contender']} (left out from then on): {last.strip()}")
+    for mode in dict.fromkeys(failure["mode"] for failure in report.get("failures", [])):
+        bases = {row["ratio_to"] for row in report["rows"] if row["mode"] == mode}
+        lines += [f"{mode}: ratios against {base}" for base in sorted(bases)]
     return "\n".join(lines)

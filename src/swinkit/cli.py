@@ -294,6 +294,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)
+    if report["failures"]:
+        names = ", ".join(f"{f['contender']} ({f['mode']})" for f in report["failures"])
+        print(f"swinkit bench: {names} failed; the others' results are above", file=sys.stderr)
+        return 1
     return 0
 
 
