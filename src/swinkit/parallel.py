@@ -194,11 +194,11 @@ def compile_forward(model: torch.nn.Module, *args: Any, **options: Any) -> None:
     forms: the one a worker thread runs on its share of a split batch, and the one the caller's
     thread runs on a whole batch (a GPU batch, one image, a model with hooks).
 
-    Two functions, so that dynamo keeps their graphs apart: inductor writes its C++ kernels for the
-    thread count of the thread that compiles them, one in a worker, all in the caller's.
+    Two copies with code objects of their own, so that dynamo keeps their graphs apart: inductor
+    writes its C++ kernels for the thread count of the thread that compiles them, one in a worker,
+    all in the caller's.
     """
-    share = torch.compile(_fresh(_share_forward), *args, **options)
-    _compiled[model] = share, torch.compile(_fresh(_whole_forward), *args, **options)
+    _compiled[model] = tuple(torch.compile(_fresh(_run_forward), *args, **options) for _ in range(2))
 
 
 def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -240,11 +240,7 @@ def _in_chunks(compiled: Callable[..., Any], model: torch.nn.Module, x: Tensor) 
     return _join([compiled(model, images) for images in x.tensor_split(parts)])
 
 
-def _share_forward(model: torch.nn.Module, x: Tensor) -> Any:
-    return model._forward(x)
-
-
-def _whole_forward(model: torch.nn.Module, x: Tensor) -> Any:
+def _run_forward(model: torch.nn.Module, x: Tensor) -> Any:
     return model._forward(x)
 
 
