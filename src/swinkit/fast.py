@@ -309,7 +309,7 @@ def _geometry_mask(shift_geometry: list[int]) -> native.ShiftMask | None:
 
 
 def heads_attention(
-    qkv: Tensor, heads: int, window_count: int, bias: Tensor, scales: list[float], cosine: bool
+    qkv: Tensor, heads: int, window_count: int, bias: Tensor, scales: list[float] | Tensor, cosine: bool
 ) -> Tensor:
     """Attention one head at a time in PyTorch operations, on each head's q, k, v as strided slices
     of ``qkv`` (``(windows, N, 3C)``); returns ``(windows * N, C)``, the heads side by side.
@@ -526,9 +526,12 @@ def _apply(linear: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
     return _gelu(out) if gelu else out
 
 
-def _head_scales(attn: nn.Module) -> list[float]:
+def _head_scales(attn: nn.Module) -> list[float] | Tensor:
     if hasattr(attn, "logit_scales"):
-        return attn.logit_scales().flatten().tolist()
+        scales = attn.logit_scales().flatten()
+        # Numbers multiply a little faster; a traced graph cannot read them out of a tensor (dynamo:
+        # a graph break per block).
+        return scales if compiling() else scales.tolist()
     return [attn.scale] * attn.num_heads
 
 
@@ -704,8 +707,8 @@ class ToWindows(torch.autograd.Function):
         index, inverse, pad = ctx.orders
         # Each map position is read by one window token, position 0 also by the padded ones.
         grad_map = ToMap.apply(grad, index, inverse, pad)
-        if pad is not None:
-            grad_map[:, 0] += grad[:, pad].sum(1)
+        if pad is not None:  # masked rather than indexed by pad: a shape that depends on no data (torch.compile)
+            grad_map[:, 0] += torch.where(pad[:, None], grad, 0.0).sum(1)
         return grad_map, None, None, None
 
 

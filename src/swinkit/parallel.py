@@ -26,6 +26,7 @@ a batch serial; so do tracing, being inside a worker, one thread or one image.
 
 ``model.compile()`` (:func:`compile_forward`) compiles the forward each share runs, so that a
 compiled model splits too: ``torch.compile(model)`` traces the split away and runs the batch whole.
+The first batch of each kind runs its first share alone, so that the workers compile its graphs once.
 
 The workers flush subnormal floats to zero (``torch.set_flush_denormal``, in these threads only:
 the caller's own threads keep their mode). The shift mask's -100 makes attention probabilities
@@ -198,7 +199,8 @@ def compile_forward(model: torch.nn.Module, *args: Any, **options: Any) -> None:
     writes its C++ kernels for the thread count of the thread that compiles them, one in a worker,
     all in the caller's.
     """
-    _compiled[model] = tuple(torch.compile(_fresh(_run_forward), *args, **options) for _ in range(2))
+    share_forward, whole_forward = (torch.compile(_fresh(_run_forward), *args, **options) for _ in range(2))
+    _compiled[model] = (share_forward, whole_forward, set())  # and the kinds of batch split so far
 
 
 def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -228,6 +230,43 @@ def forward_function(model: torch.nn.Module, split: bool) -> Callable[[Tensor], 
 COMPILED_CHUNK_TOKENS = 4 * 56 * 56
 
 
+def _first_of_its_kind(model: torch.nn.Module | None, x: Tensor) -> bool:
+    """Whether ``x`` is the first batch of its kind (shape, dtype, modes) that compiled ``model``
+    splits: its first share then runs alone, forward and backward, and the others wait for it.
+
+    Workers meeting a new kind together would each trace and compile its graphs (dynamo's lock
+    serialises its compiles, but the second has already missed the cache; AOTAutograd compiles a
+    backward when first run, unlocked): twice the work of a cold start, and two of the 8 graphs
+    dynamo keeps per function. Waiting, the others find the first share's graphs.
+    """
+    compiled = _compiled.get(model) if model is not None else None
+    if compiled is None:
+        return False
+    kind = (
+        tuple(x.shape),
+        x.dtype,
+        model.training,
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+    )
+    if kind in compiled[2]:
+        return False
+    compiled[2].add(kind)
+    return True
+
+
+def _map_shares(function: Callable[..., Any], *arguments: list[Any], first_alone: bool = False) -> list[Any]:
+    """``function`` on each share's arguments in the workers, in share order (after the first share
+    alone if ``first_alone``)."""
+    pool = worker_pool()
+    if not first_alone:
+        return list(pool.map(function, *arguments))
+    first, *rest = zip(*arguments, strict=True)
+    head = pool.submit(function, *first).result()
+    return [head, *(pool.map(function, *zip(*rest, strict=True)) if rest else [])]
+
+
 def _in_chunks(compiled: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Any:
     """``compiled(model, x)`` a few images at a time (about :data:`COMPILED_CHUNK_TOKENS` stage-1
     tokens each, in near-equal parts so that no part has one image unless ``x`` has: a graph for
@@ -255,11 +294,13 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: t
             raise ValueError("run_split with autograd on needs the model whose parameters to differentiate")
         parameters = [p for p in model.parameters() if p.requires_grad]
         seeds = torch.randint(2**62, (parts,)).tolist()  # from the caller's generator: reproducible
-        spec = _SplitSpec(function, _caller_state(), seeds)
+        spec = _SplitSpec(function, _caller_state(), seeds, _first_of_its_kind(model, x))
         outputs = _SharesFunction.apply(spec, x, *parameters)
         return outputs if isinstance(outputs, Tensor) else list(outputs)
     in_thread = _caller_state()
-    return _join(list(worker_pool().map(lambda images: in_thread(function, images), x.tensor_split(parts))))
+    images = list(x.tensor_split(parts))
+    first_alone = _first_of_its_kind(model, x)
+    return _join(_map_shares(functools.partial(in_thread, function), images, first_alone=first_alone))
 
 
 def _join(results: list[Any]) -> Any:
@@ -291,10 +332,13 @@ def _caller_state() -> Callable[..., Any]:
 
 class _SplitSpec:
     """What :class:`_SharesFunction` needs besides tensors: the function, the caller's thread state
-    (taken before ``forward``, where autograd is off), one seed per share."""
+    (taken before ``forward``, where autograd is off), one seed per share, whether the first share
+    runs alone (:func:`_first_of_its_kind`)."""
 
-    def __init__(self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int]) -> None:
-        self.function, self.in_thread, self.seeds = function, in_thread, seeds
+    def __init__(
+        self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int], first_alone: bool
+    ) -> None:
+        self.function, self.in_thread, self.seeds, self.first_alone = function, in_thread, seeds, first_alone
 
 
 class _SharesFunction(torch.autograd.Function):
@@ -314,7 +358,8 @@ class _SharesFunction(torch.autograd.Function):
             finally:
                 _local.generator = None
 
-        ctx.shares = list(worker_pool().map(share, x.tensor_split(len(spec.seeds)), spec.seeds))
+        ctx.shares = _map_shares(share, list(x.tensor_split(len(spec.seeds))), spec.seeds, first_alone=spec.first_alone)
+        ctx.first_alone = spec.first_alone
         ctx.parameters = parameters
         ctx.single = isinstance(ctx.shares[0][1], Tensor)
         outputs = [_as_tuple(out) for _, out in ctx.shares]
@@ -365,7 +410,7 @@ class _SharesFunction(torch.autograd.Function):
 
         sums = None if create_graph else _RunningSums(wanted)
         try:
-            results = list(worker_pool().map(differentiate, range(parts)))
+            results = _map_shares(differentiate, list(range(parts)), first_alone=ctx.first_alone)
         finally:
             if sums is not None:
                 sums.remove_hooks()
