@@ -120,6 +120,7 @@ def training(model_name: str, size: int, rounds: int) -> None:
     calls.append(("swinkit:no-native", switched(native, "ENABLED", False, step("swinkit"))))
     result = BenchResult("training", 8)
     _interleave(result, calls, rounds, 3, Target())
+    result.raise_failures()
     print(f"{model_name} training step")
     report(result, "swinkit", "swinkit:no-native", "native kernel speed-up")
 
@@ -132,6 +133,7 @@ def models(model_name: str, size: int, rounds: int) -> None:
     calls.append(("swinkit:no-native", switched(native, "ENABLED", False, lambda: swinkit(x))))
     with torch.inference_mode():
         _interleave(result, calls, rounds, 2, Target())
+    result.raise_failures()
     print(model_name)
     report(result, "swinkit", "swinkit:no-native", "native kernel speed-up")
 

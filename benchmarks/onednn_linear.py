@@ -80,6 +80,7 @@ def main() -> None:
     calls.append(("swinkit:no-onednn", switched(fast, "ONEDNN_LINEAR", False, lambda: swinkit(x))))
     with torch.inference_mode():
         _interleave(inference, calls, args.rounds, 2, Target())
+    inference.raise_failures()
     report(inference, "swinkit", "swinkit:no-onednn", "oneDNN speed-up")
 
     swinkit.train(), timm.train()
@@ -90,6 +91,7 @@ def main() -> None:
     calls.append(("timm", functools.partial(_train_step, timm, training_optimizer("timm", timm), x, y)))
     calls.append(("swinkit:no-onednn", switched(fast, "ONEDNN_LINEAR", False, swinkit_step)))
     _interleave(training, calls, args.rounds, 1, Target())
+    training.raise_failures()
     report(training, "swinkit", "swinkit:no-onednn", "oneDNN speed-up")
 
 

@@ -129,6 +129,29 @@ def test_a_peer_that_fails_in_its_process_leaves_the_others_results(tmp_path, mo
     assert "inference: ratios against swinkit" in out
 
 
+def test_a_fresh_process_whose_contender_fails_after_its_first_calls_reports_the_failure(tmp_path, monkeypatch):
+    # Two warm-up calls, one timed call, then an error: the process used to print the median of the
+    # calls before it and exit 0, a round timed on fewer calls than asked, and no failure reported.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import swinkit.bench\n"
+        "build = swinkit.bench.BUILDERS['timm']\n"
+        "def flaky(*args, **kwargs):\n"
+        "    model, calls = build(*args, **kwargs), []\n"
+        "    def forward(x, forward=model.forward):\n"
+        "        calls.append(x)\n"
+        "        if len(calls) == 4:\n"
+        "            raise RuntimeError('fails in its fourth call')\n"
+        "        return forward(x)\n"
+        "    model.forward = forward\n"
+        "    return model\n"
+        "swinkit.bench.BUILDERS['timm'] = flaky\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    result = bench_in_fresh_processes(["swinkit", "timm"], "inference", "swin_t", batch=1, size=224, rounds=1)
+    assert list(result.times) == ["swinkit"]
+    assert "fails in its fourth call" in result.failures["timm"]
+
+
 def test_a_contender_that_fails_in_this_process_is_left_out_of_the_later_rounds():
     x = torch.randn(2, 3, 64, 64)
     model = swinkit.create_model("swin_test").eval()

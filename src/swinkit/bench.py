@@ -129,6 +129,12 @@ class BenchResult:
     def refuse_if_none_ran(self) -> None:
         """Raise the failures when every contender failed before completing a round."""
         if self.failures and not self.times:
+            self.raise_failures()
+
+    def raise_failures(self) -> None:
+        """Raise the failures, if any (for callers that take all the contenders or none: a fresh
+        process timing one of them, the ablation scripts in benchmarks/)."""
+        if self.failures:
             raise RuntimeError("\n".join(self.failures.values()))
 
     @property
@@ -542,6 +548,7 @@ def _time_this_process(spec_json: str) -> None:
         result = BenchResult("inference", x.shape[0], gemm_side=target.gemm_side)
         with torch.inference_mode():
             _interleave(result, [(name, functools.partial(run, x))], calls, 2, target)
+    result.raise_failures()  # a child whose contender failed in a later call: no median of the calls before it
     print(json.dumps([statistics.median(result.times[name]), result.gemm_times[0]]))
 
 
