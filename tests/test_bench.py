@@ -229,6 +229,27 @@ def test_bad_devices_and_dtypes_are_refused_by_name():
             run_bench("swin_test", batch=1, rounds=1, device="cuda", onnxruntime=True)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ("--batch-size 0", "batch size must be at least 1, got 0"),
+        ("--train-batch-size -1", "train batch size must be at least 1, got -1"),
+        ("--rounds 0", "rounds must be at least 1, got 0"),
+        ("--threads 0", "threads must be at least 1, got 0"),
+        ("--modes inference,sideways", "unknown mode 'sideways'; accepted: inference, training (comma-separated)"),
+        ("--modes ,", "no mode given; accepted: inference, training (comma-separated)"),
+    ],
+)
+def test_bad_counts_and_modes_are_refused_by_name_before_anything_runs(arguments, message, capsys):
+    # Before: a raw traceback from inside a forward (batch 0), a StopIteration (rounds 0), an empty
+    # table and exit 0 (an unknown mode), or torch's default thread count taken for 0.
+    threads = torch.get_num_threads()
+    assert main(["bench", "swin_test", *arguments.split()]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"swinkit bench: error: {message}" and out == ""
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bench_times_every_attention_implementation_in_bfloat16():
     report = run_bench(

@@ -262,6 +262,24 @@ def test_recipes_pick_the_official_schedules_and_bad_names_are_refused(shapes, t
         fit_dense(_config(shapes, tmp_path / "bad", schedule="linear"))
 
 
+@pytest.mark.parametrize(
+    "task, option, value, message",
+    [
+        ("segment", "batch_size", 0, "'batch_size' must be at least 1, got 0"),
+        ("segment", "crop_size", 0, "'crop_size' must be at least 1, got 0"),
+        ("segment", "ratio_range", (2.0, 0.5), r"'ratio_range' must be given low to high, got \(2.0, 0.5\)"),
+        ("segment", "cat_max_ratio", 0.0, "'cat_max_ratio' must be above 0 and at most 1, got 0.0"),
+        ("segment", "gamma", -0.1, "'gamma' must be above 0, got -0.1"),
+        ("detect", "milestones", (33, 27), r"'milestones' must be given low to high, got \(33, 27\)"),
+        ("detect", "min_sizes", (480, 0), r"'min_sizes' must be at least 1 each, got \(480, 0\)"),
+        ("detect", "score_threshold", 1.5, "'score_threshold' must be between 0 and 1, got 1.5"),
+    ],
+)
+def test_dense_options_out_of_range_are_refused_by_name(task, option, value, message):
+    with pytest.raises(ValueError, match=f"training option {message}"):
+        resolve_dense_config(task, {option: value})
+
+
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(shapes, tmp_path):
     reference = fit_dense(_config(shapes, tmp_path / "reference", checkpoint_every=2))
     interrupted = tmp_path / "interrupted"

@@ -111,6 +111,31 @@ def test_onnx_exports_a_v2_backbone_with_four_outputs(tmp_path):
         assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
 
 
+@pytest.mark.parametrize("variant, features_only", [("swin_test", False), ("swinv2_test", True)])
+def test_onnx_at_opset_17_is_opset_17(variant, features_only, tmp_path):
+    # torch's exporter writes 18 and up: asked for 17, it failed to convert and kept 18 without an
+    # error. onnx's converter now writes 17 after it (and drops an attribute of 18 it leaves on
+    # ReduceMean); the file loads in onnxruntime and matches eager at two sizes, metadata kept.
+    model = _perturbed(swinkit.create_model(variant, features_only=features_only, depths=(2, 1, 1, 1)))
+    path = export_onnx_model(model, tmp_path / "model.onnx", opset=17)
+    stored = onnx.load(str(path))
+    assert [(o.domain, o.version) for o in stored.opset_import] == [("", 17)]
+    assert "swinkit.size_range" in {p.key for p in stored.metadata_props}
+    session = onnx_session(path)
+    for shape in [(1, 3, 64, 64), (2, 3, 45, 110)]:
+        assert onnx_error(session, model, torch.randn(shape)) < 1e-5, shape
+
+
+def test_onnx_opsets_it_cannot_write_are_refused_by_name(tmp_path):
+    model = swinkit.create_model("swin_test")
+    with pytest.raises(ValueError, match="ONNX opset must be at least 17 .LayerNormalization's., got 16"):
+        export_onnx_model(model, tmp_path / "model.onnx", opset=16)
+    # Above the opsets torch's exporter knows it kept 18 and wrote newer operators into it.
+    with pytest.raises(ValueError, match="torch's exporter cannot write ONNX opset 99 here .it wrote 18."):
+        export_onnx_model(model, tmp_path / "model.onnx", opset=99, dynamic_size=False)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.fixture(scope="session")
 def size_generic_program(tmp_path_factory):
     """A size-generic ``.pt2`` of a small classifier, written by ``export`` (which checks it), with

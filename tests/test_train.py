@@ -21,7 +21,7 @@ from swinkit import parallel
 from swinkit.cli import main
 from swinkit.data import DigitsDataset
 from swinkit.data.transforms import eval_transform
-from swinkit.train import parameter_groups, resolve_config
+from swinkit.train import TrainConfig, parameter_groups, resolve_config
 from swinkit.train.optim import WarmupCosine, WarmupPoly, WarmupStep, build_optimizer, can_fuse, layer_id
 
 # A small, fast configuration shared by the end-to-end runs.
@@ -158,6 +158,39 @@ def test_config_resolution_order(tmp_path):
         resolve_config({"epoch": 3})
     with pytest.raises(ValueError, match="'epochs' must be"):
         resolve_config({"epochs": "many"})
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("batch_size", 0, "'batch_size' must be at least 1, got 0"),  # was a ZeroDivisionError in the loop
+        ("accum_steps", 0, "'accum_steps' must be at least 1, got 0"),  # the same
+        ("epochs", 0, "'epochs' must be at least 1, got 0"),  # was a run that did nothing and exited 0
+        ("workers", -1, "'workers' must be 0 or more, got -1"),
+        ("base_lr", float("nan"), "'base_lr' must be 0 or more, got nan"),
+        ("eps", 0.0, "'eps' must be above 0, got 0.0"),
+        ("label_smoothing", 1.0, "'label_smoothing' must be at least 0 and below 1, got 1.0"),
+        ("hflip", 3.0, "'hflip' must be between 0 and 1, got 3.0"),
+        ("betas", (0.9, 1.5), r"'betas' must be at least 0 and below 1 each, got \(0.9, 1.5\)"),
+        ("crop_scale", (0.9, 0.1), r"'crop_scale' must be given low to high, got \(0.9, 0.1\)"),
+        ("max_steps", -3, "'max_steps' must be 0 or more, got -3"),
+    ],
+)
+def test_options_out_of_range_are_refused_by_name(option, value, message, tmp_path):
+    # From the command line, a YAML file or Python alike, before a run starts (all trained before
+    # without a word, or failed deep in the loop).
+    with pytest.raises(ValueError, match=f"training option {message}"):
+        resolve_config({option: value})
+    (tmp_path / "run.yaml").write_text(f"{option}: {list(value) if isinstance(value, tuple) else value}\n")
+    with pytest.raises(ValueError, match=f"training option {message}"):
+        resolve_config(config_file=tmp_path / "run.yaml")
+    resolve_config({option: getattr(TrainConfig(), option)})  # the default passes
+
+
+def test_cli_refuses_an_option_out_of_range(capsys):
+    assert main(["train", "--batch-size", "0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "swinkit train: error: training option 'batch_size' must be at least 1, got 0"
 
 
 def test_cli_train_eval_predict_end_to_end(digit_folder, tmp_path, capsys):

@@ -616,13 +616,23 @@ def machine(target: Target = Target()) -> dict[str, Any]:
 TRAINING_STEPS_PER_PROCESS = 8
 
 
+MODES = ("inference", "training")
+
+
+def _check_counts(**counts: int | None) -> None:
+    """Refuse a batch size, round or thread count below 1 by name (None: the default)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
+
+
 def run_bench(
     model_name: str = "swin_t",
     batch: int = 16,
     train_batch: int = 8,
     compare: list[str] | None = None,
     rounds: int = 7,
-    modes: tuple[str, ...] = ("inference", "training"),
+    modes: tuple[str, ...] = MODES,
     memory: bool = False,
     threads: int | None = None,
     impls: list[str] | None = None,
@@ -644,12 +654,17 @@ def run_bench(
     round (:func:`bench_in_fresh_processes`) instead of all in this one. ``drop_path_rate``: the
     stochastic depth rate every contender trains with, by default the preset's (see :func:`build`).
     """
+    _check_counts(batch_size=batch, train_batch_size=train_batch, rounds=rounds, threads=threads)
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        named = f"unknown mode {', '.join(map(repr, unknown))}" if unknown else "no mode given"
+        raise ValueError(f"{named}; accepted: {', '.join(MODES)} (comma-separated)")
     target = parse_target(device, dtype)
     if onnxruntime and target.device.type != "cpu":
         raise ValueError(f"--onnxruntime: onnxruntime contenders run on the CPU, not on {device}")
     if int8 and (target.device.type != "cpu" or target.dtype != torch.float32):
         raise ValueError(f"--int8: int8 contenders run on the CPU from float32, not on {device} in {dtype}")
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     from .variants import get_config
 

@@ -192,7 +192,9 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fix height and width to --img-size (for runtimes that want fixed shapes); the batch stays dynamic",
     )
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17 or more (default {DEFAULT_OPSET})"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
     parser.add_argument(
         "--external-data",

@@ -37,7 +37,11 @@ from .quantize import refuse_int8
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torch-export")
-DEFAULT_OPSET = 18  # the opset torch's dynamo exporter targets; 17+ as asked for
+DEFAULT_OPSET = 18  # the opset torch's dynamo exporter targets
+# LayerNormalization, one operator per norm, exists from opset 17 on. torch's exporter writes 18 and
+# up; for 17 its own conversion failed (and kept 18 without an error), so 17 is converted here after
+# it, by onnx's version converter.
+MIN_OPSET = 17
 
 
 def _example(model: nn.Module, img_size: tuple[int, int] | None, batch: int) -> torch.Tensor:
@@ -270,6 +274,8 @@ def export_onnx_model(
     assert the range; see :class:`_NaNOutsideRange`). With ``external_data`` (automatic for weights
     above 1.5 GiB, as protobuf files end at 2 GiB) the weights go to ``<file>.data`` beside it.
     """
+    if opset < MIN_OPSET:
+        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
     path = Path(path)
     model = model.eval()
     example = example if example is not None else _example(model, None, 2)
@@ -278,22 +284,56 @@ def export_onnx_model(
     outputs = [f"features{i}" for i in config.out_indices] if features else ["logits"]
     program = export_program(model, dynamic_size=dynamic_size, example=example, nan_outside_range=True)
     with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
-        # The exporter warns and logs about its own internals (deprecated fields, optimizer passes).
+        # The exporter warns and logs about its own internals (deprecated fields, optimizer passes,
+        # with a traceback a conversion to an opset it cannot write, which _at_opset reports).
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
-            opset_version=opset,
+            opset_version=max(opset, DEFAULT_OPSET),
             input_names=["images"],
             output_names=outputs,
             optimize=True,
             verbose=False,
         )
+    onnx_program.model = _at_opset(onnx_program.model, opset)
     if _is_swinkit(model):
         metadata = _model_metadata(model, tuple(example.shape[2:]), class_names, static_size=not dynamic_size)
         onnx_program.model.metadata_props.update(metadata)
     _save_onnx(onnx_program, path, external_data)
     return path
+
+
+def _at_opset(model: Any, opset: int) -> Any:
+    """The exported ``model`` (an ``onnx_ir`` model) at ``opset``: converted down to it by onnx's
+    version converter, or refused where the exporter could not write it (above the opsets it knows,
+    it kept 18 and wrote newer operators into it: a file onnxruntime refuses to load)."""
+    import onnx
+    import onnx_ir
+
+    written = model.opset_imports.get("", opset)
+    if written == opset:
+        return model
+    if written < opset:
+        raise ValueError(f"torch's exporter cannot write ONNX opset {opset} here (it wrote {written}); ask for less")
+    try:
+        converted = onnx.version_converter.convert_version(onnx_ir.to_proto(model), opset)
+        _drop_newer_reduce_attributes(converted.graph)
+        onnx.checker.check_model(converted)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as error:  # over protobuf's 2 GiB among them
+        raise ValueError(f"cannot convert the exported model from ONNX opset {written} to {opset}: {error}") from None
+    return onnx_ir.from_proto(converted)
+
+
+def _drop_newer_reduce_attributes(graph: Any) -> None:
+    """onnx's converter (1.23) moves a reduction's axes from input to attribute going below 18, but
+    keeps ``noop_with_empty_axes``, an attribute of 18 on: onnxruntime then refuses the file. At 0
+    it means what opset 17 does anyway (empty axes reduce everything), so it is dropped."""
+    for node in graph.node:
+        if node.op_type.startswith("Reduce"):
+            kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
 
 
 def _save_onnx(onnx_program: Any, path: Path, external_data: bool | None) -> None:
@@ -323,7 +363,7 @@ def _quiet(*names: str) -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:

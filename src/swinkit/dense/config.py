@@ -11,9 +11,19 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..train.config import add_arguments, resolve_options
+from ..train.config import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Limit,
+    add_arguments,
+    check_limits,
+    resolve_options,
+)
 
 
 @dataclass
@@ -61,6 +71,22 @@ class DenseConfig:
     progress: bool = True
     recipe: str = ""
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "workers": NOT_NEGATIVE,
+        "window_size": AT_LEAST_ONE,
+        "drop_path_rate": BELOW_ONE,
+        **dict.fromkeys(["epochs", "batch_size", "accum_steps"], AT_LEAST_ONE),
+        **dict.fromkeys(["base_lr", "warmup_lr", "min_lr", "warmup_steps", "weight_decay"], NOT_NEGATIVE),
+        **dict.fromkeys(["poly_power", "gamma", "eps"], POSITIVE),
+        "milestones": NOT_NEGATIVE,
+        "betas": BELOW_ONE,
+        **dict.fromkeys(["clip_grad", "checkpoint_every", "max_steps"], NOT_NEGATIVE),
+    }
+    ORDERED: ClassVar[tuple[str, ...]] = ("milestones",)
+
+    def __post_init__(self) -> None:
+        check_limits(self)
+
 
 @dataclass
 class SegmentationConfig(DenseConfig):
@@ -85,6 +111,17 @@ class SegmentationConfig(DenseConfig):
     test_mode: str = "whole"  # whole or slide
     slide_stride: int = 341
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **DenseConfig.LIMITS,
+        **dict.fromkeys(["num_classes", "crop_size", "scale", "channels", "aux_channels"], AT_LEAST_ONE),
+        "slide_stride": AT_LEAST_ONE,
+        "ratio_range": POSITIVE,
+        "cat_max_ratio": Limit(lambda value: 0 < value <= 1, "above 0 and at most 1"),
+        "hflip": PROBABILITY,
+        "aux_weight": NOT_NEGATIVE,
+    }
+    ORDERED: ClassVar[tuple[str, ...]] = (*DenseConfig.ORDERED, "ratio_range")
+
 
 @dataclass
 class DetectionConfig(DenseConfig):
@@ -105,6 +142,14 @@ class DetectionConfig(DenseConfig):
     roi_batch_size: int = 512  # sampled proposals per image for the box head's loss
     score_threshold: float = 0.05
     detections_per_img: int = 100
+
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **DenseConfig.LIMITS,
+        **dict.fromkeys(["min_sizes", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim"], AT_LEAST_ONE),
+        **dict.fromkeys(["anchor_sizes", "roi_batch_size", "detections_per_img"], AT_LEAST_ONE),
+        "hflip": PROBABILITY,
+        "score_threshold": PROBABILITY,
+    }
 
 
 SEGMENTATION_RECIPES: dict[str, dict[str, Any]] = {

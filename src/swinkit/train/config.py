@@ -8,15 +8,47 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric option accepts (every element, for a tuple option), and how to say so."""
+
+    accepts: Callable[[float], bool]
+    text: str
+
+
+AT_LEAST_ONE = Limit(lambda value: value >= 1, "at least 1")
+NOT_NEGATIVE = Limit(lambda value: 0 <= value < math.inf, "0 or more")
+POSITIVE = Limit(lambda value: 0 < value < math.inf, "above 0")
+PROBABILITY = Limit(lambda value: 0 <= value <= 1, "between 0 and 1")
+BELOW_ONE = Limit(lambda value: 0 <= value < 1, "at least 0 and below 1")
+
+
+def check_limits(options: Any) -> None:
+    """Refuse an option outside its ``LIMITS`` (or a pair in ``ORDERED`` given high first) by name,
+    before a run starts: a batch of 0 divided by zero deep in the loop, a negative rate or a
+    probability of 3 trained without a word."""
+    for name, limit in type(options).LIMITS.items():
+        value = getattr(options, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(limit.accepts(v) for v in values):
+            each = " each" if isinstance(value, tuple) else ""
+            raise ValueError(f"training option {name!r} must be {limit.text}{each}, got {value!r}")
+    for name in type(options).ORDERED:
+        value = getattr(options, name)
+        if value is not None and list(value) != sorted(value):
+            raise ValueError(f"training option {name!r} must be given low to high, got {value!r}")
 
 
 @dataclass
@@ -80,6 +112,32 @@ class TrainConfig:
     max_steps: int = 0  # stop after N optimizer steps (0: run all epochs); for tests and smoke runs
     progress: bool = True
     recipe: str = "imagenet"
+
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "val_fraction": BELOW_ONE,
+        "workers": NOT_NEGATIVE,
+        "img_size": AT_LEAST_ONE,
+        "window_size": AT_LEAST_ONE,
+        "drop_path_rate": BELOW_ONE,
+        "layer_decay": POSITIVE,
+        "epochs": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+        "accum_steps": AT_LEAST_ONE,
+        **dict.fromkeys(["base_lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay"], NOT_NEGATIVE),
+        "betas": BELOW_ONE,
+        "eps": POSITIVE,
+        **dict.fromkeys(["clip_grad", "mixup", "cutmix", "color_jitter"], NOT_NEGATIVE),
+        "label_smoothing": BELOW_ONE,
+        **dict.fromkeys(["mixup_prob", "mixup_switch_prob", "reprob", "hflip", "ema_decay"], PROBABILITY),
+        "crop_scale": Limit(lambda value: 0 < value <= 1, "above 0 and at most 1"),
+        "crop_ratio": POSITIVE,
+        "checkpoint_every": NOT_NEGATIVE,
+        "max_steps": NOT_NEGATIVE,
+    }
+    ORDERED: ClassVar[tuple[str, ...]] = ("crop_scale", "crop_ratio")
+
+    def __post_init__(self) -> None:
+        check_limits(self)
 
     def total_batch(self, world_size: int) -> int:
         return self.batch_size * world_size * self.accum_steps
