@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import swinkit
 from helpers import perturb, write_digit_folder
 from swinkit.checkpoint.native import save
+from swinkit.cli import main
 from swinkit.evaluate import evaluate, evaluate_checkpoint, throughput
 from swinkit.predict import predict
 
@@ -53,6 +55,16 @@ def test_metrics_match_hand_computation():
 def test_throughput_counts_images():
     rate = throughput(nn.Identity(), torch.zeros(4, 3, 8, 8), warmup=1, iterations=3)
     assert rate > 0
+
+
+@pytest.mark.parametrize("option, values", [("--topk", "0 and 32"), ("--batch-size", "5 and 0")])
+def test_predict_refuses_counts_below_one_by_name(option, values, tmp_path, capsys):
+    # A batch of 0 was "range() arg 3 must not be zero", after the checkpoint was read.
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "absent.safetensors"), option, "0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"swinkit predict: error: topk and batch size must be at least 1, got {values}"
 
 
 def test_predict_and_eval_under_bf16_autocast_stay_close_to_float32(tmp_path):

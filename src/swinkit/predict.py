@@ -88,8 +88,8 @@ def predict(
     the model under autocast; probabilities are computed in float32. ``int8``: see
     :func:`load_classifier`.
     """
-    if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
+    if topk < 1 or batch_size < 1:
+        raise ValueError(f"topk and batch size must be at least 1, got {topk} and {batch_size}")
     dtype = amp_dtype(amp)
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
