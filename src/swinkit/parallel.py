@@ -26,7 +26,8 @@ a batch serial; so do tracing, being inside a worker, one thread or one image.
 
 ``model.compile()`` (:func:`compile_forward`) compiles the forward each share runs, so that a
 compiled model splits too: ``torch.compile(model)`` traces the split away and runs the batch whole.
-The first batch of each kind runs its first share alone, so that the workers compile its graphs once.
+The first batch of each kind runs one share of each size alone first, so that the workers compile
+its graphs once.
 
 The workers flush subnormal floats to zero (``torch.set_flush_denormal``, in these threads only:
 the caller's own threads keep their mode). The shift mask's -100 makes attention probabilities
@@ -230,15 +231,25 @@ def forward_function(model: torch.nn.Module, split: bool) -> Callable[[Tensor], 
 COMPILED_CHUNK_TOKENS = 4 * 56 * 56
 
 
-def _first_of_its_kind(model: torch.nn.Module | None, x: Tensor) -> bool:
-    """Whether ``x`` is the first batch of its kind (shape, dtype, modes) that compiled ``model``
-    splits: its first share then runs alone, forward and backward, and the others wait for it.
+def _shares_alone(model: torch.nn.Module | None, x: Tensor, parts: int) -> list[int]:
+    """The shares of ``x`` to run one at a time before the others: for the first batch of its kind
+    (shape, dtype, modes) that compiled ``model`` splits, the first share of each size, forward and
+    backward; the others then wait for them. Otherwise none.
 
-    Workers meeting a new kind together would each trace and compile its graphs (dynamo's lock
-    serialises its compiles, but the second has already missed the cache; AOTAutograd compiles a
-    backward when first run, unlocked): twice the work of a cold start, and two of the 8 graphs
-    dynamo keeps per function. Waiting, the others find the first share's graphs.
+    Workers meeting a new shape together would each trace and compile its graphs (dynamo's lock
+    serialises its compiles, but the later ones have already missed the cache; AOTAutograd compiles
+    a backward when first run, unlocked): the work of a cold start once per worker, and as many of
+    the 8 graphs dynamo keeps per function. Waiting, the others find those shares' graphs.
     """
+    if not _first_of_its_kind(model, x):
+        return []
+    images = x.shape[0]
+    sizes = [images // parts + (share < images % parts) for share in range(parts)]  # as tensor_split makes them
+    return [sizes.index(size) for size in dict.fromkeys(sizes)]
+
+
+def _first_of_its_kind(model: torch.nn.Module | None, x: Tensor) -> bool:
+    """Whether ``x`` is the first batch of its kind that compiled ``model`` splits."""
     compiled = _compiled.get(model) if model is not None else None
     if compiled is None:
         return False
@@ -256,15 +267,15 @@ def _first_of_its_kind(model: torch.nn.Module | None, x: Tensor) -> bool:
     return True
 
 
-def _map_shares(function: Callable[..., Any], *arguments: list[Any], first_alone: bool = False) -> list[Any]:
-    """``function`` on each share's arguments in the workers, in share order (after the first share
-    alone if ``first_alone``)."""
+def _map_shares(function: Callable[..., Any], *arguments: list[Any], alone: list[int] | None = None) -> list[Any]:
+    """``function`` on each share's arguments in the workers, results in share order; the shares in
+    ``alone`` first, one at a time, then the others together."""
     pool = worker_pool()
-    if not first_alone:
-        return list(pool.map(function, *arguments))
-    first, *rest = zip(*arguments, strict=True)
-    head = pool.submit(function, *first).result()
-    return [head, *(pool.map(function, *zip(*rest, strict=True)) if rest else [])]
+    calls = list(zip(*arguments, strict=True))
+    results = {share: pool.submit(function, *calls[share]).result() for share in alone or []}
+    rest = [share for share in range(len(calls)) if share not in results]
+    results |= dict(zip(rest, pool.map(lambda share: function(*calls[share]), rest), strict=True))
+    return [results[share] for share in range(len(calls))]
 
 
 def _in_chunks(compiled: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Any:
@@ -294,13 +305,12 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: t
             raise ValueError("run_split with autograd on needs the model whose parameters to differentiate")
         parameters = [p for p in model.parameters() if p.requires_grad]
         seeds = torch.randint(2**62, (parts,)).tolist()  # from the caller's generator: reproducible
-        spec = _SplitSpec(function, _caller_state(), seeds, _first_of_its_kind(model, x))
+        spec = _SplitSpec(function, _caller_state(), seeds, _shares_alone(model, x, parts))
         outputs = _SharesFunction.apply(spec, x, *parameters)
         return outputs if isinstance(outputs, Tensor) else list(outputs)
     in_thread = _caller_state()
-    images = list(x.tensor_split(parts))
-    first_alone = _first_of_its_kind(model, x)
-    return _join(_map_shares(functools.partial(in_thread, function), images, first_alone=first_alone))
+    alone = _shares_alone(model, x, parts)
+    return _join(_map_shares(functools.partial(in_thread, function), list(x.tensor_split(parts)), alone=alone))
 
 
 def _join(results: list[Any]) -> Any:
@@ -332,13 +342,13 @@ def _caller_state() -> Callable[..., Any]:
 
 class _SplitSpec:
     """What :class:`_SharesFunction` needs besides tensors: the function, the caller's thread state
-    (taken before ``forward``, where autograd is off), one seed per share, whether the first share
-    runs alone (:func:`_first_of_its_kind`)."""
+    (taken before ``forward``, where autograd is off), one seed per share, the shares to run alone
+    first (:func:`_shares_alone`)."""
 
     def __init__(
-        self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int], first_alone: bool
+        self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int], alone: list[int]
     ) -> None:
-        self.function, self.in_thread, self.seeds, self.first_alone = function, in_thread, seeds, first_alone
+        self.function, self.in_thread, self.seeds, self.alone = function, in_thread, seeds, alone
 
 
 class _SharesFunction(torch.autograd.Function):
@@ -358,8 +368,8 @@ class _SharesFunction(torch.autograd.Function):
             finally:
                 _local.generator = None
 
-        ctx.shares = _map_shares(share, list(x.tensor_split(len(spec.seeds))), spec.seeds, first_alone=spec.first_alone)
-        ctx.first_alone = spec.first_alone
+        ctx.shares = _map_shares(share, list(x.tensor_split(len(spec.seeds))), spec.seeds, alone=spec.alone)
+        ctx.alone = spec.alone
         ctx.parameters = parameters
         ctx.single = isinstance(ctx.shares[0][1], Tensor)
         outputs = [_as_tuple(out) for _, out in ctx.shares]
@@ -410,7 +420,7 @@ class _SharesFunction(torch.autograd.Function):
 
         sums = None if create_graph else _RunningSums(wanted)
         try:
-            results = _map_shares(differentiate, list(range(parts)), first_alone=ctx.first_alone)
+            results = _map_shares(differentiate, list(range(parts)), alone=ctx.alone)
         finally:
             if sums is not None:
                 sums.remove_hooks()
