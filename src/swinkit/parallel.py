@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -231,8 +231,8 @@ def forward_function(model: torch.nn.Module, split: bool) -> Callable[[Tensor], 
 COMPILED_CHUNK_TOKENS = 4 * 56 * 56
 
 
-def _shares_alone(model: torch.nn.Module | None, x: Tensor, parts: int) -> list[int]:
-    """The shares of ``x`` to run one at a time before the others: for the first batch of its kind
+def _shares_alone(model: torch.nn.Module | None, x: Tensor, shares: Sequence[Tensor]) -> list[int]:
+    """The ``shares`` of ``x`` to run one at a time before the others: for the first batch of its kind
     (shape, dtype, modes) that compiled ``model`` splits, the first share of each size, forward and
     backward; the others then wait for them. Otherwise none.
 
@@ -243,8 +243,7 @@ def _shares_alone(model: torch.nn.Module | None, x: Tensor, parts: int) -> list[
     """
     if not _first_of_its_kind(model, x):
         return []
-    images = x.shape[0]
-    sizes = [images // parts + (share < images % parts) for share in range(parts)]  # as tensor_split makes them
+    sizes = [len(share) for share in shares]
     return [sizes.index(size) for size in dict.fromkeys(sizes)]
 
 
@@ -305,12 +304,13 @@ def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: t
             raise ValueError("run_split with autograd on needs the model whose parameters to differentiate")
         parameters = [p for p in model.parameters() if p.requires_grad]
         seeds = torch.randint(2**62, (parts,)).tolist()  # from the caller's generator: reproducible
-        spec = _SplitSpec(function, _caller_state(), seeds, _shares_alone(model, x, parts))
+        spec = _SplitSpec(function, _caller_state(), seeds, _shares_alone(model, x, x.tensor_split(parts)))
         outputs = _SharesFunction.apply(spec, x, *parameters)
         return outputs if isinstance(outputs, Tensor) else list(outputs)
     in_thread = _caller_state()
-    alone = _shares_alone(model, x, parts)
-    return _join(_map_shares(functools.partial(in_thread, function), list(x.tensor_split(parts)), alone=alone))
+    shares = list(x.tensor_split(parts))
+    alone = _shares_alone(model, x, shares)
+    return _join(_map_shares(functools.partial(in_thread, function), shares, alone=alone))
 
 
 def _join(results: list[Any]) -> Any:
