@@ -160,6 +160,34 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if results and all("error" in r for r in results) else 0
 
 
+def _add_explain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (any supported format)")
+    parser.add_argument("--out", required=True, help="folder for the overlays, or a .png / .jpg file for one image")
+    parser.add_argument(
+        "--method",
+        default="gradcam",
+        choices=["gradcam", "rollout"],
+        help="gradcam: the class's evidence on a stage's map (default: the last, stride 32); "
+        "rollout: attention rolled back through the shifted windows (default: stage 0, stride 4)",
+    )
+    parser.add_argument("--class", dest="target", help="class name or index to explain (default: the top class)")
+    parser.add_argument("--stage", type=int, help="stage whose map is shown, 0..3 or negative from the end")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image (default 0.5)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_files, format_results
+
+    results = explain_files(
+        args.inputs, args.checkpoint, args.out, args.method, args.target, args.stage, args.alpha, args.device
+    )
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 1 if results and all("error" in r for r in results) else 0
+
+
 def _add_convert(parser: argparse.ArgumentParser) -> None:
     from .checkpoint import FORMATS
 
@@ -323,6 +351,11 @@ COMMANDS: dict[str, Command] = {
     "train": ("train or fine-tune (torchrun -m swinkit train ... for several processes)", _add_train, _run_train),
     "eval": ("top-1 / top-5 / per-class accuracy of a checkpoint on labelled images", _add_eval, _run_eval),
     "predict": ("classify image files with a checkpoint", _add_predict, _run_predict),
+    "explain": (
+        "Grad-CAM or attention-rollout pictures of what a classifier looked at",
+        _add_explain,
+        _run_explain,
+    ),
     "convert": ("convert a checkpoint between official, timm, torchvision, hf and swinkit", _add_convert, _run_convert),
     "export": ("export to ONNX or a torch.export program, checked against eager", _add_export, _run_export),
     "bench": ("images/s, latency and memory side by side with timm, torchvision, hf", _add_bench, _run_bench),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .checkpoint.load import read_any
@@ -119,13 +120,25 @@ def predict(
     return results
 
 
+def load_or_report(path: Path, results: list[dict[str, Any]]) -> Image.Image | None:
+    """The decoded image at ``path``, or None after logging and appending ``{"path", "error"}``."""
+    try:
+        return load_image(path)
+    except BadImageError as error:
+        logger.warning("%s", error)
+        results.append({"path": str(path), "error": str(error)})
+        return None
+
+
+def format_lines(results: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> str:
+    """One line per result: ``path: <describe(result)>``, or ``path: ERROR ...`` for a failed one."""
+    return "\n".join(
+        f"{r['path']}: ERROR {r['error']}" if "error" in r else f"{r['path']}: {describe(r)}" for r in results
+    )
+
+
 def format_results(results: list[dict[str, Any]]) -> str:
     """One line per image: ``path: class (probability), ...`` or ``path: ERROR ...``."""
-    lines = []
-    for result in results:
-        if "error" in result:
-            lines.append(f"{result['path']}: ERROR {result['error']}")
-        else:
-            top = ", ".join(f"{p['class']} ({p['probability']:.3f})" for p in result["predictions"])
-            lines.append(f"{result['path']}: {top}")
-    return "\n".join(lines)
+    return format_lines(
+        results, lambda result: ", ".join(f"{p['class']} ({p['probability']:.3f})" for p in result["predictions"])
+    )

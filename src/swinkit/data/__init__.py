@@ -12,7 +12,7 @@ from .datasets import (
     split_dataset,
 )
 from .images import IMAGE_EXTENSIONS, BadImageError, load_image
-from .transforms import eval_transform, train_transform
+from .transforms import eval_crop, eval_transform, train_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -24,6 +24,7 @@ __all__ = [
     "SeededTransform",
     "collate_skipping_bad",
     "csv_list",
+    "eval_crop",
     "eval_transform",
     "image_folder",
     "load_image",

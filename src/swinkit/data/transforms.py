@@ -21,20 +21,21 @@ def interpolation_mode(name: str) -> T.InterpolationMode:
     return _INTERPOLATION[name]
 
 
-def eval_transform(preprocessing: Preprocessing) -> T.Compose:
-    """The official evaluation pipeline: resize the short side (or squash when resize == crop), center crop."""
+def eval_crop(preprocessing: Preprocessing) -> T.Compose:
+    """The picture the model sees, as a PIL image: resize the short side (or squash when resize ==
+    crop), center crop."""
     mode = interpolation_mode(preprocessing.interpolation)
     if preprocessing.resize == preprocessing.crop:
         resize = T.Resize((preprocessing.crop, preprocessing.crop), interpolation=mode)
     else:
         resize = T.Resize(preprocessing.resize, interpolation=mode)
+    return T.Compose([resize, T.CenterCrop(preprocessing.crop)])
+
+
+def eval_transform(preprocessing: Preprocessing) -> T.Compose:
+    """The official evaluation pipeline: :func:`eval_crop`, then to a normalized tensor."""
     return T.Compose(
-        [
-            resize,
-            T.CenterCrop(preprocessing.crop),
-            T.ToTensor(),
-            T.Normalize(preprocessing.mean, preprocessing.std),
-        ]
+        [*eval_crop(preprocessing).transforms, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
     )
 
 

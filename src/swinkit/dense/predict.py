@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +17,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..data import BadImageError, load_image
-from ..predict import expand_inputs
+from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
 from .weights import DenseSpec, load_dense
-
-logger = logging.getLogger(__name__)
 
 
 def palette(count: int) -> list[tuple[int, int, int]]:
@@ -149,11 +145,8 @@ def predict_dense(
     folder.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for index, path in enumerate(expand_inputs(inputs)):
-        try:
-            image = load_image(path)
-        except BadImageError as error:
-            logger.warning("%s", error)
-            results.append({"path": str(path), "error": str(error)})
+        image = load_or_report(path, results)
+        if image is None:
             continue
         stem = folder / f"{index:04d}_{path.stem}"
         if spec.task == "segment":

@@ -1,0 +1,414 @@
+"""Visual explanations of a Swin classifier: Grad-CAM on a stage's map and attention rollout.
+
+- ``gradcam`` (Selvaraju et al., 2017): the channels of a stage's output map weighted by the
+  spatial mean of the target class's logit gradient, summed, ReLU. Class-specific; at the stage's
+  stride (32 for the last stage, the usual choice).
+- ``rollout`` (Abnar & Zuidema, 2020), carried through Swin's windows: each block's attention,
+  averaged over heads, with the residual as ``0.5 A + 0.5 I``, from the mean-pooled output back
+  through every block and patch merging to a stage's tokens (stride 4 at stage 0). Windows shift
+  between blocks, so relevance crosses window borders block by block. Class-agnostic: it says
+  which tokens the pooled representation draws on, not why a class won. MLPs are not followed.
+
+:func:`explain` returns the maps at the input's size, scaled to ``[0, 1]``; :func:`overlay`
+colours one over the image; :func:`explain_files` is ``swinkit explain``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch import Tensor, nn
+
+from .attention import combine_bias_and_mask, reference_attention
+from .data import eval_crop, eval_transform
+from .model import cells, window_and_shift, window_gather_indices
+
+METHODS = ("gradcam", "rollout")
+# Grad-CAM's default stage: the deepest whose map is at least this many tokens on each side (the
+# last for Swin-T at 224, 7 x 7); below it the map says little (a 1 x 1 map says nothing).
+GRADCAM_MIN_SIDE = 4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found for a batch.
+
+    Attributes:
+        maps: ``(B, H, W)``, the input's size, each scaled to ``[0, 1]`` (all zero where the raw
+            map is flat).
+        raw: ``(B, h, w)``, the unscaled map at the stage's resolution. A rollout's sums to 1.
+        targets: the class explained for each image.
+        probabilities: ``(B, num_classes)`` softmax of the logits.
+        method, stage, stride: what was computed, where; ``stride`` is the stage's in pixels.
+    """
+
+    maps: Tensor
+    raw: Tensor
+    targets: list[int]
+    probabilities: Tensor
+    method: str
+    stage: int
+    stride: int
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: str = "gradcam",
+    target: int | Sequence[int] | None = None,
+    stage: int | None = None,
+) -> Explanation:
+    """Explain ``model``'s classification of ``images`` ``(B, C, H, W)`` (normalized, any size).
+
+    ``target``: the class to explain, one for all images or one per image (default: each image's
+    top class; ``rollout`` does not depend on it). ``stage``: the stage whose map is returned
+    (negative counts from the end). By default Grad-CAM uses the deepest stage whose map is at least
+    :data:`GRADCAM_MIN_SIDE` tokens on each side (the last stage for Swin-T at 224), and rollout
+    goes down to stage 0. The model runs in eval mode
+    and is left in the mode it had.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
+    config = model.config
+    if config.features_only or config.num_classes <= 0:
+        raise ValueError("explanations need a classifier; this model has no head (features_only or num_classes 0)")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    stages = len(model.layers)
+    stage = _default_stage(method, images.shape[-2:], config.patch_size, stages) if stage is None else stage
+    if not -stages <= stage < stages:
+        raise ValueError(f"stage must be in {-stages}..{stages - 1} for this model, got {stage}")
+    stage %= stages
+    if method == "gradcam":
+        with _explaining(model, reference_attention=False):
+            logits, raw, targets = _gradcam(model, images, target, stage)
+    else:
+        logits, raw = _rollout(model, images, stage)
+        targets = _targets(target, logits)
+    stride = config.patch_size * 2**stage
+    return Explanation(
+        maps=_to_image(raw, stride, images.shape[-2:]),
+        raw=raw,
+        targets=targets.tolist(),
+        probabilities=logits.float().softmax(dim=-1),
+        method=method,
+        stage=stage,
+        stride=stride,
+    )
+
+
+def _default_stage(method: str, size: Sequence[int], patch_size: int, stages: int) -> int:
+    if method == "rollout":
+        return 0
+    side = -(-min(size) // patch_size)  # the model pads: ceil at every stage
+    deepest = 0
+    for stage in range(1, stages):
+        side = -(-side // 2)
+        if side >= GRADCAM_MIN_SIDE:
+            deepest = stage
+    return deepest
+
+
+@contextlib.contextmanager
+def _explaining(model: nn.Module, reference_attention: bool) -> Iterator[None]:
+    """Eval mode (and the reference attention path, whose seam rollout reads), restored after."""
+    training = model.training
+    impls = {module: module.attn_impl for module in model.modules() if hasattr(module, "attn_impl")}
+    model.eval()
+    if reference_attention:
+        model.set_attn_impl("reference")
+    try:
+        yield
+    finally:
+        model.train(training)
+        for module, impl in impls.items():
+            module.attn_impl = impl
+
+
+def _targets(target: int | Sequence[int] | None, logits: Tensor) -> Tensor:
+    """One class index per image: ``target`` broadcast and checked, or the top class."""
+    batch, classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=-1)
+    chosen = [target] * batch if isinstance(target, int) else list(target)
+    if len(chosen) != batch or any(not 0 <= t < classes for t in chosen):
+        raise ValueError(f"target must be one class in 0..{classes - 1} or one per image ({batch}), got {target!r}")
+    return torch.tensor(chosen, device=logits.device)
+
+
+def _gradcam(model: nn.Module, images: Tensor, target: Any, stage: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, ``(B, h, w)`` Grad-CAM of stage ``stage``'s output map, and the classes explained."""
+    captured: list[Tensor] = []
+    # The stage's output before patch merging, channels-last ``(B, h, w, C)``: BasicLayer's first output.
+    handle = model.layers[stage].register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+    try:
+        with torch.enable_grad():
+            # Inputs that require grad: the map then does even where the parameters are frozen.
+            logits = model(images.detach().requires_grad_(True))
+            targets = _targets(target, logits)
+            # Images do not interact in eval, so one backward of the summed scores gives each its own.
+            score = logits.gather(1, targets[:, None]).sum()
+            (gradient,) = torch.autograd.grad(score, captured[0])
+    finally:
+        handle.remove()
+    weights = gradient.mean(dim=(1, 2), keepdim=True)  # alpha_k^c of the paper: one per channel
+    cam = F.relu((weights * captured[0]).sum(dim=-1))
+    return logits.detach(), cam.detach(), targets
+
+
+@dataclass
+class BlockAttention:
+    """One block's attention weights, in window order, and where its window tokens sit on the map.
+
+    Attributes:
+        size: the block's map, ``(H, W)``.
+        to_windows: ``(nW * N,)`` the map index (row-major) of each window token after padding
+            and the cyclic shift; ``H * W`` stands for padding.
+        weights: ``(B, nW, nH, N, N)`` softmax rows over each window's keys (padding included).
+    """
+
+    size: tuple[int, int]
+    to_windows: Tensor
+    weights: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """``(B, nH, H*W, H*W)``: the weights on the map's own tokens, zero between tokens that do not
+        share a window (and the weight on padded keys left out)."""
+        batch, count, heads, tokens, _ = self.weights.shape
+        cells = self.size[0] * self.size[1]
+        index = self.to_windows.view(count, tokens)
+        rows = index[:, :, None].expand(count, tokens, tokens).reshape(-1)
+        columns = index[:, None, :].expand(count, tokens, tokens).reshape(-1)
+        values = self.weights.permute(0, 2, 1, 3, 4).reshape(batch, heads, -1)
+        full = values.new_zeros(batch, heads, (cells + 1) * (cells + 1))
+        full.index_put_(
+            (
+                torch.arange(batch)[:, None, None],
+                torch.arange(heads)[None, :, None],
+                (rows * (cells + 1) + columns)[None, None],
+            ),
+            values,
+            accumulate=True,
+        )
+        return full.view(batch, heads, cells + 1, cells + 1)[:, :, :cells, :cells]
+
+
+def record_attention(model: nn.Module, images: Tensor, first_stage: int = 0) -> tuple[Tensor, list[BlockAttention]]:
+    """Run ``model`` on ``images`` (no gradients) and keep the attention weights of every block from
+    stage ``first_stage`` on, in forward order. The blocks run the reference path for this call."""
+    records: list[BlockAttention] = []
+    handles = []
+    for layer in model.layers[first_stage:]:
+        for block in layer.blocks:
+            handles.append(block.register_forward_pre_hook(_block_recorder(block, records)))
+            handles.append(block.attn.register_forward_pre_hook(_attention_recorder(records)))
+    try:
+        with _explaining(model, reference_attention=True), torch.no_grad():
+            logits = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, records
+
+
+def _block_recorder(block: nn.Module, records: list[BlockAttention]) -> Any:
+    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        H, W = args[0].shape[1:3]
+        window, shift = window_and_shift(H, W, block.window_size, block.shift_size, block.always_shift)
+        counts = (cells(H, window[0]), cells(W, window[1]))
+        to_windows, _ = window_gather_indices((H, W), window, shift, counts, args[0].device)
+        records.append(BlockAttention((H, W), to_windows))
+
+    return record
+
+
+def _attention_recorder(records: list[BlockAttention]) -> Any:
+    def record(attn: nn.Module, args: tuple[Any, ...]) -> None:
+        windows, window, mask = args  # (B * nW, N, C) as WindowAttention.forward takes them
+        q, k, _ = attn.qkv_heads(windows)
+        bias = combine_bias_and_mask(attn.relative_position_bias(window), mask)
+        count, heads, tokens, _ = q.shape
+        # The seam's own softmax: attention times the identity is the attention itself.
+        identity = torch.eye(tokens, dtype=q.dtype, device=q.device).expand(count, heads, tokens, tokens)
+        weights = reference_attention(q, k, identity, bias, 0.0, False)
+        nW = records[-1].to_windows.numel() // tokens
+        records[-1].weights = weights.view(-1, nW, heads, tokens, tokens)
+
+    return record
+
+
+def _rollout(model: nn.Module, images: Tensor, stage: int) -> tuple[Tensor, Tensor]:
+    """Logits and the ``(B, h, w)`` attention rollout onto stage ``stage``'s first block's input."""
+    logits, records = record_attention(model, images, stage)
+    # The head averages the last map's tokens: relevance starts uniform there.
+    H, W = records[-1].size
+    dtype = torch.promote_types(records[-1].weights.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    relevance = images.new_full((images.shape[0], H * W), 1.0 / (H * W), dtype=dtype)
+    for record in reversed(records):
+        if record.size != (H, W):  # patch merging between this block and the one after it
+            relevance = _unmerge(relevance.view(-1, H, W), record.size).flatten(1)
+            H, W = record.size
+        relevance = 0.5 * relevance + 0.5 * _through_attention(relevance, record)
+    return logits, relevance.view(-1, H, W)
+
+
+def _through_attention(relevance: Tensor, record: BlockAttention) -> Tensor:
+    """``r A``: relevance of a block's output tokens ``(B, H*W)`` carried to the tokens they attend,
+    with ``A`` averaged over heads and its rows renormalized over real tokens (padding carries no
+    relevance), so the total is kept."""
+    batch, count = relevance.shape
+    real = (record.to_windows < count).view(record.weights.shape[1], 1, -1)  # (nW, 1, N) keys
+    weights = record.weights.to(relevance.dtype).mean(dim=2) * real  # (B, nW, N, N)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    padded = torch.cat((relevance, relevance.new_zeros(batch, 1)), dim=1)
+    by_window = padded[:, record.to_windows].view(weights.shape[:3])  # (B, nW, N) queries
+    carried = torch.einsum("bwq,bwqk->bwk", by_window, weights).reshape(batch, -1)
+    return padded.new_zeros(batch, count + 1).index_add_(1, record.to_windows, carried)[:, :count]
+
+
+def _unmerge(relevance: Tensor, size: tuple[int, int]) -> Tensor:
+    """Relevance of merged tokens ``(B, h', w')`` shared equally by the (real) 2 x 2 tokens they gather."""
+    H, W = size
+    spread = relevance.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)[:, :H, :W]
+    present = relevance.new_ones(1, 1, H, W)
+    per_cell = F.pad(present, (0, 2 * relevance.shape[2] - W, 0, 2 * relevance.shape[1] - H))
+    per_cell = F.avg_pool2d(per_cell, 2) * 4  # real tokens in each merged cell: 1, 2 or 4
+    shares = per_cell[0, 0].repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)[:H, :W]
+    return spread / shares
+
+
+def _to_image(raw: Tensor, stride: int, size: Sequence[int]) -> Tensor:
+    """``(B, h, w)`` at ``stride`` -> ``(B, H, W)`` in [0, 1]: each cell covers ``stride`` pixels
+    from the top left (the model pads right / bottom), bilinear between cell centres."""
+    h, w = raw.shape[-2:]
+    maps = F.interpolate(raw[:, None], size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+    maps = maps[:, 0, : size[0], : size[1]]
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), 0.0)
+
+
+# A perceptually ordered blue -> cyan -> green -> yellow -> red ramp, linear between the stops.
+COLOR_STOPS = torch.tensor(
+    [[0.05, 0.05, 0.45], [0.0, 0.45, 0.95], [0.1, 0.8, 0.7], [0.55, 0.9, 0.2], [1.0, 0.8, 0.0], [0.85, 0.1, 0.05]]
+)
+
+
+def colorize(heat: Tensor) -> Tensor:
+    """``(H, W)`` values in [0, 1] -> ``(H, W, 3)`` RGB in [0, 1] on the blue-to-red ramp."""
+    position = heat.clamp(0, 1).float() * (len(COLOR_STOPS) - 1)
+    low = position.floor().long().clamp(max=len(COLOR_STOPS) - 2)
+    fraction = (position - low)[..., None]
+    return COLOR_STOPS[low] * (1 - fraction) + COLOR_STOPS[low + 1] * fraction
+
+
+def overlay(image: Image.Image, heat: Tensor, alpha: float = 0.5) -> Image.Image:
+    """``image`` with ``heat`` ``(H, W)`` in [0, 1] coloured over it, ``alpha`` the colour's weight."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if (image.height, image.width) != tuple(heat.shape):
+        raise ValueError(f"heat map {tuple(heat.shape)} does not match the image ({image.height}, {image.width})")
+    pixels = T.functional.pil_to_tensor(image.convert("RGB")).permute(1, 2, 0).float() / 255
+    blended = (1 - alpha) * pixels + alpha * colorize(heat.cpu())
+    return Image.fromarray((blended * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def explain_files(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    method: str = "gradcam",
+    target: str | None = None,
+    stage: int | None = None,
+    alpha: float = 0.5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """``swinkit explain``: one overlay PNG per image, the map over the crop the model saw.
+
+    ``out``: a folder (``<stem>.<method>.png`` each), or a ``.png`` / ``.jpg`` file for a single
+    image. ``target``: a class name the checkpoint stores or a class index (default: the top
+    class). A result is ``{"path", "class", "index", "probability", "method", "stage", "output"}``,
+    or ``{"path", "error"}`` for a file that could not be decoded.
+    """
+    from .predict import expand_inputs, load_classifier, load_or_report
+
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):
+        raise ValueError(
+            f"{checkpoint}: explanations need the model's weights and gradients; give a checkpoint, "
+            "not an exported .onnx or .pt2 file"
+        )
+    paths = expand_inputs(inputs)
+    single_file = Path(out).suffix.lower() in IMAGE_SUFFIXES
+    if single_file and len(paths) != 1:
+        raise ValueError(f"--out {out} names one image file, but {len(paths)} images were given; give a folder")
+    model, stored = load_classifier(checkpoint, device)
+    names = stored or [str(i) for i in range(model.config.num_classes)]
+    index = _class_index(target, names)
+    transform, view = eval_transform(model.config.preprocessing), eval_crop(model.config.preprocessing)
+    results, used = [], set()
+    for path in paths:
+        image = load_or_report(path, results)
+        if image is None:
+            continue
+        found = explain(model, transform(image)[None].to(device), method, index, stage)
+        destination = Path(out) if single_file else _free_name(Path(out), path.stem, method, used)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        overlay(view(image), found.maps[0], alpha).save(destination)
+        chosen = found.targets[0]
+        results.append(
+            {
+                "path": str(path),
+                "class": names[chosen],
+                "index": chosen,
+                "probability": found.probabilities[0, chosen].item(),
+                "method": method,
+                "stage": found.stage,
+                "output": str(destination),
+            }
+        )
+    return results
+
+
+def _class_index(target: str | None, names: list[str]) -> int | None:
+    """A class given by name (as the checkpoint stores it) or by index; None stays None (top class)."""
+    if target is None:
+        return None
+    if target in names:
+        return names.index(target)
+    if target.isdigit() and int(target) < len(names):
+        return int(target)
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    raise ValueError(
+        f"class {target!r} is neither a class name of the checkpoint ({shown}) nor an index 0..{len(names) - 1}"
+    )
+
+
+def _free_name(folder: Path, stem: str, method: str, used: set[Path]) -> Path:
+    """``folder/<stem>.<method>.png``, numbered when two inputs share a stem."""
+    candidate, number = folder / f"{stem}.{method}.png", 1
+    while candidate in used:
+        number += 1
+        candidate = folder / f"{stem}-{number}.{method}.png"
+    used.add(candidate)
+    return candidate
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    """One line per image: ``path: class (probability) -> output`` or ``path: ERROR ...``."""
+    from .predict import format_lines
+
+    return format_lines(results, lambda r: f"{r['class']} ({r['probability']:.3f}) -> {r['output']}")
