@@ -444,6 +444,24 @@ def test_fused_blocks_under_autocast_keep_the_reference_dtypes(variant, grad):
     assert relative_error(outputs["fused"].float(), outputs["reference"].float()) < 2e-2
 
 
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
+def test_fused_stochastic_depth_under_autocast_adds_bfloat16_branches_to_a_float32_stream(variant):
+    # A float32 residual stream under CPU autocast (an absolute position embedding, SimMIM's mask
+    # token) with some images dropped: the kept images' bfloat16 branches were scattered into the
+    # float32 stream by index_add, which refused the mix. The reference promotes to float32.
+    model = perturb(swinkit.create_model(variant, num_classes=4, drop_path_rate=0.9), scale=0.05).train()
+    block = model.layers[1].blocks[1]  # shifted, drop rate 0.39: this seed keeps some of 8 images, not all
+    x = torch.randn(8, 8, 8, 32)
+    outputs = {}
+    for impl in ("reference", "fused"):
+        block.attn.attn_impl = impl
+        torch.manual_seed(3)  # the fused path draws the reference's numbers, in its order
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[impl] = block(x)
+    assert outputs["fused"].dtype == outputs["reference"].dtype == torch.float32
+    assert relative_error(outputs["fused"], outputs["reference"]) < 2e-2
+
+
 @pytest.mark.skipif(not fast.ONEDNN_BFLOAT16, reason="no oneDNN bfloat16 linear on this CPU")
 @pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 def test_bfloat16_inference_packs_bfloat16_weights_and_runs_the_native_kernel(variant, monkeypatch):

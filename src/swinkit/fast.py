@@ -639,7 +639,9 @@ def _residual(block: nn.Module, x: Tensor, branch: Callable[[Tensor], Tensor], t
         kept, scale = kept.new_zeros(1), 0.0
     subset = images.index_select(0, kept)
     out = branch(subset.view(-1, C)).view_as(subset)
-    return images.index_add(0, kept, out, alpha=scale).view_as(x)
+    # Under autocast a float32 stream may get a bfloat16 branch: promoted, as the reference's sum is.
+    dtype = torch.promote_types(images.dtype, out.dtype)
+    return images.to(dtype).index_add(0, kept, out.to(dtype), alpha=scale).view_as(x)
 
 
 def _skips_dropped_images(block: nn.Module, x: Tensor) -> bool:
