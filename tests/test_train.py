@@ -416,6 +416,24 @@ def test_torchrun_two_processes_match_one_process(mode, digit_folder, one_proces
     assert moved > len(one_process_run) // 2  # the runs really trained
 
 
+def test_torchrun_fsdp_runs_whole_epochs_and_keeps_the_best_model(digit_folder, tmp_path):
+    # The other torchrun runs stop after 3 steps, before any epoch ends. At an epoch's end every
+    # rank must take part in gathering the sharded state for model-best: rank 0 alone once did,
+    # and the run died there.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, "--fsdp"]
+    command += ["--epochs", "2", "--batch-size", "4", "--output", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    best, final = (load_file(tmp_path / f"model-{name}.safetensors") for name in ("best", "final"))
+    assert best.keys() == final.keys()
+    if rows[1]["val_top1"] > rows[0]["val_top1"]:  # the best is the last epoch's model
+        assert all(torch.equal(best[key], final[key]) for key in final)
+
+
 def test_torchrun_ddp_trains_through_stochastic_depth_that_drops_whole_branches(digit_folder, tmp_path):
     # At rate 0.9 a rank's branch often drops both of its images; the fused path then still gives
     # that branch's parameters (zero) gradients, as DDP without find_unused_parameters requires.

@@ -376,7 +376,19 @@ class Trainer(TrainingLoop):
             row.update(val_ema_loss=ema.loss, val_ema_top1=ema.top1, val_ema_top5=ema.top5)
         return row
 
+    def _new_best(self, score: float) -> dict[str, torch.Tensor] | None:
+        """The model's state if ``score`` (the same on every rank) beats the best so far, else None.
+
+        Every rank calls it: under FSDP gathering the state is a collective, which rank 0 alone
+        once entered at the first epoch's end, and the run died there.
+        """
+        if score <= self.best_top1:
+            return None
+        self.best_top1 = score
+        return self.model_state()
+
     def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
+        best_state = self._new_best(row["val_top1"])
         if not self.dist.is_main:
             return
         self.metrics.append(row)
@@ -396,9 +408,8 @@ class Trainer(TrainingLoop):
             logger.warning(
                 "epoch %d: %d images could not be decoded and were skipped", row["epoch"] + 1, row["bad_images"]
             )
-        if row["val_top1"] > self.best_top1:
-            self.best_top1 = row["val_top1"]
-            save_model(self.model, best_path, class_names=self.data.classes, state_dict=self.model_state())
+        if best_state is not None:
+            save_model(self.model, best_path, class_names=self.data.classes, state_dict=best_state)
 
     def _finish(self, best_path: Path, seconds: float) -> TrainResult:
         final_path = self.output / "model-final.safetensors"
