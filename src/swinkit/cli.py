@@ -74,6 +74,24 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(parser: argparse.ArgumentParser) -> None:
+    from .train.pretrain import add_pretrain_arguments
+
+    add_pretrain_arguments(parser)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import pretrain, pretrain_config_from_args
+
+    result = pretrain(pretrain_config_from_args(args))
+    if result.history:
+        print(
+            f"best val reconstruction loss {result.best_loss:.4f} in {result.seconds:.0f} s; "
+            f"fine-tune from {result.encoder}"
+        )
+    return 0
+
+
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image folder (one sub-folder per class) or CSV of path,label")
     parser.add_argument(
@@ -349,6 +367,11 @@ COMMANDS: dict[str, Command] = {
     "info": ("parameters, FLOPs and per-stage shapes of a model", _add_info, _run_info),
     "demo": ("the main job on the bundled handwritten digits", _add_demo, _run_demo),
     "train": ("train or fine-tune (torchrun -m swinkit train ... for several processes)", _add_train, _run_train),
+    "pretrain": (
+        "SimMIM masked-image pretraining of a Swin encoder on unlabelled images (torchrun for several processes)",
+        _add_pretrain,
+        _run_pretrain,
+    ),
     "eval": ("top-1 / top-5 / per-class accuracy of a checkpoint on labelled images", _add_eval, _run_eval),
     "predict": ("classify image files with a checkpoint", _add_predict, _run_predict),
     "explain": (

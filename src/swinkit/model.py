@@ -710,7 +710,11 @@ class SwinTransformer(nn.Module):
         """Images ``(B, C, H, W)`` -> tokens ``(B, H/4, W/4, C)`` with the optional absolute position."""
         check_images(x, self.config.in_chans)
         static_size_under_compile(x)
-        x = self.patch_embed(x)
+        return self.add_position(self.patch_embed(x))
+
+    def add_position(self, x: Tensor) -> Tensor:
+        """Patch tokens ``(B, H/4, W/4, C)`` plus the optional absolute position, then dropout
+        (SimMIM puts its mask token in between: :mod:`swinkit.pretrain`)."""
         if self.config.ape:
             x = x + resize_pos_embed(self.absolute_pos_embed, self.grid, x.shape[1:3])
         return self.pos_drop(x)

@@ -81,6 +81,7 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     else:
         state_dict, metadata = read_checkpoint(source)
         label = str(Path(source))
+    state_dict, pretraining_parts = simmim_encoder(state_dict)
     try:
         fmt = "swinkit" if "swinkit_config" in metadata else detect_format(state_dict)
     except CheckpointError as error:
@@ -97,7 +98,29 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     _, others = official.split_backbone(state_dict) if fmt == "official" else (None, [])
     if others:
         checkpoint.notes.append(f"took the backbone of a dense model; its other parts are not loaded: {others}")
+    if pretraining_parts:
+        checkpoint.notes.append(
+            f"took the encoder of a SimMIM pretraining checkpoint; its mask token and decoder are not loaded: "
+            f"{pretraining_parts}"
+        )
     return checkpoint
+
+
+def simmim_encoder(state_dict: StateDict) -> tuple[StateDict, list[str]]:
+    """The encoder of a SimMIM pretraining state dict, and the keys left out (mask token, decoder).
+
+    The official code's and ``swinkit pretrain``'s keep the encoder under ``encoder.`` (the official
+    layout inside); Hugging Face's ``Swin*ForMaskedImageModeling`` keep it under ``swin.`` /
+    ``swinv2.`` beside ``decoder.0.*``. Any other state dict comes back as it is.
+    """
+    if "encoder.patch_embed.proj.weight" in state_dict:
+        encoder = {key[len("encoder.") :]: value for key, value in state_dict.items() if key.startswith("encoder.")}
+        encoder.pop("mask_token", None)
+        return encoder, [key for key in state_dict if key.removeprefix("encoder.") not in encoder]
+    if "decoder.0.weight" in state_dict and any(key.endswith("embeddings.mask_token") for key in state_dict):
+        others = [key for key in state_dict if key.startswith("decoder.") or key.endswith("embeddings.mask_token")]
+        return {key: value for key, value in state_dict.items() if key not in others}, others
+    return state_dict, []
 
 
 def load_checkpoint(

@@ -51,8 +51,20 @@ def check_limits(options: Any) -> None:
             raise ValueError(f"training option {name!r} must be given low to high, got {value!r}")
 
 
+class BatchScaling:
+    """The official linear scaling of learning rates with the total batch (``batch_size``,
+    ``accum_steps`` fields), shared by the training and pretraining options."""
+
+    def total_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.accum_steps
+
+    def scaled(self, value: float, world_size: int) -> float:
+        """Rates are given for a total batch of 512."""
+        return value * self.total_batch(world_size) / 512.0
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(BatchScaling):
     """Everything a training run depends on; saved as ``config.yaml`` beside its checkpoints."""
 
     # Data: an image folder (with train/ and val/ sub-folders, or class folders split by
@@ -138,13 +150,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_limits(self)
-
-    def total_batch(self, world_size: int) -> int:
-        return self.batch_size * world_size * self.accum_steps
-
-    def scaled(self, value: float, world_size: int) -> float:
-        """The official linear scaling rule: rates are given for a total batch of 512."""
-        return value * self.total_batch(world_size) / 512.0
 
 
 RECIPES: dict[str, dict[str, Any]] = {

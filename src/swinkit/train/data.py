@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -19,7 +20,6 @@ from ..data import (
     eval_transform,
     image_folder,
     split_dataset,
-    train_transform,
 )
 from ..variants import Preprocessing
 from .config import TrainConfig
@@ -96,9 +96,11 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def train_loader(
-    dataset: FileDataset, preprocessing: Preprocessing, config: TrainConfig, dist: Distributed
+    dataset: FileDataset, transform: Any, config: TrainConfig, dist: Distributed
 ) -> tuple[DataLoader, EpochBatchSampler, AugmentedDataset]:
-    augmented = AugmentedDataset(dataset, SeededTransform(train_transform(preprocessing, config), config.seed))
+    """Batches of ``dataset`` through ``transform`` (seeded per item), this process's share of each
+    global batch (``config``: ``batch_size``, ``seed``, ``workers``)."""
+    augmented = AugmentedDataset(dataset, SeededTransform(transform, config.seed))
     sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, dist)
     if sampler.steps == 0:
         raise ValueError(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.native import save as save_model
+from ..data import train_transform
 from ..evaluate import EvalResult, amp_dtype, evaluate
 from ..factory import create_model
 from . import distributed
@@ -60,6 +61,24 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def warn_bad_images(row: dict[str, Any]) -> None:
+    """Log an epoch's undecodable images, if it had any."""
+    if row["bad_images"]:
+        logger.warning("epoch %d: %d images could not be decoded and were skipped", row["epoch"] + 1, row["bad_images"])
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, config: Any, steps_per_epoch: int, world: int) -> WarmupCosine:
+    """The per-iteration schedule of ``config`` (rates scaled by the total batch, epochs in steps)."""
+    return WarmupCosine(
+        optimizer,
+        lr=config.scaled(config.base_lr, world),
+        warmup_lr=config.scaled(config.warmup_lr, world),
+        min_lr=config.scaled(config.min_lr, world),
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        total_steps=config.epochs * steps_per_epoch,
+    )
+
+
 def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
     """The patch embedding (and absolute position) plus the first ``stages`` stages."""
     if not 0 <= stages <= len(model.layers):
@@ -88,6 +107,7 @@ class TrainingLoop:
     """
 
     ema: ModelEma | None = None
+    best_file = "model-best.safetensors"  # written at the epoch with the best validation score
 
     def summed_totals(self) -> dict[str, float]:
         """This epoch's running totals summed over processes; a collective, so every rank calls
@@ -121,7 +141,7 @@ class TrainingLoop:
             save_yaml(self.config, self.output / "config.yaml")
             if resumed:
                 self.metrics.truncate_after(self.epoch)
-        best_path = self.output / "model-best.safetensors"
+        best_path = self.output / self.best_file
         while self.epoch < self.config.epochs:
             row = {"epoch": self.epoch, **self.train_epoch(), "lr": self.scheduler.current_lr}
             if self.config.max_steps and self.global_step >= self.config.max_steps:
@@ -213,7 +233,8 @@ class Trainer(TrainingLoop):
         self.data: RunData = load_datasets(config)
         self.model = build_model(config, len(self.data.classes)).to(dist.device)
         preprocessing = self.model.config.preprocessing
-        self.loader, self.sampler, self.augmented = train_loader(self.data.train, preprocessing, config, dist)
+        transform = train_transform(preprocessing, config)
+        self.loader, self.sampler, self.augmented = train_loader(self.data.train, transform, config, dist)
         self.val_loader = eval_loader(self.data.val, preprocessing, config.batch_size, config.workers, dist)
         self.steps_per_epoch = self.sampler.steps // config.accum_steps
         if self.steps_per_epoch == 0:
@@ -223,15 +244,7 @@ class Trainer(TrainingLoop):
         self.optimizer = build_optimizer(
             self.model, config.weight_decay, config.layer_decay, betas=config.betas, eps=config.eps
         )
-        world = dist.world_size
-        self.scheduler = WarmupCosine(
-            self.optimizer,
-            lr=config.scaled(config.base_lr, world),
-            warmup_lr=config.scaled(config.warmup_lr, world),
-            min_lr=config.scaled(config.min_lr, world),
-            warmup_steps=round(config.warmup_epochs * self.steps_per_epoch),
-            total_steps=config.epochs * self.steps_per_epoch,
-        )
+        self.scheduler = warmup_cosine(self.optimizer, config, self.steps_per_epoch, dist.world_size)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         if config.ema and config.fsdp:
@@ -404,10 +417,7 @@ class Trainer(TrainingLoop):
             row["lr"],
             row["images_per_second"],
         )
-        if row["bad_images"]:
-            logger.warning(
-                "epoch %d: %d images could not be decoded and were skipped", row["epoch"] + 1, row["bad_images"]
-            )
+        warn_bad_images(row)
         if best_state is not None:
             save_model(self.model, best_path, class_names=self.data.classes, state_dict=best_state)
 

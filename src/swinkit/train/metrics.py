@@ -58,16 +58,27 @@ def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] + 1 for row in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    accuracies = [
+        (key, label)
+        for key, label in (
+            ("val_top1", "validation top-1"),
+            ("val_ema_top1", "EMA top-1"),
+            ("train_top1", "train top-1"),
+        )
+        if any(key in row for row in history)
+    ]
+    # A run without accuracies (pretraining) gets the loss panel alone.
+    figure, axes = plt.subplots(1, 2 if accuracies else 1, figsize=(10 if accuracies else 5, 4), squeeze=False)
+    loss_axis = axes[0, 0]
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         if any(key in row for row in history):
             loss_axis.plot(epochs, [row.get(key) for row in history], marker=".", label=label)
-    for key, label in (("val_top1", "validation top-1"), ("val_ema_top1", "EMA top-1"), ("train_top1", "train top-1")):
-        if any(key in row for row in history):
-            accuracy_axis.plot(epochs, [row.get(key) for row in history], marker=".", label=label)
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
-    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for axis in (loss_axis, accuracy_axis):
+    if accuracies:
+        for key, label in accuracies:
+            axes[0, 1].plot(epochs, [row.get(key) for row in history], marker=".", label=label)
+        axes[0, 1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for axis in axes[0]:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()

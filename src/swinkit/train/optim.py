@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Position tables / embeddings and V2's continuous-bias MLP and logit scale train without weight
-# decay, as in the official code (besides every norm and bias).
-NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale")
+# Position tables / embeddings, V2's continuous-bias MLP and logit scale, and SimMIM's mask token
+# train without weight decay, as in the official code (besides every norm and bias).
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale", "mask_token")
 
 
 def uses_weight_decay(name: str, param: torch.Tensor) -> bool:

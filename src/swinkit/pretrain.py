@@ -1,0 +1,135 @@
+"""SimMIM: masked image modeling with a Swin encoder (Xie et al., "SimMIM: A Simple Framework for
+Masked Image Modeling", CVPR 2022), as in the official code.
+
+- **Masking** (Sec. 3.1): the image is cut into ``mask_patch_size`` squares (32 pixels) and a
+  ratio of them (0.6) is masked at random; a masked patch token (4 pixels) takes a learned mask
+  token in place of its patch embedding, before the absolute position and the stages.
+- **Prediction head** (Sec. 3.3): one linear layer (a 1x1 convolution) from the final normed map
+  to ``stride**2 * in_chans`` values per token, rearranged to pixels (pixel shuffle): raw pixels
+  at the encoder's stride, 32.
+- **Loss** (Sec. 3.4): L1 between the prediction and the (normalized) image on masked pixels only,
+  summed and divided by the masked pixel count and the channel count.
+
+:class:`SimMIM` wraps any swinkit encoder, V1 or V2; ``swinkit pretrain``
+(:mod:`swinkit.train.pretrain`) trains it and writes the encoder for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import SwinTransformer, check_images
+from .variants import SwinConfig
+
+
+class SimMIM(nn.Module):
+    """A Swin encoder (no head) with SimMIM's mask token and one-layer pixel decoder.
+
+    Keys: ``encoder.*`` (the encoder's own), ``mask_token`` ``(C,)``, ``decoder.0.{weight,bias}``.
+    ``forward(images, mask)`` returns the loss; :meth:`reconstruct` the predicted pixels.
+    """
+
+    def __init__(self, encoder: SwinTransformer) -> None:
+        super().__init__()
+        config = encoder.config
+        if config.features_only or config.num_classes != 0:
+            raise ValueError(
+                "SimMIM's encoder has no classifier and returns the final map: build it with num_classes=0 "
+                f"and features_only=False (got num_classes={config.num_classes}, features_only={config.features_only})"
+            )
+        self.encoder = encoder
+        self.mask_token = nn.Parameter(torch.zeros(config.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.stride = config.patch_size * 2 ** (len(config.depths) - 1)  # 32
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.num_features, self.stride**2 * config.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.stride),
+        )
+
+    @property
+    def config(self) -> SwinConfig:
+        """The encoder's."""
+        return self.encoder.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's stages (sharding and gradient checkpointing look for them here)."""
+        return self.encoder.layers
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder." + name for name in self.encoder.no_weight_decay()} | {"mask_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def encode(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` and ``mask`` ``(B, H/4, W/4)`` (1: masked) -> the final normed map
+        ``(B, num_features, H/32, W/32)``."""
+        check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride)
+        encoder = self.encoder
+        tokens = encoder.patch_embed(images)  # (B, H/4, W/4, C), normed
+        weight = mask.unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1 - weight) + self.mask_token * weight
+        x = encoder.add_position(tokens)
+        for layer in encoder.layers:
+            out, x = layer(x)
+        return encoder.norm(out).permute(0, 3, 1, 2)
+
+    def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
+        """The predicted pixels ``(B, C, H, W)`` of every patch (only masked ones are trained)."""
+        return self.decoder(self.encode(images, mask))
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        return reconstruction_loss(images, self.reconstruct(images, mask), mask, self.config.patch_size)
+
+
+def reconstruction_loss(images: Tensor, predicted: Tensor, mask: Tensor, patch_size: int) -> Tensor:
+    """Mean absolute error on masked pixels, per channel (Eq. 1 of the paper); float32 at least."""
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    pixels = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).to(dtype)
+    error = F.l1_loss(predicted.to(dtype), images.to(dtype), reduction="none")
+    # The official code adds 1e-5 to an integer count, which makes a float32 sum (where the 1e-5 is
+    # lost above about 100 pixels); the same here, so float64 checks agree to rounding.
+    count = pixels.sum().to(torch.float32) + 1e-5
+    return (error * pixels).sum() / count / images.shape[1]
+
+
+def check_mask(images: Tensor, mask: Tensor, in_chans: int, patch_size: int, stride: int) -> None:
+    """Images whose sides are multiples of the encoder's stride, and a mask of one value per patch."""
+    check_images(images, in_chans)
+    H, W = images.shape[-2:]
+    if H % stride or W % stride:
+        raise ValueError(f"SimMIM reconstructs at stride {stride}: image sides must be multiples of it, got {H}x{W}")
+    expected = (images.shape[0], H // patch_size, W // patch_size)
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must be (B, H/{patch_size}, W/{patch_size}) = {expected}, got {tuple(mask.shape)}")
+
+
+def random_mask(
+    size: Sequence[int],
+    mask_patch_size: int = 32,
+    patch_size: int = 4,
+    ratio: float = 0.6,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """SimMIM's random mask for an ``H`` x ``W`` image: ``ceil(ratio * count)`` of the ``count``
+    ``mask_patch_size`` squares masked, as a ``(H / patch_size, W / patch_size)`` float tensor of 0 / 1."""
+    H, W = size
+    if mask_patch_size % patch_size or H % mask_patch_size or W % mask_patch_size:
+        raise ValueError(
+            f"the mask patch size ({mask_patch_size}) must be a multiple of the model's patch size ({patch_size}) "
+            f"and divide the image sides ({H}x{W})"
+        )
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask ratio must be above 0 and below 1, got {ratio}")
+    rows, cols = H // mask_patch_size, W // mask_patch_size
+    count = math.ceil(rows * cols * ratio)
+    mask = torch.zeros(rows * cols)
+    mask[torch.randperm(rows * cols, generator=generator)[:count]] = 1.0
+    scale = mask_patch_size // patch_size
+    return mask.view(rows, cols).repeat_interleave(scale, 0).repeat_interleave(scale, 1)

@@ -1,0 +1,359 @@
+"""``swinkit pretrain``: SimMIM pretraining of a Swin encoder (:mod:`swinkit.pretrain`) on unlabelled
+images, on the classification loop's machinery: the same data sources, checkpoints, exact resume,
+DDP / FSDP through ``torchrun``, AMP and gradient accumulation.
+
+The default recipe is the official 100-epoch SimMIM pretraining of Swin-B (192 x 192, window 6,
+masks of 32 x 32 pixels at ratio 0.6, AdamW at 2e-4 per 512 images with 10 warm-up epochs and a
+cosine to 1e-5, weight decay 0.05, gradient clipping 5, no stochastic depth, random resized crops
+of scale 0.67-1 and flips). The run writes the encoder as a swinkit file to fine-tune from
+(``swinkit train --checkpoint .../encoder-final.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Subset
+
+from ..checkpoint.native import save as save_model
+from ..data import AugmentedDataset, SeededTransform, collate_skipping_bad, eval_crop
+from ..evaluate import amp_dtype
+from ..pretrain import SimMIM, random_mask
+from ..variants import Preprocessing
+from . import distributed
+from .config import AT_LEAST_ONE, BatchScaling, Limit, TrainConfig, add_arguments, check_limits, resolve_options
+from .data import load_datasets, train_loader
+from .loop import Trainer, build_model, warmup_cosine, warn_bad_images
+from .metrics import MetricsLog, plot_curves
+from .optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig(BatchScaling):
+    """Everything a SimMIM pretraining run depends on; saved as ``config.yaml`` beside its checkpoints."""
+
+    # Data: images in class sub-folders (labels unused; one folder of images is one class), a
+    # CSV list, or a folder with train/ and val/; None pretrains on the bundled digits.
+    data: str | None = None
+    val_data: str | None = None
+    val_fraction: float = 0.05  # held out to report the reconstruction loss per epoch
+    strict_data: bool = False
+    workers: int = 2
+    # Encoder: a preset (its head dropped), optionally initialised from any supported checkpoint.
+    model: str = "swin_b"
+    checkpoint: str | None = None
+    img_size: int | None = 192
+    window_size: int | None = 6
+    drop_path_rate: float | None = 0.0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    attn_impl: str = "auto"
+    # Masking.
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    # Optimisation: AdamW, linear warm-up then cosine, per iteration; lr scaled by batch / 512.
+    epochs: int = 100
+    batch_size: int = 128  # per process
+    accum_steps: int = 1
+    base_lr: float = 2e-4
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 5.0  # 0 disables clipping
+    # Augmentation.
+    crop_scale: tuple[float, float] = (0.67, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    hflip: float = 0.5
+    # Machinery.
+    amp: str = "none"  # none, bf16, fp16
+    seed: int = 0
+    deterministic: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+    # Output.
+    output: str = "runs/pretrain"
+    resume: str = "auto"
+    checkpoint_every: int = 0
+    max_steps: int = 0
+    progress: bool = True
+    recipe: str = "simmim"
+
+    # What the classification loop reads and pretraining does not offer.
+    freeze_stages: ClassVar[int] = 0
+    ema: ClassVar[bool] = False
+    LIMITS: ClassVar[dict[str, Limit]]  # set below, from the fields
+    ORDERED: ClassVar[tuple[str, ...]] = ("crop_scale", "crop_ratio")
+
+    def __post_init__(self) -> None:
+        check_limits(self)
+
+
+# Classification's limits for the options both have, and the masking ones.
+PretrainConfig.LIMITS = {
+    **{name: limit for name, limit in TrainConfig.LIMITS.items() if name in PretrainConfig.__dataclass_fields__},
+    "mask_patch_size": AT_LEAST_ONE,
+    "mask_ratio": Limit(lambda value: 0 < value < 1, "above 0 and below 1"),
+}
+
+PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
+    # The official simmim_pretrain__swin_base__img192_window6__100ep is the dataclass defaults.
+    "simmim": {},
+    # The bundled digits at 32 x 32: masks of 8 x 8 pixels (16 per image), a small encoder.
+    "digits": dict(
+        model="swin_digits",
+        img_size=32,
+        window_size=4,
+        mask_patch_size=8,
+        epochs=10,
+        batch_size=64,
+        base_lr=4e-3,
+        warmup_lr=4e-6,
+        min_lr=4e-5,
+        warmup_epochs=1,
+        val_fraction=0.2,
+        hflip=0.0,
+        crop_scale=(0.7, 1.0),
+        crop_ratio=(0.85, 1.15),
+        output="runs/pretrain-digits",
+    ),
+}
+
+
+def resolve_pretrain_config(
+    explicit: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
+) -> PretrainConfig:
+    """Defaults, then the recipe (``simmim`` with data, ``digits`` without), a YAML file, explicit values."""
+    return resolve_options(
+        PretrainConfig,
+        PRETRAIN_RECIPES,
+        explicit,
+        config_file,
+        lambda values: "simmim" if values.get("data") is not None else "digits",
+    )
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, PretrainConfig)
+
+
+def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    explicit = {name: value for name, value in vars(args).items() if name in names}
+    return resolve_pretrain_config(explicit, getattr(args, "config", None))
+
+
+class MaskedImage:
+    """An image transform followed by SimMIM's random mask: ``(image tensor, mask)``.
+
+    Under :class:`~swinkit.data.SeededTransform` the mask, like the crop, depends only on the seed,
+    epoch and item: a resumed run masks the same patches.
+    """
+
+    def __init__(self, transform: Any, size: int, mask_patch_size: int, patch_size: int, ratio: float) -> None:
+        self.transform, self.size = transform, size
+        self.mask_patch_size, self.patch_size, self.ratio = mask_patch_size, patch_size, ratio
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = random_mask((self.size, self.size), self.mask_patch_size, self.patch_size, self.ratio)
+        return self.transform(image), mask
+
+
+def simmim_transforms(config: PretrainConfig, preprocessing: Preprocessing, patch_size: int) -> tuple[Any, Any]:
+    """Training (random resized crop, flip) and validation (resize, center crop) transforms, each masked."""
+    size = preprocessing.crop
+    normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
+    crop = T.RandomResizedCrop(size, scale=config.crop_scale, ratio=config.crop_ratio)
+    train = T.Compose([crop, T.RandomHorizontalFlip(config.hflip), *normalize])
+    val = T.Compose([*eval_crop(preprocessing).transforms, *normalize])
+    masked = (config.mask_patch_size, patch_size, config.mask_ratio)
+    return MaskedImage(train, size, *masked), MaskedImage(val, size, *masked)
+
+
+def encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's entries of a :class:`~swinkit.pretrain.SimMIM` state dict, under its own names."""
+    return {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
+
+
+def check_sizes(img_size: int, stride: int, mask_patch_size: int, patch_size: int) -> None:
+    """Refuse, by name, an image SimMIM cannot reconstruct or mask in whole patches."""
+    if img_size % stride or img_size % mask_patch_size or mask_patch_size % patch_size:
+        raise ValueError(
+            f"pretraining option 'img_size' ({img_size}) must be a multiple of the encoder's stride ({stride}) and "
+            f"of 'mask_patch_size' ({mask_patch_size}), itself a multiple of the patch size ({patch_size})"
+        )
+
+
+@dataclass
+class PretrainResult:
+    output: Path
+    encoder: Path  # encoder-final.safetensors: fine-tune from it
+    best_encoder: Path | None  # the encoder of the epoch with the lowest validation loss
+    best_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    bad_images: int = 0
+    seconds: float = 0.0
+
+
+class PretrainTrainer(Trainer):
+    """A SimMIM run: the classification :class:`~swinkit.train.Trainer` with a masked-image model,
+    its loss and a reconstruction-loss validation (the loop's best score is minus that loss)."""
+
+    best_file = "encoder-best.safetensors"
+
+    def __init__(self, config: PretrainConfig, dist: distributed.Distributed) -> None:
+        self.config, self.dist = config, dist
+        self.output = Path(config.output)
+        encoder = build_model(config, num_classes=0)
+        self.model = SimMIM(encoder).to(dist.device)
+        preprocessing = encoder.config.preprocessing
+        check_sizes(preprocessing.crop, self.model.stride, config.mask_patch_size, encoder.config.patch_size)
+        self.data = load_datasets(config)
+        self.data.classes = []  # labels are not used
+        train_transform, val_transform = simmim_transforms(config, preprocessing, encoder.config.patch_size)
+        self.loader, self.sampler, self.augmented = train_loader(self.data.train, train_transform, config, dist)
+        self.val_loader = self._val_loader(val_transform)
+        self.steps_per_epoch = self.sampler.steps // config.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"accum_steps {config.accum_steps} exceeds the {self.sampler.steps} batches of an epoch")
+        self.forward_model = self._wrap(self.model)
+        self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
+        self.scheduler = warmup_cosine(self.optimizer, config, self.steps_per_epoch, dist.world_size)
+        self.amp_dtype = amp_dtype(config.amp)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
+        self.ema = None
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.skipped_steps, self.best_top1 = 0, -float("inf")
+        self.epoch_totals = {"loss": 0.0, "images": 0.0, "bad": 0.0}
+        self.metrics = MetricsLog(self.output) if dist.is_main else None
+
+    def _val_loader(self, transform: Any) -> DataLoader:
+        """Every ``world``-th validation image, masked the same way in every epoch and every run."""
+        dataset = AugmentedDataset(self.data.val, SeededTransform(transform, self.config.seed))
+        shard = list(range(self.dist.rank, len(dataset), self.dist.world_size))
+        return DataLoader(
+            Subset(dataset, shard),
+            batch_size=self.config.batch_size,
+            num_workers=self.config.workers,
+            collate_fn=collate_skipping_bad,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def _train_mode(self) -> None:
+        self.forward_model.train()
+
+    def _loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        images, masks = (part.to(self.dist.device, non_blocking=True) for part in batch["images"])
+        with torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return model(images, masks), len(images)
+
+    def _forward_backward(self, batch: dict[str, Any]) -> tuple[float, int]:
+        weight = 1.0
+        if batch["images"] is None:
+            if not self.dist.enabled:
+                return 0.0, 0
+            # Every process must join the gradient all-reduce: an all-bad batch contributes zero.
+            size = self.model.config.preprocessing.crop
+            patches = size // self.model.config.patch_size
+            batch = {
+                "images": [torch.zeros(1, self.model.config.in_chans, size, size), torch.zeros(1, patches, patches)]
+            }
+            weight = 0.0
+        loss, count = self._loss(self.forward_model, batch)
+        self.scaler.scale(loss * weight / self.config.accum_steps).backward()
+        return loss.item(), int(weight * count)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.forward_model.eval()
+        total, count = 0.0, 0
+        for batch in self.val_loader:
+            if batch["images"] is not None:
+                loss, images = self._loss(self.forward_model, batch)
+                total, count = total + loss.item() * images, count + images
+        total, count = self.dist.sum([total, count])
+        return {"val_loss": total / max(count, 1)}
+
+    def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
+        best_state = self._new_best(-row["val_loss"])
+        if not self.dist.is_main:
+            return
+        self.metrics.append(row)
+        logger.info(
+            "epoch %d/%d  train loss %.4f  val loss %.4f  lr %.2e  %.0f img/s",
+            row["epoch"] + 1,
+            self.config.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["lr"],
+            row["images_per_second"],
+        )
+        warn_bad_images(row)
+        if best_state is not None:
+            save_model(self.model.encoder, best_path, state_dict=encoder_part(best_state))
+
+    def _finish(self, best_path: Path, seconds: float) -> PretrainResult:
+        final_path = self.output / "encoder-final.safetensors"
+        encoder_state = encoder_part(self.model_state())
+        history: list[dict[str, Any]] = []
+        if self.dist.is_main:
+            save_model(self.model.encoder, final_path, state_dict=encoder_state)
+            self._save_reconstructions(self.output / "reconstructions.png")
+            history = self.metrics.history()
+            if history:
+                plot_curves(history, self.output / "curves.png")
+            self.metrics.close()
+        return PretrainResult(
+            self.output,
+            final_path,
+            best_path if best_path.exists() else None,
+            -self.best_top1,
+            history,
+            self.skipped_steps,
+            history[-1]["bad_images"] if history else 0,
+            seconds,
+        )
+
+    @torch.no_grad()
+    def _save_reconstructions(self, path: Path, count: int = 8) -> None:
+        """Rows of validation images: the original, what the encoder saw (masked patches grey), and
+        the visible patches with the predicted ones filled in."""
+        from torchvision.utils import save_image
+
+        batch = next((b for b in self.val_loader if b["images"] is not None), None)
+        if batch is None or self.config.fsdp:
+            return
+        images, masks = (part[:count].to(self.dist.device) for part in batch["images"])
+        self.model.eval()
+        predicted = self.model.reconstruct(images, masks).float()
+        patch = self.model.config.patch_size
+        pixels = masks.repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
+        preprocessing = self.model.config.preprocessing
+        mean = torch.tensor(preprocessing.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(preprocessing.std, device=images.device).view(1, -1, 1, 1)
+        shown = [images * std + mean, (images * std + mean) * (1 - pixels) + 0.5 * pixels]
+        shown.append(images * std + mean + pixels * (predicted - images) * std)
+        save_image(torch.cat(shown).clamp(0, 1), path, nrow=len(images))
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Pretrain as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    with distributed.process_group(config.device) as dist:
+        torch.manual_seed(config.seed)  # every rank builds the same encoder
+        return PretrainTrainer(config, dist).run()

@@ -1,0 +1,215 @@
+"""SimMIM pretraining: the model against Hugging Face's Swin masked image modeling, the masks, the
+loaders of pretraining checkpoints, and ``swinkit pretrain`` end to end (resume, fine-tune)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import swinkit
+from helpers import perturb, relative_error, write_digit_folder
+from swinkit.cli import main
+from swinkit.pretrain import SimMIM, random_mask
+from swinkit.train.pretrain import pretrain, resolve_pretrain_config
+
+SIZE = 128  # every stage map at least one window of 4: Hugging Face's Swin clamps no window
+HF_ARCH = dict(image_size=SIZE, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=4)
+
+
+def _hf_simmim(family: str) -> torch.nn.Module:
+    if family == "v2":
+        model = transformers.Swinv2ForMaskedImageModeling(transformers.Swinv2Config(encoder_stride=32, **HF_ARCH))
+    else:
+        model = transformers.SwinForMaskedImageModeling(transformers.SwinConfig(encoder_stride=32, **HF_ARCH))
+    return perturb(model.double().eval(), scale=0.05)
+
+
+def _swinkit_simmim(reference: torch.nn.Module, family: str) -> SimMIM:
+    """swinkit's SimMIM with ``reference``'s weights: the encoder through the checkpoint loader."""
+    encoder = swinkit.create_model(f"swin{'v2' if family == 'v2' else ''}_test", num_classes=0, img_size=SIZE)
+    encoder = encoder.double()  # float64 before loading: no rounding
+    state = reference.state_dict()
+    report = swinkit.load_checkpoint(encoder, state)
+    assert report.ok and "took the encoder of a SimMIM pretraining checkpoint" in str(report)
+    model = SimMIM(encoder).double().eval()
+    with torch.no_grad():
+        model.mask_token.copy_(state[f"swin{'v2' if family == 'v2' else ''}.embeddings.mask_token"].view(-1))
+        model.decoder[0].weight.copy_(state["decoder.0.weight"])
+        model.decoder[0].bias.copy_(state["decoder.0.bias"])
+    return model
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_simmim_matches_hugging_face_masked_image_modeling(family):
+    reference = _hf_simmim(family)
+    model = _swinkit_simmim(reference, family)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    mask = torch.stack([random_mask((SIZE, SIZE), 32, 4, 0.6, generator) for _ in range(2)])
+    x_ref = x.clone().requires_grad_(True)
+    expected = reference(x_ref, bool_masked_pos=mask.flatten(1).bool())
+    expected.loss.backward()
+    x_ours = x.clone().requires_grad_(True)
+    loss = model(x_ours, mask)
+    loss.backward()
+    with torch.no_grad():
+        assert relative_error(model.reconstruct(x, mask), expected.reconstruction) < 1e-12
+    assert abs(loss.item() - expected.loss.item()) < 1e-12
+    assert relative_error(x_ours.grad, x_ref.grad) < 1e-10  # through the encoder's fast path and back
+
+
+def test_random_masks_cover_the_ratio_in_whole_mask_patches():
+    generator = torch.Generator().manual_seed(0)
+    mask = random_mask((192, 160), 32, 4, 0.6, generator)
+    assert mask.shape == (48, 40)
+    cells = mask.view(6, 8, 5, 8).permute(0, 2, 1, 3).reshape(30, 64)
+    assert torch.equal(cells.amin(dim=1), cells.amax(dim=1))  # constant inside each 32 x 32 square
+    assert cells[:, 0].sum() == math.ceil(30 * 0.6) == 18
+    again = random_mask((192, 160), 32, 4, 0.6, torch.Generator().manual_seed(0))
+    other = random_mask((192, 160), 32, 4, 0.6, torch.Generator().manual_seed(1))
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
+    for args, message in (
+        (((100, 96), 32, 4, 0.6), r"must be a multiple of the model's patch size \(4\) and divide the image sides"),
+        (((96, 96), 30, 4, 0.6), r"mask patch size \(30\)"),
+        (((96, 96), 32, 4, 1.0), "mask ratio must be above 0 and below 1, got 1.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            random_mask(*args)
+
+
+def test_simmim_refuses_a_classifier_and_bad_inputs():
+    with pytest.raises(ValueError, match="build it with num_classes=0"):
+        SimMIM(swinkit.create_model("swin_test", num_classes=3))
+    model = SimMIM(swinkit.create_model("swin_test", num_classes=0))
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"mask must be \(B, H/4, W/4\) = \(1, 16, 16\), got \(1, 8, 8\)"):
+        model(x, torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="image sides must be multiples of it, got 48x64"):
+        model(torch.randn(1, 3, 48, 64), torch.zeros(1, 12, 16))
+
+
+def test_official_and_hugging_face_simmim_files_fine_tune(tmp_path):
+    # The official SimMIM file keeps the encoder under "encoder." in the official layout, beside
+    # its mask token and decoder; Hugging Face's under "swin.". Both initialise a classifier.
+    reference = _hf_simmim("v1")
+    model = _swinkit_simmim(reference, "v1")
+    official = {"model": {k: v for k, v in model.state_dict().items() if k != "mask_token"}}
+    official["model"]["encoder.mask_token"] = model.mask_token.detach().view(1, 1, -1)
+    torch.save(official, tmp_path / "simmim.pth")
+    reference.save_pretrained(tmp_path / "hf")
+    x = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.encoder.forward_head(model.encoder.stage_maps(x)[-1], pre_logits=True)
+    for source in (tmp_path / "simmim.pth", tmp_path / "hf"):
+        classifier = swinkit.create_model("swin_test", img_size=SIZE, num_classes=5).double()
+        report = swinkit.load_checkpoint(classifier, source)
+        assert report.ok and "mask token and decoder are not loaded" in str(report)
+        with torch.no_grad():
+            features = classifier.forward_head(classifier.stage_maps(x)[-1], pre_logits=True)
+        assert relative_error(features, expected) < 1e-12, source
+
+
+def _run_options(data, output, **extra):
+    return {
+        "data": str(data),
+        "model": "swin_test",
+        "img_size": 32,
+        "window_size": 4,
+        "mask_patch_size": 8,
+        "batch_size": 8,
+        "epochs": 2,
+        "warmup_epochs": 0.5,
+        "base_lr": 0.2,  # per 512 images: 3e-3 at batch 8
+        "workers": 0,
+        "progress": False,
+        "val_fraction": 0.2,
+        "output": str(output),
+        **extra,
+    }
+
+
+def test_pretraining_lowers_the_reconstruction_loss_and_resumes_exactly(tmp_path):
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1, 2), per_class=16)  # 48 images: 38 train, 5 steps
+    (data / "digit0" / "broken.png").write_bytes(b"not an image")
+    reference = pretrain(resolve_pretrain_config(_run_options(data, tmp_path / "reference")))
+    rows = reference.history
+    assert [row["epoch"] for row in rows] == [0, 1] and rows[0]["bad_images"] in (0, 1)
+    for name in ("encoder-final.safetensors", "encoder-best.safetensors", "reconstructions.png", "curves.png"):
+        assert (tmp_path / "reference" / name).is_file(), name
+
+    # The same run stopped after 7 steps, its last checkpoint at step 6, resumed to the end.
+    interrupted = tmp_path / "interrupted"
+    stopped = pretrain(resolve_pretrain_config(_run_options(data, interrupted, max_steps=7, checkpoint_every=3)))
+    assert stopped.history == [rows[0] | {"images_per_second": stopped.history[0]["images_per_second"]}]
+    resumed = pretrain(resolve_pretrain_config(_run_options(data, interrupted, checkpoint_every=3)))
+    expected, got = (load_file(run.encoder) for run in (reference, resumed))
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, rtol=0, atol=1e-6), key
+    assert resumed.history[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
+
+    # Training lowered the loss the held-out images are scored with.
+    frozen = {"base_lr": 0.0, "warmup_lr": 0.0, "min_lr": 0.0}
+    untrained = pretrain(resolve_pretrain_config(_run_options(data, tmp_path / "untrained", **frozen)))
+    assert rows[-1]["val_loss"] < 0.85 * untrained.history[-1]["val_loss"]
+
+
+def test_swinkit_pretrain_then_train_from_the_encoder(tmp_path, capsys):
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=12)
+    output = tmp_path / "pretrain"
+    args = ["pretrain", "--data", str(data), "--model", "swin_test", "--img-size", "32", "--window-size", "4"]
+    args += ["--mask-patch-size", "8", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--no-progress"]
+    assert main([*args, "--output", str(output), "--val-fraction", "0.25"]) == 0
+    assert f"fine-tune from {output / 'encoder-final.safetensors'}" in capsys.readouterr().out
+    train = ["train", "--data", str(data), "--checkpoint", str(output / "encoder-final.safetensors")]
+    train += ["--model", "swin_test", "--img-size", "32", "--window-size", "4", "--batch-size", "4", "--epochs", "1"]
+    train += ["--max-steps", "1", "--workers", "0", "--no-progress", "--output", str(tmp_path / "train")]
+    assert main(train) == 0
+
+    refused = [
+        (["--mask-ratio", "1"], "training option 'mask_ratio' must be above 0 and below 1, got 1.0"),
+        (
+            ["--img-size", "48"],
+            "pretraining option 'img_size' (48) must be a multiple of the encoder's stride (32) and of "
+            "'mask_patch_size' (8), itself a multiple of the patch size (4)",
+        ),
+    ]
+    for extra, message in refused:
+        assert main([*args, "--output", str(tmp_path / "refused"), *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"swinkit pretrain: error: {message}"
+    with pytest.raises(SystemExit):  # classification's options are not pretraining's
+        main([*args, "--mixup", "0.8"])
+    assert "unrecognized arguments: --mixup 0.8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(mode, tmp_path):
+    # The same global batches, masks and learning rate: DDP's average of two ranks' losses equals
+    # one process's loss over both halves, since every image masks the same number of pixels.
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=10)
+    options = ["--data", str(data), "--model", "swin_test", "--img-size", "32", "--window-size", "4"]
+    options += ["--mask-patch-size", "8", "--epochs", "1", "--workers", "0", "--no-progress"]  # a whole epoch
+    options += ["--deterministic", "--val-fraction", "0.2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "swinkit", "pretrain", *options, "--batch-size", "4"]
+    subprocess.run([*single, "--output", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launch, "-m", "swinkit", "pretrain", *options, "--batch-size", "2", "--output", str(tmp_path / "two")]
+    command += ["--fsdp"] if mode == "fsdp" else []
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(tmp_path / run / "encoder-final.safetensors") for run in ("one", "two"))
+    assert (tmp_path / "two" / "encoder-best.safetensors").is_file()  # written at the epoch's end
+    initial = swinkit.create_model("swin_test", img_size=32, num_classes=0).state_dict()
+    moved = 0
+    for key, value in one.items():
+        assert torch.allclose(two[key], value, rtol=1e-5, atol=1e-6), key
+        moved += not torch.equal(value, initial[key])
+    assert moved > len(one) // 2  # the runs really trained
