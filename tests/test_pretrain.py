@@ -213,3 +213,18 @@ def test_torchrun_two_processes_match_one_process(mode, tmp_path):
         assert torch.allclose(two[key], value, rtol=1e-5, atol=1e-6), key
         moved += not torch.equal(value, initial[key])
     assert moved > len(one) // 2  # the runs really trained
+
+
+def test_pretraining_takes_a_plain_folder_of_images_at_any_depth(tmp_path):
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=10)
+    flat = tmp_path / "flat"
+    (flat / "nested").mkdir(parents=True)
+    for index, path in enumerate(sorted(folder.rglob("*.*"))):
+        path.rename(flat / ("nested" if index % 2 else "") / f"{index}{path.suffix}")
+    result = pretrain(resolve_pretrain_config(_run_options(flat, tmp_path / "run", epochs=1, val_fraction=0.2)))
+    assert result.history[0]["val_loss"] > 0 and result.encoder.is_file()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no image files"):
+        pretrain(resolve_pretrain_config(_run_options(tmp_path / "empty", tmp_path / "run2")))
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
+        pretrain(resolve_pretrain_config(_run_options(tmp_path / "absent", tmp_path / "run3")))

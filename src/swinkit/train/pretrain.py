@@ -24,13 +24,22 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint.native import save as save_model
-from ..data import AugmentedDataset, SeededTransform, collate_skipping_bad, eval_crop
+from ..data import (
+    IMAGE_EXTENSIONS,
+    AugmentedDataset,
+    FileDataset,
+    SeededTransform,
+    collate_skipping_bad,
+    eval_crop,
+    split_dataset,
+)
+from ..data.datasets import Sample
 from ..evaluate import amp_dtype
 from ..pretrain import SimMIM, random_mask
 from ..variants import Preprocessing
 from . import distributed
 from .config import AT_LEAST_ONE, BatchScaling, Limit, TrainConfig, add_arguments, check_limits, resolve_options
-from .data import load_datasets, train_loader
+from .data import SPLIT_SEED, RunData, load_datasets, train_loader
 from .loop import Trainer, build_model, warmup_cosine, warn_bad_images
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer
@@ -42,8 +51,8 @@ logger = logging.getLogger(__name__)
 class PretrainConfig(BatchScaling):
     """Everything a SimMIM pretraining run depends on; saved as ``config.yaml`` beside its checkpoints."""
 
-    # Data: images in class sub-folders (labels unused; one folder of images is one class), a
-    # CSV list, or a folder with train/ and val/; None pretrains on the bundled digits.
+    # Data: a folder of images (at any depth; labels unused), one with train/ and val/, a CSV
+    # list, or None: the bundled digits.
     data: str | None = None
     val_data: str | None = None
     val_fraction: float = 0.05  # held out to report the reconstruction loss per epoch
@@ -182,6 +191,27 @@ def simmim_transforms(config: PretrainConfig, preprocessing: Preprocessing, patc
     return MaskedImage(train, size, *masked), MaskedImage(val, size, *masked)
 
 
+def unlabelled_images(config: PretrainConfig) -> RunData:
+    """The images to pretrain on, labels dropped: a folder's every image (in sub-folders or not;
+    ``train/`` and ``val/`` sub-folders, if both are there, give the split), a CSV list, or the
+    bundled digits."""
+    root = None if config.data is None else Path(config.data)
+    has_split = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
+    if root is None or root.suffix.lower() == ".csv" or config.val_data is not None or has_split:
+        data = load_datasets(config)
+    else:
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
+        images = FileDataset([Sample(str(path), 0) for path in paths], ["images"], strict=config.strict_data)
+        train, val = split_dataset(images, config.val_fraction, SPLIT_SEED)
+        data = RunData(train, val, [], str(root))
+    data.classes = []  # labels are not used
+    return data
+
+
 def encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's entries of a :class:`~swinkit.pretrain.SimMIM` state dict, under its own names."""
     return {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
@@ -221,8 +251,7 @@ class PretrainTrainer(Trainer):
         self.model = SimMIM(encoder).to(dist.device)
         preprocessing = encoder.config.preprocessing
         check_sizes(preprocessing.crop, self.model.stride, config.mask_patch_size, encoder.config.patch_size)
-        self.data = load_datasets(config)
-        self.data.classes = []  # labels are not used
+        self.data = unlabelled_images(config)
         train_transform, val_transform = simmim_transforms(config, preprocessing, encoder.config.patch_size)
         self.loader, self.sampler, self.augmented = train_loader(self.data.train, train_transform, config, dist)
         self.val_loader = self._val_loader(val_transform)
