@@ -214,6 +214,7 @@ def test_explain_leaves_the_model_as_it_was_and_refuses_bad_requests():
         (lambda: explain(model, x, target=3), r"target must be one class in 0..2 or one per image \(2\), got 3"),
         (lambda: explain(model, x, target=[0]), r"target must be one class in 0..2 or one per image \(2\), got \[0\]"),
         (lambda: explain(model, x[0]), r"images must be \(B, C, H, W\), got shape \(3, 64, 64\)"),
+        (lambda: record_attention(model, x, 4), "first_stage must be in 0..3 for this model, got 4"),
         (
             lambda: explain(swinkit.create_model("swin_test", features_only=True), x),
             "explanations need a classifier",

@@ -193,8 +193,8 @@ class BlockAttention:
         full = values.new_zeros(batch, heads, (cells + 1) * (cells + 1))
         full.index_put_(
             (
-                torch.arange(batch)[:, None, None],
-                torch.arange(heads)[None, :, None],
+                torch.arange(batch, device=values.device)[:, None, None],
+                torch.arange(heads, device=values.device)[None, :, None],
                 (rows * (cells + 1) + columns)[None, None],
             ),
             values,
@@ -206,6 +206,8 @@ class BlockAttention:
 def record_attention(model: nn.Module, images: Tensor, first_stage: int = 0) -> tuple[Tensor, list[BlockAttention]]:
     """Run ``model`` on ``images`` (no gradients) and keep the attention weights of every block from
     stage ``first_stage`` on, in forward order. The blocks run the reference path for this call."""
+    if not 0 <= first_stage < len(model.layers):
+        raise ValueError(f"first_stage must be in 0..{len(model.layers) - 1} for this model, got {first_stage}")
     records: list[BlockAttention] = []
     handles = []
     for layer in model.layers[first_stage:]:
