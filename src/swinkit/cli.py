@@ -186,8 +186,9 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
         "--method",
         default="gradcam",
         choices=["gradcam", "rollout"],
-        help="gradcam: the class's evidence on a stage's map (default: the last, stride 32); "
-        "rollout: attention rolled back through the shifted windows (default: stage 0, stride 4)",
+        help="gradcam (default): the class's evidence on a stage's map (by default the deepest at least 4 tokens "
+        "wide: the last, stride 32, for Swin-T at 224); rollout: attention rolled back through the shifted "
+        "windows (by default to stage 0, stride 4)",
     )
     parser.add_argument("--class", dest="target", help="class name or index to explain (default: the top class)")
     parser.add_argument("--stage", type=int, help="stage whose map is shown, 0..3 or negative from the end")
