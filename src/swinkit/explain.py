@@ -61,6 +61,11 @@ class Explanation:
     stride: int
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
+
+
 def explain(
     model: nn.Module,
     images: Tensor,
@@ -77,8 +82,7 @@ def explain(
     goes down to stage 0. The model runs in eval mode
     and is left in the mode it had.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
+    check_method(method)
     config = model.config
     if config.features_only or config.num_classes <= 0:
         raise ValueError("explanations need a classifier; this model has no head (features_only or num_classes 0)")
@@ -344,8 +348,7 @@ def explain_files(
     """
     from .predict import expand_inputs, load_classifier, load_or_report
 
-    if method not in METHODS:
-        raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
+    check_method(method)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):

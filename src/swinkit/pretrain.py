@@ -91,7 +91,7 @@ class SimMIM(nn.Module):
 def reconstruction_loss(images: Tensor, predicted: Tensor, mask: Tensor, patch_size: int) -> Tensor:
     """Mean absolute error on masked pixels, per channel (Eq. 1 of the paper); float32 at least."""
     dtype = torch.promote_types(images.dtype, torch.float32)
-    pixels = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).to(dtype)
+    pixels = mask_cells(mask, patch_size).unsqueeze(1).to(dtype)
     error = F.l1_loss(predicted.to(dtype), images.to(dtype), reduction="none")
     # The official code adds 1e-5 to an integer count, which makes a float32 sum (where the 1e-5 is
     # lost above about 100 pixels); the same here, so float64 checks agree to rounding.
@@ -131,5 +131,10 @@ def random_mask(
     count = math.ceil(rows * cols * ratio)
     mask = torch.zeros(rows * cols)
     mask[torch.randperm(rows * cols, generator=generator)[:count]] = 1.0
-    scale = mask_patch_size // patch_size
-    return mask.view(rows, cols).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return mask_cells(mask.view(rows, cols), mask_patch_size // patch_size)
+
+
+def mask_cells(mask: Tensor, scale: int) -> Tensor:
+    """A mask ``(..., h, w)`` spread over the ``scale`` x ``scale`` cells each value covers:
+    ``(..., h * scale, w * scale)``."""
+    return mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)

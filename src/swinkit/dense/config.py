@@ -8,7 +8,6 @@ absolute, as in the official dense configs (no scaling by batch size).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,6 +21,7 @@ from ..train.config import (
     Limit,
     add_arguments,
     check_limits,
+    explicit_options,
     resolve_options,
 )
 
@@ -200,6 +200,4 @@ def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace, task: str) -> DenseConfig:
-    names = {f.name for f in dataclasses.fields(TASKS[task][0])}
-    explicit = {name: value for name, value in vars(args).items() if name in names}
-    return resolve_dense_config(task, explicit, getattr(args, "config", None))
+    return resolve_dense_config(task, explicit_options(args, TASKS[task][0]), getattr(args, "config", None))

@@ -279,7 +279,11 @@ def add_arguments(parser: argparse.ArgumentParser, options: type = TrainConfig) 
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
 
 
+def explicit_options(args: argparse.Namespace, options: type) -> dict[str, Any]:
+    """The fields of ``options`` given on the command line (unset flags are absent from ``args``)."""
+    names = {f.name for f in dataclasses.fields(options)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    explicit = {name: value for name, value in vars(args).items() if name in names}
-    return resolve_config(explicit, getattr(args, "config", None))
+    return resolve_config(explicit_options(args, TrainConfig), getattr(args, "config", None))

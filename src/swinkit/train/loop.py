@@ -490,10 +490,15 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
 
 def fit(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
+    return run_trainer(Trainer, config)
+
+
+def run_trainer(trainer: type[TrainingLoop], config: Any) -> Any:
+    """Build ``trainer`` for ``config`` in this process (of a ``torchrun`` launch, or alone) and run it."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     with distributed.process_group(config.device) as dist:
         # The same seed on every rank: FSDP shards a model each rank built, so they must agree.
         torch.manual_seed(config.seed)
-        return Trainer(config, dist).run()
+        return trainer(config, dist).run()

@@ -12,7 +12,6 @@ of scale 0.67-1 and flips). The run writes the encoder as a swinkit file to fine
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,12 +34,21 @@ from ..data import (
 )
 from ..data.datasets import Sample
 from ..evaluate import amp_dtype
-from ..pretrain import SimMIM, random_mask
+from ..pretrain import SimMIM, mask_cells, random_mask
 from ..variants import Preprocessing
 from . import distributed
-from .config import AT_LEAST_ONE, BatchScaling, Limit, TrainConfig, add_arguments, check_limits, resolve_options
+from .config import (
+    AT_LEAST_ONE,
+    BatchScaling,
+    Limit,
+    TrainConfig,
+    add_arguments,
+    check_limits,
+    explicit_options,
+    resolve_options,
+)
 from .data import SPLIT_SEED, RunData, load_datasets, train_loader
-from .loop import Trainer, build_model, warmup_cosine, warn_bad_images
+from .loop import Trainer, build_model, run_trainer, warmup_cosine, warn_bad_images
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer
 
@@ -159,9 +167,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    explicit = {name: value for name, value in vars(args).items() if name in names}
-    return resolve_pretrain_config(explicit, getattr(args, "config", None))
+    return resolve_pretrain_config(explicit_options(args, PretrainConfig), getattr(args, "config", None))
 
 
 class MaskedImage:
@@ -368,21 +374,17 @@ class PretrainTrainer(Trainer):
         images, masks = (part[:count].to(self.dist.device) for part in batch["images"])
         self.model.eval()
         predicted = self.model.reconstruct(images, masks).float()
-        patch = self.model.config.patch_size
-        pixels = masks.repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
+        pixels = mask_cells(masks, self.model.config.patch_size).unsqueeze(1)
         preprocessing = self.model.config.preprocessing
         mean = torch.tensor(preprocessing.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(preprocessing.std, device=images.device).view(1, -1, 1, 1)
-        shown = [images * std + mean, (images * std + mean) * (1 - pixels) + 0.5 * pixels]
-        shown.append(images * std + mean + pixels * (predicted - images) * std)
-        save_image(torch.cat(shown).clamp(0, 1), path, nrow=len(images))
+        original, filled = images * std + mean, predicted * std + mean
+        masked = original * (1 - pixels) + 0.5 * pixels
+        save_image(
+            torch.cat([original, masked, original + pixels * (filled - original)]).clamp(0, 1), path, nrow=len(images)
+        )
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    with distributed.process_group(config.device) as dist:
-        torch.manual_seed(config.seed)  # every rank builds the same encoder
-        return PretrainTrainer(config, dist).run()
+    return run_trainer(PretrainTrainer, config)
