@@ -759,7 +759,9 @@ class SwinTransformer(nn.Module):
         ``torch.compile(model)`` traces :meth:`forward` whole, so a CPU batch runs unsplit on all the
         intra-op threads. Here the compiled function is each share's forward: a CPU batch still splits
         over the image-parallel workers (:mod:`swinkit.parallel`), each running its images through
-        the compiled graph on one thread. ``args`` and ``kwargs`` are torch.compile's.
+        the compiled graph on one thread. ``args`` and ``kwargs`` are torch.compile's. Dynamo's
+        reordering of compiled graphs (an LRU list) is turned off for the whole process: workers
+        looking up one function at once otherwise compiled a graph again.
         """
         compile_forward(self, *args, **kwargs)
 

@@ -27,7 +27,8 @@ a batch serial; so do tracing, being inside a worker, one thread or one image.
 ``model.compile()`` (:func:`compile_forward`) compiles the forward each share runs, so that a
 compiled model splits too: ``torch.compile(model)`` traces the split away and runs the batch whole.
 The first batch of each kind runs one share of each size alone first, so that the workers compile
-its graphs once.
+its graphs once; dynamo's reordering of a function's compiled graphs is turned off, process-wide,
+so that workers looking up one function at once all find them (:func:`_keep_cache_order`).
 
 The workers flush subnormal floats to zero (``torch.set_flush_denormal``, in these threads only:
 the caller's own threads keep their mode). The shift mask's -100 makes attention probabilities
@@ -202,6 +203,24 @@ def compile_forward(model: torch.nn.Module, *args: Any, **options: Any) -> None:
     """
     share_forward, whole_forward = (torch.compile(_fresh(_run_forward), *args, **options) for _ in range(2))
     _compiled[model] = (share_forward, whole_forward, set())  # and the kinds of batch split so far
+    _keep_cache_order()
+
+
+def _keep_cache_order() -> None:
+    """Turn off dynamo's reordering of its compiled entries (process-wide) while workers share them.
+
+    Dynamo keeps a function's compiled graphs in a list and moves the one a call finds to the front.
+    A worker looking up the same function meanwhile, its place in the list on an entry that failed,
+    then steps from there past the moved entry (now behind it), finds none, and compiles that graph
+    again: 1 time in 2 for shares of 2, 2, 1 and 1 images on four workers (a fifth graph of four,
+    with one more backward), and each such graph counts toward dynamo's limit of 8 per function.
+    Without the reordering, lookups never change the list (new entries go at its end), and entries
+    are tried in the order they were compiled. ``torch.utils.checkpoint``'s help names the same
+    switch (pytorch/pytorch#166926); torch versions without it keep their order as they do.
+    """
+    switch = getattr(torch._C._dynamo.eval_frame, "_set_lru_cache", None)
+    if switch is not None:
+        switch(False)
 
 
 def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
