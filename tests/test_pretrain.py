@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit.cli import main
-from swinkit.pretrain import SimMIM, random_mask
-from swinkit.train.pretrain import pretrain, resolve_pretrain_config
+from swinkit.pretrain import SimMIM, local_statistics, random_mask, reconstruction_loss
+from swinkit.train.config import resolve_config
+from swinkit.train.pretrain import PretrainConfig, pretrain, pretrain_schedule, resolve_pretrain_config
 
 SIZE = 128  # every stage map at least one window of 4: Hugging Face's Swin clamps no window
 HF_ARCH = dict(image_size=SIZE, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=4)
@@ -180,6 +181,11 @@ def test_swinkit_pretrain_then_train_from_the_encoder(tmp_path, capsys):
             "pretraining option 'img_size' (48) must be a multiple of the encoder's stride (32) and of "
             "'mask_patch_size' (8), itself a multiple of the patch size (4)",
         ),
+        (
+            ["--lr-schedule", "multistep"],
+            "lr_schedule 'multistep' needs lr_milestones: the epochs at which to multiply by lr_gamma",
+        ),
+        (["--norm-target-patch", "4"], "norm_target_patch must be 0 (off) or an odd size of at least 3, got 4"),
     ]
     for extra, message in refused:
         assert main([*args, "--output", str(tmp_path / "refused"), *extra]) == 2
@@ -228,3 +234,121 @@ def test_pretraining_takes_a_plain_folder_of_images_at_any_depth(tmp_path):
         pretrain(resolve_pretrain_config(_run_options(tmp_path / "empty", tmp_path / "run2")))
     with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
         pretrain(resolve_pretrain_config(_run_options(tmp_path / "absent", tmp_path / "run3")))
+
+
+def _neighbourhood_statistics(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized target's statistics written out: every pixel's p x p neighbourhood unfolded,
+    the pixels outside the image left out, mean and unbiased variance over the rest."""
+    H, W = images.shape[-2:]
+    half = patch // 2
+    padded = torch.nn.functional.pad(images, (half, half, half, half))
+    inside = torch.nn.functional.pad(torch.ones(1, 1, H, W, dtype=images.dtype), (half, half, half, half))
+    windows = padded.unfold(2, patch, 1).unfold(3, patch, 1)  # (B, C, H, W, p, p)
+    present = inside.unfold(2, patch, 1).unfold(3, patch, 1)
+    n = present.sum(dim=(-2, -1))
+    mean = (windows * present).sum(dim=(-2, -1)) / n
+    variance = (((windows - mean[..., None, None]) * present) ** 2).sum(dim=(-2, -1)) / (n - 1)
+    return mean, (variance.clamp(min=0) + 1e-6).sqrt()
+
+
+@pytest.mark.parametrize("patch, size", [(5, (12, 10)), (47, (64, 64)), (47, (32, 32))])
+def test_normalized_target_matches_its_neighbourhood_statistics(patch, size):
+    # The SwinV2 recipe's target: each pixel less its neighbourhood's mean, over its standard deviation,
+    # the neighbourhood cut at the image's border (47 around a pixel 8-23 of a 32-pixel side: all of it).
+    images = torch.randn(2, 3, *size, dtype=torch.float64) * 2 + 0.5
+    mean, std = local_statistics(images, patch)
+    expected_mean, expected_std = _neighbourhood_statistics(images, patch)
+    assert relative_error(mean, expected_mean) < 1e-12 and relative_error(std, expected_std) < 1e-12
+    if size == (32, 32):  # there, the whole image's two numbers per channel
+        centre = (..., slice(8, 24), slice(8, 24))
+        whole_mean = images.mean(dim=(-2, -1), keepdim=True).expand_as(mean)[centre]
+        whole_std = (images.var(dim=(-2, -1), keepdim=True) + 1e-6).sqrt().expand_as(std)[centre]
+        assert torch.allclose(mean[centre], whole_mean, atol=1e-12)
+        assert torch.allclose(std[centre], whole_std, atol=1e-12)
+        assert not torch.allclose(mean[..., 0, 0], whole_mean[..., 0, 0])  # a corner sees a quarter of it
+
+    # SimMIM's loss with the normalized target is L1 against those normalized pixels on masked ones.
+    encoder = swinkit.create_model("swinv2_test", num_classes=0, img_size=64).double()
+    model = SimMIM(encoder, norm_target_patch=patch).double().eval()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    mask = torch.stack([random_mask((64, 64), 8, 4, 0.6) for _ in range(2)]).double()
+    expected_mean, expected_std = _neighbourhood_statistics(images, patch)
+    with torch.no_grad():
+        predicted = model.reconstruct(images, mask)
+        target = (images - expected_mean) / expected_std
+        assert model(images, mask).item() == pytest.approx(reconstruction_loss(target, predicted, mask, 4).item())
+        assert model(images, mask).item() != pytest.approx(reconstruction_loss(images, predicted, mask, 4).item())
+    with pytest.raises(ValueError, match="norm_target_patch must be 0 \\(off\\) or an odd size of at least 3, got 4"):
+        SimMIM(encoder, norm_target_patch=4)
+
+
+def test_multistep_schedule_is_the_official_one():
+    # The Swin Transformer repository's MultiStepLRScheduler, per iteration: linear from warmup_lr over
+    # the warm-up, then the rate times gamma for every milestone (epoch * steps per epoch) reached.
+    config = PretrainConfig(
+        lr_schedule="multistep", lr_milestones=(3, 5), lr_gamma=0.5, warmup_epochs=2, base_lr=0.4, warmup_lr=0.1
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    steps, world = 4, 2  # batch 128 x 2 processes: rates halved (per 512 images)
+    schedule = pretrain_schedule(optimizer, config, steps, world)
+    lr, warmup_lr = 0.4 * 256 / 512, 0.1 * 256 / 512
+    for t in range(30):
+        if t < 8:
+            expected = warmup_lr + t * (lr - warmup_lr) / 8
+        else:
+            expected = lr * 0.5 ** sum(t >= milestone for milestone in (12, 20))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), t
+        schedule.step()
+    cosine = pretrain_schedule(optimizer, PretrainConfig(epochs=10, warmup_epochs=0), steps, world)
+    assert type(cosine).__name__ == "WarmupCosine"
+
+
+def test_official_simmim_recipes():
+    # Values of microsoft/Swin-Transformer's configs/simmim/*.yaml and SimMIM's 100-epoch one.
+    pretraining = {
+        "simmim": dict(model="swin_b", window_size=6, epochs=100, base_lr=2e-4, lr_schedule="cosine"),
+        "simmim-swin-b-800ep": dict(model="swin_b", window_size=6, drop_path_rate=0.0, norm_target_patch=0),
+        "simmim-swin-l-800ep": dict(model="swin_l", window_size=12, drop_path_rate=0.0, norm_target_patch=0),
+        "simmim-swinv2-b-800ep": dict(model="swinv2_b", window_size=12, drop_path_rate=0.1, norm_target_patch=47),
+    }
+    long = dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, weight_decay=0.05, img_size=192)
+    long |= dict(lr_schedule="multistep", lr_milestones=(700.0,), lr_gamma=0.1, mask_patch_size=32, mask_ratio=0.6)
+    for recipe, values in pretraining.items():
+        config = resolve_pretrain_config({"recipe": recipe, "data": "images"})
+        expected = values if recipe == "simmim" else {**long, **values}
+        assert {name: getattr(config, name) for name in expected} == expected, recipe
+    finetuning = {
+        "simmim-finetune": dict(model="swin_b", window_size=7, drop_path_rate=0.1, layer_decay=0.9),
+        "simmim-finetune-swin-b-800ep": dict(model="swin_b", window_size=7, drop_path_rate=0.1, layer_decay=0.8),
+        "simmim-finetune-swin-l-800ep": dict(model="swin_l", window_size=14, drop_path_rate=0.2, layer_decay=0.7),
+        "simmim-finetune-swinv2-b-800ep": dict(model="swinv2_b", window_size=14, drop_path_rate=0.1, layer_decay=0.75),
+    }
+    common = dict(img_size=224, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
+    for recipe, values in finetuning.items():
+        config = resolve_config({"recipe": recipe})
+        expected = {**common, "weight_decay": 0.05, **values}
+        assert {name: getattr(config, name) for name in expected} == expected, recipe
+
+    refused = [
+        ({"lr_schedule": "step"}, "lr_schedule must be one of cosine, multistep, got 'step'"),
+        ({"lr_schedule": "multistep"}, "lr_schedule 'multistep' needs lr_milestones"),
+        ({"recipe": "simmim-swin-b-800ep", "lr_milestones": (5,)}, "lr_milestones [5.0] must all come after the 10"),
+        ({"lr_milestones": (-1,)}, "training option 'lr_milestones' must be above 0 each, got (-1.0,)"),
+        ({"norm_target_patch": 2}, "norm_target_patch must be 0 (off) or an odd size of at least 3, got 2"),
+    ]
+    for values, message in refused:
+        with pytest.raises(ValueError) as error:
+            resolve_pretrain_config({"data": "images", **values})
+        assert message in str(error.value)
+
+
+def test_normalized_target_pretraining_on_a_step_schedule(tmp_path):
+    # The SwinV2 recipe's two parts in a short run: the normalized target and the step schedule.
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=10)  # 16 train images: 2 steps
+    options = _run_options(data, tmp_path / "run", epochs=3, warmup_epochs=0, base_lr=0.4, norm_target_patch=5)
+    result = pretrain(resolve_pretrain_config(options | {"lr_schedule": "multistep", "lr_milestones": (1, 2)}))
+    # Each epoch's row gives the rate after its 2 steps: 0.4 * 8 / 512 times 0.1 per milestone (steps 2, 4) reached.
+    expected = [0.4 * 8 / 512 * 0.1 ** sum(2 * (epoch + 1) >= step for step in (2, 4)) for epoch in range(3)]
+    assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-12)
+    assert all(math.isfinite(row["val_loss"]) for row in result.history)
+    assert (tmp_path / "run" / "reconstructions.png").is_file()

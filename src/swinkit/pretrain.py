@@ -8,7 +8,9 @@ Masked Image Modeling", CVPR 2022), as in the official code.
   to ``stride**2 * in_chans`` values per token, rearranged to pixels (pixel shuffle): raw pixels
   at the encoder's stride, 32.
 - **Loss** (Sec. 3.4): L1 between the prediction and the (normalized) image on masked pixels only,
-  summed and divided by the masked pixel count and the channel count.
+  summed and divided by the masked pixel count and the channel count. The SwinV2 recipe predicts a
+  normalized target instead (``norm_target_patch``, 47 there): each pixel less the mean of the
+  ``p`` x ``p`` pixels around it (those inside the image), over their standard deviation.
 
 :class:`SimMIM` wraps any swinkit encoder, V1 or V2; ``swinkit pretrain``
 (:mod:`swinkit.train.pretrain`) trains it and writes the encoder for fine-tuning.
@@ -32,9 +34,11 @@ class SimMIM(nn.Module):
 
     Keys: ``encoder.*`` (the encoder's own), ``mask_token`` ``(C,)``, ``decoder.0.{weight,bias}``.
     ``forward(images, mask)`` returns the loss; :meth:`reconstruct` the predicted pixels.
+    ``norm_target_patch`` (odd, or 0 for the image as it is): the side of the neighbourhood that
+    normalizes the target (:func:`local_statistics`).
     """
 
-    def __init__(self, encoder: SwinTransformer) -> None:
+    def __init__(self, encoder: SwinTransformer, norm_target_patch: int = 0) -> None:
         super().__init__()
         config = encoder.config
         if config.features_only or config.num_classes != 0:
@@ -42,6 +46,8 @@ class SimMIM(nn.Module):
                 "SimMIM's encoder has no classifier and returns the final map: build it with num_classes=0 "
                 f"and features_only=False (got num_classes={config.num_classes}, features_only={config.features_only})"
             )
+        check_norm_target_patch(norm_target_patch)
+        self.norm_target_patch = norm_target_patch
         self.encoder = encoder
         self.mask_token = nn.Parameter(torch.zeros(config.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -84,8 +90,36 @@ class SimMIM(nn.Module):
         """The predicted pixels ``(B, C, H, W)`` of every patch (only masked ones are trained)."""
         return self.decoder(self.encode(images, mask))
 
+    def target(self, images: Tensor) -> Tensor:
+        """What the decoder learns to predict: the images, or their locally normalized pixels."""
+        if not self.norm_target_patch:
+            return images
+        mean, std = local_statistics(images, self.norm_target_patch)
+        return (images.to(mean.dtype) - mean) / std
+
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        return reconstruction_loss(images, self.reconstruct(images, mask), mask, self.config.patch_size)
+        predicted = self.reconstruct(images, mask)
+        return reconstruction_loss(self.target(images), predicted, mask, self.config.patch_size)
+
+
+def check_norm_target_patch(patch: int) -> None:
+    if patch != 0 and (patch < 3 or patch % 2 == 0):
+        raise ValueError(f"norm_target_patch must be 0 (off) or an odd size of at least 3, got {patch}")
+
+
+def local_statistics(images: Tensor, patch: int) -> tuple[Tensor, Tensor]:
+    """Per pixel and channel, the mean and standard deviation of the ``patch`` x ``patch`` pixels
+    centred on it that lie inside the image (``n`` of them): the variance is unbiased (over ``n - 1``),
+    clamped at 0, and ``1e-6`` is added before the square root, as the official SwinV2 SimMIM recipe
+    does. Float32 at least."""
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    pool = {"kernel_size": patch, "stride": 1, "padding": patch // 2}
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_square = F.avg_pool2d(x * x, count_include_pad=False, **pool)
+    # Pixels of each neighbourhood inside the image: fewer along the borders.
+    inside = F.avg_pool2d(torch.ones_like(x[:1, :1]), count_include_pad=True, **pool) * patch**2
+    variance = ((mean_square - mean * mean) * inside / (inside - 1)).clamp(min=0)
+    return mean, (variance + 1e-6).sqrt()
 
 
 def reconstruction_loss(images: Tensor, predicted: Tensor, mask: Tensor, patch_size: int) -> Tensor:

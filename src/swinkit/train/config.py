@@ -152,12 +152,29 @@ class TrainConfig(BatchScaling):
         check_limits(self)
 
 
+_SIMMIM_FINETUNE: dict[str, Any] = dict(
+    img_size=224, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7, weight_decay=0.05
+)
+
 RECIPES: dict[str, dict[str, Any]] = {
     # The official ImageNet-1K recipe is the dataclass defaults.
     "imagenet": {},
     # Official 22K -> 1K fine-tuning.
     "finetune": dict(
         epochs=30, warmup_epochs=5, base_lr=2e-5, warmup_lr=2e-8, min_lr=2e-7, weight_decay=1e-8, drop_path_rate=0.2
+    ),
+    # Fine-tuning a SimMIM-pretrained encoder (swinkit pretrain) at 224: the official recipes, each
+    # after its pretraining recipe of the same name (SimMIM's 100-epoch Swin-B; the Swin Transformer
+    # repository's 800-epoch ones): layer-wise rate decay, 20 warm-up epochs of 100.
+    "simmim-finetune": dict(_SIMMIM_FINETUNE, model="swin_b", window_size=7, drop_path_rate=0.1, layer_decay=0.9),
+    "simmim-finetune-swin-b-800ep": dict(
+        _SIMMIM_FINETUNE, model="swin_b", window_size=7, drop_path_rate=0.1, layer_decay=0.8
+    ),
+    "simmim-finetune-swin-l-800ep": dict(
+        _SIMMIM_FINETUNE, model="swin_l", window_size=14, drop_path_rate=0.2, layer_decay=0.7
+    ),
+    "simmim-finetune-swinv2-b-800ep": dict(
+        _SIMMIM_FINETUNE, model="swinv2_b", window_size=14, drop_path_rate=0.1, layer_decay=0.75
     ),
     # The bundled 8x8 digits: a small model, light augmentation (no flips: a flipped 2 is no digit).
     "digits": dict(

@@ -5,8 +5,12 @@ DDP / FSDP through ``torchrun``, AMP and gradient accumulation.
 The default recipe is the official 100-epoch SimMIM pretraining of Swin-B (192 x 192, window 6,
 masks of 32 x 32 pixels at ratio 0.6, AdamW at 2e-4 per 512 images with 10 warm-up epochs and a
 cosine to 1e-5, weight decay 0.05, gradient clipping 5, no stochastic depth, random resized crops
-of scale 0.67-1 and flips). The run writes the encoder as a swinkit file to fine-tune from
-(``swinkit train --checkpoint .../encoder-final.safetensors``).
+of scale 0.67-1 and flips). The 800-epoch recipes of the Swin Transformer repository are
+``--recipe`` ``simmim-swin-b-800ep``, ``simmim-swin-l-800ep`` and ``simmim-swinv2-b-800ep`` (1e-4
+per 512 images, the rate divided by 10 after epoch 700; SwinV2-B with stochastic depth 0.1 and a
+target normalized over 47 x 47 pixels). The run writes the encoder as a swinkit file to fine-tune
+from (``swinkit train --checkpoint .../encoder-final.safetensors``, with the matching
+``simmim-finetune*`` recipe).
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ from ..data import (
 )
 from ..data.datasets import Sample
 from ..evaluate import amp_dtype
-from ..pretrain import SimMIM, mask_cells, random_mask
+from ..pretrain import SimMIM, check_norm_target_patch, local_statistics, mask_cells, random_mask
 from ..variants import Preprocessing
 from . import distributed
 from .config import (
     AT_LEAST_ONE,
+    POSITIVE,
     BatchScaling,
     Limit,
     TrainConfig,
@@ -50,7 +55,7 @@ from .config import (
 from .data import SPLIT_SEED, RunData, load_datasets, train_loader
 from .loop import Trainer, build_model, run_trainer, warmup_cosine, warn_bad_images
 from .metrics import MetricsLog, plot_curves
-from .optim import build_optimizer
+from .optim import WarmupSchedule, WarmupStep, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +80,15 @@ class PretrainConfig(BatchScaling):
     grad_checkpointing: bool = False
     compile: bool = False
     attn_impl: str = "auto"
-    # Masking.
+    # Masking, and the target: 0 the image as it is, an odd p each pixel normalized over p x p.
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
-    # Optimisation: AdamW, linear warm-up then cosine, per iteration; lr scaled by batch / 512.
+    norm_target_patch: int = 0
+    # Optimisation: AdamW, linear warm-up then cosine (or steps of lr_gamma at the lr_milestones
+    # epochs: multistep), per iteration; lr scaled by batch / 512.
+    lr_schedule: str = "cosine"
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
     epochs: int = 100
     batch_size: int = 128  # per process
     accum_steps: int = 1
@@ -116,18 +126,56 @@ class PretrainConfig(BatchScaling):
 
     def __post_init__(self) -> None:
         check_limits(self)
+        check_norm_target_patch(self.norm_target_patch)
+        check_schedule(self)
 
 
-# Classification's limits for the options both have, and the masking ones.
+LR_SCHEDULES = ("cosine", "multistep")
+
+
+def check_schedule(config: PretrainConfig) -> None:
+    """A known schedule; multistep's milestones after the warm-up (as the official scheduler asserts)."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.lr_schedule == "multistep":
+        if not config.lr_milestones:
+            raise ValueError("lr_schedule 'multistep' needs lr_milestones: the epochs at which to multiply by lr_gamma")
+        if min(config.lr_milestones) < config.warmup_epochs:
+            raise ValueError(
+                f"lr_milestones {list(config.lr_milestones)} must all come after the "
+                f"{config.warmup_epochs} warm-up epochs"
+            )
+
+
+# Classification's limits for the options both have, and the masking and schedule ones.
 PretrainConfig.LIMITS = {
     **{name: limit for name, limit in TrainConfig.LIMITS.items() if name in PretrainConfig.__dataclass_fields__},
     "mask_patch_size": AT_LEAST_ONE,
     "mask_ratio": Limit(lambda value: 0 < value < 1, "above 0 and below 1"),
+    "lr_milestones": POSITIVE,
+    "lr_gamma": POSITIVE,
 }
+
+# The Swin Transformer repository's 800-epoch pretraining (configs/simmim/*_800ep.yaml): 1e-4 per 512
+# images, warm-up from 5e-7 over 10 epochs, the rate divided by 10 after epoch 700.
+_SIMMIM_800EP: dict[str, Any] = dict(
+    epochs=800,
+    base_lr=1e-4,
+    warmup_lr=5e-7,
+    warmup_epochs=10,
+    lr_schedule="multistep",
+    lr_milestones=(700.0,),
+    lr_gamma=0.1,
+)
 
 PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
     # The official simmim_pretrain__swin_base__img192_window6__100ep is the dataclass defaults.
     "simmim": {},
+    "simmim-swin-b-800ep": dict(_SIMMIM_800EP, model="swin_b", window_size=6, drop_path_rate=0.0),
+    "simmim-swin-l-800ep": dict(_SIMMIM_800EP, model="swin_l", window_size=12, drop_path_rate=0.0),
+    "simmim-swinv2-b-800ep": dict(
+        _SIMMIM_800EP, model="swinv2_b", window_size=12, drop_path_rate=0.1, norm_target_patch=47
+    ),
     # The bundled digits at 32 x 32: masks of 8 x 8 pixels (16 per image), a small encoder.
     "digits": dict(
         model="swin_digits",
@@ -232,6 +280,24 @@ def check_sizes(img_size: int, stride: int, mask_patch_size: int, patch_size: in
         )
 
 
+def pretrain_schedule(
+    optimizer: torch.optim.Optimizer, config: PretrainConfig, steps_per_epoch: int, world: int
+) -> WarmupSchedule:
+    """The per-iteration rate of ``config.lr_schedule``, rates scaled by the total batch."""
+    if config.lr_schedule == "cosine":
+        return warmup_cosine(optimizer, config, steps_per_epoch, world)
+    # The official MultiStepLRScheduler: the same linear warm-up, then lr * gamma per milestone passed
+    # (a milestone is never inside the warm-up, so the warm-up factor of WarmupStep is the same line).
+    return WarmupStep(
+        optimizer,
+        lr=config.scaled(config.base_lr, world),
+        warmup_lr=config.scaled(config.warmup_lr, world),
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        milestones=[round(epoch * steps_per_epoch) for epoch in config.lr_milestones],
+        gamma=config.lr_gamma,
+    )
+
+
 @dataclass
 class PretrainResult:
     output: Path
@@ -254,7 +320,7 @@ class PretrainTrainer(Trainer):
         self.config, self.dist = config, dist
         self.output = Path(config.output)
         encoder = build_model(config, num_classes=0)
-        self.model = SimMIM(encoder).to(dist.device)
+        self.model = SimMIM(encoder, config.norm_target_patch).to(dist.device)
         preprocessing = encoder.config.preprocessing
         check_sizes(preprocessing.crop, self.model.stride, config.mask_patch_size, encoder.config.patch_size)
         self.data = unlabelled_images(config)
@@ -266,7 +332,7 @@ class PretrainTrainer(Trainer):
             raise ValueError(f"accum_steps {config.accum_steps} exceeds the {self.sampler.steps} batches of an epoch")
         self.forward_model = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
-        self.scheduler = warmup_cosine(self.optimizer, config, self.steps_per_epoch, dist.world_size)
+        self.scheduler = pretrain_schedule(self.optimizer, config, self.steps_per_epoch, dist.world_size)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         self.ema = None
@@ -378,6 +444,9 @@ class PretrainTrainer(Trainer):
         preprocessing = self.model.config.preprocessing
         mean = torch.tensor(preprocessing.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(preprocessing.std, device=images.device).view(1, -1, 1, 1)
+        if self.model.norm_target_patch:  # the prediction is of normalized pixels: undo with the image's own
+            local_mean, local_std = local_statistics(images, self.model.norm_target_patch)
+            predicted = predicted * local_std + local_mean
         original, filled = images * std + mean, predicted * std + mean
         masked = original * (1 - pixels) + 0.5 * pixels
         save_image(
