@@ -227,6 +227,56 @@ def test_window_7_to_12_resizes_tables_bicubic_and_runs_at_384(tmp_path):
         assert model(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
 
 
+def _official_geometric_positions(old_side: int, new_side: int) -> list[float]:
+    """SimMIM fine-tuning's offsets, written out from utils_simmim.remap_pretrained_keys_swin: 0 and
+    +-(1 + q + ... + q**k), q bisected in [1.01, 1.5] until the sum of half terms nears new_side // 2."""
+    half = old_side // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        total = sum(q**k for k in range(half))
+        left, right = (left, q) if total > new_side // 2 else (q, right)
+    distances = [sum(q**k for k in range(count)) for count in range(1, half + 1)]
+    return [-d for d in reversed(distances)] + [0.0] + distances
+
+
+def test_simmim_fine_tuning_resizes_tables_geometrically_by_the_official_rule(tmp_path):
+    # The official SimMIM fine-tuning spreads the old offsets geometrically and interpolates each head
+    # with scipy's cubic interp2d: FITPACK's interpolating spline on the grid, which RectBivariateSpline
+    # with s=0 computes too (interp2d left SciPy in 1.14), evaluated at -6..6.
+    from scipy.interpolate import RectBivariateSpline
+
+    source = swinkit.create_model("swin_test", img_size=192, window_size=6)  # a SimMIM encoder's geometry
+    torch.save({"model": source.state_dict()}, tmp_path / "window6.pth")
+    model = swinkit.create_model(
+        "swin_test", img_size=224, window_size=7, checkpoint=tmp_path / "window6.pth", table_resize="geometric"
+    )
+    assert "resized geometric from 11x11 to 13x13 (window 6 -> 7, the official SimMIM fine-tuning rule)" in str(
+        model.load_report
+    )
+    positions = _official_geometric_positions(11, 13)
+    targets = torch.arange(-6.0, 7.0).double().numpy()
+    for stage in range(4):
+        old = source.layers[stage].blocks[0].attn.relative_position_bias_table.detach().double()
+        expected = []
+        for head in range(old.shape[1]):
+            grid = old[:, head].reshape(11, 11).numpy()  # rows: the first offset (interp2d's y)
+            spline = RectBivariateSpline(positions, positions, grid, kx=3, ky=3, s=0)
+            expected.append(torch.from_numpy(spline(targets, targets)).reshape(-1))
+        expected = torch.stack(expected, dim=1)
+        new = model.layers[stage].blocks[0].attn.relative_position_bias_table.detach()
+        torch.testing.assert_close(new, expected.float(), rtol=1e-6, atol=1e-6)
+        # In float64 the resize is the spline to rounding; bicubic gives another table.
+        exact = swinkit.checkpoint.adapt.resize_relative_position_table_geometric(old, 169)
+        assert (exact - expected).abs().max() < 1e-12 * expected.abs().max()
+        bicubic = swinkit.checkpoint.adapt.resize_relative_position_table(old, 169)
+        assert (bicubic - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="table_resize must be one of bicubic, geometric, got 'nearest'"):
+        swinkit.load_checkpoint(model, source.state_dict(), table_resize="nearest")
+    with pytest.raises(ValueError, match="a geometric resize needs a window of 3 or more"):
+        swinkit.checkpoint.adapt.resize_relative_position_table_geometric(torch.zeros(9, 2), 25)
+
+
 def test_absolute_position_embedding_is_resized_with_the_resolution():
     source = swinkit.create_model("swin_test", ape=True)  # 16 x 16 grid at 64
     model = swinkit.create_model("swin_test", ape=True, img_size=96, checkpoint=None)

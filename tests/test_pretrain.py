@@ -326,7 +326,7 @@ def test_official_simmim_recipes():
     common = dict(img_size=224, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
     for recipe, values in finetuning.items():
         config = resolve_config({"recipe": recipe})
-        expected = {**common, "weight_decay": 0.05, **values}
+        expected = {**common, "weight_decay": 0.05, "table_resize": "geometric", **values}
         assert {name: getattr(config, name) for name in expected} == expected, recipe
 
     refused = [

@@ -51,6 +51,7 @@ def create_model(
     *,
     strict: bool = True,
     attn_impl: str = "auto",
+    table_resize: str = "bicubic",
     **overrides: Any,
 ) -> nn.Module:
     """Build a Swin model by preset ``name``, optionally loading ``checkpoint`` (any supported layout).
@@ -60,6 +61,7 @@ def create_model(
     With no ``name`` the architecture comes from the checkpoint. Without an explicit
     ``num_classes`` the model takes the checkpoint's classifier size; with one, a different head
     in the file is re-initialised (see the load report, logged and kept in ``model.load_report``).
+    ``table_resize`` is :func:`~swinkit.checkpoint.load_checkpoint`'s (V1 bias tables of another window).
     """
     if name is None and checkpoint is None:
         raise ValueError("create_model needs a model name or a checkpoint (or both)")
@@ -74,7 +76,7 @@ def create_model(
             config = _with_pretrained_windows(config, loaded)
     model = build_model(config, attn_impl=attn_impl)
     if loaded is not None:
-        model.load_report = load_checkpoint(model, loaded, strict=strict)
+        model.load_report = load_checkpoint(model, loaded, strict=strict, table_resize=table_resize)
     return model
 
 

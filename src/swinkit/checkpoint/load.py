@@ -124,7 +124,10 @@ def simmim_encoder(state_dict: StateDict) -> tuple[StateDict, list[str]]:
 
 
 def load_checkpoint(
-    model: nn.Module, source: str | os.PathLike | Mapping[str, Any] | Checkpoint, strict: bool = True
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    strict: bool = True,
+    table_resize: str = "bicubic",
 ) -> LoadReport:
     """Load ``source`` (a file path, a state dict in any supported layout, or a :class:`Checkpoint`).
 
@@ -133,10 +136,14 @@ def load_checkpoint(
     errors, but adaptations the report lists: a V1 window change (bias tables resized bicubic),
     a resolution change with an absolute position embedding (resized bicubic), an ImageNet-22K
     head into a 1000-class model (the ImageNet-1K rows selected) and any other classifier size
-    (the head re-initialised). Returns the :class:`LoadReport` (also logged).
+    (the head re-initialised). ``table_resize="geometric"`` resizes V1 bias tables by the official
+    SimMIM fine-tuning's rule instead (:func:`~swinkit.checkpoint.adapt.resize_relative_position_table_geometric`).
+    Returns the :class:`LoadReport` (also logged).
     """
     if isinstance(source, nn.Module) and not isinstance(model, nn.Module):
         model, source = source, model
+    if table_resize not in adapt.TABLE_RESIZES:
+        raise ValueError(f"table_resize must be one of {', '.join(adapt.TABLE_RESIZES)}, got {table_resize!r}")
     checkpoint = source if isinstance(source, Checkpoint) else read_any(source)
     config = model.config
     report = LoadReport(checkpoint.source, checkpoint.format, checkpoint.family, notes=list(checkpoint.notes))
@@ -146,7 +153,7 @@ def load_checkpoint(
             f"{config.family.upper()}; create a {'swinv2_*' if checkpoint.family == 'v2' else 'swin_*'} model "
             "for it (or load it with create_model(checkpoint=...) and no name)"
         )
-    state_dict = _adapt_positions(dict(checkpoint.state_dict), model.state_dict(), report)
+    state_dict = _adapt_positions(dict(checkpoint.state_dict), model.state_dict(), report, table_resize)
     state_dict = _adapt_outputs(state_dict, model, report)
     compare_keys(state_dict, model.state_dict(), report)
     if strict and not report.ok:
@@ -158,21 +165,28 @@ def load_checkpoint(
     return report
 
 
-def _adapt_positions(state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport) -> StateDict:
+def _adapt_positions(
+    state_dict: StateDict, expected: dict[str, Tensor], report: LoadReport, table_resize: str = "bicubic"
+) -> StateDict:
     """Resize V1 bias tables to the model's windows and an absolute position embedding to its grid."""
+    resize = {
+        "bicubic": adapt.resize_relative_position_table,
+        "geometric": adapt.resize_relative_position_table_geometric,
+    }[table_resize]
+    rule = "the official " + {"bicubic": "fine-tuning rule", "geometric": "SimMIM fine-tuning rule"}[table_resize]
     resized: dict[tuple[int, int], list[int]] = {}
     for key, value in list(state_dict.items()):
         target = expected.get(key)
         if not key.endswith("relative_position_bias_table") or target is None or value.shape == target.shape:
             continue
         if value.dim() == 2 and value.shape[1] == target.shape[1]:
-            state_dict[key] = adapt.resize_relative_position_table(value, target.shape[0])
+            state_dict[key] = resize(value, target.shape[0])
             sides = (math.isqrt(value.shape[0]), math.isqrt(target.shape[0]))
             resized.setdefault(sides, []).append(int(key.split(".")[1]))
     for (old, new), stages in resized.items():
         report.adapted.append(
-            f"relative position bias tables of stages {sorted(set(stages))} resized bicubic from {old}x{old} to "
-            f"{new}x{new} (window {(old + 1) // 2} -> {(new + 1) // 2}, the official fine-tuning rule)"
+            f"relative position bias tables of stages {sorted(set(stages))} resized {table_resize} from {old}x{old} "
+            f"to {new}x{new} (window {(old + 1) // 2} -> {(new + 1) // 2}, {rule})"
         )
     embed, target = state_dict.get("absolute_pos_embed"), expected.get("absolute_pos_embed")
     if embed is not None and target is not None and embed.shape != target.shape and embed.shape[2] == target.shape[2]:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..checkpoint.adapt import TABLE_RESIZES
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -81,6 +83,8 @@ class TrainConfig(BatchScaling):
     window_size: int | None = None
     drop_path_rate: float | None = None  # None: the preset's
     layer_decay: float | None = None  # layer-wise learning-rate decay for fine-tuning, e.g. 0.9
+    # V1 bias tables of a checkpoint with another window: bicubic, or geometric (SimMIM fine-tuning's).
+    table_resize: str = "bicubic"
     freeze_stages: int = 0  # freeze patch embedding and the first k stages
     grad_checkpointing: bool = False
     compile: bool = False
@@ -150,10 +154,19 @@ class TrainConfig(BatchScaling):
 
     def __post_init__(self) -> None:
         check_limits(self)
+        if self.table_resize not in TABLE_RESIZES:
+            raise ValueError(f"table_resize must be one of {', '.join(TABLE_RESIZES)}, got {self.table_resize!r}")
 
 
 _SIMMIM_FINETUNE: dict[str, Any] = dict(
-    img_size=224, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7, weight_decay=0.05
+    img_size=224,
+    epochs=100,
+    warmup_epochs=20,
+    base_lr=1.25e-3,
+    warmup_lr=2.5e-7,
+    min_lr=2.5e-7,
+    weight_decay=0.05,
+    table_resize="geometric",
 )
 
 RECIPES: dict[str, dict[str, Any]] = {

@@ -52,7 +52,10 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     for name in ("img_size", "window_size", "drop_path_rate"):
         if getattr(config, name) is not None:
             overrides[name] = getattr(config, name)
-    model = create_model(config.model, checkpoint=config.checkpoint, attn_impl=config.attn_impl, **overrides)
+    table_resize = getattr(config, "table_resize", "bicubic")  # pretraining options have none
+    model = create_model(
+        config.model, checkpoint=config.checkpoint, attn_impl=config.attn_impl, table_resize=table_resize, **overrides
+    )
     report = getattr(model, "load_report", None)
     if report is not None:
         logger.info("%s", report)
