@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit.cli import main
-from swinkit.pretrain import SimMIM, local_statistics, random_mask, reconstruction_loss
+from swinkit.pretrain import (
+    SimMIM,
+    load_pretraining_parts,
+    local_statistics,
+    pretraining_parts,
+    random_mask,
+    reconstruction_loss,
+)
 from swinkit.train.config import resolve_config
 from swinkit.train.pretrain import PretrainConfig, pretrain, pretrain_schedule, resolve_pretrain_config
 
@@ -40,10 +47,9 @@ def _swinkit_simmim(reference: torch.nn.Module, family: str) -> SimMIM:
     report = swinkit.load_checkpoint(encoder, state)
     assert report.ok and "took the encoder of a SimMIM pretraining checkpoint" in str(report)
     model = SimMIM(encoder).double().eval()
-    with torch.no_grad():
-        model.mask_token.copy_(state[f"swin{'v2' if family == 'v2' else ''}.embeddings.mask_token"].view(-1))
-        model.decoder[0].weight.copy_(state["decoder.0.weight"])
-        model.decoder[0].bias.copy_(state["decoder.0.bias"])
+    parts = pretraining_parts(state)  # Hugging Face's (1, 1, C) swin.embeddings.mask_token and decoder.0
+    assert parts.keys() == {"mask_token", "decoder.0.weight", "decoder.0.bias"}
+    load_pretraining_parts(model, parts, "hf")
     return model
 
 
@@ -352,3 +358,29 @@ def test_normalized_target_pretraining_on_a_step_schedule(tmp_path):
     assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-12)
     assert all(math.isfinite(row["val_loss"]) for row in result.history)
     assert (tmp_path / "run" / "reconstructions.png").is_file()
+
+
+def test_the_whole_simmim_model_is_written_officially_and_pretraining_goes_on_from_it(tmp_path, caplog):
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=10)
+    first = pretrain(resolve_pretrain_config(_run_options(data, tmp_path / "first", epochs=1)))
+    written = torch.load(first.output / "simmim-final.pth", weights_only=True)["model"]
+    trained = torch.load(first.output / "checkpoint-last.pt", weights_only=True)["model"]  # SimMIM's own names
+    # The official layout: the encoder under encoder. with the official model's buffers, a (1, 1, C) token.
+    assert written["encoder.mask_token"].shape == (1, 1, 16)
+    assert torch.equal(written["encoder.mask_token"].view(-1), trained["mask_token"])
+    assert "encoder.layers.0.blocks.0.attn.relative_position_index" in written
+    assert all(torch.equal(written[key], value) for key, value in trained.items() if key != "mask_token")
+
+    # Going on from it (here at rate 0): the encoder, the mask token and the decoder all carry over.
+    frozen = {"base_lr": 0.0, "warmup_lr": 0.0, "min_lr": 0.0, "checkpoint": str(first.output / "simmim-final.pth")}
+    with caplog.at_level("INFO", logger="swinkit"):
+        second = pretrain(resolve_pretrain_config(_run_options(data, tmp_path / "second", epochs=1, **frozen)))
+    assert "its mask token and decoder are loaded as well" in caplog.text
+    again = torch.load(second.output / "simmim-final.pth", weights_only=True)["model"]
+    assert again.keys() == written.keys() and all(torch.equal(again[key], written[key]) for key in written)
+    assert second.history[0]["val_loss"] == pytest.approx(first.history[0]["val_loss"], rel=1e-6)
+
+    # A decoder of another shape (another encoder width) is refused by name.
+    model = SimMIM(swinkit.create_model("swin_test", num_classes=0, img_size=32, window_size=4, embed_dim=24))
+    with pytest.raises(ValueError, match=r"decoder.0.weight has shape \(3072, 128, 1, 1\) there but \(3072, 192,"):
+        load_pretraining_parts(model, pretraining_parts(written), "simmim-final.pth")

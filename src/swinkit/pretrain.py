@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import official
 from .model import SwinTransformer, check_images
 from .variants import SwinConfig
 
@@ -100,6 +101,44 @@ class SimMIM(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
         predicted = self.reconstruct(images, mask)
         return reconstruction_loss(self.target(images), predicted, mask, self.config.patch_size)
+
+
+def pretraining_parts(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A SimMIM file's mask token (as ``(C,)``) and decoder under :class:`SimMIM`'s names; empty for
+    a file without both. The official code keeps the token as ``encoder.mask_token`` ``(1, 1, C)``,
+    Hugging Face as ``swin.embeddings.mask_token`` (``swinv2.``); both name the decoder ``decoder.0``."""
+    parts = {key: value for key, value in state_dict.items() if key in ("decoder.0.weight", "decoder.0.bias")}
+    for key, value in state_dict.items():
+        if key in ("mask_token", "encoder.mask_token") or key.endswith("embeddings.mask_token"):
+            parts["mask_token"] = value.reshape(-1)
+    return parts if {"mask_token", "decoder.0.weight", "decoder.0.bias"} <= parts.keys() else {}
+
+
+def load_pretraining_parts(model: SimMIM, parts: dict[str, Tensor], source: str) -> None:
+    """Copy :func:`pretraining_parts` into ``model``, refusing by name a part of another shape."""
+    decoder = {f"decoder.0.{name}": parameter for name, parameter in model.decoder[0].named_parameters()}
+    own = {"mask_token": model.mask_token, **decoder}
+    for key, value in parts.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"{source}: SimMIM's {key} has shape {tuple(value.shape)} there but {tuple(own[key].shape)} in this "
+                "model (another width, stride or channel count); pretrain that encoder afresh or load only its "
+                "encoder (swinkit train --checkpoint)"
+            )
+    with torch.no_grad():
+        for key, value in parts.items():
+            own[key].copy_(value)
+
+
+def official_state(state: dict[str, Tensor], config: SwinConfig) -> dict[str, dict[str, Tensor]]:
+    """A :class:`SimMIM` state dict in the official code's layout, ``{"model": ...}``: the encoder under
+    ``encoder.`` with the buffers the official encoder registers, ``encoder.mask_token`` ``(1, 1, C)``
+    and ``decoder.0.*``."""
+    encoder = {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
+    out = {f"encoder.{key}": value for key, value in official.from_swinkit(encoder, config).items()}
+    out["encoder.mask_token"] = state["mask_token"].reshape(1, 1, -1)
+    out |= {key: value for key, value in state.items() if key.startswith("decoder.")}
+    return {"model": out}
 
 
 def check_norm_target_patch(patch: int) -> None:

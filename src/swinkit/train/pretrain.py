@@ -26,6 +26,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Subset
 
+from ..checkpoint.io import read_checkpoint, save_torch
 from ..checkpoint.native import save as save_model
 from ..data import (
     IMAGE_EXTENSIONS,
@@ -38,7 +39,16 @@ from ..data import (
 )
 from ..data.datasets import Sample
 from ..evaluate import amp_dtype
-from ..pretrain import SimMIM, check_norm_target_patch, local_statistics, mask_cells, random_mask
+from ..pretrain import (
+    SimMIM,
+    check_norm_target_patch,
+    load_pretraining_parts,
+    local_statistics,
+    mask_cells,
+    official_state,
+    pretraining_parts,
+    random_mask,
+)
 from ..variants import Preprocessing
 from . import distributed
 from .config import (
@@ -271,6 +281,15 @@ def encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
 
 
+def continue_simmim(model: SimMIM, checkpoint: str) -> None:
+    """A SimMIM file's mask token and decoder too (the official code's, Hugging Face's or a run's
+    ``simmim-final.pth``): pretraining goes on from where it was; other files give the encoder only."""
+    parts = pretraining_parts(read_checkpoint(checkpoint)[0])
+    if parts:
+        load_pretraining_parts(model, parts, checkpoint)
+        logger.info("continuing SimMIM from %s: its mask token and decoder are loaded as well", checkpoint)
+
+
 def check_sizes(img_size: int, stride: int, mask_patch_size: int, patch_size: int) -> None:
     """Refuse, by name, an image SimMIM cannot reconstruct or mask in whole patches."""
     if img_size % stride or img_size % mask_patch_size or mask_patch_size % patch_size:
@@ -320,7 +339,10 @@ class PretrainTrainer(Trainer):
         self.config, self.dist = config, dist
         self.output = Path(config.output)
         encoder = build_model(config, num_classes=0)
-        self.model = SimMIM(encoder, config.norm_target_patch).to(dist.device)
+        self.model = SimMIM(encoder, config.norm_target_patch)
+        if config.checkpoint is not None:
+            continue_simmim(self.model, config.checkpoint)
+        self.model.to(dist.device)
         preprocessing = encoder.config.preprocessing
         check_sizes(preprocessing.crop, self.model.stride, config.mask_patch_size, encoder.config.patch_size)
         self.data = unlabelled_images(config)
@@ -408,10 +430,12 @@ class PretrainTrainer(Trainer):
 
     def _finish(self, best_path: Path, seconds: float) -> PretrainResult:
         final_path = self.output / "encoder-final.safetensors"
-        encoder_state = encoder_part(self.model_state())
+        state = self.model_state()
         history: list[dict[str, Any]] = []
         if self.dist.is_main:
-            save_model(self.model.encoder, final_path, state_dict=encoder_state)
+            save_model(self.model.encoder, final_path, state_dict=encoder_part(state))
+            # The whole SimMIM model in the official layout: the official code and --checkpoint go on from it.
+            save_torch(official_state(state, self.model.config), self.output / "simmim-final.pth")
             self._save_reconstructions(self.output / "reconstructions.png")
             history = self.metrics.history()
             if history:
