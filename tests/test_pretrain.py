@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file
 
 import swinkit
@@ -219,6 +220,9 @@ def test_torchrun_two_processes_match_one_process(mode, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (load_file(tmp_path / run / "encoder-final.safetensors") for run in ("one", "two"))
     assert (tmp_path / "two" / "encoder-best.safetensors").is_file()  # written at the epoch's end
+    # Rank 0's validation images (2 of the 4 held out), 3 rows of 32 pixels with 2-pixel borders.
+    with Image.open(tmp_path / "two" / "reconstructions.png") as picture:
+        assert picture.size == (2 + 2 * 34, 2 + 3 * 34)
     initial = swinkit.create_model("swin_test", img_size=32, num_classes=0).state_dict()
     moved = 0
     for key, value in one.items():

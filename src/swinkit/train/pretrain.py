@@ -353,6 +353,10 @@ class PretrainTrainer(Trainer):
         if self.steps_per_epoch == 0:
             raise ValueError(f"accum_steps {config.accum_steps} exceeds the {self.sampler.steps} batches of an epoch")
         self.forward_model = self._wrap(self.model)
+        if config.fsdp:  # reconstruct() gathers the sharded weights as forward() does
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(self.model, "reconstruct")
         self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
         self.scheduler = pretrain_schedule(self.optimizer, config, self.steps_per_epoch, dist.world_size)
         self.amp_dtype = amp_dtype(config.amp)
@@ -389,15 +393,16 @@ class PretrainTrainer(Trainer):
             if not self.dist.enabled:
                 return 0.0, 0
             # Every process must join the gradient all-reduce: an all-bad batch contributes zero.
-            size = self.model.config.preprocessing.crop
-            patches = size // self.model.config.patch_size
-            batch = {
-                "images": [torch.zeros(1, self.model.config.in_chans, size, size), torch.zeros(1, patches, patches)]
-            }
-            weight = 0.0
+            batch, weight = {"images": self._blank_images()}, 0.0
         loss, count = self._loss(self.forward_model, batch)
         self.scaler.scale(loss * weight / self.config.accum_steps).backward()
         return loss.item(), int(weight * count)
+
+    def _blank_images(self) -> list[torch.Tensor]:
+        """One black image and an empty mask: what a process without images runs to join a collective."""
+        size = self.model.config.preprocessing.crop
+        patches = size // self.model.config.patch_size
+        return [torch.zeros(1, self.model.config.in_chans, size, size), torch.zeros(1, patches, patches)]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -436,7 +441,8 @@ class PretrainTrainer(Trainer):
             save_model(self.model.encoder, final_path, state_dict=encoder_part(state))
             # The whole SimMIM model in the official layout: the official code and --checkpoint go on from it.
             save_torch(official_state(state, self.model.config), self.output / "simmim-final.pth")
-            self._save_reconstructions(self.output / "reconstructions.png")
+        self._save_reconstructions(self.output / "reconstructions.png")
+        if self.dist.is_main:
             history = self.metrics.history()
             if history:
                 plot_curves(history, self.output / "curves.png")
@@ -455,15 +461,21 @@ class PretrainTrainer(Trainer):
     @torch.no_grad()
     def _save_reconstructions(self, path: Path, count: int = 8) -> None:
         """Rows of validation images: the original, what the encoder saw (masked patches grey), and
-        the visible patches with the predicted ones filled in."""
+        the visible patches with the predicted ones filled in. Rank 0's images; under FSDP every rank
+        takes part in gathering the weights (a rank without a batch reconstructs a blank image)."""
         from torchvision.utils import save_image
 
-        batch = next((b for b in self.val_loader if b["images"] is not None), None)
-        if batch is None or self.config.fsdp:
+        if not (self.dist.is_main or self.config.fsdp):
             return
-        images, masks = (part[:count].to(self.dist.device) for part in batch["images"])
+        batch = next((b for b in self.val_loader if b["images"] is not None), None)
+        if batch is None and not self.config.fsdp:
+            return
+        parts = self._blank_images() if batch is None else batch["images"]
+        images, masks = (part[:count].to(self.dist.device) for part in parts)
         self.model.eval()
         predicted = self.model.reconstruct(images, masks).float()
+        if batch is None or not self.dist.is_main:
+            return
         pixels = mask_cells(masks, self.model.config.patch_size).unsqueeze(1)
         preprocessing = self.model.config.preprocessing
         mean = torch.tensor(preprocessing.mean, device=images.device).view(1, -1, 1, 1)
