@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -26,7 +27,13 @@ from swinkit.pretrain import (
     reconstruction_loss,
 )
 from swinkit.train.config import resolve_config
-from swinkit.train.pretrain import PretrainConfig, pretrain, pretrain_schedule, resolve_pretrain_config
+from swinkit.train.pretrain import (
+    PretrainConfig,
+    PretrainTrainer,
+    pretrain,
+    pretrain_schedule,
+    resolve_pretrain_config,
+)
 
 SIZE = 128  # every stage map at least one window of 4: Hugging Face's Swin clamps no window
 HF_ARCH = dict(image_size=SIZE, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=4)
@@ -388,3 +395,14 @@ def test_the_whole_simmim_model_is_written_officially_and_pretraining_goes_on_fr
     model = SimMIM(swinkit.create_model("swin_test", num_classes=0, img_size=32, window_size=4, embed_dim=24))
     with pytest.raises(ValueError, match=r"decoder.0.weight has shape \(3072, 128, 1, 1\) there but \(3072, 192,"):
         load_pretraining_parts(model, pretraining_parts(written), "simmim-final.pth")
+
+
+def test_an_encoder_the_official_code_would_build_otherwise_is_not_written_officially(tmp_path, caplog):
+    # Windows kept on maps smaller than them (a detection backbone's rule): the official classification
+    # encoder would build other bias tables, so the run ends with its swinkit files and says why.
+    model = SimMIM(swinkit.create_model("swin_test", num_classes=0, img_size=64, window_size=7, always_shift=True))
+    trainer = types.SimpleNamespace(model=model, output=tmp_path)
+    with caplog.at_level("WARNING", logger="swinkit"):
+        PretrainTrainer._save_official(trainer, model.state_dict())
+    assert not (tmp_path / "simmim-final.pth").exists()
+    assert "simmim-final.pth is not written: this model cannot be written in the official layout" in caplog.text

@@ -439,8 +439,7 @@ class PretrainTrainer(Trainer):
         history: list[dict[str, Any]] = []
         if self.dist.is_main:
             save_model(self.model.encoder, final_path, state_dict=encoder_part(state))
-            # The whole SimMIM model in the official layout: the official code and --checkpoint go on from it.
-            save_torch(official_state(state, self.model.config), self.output / "simmim-final.pth")
+            self._save_official(state)
         self._save_reconstructions(self.output / "reconstructions.png")
         if self.dist.is_main:
             history = self.metrics.history()
@@ -457,6 +456,17 @@ class PretrainTrainer(Trainer):
             history[-1]["bad_images"] if history else 0,
             seconds,
         )
+
+    def _save_official(self, state: dict[str, torch.Tensor]) -> None:
+        """The whole SimMIM model in the official layout, which the official code and ``--checkpoint``
+        go on from; an encoder the official code would build otherwise is said, not written (the
+        encoder files are already saved)."""
+        try:
+            official = official_state(state, self.model.config)
+        except ValueError as error:
+            logger.warning("simmim-final.pth is not written: %s", error)
+            return
+        save_torch(official, self.output / "simmim-final.pth")
 
     @torch.no_grad()
     def _save_reconstructions(self, path: Path, count: int = 8) -> None:
