@@ -228,6 +228,17 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     assert overlay.size == (64, 64) and labels.shape == (64, 64) and labels.max() < 4
     assert sum(results[0]["class_fractions"].values()) == pytest.approx(1.0)
 
+    capsys.readouterr()
+    explain = ["segment", "explain", str(images), str(tmp_path / "broken.png"), "--checkpoint", model]
+    assert main([*explain, "--class", "circle", "--output", str(tmp_path / "explained"), "--json"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert len(explained) == 5 and "cannot decode image" in explained[-1]["error"]
+    first = explained[0]
+    assert first["class"] == "circle" and first["index"] == 1 and 0 <= first["pixels"] <= 1
+    assert Image.open(first["output"]).size == (64, 64) and first["output"].endswith(".gradcam.png")
+    assert main([*explain[:3], "--checkpoint", model, "--class", "hexagon"]) == 2
+    assert "class 'hexagon' is neither a class name of the checkpoint" in capsys.readouterr().err
+
 
 def _config(shapes, out, **options):
     values = {
@@ -321,3 +332,48 @@ def test_torchrun_two_processes_train_with_a_bad_image(shapes, tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["bad_images"] == 1 and np.isfinite(row["train_loss"])
     assert (tmp_path / "run" / "model-final.safetensors").is_file()
+
+
+def _stage_map(model, images, stage):
+    """The logits and stage ``stage``'s output map (channels last) of one differentiable pass."""
+    maps = []
+    handle = model.backbone.swin.layers[stage].register_forward_hook(lambda m, i, output: maps.append(output[0]))
+    with torch.enable_grad():
+        logits = model(images.detach().requires_grad_(True))["out"]
+    handle.remove()
+    return {"logits": logits, "map": maps[0]}
+
+
+def test_seg_grad_cam_is_the_region_score_gradient_on_a_backbone_stage():
+    # Seg-Grad-CAM written out: the class's logits summed over the pixels predicted as it, its gradient
+    # at the stage's output map averaged per channel, the weighted channels summed, ReLU.
+    from swinkit.explain import explain_segmentation
+
+    torch.manual_seed(0)
+    model = create_segmentor("swin_test", num_classes=4, channels=16, aux_channels=8).double().eval()
+    for parameter in model.decode_head.parameters():
+        parameter.data.normal_(0, 0.5)  # classes of different sizes, not one everywhere
+    images = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    for target, stage in [(None, 1), (2, 2), ([1, 3], 0)]:
+        found = explain_segmentation(model, images, target, stage)
+        stage_map = _stage_map(model, images, stage)
+        labels = stage_map["logits"].argmax(dim=1)
+        for b in range(2):
+            counts = torch.bincount(labels[b].flatten(), minlength=4)
+            chosen = target[b] if isinstance(target, list) else (int(counts.argmax()) if target is None else target)
+            assert found.targets[b] == chosen
+            region = labels[b] == chosen
+            if not region.any():
+                region = torch.ones_like(region)
+            score = (stage_map["logits"][b, chosen] * region).sum()
+            (gradient,) = torch.autograd.grad(score, stage_map["map"], retain_graph=True)
+            weights = gradient[b].mean(dim=(0, 1))
+            expected = torch.relu((stage_map["map"][b] * weights).sum(dim=-1))
+            assert torch.allclose(found.raw[b], expected, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(found.probabilities[b].double(), counts.double() / labels[b].numel())
+        assert found.maps.shape == (2, 64, 80) and found.stride == 4 * 2**stage
+    assert model.training is False and not model.backbone.swin.layers[1]._forward_hooks
+    with pytest.raises(ValueError, match="needs a segmentation model"):
+        explain_segmentation(model.backbone.swin, images)
+    with pytest.raises(ValueError, match=r"target must be one class in 0..3 or one per image \(2\), got 7"):
+        explain_segmentation(model, images, 7)

@@ -9,15 +9,21 @@
   between blocks, so relevance crosses window borders block by block. Class-agnostic: it says
   which tokens the pooled representation draws on, not why a class won. MLPs are not followed.
 
+- ``explain_segmentation``: Seg-Grad-CAM (Vinogradova et al., 2020) of a semantic segmentation
+  model (:mod:`swinkit.dense`): Grad-CAM of the class's logits summed over the pixels predicted
+  as that class, on a stage of the Swin backbone.
+
 :func:`explain` returns the maps at the input's size, scaled to ``[0, 1]``; :func:`overlay`
-colours one over the image; :func:`explain_files` is ``swinkit explain``.
+colours one over the image; :func:`explain_files` is ``swinkit explain`` (and
+:func:`swinkit.dense.predict.explain_segments` is ``swinkit segment explain``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +54,8 @@ class Explanation:
             map is flat).
         raw: ``(B, h, w)``, the unscaled map at the stage's resolution. A rollout's sums to 1.
         targets: the class explained for each image.
-        probabilities: ``(B, num_classes)`` softmax of the logits.
+        probabilities: ``(B, num_classes)`` softmax of the logits; for a segmentation, the
+            fraction of the pixels predicted as each class.
         method, stage, stride: what was computed, where; ``stride`` is the stage's in pixels.
     """
 
@@ -86,16 +93,10 @@ def explain(
     config = model.config
     if config.features_only or config.num_classes <= 0:
         raise ValueError("explanations need a classifier; this model has no head (features_only or num_classes 0)")
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    stages = len(model.layers)
-    stage = _default_stage(method, images.shape[-2:], config.patch_size, stages) if stage is None else stage
-    if not -stages <= stage < stages:
-        raise ValueError(f"stage must be in {-stages}..{stages - 1} for this model, got {stage}")
-    stage %= stages
+    stage = _chosen_stage(method, images, config.patch_size, len(model.layers), stage)
     if method == "gradcam":
         with _explaining(model, reference_attention=False):
-            logits, raw, targets = _gradcam(model, images, target, stage)
+            logits, raw, targets = _gradcam(model.layers[stage], functools.partial(_class_score, model, target), images)
     else:
         logits, raw = _rollout(model, images, stage)
         targets = _targets(target, logits)
@@ -109,6 +110,16 @@ def explain(
         stage=stage,
         stride=stride,
     )
+
+
+def _chosen_stage(method: str, images: Tensor, patch_size: int, stages: int, stage: int | None) -> int:
+    """``stage`` checked and made non-negative, or the method's default for ``images``' size."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    stage = _default_stage(method, images.shape[-2:], patch_size, stages) if stage is None else stage
+    if not -stages <= stage < stages:
+        raise ValueError(f"stage must be in {-stages}..{stages - 1} for this model, got {stage}")
+    return stage % stages
 
 
 def _default_stage(method: str, size: Sequence[int], patch_size: int, stages: int) -> int:
@@ -141,33 +152,94 @@ def _explaining(model: nn.Module, reference_attention: bool) -> Iterator[None]:
 
 def _targets(target: int | Sequence[int] | None, logits: Tensor) -> Tensor:
     """One class index per image: ``target`` broadcast and checked, or the top class."""
-    batch, classes = logits.shape
     if target is None:
         return logits.argmax(dim=-1)
+    return _given_targets(target, *logits.shape[:2], logits.device)
+
+
+def _given_targets(target: int | Sequence[int], batch: int, classes: int, device: torch.device) -> Tensor:
+    """``target`` as one class index per image, checked."""
     chosen = [target] * batch if isinstance(target, int) else list(target)
     if len(chosen) != batch or any(not 0 <= t < classes for t in chosen):
         raise ValueError(f"target must be one class in 0..{classes - 1} or one per image ({batch}), got {target!r}")
-    return torch.tensor(chosen, device=logits.device)
+    return torch.tensor(chosen, device=device)
 
 
-def _gradcam(model: nn.Module, images: Tensor, target: Any, stage: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits, ``(B, h, w)`` Grad-CAM of stage ``stage``'s output map, and the classes explained."""
+def _gradcam(
+    layer: nn.Module, score: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], images: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grad-CAM of ``layer``'s (a stage's) output map for ``score(images)`` -> ``(outputs, the score
+    summed over the batch, the classes explained)``; returns the outputs, the ``(B, h, w)`` map and
+    the classes."""
     captured: list[Tensor] = []
     # The stage's output before patch merging, channels-last ``(B, h, w, C)``: BasicLayer's first output.
-    handle = model.layers[stage].register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
     try:
         with torch.enable_grad():
             # Inputs that require grad: the map then does even where the parameters are frozen.
-            logits = model(images.detach().requires_grad_(True))
-            targets = _targets(target, logits)
-            # Images do not interact in eval, so one backward of the summed scores gives each its own.
-            score = logits.gather(1, targets[:, None]).sum()
-            (gradient,) = torch.autograd.grad(score, captured[0])
+            outputs, total, targets = score(images.detach().requires_grad_(True))
+            (gradient,) = torch.autograd.grad(total, captured[0])
     finally:
         handle.remove()
     weights = gradient.mean(dim=(1, 2), keepdim=True)  # alpha_k^c of the paper: one per channel
     cam = F.relu((weights * captured[0]).sum(dim=-1))
-    return logits.detach(), cam.detach(), targets
+    return outputs.detach(), cam.detach(), targets
+
+
+def _class_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits, the explained classes' logits summed (images do not interact in eval, so one
+    backward gives each image its own gradient) and the classes."""
+    logits = model(images)
+    targets = _targets(target, logits)
+    return logits, logits.gather(1, targets[:, None]).sum(), targets
+
+
+def explain_segmentation(
+    model: nn.Module, images: Tensor, target: int | Sequence[int] | None = None, stage: int | None = None
+) -> Explanation:
+    """Seg-Grad-CAM of a semantic segmentation ``model`` (:class:`~swinkit.dense.Segmentor`) on
+    ``images`` ``(B, C, H, W)`` (normalized, one whole pass, any size).
+
+    The score is the ``target`` class's logits summed over the pixels the model assigns to it (all
+    pixels if it assigns it none); Grad-CAM is taken on a stage of the Swin backbone. ``target``:
+    one class for all images or one per image (default: each image's most frequent predicted
+    class). ``stage``: as for :func:`explain` (default: the deepest with a map of at least
+    :data:`GRADCAM_MIN_SIDE` tokens a side). ``probabilities`` holds each class's fraction of pixels.
+    """
+    swin = getattr(getattr(model, "backbone", None), "swin", None)
+    if swin is None or not hasattr(model, "decode_head"):
+        raise ValueError("explain_segmentation needs a segmentation model (swinkit.dense Segmentor)")
+    stage = _chosen_stage("gradcam", images, swin.config.patch_size, len(swin.layers), stage)
+    with _explaining(model, reference_attention=False):
+        labels, raw, targets = _gradcam(swin.layers[stage], functools.partial(_region_score, model, target), images)
+    classes = model.num_classes
+    fractions = torch.stack([torch.bincount(row.flatten(), minlength=classes) for row in labels]).float()
+    stride = swin.config.patch_size * 2**stage
+    return Explanation(
+        maps=_to_image(raw, stride, images.shape[-2:]),
+        raw=raw,
+        targets=targets.tolist(),
+        probabilities=fractions / labels[0].numel(),
+        method="gradcam",
+        stage=stage,
+        stride=stride,
+    )
+
+
+def _region_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The predicted labels ``(B, H, W)``, the explained classes' logits summed over their pixels,
+    and the classes (Seg-Grad-CAM's score)."""
+    logits = model(images)["out"]  # (B, K, H, W)
+    labels = logits.argmax(dim=1)
+    classes = logits.shape[1]
+    if target is None:
+        targets = torch.stack([torch.bincount(row.flatten(), minlength=classes).argmax() for row in labels])
+    else:
+        targets = _given_targets(target, len(images), classes, logits.device)
+    region = labels == targets[:, None, None]
+    region |= ~region.flatten(1).any(dim=1)[:, None, None]  # a class predicted nowhere: the whole image
+    class_logits = logits.gather(1, targets[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))[:, 0]
+    return labels, (class_logits * region).sum(), targets
 
 
 @dataclass

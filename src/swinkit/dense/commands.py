@@ -1,4 +1,5 @@
-"""Arguments and summaries of ``swinkit segment {train,eval,predict}`` and ``swinkit detect {train,eval,predict}``.
+"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain}`` and
+``swinkit detect {train,eval,predict}``.
 
 :func:`run` calls one library function per action and returns the text the CLI prints.
 """
@@ -11,7 +12,8 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """The ``train``, ``eval`` and ``predict`` sub-commands of ``task`` (``segment`` or ``detect``)."""
+    """The ``train``, ``eval`` and ``predict`` sub-commands of ``task`` (``segment`` or ``detect``);
+    ``segment`` also has ``explain``."""
     from .config import add_train_arguments
 
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -40,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
 
+    if task == "segment":
+        explain = actions.add_parser("explain", help="Seg-Grad-CAM overlay PNGs: where the model saw a class")
+        explain.add_argument("inputs", nargs="+", help="image files or folders")
+        explain.add_argument("--checkpoint", required=True, help="model file written by training")
+        explain.add_argument("--output", default="runs/segment-explain", help="folder for the overlay PNGs")
+        explain.add_argument("--class", dest="target", help="class name or index (default: the largest predicted)")
+        explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
+        explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
+        explain.add_argument("--device", default="cpu")
+        explain.add_argument("--json", action="store_true", help="print the results as JSON")
+
 
 def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
     """Carry out ``args.action``; returns the text to print and the exit code."""
@@ -60,11 +73,24 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
             strict_data=args.strict_data, **options,
         )  # fmt: skip
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
+    if args.action == "explain":
+        from ..predict import format_lines
+        from .predict import explain_segments
+
+        results = explain_segments(
+            args.inputs, args.checkpoint, args.output, args.target, args.stage, args.alpha, args.device
+        )
+        text = json.dumps(results, indent=2) if args.json else format_lines(results, _explained)
+        return text, 1 if results and all("error" in r for r in results) else 0
     from .predict import predict_dense
 
     results = predict_dense(args.inputs, args.checkpoint, args.output, args.device, args.score_threshold)
     text = json.dumps(results, indent=2) if args.json else summarise_predictions(results)
     return text, 1 if results and all("error" in r for r in results) else 0
+
+
+def _explained(result: dict[str, Any]) -> str:
+    return f"{result['class']} ({result['pixels']:.0%} of the image) -> {result['output']}"
 
 
 def summarise_metrics(metrics: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -68,6 +69,58 @@ def _segment_result(model: nn.Module, spec: DenseSpec, image: Image.Image, stem:
     total = labels.numel()
     fractions = {name: count / total for name, count in zip(spec.classes, counts, strict=True) if count}
     return {"overlay": f"{stem}_overlay.png", "labels": f"{stem}_labels.png", "class_fractions": fractions}
+
+
+def explain_segments(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    target: str | None = None,
+    stage: int | None = None,
+    alpha: float = 0.5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """``swinkit segment explain``: one Seg-Grad-CAM overlay PNG per image (``<stem>.gradcam.png`` in
+    ``output``), over the image at its own size; the model sees it at the file's test scale, whole.
+
+    ``target``: a class name of the file or an index (default: the class covering most of each
+    image). A result is ``{"path", "class", "index", "pixels", "stage", "output"}`` (``pixels``: the
+    fraction of the image predicted as the class), or ``{"path", "error"}`` for a bad file.
+    """
+    from ..explain import _class_index, _free_name, explain_segmentation, overlay
+    from .segmentation_data import SegmentationEvalTransform
+
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    model, spec = load_dense(checkpoint, device)
+    if spec.task != "segment":
+        raise ValueError(f"{checkpoint} is a {spec.task} model; swinkit segment explain explains segmentation models")
+    index = _class_index(target, list(spec.classes))
+    preprocessing = spec.backbone.preprocessing
+    transform = SegmentationEvalTransform(spec.inference["scale"], preprocessing.mean, preprocessing.std)
+    results: list[dict[str, Any]] = []
+    used: set[Path] = set()
+    for path in expand_inputs(inputs):
+        image = load_or_report(path, results)
+        if image is None:
+            continue
+        found = explain_segmentation(model, transform.image(image)[None].to(device), index, stage)
+        heat = F.interpolate(found.maps[None], size=(image.height, image.width), mode="bilinear")[0, 0]
+        destination = _free_name(Path(output), path.stem, "gradcam", used)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        overlay(image, heat.clamp(0, 1), alpha).save(destination)
+        chosen = found.targets[0]
+        results.append(
+            {
+                "path": str(path),
+                "class": spec.classes[chosen],
+                "index": chosen,
+                "pixels": found.probabilities[0, chosen].item(),
+                "stage": found.stage,
+                "output": str(destination),
+            }
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
