@@ -280,3 +280,62 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
     for detection in results[0]["detections"]:
         assert detection["class"] in {"circle", "square", "triangle"} and len(detection["box"]) == 4
         assert detection["mask_rle"]["size"] == [64, 64]
+
+    # Grad-CAM of each image's top detection: the box predict found with the highest score.
+    capsys.readouterr()
+    explain = ["detect", "explain", str(image), str(tmp_path / "broken.jpg"), "--checkpoint", model, "--json"]
+    assert main([*explain, "--output", str(tmp_path / "explained")]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert "cannot decode image" in explained[1]["error"]
+    if results[0]["detections"]:
+        top = max(results[0]["detections"], key=lambda detection: detection["score"])
+        assert explained[0]["class"] == top["class"] and explained[0]["score"] == pytest.approx(top["score"])
+        assert explained[0]["box"] == pytest.approx(top["box"], abs=0.01)
+        assert Image.open(explained[0]["output"]).size == (64, 64)
+    else:  # a model that detects nothing says so for the image
+        assert "the detector finds nothing in this image" in explained[0]["error"]
+    assert main([*explain[:3], "--checkpoint", model, "--stage", "9"]) == 2
+    assert "stage must be in -4..3 for this model, got 9" in capsys.readouterr().err
+
+
+def _detections_and_stage_map(model, image, stage):
+    """One differentiable pass: the detections and the backbone stage's output map (channels last)."""
+    maps = []
+    layer = model.backbone.body.swin.layers[stage]
+    handle = layer.register_forward_hook(lambda module, inputs, output: maps.append(output[0]))
+    with torch.enable_grad():
+        detections = model([image.clone().requires_grad_(True)])[0]
+    handle.remove()
+    return detections, maps[0]
+
+
+def test_detection_grad_cam_is_the_top_detection_score_gradient_on_a_backbone_stage():
+    # Grad-CAM written out for a detector: the highest-scoring detection's score (of a class, if
+    # asked) through the box head, its gradient at the backbone stage's output map averaged per
+    # channel, the weighted channels summed, ReLU; the map drawn back at the image's own size.
+    from swinkit.explain import NothingDetected, explain_detection
+
+    torch.manual_seed(0)
+    options = dict(TINY, score_threshold=0.0)  # a random model's scores are low: keep them all
+    model = create_detector("swin_test", 3, masks=False, detector_options=options).double().eval()
+    image = torch.rand(3, 50, 70, dtype=torch.float64)
+    for label, stage in [(None, None), (2, 0)]:
+        found = explain_detection(model, image, label, stage)
+        detections, stage_map = _detections_and_stage_map(model, image, found.stage)
+        allowed = detections["labels"] == (detections["labels"] if label is None else label)
+        best = torch.where(allowed, detections["scores"], -1.0).argmax()
+        (gradient,) = torch.autograd.grad(detections["scores"][best], stage_map)
+        expected = torch.relu((stage_map * gradient.mean(dim=(1, 2), keepdim=True)).sum(dim=-1))
+        assert torch.allclose(found.raw, expected, rtol=1e-10, atol=1e-14) and found.raw.max() > 0
+        assert found.targets == [int(detections["labels"][best])] and (label is None or found.targets == [label])
+        assert torch.equal(found.boxes[0], detections["boxes"][best].detach())
+        assert found.probabilities.item() == detections["scores"][best].item()
+        assert found.maps.shape == (1, 50, 70) and found.maps.min() == 0 and found.maps.max() == 1
+    assert found.stage == 0 and found.stride == 4
+    assert explain_detection(model, image).stage == 2  # 50 x 70 resized to 64 x 90: stage 2 is 4 x 6
+    assert not model.backbone.body.swin.layers[0]._forward_hooks and not model.transform._forward_hooks
+    strict = create_detector("swin_test", 3, masks=False, detector_options=dict(TINY, score_threshold=1.0)).eval()
+    with pytest.raises(NothingDetected, match="the detector finds nothing in this image"):
+        explain_detection(strict, image.float())
+    with pytest.raises(ValueError, match="needs a detector"):
+        explain_detection(model.backbone.body.swin, image)

@@ -238,6 +238,8 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     assert Image.open(first["output"]).size == (64, 64) and first["output"].endswith(".gradcam.png")
     assert main([*explain[:3], "--checkpoint", model, "--class", "hexagon"]) == 2
     assert "class 'hexagon' is neither a class name of the checkpoint" in capsys.readouterr().err
+    assert main(["detect", "explain", str(images), "--checkpoint", model]) == 2
+    assert "is a segment model; swinkit detect explain explains detect models" in capsys.readouterr().err
 
 
 def _config(shapes, out, **options):

@@ -11,11 +11,13 @@
 
 - ``explain_segmentation``: Seg-Grad-CAM (Vinogradova et al., 2020) of a semantic segmentation
   model (:mod:`swinkit.dense`): Grad-CAM of the class's logits summed over the pixels predicted
-  as that class, on a stage of the Swin backbone.
+  as that class, on a stage of the Swin backbone. ``explain_detection``: Grad-CAM of a detector's
+  top detection score.
 
 :func:`explain` returns the maps at the input's size, scaled to ``[0, 1]``; :func:`overlay`
 colours one over the image; :func:`explain_files` is ``swinkit explain`` (and
-:func:`swinkit.dense.predict.explain_segments` is ``swinkit segment explain``).
+:func:`swinkit.dense.predict.explain_segments` / ``explain_detections`` are ``swinkit segment
+explain`` / ``swinkit detect explain``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Explanation:
         probabilities: ``(B, num_classes)`` softmax of the logits; for a segmentation, the
             fraction of the pixels predicted as each class.
         method, stage, stride: what was computed, where; ``stride`` is the stage's in pixels.
+        boxes: for a detection, ``(B, 4)`` the box explained (``x1, y1, x2, y2`` in the image's
+            pixels); ``probabilities`` then holds its score, ``targets`` its class label.
     """
 
     maps: Tensor
@@ -66,6 +70,7 @@ class Explanation:
     method: str
     stage: int
     stride: int
+    boxes: Tensor | None = None
 
 
 def check_method(method: str) -> None:
@@ -168,9 +173,9 @@ def _given_targets(target: int | Sequence[int], batch: int, classes: int, device
 def _gradcam(
     layer: nn.Module, score: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], images: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Grad-CAM of ``layer``'s (a stage's) output map for ``score(images)`` -> ``(outputs, the score
-    summed over the batch, the classes explained)``; returns the outputs, the ``(B, h, w)`` map and
-    the classes."""
+    """Grad-CAM of ``layer``'s (a stage's) output map for ``score(images)`` -> ``(outputs to return,
+    the score summed over the batch, the classes explained)``; returns the outputs, the ``(B, h, w)``
+    map and the classes."""
     captured: list[Tensor] = []
     # The stage's output before patch merging, channels-last ``(B, h, w, C)``: BasicLayer's first output.
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
@@ -183,7 +188,7 @@ def _gradcam(
         handle.remove()
     weights = gradient.mean(dim=(1, 2), keepdim=True)  # alpha_k^c of the paper: one per channel
     cam = F.relu((weights * captured[0]).sum(dim=-1))
-    return outputs.detach(), cam.detach(), targets
+    return outputs, cam.detach(), targets
 
 
 def _class_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -191,7 +196,7 @@ def _class_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor,
     backward gives each image its own gradient) and the classes."""
     logits = model(images)
     targets = _targets(target, logits)
-    return logits, logits.gather(1, targets[:, None]).sum(), targets
+    return logits.detach(), logits.gather(1, targets[:, None]).sum(), targets
 
 
 def explain_segmentation(
@@ -224,6 +229,70 @@ def explain_segmentation(
         stage=stage,
         stride=stride,
     )
+
+
+class NothingDetected(ValueError):
+    """:func:`explain_detection` found no detection (of the class asked for) to explain."""
+
+
+def explain_detection(
+    model: nn.Module, image: Tensor, label: int | None = None, stage: int | None = None
+) -> Explanation:
+    """Grad-CAM of one detection of a detector (:func:`~swinkit.dense.create_detector`) on ``image``
+    ``(3, H, W)`` in ``[0, 1]`` (as the detector takes it; it resizes and normalizes itself).
+
+    The score explained is the highest-scoring detection's (of class ``label`` if given, labels
+    counting from 1 as the detector's), through its box head, on a stage of the Swin backbone,
+    as seen at the detector's resized scale and drawn back at the image's size. ``stage``: as for
+    :func:`explain`, for the resized image. Refused when the image has no such detection.
+    """
+    swin = getattr(getattr(getattr(model, "backbone", None), "body", None), "swin", None)
+    if swin is None or not hasattr(model, "roi_heads"):
+        raise ValueError("explain_detection needs a detector (swinkit.dense create_detector)")
+    if image.dim() != 3:
+        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+    resized: list[Any] = []
+    hook = model.transform.register_forward_hook(lambda module, inputs, output: resized.append(output[0]))
+    try:
+        with _explaining(model, reference_attention=False), torch.no_grad():
+            model([image])  # the resized size, for the default stage
+        size = resized[0].image_sizes[0]
+        stage = _chosen_stage("gradcam", image.new_zeros(1, 1, *size), swin.config.patch_size, len(swin.layers), stage)
+        with _explaining(model, reference_attention=False):
+            detection, raw, _ = _gradcam(swin.layers[stage], functools.partial(_detection_score, model, label), image)
+    finally:
+        hook.remove()
+    stride = swin.config.patch_size * 2**stage
+    # The map covers the padded batch; its resized image's part, scaled back to the image.
+    padded = resized[-1].tensors.shape[-2:]
+    heat = _to_image(raw, stride, padded)[:, None, : size[0], : size[1]]
+    heat = F.interpolate(heat, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    low, high = heat.amin(), heat.amax()
+    maps = (heat - low) / (high - low) if high > low else torch.zeros_like(heat)
+    return Explanation(
+        maps=maps,
+        raw=raw,
+        targets=[int(detection["label"])],
+        probabilities=detection["score"].reshape(1, 1),
+        method="gradcam",
+        stage=stage,
+        stride=stride,
+        boxes=detection["box"].reshape(1, 4),
+    )
+
+
+def _detection_score(model: nn.Module, label: int | None, image: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The chosen detection (box, label, score, detached), its score, and its label."""
+    found = model([image])[0]
+    candidates = torch.arange(len(found["scores"]), device=found["scores"].device)
+    if label is not None:
+        candidates = candidates[found["labels"] == label]
+    if len(candidates) == 0:
+        wanted = "" if label is None else f" of class {label}"
+        raise NothingDetected(f"the detector finds nothing{wanted} in this image (above its score threshold)")
+    best = candidates[found["scores"][candidates].argmax()]
+    detection = {"box": found["boxes"][best].detach(), "label": found["labels"][best], "score": found["scores"][best]}
+    return {key: value.detach() for key, value in detection.items()}, found["scores"][best], found["labels"][best]
 
 
 def _region_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """Arguments and summaries of ``swinkit segment {train,eval,predict,explain}`` and
-``swinkit detect {train,eval,predict}``.
+``swinkit detect {train,eval,predict,explain}``.
 
 :func:`run` calls one library function per action and returns the text the CLI prints.
 """
@@ -12,8 +12,7 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """The ``train``, ``eval`` and ``predict`` sub-commands of ``task`` (``segment`` or ``detect``);
-    ``segment`` also has ``explain``."""
+    """The ``train``, ``eval``, ``predict`` and ``explain`` sub-commands of ``task`` (``segment`` or ``detect``)."""
     from .config import add_train_arguments
 
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -42,16 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    if task == "segment":
-        explain = actions.add_parser("explain", help="Seg-Grad-CAM overlay PNGs: where the model saw a class")
-        explain.add_argument("inputs", nargs="+", help="image files or folders")
-        explain.add_argument("--checkpoint", required=True, help="model file written by training")
-        explain.add_argument("--output", default="runs/segment-explain", help="folder for the overlay PNGs")
-        explain.add_argument("--class", dest="target", help="class name or index (default: the largest predicted)")
-        explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
-        explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
-        explain.add_argument("--device", default="cpu")
-        explain.add_argument("--json", action="store_true", help="print the results as JSON")
+    what = (
+        "Seg-Grad-CAM overlay PNGs: where the model saw a class"
+        if task == "segment"
+        else ("Grad-CAM overlay PNGs of each image's top detection")
+    )
+    default_class = "the largest predicted" if task == "segment" else "the top detection's"
+    explain = actions.add_parser("explain", help=what)
+    explain.add_argument("inputs", nargs="+", help="image files or folders")
+    explain.add_argument("--checkpoint", required=True, help="model file written by training")
+    explain.add_argument("--output", default=f"runs/{task}-explain", help="folder for the overlay PNGs")
+    explain.add_argument("--class", dest="target", help=f"class name or index (default: {default_class})")
+    explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
+    explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
+    explain.add_argument("--device", default="cpu")
+    explain.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
@@ -75,11 +79,10 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
     if args.action == "explain":
         from ..predict import format_lines
-        from .predict import explain_segments
+        from .predict import explain_detections, explain_segments
 
-        results = explain_segments(
-            args.inputs, args.checkpoint, args.output, args.target, args.stage, args.alpha, args.device
-        )
+        explainer = explain_segments if task == "segment" else explain_detections
+        results = explainer(args.inputs, args.checkpoint, args.output, args.target, args.stage, args.alpha, args.device)
         text = json.dumps(results, indent=2) if args.json else format_lines(results, _explained)
         return text, 1 if results and all("error" in r for r in results) else 0
     from .predict import predict_dense
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
 
 
 def _explained(result: dict[str, Any]) -> str:
+    if "box" in result:
+        return f"{result['class']} {result['score']:.2f} at {result['box']} -> {result['output']}"
     return f"{result['class']} ({result['pixels']:.0%} of the image) -> {result['output']}"
 
 

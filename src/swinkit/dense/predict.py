@@ -71,6 +71,20 @@ def _segment_result(model: nn.Module, spec: DenseSpec, image: Image.Image, stem:
     return {"overlay": f"{stem}_overlay.png", "labels": f"{stem}_labels.png", "class_fractions": fractions}
 
 
+def _model_to_explain(
+    checkpoint: str | os.PathLike, task: str, target: str | None, alpha: float, device: str
+) -> tuple[nn.Module, DenseSpec, int | None]:
+    """The ``task`` model of ``checkpoint``, its spec and the class index ``target`` names (checked)."""
+    from ..explain import _class_index
+
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    model, spec = load_dense(checkpoint, device)
+    if spec.task != task:
+        raise ValueError(f"{checkpoint} is a {spec.task} model; swinkit {task} explain explains {task} models")
+    return model, spec, _class_index(target, list(spec.classes))
+
+
 def explain_segments(
     inputs: Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
@@ -87,15 +101,10 @@ def explain_segments(
     image). A result is ``{"path", "class", "index", "pixels", "stage", "output"}`` (``pixels``: the
     fraction of the image predicted as the class), or ``{"path", "error"}`` for a bad file.
     """
-    from ..explain import _class_index, _free_name, explain_segmentation, overlay
+    from ..explain import _free_name, explain_segmentation, overlay
     from .segmentation_data import SegmentationEvalTransform
 
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    model, spec = load_dense(checkpoint, device)
-    if spec.task != "segment":
-        raise ValueError(f"{checkpoint} is a {spec.task} model; swinkit segment explain explains segmentation models")
-    index = _class_index(target, list(spec.classes))
+    model, spec, index = _model_to_explain(checkpoint, "segment", target, alpha, device)
     preprocessing = spec.backbone.preprocessing
     transform = SegmentationEvalTransform(spec.inference["scale"], preprocessing.mean, preprocessing.std)
     results: list[dict[str, Any]] = []
@@ -172,6 +181,55 @@ def _detect_result(
             detection["mask_rle"] = entry["segmentation"]
         detections.append(detection)
     return {"overlay": f"{stem}_overlay.png", "detections": detections}
+
+
+def explain_detections(
+    inputs: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    target: str | None = None,
+    stage: int | None = None,
+    alpha: float = 0.5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """``swinkit detect explain``: one Grad-CAM overlay PNG per image (``<stem>.gradcam.png``) for
+    its highest-scoring detection (of class ``target``, a name of the file or an index, if given),
+    with the detection's box drawn. A result is ``{"path", "class", "score", "box", "stage",
+    "output"}``, or ``{"path", "error"}`` for a bad file or an image without such a detection."""
+    from ..explain import NothingDetected, _free_name, explain_detection, overlay
+
+    model, spec, index = _model_to_explain(checkpoint, "detect", target, alpha, device)
+    results: list[dict[str, Any]] = []
+    used: set[Path] = set()
+    for path in expand_inputs(inputs):
+        image = load_or_report(path, results)
+        if image is None:
+            continue
+        try:
+            found = explain_detection(
+                model, TF.to_tensor(image).to(device), None if index is None else index + 1, stage
+            )
+        except NothingDetected as error:  # said for this image; the others go on
+            results.append({"path": str(path), "error": str(error)})
+            continue
+        label, box = found.targets[0], found.boxes[0].cpu()
+        picture = TF.pil_to_tensor(overlay(image, found.maps[0].cpu(), alpha))
+        color = palette(len(spec.classes))[label - 1]
+        picture = draw_bounding_boxes(picture, box[None], labels=[spec.classes[label - 1]], colors=[color], width=2)
+        destination = _free_name(Path(output), path.stem, "gradcam", used)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        TF.to_pil_image(picture).save(destination)
+        results.append(
+            {
+                "path": str(path),
+                "class": spec.classes[label - 1],
+                "score": found.probabilities[0, 0].item(),
+                "box": [round(value, 2) for value in box.tolist()],
+                "stage": found.stage,
+                "output": str(destination),
+            }
+        )
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
