@@ -291,7 +291,7 @@ def _detection_score(model: nn.Module, label: int | None, image: Tensor) -> tupl
         wanted = "" if label is None else f" of class {label}"
         raise NothingDetected(f"the detector finds nothing{wanted} in this image (above its score threshold)")
     best = candidates[found["scores"][candidates].argmax()]
-    detection = {"box": found["boxes"][best].detach(), "label": found["labels"][best], "score": found["scores"][best]}
+    detection = {"box": found["boxes"][best], "label": found["labels"][best], "score": found["scores"][best]}
     return {key: value.detach() for key, value in detection.items()}, found["scores"][best], found["labels"][best]
 
 
