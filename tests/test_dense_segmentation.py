@@ -230,7 +230,7 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
 
     capsys.readouterr()
     explain = ["segment", "explain", str(images), str(tmp_path / "broken.png"), "--checkpoint", model]
-    assert main([*explain, "--class", "circle", "--output", str(tmp_path / "explained"), "--json"]) == 0
+    assert main([*explain, "--class", "circle", "--out", str(tmp_path / "explained"), "--json"]) == 0  # or --output
     explained = json.loads(capsys.readouterr().out)
     assert len(explained) == 5 and "cannot decode image" in explained[-1]["error"]
     first = explained[0]

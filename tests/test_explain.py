@@ -264,7 +264,8 @@ def test_swinkit_explain_writes_an_overlay_per_image(tmp_path, capsys):
     single = tmp_path / "one.png"
     image = next((folder / "digit1").glob("*.png"))
     assert (
-        main(["explain", str(image), "--checkpoint", str(checkpoint), "--out", str(single), "--method", "rollout"]) == 0
+        main(["explain", str(image), "--checkpoint", str(checkpoint), "--output", str(single), "--method", "rollout"])
+        == 0
     )
     assert f"-> {single}" in capsys.readouterr().out and Image.open(single).size == (32, 32)
 

@@ -181,7 +181,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (any supported format)")
-    parser.add_argument("--out", required=True, help="folder for the overlays, or a .png / .jpg file for one image")
+    overlays = "folder for the overlays, or a .png / .jpg file for one image"
+    parser.add_argument("--out", "--output", dest="out", required=True, help=overlays)
     parser.add_argument(
         "--method",
         default="gradcam",

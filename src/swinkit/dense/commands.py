@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     explain = actions.add_parser("explain", help=what)
     explain.add_argument("inputs", nargs="+", help="image files or folders")
     explain.add_argument("--checkpoint", required=True, help="model file written by training")
-    explain.add_argument("--output", default=f"runs/{task}-explain", help="folder for the overlay PNGs")
+    explain.add_argument("--output", "--out", default=f"runs/{task}-explain", help="folder for the overlay PNGs")
     explain.add_argument("--class", dest="target", help=f"class name or index (default: {default_class})")
     explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
     explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
