@@ -41,12 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    what = (
-        "Seg-Grad-CAM overlay PNGs: where the model saw a class"
-        if task == "segment"
-        else ("Grad-CAM overlay PNGs of each image's top detection")
-    )
-    default_class = "the largest predicted" if task == "segment" else "the top detection's"
+    what, default_class = {
+        "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
+        "detect": ("Grad-CAM overlay PNGs of each image's top detection", "the top detection's"),
+    }[task]
     explain = actions.add_parser("explain", help=what)
     explain.add_argument("inputs", nargs="+", help="image files or folders")
     explain.add_argument("--checkpoint", required=True, help="model file written by training")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,34 @@ def _model_to_explain(
     return model, spec, _class_index(target, list(spec.classes))
 
 
+def _explain_each(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    explained: Callable[[Image.Image], tuple[Image.Image, dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """``explained(image)`` -> (overlay picture, result) for every image of ``inputs``, each picture
+    saved as ``output/<stem>.gradcam.png``; a file that cannot be decoded, or an image with nothing
+    to explain (:class:`~swinkit.explain.NothingDetected`), is reported and the others go on."""
+    from ..explain import NothingDetected, _free_name
+
+    results: list[dict[str, Any]] = []
+    used: set[Path] = set()
+    for path in expand_inputs(inputs):
+        image = load_or_report(path, results)
+        if image is None:
+            continue
+        try:
+            picture, result = explained(image)
+        except NothingDetected as error:
+            results.append({"path": str(path), "error": str(error)})
+            continue
+        destination = _free_name(Path(output), path.stem, "gradcam", used)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(destination)
+        results.append({"path": str(path), **result, "output": str(destination)})
+    return results
+
+
 def explain_segments(
     inputs: Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
@@ -101,35 +129,21 @@ def explain_segments(
     image). A result is ``{"path", "class", "index", "pixels", "stage", "output"}`` (``pixels``: the
     fraction of the image predicted as the class), or ``{"path", "error"}`` for a bad file.
     """
-    from ..explain import _free_name, explain_segmentation, overlay
+    from ..explain import explain_segmentation, overlay
     from .segmentation_data import SegmentationEvalTransform
 
     model, spec, index = _model_to_explain(checkpoint, "segment", target, alpha, device)
     preprocessing = spec.backbone.preprocessing
     transform = SegmentationEvalTransform(spec.inference["scale"], preprocessing.mean, preprocessing.std)
-    results: list[dict[str, Any]] = []
-    used: set[Path] = set()
-    for path in expand_inputs(inputs):
-        image = load_or_report(path, results)
-        if image is None:
-            continue
+
+    def explained(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
         found = explain_segmentation(model, transform.image(image)[None].to(device), index, stage)
         heat = F.interpolate(found.maps[None], size=(image.height, image.width), mode="bilinear")[0, 0]
-        destination = _free_name(Path(output), path.stem, "gradcam", used)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        overlay(image, heat.clamp(0, 1), alpha).save(destination)
         chosen = found.targets[0]
-        results.append(
-            {
-                "path": str(path),
-                "class": spec.classes[chosen],
-                "index": chosen,
-                "pixels": found.probabilities[0, chosen].item(),
-                "stage": found.stage,
-                "output": str(destination),
-            }
-        )
-    return results
+        result = {"class": spec.classes[chosen], "index": chosen, "pixels": found.probabilities[0, chosen].item()}
+        return overlay(image, heat.clamp(0, 1), alpha), {**result, "stage": found.stage}
+
+    return _explain_each(inputs, output, explained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,40 +210,21 @@ def explain_detections(
     its highest-scoring detection (of class ``target``, a name of the file or an index, if given),
     with the detection's box drawn. A result is ``{"path", "class", "score", "box", "stage",
     "output"}``, or ``{"path", "error"}`` for a bad file or an image without such a detection."""
-    from ..explain import NothingDetected, _free_name, explain_detection, overlay
+    from ..explain import explain_detection, overlay
 
     model, spec, index = _model_to_explain(checkpoint, "detect", target, alpha, device)
-    results: list[dict[str, Any]] = []
-    used: set[Path] = set()
-    for path in expand_inputs(inputs):
-        image = load_or_report(path, results)
-        if image is None:
-            continue
-        try:
-            found = explain_detection(
-                model, TF.to_tensor(image).to(device), None if index is None else index + 1, stage
-            )
-        except NothingDetected as error:  # said for this image; the others go on
-            results.append({"path": str(path), "error": str(error)})
-            continue
+
+    def explained(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
+        label = None if index is None else index + 1  # the detector counts classes from 1
+        found = explain_detection(model, TF.to_tensor(image).to(device), label, stage)
         label, box = found.targets[0], found.boxes[0].cpu()
         picture = TF.pil_to_tensor(overlay(image, found.maps[0].cpu(), alpha))
         color = palette(len(spec.classes))[label - 1]
         picture = draw_bounding_boxes(picture, box[None], labels=[spec.classes[label - 1]], colors=[color], width=2)
-        destination = _free_name(Path(output), path.stem, "gradcam", used)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        TF.to_pil_image(picture).save(destination)
-        results.append(
-            {
-                "path": str(path),
-                "class": spec.classes[label - 1],
-                "score": found.probabilities[0, 0].item(),
-                "box": [round(value, 2) for value in box.tolist()],
-                "stage": found.stage,
-                "output": str(destination),
-            }
-        )
-    return results
+        result = {"class": spec.classes[label - 1], "score": found.probabilities[0, 0].item()}
+        return TF.to_pil_image(picture), {**result, "box": [round(v, 2) for v in box.tolist()], "stage": found.stage}
+
+    return _explain_each(inputs, output, explained)
 
 
 # ---------------------------------------------------------------------------------------------
