@@ -251,20 +251,14 @@ def explain_detection(
         raise ValueError("explain_detection needs a detector (swinkit.dense create_detector)")
     if image.dim() != 3:
         raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
-    resized: list[Any] = []
-    hook = model.transform.register_forward_hook(lambda module, inputs, output: resized.append(output[0]))
-    try:
-        with _explaining(model, reference_attention=False), torch.no_grad():
-            model([image])  # the resized size, for the default stage
-        size = resized[0].image_sizes[0]
+    with _explaining(model, reference_attention=False):
+        with torch.no_grad():  # resized and padded as the detector will (eval: no random size)
+            batch, _ = model.transform([image])
+        size, padded = batch.image_sizes[0], batch.tensors.shape[-2:]
         stage = _chosen_stage("gradcam", image.new_zeros(1, 1, *size), swin.config.patch_size, len(swin.layers), stage)
-        with _explaining(model, reference_attention=False):
-            detection, raw, _ = _gradcam(swin.layers[stage], functools.partial(_detection_score, model, label), image)
-    finally:
-        hook.remove()
+        detection, raw, _ = _gradcam(swin.layers[stage], functools.partial(_detection_score, model, label), image)
     stride = swin.config.patch_size * 2**stage
     # The map covers the padded batch; its resized image's part, scaled back to the image.
-    padded = resized[-1].tensors.shape[-2:]
     heat = _to_image(raw, stride, padded)[:, None, : size[0], : size[1]]
     heat = F.interpolate(heat, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     low, high = heat.amin(), heat.amax()
