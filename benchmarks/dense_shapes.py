@@ -5,7 +5,8 @@
 Writes a dataset of textured scenes with circles, squares and triangles (exact masks and boxes,
 ``swinkit.dense.shapes``), then trains, through the same ``fit_dense`` the CLI uses:
 UPerNet (+ auxiliary FCN) for semantic segmentation, Mask R-CNN (boxes and masks) and Faster R-CNN
-(boxes). It prints held-out mIoU / pixel accuracy beside the majority-class baseline, and COCO box /
+(boxes). It prints held-out mIoU / pixel accuracy (single-scale, and multi-scale + flip as
+``--aug-test``) beside the majority-class baseline, and COCO box /
 mask mAP, with the wall time of each run. Numbers go in benchmarks/RESULTS.md by hand.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from swinkit.dense import fit_dense, resolve_dense_config
+from swinkit.dense import AUG_TEST_RATIOS, fit_dense, resolve_dense_config
 from swinkit.dense.predict import evaluate_dense
 from swinkit.dense.shapes import write_shapes_dataset
 
@@ -71,8 +72,14 @@ def train_segmentation(data: Path, out: Path, epochs: int) -> dict[str, float]:
     minutes = (time.perf_counter() - start) / 60
     scores = evaluate_dense(result.final_model, data, workers=0)
     per_class = {name: values["IoU"] for name, values in scores["per_class"].items()}
+    start = time.perf_counter()
+    augmented = evaluate_dense(result.final_model, data, workers=0, ratios=AUG_TEST_RATIOS, flip=True)
+    aug_minutes = (time.perf_counter() - start) / 60
     return {"mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"], "IoU": per_class,
-            "best_mIoU": result.best, "minutes": minutes}  # fmt: skip
+            "best_mIoU": result.best, "minutes": minutes,
+            "aug_test": {"mIoU": augmented["mIoU"], "mAcc": augmented["mAcc"], "aAcc": augmented["aAcc"],
+                         "IoU": {name: values["IoU"] for name, values in augmented["per_class"].items()},
+                         "minutes": aug_minutes}}  # fmt: skip
 
 
 def train_detection(data: Path, out: Path, epochs: int, masks: bool) -> dict[str, float]:

@@ -296,6 +296,10 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
         assert "the detector finds nothing in this image" in explained[0]["error"]
     assert main([*explain[:3], "--checkpoint", model, "--stage", "9"]) == 2
     assert "stage must be in -4..3 for this model, got 9" in capsys.readouterr().err
+    # Multi-scale and flip testing are segmentation's; `swinkit segment eval` of this file says so.
+    segment_eval = ["segment", "eval", "--checkpoint", model, "--data", str(tmp_path), "--aug-test"]
+    assert main(segment_eval) == 2
+    assert "multi-scale and flip testing are for segmentation models; " in capsys.readouterr().err
 
 
 def _detections_and_stage_map(model, image, stage):

@@ -13,20 +13,26 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.transforms import functional as TF
 
 from swinkit.cli import main
 from swinkit.data import BadItem
 from swinkit.dense import (
+    AUG_TEST_RATIOS,
     SegmentationFolder,
     confusion_matrix,
     create_segmentor,
     fit_dense,
     infer,
+    infer_augmented,
+    load_dense,
     resolve_dense_config,
     segmentation_loss,
     segmentation_scores,
 )
-from swinkit.dense.segmentation_data import SegmentationTrainTransform, find_split
+from swinkit.dense.heads import resize
+from swinkit.dense.predict import segment_image
+from swinkit.dense.segmentation_data import SegmentationEvalTransform, SegmentationTrainTransform, find_split
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.dense.train import build_schedule
 from swinkit.train.optim import build_optimizer
@@ -152,6 +158,55 @@ def test_sliding_window_inference_covers_the_image_and_averages_overlaps():
         infer(model, images, "tiles")
 
 
+def test_multi_scale_views_are_the_test_scale_times_each_ratio_as_mmseg_rescales():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    transform = SegmentationEvalTransform((2048, 512), mean, std, AUG_TEST_RATIOS)
+    views = transform.views(image)
+    # mmseg: scale (int(2048 r), int(512 r)), then the largest size of the image's shape inside it,
+    # sides rounded half up: 640 x 480 at r = 0.5 is inside (1024, 256) at factor 256 / 480.
+    sizes = [tuple(view.shape[1:]) for view in views]
+    assert sizes == [(256, 341), (384, 512), (512, 683), (640, 853), (768, 1024), (896, 1195)]
+    assert torch.equal(views[2], SegmentationEvalTransform((2048, 512), mean, std).image(image))
+    expected = TF.normalize(TF.to_tensor(image.resize((512, 384), Image.BILINEAR)), mean, std)
+    assert torch.equal(views[1], expected)
+    # Without a test scale the ratios are of the image's own size; ratio 1 is the image as it is.
+    own = SegmentationEvalTransform(None, mean, std, (0.5, 1.0)).views(image)
+    assert [tuple(view.shape[1:]) for view in own] == [(240, 320), (480, 640)]
+    assert torch.equal(own[1], TF.normalize(TF.to_tensor(image), mean, std))
+    item, labels = transform((image, np.zeros((480, 640), dtype=np.int64)))
+    assert isinstance(item, list) and len(item) == 6 and labels.shape == (480, 640)
+
+
+def test_aug_test_averages_the_probabilities_of_scaled_and_mirrored_views():
+    torch.manual_seed(0)
+    model = create_segmentor("swin_test", num_classes=4, channels=16, aux_channels=8).eval()
+    small, large = torch.randn(1, 3, 40, 56), torch.randn(1, 3, 72, 100)
+    size = (60, 84)
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.interpolate(model(images)["out"], size=size, mode="bilinear")
+        return logits.softmax(dim=1)
+
+    found = infer_augmented(model, [small, large], size, flip=True)
+    mirrored = [probabilities(v.flip(-1)).flip(-1) for v in (small, large)]
+    expected = (probabilities(small) + probabilities(large) + sum(mirrored)) / 4
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(found.sum(dim=1), torch.ones(1, *size))
+    # One view, no flip: the single-scale probabilities; with flip, a mirrored input gives the
+    # mirrored result (the flipped pass is undone before averaging).
+    assert torch.equal(infer_augmented(model, [large], size), resize(infer(model, large), size).softmax(dim=1))
+    both = infer_augmented(model, [large], size, flip=True)
+    torch.testing.assert_close(infer_augmented(model, [large.flip(-1)], size, flip=True), both.flip(-1))
+    assert not torch.allclose(both, infer_augmented(model, [large], size), atol=1e-3)
+    # Sliding windows work per view as in a single-scale test (per-pixel model: slide == whole).
+    pixel = PixelClassifier()
+    slide = infer_augmented(pixel, [small, large], (72, 100), True, "slide", 32, 24)
+    torch.testing.assert_close(slide, infer_augmented(pixel, [small, large], (72, 100), True))
+    with pytest.raises(ValueError, match="at least one view"):
+        infer_augmented(model, [], size)
+
+
 def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     train = [
@@ -203,6 +258,24 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     assert metrics["images"] == 4 and metrics["mIoU"] == pytest.approx(row["val_mIoU"])
     assert set(metrics["per_class"]) == {"background", "circle", "square", "triangle"}
     assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert metrics["test_ratios"] == [1.0] and not metrics["test_flip"]
+
+    # Multi-scale + flip testing: the evaluation scores the class maps that segment_image gives
+    # with the same views; one ratio of 1 without flip is the single-scale test.
+    evaluate = ["segment", "eval", "--checkpoint", model, "--data", str(shapes), "--workers", "0", "--json"]
+    assert main([*evaluate, "--test-ratios", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["mIoU"] == pytest.approx(metrics["mIoU"])
+    assert main([*evaluate, "--aug-test"]) == 0
+    augmented = json.loads(capsys.readouterr().out)
+    assert augmented["test_ratios"] == list(AUG_TEST_RATIOS) and augmented["test_flip"]
+    loaded, spec = load_dense(model)
+    confusion = torch.zeros(4, 4, dtype=torch.int64)
+    for image, labels in SegmentationFolder(*find_split(shapes, "validation"), 4):
+        found = segment_image(loaded, spec, image, AUG_TEST_RATIOS, flip=True)
+        confusion += confusion_matrix(found[None], torch.from_numpy(labels)[None], 4, 255)
+    assert augmented["mIoU"] == pytest.approx(segmentation_scores(confusion, spec.classes)["mIoU"])
+    assert main([*evaluate, "--test-ratios", "0.5", "0"]) == 2
+    assert "test ratios must be one or more numbers above 0, got [0.5, 0.0]" in capsys.readouterr().err
 
     (tmp_path / "broken.png").write_bytes(b"")
     images = find_split(shapes, "validation")[0]
@@ -227,6 +300,12 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     labels = np.asarray(Image.open(results[0]["labels"]))
     assert overlay.size == (64, 64) and labels.shape == (64, 64) and labels.max() < 4
     assert sum(results[0]["class_fractions"].values()) == pytest.approx(1.0)
+    first = sorted(images.iterdir())[0]
+    predict = ["segment", "predict", str(first), "--checkpoint", model, "--output", str(tmp_path / "aug")]
+    assert main([*predict, "--test-ratios", "0.75", "1.5", "--flip"]) == 0
+    written = np.asarray(Image.open(tmp_path / "aug" / f"0000_{first.stem}_labels.png"))
+    expected = segment_image(loaded, spec, Image.open(first).convert("RGB"), (0.75, 1.5), flip=True)
+    assert np.array_equal(written, expected.numpy())
 
     capsys.readouterr()
     explain = ["segment", "explain", str(images), str(tmp_path / "broken.png"), "--checkpoint", model]

@@ -8,12 +8,21 @@ from .detection_data import CocoDetection
 from .heads import FCNHead, FPNNeck, UPerHead
 from .metrics import coco_map, confusion_matrix, segmentation_scores
 from .predict import evaluate_dense, predict_dense
-from .segmentation import Segmentor, build_segmentor, create_segmentor, infer, segmentation_loss
+from .segmentation import (
+    AUG_TEST_RATIOS,
+    Segmentor,
+    build_segmentor,
+    create_segmentor,
+    infer,
+    infer_augmented,
+    segmentation_loss,
+)
 from .segmentation_data import SegmentationFolder
 from .train import DenseResult, fit_dense
 from .weights import DenseSpec, load_dense, load_dense_weights, save_dense
 
 __all__ = [
+    "AUG_TEST_RATIOS",
     "CocoDetection",
     "DenseResult",
     "DenseSpec",
@@ -37,6 +46,7 @@ __all__ = [
     "evaluate_detection",
     "fit_dense",
     "infer",
+    "infer_augmented",
     "load_dense",
     "load_dense_weights",
     "predict_dense",

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
+    if task == "segment":
+        for parser_ in (evaluate, predict):
+            _add_test_augmentation(parser_)
 
     what, default_class = {
         "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
@@ -54,6 +57,31 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
     explain.add_argument("--device", default="cpu")
     explain.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _add_test_augmentation(parser: argparse.ArgumentParser) -> None:
+    from .segmentation import AUG_TEST_RATIOS
+
+    shown = " ".join(f"{r:g}" for r in AUG_TEST_RATIOS)
+    parser.add_argument(
+        "--aug-test",
+        action="store_true",
+        help=f"multi-scale + flip testing (mmseg's --aug-test): ratios {shown} of the test scale, each mirrored too",
+    )
+    parser.add_argument(
+        "--test-ratios", type=float, nargs="+", metavar="R", help="test at these ratios of the test scale, averaged"
+    )
+    parser.add_argument("--flip", action="store_true", help="average each view with its mirror image")
+
+
+def _test_augmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """``ratios`` and ``flip`` from ``--aug-test`` / ``--test-ratios`` / ``--flip`` (given ratios win)."""
+    from .segmentation import AUG_TEST_RATIOS
+
+    if not hasattr(args, "aug_test"):
+        return {}
+    ratios = args.test_ratios or (list(AUG_TEST_RATIOS) if args.aug_test else None)
+    return {"ratios": ratios, "flip": args.flip or args.aug_test}
 
 
 def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
@@ -72,7 +100,7 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         options = {"split": args.split} if task == "segment" else {"images": args.images}
         metrics = evaluate_dense(
             args.checkpoint, args.data, output=args.output, device=args.device, workers=args.workers,
-            strict_data=args.strict_data, **options,
+            strict_data=args.strict_data, **options, **_test_augmentation(args),
         )  # fmt: skip
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
     if args.action == "explain":
@@ -85,7 +113,9 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         return text, 1 if results and all("error" in r for r in results) else 0
     from .predict import predict_dense
 
-    results = predict_dense(args.inputs, args.checkpoint, args.output, args.device, args.score_threshold)
+    results = predict_dense(
+        args.inputs, args.checkpoint, args.output, args.device, args.score_threshold, **_test_augmentation(args)
+    )
     text = json.dumps(results, indent=2) if args.json else summarise_predictions(results)
     return text, 1 if results and all("error" in r for r in results) else 0
 
@@ -99,6 +129,9 @@ def _explained(result: dict[str, Any]) -> str:
 def summarise_metrics(metrics: dict[str, Any]) -> str:
     if "mIoU" in metrics:
         line = f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%"
+        if metrics["test_ratios"] != [1.0] or metrics["test_flip"]:
+            ratios = ",".join(f"{r:g}" for r in metrics["test_ratios"])
+            line += f"  scales x{ratios}{' + flip' if metrics['test_flip'] else ''}"
         bad = len(metrics["bad_images"])
     else:
         line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox_AP", "segm_AP")))

@@ -37,18 +37,30 @@ def palette(count: int) -> list[tuple[int, int, int]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def segment_image(model: nn.Module, spec: DenseSpec, image: Image.Image) -> Tensor:
-    """The ``(H, W)`` class map of one image at its own size, with the file's test settings."""
-    from .heads import resize
-    from .segmentation import infer
+def segment_image(
+    model: nn.Module,
+    spec: DenseSpec,
+    image: Image.Image,
+    ratios: Sequence[float] | None = None,
+    flip: bool = False,
+) -> Tensor:
+    """The ``(H, W)`` class map of one image at its own size, with the file's test settings.
+
+    ``ratios``: test at the file's test scale times each ratio (``AUG_TEST_RATIOS``: mmseg's
+    ``--aug-test``); ``flip``: with each view mirrored too. Their probabilities are averaged.
+    """
+    from .segmentation import check_test_ratios, infer_augmented
     from .segmentation_data import SegmentationEvalTransform
 
-    settings = spec.inference
+    check_test_ratios(ratios)
+    s = spec.inference
     preprocessing = spec.backbone.preprocessing
-    pixels = SegmentationEvalTransform(settings["scale"], preprocessing.mean, preprocessing.std).image(image)
+    transform = SegmentationEvalTransform(s["scale"], preprocessing.mean, preprocessing.std, ratios)
     device = next(model.parameters()).device
-    logits = infer(model, pixels[None].to(device), settings["mode"], settings["crop_size"], settings["stride"])
-    return resize(logits.float(), (image.height, image.width)).argmax(dim=1)[0].cpu()
+    views = [view[None].to(device) for view in transform.views(image)]
+    size = (image.height, image.width)
+    probabilities = infer_augmented(model, views, size, flip, s["mode"], s["crop_size"], s["stride"])
+    return probabilities.argmax(dim=1)[0].cpu()
 
 
 def segmentation_overlay(image: Image.Image, labels: Tensor, num_classes: int, alpha: float = 0.5) -> Image.Image:
@@ -59,8 +71,10 @@ def segmentation_overlay(image: Image.Image, labels: Tensor, num_classes: int, a
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
 
 
-def _segment_result(model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path) -> dict[str, Any]:
-    labels = segment_image(model, spec, image)
+def _segment_result(
+    model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path, ratios: Sequence[float] | None, flip: bool
+) -> dict[str, Any]:
+    labels = segment_image(model, spec, image, ratios, flip)
     segmentation_overlay(image, labels, len(spec.classes)).save(f"{stem}_overlay.png")
     Image.fromarray(labels.numpy().astype(np.uint8 if len(spec.classes) <= 256 else np.int32)).save(
         f"{stem}_labels.png"
@@ -239,14 +253,18 @@ def predict_dense(
     output: str | os.PathLike,
     device: str = "cpu",
     score_threshold: float = 0.5,
+    ratios: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> list[dict[str, Any]]:
     """Run a dense model file on images; writes ``<name>_overlay.png`` (and ``_labels.png``) and ``results.json``.
 
     One result per image: ``{"path", "overlay", ...}`` with ``class_fractions`` (segmentation) or
     ``detections`` (class, category id, score, box ``[x1, y1, x2, y2]``, mask RLE); ``{"path",
     "error"}`` for a file that cannot be decoded. Detections below ``score_threshold`` are dropped.
+    ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored testing (:func:`segment_image`).
     """
     model, spec = load_dense(checkpoint, device)
+    _check_test_augmentation(checkpoint, spec, ratios, flip)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -256,7 +274,7 @@ def predict_dense(
             continue
         stem = folder / f"{index:04d}_{path.stem}"
         if spec.task == "segment":
-            result = _segment_result(model, spec, image, stem)
+            result = _segment_result(model, spec, image, stem, ratios, flip)
         else:
             result = _detect_result(model, spec, image, stem, score_threshold)
         results.append({"path": str(path), **result})
@@ -273,13 +291,17 @@ def evaluate_dense(
     device: str = "cpu",
     workers: int = 2,
     strict_data: bool = False,
+    ratios: Sequence[float] | None = None,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Score a dense model file: mIoU / accuracies on a segmentation folder (``data``, its ``split``), or
     COCO box / mask mAP on a COCO JSON file (``data``, images under ``images``). Writes ``metrics.json``
-    to ``output`` when given."""
+    to ``output`` when given. ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored
+    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics."""
     model, spec = load_dense(checkpoint, device)
+    _check_test_augmentation(checkpoint, spec, ratios, flip)
     if spec.task == "segment":
-        metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data)
+        metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)
     else:
         metrics = _evaluate_detection(model, spec, data, images, workers, strict_data)
     if output is not None:
@@ -288,8 +310,27 @@ def evaluate_dense(
     return metrics
 
 
+def _check_test_augmentation(
+    checkpoint: str | os.PathLike, spec: DenseSpec, ratios: Sequence[float] | None, flip: bool
+) -> None:
+    from .segmentation import check_test_ratios
+
+    if spec.task != "segment" and (ratios is not None or flip):
+        raise ValueError(
+            f"multi-scale and flip testing are for segmentation models; {checkpoint} is a {spec.task} model"
+        )
+    check_test_ratios(ratios)
+
+
 def _evaluate_segmentation(
-    model: nn.Module, spec: DenseSpec, data: str | os.PathLike, split: str, workers: int, strict: bool
+    model: nn.Module,
+    spec: DenseSpec,
+    data: str | os.PathLike,
+    split: str,
+    workers: int,
+    strict: bool,
+    ratios: Sequence[float] | None,
+    flip: bool,
 ) -> dict[str, Any]:
     from ..data import collate_skipping_bad
     from .metrics import segmentation_scores
@@ -300,14 +341,16 @@ def _evaluate_segmentation(
     dataset = SegmentationFolder(
         *find_split(data, split), len(spec.classes), s["reduce_zero_label"], s["ignore_index"], strict
     )
-    transform = SegmentationEvalTransform(s["scale"], p.mean, p.std)
+    transform = SegmentationEvalTransform(s["scale"], p.mean, p.std, ratios)
     loader = DataLoader(
         Transformed(dataset, transform), batch_size=1, num_workers=workers, collate_fn=collate_skipping_bad
     )
     confusion, bad = evaluate_segmentation(
-        model, loader, len(spec.classes), s["ignore_index"], s["mode"], s["crop_size"], s["stride"]
+        model, loader, len(spec.classes), s["ignore_index"], s["mode"], s["crop_size"], s["stride"], flip=flip
     )
-    return {**segmentation_scores(confusion, spec.classes), "images": len(dataset) - len(bad), "bad_images": bad}
+    scores = segmentation_scores(confusion, spec.classes)
+    testing = {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
+    return {**scores, **testing, "images": len(dataset) - len(bad), "bad_images": bad}
 
 
 def _evaluate_detection(

@@ -1,8 +1,11 @@
-"""Semantic segmentation: Swin + UPerNet (+ auxiliary FCN head), its loss and whole / sliding-window inference."""
+"""Semantic segmentation: Swin + UPerNet (+ auxiliary FCN head), its loss, whole / sliding-window
+inference and multi-scale + flip testing."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,6 +18,10 @@ from .metrics import confusion_matrix
 
 # The auxiliary head reads stage 3 (index 2), as in the paper's ADE20K setup.
 AUX_STAGE = 2
+
+# mmseg's `--aug-test` (the Swin paper's multi-scale ADE20K results): the test scale times each
+# ratio, each view also mirrored.
+AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 class Segmentor(nn.Module):
@@ -136,6 +143,43 @@ def _starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
+def infer_augmented(
+    model: nn.Module,
+    views: Sequence[Tensor],
+    size: Sequence[int],
+    flip: bool = False,
+    mode: str = "whole",
+    crop_size: int = 512,
+    stride: int = 341,
+) -> Tensor:
+    """Class probabilities ``(B, K, *size)`` averaged over ``views`` (the images at several scales)
+    and, with ``flip``, over their mirror images too (``mmseg``'s ``aug_test``).
+
+    Each view's logits (:func:`infer` with ``mode``) are resized to ``size``, turned into
+    probabilities, and mirrored back where the view was mirrored, in that order, as mmseg does.
+    """
+    if not views:
+        raise ValueError("infer_augmented needs at least one view of the images")
+    total: Tensor | None = None
+    for view in views:
+        for mirrored in (False, True) if flip else (False,):
+            logits = infer(model, view.flip(-1) if mirrored else view, mode, crop_size, stride)
+            probabilities = resize(logits.float(), tuple(size)).softmax(dim=1)
+            probabilities = probabilities.flip(-1) if mirrored else probabilities
+            total = probabilities if total is None else total + probabilities
+    assert total is not None
+    return total / (len(views) * (2 if flip else 1))
+
+
+def check_test_ratios(ratios: Sequence[float] | None) -> None:
+    """Ratios of the test scale: None (one scale) or finite numbers above 0, at least one."""
+    if ratios is None:
+        return
+    if len(ratios) == 0 or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise ValueError(f"test ratios must be one or more numbers above 0, got {list(ratios)}")
+
+
+@torch.no_grad()
 def evaluate_segmentation(
     model: nn.Module,
     loader: Any,
@@ -145,12 +189,17 @@ def evaluate_segmentation(
     crop_size: int = 512,
     stride: int = 341,
     distributed: Any = None,
+    flip: bool = False,
 ) -> tuple[Tensor, list[str]]:
     """The confusion matrix of ``model`` over ``loader`` (batches of one image and its full-size label map).
 
-    Logits are resized to the label map's size before the argmax, so scores are at the original
-    resolution whatever the test scale. Returns the ``(K, K)`` counts (summed over processes) and
-    the paths of bad items.
+    Logits are resized to the label map's size and turned into probabilities before the argmax (as
+    mmseg does; float32 probabilities can tie where logits differ by less than about 1e-7), so
+    scores are at the original resolution whatever the test scale. A batch whose ``images`` is a
+    list holds views of one image at several scales (:class:`~swinkit.dense.segmentation_data.
+    SegmentationEvalTransform` with ``ratios``): their probabilities are averaged, with mirrored
+    views too if ``flip`` (:func:`infer_augmented`). Returns the ``(K, K)`` counts (summed over processes) and the paths
+    of bad items.
     """
     was_training = model.training
     model.eval()
@@ -162,8 +211,10 @@ def evaluate_segmentation(
         if batch["images"] is None:
             continue
         masks = batch["labels"]
-        logits = infer(model, batch["images"].to(device), mode, crop_size, stride)
-        prediction = resize(logits.float(), masks.shape[-2:]).argmax(dim=1).cpu()
+        images = batch["images"]
+        views = [view.to(device) for view in (images if isinstance(images, list) else [images])]
+        probabilities = infer_augmented(model, views, masks.shape[-2:], flip, mode, crop_size, stride)
+        prediction = probabilities.argmax(dim=1).cpu()
         confusion += confusion_matrix(prediction, masks, num_classes, ignore_index)
     if distributed is not None and distributed.enabled:
         confusion = distributed.sum_tensor(confusion)

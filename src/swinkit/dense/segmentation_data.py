@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,16 +244,39 @@ class SegmentationTrainTransform:
 
 
 class SegmentationEvalTransform:
-    """Rescale the image (keep ratio) to ``scale`` if given, normalise; the label map stays at full size."""
+    """Rescale the image (keep ratio) to ``scale`` if given, normalise; the label map stays at full size.
 
-    def __init__(self, scale: tuple[int, int] | None, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    With ``ratios`` (multi-scale testing) an item's image is a list of views, one per ratio: the
+    image rescaled to ``scale`` times the ratio (``mmseg``'s ``MultiScaleFlipAug``: the scale's sides
+    times the ratio, truncated), or to its own size times the ratio where ``scale`` is None.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[int, int] | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        ratios: Sequence[float] | None = None,
+    ) -> None:
         self.scale, self.mean, self.std = scale, mean, std
+        self.ratios = None if ratios is None else tuple(ratios)
 
-    def __call__(self, item: tuple[Image.Image, np.ndarray]) -> tuple[Tensor, Tensor]:
+    def __call__(self, item: tuple[Image.Image, np.ndarray]) -> tuple[Tensor | list[Tensor], Tensor]:
         image, labels = item
-        return self.image(image), torch.from_numpy(labels)
+        return (self.image(image) if self.ratios is None else self.views(image)), torch.from_numpy(labels)
 
     def image(self, image: Image.Image) -> Tensor:
         if self.scale is not None:
             image = image.resize(rescale_size(image.size, self.scale), Image.BILINEAR)
         return normalise(image, self.mean, self.std)
+
+    def views(self, image: Image.Image) -> list[Tensor]:
+        """The image at each of ``ratios`` (or at the test scale alone without them), normalised."""
+        if self.ratios is None:
+            return [self.image(image)]
+        return [normalise(self._rescaled(image, ratio), self.mean, self.std) for ratio in self.ratios]
+
+    def _rescaled(self, image: Image.Image, ratio: float) -> Image.Image:
+        sides = self.scale if self.scale is not None else image.size
+        size = rescale_size(image.size, (int(sides[0] * ratio), int(sides[1] * ratio)))
+        return image if size == image.size else image.resize(size, Image.BILINEAR)
