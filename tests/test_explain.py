@@ -260,6 +260,19 @@ def test_swinkit_explain_writes_an_overlay_per_image(tmp_path, capsys):
         if "output" in result:
             picture = Image.open(result["output"])
             assert picture.size == (32, 32) and result["index"] == 1 and 0 <= result["probability"] <= 1
+    # The default batch of 8 took the 5 files at once; one at a time (and 2 at a time, the broken
+    # file inside a batch) gives the same results in the same order and the same pictures.
+    for batch_size in (1, 2):
+        apart = tmp_path / f"maps-{batch_size}"
+        assert main([*args[:-1], str(apart), "--json", "--class", "one", "--batch-size", str(batch_size)]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert [r["path"] for r in alone] == [r["path"] for r in results]
+        for together, single in zip(results, alone, strict=True):
+            assert ("error" in together) == ("error" in single)
+            if "output" in together:
+                assert single["probability"] == pytest.approx(together["probability"], rel=1e-5)
+                pixels = [np.asarray(Image.open(r["output"]), dtype=np.int16) for r in (together, single)]
+                assert np.abs(pixels[0] - pixels[1]).max() <= 1
 
     single = tmp_path / "one.png"
     image = next((folder / "digit1").glob("*.png"))
@@ -274,6 +287,7 @@ def test_swinkit_explain_writes_an_overlay_per_image(tmp_path, capsys):
         (["--out", str(single)], f"--out {single} names one image file, but 5 images were given; give a folder"),
         (["--alpha", "2"], "alpha must be in [0, 1], got 2.0"),
         (["--stage", "9"], "stage must be in -4..3 for this model, got 9"),
+        (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
     ]
     for extra, message in refused:
         assert main([*args, *extra]) == 2

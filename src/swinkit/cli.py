@@ -194,6 +194,7 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="target", help="class name or index to explain (default: the top class)")
     parser.add_argument("--stage", type=int, help="stage whose map is shown, 0..3 or negative from the end")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -202,8 +203,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files, format_results
 
     results = explain_files(
-        args.inputs, args.checkpoint, args.out, args.method, args.target, args.stage, args.alpha, args.device
-    )
+        args.inputs, args.checkpoint, args.out, args.method, args.target, args.stage, args.alpha, args.device,
+        args.batch_size,
+    )  # fmt: skip
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 1 if results and all("error" in r for r in results) else 0
 

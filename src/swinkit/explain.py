@@ -473,19 +473,24 @@ def explain_files(
     stage: int | None = None,
     alpha: float = 0.5,
     device: str = "cpu",
+    batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """``swinkit explain``: one overlay PNG per image, the map over the crop the model saw.
 
     ``out``: a folder (``<stem>.<method>.png`` each), or a ``.png`` / ``.jpg`` file for a single
     image. ``target``: a class name the checkpoint stores or a class index (default: the top
-    class). A result is ``{"path", "class", "index", "probability", "method", "stage", "output"}``,
-    or ``{"path", "error"}`` for a file that could not be decoded.
+    class). Images go through the model ``batch_size`` at a time (each image's map is its own: the
+    classifier has no batch statistics). A result is ``{"path", "class", "index", "probability",
+    "method", "stage", "output"}``, or ``{"path", "error"}`` for a file that could not be decoded,
+    in the order of the inputs.
     """
-    from .predict import expand_inputs, load_classifier, load_or_report
+    from .predict import expand_inputs, load_classifier
 
     check_method(method)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):
         raise ValueError(
             f"{checkpoint}: explanations need the model's weights and gradients; give a checkpoint, "
@@ -499,28 +504,44 @@ def explain_files(
     names = stored or [str(i) for i in range(model.config.num_classes)]
     index = _class_index(target, names)
     transform, view = eval_transform(model.config.preprocessing), eval_crop(model.config.preprocessing)
-    results, used = [], set()
-    for path in paths:
-        image = load_or_report(path, results)
-        if image is None:
-            continue
-        found = explain(model, transform(image)[None].to(device), method, index, stage)
-        destination = Path(out) if single_file else _free_name(Path(out), path.stem, method, used)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        overlay(view(image), found.maps[0], alpha).save(destination)
-        chosen = found.targets[0]
-        results.append(
-            {
-                "path": str(path),
-                "class": names[chosen],
-                "index": chosen,
-                "probability": found.probabilities[0, chosen].item(),
-                "method": method,
-                "stage": found.stage,
-                "output": str(destination),
-            }
-        )
+    results: list[dict[str, Any]] = []
+    used: set[Path] = set()
+    for start in range(0, len(paths), batch_size):
+        loaded = _load_batch(paths[start : start + batch_size])
+        decoded = [(path, image) for path, image in loaded if isinstance(image, Image.Image)]
+        found = None
+        if decoded:
+            images = torch.stack([transform(image) for _, image in decoded]).to(device)
+            found = explain(model, images, method, index, stage)
+        row = 0
+        for path, image in loaded:
+            if not isinstance(image, Image.Image):
+                results.append(image)
+                continue
+            assert found is not None
+            destination = Path(out) if single_file else _free_name(Path(out), path.stem, method, used)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            overlay(view(image), found.maps[row], alpha).save(destination)
+            chosen = found.targets[row]
+            probability = found.probabilities[row, chosen].item()
+            results.append(
+                {"path": str(path), "class": names[chosen], "index": chosen, "probability": probability,
+                 "method": method, "stage": found.stage, "output": str(destination)}
+            )  # fmt: skip
+            row += 1
     return results
+
+
+def _load_batch(paths: Sequence[Path]) -> list[tuple[Path, Image.Image | dict[str, Any]]]:
+    """Each path with its decoded image, or with the ``{"path", "error"}`` result reporting it."""
+    from .predict import load_or_report
+
+    loaded: list[tuple[Path, Image.Image | dict[str, Any]]] = []
+    for path in paths:
+        reported: list[dict[str, Any]] = []
+        image = load_or_report(path, reported)
+        loaded.append((path, image if image is not None else reported[0]))
+    return loaded
 
 
 def _class_index(target: str | None, names: list[str]) -> int | None:
