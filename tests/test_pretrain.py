@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit.cli import main
+from swinkit.parallel import image_splits
 from swinkit.pretrain import (
     SimMIM,
     load_pretraining_parts,
@@ -108,6 +110,32 @@ def test_simmim_refuses_a_classifier_and_bad_inputs():
         model(x, torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match="image sides must be multiples of it, got 48x64"):
         model(torch.randn(1, 3, 48, 64), torch.zeros(1, 12, 16))
+
+
+def test_simmim_splits_a_cpu_batch_over_the_workers_as_the_serial_path_computes_it(two_threads):
+    split = SimMIM(swinkit.create_model("swin_test", num_classes=0, drop_path_rate=0.0)).double().train()
+    serial = SimMIM(swinkit.create_model("swin_test", num_classes=0, drop_path_rate=0.0)).double().train()
+    serial.load_state_dict(split.state_dict())
+    serial.image_parallel = False
+    assert not serial.encoder.image_parallel and split.encoder.image_parallel
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)  # shares of 2 and 1 images
+    mask = torch.stack([random_mask((64, 64), 16) for _ in range(3)]).double()
+    assert image_splits(split, images) == 2 and image_splits(serial, images) == 1
+    threads = []
+    decode = split.decoder.forward  # an attribute, not a hook (hooks keep a batch serial)
+    split.decoder.forward = lambda x: (threads.append(threading.current_thread().name), decode(x))[1]
+    losses = [model(images, mask) for model in (split, serial)]
+    assert len(threads) == 2 and all(name.startswith("swinkit-images") for name in threads)
+    assert relative_error(losses[0], losses[1]) < 1e-12
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(split.named_parameters(), serial.parameters(), strict=True):
+        assert a.grad is not None and relative_error(a.grad, b.grad) < 1e-10, name
+    split.eval(), serial.eval()
+    with torch.no_grad():
+        threads.clear()
+        pixels = split.reconstruct(images, mask)
+        assert len(threads) == 2 and relative_error(pixels, serial.reconstruct(images, mask)) < 1e-12
 
 
 def test_official_and_hugging_face_simmim_files_fine_tune(tmp_path):

@@ -23,6 +23,8 @@ one (the masks differ from the serial path's). Dropout other than stochastic dep
 checkpointing, module hooks and parameters' tensor hooks (they would see shares, in threads) keep
 a batch serial; so do tracing, being inside a worker, one thread or one image.
 ``model.image_parallel = False`` turns splitting off (for callers that run their own threads).
+A function of more batch tensors than the images splits them alike (``run_split``'s ``extras``:
+SimMIM's masks, :meth:`swinkit.pretrain.SimMIM.reconstruct`).
 
 ``model.compile()`` (:func:`compile_forward`) compiles the forward each share runs, so that a
 compiled model splits too: ``torch.compile(model)`` traces the split away and runs the batch whole.
@@ -312,24 +314,34 @@ def _run_forward(model: torch.nn.Module, x: Tensor) -> Any:
     return model._forward(x)
 
 
-def run_split(function: Callable[[Tensor], Any], x: Tensor, parts: int, model: torch.nn.Module | None = None) -> Any:
-    """``function(x)`` computed on ``parts`` slices of the batch in worker threads, joined again.
+def run_split(
+    function: Callable[..., Any],
+    x: Tensor,
+    parts: int,
+    model: torch.nn.Module | None = None,
+    extras: Sequence[Tensor] = (),
+) -> Any:
+    """``function(x, *extras)`` computed on ``parts`` slices of the batch in worker threads, joined again.
 
     ``function`` returns a tensor or a list / tuple of tensors whose first dimension is the batch.
-    With autograd on, ``model``'s parameters are the ones whose gradients the split returns.
+    ``extras``: more tensors whose first dimension is the batch (a SimMIM mask), sliced alike and
+    not differentiated. With autograd on, ``model``'s parameters are the ones whose gradients the
+    split returns.
     """
+    extra_shares = [list(extra.detach().tensor_split(parts)) for extra in extras]
     if torch.is_grad_enabled():
         if model is None:
             raise ValueError("run_split with autograd on needs the model whose parameters to differentiate")
         parameters = [p for p in model.parameters() if p.requires_grad]
         seeds = torch.randint(2**62, (parts,)).tolist()  # from the caller's generator: reproducible
-        spec = _SplitSpec(function, _caller_state(), seeds, _shares_alone(model, x, x.tensor_split(parts)))
+        alone = _shares_alone(model, x, x.tensor_split(parts))
+        spec = _SplitSpec(function, _caller_state(), seeds, alone, extra_shares)
         outputs = _SharesFunction.apply(spec, x, *parameters)
         return outputs if isinstance(outputs, Tensor) else list(outputs)
     in_thread = _caller_state()
     shares = list(x.tensor_split(parts))
     alone = _shares_alone(model, x, shares)
-    return _join(_map_shares(functools.partial(in_thread, function), shares, alone=alone))
+    return _join(_map_shares(functools.partial(in_thread, function), shares, *extra_shares, alone=alone))
 
 
 def _join(results: list[Any]) -> Any:
@@ -360,18 +372,24 @@ def _caller_state() -> Callable[..., Any]:
 
 
 class _SplitSpec:
-    """What :class:`_SharesFunction` needs besides tensors: the function, the caller's thread state
-    (taken before ``forward``, where autograd is off), one seed per share, the shares to run alone
-    first (:func:`_shares_alone`)."""
+    """What :class:`_SharesFunction` needs besides the differentiated tensors: the function, the
+    caller's thread state (taken before ``forward``, where autograd is off), one seed per share, the
+    shares to run alone first (:func:`_shares_alone`), each extra argument's slices."""
 
     def __init__(
-        self, function: Callable[[Tensor], Any], in_thread: Callable[..., Any], seeds: list[int], alone: list[int]
+        self,
+        function: Callable[..., Any],
+        in_thread: Callable[..., Any],
+        seeds: list[int],
+        alone: list[int],
+        extras: list[list[Tensor]],
     ) -> None:
         self.function, self.in_thread, self.seeds, self.alone = function, in_thread, seeds, alone
+        self.extras = extras
 
 
 class _SharesFunction(torch.autograd.Function):
-    """``function(x)`` with each share of the batch forward and backward in its own worker thread.
+    """``function(x, *extras)`` with each share of the batch forward and backward in its own worker thread.
 
     The forward keeps every share's graph; the backward differentiates each in its worker and sums
     the parameter gradients over the shares in share order (the same bits on every run).
@@ -379,15 +397,16 @@ class _SharesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _SplitSpec, x: Tensor, *parameters: Tensor) -> Any:
-        def share(images: Tensor, seed: int) -> tuple[Tensor, Any]:
+        def share(images: Tensor, seed: int, *extras: Tensor) -> tuple[Tensor, Any]:
             images = images.detach().requires_grad_(x.requires_grad)
             _local.generator = torch.Generator().manual_seed(seed)
             try:
-                return images, spec.in_thread(spec.function, images)
+                return images, spec.in_thread(spec.function, images, *extras)
             finally:
                 _local.generator = None
 
-        ctx.shares = _map_shares(share, list(x.tensor_split(len(spec.seeds))), spec.seeds, alone=spec.alone)
+        shares = list(x.tensor_split(len(spec.seeds)))
+        ctx.shares = _map_shares(share, shares, spec.seeds, *spec.extras, alone=spec.alone)
         ctx.alone = spec.alone
         ctx.parameters = parameters
         ctx.single = isinstance(ctx.shares[0][1], Tensor)

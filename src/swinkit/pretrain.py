@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .checkpoint import official
 from .model import SwinTransformer, check_images
+from .parallel import image_splits, run_split
 from .variants import SwinConfig
 
 
@@ -71,6 +72,16 @@ class SimMIM(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"encoder." + name for name in self.encoder.no_weight_decay()} | {"mask_token"}
 
+    @property
+    def image_parallel(self) -> bool:
+        """The encoder's switch (:mod:`swinkit.parallel`): a CPU batch of the fused path is split over
+        worker threads for :meth:`reconstruct` (and so the loss) as for a classifier."""
+        return self.encoder.image_parallel
+
+    @image_parallel.setter
+    def image_parallel(self, value: bool) -> None:
+        self.encoder.image_parallel = value
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
@@ -78,6 +89,9 @@ class SimMIM(nn.Module):
         """Images ``(B, C, H, W)`` and ``mask`` ``(B, H/4, W/4)`` (1: masked) -> the final normed map
         ``(B, num_features, H/32, W/32)``."""
         check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride)
+        return self._encode(images, mask)
+
+    def _encode(self, images: Tensor, mask: Tensor) -> Tensor:
         encoder = self.encoder
         tokens = encoder.patch_embed(images)  # (B, H/4, W/4, C), normed
         weight = mask.unsqueeze(-1).to(tokens.dtype)
@@ -88,8 +102,19 @@ class SimMIM(nn.Module):
         return encoder.norm(out).permute(0, 3, 1, 2)
 
     def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
-        """The predicted pixels ``(B, C, H, W)`` of every patch (only masked ones are trained)."""
-        return self.decoder(self.encode(images, mask))
+        """The predicted pixels ``(B, C, H, W)`` of every patch (only masked ones are trained).
+
+        On the CPU's fused path the batch is split over the image-parallel workers, images and
+        masks alike, each share encoded and decoded in its own thread (:mod:`swinkit.parallel`).
+        """
+        check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride)
+        parts = image_splits(self, images)
+        if parts > 1:
+            return run_split(self._reconstruct, images, parts, self, extras=(mask,))
+        return self._reconstruct(images, mask)
+
+    def _reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
+        return self.decoder(self._encode(images, mask))
 
     def target(self, images: Tensor) -> Tensor:
         """What the decoder learns to predict: the images, or their locally normalized pixels."""
