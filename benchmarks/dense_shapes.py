@@ -3,11 +3,11 @@
     python benchmarks/dense_shapes.py [--out runs/dense-shapes] [--quick]
 
 Writes a dataset of textured scenes with circles, squares and triangles (exact masks and boxes,
-``swinkit.dense.shapes``), then trains, through the same ``fit_dense`` the CLI uses:
-UPerNet (+ auxiliary FCN) for semantic segmentation, Mask R-CNN (boxes and masks) and Faster R-CNN
-(boxes). It prints held-out mIoU / pixel accuracy (single-scale, and multi-scale + flip as
-``--aug-test``) beside the majority-class baseline, and COCO box /
-mask mAP, with the wall time of each run. Numbers go in benchmarks/RESULTS.md by hand.
+``swinkit.dense.shapes``), then trains, through the same ``fit_dense`` the CLI uses: UPerNet
+(+ auxiliary FCN) for semantic segmentation, Mask R-CNN (boxes and masks) and Faster R-CNN (boxes),
+and with ``--tasks cascade`` Cascade Mask R-CNN. It prints held-out mIoU / pixel accuracy
+(single-scale, and multi-scale + flip as ``--aug-test``) beside the majority-class baseline, and
+COCO box / mask mAP, with the wall time of each run. Numbers go in benchmarks/RESULTS.md by hand.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def train_segmentation(data: Path, out: Path, epochs: int) -> dict[str, float]:
                          "minutes": aug_minutes}}  # fmt: skip
 
 
-def train_detection(data: Path, out: Path, epochs: int, masks: bool) -> dict[str, float]:
+def train_detection(data: Path, out: Path, epochs: int, masks: bool, cascade: bool = False) -> dict[str, float]:
     config = resolve_dense_config(
         "detect",
         {
@@ -96,6 +96,7 @@ def train_detection(data: Path, out: Path, epochs: int, masks: bool) -> dict[str
             "epochs": epochs,
             "batch_size": 8,
             "masks": masks,
+            "cascade": cascade,
             "min_sizes": (80, 88, 96, 104, 112),
             "max_size": 160,
             "anchor_sizes": (16, 32, 64, 128, 256),
@@ -133,6 +134,7 @@ def main() -> None:
         "segment": lambda: train_segmentation(data, out / "segment", args.seg_epochs),
         "maskrcnn": lambda: train_detection(data, out / "maskrcnn", args.det_epochs, masks=True),
         "fasterrcnn": lambda: train_detection(data, out / "fasterrcnn", args.det_epochs, masks=False),
+        "cascade": lambda: train_detection(data, out / "cascade", args.det_epochs, masks=True, cascade=True),
     }
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

@@ -15,13 +15,21 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .backbone import SwinBackbone, create_backbone
+from .cascade import (
+    CASCADE_BOX_WEIGHTS,
+    CASCADE_IOUS,
+    POSITIVE_FRACTION,
+    AgnosticBoxPredictor,
+    CascadeRoIHeads,
+)
 
 # The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
 MIN_SIZES = tuple(range(480, 801, 32))
@@ -55,12 +63,15 @@ def build_detector(
     roi_batch_size: int = 512,
     score_threshold: float = 0.05,
     detections_per_img: int = 100,
+    cascade: bool = False,
 ) -> FasterRCNN:
     """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
 
     ``num_classes`` excludes the background (torchvision's label 0). In training a ``min_size``
     tuple picks a random shorter side per batch; evaluation uses its last value. Images go in as
-    RGB in [0, 1]; the detector normalises them with the backbone's mean and std.
+    RGB in [0, 1]; the detector normalises them with the backbone's mean and std. ``cascade``:
+    Cascade (Mask) R-CNN's three box stages (:mod:`swinkit.dense.cascade`) instead of one, each
+    box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``.
     """
     fpn = SwinFPN(backbone, fpn_channels)
     levels = len(backbone.out_channels) + 1  # the FPN adds a max-pooled level
@@ -82,11 +93,41 @@ def build_detector(
         box_score_thresh=score_threshold,
         box_detections_per_img=detections_per_img,
     )
-    if not masks:
-        return FasterRCNN(fpn, **options)
-    options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
-    options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
-    return MaskRCNN(fpn, **options)
+    if masks:
+        options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
+        options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
+    detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
+    if cascade:
+        detector.roi_heads = _cascade_heads(detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim)
+    return detector
+
+
+def _cascade_heads(
+    single: RoIHeads, num_classes: int, channels: int, box_head_dim: int, mask_head_dim: int
+) -> CascadeRoIHeads:
+    """The cascade's stages, with ``single``'s pooling, sampling size and test settings."""
+    resolution = single.box_roi_pool.output_size[0]
+    stages = []
+    for iou, weights in zip(CASCADE_IOUS, CASCADE_BOX_WEIGHTS, strict=True):
+        masks = single.has_mask()
+        stage = RoIHeads(
+            single.box_roi_pool,
+            FastRCNNConvFCHead((channels, resolution, resolution), [channels] * 4, [box_head_dim], nn.BatchNorm2d),
+            AgnosticBoxPredictor(box_head_dim, num_classes + 1),
+            iou,
+            iou,
+            single.fg_bg_sampler.batch_size_per_image,
+            POSITIVE_FRACTION,
+            weights,
+            single.score_thresh,
+            single.nms_thresh,
+            single.detections_per_img,
+            single.mask_roi_pool if masks else None,
+            MaskRCNNHeads(channels, [mask_head_dim] * 4, 1) if masks else None,
+            MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1) if masks else None,
+        )
+        stages.append(stage)
+    return CascadeRoIHeads(stages)
 
 
 def create_detector(

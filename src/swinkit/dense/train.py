@@ -360,6 +360,7 @@ class DetectionTrainer(DenseTrainer):
         c = self.config
         return {
             "masks": c.masks,
+            "cascade": c.cascade,
             "min_size": c.min_sizes,
             "max_size": c.max_size,
             "fpn_channels": c.fpn_channels,
