@@ -196,9 +196,9 @@ def evaluate_segmentation(
     Logits are resized to the label map's size and turned into probabilities before the argmax (as
     mmseg does; float32 probabilities can tie where logits differ by less than about 1e-7), so
     scores are at the original resolution whatever the test scale. A batch whose ``images`` is a
-    list holds views of one image at several scales (:class:`~swinkit.dense.segmentation_data.
-    SegmentationEvalTransform` with ``ratios``): their probabilities are averaged, with mirrored
-    views too if ``flip`` (:func:`infer_augmented`). Returns the ``(K, K)`` counts (summed over processes) and the paths
+    list holds views of one image at several scales (``SegmentationEvalTransform`` with
+    ``ratios``): their probabilities are averaged, with mirrored views too if ``flip``
+    (:func:`infer_augmented`). Returns the ``(K, K)`` counts (summed over processes) and the paths
     of bad items.
     """
     was_training = model.training
