@@ -16,6 +16,7 @@ from swinkit.data import BadItem
 from swinkit.dense import CocoDetection, coco_map, create_detector, load_dense
 from swinkit.dense.cascade import CascadeRoIHeads, _box_losses, _sample
 from swinkit.dense.detection_data import DetectionTrainTransform, flip_target
+from swinkit.dense.export import export_segmentation
 from swinkit.dense.metrics import mask_to_rle
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.train.optim import build_optimizer
@@ -338,6 +339,8 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     assert main(predict) == 0
     detections = json.loads((tmp_path / "predicted" / "results.json").read_text())[0]["detections"]
     assert all(len(d["box"]) == 4 and d["mask_rle"]["size"] == [64, 64] for d in detections)  # none below 0.05
+    with pytest.raises(ValueError, match="only segmentation models are exported; this is a detect model"):
+        export_segmentation(model, spec, tmp_path / "detector.onnx")
 
 
 def test_cascade_stages_match_at_rising_iou_and_the_training_regions_are_sampled_as_mmdet_does():

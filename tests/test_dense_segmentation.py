@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms import functional as TF
 
+from helpers import relative_error
 from swinkit.cli import main
 from swinkit.data import BadItem
 from swinkit.dense import (
@@ -30,11 +32,12 @@ from swinkit.dense import (
     segmentation_loss,
     segmentation_scores,
 )
-from swinkit.dense.heads import resize
+from swinkit.dense.heads import _bin_means, resize
 from swinkit.dense.predict import segment_image
 from swinkit.dense.segmentation_data import SegmentationEvalTransform, SegmentationTrainTransform, find_split
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.dense.train import build_schedule
+from swinkit.export import load_program, onnx_session
 from swinkit.train.optim import build_optimizer
 
 # A tiny, fast run: swin_test backbone, narrow heads, 64-pixel scenes.
@@ -207,6 +210,15 @@ def test_aug_test_averages_the_probabilities_of_scaled_and_mirrored_views():
         infer_augmented(model, [], size)
 
 
+def test_pyramid_pooling_bins_as_matrices_are_adaptive_average_pooling():
+    for height, width in [(1, 1), (2, 3), (5, 7), (6, 13), (10, 11), (3, 2)]:
+        x = torch.randn(2, 3, height, width, dtype=torch.float64)
+        for bins in (1, 2, 3, 6):
+            rows, columns = _bin_means(height, bins, x), _bin_means(width, bins, x)
+            expected = torch.nn.functional.adaptive_avg_pool2d(x, bins)
+            torch.testing.assert_close(rows @ x @ columns.T, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     train = [
@@ -306,6 +318,32 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     written = np.asarray(Image.open(tmp_path / "aug" / f"0000_{first.stem}_labels.png"))
     expected = segment_image(loaded, spec, Image.open(first).convert("RGB"), (0.75, 1.5), flip=True)
     assert np.array_equal(written, expected.numpy())
+
+    # Export: one ONNX file for every batch and size (checked against eager by the command, and here
+    # at sizes of other window counts), the model description in its metadata; a program too.
+    onnx_file = tmp_path / "segmentor.onnx"
+    capsys.readouterr()
+    assert main(["segment", "export", str(onnx_file), "--checkpoint", model, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_relative_error"] < 1e-5 and report["size_range"] == {"height": [1, 8192], "width": [1, 8192]}
+    session = onnx_session(onnx_file)
+    for shape in [(2, 3, 33, 20), (1, 3, 100, 71), (1, 3, 1, 1)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            logits = loaded(x)["out"]
+        found = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        assert found.shape == logits.shape and relative_error(found, logits) < 1e-5, shape
+    described = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(described["swinkit.dense"])["classes"] == ["background", "circle", "square", "triangle"]
+    program = tmp_path / "segmentor.pt2"
+    assert main(["segment", "export", str(program), "--checkpoint", model, "--static-size", "--img-size", "48"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert relative_error(load_program(program).module()(x), loaded(x)["out"]) < 1e-5
+    # The classifier commands refuse the file by name instead of running its backbone headless.
+    assert main(["predict", str(images), "--checkpoint", model]) == 2
+    assert "is a swinkit segment model file, not a classifier" in capsys.readouterr().err
 
     capsys.readouterr()
     explain = ["segment", "explain", str(images), str(tmp_path / "broken.png"), "--checkpoint", model]

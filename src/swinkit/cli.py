@@ -259,12 +259,14 @@ def _run_export(args: argparse.Namespace) -> int:
     from .checkpoint.native import class_names_from_metadata
     from .export import export
     from .factory import create_model
+    from .predict import refuse_dense_file
 
     if (args.checkpoint is None) == (args.model is None):
         raise ValueError("give exactly one of --checkpoint FILE or --model NAME")
     class_names = None
     if args.checkpoint:
         loaded = read_any(args.checkpoint)
+        refuse_dense_file(args.checkpoint, loaded.metadata)
         model = create_model(checkpoint=loaded)
         class_names = class_names_from_metadata(loaded.metadata)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -68,8 +69,26 @@ def load_classifier(
         model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
+    refuse_dense_file(checkpoint, loaded.metadata)
     model = create_model(checkpoint=loaded).to(device).eval()
     return quantize_dynamic(model) if int8 else model, class_names_from_metadata(loaded.metadata)
+
+
+def refuse_dense_file(checkpoint: str | os.PathLike, metadata: dict[str, str] | None) -> None:
+    """Refuse a segmentation or detection model file where a classifier is wanted, naming the commands
+    that take it (``create_model`` alone reads its backbone, which these commands would run headless)."""
+    description = (metadata or {}).get("swinkit_dense")
+    if description is None:
+        return
+    try:
+        task = json.loads(description)["task"]
+    except (ValueError, KeyError, TypeError):
+        task = "dense"
+    actions = "train, eval, predict, explain, export" if task == "segment" else "train, eval, predict, explain"
+    raise ValueError(
+        f"{checkpoint} is a swinkit {task} model file, not a classifier: the swinkit {task} commands "
+        f"({actions}) take it"
+    )
 
 
 @torch.no_grad()

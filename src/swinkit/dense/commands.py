@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     if task == "segment":
         for parser_ in (evaluate, predict):
             _add_test_augmentation(parser_)
+        _add_export(actions)
 
     what, default_class = {
         "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
@@ -74,6 +75,38 @@ def _add_test_augmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="average each view with its mirror image")
 
 
+def _add_export(actions: Any) -> None:
+    from ..cli import _parse_size
+    from ..export import DEFAULT_OPSET
+
+    export = actions.add_parser("export", help="ONNX file or torch.export program of a segmentation model file")
+    export.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
+    export.add_argument("--checkpoint", required=True, help="model file written by training")
+    export.add_argument("--format", choices=["onnx", "torch-export"], help="default: from the output's suffix")
+    export.add_argument(
+        "--img-size", type=_parse_size, help="N or HxW: the first size checked against eager (default: crop size)"
+    )
+    export.add_argument("--static-size", action="store_true", help="fix height and width to --img-size")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17+ (default {DEFAULT_OPSET})")
+    export.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
+    export.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _export(args: argparse.Namespace) -> str:
+    from .export import export_segmentation
+    from .weights import load_dense
+
+    fmt = args.format or ("torch-export" if args.output.endswith(".pt2") else "onnx")
+    model, spec = load_dense(args.checkpoint)
+    check = not args.no_check
+    report = export_segmentation(model, spec, args.output, fmt, args.img_size, args.opset, check, args.static_size)
+    if args.json:
+        return json.dumps(report, indent=2)
+    checked = f", largest error {report['max_relative_error']:.1e} of the largest logit" if check else ""
+    ranges = report["size_range"]
+    return f"wrote {report['path']} ({fmt}; any batch, height {ranges['height']}, width {ranges['width']}{checked})"
+
+
 def _test_augmentation(args: argparse.Namespace) -> dict[str, Any]:
     """``ratios`` and ``flip`` from ``--aug-test`` / ``--test-ratios`` / ``--flip`` (given ratios win)."""
     from .segmentation import AUG_TEST_RATIOS
@@ -103,6 +136,8 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
             strict_data=args.strict_data, **options, **_test_augmentation(args),
         )  # fmt: skip
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
+    if args.action == "export":
+        return _export(args), 0
     if args.action == "explain":
         from ..predict import format_lines
         from .predict import explain_detections, explain_segments

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +75,42 @@ class FPNNeck(nn.Module):
         return [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=True)]
 
 
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)``; under ``torch.export`` the same bins as two averaging matrices.
+
+    With a symbolic height and width the exported adaptive pooling ran in torch but not in
+    onnxruntime (the ONNX conversion gathered bins by indices fixed at the traced size). Output bin
+    ``i`` of ``s`` averages rows ``floor(i L / s)`` to ``ceil((i + 1) L / s) - 1``, as PyTorch's;
+    written as ``rows @ x @ columns^T`` every size stays symbolic. The sums run in another order,
+    so exported outputs differ from eager by float rounding.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_exporting():
+            return F.adaptive_avg_pool2d(x, self.size)
+        rows, columns = (_bin_means(length, self.size, x) for length in x.shape[-2:])
+        return rows @ x @ columns.transpose(0, 1)
+
+
+def _bin_means(length: Any, bins: int, like: Tensor) -> Tensor:
+    """``(bins, length)``: row ``i`` averages the positions of adaptive pooling's bin ``i``."""
+    index = torch.arange(bins, device=like.device)
+    start = (index * length) // bins
+    end = ((index + 1) * length + bins - 1) // bins
+    position = torch.arange(length, device=like.device)
+    inside = (position >= start[:, None]) & (position < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
 class PPM(nn.ModuleList):
     """Pyramid pooling module (Zhao et al., PSPNet): average-pool to each scale, 1x1 conv, upsample back."""
 
     def __init__(self, scales: Sequence[int], in_channels: int, channels: int) -> None:
-        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels, channels, 1)) for s in scales)
+        super().__init__(nn.Sequential(AdaptiveAvgPool(s), ConvModule(in_channels, channels, 1)) for s in scales)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [resize(branch(x), x.shape[-2:]) for branch in self]

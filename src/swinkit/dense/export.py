@@ -1,0 +1,171 @@
+"""Segmentation models exported: an ONNX file or a ``torch.export`` program for any batch and size.
+
+The exported graph takes normalised images ``(N, 3, H, W)`` and returns the decode head's logits
+``(N, K, H, W)`` at the input's size (``images`` -> ``logits`` in ONNX), one graph for every height
+and width from 1 to :data:`~swinkit.export.SIDE_RANGE`'s end, as a classifier's export does (the
+same size-generic trace of the Swin backbone; the pyramid pooling as averaging matrices,
+:class:`~swinkit.dense.heads.AdaptiveAvgPool`). A whole-image pass: a file trained with
+``--test-mode slide`` is exported whole, and the metadata says so. The file's metadata holds the
+model description (classes, preprocessing, test scale), so a runtime needs nothing else.
+Detection models are not exported: torchvision's detectors resize, pad and post-process with
+data-dependent loops that these exporters do not trace into one graph for every size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint.io import atomic_write
+from ..export import (
+    DEFAULT_OPSET,
+    FORMATS,
+    MIN_OPSET,
+    PROGRAM_METADATA,
+    SIDE_RANGE,
+    _at_opset,
+    _quiet,
+    _save_onnx,
+    check_sizes,
+    export_program,
+    load_program,
+    onnx_session,
+    size_ranges,
+)
+from ..variants import SwinConfig
+from .weights import DenseSpec
+
+
+class SegmentationLogits(nn.Module):
+    """A segmentor's logits alone, ``(N, K, H, W)``; ``config`` and ``layers`` are its Swin
+    backbone's, which the exporter reads for the sizes it traces with."""
+
+    def __init__(self, segmentor: nn.Module) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+
+    @property
+    def config(self) -> SwinConfig:
+        return self.segmentor.backbone.swin.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.segmentor.backbone.swin.layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.segmentor(x)["out"]
+
+
+def export_segmentation(
+    model: nn.Module,
+    spec: DenseSpec,
+    path: str | os.PathLike,
+    fmt: str = "onnx",
+    img_size: tuple[int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    static_size: bool = False,
+) -> dict[str, Any]:
+    """Write segmentor ``model`` (described by ``spec``) as ONNX (``.onnx``) or a program (``.pt2``).
+
+    ``img_size`` (default: the file's crop size) is the first size checked against eager and, with
+    ``static_size``, the only size the file takes. Returns ``{"path", "format", "example_size",
+    "size_range", "max_abs_error", "max_relative_error"}`` (errors against eager PyTorch at batch 1
+    and 3, two sizes; relative to the largest logit).
+    """
+    if spec.task != "segment":
+        raise ValueError(
+            f"only segmentation models are exported; this is a {spec.task} model (torchvision's detectors "
+            "resize, pad and post-process with data-dependent steps that do not export as one graph)"
+        )
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    if fmt == "onnx" and opset < MIN_OPSET:
+        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
+    path = Path(path)
+    if not path.parent.is_dir():  # fail before a minute of tracing, not after
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    size = tuple(img_size or (spec.inference["crop_size"],) * 2)
+    low, high = SIDE_RANGE
+    if not static_size and not all(low <= side <= high for side in size):
+        raise ValueError(f"image size {size[0]}x{size[1]} is outside {low}..{high}; use --static-size")
+    wrapped = SegmentationLogits(model).eval()
+    example = torch.randn(2, wrapped.config.in_chans, *size, dtype=next(model.parameters()).dtype)
+    metadata = {
+        "swinkit.dense": spec.to_json(),
+        "swinkit.size_range": json.dumps(size_ranges(size, static_size)),
+        "swinkit.test_mode": "whole",
+    }
+    if fmt == "onnx":
+        _write_onnx(wrapped, path, example, opset, not static_size, metadata)
+    else:
+        program = export_program(wrapped, size, not static_size, example)
+        extra = {PROGRAM_METADATA: json.dumps(metadata)}
+        atomic_write(path, lambda temporary: torch.export.save(program, temporary, extra_files=extra))
+    report: dict[str, Any] = {
+        "path": str(path),
+        "format": fmt,
+        "example_size": list(size),
+        "size_range": size_ranges(size, static_size),
+    }
+    if check:
+        report["max_abs_error"], report["max_relative_error"] = _check(wrapped, path, fmt, size, static_size)
+    return report
+
+
+def _write_onnx(
+    model: SegmentationLogits,
+    path: Path,
+    example: Tensor,
+    opset: int,
+    dynamic_size: bool,
+    metadata: dict[str, str],
+) -> None:
+    program = export_program(model, dynamic_size=dynamic_size, example=example, nan_outside_range=True)
+    with warnings.catch_warnings(), torch.no_grad(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notes and optimizer logs
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            opset_version=max(opset, DEFAULT_OPSET),
+            input_names=["images"],
+            output_names=["logits"],
+            optimize=True,
+            verbose=False,
+        )
+    onnx_program.model = _at_opset(onnx_program.model, opset)
+    onnx_program.model.metadata_props.update(metadata)
+    _save_onnx(onnx_program, path, None)
+
+
+def _check(
+    model: SegmentationLogits, path: Path, fmt: str, size: tuple[int, ...], static_size: bool
+) -> tuple[float, float]:
+    """Largest absolute and relative (to the largest eager logit) error at batch 1 and 3, two sizes."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = check_sizes(size, static_size)
+    channels = model.config.in_chans
+    batches = [torch.randn(n, channels, *hw, generator=generator) for n, hw in zip((1, 3), sizes, strict=True)]
+    run = _onnx_runner(path) if fmt == "onnx" else load_program(path).module()
+    absolute, relative = 0.0, 0.0
+    with torch.no_grad():
+        for images in batches:
+            expected, found = model(images), run(images)
+            error = float((found - expected).abs().max())
+            absolute, relative = max(absolute, error), max(relative, error / float(expected.abs().max()))
+    return absolute, relative
+
+
+def _onnx_runner(path: Path) -> Any:
+    session = onnx_session(path)
+
+    def run(images: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+    return run
