@@ -427,17 +427,7 @@ class ProgramClassifier(nn.Module):
             raise ValueError(f"{path}: a .pt2 program runs on cpu or cuda[:index], not {device!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{path}: device {device!r} asked for, but no CUDA device is available here")
-        extra = {PROGRAM_METADATA: ""}
-        try:
-            program = load_program(path, extra_files=extra)
-        except (FileNotFoundError, ValueError):
-            raise
-        except Exception as error:  # torch's own errors (truncated archive, unknown operators)
-            raise ValueError(f"{path}: torch.export cannot load it: {error}") from None
-        try:
-            metadata = json.loads(extra[PROGRAM_METADATA] or "{}")
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: its {PROGRAM_METADATA} is not JSON") from None
+        program, metadata = read_program(path)
         self.config = _config_from_metadata(path, metadata)
         features = self.config.features_only
         outputs = [f"features{i}" for i in self.config.out_indices] if features else ["logits"]
@@ -454,6 +444,22 @@ class ProgramClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.program(images.detach().to(self.device, torch.float32)).to(images.device)
+
+
+def read_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """A ``.pt2`` program and the metadata swinkit wrote into it (:data:`PROGRAM_METADATA`; empty
+    for another program); torch's own load errors become a ``ValueError`` naming the file."""
+    extra = {PROGRAM_METADATA: ""}
+    try:
+        program = load_program(path, extra_files=extra)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as error:  # torch's own errors (truncated archive, unknown operators)
+        raise ValueError(f"{path}: torch.export cannot load it: {error}") from None
+    try:
+        return program, json.loads(extra[PROGRAM_METADATA] or "{}")
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: its {PROGRAM_METADATA} is not JSON") from None
 
 
 def program_on(program: torch.export.ExportedProgram, device: str | torch.device) -> torch.fx.GraphModule:

@@ -107,9 +107,9 @@ def _cascade_heads(
 ) -> CascadeRoIHeads:
     """The cascade's stages, with ``single``'s pooling, sampling size and test settings."""
     resolution = single.box_roi_pool.output_size[0]
+    masks = single.has_mask()
     stages = []
     for iou, weights in zip(CASCADE_IOUS, CASCADE_BOX_WEIGHTS, strict=True):
-        masks = single.has_mask()
         stage = RoIHeads(
             single.box_roi_pool,
             FastRCNNConvFCHead((channels, resolution, resolution), [channels] * 4, [box_head_dim], nn.BatchNorm2d),

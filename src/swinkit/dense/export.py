@@ -36,10 +36,11 @@ from ..export import (
     export_program,
     load_program,
     onnx_session,
+    read_program,
     size_ranges,
 )
 from ..variants import SwinConfig
-from .weights import DenseSpec
+from .weights import DenseSpec, load_dense
 
 
 class SegmentationLogits(nn.Module):
@@ -162,8 +163,69 @@ def _check(
     return absolute, relative
 
 
-def _onnx_runner(path: Path) -> Any:
-    session = onnx_session(path)
+EXPORTED_SUFFIXES = (".onnx", ".pt2")
+
+
+class ExportedSegmentor(nn.Module):
+    """A file written by ``swinkit segment export``, used like the segmentor it came from.
+
+    ``forward(images)`` returns ``{"out": logits}``; ``spec`` is the model description in the file's
+    metadata. An ``.onnx`` file runs in onnxruntime, a ``.pt2`` program in PyTorch, both on the CPU,
+    so that ``swinkit segment predict`` and ``eval`` check the deployed file itself.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.suffix.lower() == ".onnx":
+            try:
+                session = onnx_session(path)
+            except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
+                raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
+            metadata = session.get_modelmeta().custom_metadata_map
+            self.run = _onnx_runner(path, session)
+        else:
+            program, metadata = read_program(path)
+            self.run = program.module()
+        if "swinkit.dense" not in metadata:
+            raise ValueError(f"{path} was not written by swinkit segment export (no 'swinkit.dense' metadata)")
+        self.spec = DenseSpec.from_json(metadata["swinkit.dense"], str(path))
+        self.path = path
+        self.size_range = json.loads(metadata.get("swinkit.size_range", "null")) or size_ranges((1, 1))
+
+    def train(self, mode: bool = True) -> ExportedSegmentor:
+        # The exported graph is the eval-mode function (and a program's module refuses train()).
+        if mode:
+            raise ValueError("an exported segmentation file computes the model in eval mode only; it cannot train")
+        self.training = False
+        return self
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        (low, high), (least, most) = self.size_range["height"], self.size_range["width"]
+        height, width = images.shape[-2:]
+        if not (low <= height <= high and least <= width <= most):
+            raise ValueError(
+                f"{self.path} takes heights {low}..{high} and widths {least}..{most}, got {height}x{width} "
+                "(a file exported with --static-size takes its one size)"
+            )
+        return {"out": self.run(images.detach().cpu().float()).to(images.device)}
+
+
+def load_segmentation_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
+    """A dense model file (:func:`~swinkit.dense.weights.load_dense`), or an exported segmentor
+    (``.onnx`` / ``.pt2``, on the CPU: :class:`ExportedSegmentor`), and its description."""
+    if Path(path).suffix.lower() not in EXPORTED_SUFFIXES:
+        return load_dense(path, device)
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{path}: an exported segmentation file runs on the CPU; got device {device!r}")
+    model = ExportedSegmentor(path).eval()
+    return model, model.spec
+
+
+def _onnx_runner(path: Path, session: Any = None) -> Any:
+    session = session or onnx_session(path)
 
     def run(images: Tensor) -> Tensor:
         return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])

@@ -20,6 +20,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
+from .export import load_segmentation_file
 from .weights import DenseSpec, load_dense
 
 
@@ -49,14 +50,14 @@ def segment_image(
     ``ratios``: test at the file's test scale times each ratio (``AUG_TEST_RATIOS``: mmseg's
     ``--aug-test``); ``flip``: with each view mirrored too. Their probabilities are averaged.
     """
-    from .segmentation import check_test_ratios, infer_augmented
+    from .segmentation import check_test_ratios, infer_augmented, model_device
     from .segmentation_data import SegmentationEvalTransform
 
     check_test_ratios(ratios)
     s = spec.inference
     preprocessing = spec.backbone.preprocessing
     transform = SegmentationEvalTransform(s["scale"], preprocessing.mean, preprocessing.std, ratios)
-    device = next(model.parameters()).device
+    device = model_device(model)
     views = [view[None].to(device) for view in transform.views(image)]
     size = (image.height, image.width)
     probabilities = infer_augmented(model, views, size, flip, s["mode"], s["crop_size"], s["stride"])
@@ -90,9 +91,15 @@ def _model_to_explain(
 ) -> tuple[nn.Module, DenseSpec, int | None]:
     """The ``task`` model of ``checkpoint``, its spec and the class index ``target`` names (checked)."""
     from ..explain import _class_index
+    from .export import EXPORTED_SUFFIXES
 
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if Path(checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
+        raise ValueError(
+            f"{checkpoint}: explanations need the model's weights and gradients; give the model file written by "
+            f"training, not an exported .onnx or .pt2 file"
+        )
     model, spec = load_dense(checkpoint, device)
     if spec.task != task:
         raise ValueError(f"{checkpoint} is a {spec.task} model; swinkit {task} explain explains {task} models")
@@ -262,8 +269,9 @@ def predict_dense(
     ``detections`` (class, category id, score, box ``[x1, y1, x2, y2]``, mask RLE); ``{"path",
     "error"}`` for a file that cannot be decoded. Detections below ``score_threshold`` are dropped.
     ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored testing (:func:`segment_image`).
+    A segmentation model may also be its exported ``.onnx`` / ``.pt2`` file (``swinkit segment export``).
     """
-    model, spec = load_dense(checkpoint, device)
+    model, spec = load_segmentation_file(checkpoint, device)
     _check_test_augmentation(checkpoint, spec, ratios, flip)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,8 +305,9 @@ def evaluate_dense(
     """Score a dense model file: mIoU / accuracies on a segmentation folder (``data``, its ``split``), or
     COCO box / mask mAP on a COCO JSON file (``data``, images under ``images``). Writes ``metrics.json``
     to ``output`` when given. ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored
-    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics."""
-    model, spec = load_dense(checkpoint, device)
+    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics. A
+    segmentation model may also be its exported ``.onnx`` / ``.pt2`` file (``swinkit segment export``)."""
+    model, spec = load_segmentation_file(checkpoint, device)
     _check_test_augmentation(checkpoint, spec, ratios, flip)
     if spec.task == "segment":
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)

@@ -171,6 +171,11 @@ def infer_augmented(
     return total / (len(views) * (2 if flip else 1))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are; the CPU for a model without any (an exported file's)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def check_test_ratios(ratios: Sequence[float] | None) -> None:
     """Ratios of the test scale: None (one scale) or finite numbers above 0, at least one."""
     if ratios is None:
@@ -203,7 +208,7 @@ def evaluate_segmentation(
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     bad: list[str] = []
     for batch in loader:
