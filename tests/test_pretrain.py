@@ -131,7 +131,8 @@ def test_simmim_splits_a_cpu_batch_over_the_workers_as_the_serial_path_computes_
         loss.backward()
     for (name, a), b in zip(split.named_parameters(), serial.parameters(), strict=True):
         assert a.grad is not None and relative_error(a.grad, b.grad) < 1e-10, name
-    split.eval(), serial.eval()
+    split.eval()
+    serial.eval()
     with torch.no_grad():
         threads.clear()
         pixels = split.reconstruct(images, mask)
