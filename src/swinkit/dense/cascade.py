@@ -169,6 +169,12 @@ def _box_forward(
     return stage.box_predictor(stage.box_head(stage.box_roi_pool(features, rois, image_shapes)))
 
 
+def _mask_forward(
+    stage: RoIHeads, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+) -> Tensor:
+    return stage.mask_predictor(stage.mask_head(stage.mask_roi_pool(features, boxes, image_shapes)))
+
+
 def _box_losses(logits: Tensor, boxes: Tensor, labels: Tensor, truths: Tensor) -> tuple[Tensor, Tensor]:
     """Cross-entropy over the sampled regions; GIoU of the positives' decoded boxes with their
     truths, times :data:`GIOU_LOSS_WEIGHT`, over the number of sampled regions (mmdet's average)."""
@@ -189,7 +195,7 @@ def _mask_loss(
 ) -> Tensor:
     positive = [torch.where(lab > 0)[0] for lab in labels]
     boxes = [s[p] for s, p in zip(sampled, positive, strict=True)]
-    mask_logits = stage.mask_predictor(stage.mask_head(stage.mask_roi_pool(features, boxes, image_shapes)))
+    mask_logits = _mask_forward(stage, features, boxes, image_shapes)
     gt_masks, gt_labels = [t["masks"] for t in targets], [t["labels"] for t in targets]
     return maskrcnn_loss(
         mask_logits, boxes, gt_masks, gt_labels, [m[p] for m, p in zip(matched, positive, strict=True)]
@@ -204,5 +210,4 @@ def _mask_probabilities(
     image_shapes: list[tuple[int, int]],
 ) -> list[Tensor]:
     """The stage's mask probabilities ``(N, 1, 28, 28)`` of each detection's class, per image."""
-    mask_logits = stage.mask_predictor(stage.mask_head(stage.mask_roi_pool(features, boxes, image_shapes)))
-    return list(maskrcnn_inference(mask_logits, labels))
+    return list(maskrcnn_inference(_mask_forward(stage, features, boxes, image_shapes), labels))
