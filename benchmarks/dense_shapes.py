@@ -82,12 +82,16 @@ def train_segmentation(data: Path, out: Path, epochs: int) -> dict[str, float]:
                          "minutes": aug_minutes}}  # fmt: skip
 
 
-def train_detection(data: Path, out: Path, epochs: int, masks: bool, cascade: bool = False) -> dict[str, float]:
+def train_detection(
+    data: Path, out: Path, epochs: int, masks: bool, cascade: bool = False, geometry: str = "mmdet", seed: int = 0
+) -> dict[str, float]:
     config = resolve_dense_config(
         "detect",
         {
             **BACKBONE,
             **OPTIMISER,
+            "seed": seed,
+            "geometry": geometry,
             "data": str(data / "instances_training.json"),
             "images": str(data / "images" / "training"),
             "val_data": str(data / "instances_validation.json"),
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--det-epochs", type=int, default=3)
     parser.add_argument("--tasks", default="segment,maskrcnn,fasterrcnn", help="which heads to train, comma-separated")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more contend on a shared machine)")
+    parser.add_argument("--geometry", default="mmdet", help="the detectors' anchors and RoIAlign: mmdet or torchvision")
+    parser.add_argument("--seed", type=int, default=0, help="the detectors' training seed")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run of the whole script")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,16 +136,19 @@ def main() -> None:
         args.train_images, args.val_images, args.seg_epochs, args.det_epochs = 32, 8, 1, 1
     out = Path(args.out)
     data = write_shapes_dataset(out / "data", {"training": args.train_images, "validation": args.val_images}, size=96)
+    detectors = {"maskrcnn": (True, False), "fasterrcnn": (False, False), "cascade": (True, True)}
     runs = {
-        "segment": lambda: train_segmentation(data, out / "segment", args.seg_epochs),
-        "maskrcnn": lambda: train_detection(data, out / "maskrcnn", args.det_epochs, masks=True),
-        "fasterrcnn": lambda: train_detection(data, out / "fasterrcnn", args.det_epochs, masks=False),
-        "cascade": lambda: train_detection(data, out / "cascade", args.det_epochs, masks=True, cascade=True),
+        task: lambda masks=masks, cascade=cascade, task=task: train_detection(
+            data, out / task, args.det_epochs, masks, cascade, args.geometry, args.seed
+        )
+        for task, (masks, cascade) in detectors.items()
     }
+    runs["segment"] = lambda: train_segmentation(data, out / "segment", args.seg_epochs)
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "data": f"{args.train_images} train / {args.val_images} held-out 96x96 images, 3 shape classes + background",
+        "detectors": {"geometry": args.geometry, "seed": args.seed},
         "baseline": majority_baseline(data, "validation", 4),
         **{task: runs[task]() for task in args.tasks.split(",")},
     }

@@ -18,6 +18,7 @@ from swinkit.dense.cascade import CascadeRoIHeads, _box_losses, _sample
 from swinkit.dense.detection_data import DetectionTrainTransform, flip_target
 from swinkit.dense.export import export_segmentation
 from swinkit.dense.metrics import mask_to_rle
+from swinkit.dense.mmdet import AlignedRoIPool
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.train.optim import build_optimizer
 
@@ -236,6 +237,8 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
         "1",
         "--batch-size",
         "3",
+        "--geometry",
+        "torchvision",
         "--output",
         str(out),
     ]
@@ -263,7 +266,8 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
         )
         == 0
     )
-    metrics = json.loads(capsys.readouterr().out)
+    metrics = json.loads(capsys.readouterr().out)  # reloaded with the geometry it was trained with
+    assert load_dense(model)[1].head["geometry"] == "torchvision"
     assert metrics["images"] == 4 and metrics["bbox_AP"] == pytest.approx(row["val_bbox_AP"])
     assert 0.0 <= metrics["segm_AP"] <= 100.0
 
@@ -324,6 +328,7 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     row = json.loads((out / "metrics.jsonl").read_text())
     model, spec = load_dense(out / "model-final.safetensors")
     assert spec.head["cascade"] and spec.head["masks"] and isinstance(model.roi_heads, CascadeRoIHeads)
+    assert spec.head["geometry"] == "mmdet" and isinstance(model.roi_heads.stages[2].mask_roi_pool, AlignedRoIPool)
     assert "roi_heads.stages.2.mask_predictor.mask_fcn_logits.weight" in load_file(out / "model-final.safetensors")
     capsys.readouterr()
     trained = str(out / "model-final.safetensors")

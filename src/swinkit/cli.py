@@ -266,7 +266,7 @@ def _run_export(args: argparse.Namespace) -> int:
     class_names = None
     if args.checkpoint:
         loaded = read_any(args.checkpoint)
-        refuse_dense_file(args.checkpoint, loaded.metadata)
+        refuse_dense_file(args.checkpoint, loaded)
         model = create_model(checkpoint=loaded)
         class_names = class_names_from_metadata(loaded.metadata)
     else:

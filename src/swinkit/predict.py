@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint.load import read_any
+from .checkpoint.load import Checkpoint, read_any
 from .checkpoint.native import class_names_from_metadata
 from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
 from .evaluate import amp_dtype
@@ -69,25 +69,32 @@ def load_classifier(
         model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
-    refuse_dense_file(checkpoint, loaded.metadata)
+    refuse_dense_file(checkpoint, loaded)
     model = create_model(checkpoint=loaded).to(device).eval()
     return quantize_dynamic(model) if int8 else model, class_names_from_metadata(loaded.metadata)
 
 
-def refuse_dense_file(checkpoint: str | os.PathLike, metadata: dict[str, str] | None) -> None:
-    """Refuse a segmentation or detection model file where a classifier is wanted, naming the commands
-    that take it (``create_model`` alone reads its backbone, which these commands would run headless)."""
-    description = (metadata or {}).get("swinkit_dense")
-    if description is None:
+def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None:
+    """Refuse a segmentation or detection model file (swinkit's or an official mmdet / mmseg one) where
+    a classifier is wanted, naming the commands that take it (``create_model`` alone reads its
+    backbone, which these commands would run headless)."""
+    description = loaded.metadata.get("swinkit_dense")
+    if description is not None:
+        try:
+            task = json.loads(description)["task"]
+        except (ValueError, KeyError, TypeError):
+            task = "dense"
+        owner = f"a swinkit {task} model file"
+    elif {"rpn_head", "roi_head"} <= set(loaded.dense_parts):
+        task, owner = "detect", "an official mmdet detector file"
+    elif "decode_head" in loaded.dense_parts:
+        task, owner = "segment", "an official mmseg segmentation file"
+    else:
         return
-    try:
-        task = json.loads(description)["task"]
-    except (ValueError, KeyError, TypeError):
-        task = "dense"
-    actions = "train, eval, predict, explain, export" if task == "segment" else "train, eval, predict, explain"
+    actions = {"segment": "train, eval, predict, explain, export", "detect": "train, eval, predict, explain, convert"}
     raise ValueError(
-        f"{checkpoint} is a swinkit {task} model file, not a classifier: the swinkit {task} commands "
-        f"({actions}) take it"
+        f"{checkpoint} is {owner}, not a classifier: the swinkit {task} commands "
+        f"({actions.get(task, 'train, eval, predict, explain')}) take it"
     )
 
 

@@ -122,10 +122,20 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
         tensors, metadata = _load_safetensors(path)
         return unwrap_state_dict(tensors, str(path)), metadata
     if kind == "torch":
-        return unwrap_state_dict(_load_pickle(path), str(path)), {}
+        obj = _load_pickle(path)
+        return unwrap_state_dict(obj, str(path)), _openmmlab_metadata(obj)
     raise CheckpointError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
     )
+
+
+def _openmmlab_metadata(obj: Any) -> dict[str, str]:
+    """The class names an OpenMMLab (mmdet / mmseg) checkpoint keeps in ``meta.CLASSES``, as ``class_names``."""
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    names = meta.get("CLASSES") if isinstance(meta, Mapping) else None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(name, str) for name in names):
+        return {"class_names": json.dumps(list(names))}
+    return {}
 
 
 def _read_hf_directory(path: Path) -> tuple[StateDict, dict[str, str]] | None:
@@ -157,7 +167,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file or a Hugging Face model directory.
 
     Returns the state dict and the metadata: a safetensors file's own, ``{"hf_config": text}`` for a
-    directory with a ``config.json``, else ``{}``.
+    directory with a ``config.json``, ``{"class_names": JSON list}`` for an OpenMMLab file naming
+    its classes (``meta.CLASSES``), else ``{}``.
     """
     path = Path(path)
     if path.is_dir():

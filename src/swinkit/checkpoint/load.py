@@ -72,6 +72,8 @@ class Checkpoint:
     hints: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    # The top-level names of a dense model file's other parts (``neck``, ``rpn_head``, ``decode_head`` ...).
+    dense_parts: list[str] = field(default_factory=list)
 
 
 def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
@@ -96,6 +98,7 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     elif fmt in ("official", "torchvision"):
         checkpoint.hints = CONVERTERS[fmt].config_hints(state_dict)
     _, others = official.split_backbone(state_dict) if fmt == "official" else (None, [])
+    checkpoint.dense_parts = others
     if others:
         checkpoint.notes.append(f"took the backbone of a dense model; its other parts are not loaded: {others}")
     if pretraining_parts:

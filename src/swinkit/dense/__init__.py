@@ -19,7 +19,7 @@ from .segmentation import (
 )
 from .segmentation_data import SegmentationFolder
 from .train import DenseResult, fit_dense
-from .weights import DenseSpec, load_dense, load_dense_weights, save_dense
+from .weights import DenseSpec, load_dense, load_dense_weights, save_dense, save_mmdet
 
 __all__ = [
     "AUG_TEST_RATIOS",
@@ -52,6 +52,7 @@ __all__ = [
     "predict_dense",
     "resolve_dense_config",
     "save_dense",
+    "save_mmdet",
     "segmentation_loss",
     "segmentation_scores",
 ]

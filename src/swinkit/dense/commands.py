@@ -1,5 +1,5 @@
-"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain}`` and
-``swinkit detect {train,eval,predict,explain}``.
+"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain,export}`` and
+``swinkit detect {train,eval,predict,explain,convert}``.
 
 :func:`run` calls one library function per action and returns the text the CLI prints.
 """
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         for parser_ in (evaluate, predict):
             _add_test_augmentation(parser_)
         _add_export(actions)
+    else:
+        _add_convert(actions)
 
     what, default_class = {
         "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
@@ -92,6 +94,36 @@ def _add_export(actions: Any) -> None:
     export.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _add_convert(actions: Any) -> None:
+    convert = actions.add_parser(
+        "convert", help="an official mmdet detector file (.pth) to a swinkit model file (.safetensors), or back"
+    )
+    convert.add_argument("source", help="a swinkit detection model file or an official mmdet Mask R-CNN / Cascade file")
+    convert.add_argument("output", help="file to write (.safetensors: swinkit's; .pth: mmdet's layout)")
+    convert.add_argument("--to", choices=["swinkit", "mmdet"], help="default: from the output's suffix")
+
+
+def _convert(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from .weights import load_dense, save_dense, save_mmdet
+
+    suffix = Path(args.output).suffix
+    to = args.to or {".safetensors": "swinkit", ".pth": "mmdet", ".pt": "mmdet"}.get(suffix)
+    if to is None:
+        raise ValueError(f"{args.output}: name the format with --to swinkit|mmdet (or end it in .safetensors / .pth)")
+    model, spec = load_dense(args.source)
+    if spec.task != "detect":
+        raise ValueError(f"{args.source} is a {spec.task} model; 'swinkit detect convert' converts detectors")
+    (save_dense if to == "swinkit" else save_mmdet)(model, spec, args.output)
+    kind = "Mask R-CNN" if spec.head.get("masks") else "Faster R-CNN"
+    kind = "Cascade " + kind if spec.head.get("cascade") else kind
+    text = f"wrote {args.output} ({to}; {kind}, {len(spec.classes)} classes)"
+    if to == "mmdet" and spec.head.get("geometry", "torchvision") != "mmdet":
+        text += "; note: trained with torchvision's anchors and RoIAlign, which mmdet's differ from slightly"
+    return text
+
+
 def _export(args: argparse.Namespace) -> str:
     from .export import export_segmentation
     from .weights import load_dense
@@ -138,6 +170,8 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
     if args.action == "export":
         return _export(args), 0
+    if args.action == "convert":
+        return _convert(args), 0
     if args.action == "explain":
         from ..predict import format_lines
         from .predict import explain_detections, explain_segments

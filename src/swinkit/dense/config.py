@@ -24,6 +24,7 @@ from ..train.config import (
     explicit_options,
     resolve_options,
 )
+from .mmdet import GEOMETRIES
 
 
 @dataclass
@@ -133,6 +134,7 @@ class DetectionConfig(DenseConfig):
     val_images: str | None = None
     masks: bool = True  # Mask R-CNN; --no-masks gives Faster R-CNN
     cascade: bool = False  # Cascade (Mask) R-CNN: three box stages, IoU 0.5 / 0.6 / 0.7 (Swin's mmdet configs)
+    geometry: str = "mmdet"  # anchors and RoIAlign: mmdet's (Swin's official detectors) or torchvision's
     min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # multi-scale training; testing uses the last
     max_size: int = 1333
     hflip: float = 0.5
@@ -150,6 +152,7 @@ class DetectionConfig(DenseConfig):
         **dict.fromkeys(["anchor_sizes", "roi_batch_size", "detections_per_img"], AT_LEAST_ONE),
         "hflip": PROBABILITY,
         "score_threshold": PROBABILITY,
+        "geometry": Limit(lambda value: value in GEOMETRIES, " or ".join(GEOMETRIES)),
     }
 
 

@@ -30,6 +30,7 @@ from .cascade import (
     AgnosticBoxPredictor,
     CascadeRoIHeads,
 )
+from .mmdet import GEOMETRIES, AlignedRoIPool, UnroundedAnchorGenerator
 
 # The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
 MIN_SIZES = tuple(range(480, 801, 32))
@@ -64,6 +65,7 @@ def build_detector(
     score_threshold: float = 0.05,
     detections_per_img: int = 100,
     cascade: bool = False,
+    geometry: str = "mmdet",
 ) -> FasterRCNN:
     """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
 
@@ -72,12 +74,19 @@ def build_detector(
     RGB in [0, 1]; the detector normalises them with the backbone's mean and std. ``cascade``:
     Cascade (Mask) R-CNN's three box stages (:mod:`swinkit.dense.cascade`) instead of one, each
     box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``.
+    ``geometry``: ``"mmdet"`` (Swin's official detectors: anchors not rounded, RoIAlign with
+    ``aligned=True`` and adaptive sampling, :mod:`swinkit.dense.mmdet`) or ``"torchvision"``
+    (torchvision's rounded anchors and ``MultiScaleRoIAlign``; files written before swinkit had
+    the choice).
     """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
     fpn = SwinFPN(backbone, fpn_channels)
     levels = len(backbone.out_channels) + 1  # the FPN adds a max-pooled level
     if len(anchor_sizes) != levels:
         raise ValueError(f"anchor_sizes needs one size per FPN level ({levels}), got {anchor_sizes}")
-    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    generator = UnroundedAnchorGenerator if geometry == "mmdet" else AnchorGenerator
+    anchors = generator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     resolution = 7  # RoIAlign output of the box head
     preprocessing = backbone.config.preprocessing
     options: dict[str, Any] = dict(
@@ -97,9 +106,19 @@ def build_detector(
         options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
         options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
     detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
+    if geometry == "mmdet":  # (torchvision's constructors only take its own pooling class)
+        _pool_as_mmdet(detector.roi_heads, backbone.strides)
     if cascade:
         detector.roi_heads = _cascade_heads(detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim)
     return detector
+
+
+def _pool_as_mmdet(heads: RoIHeads, strides: list[int]) -> None:
+    """mmdet's RoI extractors in place of torchvision's, from the backbone's levels (not the max-pooled one)."""
+    names = [str(i) for i in range(len(strides))]
+    heads.box_roi_pool = AlignedRoIPool(names, strides, heads.box_roi_pool.output_size[0])
+    if heads.has_mask():
+        heads.mask_roi_pool = AlignedRoIPool(names, strides, heads.mask_roi_pool.output_size[0])
 
 
 def _cascade_heads(

@@ -361,6 +361,7 @@ class DetectionTrainer(DenseTrainer):
         return {
             "masks": c.masks,
             "cascade": c.cascade,
+            "geometry": c.geometry,
             "min_size": c.min_sizes,
             "max_size": c.max_size,
             "fpn_channels": c.fpn_channels,

@@ -5,7 +5,9 @@ Files are safetensors whose keys follow the official dense checkpoints: the Swin
 backbone of any swinkit dense file, and an official ``mmseg`` UPerNet file (``decode_head.``,
 ``auxiliary_head.``) loads into a segmentor by name. Detection files keep torchvision's names after
 the backbone (``neck.`` for its FPN, ``rpn.``, ``roi_heads.``). The metadata key ``swinkit_dense``
-holds a :class:`DenseSpec` as JSON.
+holds a :class:`DenseSpec` as JSON. :func:`load_dense` also reads official files whole: an mmdet
+Mask R-CNN / Cascade Mask R-CNN (:mod:`swinkit.dense.mmdet`; :func:`save_mmdet` writes one) or an
+mmseg UPerNet.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..checkpoint.io import CheckpointError, read_checkpoint, save_safetensors
+from ..checkpoint import official
+from ..checkpoint.io import CheckpointError, read_checkpoint, save_safetensors, save_torch
 from ..checkpoint.official import is_derived
 from ..variants import SwinConfig
 from .backbone import backbone_from_config
+from .mmdet import from_mmdet, is_mmdet_detector, mmdet_classes, mmdet_head_options, to_mmdet
+
+ADE20K_CLASSES = 150
 
 # Module prefixes in the model -> in the file, per task.
 FILE_PREFIXES: dict[str, list[tuple[str, str]]] = {
@@ -68,8 +74,75 @@ def build_dense_model(spec: DenseSpec) -> nn.Module:
     if spec.task == "detect":
         from .detection import build_detector
 
-        return build_detector(backbone, len(spec.classes), **spec.head)
+        # Files from before the geometry was a choice were trained with torchvision's.
+        return build_detector(backbone, len(spec.classes), **{"geometry": "torchvision", **spec.head})
     raise ValueError(f"unknown dense task {spec.task!r}; accepted: {', '.join(FILE_PREFIXES)}")
+
+
+def mmdet_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: str) -> DenseSpec:
+    """The model an official mmdet detector file holds: the backbone its weights imply, mmdet's heads and
+    test settings (:mod:`swinkit.dense.mmdet`), the file's class names (``meta.CLASSES``; COCO's for 80)."""
+    head = mmdet_head_options(state_dict, source)
+    classes, category_ids = mmdet_classes(state_dict, _class_names(metadata))
+    config = _official_backbone(state_dict, source)
+    return DenseSpec("detect", config, classes, head=head, inference={"category_ids": category_ids})
+
+
+def is_mmseg_segmentor(state_dict: dict[str, Tensor]) -> bool:
+    return "decode_head.conv_seg.weight" in state_dict
+
+
+def mmseg_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: str) -> DenseSpec:
+    """The model an official mmseg UPerNet file holds, with the test settings of Swin's ADE20K configs.
+
+    Whole-image testing at scale (2048, 512); a 150-class file is taken for ADE20K, whose label maps
+    need ``reduce_zero_label`` (0 is "other"). Class names: the file's ``meta.CLASSES`` or ``0 .. K-1``.
+    """
+    decode = state_dict["decode_head.conv_seg.weight"]
+    auxiliary = state_dict.get("auxiliary_head.conv_seg.weight")
+    head: dict[str, Any] = {"channels": decode.shape[1], "aux": auxiliary is not None}
+    if auxiliary is not None:
+        head["aux_channels"] = auxiliary.shape[1]
+    count = decode.shape[0]
+    names = _class_names(metadata)
+    classes = names if names is not None and len(names) == count else [str(i) for i in range(count)]
+    inference = {"ignore_index": 255, "reduce_zero_label": count == ADE20K_CLASSES, "mode": "whole",
+                 "crop_size": 512, "stride": 341, "scale": [2048, 512]}  # fmt: skip
+    return DenseSpec("segment", _official_backbone(state_dict, source), classes, head=head, inference=inference)
+
+
+def _class_names(metadata: dict[str, str]) -> list[str] | None:
+    return json.loads(metadata["class_names"]) if "class_names" in metadata else None
+
+
+def _official_backbone(state_dict: dict[str, Tensor], source: str) -> SwinConfig:
+    """The Swin config an official dense file's ``backbone.`` weights imply (the dense window rule)."""
+    from ..checkpoint.load import read_any
+    from ..factory import config_from_checkpoint
+
+    backbone = {key: value for key, value in state_dict.items() if key.startswith("backbone.")}
+    if not backbone:
+        raise CheckpointError(f"{source}: a dense model without backbone. weights")
+    try:
+        return config_from_checkpoint(read_any(backbone))
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: its backbone is not a Swin Transformer: {error}") from None
+
+
+def save_mmdet(model: nn.Module, spec: DenseSpec, path: str | os.PathLike) -> None:
+    """Write a detector as an official mmdet checkpoint (``state_dict``, ``meta.CLASSES``), atomically.
+
+    The backbone gets the buffers the official backbone registers; the heads get mmdet's names and
+    class order. mmdet's file holds no test settings: mmdet's config gives them.
+    """
+    if spec.task != "detect":
+        raise ValueError(f"only detectors are written in mmdet's layout; this is a {spec.task} model")
+    weights = to_file_keys(model.state_dict(), "detect")
+    prefix = "backbone."
+    backbone = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
+    heads = {key: value for key, value in weights.items() if not key.startswith(prefix)}
+    state_dict = {**official.from_swinkit(backbone, spec.backbone), **to_mmdet(heads)}
+    save_torch({"meta": {"CLASSES": tuple(spec.classes)}, "state_dict": state_dict}, path)
 
 
 def _rename(state_dict: dict[str, Tensor], pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
@@ -124,14 +197,25 @@ def _fit(model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLik
 
 
 def load_dense(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
-    """Rebuild the model a swinkit dense file describes, load its weights; returns it in eval mode and its spec."""
+    """Rebuild the model a dense file describes, load its weights; returns it in eval mode and its spec.
+
+    The file is a swinkit dense file, an official mmdet Mask R-CNN / Cascade Mask R-CNN checkpoint
+    (:func:`mmdet_spec`) or an official mmseg UPerNet one (:func:`mmseg_spec`).
+    """
     state_dict, metadata = read_checkpoint(path)
-    if "swinkit_dense" not in metadata:
+    if "swinkit_dense" in metadata:
+        spec = DenseSpec.from_json(metadata["swinkit_dense"], str(path))
+    elif is_mmdet_detector(state_dict):
+        spec = mmdet_spec(state_dict, metadata, str(path))
+        state_dict = from_mmdet(state_dict, str(path))
+    elif is_mmseg_segmentor(state_dict):
+        spec = mmseg_spec(state_dict, metadata, str(path))
+    else:
         raise CheckpointError(
-            f"{path} is not a swinkit dense model file (no 'swinkit_dense' metadata); files written by "
-            "'swinkit segment train' / 'swinkit detect train' are"
+            f"{path} is not a dense model file: neither a swinkit one (no 'swinkit_dense' metadata; "
+            "'swinkit segment train' / 'swinkit detect train' write them) nor an official mmdet detector "
+            "or mmseg UPerNet"
         )
-    spec = DenseSpec.from_json(metadata["swinkit_dense"], str(path))
     model = build_dense_model(spec)
     _fit(model, state_dict, path, spec.task)
     return model.to(device).eval(), spec

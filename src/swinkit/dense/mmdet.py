@@ -1,0 +1,258 @@
+"""Swin's official detectors (the mmdet 2.x configs of Swin-Transformer-Object-Detection): geometry and files.
+
+Two parts:
+
+* The test-time geometry where mmdet and torchvision differ (``geometry="mmdet"`` in
+  :func:`~swinkit.dense.build_detector`): mmdet's anchors are not rounded to whole pixels, and its
+  RoI extractor pools with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` from level
+  ``floor(log2(sqrt(area) / 56))``. torchvision rounds its cell anchors and pools with
+  ``aligned=False`` and two samples per bin side.
+* The official Mask R-CNN and Cascade Mask R-CNN checkpoints (``backbone.``, ``neck.``,
+  ``rpn_head.``, ``roi_head.``) to and from swinkit's detection files. mmdet puts the background
+  class last and has no box or mask row for it; torchvision puts it first, with a box and a mask
+  row that inference never reads: those rows are zero when a file is read and dropped when one is
+  written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import roi_align
+
+from ..checkpoint.io import CheckpointError, StateDict
+
+GEOMETRIES = ("mmdet", "torchvision")
+FINEST_SCALE = 56  # mmdet's SingleRoIExtractor: a box of sqrt(area) below 112 pools from the finest level
+
+# The 80 COCO classes in mmdet's order (category ids ascending) and their category ids.
+COCO_CLASSES = (  # noqa: SIM905 (80 names read better as one string)
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,"
+    "handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
+    "surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,"
+    "broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,"
+    "mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,"
+    "teddy bear,hair drier,toothbrush"
+).split(",")
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+class UnroundedAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors with mmdet's cell anchors: centred on 0, half sides not rounded.
+
+    mmdet's ``AnchorGenerator`` (``center_offset=0``): for size ``s`` and ratio ``r = h / w`` the
+    anchor is ``(-w/2, -h/2, w/2, h/2)`` with ``w = s / sqrt(r)``, ``h = s * sqrt(r)``. torchvision
+    rounds these to whole pixels (``r = 0.5`` at 32: 23 x 11 half sides instead of 22.6 x 11.3).
+    """
+
+    def generate_anchors(
+        self,
+        scales: Sequence[int],
+        aspect_ratios: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = torch.device("cpu"),  # noqa: B008 (torchvision's signature)
+    ) -> Tensor:
+        sizes = torch.as_tensor(scales, dtype=dtype, device=device)
+        root = torch.as_tensor(aspect_ratios, dtype=dtype, device=device).sqrt()
+        half_widths = (sizes[None, :] / root[:, None]).reshape(-1) / 2  # ratio-major, as mmdet orders them
+        half_heights = (sizes[None, :] * root[:, None]).reshape(-1) / 2
+        return torch.stack([-half_widths, -half_heights, half_widths, half_heights], dim=1)
+
+
+class AlignedRoIPool(nn.Module):
+    """mmdet's ``SingleRoIExtractor`` with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)``.
+
+    A box of ``sqrt(area) = a`` pools from FPN level ``floor(log2(a / 56 + 1e-6))``, clamped to the
+    levels; on its level, bins of the box scaled by ``1 / stride`` and shifted by half a pixel,
+    ``ceil(bin side)`` samples per bin side, averaged. torchvision's ``MultiScaleRoIAlign``
+    interface: ``(features, boxes per image, image sizes) -> (boxes, C, size, size)``.
+    """
+
+    def __init__(self, featmap_names: Sequence[str], strides: Sequence[int], output_size: int) -> None:
+        super().__init__()
+        if len(featmap_names) != len(strides):
+            raise ValueError(f"one stride per feature map: {list(featmap_names)} vs {list(strides)}")
+        self.featmap_names = list(featmap_names)
+        self.strides = list(strides)
+        self.output_size = (output_size, output_size)
+
+    def levels(self, boxes: Tensor) -> Tensor:
+        """The level each ``(x1, y1, x2, y2)`` box pools from (mmdet's ``map_roi_levels``)."""
+        scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+        return torch.floor(torch.log2(scale / FINEST_SCALE + 1e-6)).clamp(0, len(self.strides) - 1).long()
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        maps = [features[name] for name in self.featmap_names]
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        levels = self.levels(rois[:, 1:])
+        pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
+        for level, (feature, stride) in enumerate(zip(maps, self.strides, strict=True)):
+            index = torch.where(levels == level)[0]
+            selected = rois[index].to(feature.dtype)
+            pooled[index] = roi_align(feature, selected, self.output_size, 1.0 / stride, 0, aligned=True).to(
+                pooled.dtype
+            )
+        return pooled
+
+
+# Key templates, mmdet's name -> swinkit's file name ({a}, {b}: indices). Mask R-CNN's box head is
+# mmdet's Shared2FCBBoxHead; the cascade's is ConvFCBBoxHead with 4 convolutions (ConvModule: .conv,
+# .bn) and one fully connected layer, torchvision's FastRCNNConvFCHead (a Flatten at index 4).
+_KEY_TEMPLATES = (
+    ("neck.lateral_convs.{a}.conv.", "neck.inner_blocks.{a}.0."),
+    ("neck.fpn_convs.{a}.conv.", "neck.layer_blocks.{a}.0."),
+    ("rpn_head.rpn_conv.", "rpn.head.conv.0.0."),
+    ("rpn_head.rpn_cls.", "rpn.head.cls_logits."),
+    ("rpn_head.rpn_reg.", "rpn.head.bbox_pred."),
+    ("roi_head.bbox_head.shared_fcs.0.", "roi_heads.box_head.fc6."),
+    ("roi_head.bbox_head.shared_fcs.1.", "roi_heads.box_head.fc7."),
+    ("roi_head.bbox_head.fc_cls.", "roi_heads.box_predictor.cls_score."),
+    ("roi_head.bbox_head.fc_reg.", "roi_heads.box_predictor.bbox_pred."),
+    ("roi_head.mask_head.convs.{a}.conv.", "roi_heads.mask_head.{a}.0."),
+    ("roi_head.mask_head.upsample.", "roi_heads.mask_predictor.conv5_mask."),
+    ("roi_head.mask_head.conv_logits.", "roi_heads.mask_predictor.mask_fcn_logits."),
+    ("roi_head.bbox_head.{a}.shared_convs.{b}.conv.", "roi_heads.stages.{a}.box_head.{b}.0."),
+    ("roi_head.bbox_head.{a}.shared_convs.{b}.bn.", "roi_heads.stages.{a}.box_head.{b}.1."),
+    ("roi_head.bbox_head.{a}.shared_fcs.0.", "roi_heads.stages.{a}.box_head.5."),
+    ("roi_head.bbox_head.{a}.fc_cls.", "roi_heads.stages.{a}.box_predictor.cls_score."),
+    ("roi_head.bbox_head.{a}.fc_reg.", "roi_heads.stages.{a}.box_predictor.bbox_pred."),
+    ("roi_head.mask_head.{a}.convs.{b}.conv.", "roi_heads.stages.{a}.mask_head.{b}.0."),
+    ("roi_head.mask_head.{a}.upsample.", "roi_heads.stages.{a}.mask_predictor.conv5_mask."),
+    ("roi_head.mask_head.{a}.conv_logits.", "roi_heads.stages.{a}.mask_predictor.mask_fcn_logits."),
+)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{a\}", r"(?P<a>\d+)").replace(r"\{b\}", r"(?P<b>\d+)"))
+
+
+_TO_SWINKIT = [(_pattern(mmdet), swinkit) for mmdet, swinkit in _KEY_TEMPLATES]
+_TO_MMDET = [(_pattern(swinkit), mmdet) for mmdet, swinkit in _KEY_TEMPLATES]
+
+
+def _renamed(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in rules:
+        match = pattern.match(key)
+        if match:
+            return template.format(**match.groupdict()) + key[match.end() :]
+    return None
+
+
+def _background_rows(key: str) -> int:
+    """How many leading rows of a swinkit tensor belong to torchvision's background class (mmdet has none)."""
+    if ".mask_predictor.mask_fcn_logits." in key:
+        return 1
+    # Mask R-CNN's boxes are class-specific; the cascade's (roi_heads.stages.) class-agnostic
+    if key.startswith("roi_heads.box_predictor.bbox_pred."):
+        return 4
+    return 0
+
+
+def is_mmdet_detector(state_dict: StateDict) -> bool:
+    """Whether a state dict is laid out as an mmdet two-stage detector (``rpn_head.`` and ``roi_head.``)."""
+    return any(k.startswith("rpn_head.") for k in state_dict) and any(k.startswith("roi_head.") for k in state_dict)
+
+
+def _is_class_score(swinkit_key: str) -> bool:
+    return swinkit_key.endswith((".cls_score.weight", ".cls_score.bias"))
+
+
+def _converted(
+    state_dict: StateDict, rules: list[tuple[re.Pattern[str], str]], convert: Callable[[str, str, Tensor], Tensor]
+) -> tuple[StateDict, list[str]]:
+    """Keys renamed by ``rules`` and values by ``convert(key, new key, value)``; backbone keys kept; unknown keys."""
+    out: StateDict = {}
+    unknown = []
+    for key, value in state_dict.items():
+        name = key if key.startswith("backbone.") else _renamed(key, rules)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value if name == key else convert(key, name, value)
+    return out, unknown
+
+
+def _from_mmdet_value(key: str, name: str, value: Tensor) -> Tensor:
+    if _is_class_score(name):
+        value = torch.cat([value[-1:], value[:-1]])  # background: last in mmdet, first in torchvision
+    rows = _background_rows(name)
+    return torch.cat([value.new_zeros((rows, *value.shape[1:])), value]) if rows else value
+
+
+def _to_mmdet_value(key: str, name: str, value: Tensor) -> Tensor:
+    rows = _background_rows(key)
+    value = value[rows:] if rows else value
+    return torch.cat([value[1:], value[:1]]) if _is_class_score(key) else value
+
+
+def from_mmdet(state_dict: StateDict, source: str = "the file") -> StateDict:
+    """An official (mmdet) Mask R-CNN / Cascade Mask R-CNN state dict in swinkit's detection-file keys.
+
+    The backbone keys stay as they are (swinkit's files use the official backbone layout). A key
+    no rule knows (another head: HTC's semantic branch, a mask IoU head, ...) is an error naming it.
+    """
+    out, unknown = _converted(state_dict, _TO_SWINKIT, _from_mmdet_value)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: keys {unknown[:6]} ({len(unknown)} in all) have no counterpart in swinkit's detectors; "
+            "swinkit reads mmdet's Mask R-CNN, Faster R-CNN and Cascade (Mask) R-CNN with Swin's heads"
+        )
+    return out
+
+
+def to_mmdet(state_dict: StateDict) -> StateDict:
+    """swinkit's detection-file keys -> the official mmdet layout (the background rows dropped)."""
+    out, unknown = _converted(state_dict, _TO_MMDET, _to_mmdet_value)
+    if unknown:
+        raise ValueError(f"{unknown[:6]} have no counterpart in mmdet's detectors")
+    return out
+
+
+def mmdet_head_options(state_dict: StateDict, source: str = "the file") -> dict[str, Any]:
+    """The :func:`~swinkit.dense.build_detector` options an mmdet state dict implies, with mmdet's test settings."""
+    cascade = "roi_head.bbox_head.0.fc_cls.weight" in state_dict
+    box = "roi_head.bbox_head.0." if cascade else "roi_head.bbox_head."
+    mask = "roi_head.mask_head.0." if cascade else "roi_head.mask_head."
+    required = ["neck.lateral_convs.0.conv.weight", "rpn_head.rpn_cls.weight", box + "fc_cls.weight"]
+    absent = [key for key in required if key not in state_dict]
+    if absent:
+        raise CheckpointError(f"{source}: not an mmdet Mask R-CNN / Cascade R-CNN file: no {absent}")
+    anchors = state_dict["rpn_head.rpn_cls.weight"].shape[0]
+    if anchors != 3:
+        raise CheckpointError(
+            f"{source}: rpn_head.rpn_cls has {anchors} anchors per position; swinkit's detectors have Swin's 3 "
+            "(one size per level, ratios 0.5, 1, 2)"
+        )
+    masks = mask + "conv_logits.weight" in state_dict
+    options = {
+        "masks": masks,
+        "cascade": cascade,
+        "geometry": "mmdet",
+        "fpn_channels": state_dict["neck.lateral_convs.0.conv.weight"].shape[0],
+        "box_head_dim": state_dict[box + "shared_fcs.0.weight"].shape[0],
+        # mmdet's test_cfg of Swin's configs: 800 x 1333 images, scores above 0.05, 100 detections
+        "min_size": 800,
+        "max_size": 1333,
+        "score_threshold": 0.05,
+        "detections_per_img": 100,
+    }
+    if masks:
+        options["mask_head_dim"] = state_dict[mask + "conv_logits.weight"].shape[1]
+    return options
+
+
+def mmdet_classes(state_dict: StateDict, names: list[str] | None) -> tuple[list[str], list[int]]:
+    """Class names (the file's ``meta.CLASSES``, else COCO's for 80 classes) and the COCO category ids they take."""
+    key = "roi_head.bbox_head.0.fc_cls.weight"
+    key = key if key in state_dict else "roi_head.bbox_head.fc_cls.weight"
+    count = state_dict[key].shape[0] - 1
+    if names is None or len(names) != count:
+        names = list(COCO_CLASSES) if count == len(COCO_CLASSES) else [f"class{i}" for i in range(count)]
+    ids = list(COCO_CATEGORY_IDS) if names == list(COCO_CLASSES) else list(range(1, count + 1))
+    return names, ids

@@ -1,0 +1,358 @@
+"""Official dense files: mmdet detectors in and out, mmdet's test-time geometry (anchors, RoIAlign),
+mmseg UPerNet files in.
+
+mmdet is not installed here, so its computations are written out in the tests from its module
+definitions (Shared2FCBBoxHead, ConvFCBBoxHead, FCNMaskHead, RPNHead, FPN, AnchorGenerator,
+SingleRoIExtractor) and applied to the tensors of the file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import MultiScaleRoIAlign
+
+from swinkit.checkpoint.io import CheckpointError
+from swinkit.cli import main
+from swinkit.dense import create_detector, load_dense
+from swinkit.dense.mmdet import COCO_CATEGORY_IDS, COCO_CLASSES, AlignedRoIPool, mmdet_classes
+from swinkit.dense.shapes import SHAPES, write_shapes_dataset
+from swinkit.dense.weights import DenseSpec, build_dense_model, mmseg_spec, save_dense, save_mmdet
+
+TINY = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8, roi_batch_size=64)
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _detector(masks: bool, cascade: bool, classes: int = 3):
+    torch.manual_seed(0)
+    model = create_detector("swin_test", classes, masks=masks, detector_options=dict(TINY, cascade=cascade)).eval()
+    with torch.no_grad():  # BatchNorm statistics and biases away from their initial 0 / 1, so the test sees them
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("running_mean", "bias")):
+                tensor.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+    return model
+
+
+def _spec(model, masks: bool, cascade: bool, classes: list[str]) -> DenseSpec:
+    head = dict(TINY, masks=masks, cascade=cascade, geometry="mmdet")
+    category_ids = list(range(1, len(classes) + 1))
+    return DenseSpec("detect", model.backbone.body.config, classes, head=head, inference={"category_ids": category_ids})
+
+
+def _params(*names: str) -> set[str]:
+    return {f"{name}.{part}" for name in names for part in ("weight", "bias")}
+
+
+def _expected_keys(masks: bool, cascade: bool) -> set[str]:
+    """The non-backbone keys of mmdet's FPN, RPNHead and (Cascade)RoIHead with Swin's heads."""
+    keys = _params(*(f"neck.{kind}.{i}.conv" for kind in ("lateral_convs", "fpn_convs") for i in range(4)))
+    keys |= _params("rpn_head.rpn_conv", "rpn_head.rpn_cls", "rpn_head.rpn_reg")
+    stages = [f".{s}" for s in range(3)] if cascade else [""]
+    for stage in stages:
+        box, mask = f"roi_head.bbox_head{stage}.", f"roi_head.mask_head{stage}."
+        keys |= _params(box + "fc_cls", box + "fc_reg")
+        if cascade:  # ConvFCBBoxHead: 4 ConvModules (conv without bias, bn) and one fc
+            keys |= {f"{box}shared_convs.{i}.conv.weight" for i in range(4)}
+            keys |= {f"{box}shared_convs.{i}.bn.{part}" for i in range(4) for part in BN}
+            keys |= _params(box + "shared_fcs.0")
+        else:  # Shared2FCBBoxHead
+            keys |= _params(box + "shared_fcs.0", box + "shared_fcs.1")
+        if masks:  # FCNMaskHead
+            keys |= _params(*(f"{mask}convs.{i}.conv" for i in range(4)), mask + "upsample", mask + "conv_logits")
+    return keys
+
+
+@pytest.mark.parametrize("masks, cascade", [(True, False), (False, False), (True, True)])
+def test_written_mmdet_files_have_mmdets_names_shapes_and_class_order(tmp_path, masks, cascade):
+    model = _detector(masks, cascade)
+    save_mmdet(model, _spec(model, masks, cascade, ["a", "b", "c"]), tmp_path / "m.pth")
+    saved = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert saved["meta"]["CLASSES"] == ("a", "b", "c")
+    state = saved["state_dict"]
+    heads = {key for key in state if not key.startswith("backbone.")}
+    assert heads == _expected_keys(masks, cascade)
+    assert {"backbone.norm0.weight", "backbone.layers.0.blocks.0.attn.relative_position_index"} <= set(state)
+    box = "roi_head.bbox_head.2." if cascade else "roi_head.bbox_head."
+    assert state[box + "fc_cls.weight"].shape == (4, 32)  # 3 classes and the background (last in mmdet)
+    assert state[box + "fc_reg.weight"].shape == ((4, 32) if cascade else (12, 32))  # no background box
+    if masks:
+        assert state[box.replace("bbox", "mask") + "conv_logits.weight"].shape == (3, 8, 1, 1)
+
+
+def _conv_module(x, state, prefix, padding=1, relu=True):
+    x = F.conv2d(x, state[prefix + "conv.weight"], state.get(prefix + "conv.bias"), padding=padding)
+    if prefix + "bn.weight" in state:
+        bn = [state[prefix + "bn." + part] for part in ("running_mean", "running_var", "weight", "bias")]
+        x = F.batch_norm(x, *bn, training=False, eps=1e-5)
+    return F.relu(x) if relu else x
+
+
+def _mmdet_box_head(x, state, box, cascade):
+    if cascade:
+        for i in range(4):
+            x = _conv_module(x, state, f"{box}shared_convs.{i}.")
+    x = x.flatten(1)
+    for i in range(1 if cascade else 2):
+        x = F.relu(F.linear(x, state[f"{box}shared_fcs.{i}.weight"], state[f"{box}shared_fcs.{i}.bias"]))
+    scores = F.linear(x, state[box + "fc_cls.weight"], state[box + "fc_cls.bias"])
+    return scores, F.linear(x, state[box + "fc_reg.weight"], state[box + "fc_reg.bias"])
+
+
+def _mmdet_mask_head(x, state, mask):
+    for i in range(4):
+        x = _conv_module(x, state, f"{mask}convs.{i}.")
+    x = F.relu(F.conv_transpose2d(x, state[mask + "upsample.weight"], state[mask + "upsample.bias"], stride=2))
+    return F.conv2d(x, state[mask + "conv_logits.weight"], state[mask + "conv_logits.bias"])
+
+
+def _mmdet_fpn(maps, state):
+    laterals = [
+        F.conv2d(x, state[f"neck.lateral_convs.{i}.conv.weight"], state[f"neck.lateral_convs.{i}.conv.bias"])
+        for i, x in enumerate(maps)
+    ]
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
+    outs = [_conv_module(x, state, f"neck.fpn_convs.{i}.", relu=False) for i, x in enumerate(laterals)]
+    return [*outs, F.max_pool2d(outs[-1], 1, stride=2)]
+
+
+@pytest.mark.parametrize("cascade", [False, True], ids=["mask_rcnn", "cascade_mask_rcnn"])
+def test_a_read_mmdet_file_computes_what_mmdets_modules_compute_with_its_tensors(tmp_path, cascade):
+    written = _detector(True, cascade)
+    save_mmdet(written, _spec(written, True, cascade, ["a", "b", "c"]), tmp_path / "m.pth")
+    state = {k: v.double() for k, v in torch.load(tmp_path / "m.pth", weights_only=True)["state_dict"].items()}
+    model, spec = load_dense(tmp_path / "m.pth")
+    model = model.double()
+    assert spec.classes == ["a", "b", "c"] and spec.head["cascade"] == cascade and spec.head["geometry"] == "mmdet"
+    torch.manual_seed(1)
+
+    maps = [torch.randn(2, c, 16 // 2**i, 20 // 2**i, dtype=torch.float64) for i, c in enumerate((16, 32, 64, 128))]
+    ours = model.backbone.fpn(OrderedDict((str(i), x) for i, x in enumerate(maps)))
+    for got, expected in zip(ours.values(), _mmdet_fpn(maps, state), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+    level = torch.randn(2, 16, 8, 10, dtype=torch.float64)
+    objectness, deltas = model.rpn.head([level])
+    hidden = F.relu(F.conv2d(level, state["rpn_head.rpn_conv.weight"], state["rpn_head.rpn_conv.bias"], padding=1))
+    rpn = {part: F.conv2d(hidden, state[f"rpn_head.rpn_{part}.weight"], state[f"rpn_head.rpn_{part}.bias"])
+           for part in ("cls", "reg")}  # fmt: skip
+    torch.testing.assert_close(objectness[0], rpn["cls"], rtol=1e-10, atol=1e-12)  # sigmoid scores of 3 anchors
+    torch.testing.assert_close(deltas[0], rpn["reg"], rtol=1e-10, atol=1e-12)
+
+    regions = torch.randn(5, 16, 7, 7, dtype=torch.float64)
+    heads = model.roi_heads.stages if cascade else [model.roi_heads]
+    for stage, head in enumerate(heads):
+        box = f"roi_head.bbox_head.{stage}." if cascade else "roi_head.bbox_head."
+        logits, boxes = head.box_predictor(head.box_head(regions))
+        scores, regression = _mmdet_box_head(regions, state, box, cascade)
+        # mmdet's background is its last score, torchvision's its first; class probabilities agree.
+        torch.testing.assert_close(logits.softmax(1)[:, 0], scores.softmax(1)[:, -1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(logits.softmax(1)[:, 1:], scores.softmax(1)[:, :-1], rtol=1e-10, atol=1e-12)
+        # Mask R-CNN: class c's box is mmdet's rows 4(c-1)..4c-1; the cascade has one box for every class.
+        torch.testing.assert_close(boxes if cascade else boxes[:, 4:], regression, rtol=1e-10, atol=1e-12)
+
+        mask_regions = torch.randn(3, 16, 14, 14, dtype=torch.float64)
+        mask = f"roi_head.mask_head.{stage}." if cascade else "roi_head.mask_head."
+        masks = head.mask_predictor(head.mask_head(mask_regions))
+        torch.testing.assert_close(masks[:, 1:], _mmdet_mask_head(mask_regions, state, mask), rtol=1e-10, atol=1e-12)
+
+
+def test_mmdet_anchors_are_not_rounded_and_torchvisions_are():
+    sizes = {"mmdet": None, "torchvision": None}
+    images = ImageList(torch.zeros(1, 3, 64, 96), [(64, 96)])
+    level = [torch.zeros(1, 16, 4, 6)]  # stride 16
+    for geometry in sizes:
+        spec = DenseSpec("detect", create_detector("swin_test", 3).backbone.body.config, ["a", "b", "c"],
+                         head=dict(TINY, anchor_sizes=(32,) * 5, geometry=geometry))  # fmt: skip
+        generator = build_dense_model(spec).rpn.anchor_generator
+        generator.sizes, generator.aspect_ratios = ((32,),), ((0.5, 1.0, 2.0),)
+        generator.cell_anchors = [generator.generate_anchors((32,), (0.5, 1.0, 2.0))]
+        sizes[geometry] = generator(images, level)[0]
+    # mmdet's AnchorGenerator, written out: base size 32 (scale 1), ratios h / w 0.5, 1, 2, centre 0,
+    # shifted by the stride over the map, position-major and ratio-minor.
+    expected = []
+    for y in range(4):
+        for x in range(6):
+            for ratio in (0.5, 1.0, 2.0):
+                w, h = 32 / math.sqrt(ratio), 32 * math.sqrt(ratio)
+                expected.append([16 * x - w / 2, 16 * y - h / 2, 16 * x + w / 2, 16 * y + h / 2])
+    expected = torch.tensor(expected)
+    torch.testing.assert_close(sizes["mmdet"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sizes["torchvision"], expected.round(), rtol=0, atol=1e-5)  # 45.25 x 22.6 -> 46 x 22
+    assert (sizes["mmdet"] - sizes["torchvision"]).abs().max() > 0.3
+
+
+def test_aligned_roi_pool_samples_mmdets_level_and_bin_centres():
+    strides = [4, 8, 16, 32]
+    side = 1024
+    # On a linear map bilinear sampling is exact and the samples of a bin average to its centre.
+    features = {}
+    for level, stride in enumerate(strides):
+        n = side // stride
+        y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+        features[str(level)] = (3 * x + 5 * y + 1000 * level).expand(2, 1, n, n).contiguous()  # two images
+    pool = AlignedRoIPool(list(features), strides, 7)
+    boxes = torch.tensor(
+        [
+            [100, 120, 140, 150],  # sqrt(area) 34.6 -> level 0
+            [200, 210, 320, 330],  # 120 -> level 1 (log2(120 / 56) = 1.1)
+            [300, 100, 560, 340],  # 249.8 -> level 2
+            [40, 60, 520, 540],  # 480 -> level 3
+            [50, 40, 950, 980],  # 919.8 -> level 4, clamped to 3
+        ],
+        dtype=torch.float64,
+    )
+    pooled = pool(features, [boxes[:2], boxes[2:]], [(side, side)] * 2)
+    for box, got, level in zip(boxes, pooled, (0, 1, 2, 3, 3), strict=True):
+        scale = 1 / strides[level]
+        x1, y1, x2, y2 = (box * scale - 0.5).tolist()  # mmcv's aligned=True: half a pixel back
+        centres_x = x1 + (torch.arange(7, dtype=torch.float64) + 0.5) * (x2 - x1) / 7
+        centres_y = y1 + (torch.arange(7, dtype=torch.float64) + 0.5) * (y2 - y1) / 7
+        expected = 3 * centres_x[None, :] + 5 * centres_y[:, None] + 1000 * level
+        torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-9)
+    # torchvision's pooling (aligned=False, other level rule) gives other numbers on the same boxes.
+    theirs = MultiScaleRoIAlign(list(features), 7, 2)(features, [boxes[:2], boxes[2:]], [(side, side)] * 2)
+    assert (theirs - pooled).abs().max() > 1
+
+
+def test_files_written_before_the_geometry_choice_keep_torchvisions_geometry():
+    config = create_detector("swin_test", 3).backbone.body.config
+    old = build_dense_model(DenseSpec("detect", config, ["a", "b", "c"], head=dict(TINY)))
+    assert isinstance(old.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+    assert old.rpn.anchor_generator.cell_anchors[0].frac().abs().sum() == 0  # whole pixels
+    new = build_dense_model(DenseSpec("detect", config, ["a", "b", "c"], head=dict(TINY, geometry="mmdet")))
+    assert isinstance(new.roi_heads.box_roi_pool, AlignedRoIPool)
+    assert isinstance(new.roi_heads.mask_roi_pool, AlignedRoIPool) and new.roi_heads.mask_roi_pool.output_size == (
+        14,
+        14,
+    )
+
+
+def test_an_80_class_mmdet_file_without_names_is_cocos_and_named_files_keep_their_names():
+    state = {"roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 4)}
+    assert mmdet_classes(state, None) == (COCO_CLASSES, COCO_CATEGORY_IDS)
+    assert COCO_CATEGORY_IDS[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13] and COCO_CATEGORY_IDS[-1] == 90
+    assert COCO_CLASSES[11] == "stop sign" and COCO_CLASSES[-1] == "toothbrush"
+    names = [f"thing{i}" for i in range(80)]
+    assert mmdet_classes(state, names) == (names, list(range(1, 81)))
+    cascade = {"roi_head.bbox_head.0.fc_cls.weight": torch.zeros(4, 4)}
+    assert mmdet_classes(cascade, ["x", "y", "z"]) == (["x", "y", "z"], [1, 2, 3])
+    assert mmdet_classes(cascade, ["only one"]) == (["class0", "class1", "class2"], [1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), {"validation": 3}, size=64)
+
+
+def test_cli_evaluates_predicts_and_converts_an_mmdet_file(shapes, tmp_path, capsys):
+    model = _detector(True, True)
+    official = tmp_path / "cascade_mask_rcnn_swin.pth"
+    save_mmdet(model, _spec(model, True, True, list(SHAPES)), official)
+    data = ["--data", str(shapes / "instances_validation.json"), "--images", str(shapes / "images" / "validation")]
+    converted = tmp_path / "converted.safetensors"
+    assert main(["detect", "convert", str(official), str(converted)]) == 0
+    assert "wrote" in capsys.readouterr().out and load_dense(converted)[1].head["geometry"] == "mmdet"
+
+    metrics = []
+    for checkpoint in (official, converted):
+        assert main(["detect", "eval", "--checkpoint", str(checkpoint), *data, "--workers", "0", "--json"]) == 0
+        metrics.append(json.loads(capsys.readouterr().out))
+    assert metrics[0] == metrics[1] and metrics[0]["images"] == 3
+
+    images = sorted((shapes / "images" / "validation").iterdir())[:2]
+    results = []
+    for checkpoint in (official, converted):
+        out = tmp_path / f"predict-{checkpoint.suffix[1:]}"
+        args = ["detect", "predict", *map(str, images), "--checkpoint", str(checkpoint), "--output", str(out)]
+        assert main([*args, "--score-threshold", "0", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0][0]["detections"] == results[1][0]["detections"] and results[0][0]["detections"]
+
+    # The classifier commands refuse it by name instead of running its backbone headless.
+    assert main(["predict", str(images[0]), "--checkpoint", str(official)]) == 2
+    assert "is an official mmdet detector file, not a classifier" in capsys.readouterr().err
+
+    back = tmp_path / "back.pth"
+    assert main(["detect", "convert", str(converted), str(back)]) == 0
+    first, second = (torch.load(path, weights_only=True) for path in (official, back))
+    assert first["meta"] == second["meta"] and first["state_dict"].keys() == second["state_dict"].keys()
+    assert all(torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in first["state_dict"])
+
+
+def test_detectors_that_swinkit_cannot_build_are_refused_by_name(tmp_path, capsys):
+    model = _detector(True, False)
+    save_mmdet(model, _spec(model, True, False, ["a", "b", "c"]), tmp_path / "m.pth")
+    state = torch.load(tmp_path / "m.pth", weights_only=True)["state_dict"]
+
+    def refused(changed: dict, name: str) -> str:
+        torch.save({"state_dict": changed}, tmp_path / name)
+        with pytest.raises(CheckpointError) as error:
+            load_dense(tmp_path / name)
+        return str(error.value)
+
+    htc = dict(state, **{"roi_head.semantic_head.conv_logits.weight": torch.zeros(3, 8, 1, 1)})
+    assert "roi_head.semantic_head.conv_logits.weight" in refused(htc, "htc.pth")
+    nine = dict(state, **{"rpn_head.rpn_cls.weight": torch.zeros(9, 16, 1, 1)})
+    assert "9 anchors" in refused(nine, "nine.pth")
+    resnet = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    resnet["backbone.conv1.weight"] = torch.zeros(64, 3, 7, 7)
+    assert "backbone is not a Swin Transformer" in refused(resnet, "resnet.pth")
+    headless = {k: v for k, v in state.items() if not k.startswith("roi_head.bbox_head")}
+    assert "roi_head.bbox_head.fc_cls.weight" in refused(headless, "headless.pth")
+
+    # Through the CLI: one line naming the file, exit 2; a segmentation model is not converted.
+    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "htc.pth"), "--data", "x.json"]) == 2
+    assert "htc.pth" in capsys.readouterr().err
+    segmentor = tmp_path / "segment.safetensors"
+    spec = DenseSpec("segment", model.backbone.body.config, ["a", "b"], head={"channels": 8, "aux": False})
+    save_dense(build_dense_model(spec), spec, segmentor)
+    assert main(["detect", "convert", str(segmentor), str(tmp_path / "s.pth")]) == 2
+    assert "is a segment model" in capsys.readouterr().err
+    assert main(["detect", "convert", str(tmp_path / "m.pth"), str(tmp_path / "out.bin")]) == 2
+    assert "--to swinkit|mmdet" in capsys.readouterr().err
+
+
+def test_an_mmseg_upernet_file_is_read_whole_with_its_class_names(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = create_detector("swin_test", 3).backbone.body.config
+    spec = DenseSpec("segment", config, ["0", "1", "2", "3"], head={"channels": 8, "aux_channels": 4})
+    model = build_dense_model(spec).eval()
+    save_dense(model, spec, tmp_path / "ours.safetensors")
+    # mmseg's file: the same names (swinkit's segmentation files use them), its wrapper and meta.
+    weights = load_file(tmp_path / "ours.safetensors")
+    assert {"decode_head.conv_seg.weight", "auxiliary_head.convs.0.conv.weight"} <= set(weights)
+    torch.save({"meta": {"CLASSES": ("sky", "tree", "road", "car")}, "state_dict": weights}, tmp_path / "upernet.pth")
+
+    loaded, read = load_dense(tmp_path / "upernet.pth")
+    assert read.task == "segment" and read.classes == ["sky", "tree", "road", "car"]
+    assert read.head == {"channels": 8, "aux": True, "aux_channels": 4}
+    assert read.inference["scale"] == [2048, 512] and read.inference["mode"] == "whole"
+    assert read.inference["reduce_zero_label"] is False  # only a 150-class (ADE20K) file
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images)["out"], model(images)["out"], rtol=0, atol=0)
+
+    ade = {**weights, "decode_head.conv_seg.weight": torch.zeros(150, 8, 1, 1)}
+    assert mmseg_spec(ade, {}, "ade.pth").inference["reduce_zero_label"] is True
+    assert mmseg_spec(ade, {}, "ade.pth").classes[:3] == ["0", "1", "2"]
+
+    out = tmp_path / "predicted"
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (48, 40), (90, 140, 200)).save(image)
+    assert main(["segment", "predict", str(image), "--checkpoint", str(tmp_path / "upernet.pth"),
+                 "--output", str(out), "--json"]) == 0  # fmt: skip
+    fractions = json.loads(capsys.readouterr().out)[0]["class_fractions"]
+    assert set(fractions) <= set(read.classes) and sum(fractions.values()) == pytest.approx(1.0)
+    assert main(["export", str(tmp_path / "x.onnx"), "--checkpoint", str(tmp_path / "upernet.pth")]) == 2
+    assert "is an official mmseg segmentation file, not a classifier" in capsys.readouterr().err
