@@ -308,6 +308,10 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
         assert explained[0]["class"] == top["class"] and explained[0]["score"] == pytest.approx(top["score"])
         assert explained[0]["box"] == pytest.approx(top["box"], abs=0.01)
         assert Image.open(explained[0]["output"]).size == (64, 64)
+        last = results[0]["detections"][-1]  # --box: the detection predict wrote with that box
+        box = ["--box", *map(str, last["box"])]
+        assert main([*explain[:3], "--checkpoint", model, *box, "--json", "--output", str(tmp_path / "boxed")]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["box"] == pytest.approx(last["box"], abs=0.01)
     else:  # a model that detects nothing says so for the image
         assert "the detector finds nothing in this image" in explained[0]["error"]
     assert main([*explain[:3], "--checkpoint", model, "--stage", "9"]) == 2
@@ -451,6 +455,19 @@ def test_detection_grad_cam_is_the_top_detection_score_gradient_on_a_backbone_st
         assert found.maps.shape == (1, 50, 70) and found.maps.min() == 0 and found.maps.max() == 1
     assert found.stage == 0 and found.stride == 4
     assert explain_detection(model, image).stage == 2  # 50 x 70 resized to 64 x 90: stage 2 is 4 x 6
+    # A chosen box explains the detection overlapping it most: each detection's own box picks it.
+    detections, _ = _detections_and_stage_map(model, image, 2)
+    for index in (0, len(detections["boxes"]) // 2, len(detections["boxes"]) - 1):
+        box = detections["boxes"][index].detach()
+        chosen = explain_detection(model, image, box=box.tolist())
+        ties = box_iou(box[None], detections["boxes"].detach())[0] == 1.0  # duplicate boxes of other classes
+        best = torch.where(ties, detections["scores"].detach(), -1.0).argmax()
+        assert torch.equal(chosen.boxes[0], detections["boxes"][best].detach())
+        assert chosen.targets == [int(detections["labels"][best])]
+    with pytest.raises(NothingDetected, match="no detection overlaps the box"):
+        explain_detection(model, image, box=[1000, 1000, 1010, 1010])  # detections are clipped to the image
+    with pytest.raises(ValueError, match="box must be x1 y1 x2 y2"):
+        explain_detection(model, image, box=[5, 5, 2, 8])
     assert not model.backbone.body.swin.layers[0]._forward_hooks and not model.transform._forward_hooks
     strict = create_detector("swin_test", 3, masks=False, detector_options=dict(TINY, score_threshold=1.0)).eval()
     with pytest.raises(NothingDetected, match="the detector finds nothing in this image"):

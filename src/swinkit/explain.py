@@ -236,16 +236,24 @@ class NothingDetected(ValueError):
 
 
 def explain_detection(
-    model: nn.Module, image: Tensor, label: int | None = None, stage: int | None = None
+    model: nn.Module,
+    image: Tensor,
+    label: int | None = None,
+    stage: int | None = None,
+    box: Sequence[float] | None = None,
 ) -> Explanation:
     """Grad-CAM of one detection of a detector (:func:`~swinkit.dense.create_detector`) on ``image``
     ``(3, H, W)`` in ``[0, 1]`` (as the detector takes it; it resizes and normalizes itself).
 
     The score explained is the highest-scoring detection's (of class ``label`` if given, labels
-    counting from 1 as the detector's), through its box head, on a stage of the Swin backbone,
-    as seen at the detector's resized scale and drawn back at the image's size. ``stage``: as for
-    :func:`explain`, for the resized image. Refused when the image has no such detection.
+    counting from 1 as the detector's), or with ``box`` ``(x1, y1, x2, y2)`` in image pixels the
+    detection overlapping it most (highest IoU; ties to the higher score), through its box head,
+    on a stage of the Swin backbone, as seen at the detector's resized scale and drawn back at the
+    image's size. ``stage``: as for :func:`explain`, for the resized image. Refused when the image
+    has no such detection.
     """
+    if box is not None and (len(box) != 4 or not box[0] < box[2] or not box[1] < box[3]):
+        raise ValueError(f"box must be x1 y1 x2 y2 with x1 < x2 and y1 < y2, got {list(box)}")
     swin = getattr(getattr(getattr(model, "backbone", None), "body", None), "swin", None)
     if swin is None or not hasattr(model, "roi_heads"):
         raise ValueError("explain_detection needs a detector (swinkit.dense create_detector)")
@@ -256,7 +264,8 @@ def explain_detection(
             batch, _ = model.transform([image])
         size, padded = batch.image_sizes[0], batch.tensors.shape[-2:]
         stage = _chosen_stage("gradcam", image.new_zeros(1, 1, *size), swin.config.patch_size, len(swin.layers), stage)
-        detection, raw, _ = _gradcam(swin.layers[stage], functools.partial(_detection_score, model, label), image)
+        score = functools.partial(_detection_score, model, label, box)
+        detection, raw, _ = _gradcam(swin.layers[stage], score, image)
     stride = swin.config.patch_size * 2**stage
     # The map covers the padded batch; its resized image's part, scaled back to the image.
     heat = _to_image(raw, stride, padded)[:, None, : size[0], : size[1]]
@@ -275,15 +284,25 @@ def explain_detection(
     )
 
 
-def _detection_score(model: nn.Module, label: int | None, image: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def _detection_score(
+    model: nn.Module, label: int | None, box: Sequence[float] | None, image: Tensor
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """The chosen detection (box, label, score, detached), its score, and its label."""
+    from torchvision.ops import box_iou
+
     found = model([image])[0]
     candidates = torch.arange(len(found["scores"]), device=found["scores"].device)
     if label is not None:
         candidates = candidates[found["labels"] == label]
+    wanted = "" if label is None else f" of class {label}"
     if len(candidates) == 0:
-        wanted = "" if label is None else f" of class {label}"
         raise NothingDetected(f"the detector finds nothing{wanted} in this image (above its score threshold)")
+    if box is not None:  # the largest overlap; among equal overlaps the higher score
+        given = torch.tensor([list(box)], dtype=found["boxes"].dtype, device=found["boxes"].device)
+        overlap = box_iou(given, found["boxes"][candidates].detach())[0]
+        if overlap.max() <= 0:
+            raise NothingDetected(f"no detection{wanted} overlaps the box {list(box)}")
+        candidates = candidates[overlap == overlap.max()]
     best = candidates[found["scores"][candidates].argmax()]
     detection = {"box": found["boxes"][best], "label": found["labels"][best], "score": found["scores"][best]}
     return {key: value.detach() for key, value in detection.items()}, found["scores"][best], found["labels"][best]

@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     explain.add_argument("--class", dest="target", help=f"class name or index (default: {default_class})")
     explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
     explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
+    if task == "detect":
+        explain.add_argument(
+            "--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+            help="explain the detection overlapping this box most (image pixels, as predict writes them)",
+        )  # fmt: skip
     explain.add_argument("--device", default="cpu")
     explain.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -176,8 +181,11 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         from ..predict import format_lines
         from .predict import explain_detections, explain_segments
 
+        options = {"box": args.box} if task == "detect" else {}
         explainer = explain_segments if task == "segment" else explain_detections
-        results = explainer(args.inputs, args.checkpoint, args.output, args.target, args.stage, args.alpha, args.device)
+        results = explainer(
+            args.inputs, args.checkpoint, args.output, args.target, args.stage, args.alpha, args.device, **options
+        )
         text = json.dumps(results, indent=2) if args.json else format_lines(results, _explained)
         return text, 1 if results and all("error" in r for r in results) else 0
     from .predict import predict_dense

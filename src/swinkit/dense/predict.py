@@ -226,10 +226,12 @@ def explain_detections(
     stage: int | None = None,
     alpha: float = 0.5,
     device: str = "cpu",
+    box: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """``swinkit detect explain``: one Grad-CAM overlay PNG per image (``<stem>.gradcam.png``) for
     its highest-scoring detection (of class ``target``, a name of the file or an index, if given),
-    with the detection's box drawn. A result is ``{"path", "class", "score", "box", "stage",
+    or the detection overlapping ``box`` (``x1 y1 x2 y2`` in image pixels, e.g. one of ``swinkit
+    detect predict``'s) most, with the detection's box drawn. A result is ``{"path", "class", "score", "box", "stage",
     "output"}``, or ``{"path", "error"}`` for a bad file or an image without such a detection."""
     from ..explain import explain_detection, overlay
 
@@ -237,13 +239,13 @@ def explain_detections(
 
     def explained(image: Image.Image) -> tuple[Image.Image, dict[str, Any]]:
         label = None if index is None else index + 1  # the detector counts classes from 1
-        found = explain_detection(model, TF.to_tensor(image).to(device), label, stage)
-        label, box = found.targets[0], found.boxes[0].cpu()
+        found = explain_detection(model, TF.to_tensor(image).to(device), label, stage, box)
+        label, chosen = found.targets[0], found.boxes[0].cpu()
         picture = TF.pil_to_tensor(overlay(image, found.maps[0].cpu(), alpha))
         color = palette(len(spec.classes))[label - 1]
-        picture = draw_bounding_boxes(picture, box[None], labels=[spec.classes[label - 1]], colors=[color], width=2)
+        picture = draw_bounding_boxes(picture, chosen[None], labels=[spec.classes[label - 1]], colors=[color], width=2)
         result = {"class": spec.classes[label - 1], "score": found.probabilities[0, 0].item()}
-        return TF.to_pil_image(picture), {**result, "box": [round(v, 2) for v in box.tolist()], "stage": found.stage}
+        return TF.to_pil_image(picture), {**result, "box": [round(v, 2) for v in chosen.tolist()], "stage": found.stage}
 
     return _explain_each(inputs, output, explained)
 
