@@ -23,6 +23,7 @@ from swinkit.dense import (
     AUG_TEST_RATIOS,
     SegmentationFolder,
     confusion_matrix,
+    create_backbone,
     create_segmentor,
     fit_dense,
     infer,
@@ -32,11 +33,13 @@ from swinkit.dense import (
     segmentation_loss,
     segmentation_scores,
 )
+from swinkit.dense.export import load_segmentation_file
 from swinkit.dense.heads import _bin_means, resize
 from swinkit.dense.predict import segment_image
 from swinkit.dense.segmentation_data import SegmentationEvalTransform, SegmentationTrainTransform, find_split
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.dense.train import build_schedule
+from swinkit.dense.weights import DenseSpec, build_dense_model, save_dense
 from swinkit.export import load_program, onnx_session
 from swinkit.train.optim import build_optimizer
 
@@ -522,3 +525,37 @@ def test_seg_grad_cam_is_the_region_score_gradient_on_a_backbone_stage():
         explain_segmentation(model.backbone.swin, images)
     with pytest.raises(ValueError, match=r"target must be one class in 0..3 or one per image \(2\), got 7"):
         explain_segmentation(model, images, 7)
+
+
+def test_a_static_size_segment_export_takes_its_one_size_and_refuses_others_by_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = create_backbone("swin_test").config
+    spec = DenseSpec("segment", config, ["a", "b", "c"], head={"channels": 8, "aux": False})
+    spec.inference = {"ignore_index": 255, "reduce_zero_label": False, "mode": "whole", "crop_size": 48,
+                      "stride": 32, "scale": [56, 40]}  # fmt: skip
+    model = build_dense_model(spec).eval()
+    save_dense(model, spec, tmp_path / "model.safetensors")
+    onnx_file = tmp_path / "static.onnx"
+    export = ["segment", "export", str(onnx_file), "--checkpoint", str(tmp_path / "model.safetensors")]
+    assert main([*export, "--static-size", "--img-size", "40x56", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size_range"] == {"height": [40, 40], "width": [56, 56]} and report["max_relative_error"] < 1e-5
+    dims = onnx.load(str(onnx_file)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 40, 56]  # height and width fixed in the graph
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = model(x)["out"]
+    found = torch.from_numpy(onnx_session(onnx_file).run(None, {"images": x.numpy()})[0])
+    assert relative_error(found, expected) < 1e-5
+
+    exported, _ = load_segmentation_file(onnx_file)
+    with pytest.raises(ValueError, match=r"static.onnx takes heights 40..40 and widths 56..56, got 41x56"):
+        exported(torch.randn(1, 3, 41, 56))
+    # predict rescales an image to the test scale (56, 40): a 112 x 80 image becomes 56 x 40 and fits.
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 112, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "predicted"
+    assert main(["segment", "predict", str(image), "--checkpoint", str(onnx_file), "--output", str(out)]) == 0
+    written = np.asarray(Image.open(out / "0000_scene_labels.png"))
+    reference = segment_image(model, spec, Image.open(image).convert("RGB")).numpy()
+    assert written.shape == (80, 112) and (written == reference).mean() > 0.99
