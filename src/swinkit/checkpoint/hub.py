@@ -1,7 +1,8 @@
 """Downloading the published Swin weights into a local cache.
 
-The official Microsoft release (https://github.com/microsoft/Swin-Transformer, MODELHUB.md) and
-torchvision's own trainings. The official release publishes no checksums; torchvision puts the
+The official Microsoft release (https://github.com/microsoft/Swin-Transformer, MODELHUB.md; the
+detection and segmentation models of Swin-Transformer-Object-Detection / -Semantic-Segmentation)
+and torchvision's own trainings. The official release publishes no checksums; torchvision puts the
 first 8 hex digits of each file's SHA-256 in its name, which is checked. Nothing here runs unless
 called: tests never download.
 
@@ -90,6 +91,27 @@ PUBLISHED: dict[str, PublishedWeights] = {
     "swinv2_large_patch4_window12to24_192to384_22kto1k_ft": _official(
         "v2.0.0", "swinv2_large_patch4_window12to24_192to384_22kto1k_ft"
     ),
+    # Swin's dense models, read whole by swinkit.dense.load_dense and the segment / detect commands:
+    # Swin-Transformer-Object-Detection (mmdet, COCO's 80 classes; no suffix = 3x schedule) and
+    # Swin-Transformer-Semantic-Segmentation (mmseg UPerNet, ADE20K's 150 classes)
+    **{
+        stem: _official(release, stem, 80)
+        for release, stem in [
+            ("v1.0.3", "mask_rcnn_swin_tiny_patch4_window7_1x"),
+            ("v1.0.2", "mask_rcnn_swin_tiny_patch4_window7"),
+            ("v1.0.2", "mask_rcnn_swin_small_patch4_window7"),
+            ("v1.0.3", "cascade_mask_rcnn_swin_tiny_patch4_window7_1x"),
+            ("v1.0.2", "cascade_mask_rcnn_swin_tiny_patch4_window7"),
+            ("v1.0.2", "cascade_mask_rcnn_swin_small_patch4_window7"),
+            ("v1.0.2", "cascade_mask_rcnn_swin_base_patch4_window7"),
+        ]
+    },
+    **{
+        f"upernet_swin_{size}_patch4_window7_512x512": _official(
+            "v1.0.1", f"upernet_swin_{size}_patch4_window7_512x512", 150
+        )
+        for size in ("tiny", "small", "base")
+    },
     # torchvision's own trainings (torchvision layout; the name carries the SHA-256 prefix)
     "torchvision_swin_t": PublishedWeights(_TORCHVISION + "swin_t-704ceda3.pth", 1000, "704ceda3"),
     "torchvision_swin_s": PublishedWeights(_TORCHVISION + "swin_s-5e29d889.pth", 1000, "5e29d889"),
