@@ -279,6 +279,15 @@ def test_cli_evaluates_predicts_and_converts_an_mmdet_file(shapes, tmp_path, cap
         results.append(json.loads(capsys.readouterr().out))
     assert results[0][0]["detections"] == results[1][0]["detections"] and results[0][0]["detections"]
 
+    # swinkit info describes the whole detector, and its backbone's FLOPs at the papers' 1280 x 800.
+    assert main(["info", "--checkpoint", str(official), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    whole = load_dense(official)[0]
+    assert info["task"] == "detect" and info["heads"] == "Cascade Mask R-CNN + FPN" and info["classes"] == list(SHAPES)
+    assert info["total_params"] == sum(p.numel() for p in whole.parameters())
+    assert info["params"] == sum(p.numel() for p in whole.backbone.body.swin.parameters())
+    assert info["input_size"] == [3, 800, 1280] and "features only" in info["text"]
+
     # The classifier commands refuse it by name instead of running its backbone headless.
     assert main(["predict", str(images[0]), "--checkpoint", str(official)]) == 2
     assert "is an official mmdet detector file, not a classifier" in capsys.readouterr().err

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from .factory import create_model
 from .flops import count_parameters, flops
+
+# The sizes the papers quote dense FLOPs at: detection at 1280 x 800, segmentation at 512 x 2048.
+DENSE_SIZES = {"detect": (800, 1280), "segment": (512, 2048)}
 
 
 def describe_model(
     name: str | None, checkpoint: str | None = None, img_size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
-    """Parameters, FLOPs (total and per stage) and stage shapes of a preset or a checkpoint's model."""
+    """Parameters, FLOPs (total and per stage) and stage shapes of a preset or a checkpoint's model.
+
+    A dense model file (swinkit's, or an official mmdet / mmseg one) is described whole (task,
+    heads, classes, all parameters), with its backbone's FLOPs and stages.
+    """
+    if name is None and checkpoint is not None:
+        dense = _dense_model(checkpoint)
+        if dense is not None:
+            return _describe_dense(checkpoint, *dense, img_size)
     model = create_model(name, checkpoint=checkpoint)
+    return _describe_swin(model, name or checkpoint, img_size)
+
+
+def _describe_swin(
+    model: nn.Module, title: str, img_size: tuple[int, int] | None, lead: list[str] | None = None
+) -> dict[str, Any]:
     config = model.config
     H, W = img_size or (config.img_size, config.img_size)
     report = flops(model, (config.in_chans, H, W))
@@ -21,10 +41,11 @@ def describe_model(
         {"stage": i, "channels": c, "height": h, "width": w, "stride": config.patch_size * 2**i, "flops": f}
         for i, ((c, h, w), f) in enumerate(zip(report.stage_shapes, report.stages, strict=True))
     ]
-    title = name or checkpoint
+    output = "features only" if config.features_only else f"{config.num_classes} classes"
     text = [
-        f"{title}: Swin {config.family.upper()}, embed_dim {config.embed_dim}, depths {config.depths}, "
-        f"heads {config.num_heads}, window {config.window_size}, {config.num_classes} classes",
+        *(lead or []),
+        f"{title if lead is None else 'backbone'}: Swin {config.family.upper()}, embed_dim {config.embed_dim}, "
+        f"depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {output}",
         f"parameters: {params / 1e6:.2f} M ({params:,})",
         f"FLOPs at {H}x{W}: {report.total / 1e9:.2f} G (multiply-adds, counted as in the paper)",
         "stage  stride  shape (C x H x W)    GFLOPs",
@@ -41,3 +62,36 @@ def describe_model(
         "stages": stages,
         "text": "\n".join(text),
     }
+
+
+def _dense_model(checkpoint: str) -> tuple[nn.Module, Any] | None:
+    """The whole model and spec of a dense model file, or None for any other checkpoint."""
+    from .checkpoint.io import read_checkpoint
+    from .dense.mmdet import is_mmdet_detector
+    from .dense.weights import is_mmseg_segmentor, load_dense
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        return None
+    state_dict, metadata = read_checkpoint(path)
+    if "swinkit_dense" in metadata or is_mmdet_detector(state_dict) or is_mmseg_segmentor(state_dict):
+        return load_dense(path)
+    return None
+
+
+def _describe_dense(checkpoint: str, model: nn.Module, spec: Any, img_size: tuple[int, int] | None) -> dict[str, Any]:
+    if spec.task == "detect":
+        kind = "Mask R-CNN" if spec.head.get("masks") else "Faster R-CNN"
+        kind = f"{'Cascade ' if spec.head.get('cascade') else ''}{kind} + FPN"
+        swin = model.backbone.body.swin
+    else:
+        kind = "UPerNet" + (" + FCN auxiliary head" if spec.head.get("aux", True) else "")
+        swin = model.backbone.swin
+    shown = ", ".join(spec.classes[:5]) + (", ..." if len(spec.classes) > 5 else "")
+    total = count_parameters(model)
+    lead = [
+        f"{checkpoint}: {spec.task} model, {kind}, {len(spec.classes)} classes ({shown})",
+        f"parameters of the whole model: {total / 1e6:.2f} M ({total:,})",
+    ]
+    info = _describe_swin(swin, checkpoint, img_size or DENSE_SIZES[spec.task], lead)
+    return {**info, "task": spec.task, "heads": kind, "classes": spec.classes, "total_params": total}
