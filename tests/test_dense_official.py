@@ -283,7 +283,7 @@ def test_cli_evaluates_predicts_and_converts_an_mmdet_file(shapes, tmp_path, cap
     assert main(["info", "--checkpoint", str(official), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     whole = load_dense(official)[0]
-    assert info["task"] == "detect" and info["heads"] == "Cascade Mask R-CNN + FPN" and info["classes"] == list(SHAPES)
+    assert info["task"] == "detect" and info["heads"] == "Cascade Mask R-CNN" and info["classes"] == list(SHAPES)
     assert info["total_params"] == sum(p.numel() for p in whole.parameters())
     assert info["params"] == sum(p.numel() for p in whole.backbone.body.swin.parameters())
     assert info["input_size"] == [3, 800, 1280] and "features only" in info["text"]
@@ -363,5 +363,19 @@ def test_an_mmseg_upernet_file_is_read_whole_with_its_class_names(tmp_path, caps
                  "--output", str(out), "--json"]) == 0  # fmt: skip
     fractions = json.loads(capsys.readouterr().out)[0]["class_fractions"]
     assert set(fractions) <= set(read.classes) and sum(fractions.values()) == pytest.approx(1.0)
+    # segment convert: to a swinkit file and back to mmseg's layout (with the official backbone buffers).
+    ours = tmp_path / "converted.safetensors"
+    assert main(["segment", "convert", str(tmp_path / "upernet.pth"), str(ours)]) == 0
+    assert "UPerNet + FCN auxiliary head, 4 classes" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(load_dense(ours)[0](images)["out"], model(images)["out"], rtol=0, atol=0)
+    assert main(["segment", "convert", str(ours), str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert back["meta"]["CLASSES"] == ("sky", "tree", "road", "car")
+    assert all(torch.equal(back["state_dict"][key], value) for key, value in weights.items())
+    assert all(key.endswith("relative_position_index") for key in set(back["state_dict"]) - set(weights))
+    assert main(["detect", "convert", str(ours), str(tmp_path / "no.pth")]) == 2
+    assert "'swinkit detect convert' converts detect models" in capsys.readouterr().err
+
     assert main(["export", str(tmp_path / "x.onnx"), "--checkpoint", str(tmp_path / "upernet.pth")]) == 2
     assert "is an official mmseg segmentation file, not a classifier" in capsys.readouterr().err

@@ -80,13 +80,8 @@ def _dense_model(checkpoint: str) -> tuple[nn.Module, Any] | None:
 
 
 def _describe_dense(checkpoint: str, model: nn.Module, spec: Any, img_size: tuple[int, int] | None) -> dict[str, Any]:
-    if spec.task == "detect":
-        kind = "Mask R-CNN" if spec.head.get("masks") else "Faster R-CNN"
-        kind = f"{'Cascade ' if spec.head.get('cascade') else ''}{kind} + FPN"
-        swin = model.backbone.body.swin
-    else:
-        kind = "UPerNet" + (" + FCN auxiliary head" if spec.head.get("aux", True) else "")
-        swin = model.backbone.swin
+    kind = spec.heads()
+    swin = model.backbone.body.swin if spec.task == "detect" else model.backbone.swin
     shown = ", ".join(spec.classes[:5]) + (", ..." if len(spec.classes) > 5 else "")
     total = count_parameters(model)
     lead = [

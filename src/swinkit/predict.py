@@ -91,11 +91,8 @@ def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None
         task, owner = "segment", "an official mmseg segmentation file"
     else:
         return
-    actions = {"segment": "train, eval, predict, explain, export", "detect": "train, eval, predict, explain, convert"}
-    raise ValueError(
-        f"{checkpoint} is {owner}, not a classifier: the swinkit {task} commands "
-        f"({actions.get(task, 'train, eval, predict, explain')}) take it"
-    )
+    actions = "train, eval, predict, explain" + {"segment": ", export, convert", "detect": ", convert"}.get(task, "")
+    raise ValueError(f"{checkpoint} is {owner}, not a classifier: the swinkit {task} commands ({actions}) take it")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from .segmentation import (
 )
 from .segmentation_data import SegmentationFolder
 from .train import DenseResult, fit_dense
-from .weights import DenseSpec, load_dense, load_dense_weights, save_dense, save_mmdet
+from .weights import DenseSpec, load_dense, load_dense_weights, save_dense, save_mmdet, save_mmseg
 
 __all__ = [
     "AUG_TEST_RATIOS",
@@ -53,6 +53,7 @@ __all__ = [
     "resolve_dense_config",
     "save_dense",
     "save_mmdet",
+    "save_mmseg",
     "segmentation_loss",
     "segmentation_scores",
 ]

@@ -1,4 +1,4 @@
-"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain,export}`` and
+"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain,export,convert}`` and
 ``swinkit detect {train,eval,predict,explain,convert}``.
 
 :func:`run` calls one library function per action and returns the text the CLI prints.
@@ -44,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         for parser_ in (evaluate, predict):
             _add_test_augmentation(parser_)
         _add_export(actions)
-    else:
-        _add_convert(actions)
+    _add_convert(actions, task)
 
     what, default_class = {
         "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
@@ -99,31 +98,34 @@ def _add_export(actions: Any) -> None:
     export.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _add_convert(actions: Any) -> None:
+def _add_convert(actions: Any, task: str) -> None:
+    layout, what = {"detect": ("mmdet", "Mask R-CNN / Cascade"), "segment": ("mmseg", "UPerNet")}[task]
     convert = actions.add_parser(
-        "convert", help="an official mmdet detector file (.pth) to a swinkit model file (.safetensors), or back"
+        "convert", help=f"an official {layout} file (.pth) to a swinkit model file (.safetensors), or back"
     )
-    convert.add_argument("source", help="a swinkit detection model file or an official mmdet Mask R-CNN / Cascade file")
-    convert.add_argument("output", help="file to write (.safetensors: swinkit's; .pth: mmdet's layout)")
-    convert.add_argument("--to", choices=["swinkit", "mmdet"], help="default: from the output's suffix")
+    convert.add_argument("source", help=f"a swinkit {task} model file or an official {layout} {what} file")
+    convert.add_argument("output", help=f"file to write (.safetensors: swinkit's; .pth: {layout}'s layout)")
+    convert.add_argument("--to", choices=["swinkit", layout], help="default: from the output's suffix")
 
 
-def _convert(args: argparse.Namespace) -> str:
+def _convert(args: argparse.Namespace, task: str) -> str:
     from pathlib import Path
 
-    from .weights import load_dense, save_dense, save_mmdet
+    from .weights import load_dense, save_dense, save_mmdet, save_mmseg
 
+    layout = {"detect": "mmdet", "segment": "mmseg"}[task]
     suffix = Path(args.output).suffix
-    to = args.to or {".safetensors": "swinkit", ".pth": "mmdet", ".pt": "mmdet"}.get(suffix)
+    to = args.to or {".safetensors": "swinkit", ".pth": layout, ".pt": layout}.get(suffix)
     if to is None:
-        raise ValueError(f"{args.output}: name the format with --to swinkit|mmdet (or end it in .safetensors / .pth)")
+        raise ValueError(
+            f"{args.output}: name the format with --to swinkit|{layout} (or end it in .safetensors / .pth)"
+        )
     model, spec = load_dense(args.source)
-    if spec.task != "detect":
-        raise ValueError(f"{args.source} is a {spec.task} model; 'swinkit detect convert' converts detectors")
-    (save_dense if to == "swinkit" else save_mmdet)(model, spec, args.output)
-    kind = "Mask R-CNN" if spec.head.get("masks") else "Faster R-CNN"
-    kind = "Cascade " + kind if spec.head.get("cascade") else kind
-    text = f"wrote {args.output} ({to}; {kind}, {len(spec.classes)} classes)"
+    if spec.task != task:
+        raise ValueError(f"{args.source} is a {spec.task} model; 'swinkit {task} convert' converts {task} models")
+    save = {"swinkit": save_dense, "mmdet": save_mmdet, "mmseg": save_mmseg}[to]
+    save(model, spec, args.output)
+    text = f"wrote {args.output} ({to}; {spec.heads()}, {len(spec.classes)} classes)"
     if to == "mmdet" and spec.head.get("geometry", "torchvision") != "mmdet":
         text += "; note: trained with torchvision's anchors and RoIAlign, which mmdet's differ from slightly"
     return text
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
     if args.action == "export":
         return _export(args), 0
     if args.action == "convert":
-        return _convert(args), 0
+        return _convert(args, task), 0
     if args.action == "explain":
         from ..predict import format_lines
         from .predict import explain_detections, explain_segments

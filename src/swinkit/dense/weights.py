@@ -47,6 +47,13 @@ class DenseSpec:
     head: dict[str, Any] = field(default_factory=dict)  # build options of the heads
     inference: dict[str, Any] = field(default_factory=dict)  # e.g. ignore index, test mode, category ids
 
+    def heads(self) -> str:
+        """The heads in words: ``UPerNet + FCN auxiliary head``, ``Cascade Mask R-CNN``, ..."""
+        if self.task == "segment":
+            return "UPerNet" + (" + FCN auxiliary head" if self.head.get("aux", True) else "")
+        kind = "Mask R-CNN" if self.head.get("masks") else "Faster R-CNN"
+        return "Cascade " + kind if self.head.get("cascade") else kind
+
     def to_json(self) -> str:
         values = dataclasses.asdict(self)
         values["backbone"] = self.backbone.to_dict()
@@ -135,13 +142,26 @@ def save_mmdet(model: nn.Module, spec: DenseSpec, path: str | os.PathLike) -> No
     The backbone gets the buffers the official backbone registers; the heads get mmdet's names and
     class order. mmdet's file holds no test settings: mmdet's config gives them.
     """
-    if spec.task != "detect":
-        raise ValueError(f"only detectors are written in mmdet's layout; this is a {spec.task} model")
-    weights = to_file_keys(model.state_dict(), "detect")
+    _save_openmmlab(model, spec, path, "detect", to_mmdet)
+
+
+def save_mmseg(model: nn.Module, spec: DenseSpec, path: str | os.PathLike) -> None:
+    """Write a segmentor as an official mmseg checkpoint (``state_dict``, ``meta.CLASSES``), atomically.
+
+    swinkit's UPerNet already has mmseg's names; the backbone gets the official buffers.
+    """
+    _save_openmmlab(model, spec, path, "segment", dict)
+
+
+def _save_openmmlab(model: nn.Module, spec: DenseSpec, path: str | os.PathLike, task: str, heads_renamed: Any) -> None:
+    if spec.task != task:
+        layout = {"detect": "mmdet", "segment": "mmseg"}[task]
+        raise ValueError(f"only {task} models are written in {layout}'s layout; this is a {spec.task} model")
+    weights = to_file_keys(model.state_dict(), task)
     prefix = "backbone."
     backbone = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
     heads = {key: value for key, value in weights.items() if not key.startswith(prefix)}
-    state_dict = {**official.from_swinkit(backbone, spec.backbone), **to_mmdet(heads)}
+    state_dict = {**official.from_swinkit(backbone, spec.backbone), **heads_renamed(heads)}
     save_torch({"meta": {"CLASSES": tuple(spec.classes)}, "state_dict": state_dict}, path)
 
 
