@@ -84,7 +84,7 @@ def test_written_mmdet_files_have_mmdets_names_shapes_and_class_order(tmp_path, 
     assert {"backbone.norm0.weight", "backbone.layers.0.blocks.0.attn.relative_position_index"} <= set(state)
     box = "roi_head.bbox_head.2." if cascade else "roi_head.bbox_head."
     assert state[box + "fc_cls.weight"].shape == (4, 32)  # 3 classes and the background (last in mmdet)
-    assert state[box + "fc_reg.weight"].shape == ((4, 32) if cascade else (12, 32))  # no background box
+    assert state[box + "fc_reg.weight"].shape == (12, 32)  # a box per class (cascade too), none for the background
     if masks:
         assert state[box.replace("bbox", "mask") + "conv_logits.weight"].shape == (3, 8, 1, 1)
 
@@ -158,8 +158,8 @@ def test_a_read_mmdet_file_computes_what_mmdets_modules_compute_with_its_tensors
         # mmdet's background is its last score, torchvision's its first; class probabilities agree.
         torch.testing.assert_close(logits.softmax(1)[:, 0], scores.softmax(1)[:, -1], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(logits.softmax(1)[:, 1:], scores.softmax(1)[:, :-1], rtol=1e-10, atol=1e-12)
-        # Mask R-CNN: class c's box is mmdet's rows 4(c-1)..4c-1; the cascade has one box for every class.
-        torch.testing.assert_close(boxes if cascade else boxes[:, 4:], regression, rtol=1e-10, atol=1e-12)
+        # Class c's box is mmdet's rows 4(c-1)..4c-1 (torchvision's background box comes first).
+        torch.testing.assert_close(boxes[:, 4:], regression, rtol=1e-10, atol=1e-12)
 
         mask_regions = torch.randn(3, 16, 14, 14, dtype=torch.float64)
         mask = f"roi_head.mask_head.{stage}." if cascade else "roi_head.mask_head."
@@ -227,15 +227,20 @@ def test_aligned_roi_pool_samples_mmdets_level_and_bin_centres():
 
 def test_files_written_before_the_geometry_choice_keep_torchvisions_geometry():
     config = create_detector("swin_test", 3).backbone.body.config
-    old = build_dense_model(DenseSpec("detect", config, ["a", "b", "c"], head=dict(TINY)))
+
+    def built(**head):
+        return build_dense_model(DenseSpec("detect", config, ["a", "b", "c"], head=dict(TINY, **head)))
+
+    old = built()
     assert isinstance(old.roi_heads.box_roi_pool, MultiScaleRoIAlign)
     assert old.rpn.anchor_generator.cell_anchors[0].frac().abs().sum() == 0  # whole pixels
-    new = build_dense_model(DenseSpec("detect", config, ["a", "b", "c"], head=dict(TINY, geometry="mmdet")))
+    new = built(geometry="mmdet")
     assert isinstance(new.roi_heads.box_roi_pool, AlignedRoIPool)
-    assert isinstance(new.roi_heads.mask_roi_pool, AlignedRoIPool) and new.roi_heads.mask_roi_pool.output_size == (
-        14,
-        14,
-    )
+    assert isinstance(new.roi_heads.mask_roi_pool, AlignedRoIPool)
+    assert new.roi_heads.mask_roi_pool.output_size == (14, 14)
+    # A cascade written before it followed Swin's configs has one box for every class; a new one a box per class.
+    assert built(cascade=True).roi_heads.stages[0].box_predictor.bbox_pred.out_features == 4
+    assert built(cascade=True, agnostic_boxes=False).roi_heads.stages[0].box_predictor.bbox_pred.out_features == 16
 
 
 def test_an_80_class_mmdet_file_without_names_is_cocos_and_named_files_keep_their_names():

@@ -3,15 +3,21 @@
 The Swin paper's main COCO detector is Cascade Mask R-CNN, configured as in Swin's mmdet configs
 (``cascade_mask_rcnn_swin_*_giou_4conv1f``): three box stages trained at IoU thresholds 0.5, 0.6
 and 0.7, each a head of four 3x3 convolutions with BatchNorm and one fully connected layer
-(torchvision's ``FastRCNNConvFCHead``), class scores plus one class-agnostic box, the box loss
-GIoU on the decoded boxes (weight 10), the stages' losses weighted 1, 0.5 and 0.25. Each stage
-refines the previous stage's boxes (detached); stage t decodes with mmdet's target stds for that
-stage (BoxCoder weights 10, 20, 30 for centres). With masks, each stage has its own mask head,
-trained on its positives; at test time the stages' mask probabilities are averaged.
+(torchvision's ``FastRCNNConvFCHead``), class scores plus a box per class
+(``reg_class_agnostic=False``), the box loss GIoU on the decoded box of the truth's class
+(weight 10), the stages' losses weighted 1, 0.5 and 0.25. Each stage refines the previous
+stage's boxes (detached) with the box of each region's class: its truth's for a positive region,
+the stage's highest-scoring object class otherwise (mmdet's ``refine_bboxes``). Stage t decodes
+with mmdet's target stds for that stage (BoxCoder weights 10, 20, 30 for centres). With masks,
+each stage has its own mask head, trained on its positives; at test time the stages' mask
+probabilities are averaged.
 
-At test time the class logits of the three stages, each on the boxes its stage was given, are
-averaged before the softmax, and the last stage's box is the detection (mmdet's
-``CascadeRoIHead.simple_test``); then torchvision's per-class NMS and top-k.
+At test time each stage but the last moves every region by the box of the class it scores
+highest; the class logits of the three stages, each on the boxes its stage was given, are
+averaged before the softmax, and the last stage's boxes per class are the detections (mmdet's
+``CascadeRoIHead.simple_test``); then torchvision's per-class NMS and top-k. Files written
+before swinkit followed ``reg_class_agnostic=False`` have one box for every class
+(``agnostic_boxes``), and load as they were trained.
 """
 
 from __future__ import annotations
@@ -34,16 +40,18 @@ GIOU_LOSS_WEIGHT = 10.0
 POSITIVE_FRACTION = 0.25
 
 
-class AgnosticBoxPredictor(nn.Module):
-    """Class logits (``num_classes`` + background) and one box delta per region, whatever the class.
+class BoxPredictor(nn.Module):
+    """Class logits (``num_classes`` with the background first) and box deltas: one box per class in
+    torchvision's layout (``4 * num_classes``, the background's unused), or with ``agnostic`` one
+    box for every class.
 
     Initialised as mmdet's ``BBoxHead``: normal weights, std 0.01 for the scores, 0.001 for the box.
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, agnostic: bool = False) -> None:
         super().__init__()
         self.cls_score = nn.Linear(in_features, num_classes)
-        self.bbox_pred = nn.Linear(in_features, 4)
+        self.bbox_pred = nn.Linear(in_features, 4 if agnostic else 4 * num_classes)
         for layer, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):
             nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)
@@ -101,7 +109,10 @@ class CascadeRoIHeads(nn.Module):
         for index, (stage, weight) in enumerate(zip(self.stages, self.stage_weights, strict=True)):
             sampled, matched, labels, is_gt = _sample(stage, rois, gt_boxes, gt_labels)
             logits, deltas = _box_forward(stage, features, sampled, image_shapes)
-            boxes = stage.box_coder.decode(deltas, sampled).reshape(-1, 4)
+            classes = torch.cat(labels)
+            # A positive region's box is its truth's class's; a background region's, the class it scores highest.
+            classes = torch.where(classes > 0, classes, _best_object_class(logits.detach()))
+            boxes = stage.box_coder.decode(_class_deltas(deltas, classes), sampled).reshape(-1, 4)
             truths = torch.cat(
                 [gt[m] if len(gt) else gt.new_zeros(len(m), 4) for gt, m in zip(gt_boxes, matched, strict=True)]
             )
@@ -129,15 +140,15 @@ class CascadeRoIHeads(nn.Module):
         for index, stage in enumerate(self.stages):
             logits, deltas = _box_forward(stage, features, rois, image_shapes)
             all_logits.append(logits)
-            if index + 1 < len(self.stages):
-                refined = stage.box_coder.decode(deltas, rois).reshape(-1, 4).split([len(r) for r in rois])
+            if index + 1 < len(self.stages):  # each region moved by the box of the class this stage scores highest
+                chosen = _class_deltas(deltas, _best_object_class(logits))
+                refined = stage.box_coder.decode(chosen, rois).reshape(-1, 4).split([len(r) for r in rois])
                 rois = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes, strict=True)]
         logits = torch.stack(all_logits).mean(dim=0)
         last = self.stages[-1]
-        # One box for every class: torchvision's post-processing takes a box per class.
-        boxes, scores, labels = last.postprocess_detections(
-            logits, deltas.repeat(1, logits.shape[1]), rois, image_shapes
-        )
+        if deltas.shape[1] == 4:  # one box for every class: torchvision's post-processing takes a box per class
+            deltas = deltas.repeat(1, logits.shape[1])
+        boxes, scores, labels = last.postprocess_detections(logits, deltas, rois, image_shapes)
         result = [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, labels, strict=True)]
         if self.has_masks:
             probabilities = [_mask_probabilities(stage, features, boxes, labels, image_shapes) for stage in self.stages]
@@ -161,6 +172,18 @@ def _sample(
     is_gt = [c >= len(r) for c, r in zip(chosen, rois, strict=True)]
     matched = [m[c] for m, c in zip(matched, chosen, strict=True)]
     return sampled, matched, [lab[c] for lab, c in zip(labels, chosen, strict=True)], is_gt
+
+
+def _best_object_class(logits: Tensor) -> Tensor:
+    """The highest-scoring class of each region, the background left out (labels count from 1)."""
+    return logits[:, 1:].argmax(dim=1) + 1
+
+
+def _class_deltas(deltas: Tensor, classes: Tensor) -> Tensor:
+    """Each region's box deltas ``(N, 4)`` for its class in ``classes`` (class-agnostic deltas as they are)."""
+    if deltas.shape[1] == 4:
+        return deltas
+    return deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), classes]
 
 
 def _box_forward(

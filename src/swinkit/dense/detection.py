@@ -27,7 +27,7 @@ from .cascade import (
     CASCADE_BOX_WEIGHTS,
     CASCADE_IOUS,
     POSITIVE_FRACTION,
-    AgnosticBoxPredictor,
+    BoxPredictor,
     CascadeRoIHeads,
 )
 from .mmdet import GEOMETRIES, AlignedRoIPool, UnroundedAnchorGenerator
@@ -66,6 +66,7 @@ def build_detector(
     detections_per_img: int = 100,
     cascade: bool = False,
     geometry: str = "mmdet",
+    agnostic_boxes: bool = False,
 ) -> FasterRCNN:
     """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
 
@@ -73,7 +74,8 @@ def build_detector(
     tuple picks a random shorter side per batch; evaluation uses its last value. Images go in as
     RGB in [0, 1]; the detector normalises them with the backbone's mean and std. ``cascade``:
     Cascade (Mask) R-CNN's three box stages (:mod:`swinkit.dense.cascade`) instead of one, each
-    box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``.
+    box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``, and a box per
+    class (Swin's configs), or with ``agnostic_boxes`` one box for every class.
     ``geometry``: ``"mmdet"`` (Swin's official detectors: anchors not rounded, RoIAlign with
     ``aligned=True`` and adaptive sampling, :mod:`swinkit.dense.mmdet`) or ``"torchvision"``
     (torchvision's rounded anchors and ``MultiScaleRoIAlign``; files written before swinkit had
@@ -109,7 +111,9 @@ def build_detector(
     if geometry == "mmdet":  # (torchvision's constructors only take its own pooling class)
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
     if cascade:
-        detector.roi_heads = _cascade_heads(detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim)
+        detector.roi_heads = _cascade_heads(
+            detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim, agnostic_boxes
+        )
     return detector
 
 
@@ -122,7 +126,7 @@ def _pool_as_mmdet(heads: RoIHeads, strides: list[int]) -> None:
 
 
 def _cascade_heads(
-    single: RoIHeads, num_classes: int, channels: int, box_head_dim: int, mask_head_dim: int
+    single: RoIHeads, num_classes: int, channels: int, box_head_dim: int, mask_head_dim: int, agnostic_boxes: bool
 ) -> CascadeRoIHeads:
     """The cascade's stages, with ``single``'s pooling, sampling size and test settings."""
     resolution = single.box_roi_pool.output_size[0]
@@ -132,7 +136,7 @@ def _cascade_heads(
         stage = RoIHeads(
             single.box_roi_pool,
             FastRCNNConvFCHead((channels, resolution, resolution), [channels] * 4, [box_head_dim], nn.BatchNorm2d),
-            AgnosticBoxPredictor(box_head_dim, num_classes + 1),
+            BoxPredictor(box_head_dim, num_classes + 1, agnostic_boxes),
             iou,
             iou,
             single.fg_bg_sampler.batch_size_per_image,

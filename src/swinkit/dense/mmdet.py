@@ -144,12 +144,16 @@ def _renamed(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
-def _background_rows(key: str) -> int:
-    """How many leading rows of a swinkit tensor belong to torchvision's background class (mmdet has none)."""
+def _background_rows(key: str, rows: int) -> int:
+    """How many leading rows of a swinkit tensor (``rows`` of them in a file on either side) belong to
+    torchvision's background class, which mmdet has none of."""
     if ".mask_predictor.mask_fcn_logits." in key:
         return 1
-    # Mask R-CNN's boxes are class-specific; the cascade's (roi_heads.stages.) class-agnostic
-    if key.startswith("roi_heads.box_predictor.bbox_pred."):
+    if key.startswith("roi_heads.box_predictor.bbox_pred."):  # Mask R-CNN: a box per class, always
+        return 4
+    # A cascade stage: a box per class (4 or more classes' rows), or one for every class (4 rows;
+    # a one-class file's box per class is the same function).
+    if ".box_predictor.bbox_pred." in key and rows > 4:
         return 4
     return 0
 
@@ -181,12 +185,12 @@ def _converted(
 def _from_mmdet_value(key: str, name: str, value: Tensor) -> Tensor:
     if _is_class_score(name):
         value = torch.cat([value[-1:], value[:-1]])  # background: last in mmdet, first in torchvision
-    rows = _background_rows(name)
+    rows = _background_rows(name, value.shape[0] if value.dim() else 0)
     return torch.cat([value.new_zeros((rows, *value.shape[1:])), value]) if rows else value
 
 
 def _to_mmdet_value(key: str, name: str, value: Tensor) -> Tensor:
-    rows = _background_rows(key)
+    rows = _background_rows(key, value.shape[0] if value.dim() else 0)
     value = value[rows:] if rows else value
     return torch.cat([value[1:], value[:1]]) if _is_class_score(key) else value
 
@@ -233,6 +237,7 @@ def mmdet_head_options(state_dict: StateDict, source: str = "the file") -> dict[
     options = {
         "masks": masks,
         "cascade": cascade,
+        "agnostic_boxes": cascade and state_dict[box + "fc_reg.weight"].shape[0] == 4,
         "geometry": "mmdet",
         "fpn_channels": state_dict["neck.lateral_convs.0.conv.weight"].shape[0],
         "box_head_dim": state_dict[box + "shared_fcs.0.weight"].shape[0],

@@ -362,6 +362,7 @@ class DetectionTrainer(DenseTrainer):
             "masks": c.masks,
             "cascade": c.cascade,
             "geometry": c.geometry,
+            "agnostic_boxes": False,  # a box per class, as Swin's cascade configs
             "min_size": c.min_sizes,
             "max_size": c.max_size,
             "fpn_channels": c.fpn_channels,

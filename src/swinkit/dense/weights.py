@@ -81,8 +81,9 @@ def build_dense_model(spec: DenseSpec) -> nn.Module:
     if spec.task == "detect":
         from .detection import build_detector
 
-        # Files from before the geometry was a choice were trained with torchvision's.
-        return build_detector(backbone, len(spec.classes), **{"geometry": "torchvision", **spec.head})
+        # Files from before these were choices: torchvision's geometry, a cascade's class-agnostic boxes.
+        legacy = {"geometry": "torchvision", "agnostic_boxes": True}
+        return build_detector(backbone, len(spec.classes), **{**legacy, **spec.head})
     raise ValueError(f"unknown dense task {spec.task!r}; accepted: {', '.join(FILE_PREFIXES)}")
 
 
