@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from swinkit.cli import main
 from swinkit.data import BadItem
 from swinkit.dense import CocoDetection, coco_map, create_detector, load_dense
 from swinkit.dense.cascade import CascadeRoIHeads, _box_losses, _sample
-from swinkit.dense.detection_data import DetectionTrainTransform, flip_target
+from swinkit.dense.detection_data import DetectionTrainTransform, flip_target, resize_and_crop
 from swinkit.dense.export import export_segmentation
 from swinkit.dense.metrics import mask_to_rle
 from swinkit.dense.mmdet import AlignedRoIPool
@@ -180,6 +181,46 @@ def test_flip_moves_boxes_and_masks_together():
     image = Image.fromarray(np.zeros((4, 10, 3), np.uint8))
     pixels, target = DetectionTrainTransform(hflip=1.0)((image, {"boxes": torch.tensor([[1.0, 0.0, 3.0, 4.0]])}))
     assert pixels.shape == (3, 4, 10) and target["boxes"].tolist() == [[7.0, 0.0, 9.0, 4.0]]
+
+
+def test_swins_crop_policy_resizes_then_crops_boxes_and_masks_as_mmdet_does():
+    # mmdet's Resize (shorter side 400 / 500 / 600, longer at most 1333, sizes rounded) then
+    # RandomCrop("absolute_range", (384, 600), allow_negative_crop=True), written out from its
+    # draws: height and width in 384..600 (the whole side if shorter), then the offsets.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    boxes = torch.tensor([[10.0, 20.0, 110.0, 120.0], [200.0, 50.0, 490.0, 290.0], [0.0, 0.0, 6.0, 6.0]])
+    masks = torch.zeros(3, 300, 500, dtype=torch.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist(), strict=True):
+        mask[y1:y2, x1:x2] = 1
+    target = {"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "masks": masks, "image_id": 7}
+    kept_counts = set()
+    for seed in range(20):
+        draws = random.Random(seed)
+        shorter = draws.choice((400, 500, 600))
+        scale = min(shorter / 300, 1333 / 500)
+        width, height = int(500 * scale + 0.5), int(300 * scale + 0.5)
+        crop_height = draws.randint(min(height, 384), min(height, 600))
+        crop_width = draws.randint(min(width, 384), min(width, 600))
+        top, left = draws.randint(0, height - crop_height), draws.randint(0, width - crop_width)
+        cropped, out = resize_and_crop(image, target, random.Random(seed))
+        assert cropped.size == (crop_width, crop_height)
+        moved = boxes * torch.tensor([width / 500, height / 300] * 2) - torch.tensor([left, top] * 2)
+        moved[:, 0::2] = moved[:, 0::2].clamp(0, crop_width)
+        moved[:, 1::2] = moved[:, 1::2].clamp(0, crop_height)
+        kept = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])
+        assert torch.allclose(out["boxes"], moved[kept]) and torch.equal(out["labels"], torch.tensor([1, 2, 3])[kept])
+        assert out["masks"].shape == (int(kept.sum()), crop_height, crop_width) and out["image_id"] == 7
+        for mask, box in zip(out["masks"], out["boxes"], strict=True):  # each mask is its box, within a pixel
+            rows, columns = torch.where(mask > 0)
+            extent = torch.stack([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]).float()
+            assert (extent - box).abs().max() <= 1.0
+        kept_counts.add(int(kept.sum()))
+    assert min(kept_counts) < 3 and max(kept_counts) > 1  # crops drop instances, and keep several
+    small = Image.fromarray(np.zeros((64, 80, 3), np.uint8))
+    plain = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
+    assert DetectionTrainTransform(hflip=0.0, crop_policy=0.0)((small, plain))[0].shape == (3, 64, 80)
+    pixels, _ = DetectionTrainTransform(hflip=0.0, crop_policy=1.0)((small, plain))
+    assert 384 <= pixels.shape[1] <= 600 and 384 <= pixels.shape[2] <= 600  # 64 x 80 upscaled, then cropped
 
 
 @pytest.fixture(scope="module")

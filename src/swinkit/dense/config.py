@@ -138,6 +138,8 @@ class DetectionConfig(DenseConfig):
     min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # multi-scale training; testing uses the last
     max_size: int = 1333
     hflip: float = 0.5
+    # Swin's AutoAugment: the share of images resized to 400/500/600 and cropped to 384..600 first
+    crop_policy: float = 0.5
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_dim: int = 256
@@ -151,6 +153,7 @@ class DetectionConfig(DenseConfig):
         **dict.fromkeys(["min_sizes", "max_size", "fpn_channels", "box_head_dim", "mask_head_dim"], AT_LEAST_ONE),
         **dict.fromkeys(["anchor_sizes", "roi_batch_size", "detections_per_img"], AT_LEAST_ONE),
         "hflip": PROBABILITY,
+        "crop_policy": PROBABILITY,
         "score_threshold": PROBABILITY,
         "geometry": Limit(lambda value: value in GEOMETRIES, " or ".join(GEOMETRIES)),
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -256,20 +257,65 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 
 
-class DetectionTrainTransform:
-    """Horizontal flip (boxes and masks with it) and, optionally, photometric distortion. Draws from :mod:`random`."""
+# Swin's detection recipes (mmdet's AutoAugment, from DETR): half the images reach the detector as
+# they are (it resizes them to a random shorter side of 480..800); the other half are first resized
+# to a shorter side of 400, 500 or 600 (longer side at most 1333) and cropped to a random window
+# 384..600 pixels a side, then resized by the detector the same way.
+CROP_SHORTER_SIDES = (400, 500, 600)
+CROP_RANGE = (384, 600)
 
-    def __init__(self, hflip: float = 0.5, photometric: bool = False) -> None:
-        self.hflip, self.photometric = hflip, photometric
+
+class DetectionTrainTransform:
+    """Horizontal flip (boxes and masks with it); with probability ``crop_policy`` Swin's resize and
+    random crop (:func:`resize_and_crop`); optionally photometric distortion. Draws from :mod:`random`."""
+
+    def __init__(self, hflip: float = 0.5, photometric: bool = False, crop_policy: float = 0.0) -> None:
+        self.hflip, self.photometric, self.crop_policy = hflip, photometric, crop_policy
 
     def __call__(self, item: tuple[Image.Image, dict[str, Any]]) -> tuple[Tensor, dict[str, Any]]:
         image, target = item
         if random.random() < self.hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             target = flip_target(target, image.size[0])
+        if random.random() < self.crop_policy:
+            image, target = resize_and_crop(image, target)
         if self.photometric:
             image = photometric_distortion(image)
         return TF.to_tensor(image), target
+
+
+def resize_and_crop(
+    image: Image.Image, target: dict[str, Any], rng: Any = random, max_size: int = 1333
+) -> tuple[Image.Image, dict[str, Any]]:
+    """mmdet's ``Resize`` to a shorter side of 400, 500 or 600 (keeping the ratio, longer side at most
+    ``max_size``), then ``RandomCrop(crop_type="absolute_range", crop_size=(384, 600),
+    allow_negative_crop=True)``: a window of random height and width in 384..600 (the whole side
+    when shorter) at a random place; boxes shifted and clipped to it, instances left without area
+    dropped (an image may keep none), masks resized (nearest) and cropped with them."""
+    width, height = image.size
+    shorter = rng.choice(CROP_SHORTER_SIDES)
+    scale = min(shorter / min(width, height), max_size / max(width, height))
+    size = (int(width * scale + 0.5), int(height * scale + 0.5))  # mmcv's rounding
+    image = image.resize(size, Image.BILINEAR)
+    target = dict(target)
+    target["boxes"] = target["boxes"] * torch.tensor([size[0] / width, size[1] / height] * 2)
+    if "masks" in target:
+        masks = target["masks"][None].float()
+        target["masks"] = F.interpolate(masks, size=(size[1], size[0]), mode="nearest")[0].to(torch.uint8)
+    low, high = CROP_RANGE
+    crop_height = rng.randint(min(size[1], low), min(size[1], high))
+    crop_width = rng.randint(min(size[0], low), min(size[0], high))
+    top = rng.randint(0, size[1] - crop_height)
+    left = rng.randint(0, size[0] - crop_width)
+    image = image.crop((left, top, left + crop_width, top + crop_height))
+    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=target["boxes"].dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, crop_width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, crop_height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+    if "masks" in target:
+        target["masks"] = target["masks"][keep, top : top + crop_height, left : left + crop_width]
+    return image, target
 
 
 def flip_target(target: dict[str, Any], width: int) -> dict[str, Any]:

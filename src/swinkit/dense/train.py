@@ -385,7 +385,7 @@ class DetectionTrainer(DenseTrainer):
         )
 
     def train_transform(self) -> Any:
-        return DetectionTrainTransform(self.config.hflip)
+        return DetectionTrainTransform(self.config.hflip, crop_policy=self.config.crop_policy)
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
         device = self.dist.device
