@@ -337,3 +337,16 @@ def test_download_uses_the_cache_and_explains_offline(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown published weights 'swin_huge'"):
         hub.download("swin_huge", tmp_path)
     assert hub.PUBLISHED["swin_base_patch4_window7_224_22k"].num_classes == 21841
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_a_pickle_byte_is_read_as_safetensors(tmp_path):
+    # The first byte of a safetensors file is the low byte of its header's length: 0x80, a pickle's
+    # first byte, for one file in 256. Such a file once went to torch.load and lost its metadata.
+    path = tmp_path / "model.safetensors"
+    for padding in range(256):
+        save_file({"w": torch.arange(3.0)}, str(path), metadata={"note": "x" * padding, "swinkit_config": "{}"})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    state_dict, metadata = read_checkpoint(path)
+    assert metadata["note"] == "x" * padding and torch.equal(state_dict["w"], torch.arange(3.0))

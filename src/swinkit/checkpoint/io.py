@@ -36,12 +36,14 @@ class CheckpointError(ValueError):
 def _file_kind(path: Path) -> str:
     with path.open("rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"
+    # safetensors first: its first byte is the low byte of the header's length, which is 0x80 (a
+    # pickle's first byte) for one file in 256; a pickle or zip never has "{" at byte 8.
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
             return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
     return "unknown"
 
 
