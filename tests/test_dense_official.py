@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from swinkit.checkpoint.io import CheckpointError
 from swinkit.cli import main
@@ -384,3 +384,57 @@ def test_an_mmseg_upernet_file_is_read_whole_with_its_class_names(tmp_path, caps
 
     assert main(["export", str(tmp_path / "x.onnx"), "--checkpoint", str(tmp_path / "upernet.pth")]) == 2
     assert "is an official mmseg segmentation file, not a classifier" in capsys.readouterr().err
+
+
+def _mmdet_encode(truths, boxes, stds):
+    """mmdet's DeltaXYWHBBoxCoder.encode (means 0): centre offsets over the box's size, log size ratios."""
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    gw, gh = truths[:, 2] - truths[:, 0], truths[:, 3] - truths[:, 1]
+    dx = ((truths[:, 0] + truths[:, 2]) - (boxes[:, 0] + boxes[:, 2])) / 2 / width
+    dy = ((truths[:, 1] + truths[:, 3]) - (boxes[:, 1] + boxes[:, 3])) / 2 / height
+    deltas = torch.stack([dx, dy, torch.log(gw / width), torch.log(gh / height)], dim=1)
+    return deltas / torch.tensor(stds, dtype=deltas.dtype)
+
+
+def test_mask_rcnn_trains_with_the_l1_box_losses_and_proposal_count_of_swins_config():
+    torch.manual_seed(0)
+    model = create_detector("swin_test", 3, detector_options=dict(TINY, score_threshold=0.0)).double().train()
+    assert model.rpn._post_nms_top_n["training"] == 1000  # Swin's Mask R-CNN config; torchvision keeps 2000
+    sampled, predicted = [], []
+    model.roi_heads.box_roi_pool.register_forward_hook(lambda m, args, out: sampled.append(args[1][0]))
+    model.roi_heads.box_predictor.register_forward_hook(lambda m, args, out: predicted.append(out))
+    truths = torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]], dtype=torch.float64)
+    classes = torch.tensor([1, 3])
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 4:30, 4:30] = masks[1, 20:50, 30:60] = 1
+    losses = model([torch.rand(3, 64, 64, dtype=torch.float64)], [{"boxes": truths, "labels": classes, "masks": masks}])
+    # The box head's losses written out: each sampled region labelled by the truth it overlaps at
+    # IoU >= 0.5 (else background); cross-entropy over all; L1 of the positives' deltas for their
+    # class against mmdet's encoding of their truth (stds 0.1, 0.1, 0.2, 0.2), over the sampled count.
+    logits, deltas = (t.detach() for t in predicted[0])
+    overlap, match = box_iou(sampled[0], truths).max(dim=1)
+    labels = torch.where(overlap >= 0.5, classes[match], 0)
+    positive = labels > 0
+    wanted = _mmdet_encode(truths[match[positive]], sampled[0][positive], (0.1, 0.1, 0.2, 0.2))
+    chosen = deltas.view(len(deltas), -1, 4)[positive, labels[positive]]
+    expected = (chosen - wanted).abs().sum() / len(labels)
+    assert positive.any() and losses["loss_box_reg"].item() == pytest.approx(expected.item(), rel=1e-9)
+    assert losses["loss_classifier"].item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-9)
+    assert {"loss_objectness", "loss_rpn_box_reg", "loss_mask"} <= set(losses)
+
+    # The RPN's: L1 of the positive anchors' deltas over the sampled anchors (all of them here: fewer
+    # than the 256 a batch samples), binary cross-entropy over the sampled.
+    rpn = model.rpn
+    objectness = torch.randn(40, dtype=torch.float64)
+    anchor_deltas, targets = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+    anchor_labels = torch.tensor([1.0] * 6 + [0.0] * 24 + [-1.0] * 10, dtype=torch.float64)
+    objectness_loss, box_loss = rpn.compute_loss(objectness, anchor_deltas, [anchor_labels], [targets])
+    assert box_loss.item() == pytest.approx(((anchor_deltas - targets)[:6].abs().sum() / 30).item(), rel=1e-12)
+    bce = F.binary_cross_entropy_with_logits(objectness[:30], anchor_labels[:30])
+    assert objectness_loss.item() == pytest.approx(bce.item(), rel=1e-12)
+    theirs = create_detector("swin_test", 3, detector_options=dict(TINY, losses="torchvision")).rpn
+    assert theirs._post_nms_top_n["training"] == 2000
+    smooth = theirs.compute_loss(objectness, anchor_deltas, [anchor_labels], [targets])[1]
+    assert smooth.item() != pytest.approx(box_loss.item())  # torchvision's smooth L1 (beta 1/9) differs
+    cascade = create_detector("swin_test", 3, detector_options=dict(TINY, cascade=True))
+    assert cascade.rpn._post_nms_top_n["training"] == 2000  # Swin's cascade config keeps 2000

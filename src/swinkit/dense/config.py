@@ -24,7 +24,7 @@ from ..train.config import (
     explicit_options,
     resolve_options,
 )
-from .mmdet import GEOMETRIES
+from .mmdet import GEOMETRIES, LOSSES
 
 
 @dataclass
@@ -135,6 +135,7 @@ class DetectionConfig(DenseConfig):
     masks: bool = True  # Mask R-CNN; --no-masks gives Faster R-CNN
     cascade: bool = False  # Cascade (Mask) R-CNN: three box stages, IoU 0.5 / 0.6 / 0.7 (Swin's mmdet configs)
     geometry: str = "mmdet"  # anchors and RoIAlign: mmdet's (Swin's official detectors) or torchvision's
+    losses: str = "mmdet"  # box losses and training proposals: Swin's configs' (mmdet) or torchvision's
     min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # multi-scale training; testing uses the last
     max_size: int = 1333
     hflip: float = 0.5
@@ -156,6 +157,7 @@ class DetectionConfig(DenseConfig):
         "crop_policy": PROBABILITY,
         "score_threshold": PROBABILITY,
         "geometry": Limit(lambda value: value in GEOMETRIES, " or ".join(GEOMETRIES)),
+        "losses": Limit(lambda value: value in LOSSES, " or ".join(LOSSES)),
     }
 
 

@@ -30,7 +30,15 @@ from .cascade import (
     BoxPredictor,
     CascadeRoIHeads,
 )
-from .mmdet import GEOMETRIES, AlignedRoIPool, UnroundedAnchorGenerator
+from .mmdet import (
+    GEOMETRIES,
+    LOSSES,
+    MASK_RCNN_TRAIN_PROPOSALS,
+    AlignedRoIPool,
+    UnroundedAnchorGenerator,
+    l1_region_proposals,
+    l1_roi_heads,
+)
 
 # The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
 MIN_SIZES = tuple(range(480, 801, 32))
@@ -67,6 +75,7 @@ def build_detector(
     cascade: bool = False,
     geometry: str = "mmdet",
     agnostic_boxes: bool = False,
+    losses: str = "mmdet",
 ) -> FasterRCNN:
     """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
 
@@ -79,10 +88,15 @@ def build_detector(
     ``geometry``: ``"mmdet"`` (Swin's official detectors: anchors not rounded, RoIAlign with
     ``aligned=True`` and adaptive sampling, :mod:`swinkit.dense.mmdet`) or ``"torchvision"``
     (torchvision's rounded anchors and ``MultiScaleRoIAlign``; files written before swinkit had
-    the choice).
+    the choice). ``losses`` (training only): ``"mmdet"``, as Swin's configs train each detector
+    (Mask / Faster R-CNN: L1 box losses in the RPN and the box head, 1000 proposals a training
+    image; the cascade: torchvision's RPN loss and 2000 proposals, its own GIoU box losses), or
+    ``"torchvision"`` (smooth L1, beta 1/9, and 2000 proposals).
     """
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    if losses not in LOSSES:
+        raise ValueError(f"losses must be one of {', '.join(LOSSES)}, got {losses!r}")
     fpn = SwinFPN(backbone, fpn_channels)
     levels = len(backbone.out_channels) + 1  # the FPN adds a max-pooled level
     if len(anchor_sizes) != levels:
@@ -110,6 +124,9 @@ def build_detector(
     detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
     if geometry == "mmdet":  # (torchvision's constructors only take its own pooling class)
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
+    if losses == "mmdet" and not cascade:
+        detector.rpn = l1_region_proposals(detector.rpn, MASK_RCNN_TRAIN_PROPOSALS)
+        detector.roi_heads = l1_roi_heads(detector.roi_heads)
     if cascade:
         detector.roi_heads = _cascade_heads(
             detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim, agnostic_boxes

@@ -1,12 +1,13 @@
-"""Swin's official detectors (the mmdet 2.x configs of Swin-Transformer-Object-Detection): geometry and files.
-
-Two parts:
+"""Swin's official detectors (the mmdet 2.x configs of Swin-Transformer-Object-Detection): geometry,
+losses and files.
 
 * The test-time geometry where mmdet and torchvision differ (``geometry="mmdet"`` in
   :func:`~swinkit.dense.build_detector`): mmdet's anchors are not rounded to whole pixels, and its
   RoI extractor pools with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` from level
   ``floor(log2(sqrt(area) / 56))``. torchvision rounds its cell anchors and pools with
   ``aligned=False`` and two samples per bin side.
+* The training losses of Swin's Mask R-CNN config (``losses="mmdet"``): L1 box losses in the RPN
+  and the box head (torchvision: smooth L1, beta 1/9), and 1000 proposals a training image.
 * The official Mask R-CNN and Cascade Mask R-CNN checkpoints (``backbone.``, ``neck.``,
   ``rpn_head.``, ``roi_head.``) to and from swinkit's detection files. mmdet puts the background
   class last and has no box or mask row for it; torchvision puts it first, with a box and a mask
@@ -21,13 +22,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import roi_align
 
 from ..checkpoint.io import CheckpointError, StateDict
 
 GEOMETRIES = ("mmdet", "torchvision")
+LOSSES = ("mmdet", "torchvision")
+MASK_RCNN_TRAIN_PROPOSALS = 1000  # Swin's Mask R-CNN config (its cascade keeps torchvision's 2000)
 FINEST_SCALE = 56  # mmdet's SingleRoIExtractor: a box of sqrt(area) below 112 pools from the finest level
 
 # The 80 COCO classes in mmdet's order (category ids ascending) and their category ids.
@@ -99,6 +105,57 @@ class AlignedRoIPool(nn.Module):
                 pooled.dtype
             )
         return pooled
+
+
+class L1RegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with the box loss of Swin's Mask R-CNN config: L1 on the positive anchors'
+    deltas (mmdet's ``L1Loss``) instead of smooth L1 (beta 1/9), over the sampled anchors as before."""
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        positive, negative = (torch.cat(masks).bool() for masks in self.fg_bg_sampler(labels))
+        sampled = positive | negative
+        targets = torch.cat(regression_targets)
+        box = F.l1_loss(pred_bbox_deltas[positive], targets[positive], reduction="sum") / sampled.sum().clamp_min(1)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled])
+        return objectness_loss, box
+
+
+class L1RoIHeads(RoIHeads):
+    """torchvision's box and mask heads trained with the box loss of Swin's Mask R-CNN config: L1 on the
+    positive regions' deltas for their truth's class, over the sampled regions (mmdet's ``L1Loss``
+    with ``avg_factor`` the sampled count) where torchvision's ``RoIHeads`` take smooth L1 (beta
+    1/9). Sampling, the other losses and inference are torchvision's."""
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None:
+            raise ValueError("the detector's heads in training mode need targets")
+        from .cascade import _box_forward, _mask_loss, _sample
+
+        gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
+        sampled, matched, labels, _ = _sample(self, proposals, gt_boxes, [t["labels"] for t in targets])
+        logits, deltas = _box_forward(self, features, sampled, image_shapes)
+        truths = [gt[m] if len(gt) else gt.new_zeros(len(m), 4) for gt, m in zip(gt_boxes, matched, strict=True)]
+        wanted = torch.cat(self.box_coder.encode(truths, sampled))
+        classes = torch.cat(labels)
+        positive = torch.where(classes > 0)[0]
+        chosen = deltas.view(len(deltas), -1, 4)[positive, classes[positive]]
+        losses = {
+            "loss_classifier": F.cross_entropy(logits, classes),
+            "loss_box_reg": F.l1_loss(chosen, wanted[positive], reduction="sum") / max(len(classes), 1),
+        }
+        if self.has_mask():
+            losses["loss_mask"] = _mask_loss(self, features, sampled, matched, labels, image_shapes, targets)
+        return [], losses
 
 
 # Key templates, mmdet's name -> swinkit's file name ({a}, {b}: indices). Mask R-CNN's box head is
@@ -238,6 +295,7 @@ def mmdet_head_options(state_dict: StateDict, source: str = "the file") -> dict[
         "masks": masks,
         "cascade": cascade,
         "agnostic_boxes": cascade and state_dict[box + "fc_reg.weight"].shape[0] == 4,
+        "losses": "mmdet",
         "geometry": "mmdet",
         "fpn_channels": state_dict["neck.lateral_convs.0.conv.weight"].shape[0],
         "box_head_dim": state_dict[box + "shared_fcs.0.weight"].shape[0],
@@ -261,3 +319,39 @@ def mmdet_classes(state_dict: StateDict, names: list[str] | None) -> tuple[list[
         names = list(COCO_CLASSES) if count == len(COCO_CLASSES) else [f"class{i}" for i in range(count)]
     ids = list(COCO_CATEGORY_IDS) if names == list(COCO_CLASSES) else list(range(1, count + 1))
     return names, ids
+
+
+def l1_region_proposals(rpn: RegionProposalNetwork, train_proposals: int) -> L1RegionProposalNetwork:
+    """``rpn``'s parts and settings with Swin's Mask R-CNN loss and ``train_proposals`` kept after NMS in training."""
+    return L1RegionProposalNetwork(
+        rpn.anchor_generator,
+        rpn.head,
+        rpn.proposal_matcher.high_threshold,
+        rpn.proposal_matcher.low_threshold,
+        rpn.fg_bg_sampler.batch_size_per_image,
+        rpn.fg_bg_sampler.positive_fraction,
+        dict(rpn._pre_nms_top_n),
+        {**rpn._post_nms_top_n, "training": train_proposals},
+        rpn.nms_thresh,
+        rpn.score_thresh,
+    )
+
+
+def l1_roi_heads(heads: RoIHeads) -> L1RoIHeads:
+    """``heads``' parts and settings with Swin's Mask R-CNN box loss."""
+    return L1RoIHeads(
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
+        heads.proposal_matcher.high_threshold,
+        heads.proposal_matcher.low_threshold,
+        heads.fg_bg_sampler.batch_size_per_image,
+        heads.fg_bg_sampler.positive_fraction,
+        heads.box_coder.weights,
+        heads.score_thresh,
+        heads.nms_thresh,
+        heads.detections_per_img,
+        heads.mask_roi_pool,
+        heads.mask_head,
+        heads.mask_predictor,
+    )

@@ -362,6 +362,7 @@ class DetectionTrainer(DenseTrainer):
             "masks": c.masks,
             "cascade": c.cascade,
             "geometry": c.geometry,
+            "losses": c.losses,
             "agnostic_boxes": False,  # a box per class, as Swin's cascade configs
             "min_size": c.min_sizes,
             "max_size": c.max_size,

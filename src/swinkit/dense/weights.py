@@ -81,8 +81,8 @@ def build_dense_model(spec: DenseSpec) -> nn.Module:
     if spec.task == "detect":
         from .detection import build_detector
 
-        # Files from before these were choices: torchvision's geometry, a cascade's class-agnostic boxes.
-        legacy = {"geometry": "torchvision", "agnostic_boxes": True}
+        # Files from before these were choices: torchvision's geometry and losses, a cascade's class-agnostic boxes.
+        legacy = {"geometry": "torchvision", "agnostic_boxes": True, "losses": "torchvision"}
         return build_detector(backbone, len(spec.classes), **{**legacy, **spec.head})
     raise ValueError(f"unknown dense task {spec.task!r}; accepted: {', '.join(FILE_PREFIXES)}")
 
