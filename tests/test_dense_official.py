@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
@@ -438,3 +439,22 @@ def test_mask_rcnn_trains_with_the_l1_box_losses_and_proposal_count_of_swins_con
     assert smooth.item() != pytest.approx(box_loss.item())  # torchvision's smooth L1 (beta 1/9) differs
     cascade = create_detector("swin_test", 3, detector_options=dict(TINY, cascade=True))
     assert cascade.rpn._post_nms_top_n["training"] == 2000  # Swin's cascade config keeps 2000
+
+
+def test_the_rpn_matches_an_objects_best_anchors_only_when_they_reach_iou_0_3_as_mmdet():
+    # Two truths, five anchors. Truth 0's best anchor (1) overlaps it at 0.25, truth 1's (3) at 0.5:
+    # both below the positive threshold 0.7. mmdet's assigner (min_pos_iou=0.3) makes anchor 3
+    # positive for truth 1 and leaves anchor 1 negative; torchvision makes both positive.
+    overlaps = torch.tensor([[0.1, 0.25, 0.0, 0.0, 0.05], [0.0, 0.0, 0.2, 0.5, 0.8]])
+    ours = create_detector("swin_test", 3, detector_options=dict(TINY)).rpn.proposal_matcher
+    theirs = create_detector("swin_test", 3, detector_options=dict(TINY, losses="torchvision")).rpn.proposal_matcher
+    cascade = create_detector("swin_test", 3, detector_options=dict(TINY, cascade=True)).rpn.proposal_matcher
+    below, between = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
+    # anchor 0: 0.1 < 0.3, negative; 2: 0.2, negative; 3: 0.5, between (ignored) unless a low-quality match; 4: 0.8
+    assert ours(overlaps).tolist() == [below, below, below, between, 1]
+    assert cascade(overlaps).tolist() == [below, below, below, between, 1]
+    # torchvision: anchor 1 is truth 0's best, 3 is not truth 1's best (4 is, at 0.8): only anchor 1 changes.
+    assert theirs(overlaps).tolist() == [below, 0, below, between, 1]
+    overlaps[1, 4] = 0.45  # now anchor 3 (0.5) is truth 1's best: a low-quality match above 0.3, for both
+    assert ours(overlaps).tolist() == [below, below, below, 1, between]
+    assert theirs(overlaps).tolist() == [below, 0, below, 1, between]

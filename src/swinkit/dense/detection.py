@@ -34,7 +34,9 @@ from .mmdet import (
     GEOMETRIES,
     LOSSES,
     MASK_RCNN_TRAIN_PROPOSALS,
+    RPN_MIN_POSITIVE_IOU,
     AlignedRoIPool,
+    MinimumIoUMatcher,
     UnroundedAnchorGenerator,
     l1_region_proposals,
     l1_roi_heads,
@@ -90,8 +92,9 @@ def build_detector(
     (torchvision's rounded anchors and ``MultiScaleRoIAlign``; files written before swinkit had
     the choice). ``losses`` (training only): ``"mmdet"``, as Swin's configs train each detector
     (Mask / Faster R-CNN: L1 box losses in the RPN and the box head, 1000 proposals a training
-    image; the cascade: torchvision's RPN loss and 2000 proposals, its own GIoU box losses), or
-    ``"torchvision"`` (smooth L1, beta 1/9, and 2000 proposals).
+    image; the cascade: torchvision's RPN loss and 2000 proposals, its own GIoU box losses; both:
+    the RPN's low-quality matches only at IoU 0.3 or more), or ``"torchvision"`` (smooth L1, beta
+    1/9, 2000 proposals, every object's best anchors matched).
     """
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
@@ -127,6 +130,11 @@ def build_detector(
     if losses == "mmdet" and not cascade:
         detector.rpn = l1_region_proposals(detector.rpn, MASK_RCNN_TRAIN_PROPOSALS)
         detector.roi_heads = l1_roi_heads(detector.roi_heads)
+    if losses == "mmdet":
+        matcher = detector.rpn.proposal_matcher
+        detector.rpn.proposal_matcher = MinimumIoUMatcher(
+            matcher.high_threshold, matcher.low_threshold, RPN_MIN_POSITIVE_IOU
+        )
     if cascade:
         detector.roi_heads = _cascade_heads(
             detector.roi_heads, num_classes, fpn_channels, box_head_dim, mask_head_dim, agnostic_boxes

@@ -6,8 +6,9 @@ losses and files.
   RoI extractor pools with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` from level
   ``floor(log2(sqrt(area) / 56))``. torchvision rounds its cell anchors and pools with
   ``aligned=False`` and two samples per bin side.
-* The training losses of Swin's Mask R-CNN config (``losses="mmdet"``): L1 box losses in the RPN
-  and the box head (torchvision: smooth L1, beta 1/9), and 1000 proposals a training image.
+* The training rules of Swin's configs (``losses="mmdet"``): Mask R-CNN's L1 box losses in the RPN
+  and the box head (torchvision: smooth L1, beta 1/9) and 1000 proposals a training image; the
+  RPN's low-quality matches only for objects some anchor overlaps at IoU 0.3 (``min_pos_iou``).
 * The official Mask R-CNN and Cascade Mask R-CNN checkpoints (``backbone.``, ``neck.``,
   ``rpn_head.``, ``roi_head.``) to and from swinkit's detection files. mmdet puts the background
   class last and has no box or mask row for it; torchvision puts it first, with a box and a mask
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -34,6 +36,7 @@ from ..checkpoint.io import CheckpointError, StateDict
 GEOMETRIES = ("mmdet", "torchvision")
 LOSSES = ("mmdet", "torchvision")
 MASK_RCNN_TRAIN_PROPOSALS = 1000  # Swin's Mask R-CNN config (its cascade keeps torchvision's 2000)
+RPN_MIN_POSITIVE_IOU = 0.3  # both configs' RPN assigner: a low-quality match needs this overlap
 FINEST_SCALE = 56  # mmdet's SingleRoIExtractor: a box of sqrt(area) below 112 pools from the finest level
 
 # The 80 COCO classes in mmdet's order (category ids ascending) and their category ids.
@@ -105,6 +108,20 @@ class AlignedRoIPool(nn.Module):
                 pooled.dtype
             )
         return pooled
+
+
+class MinimumIoUMatcher(Matcher):
+    """torchvision's ``Matcher`` with low-quality matches, made only for a truth whose best overlap
+    reaches ``min_iou`` (mmdet's ``MaxIoUAssigner(min_pos_iou=...)``): torchvision gives every truth
+    its best anchors however little they overlap it."""
+
+    def __init__(self, high_threshold: float, low_threshold: float, min_iou: float) -> None:
+        super().__init__(high_threshold, low_threshold, allow_low_quality_matches=True)
+        self.min_iou = min_iou
+
+    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
+        reaching = match_quality_matrix.max(dim=1).values >= self.min_iou
+        super().set_low_quality_matches_(matches, all_matches, match_quality_matrix[reaching])
 
 
 class L1RegionProposalNetwork(RegionProposalNetwork):
