@@ -26,7 +26,14 @@ from swinkit.cli import main
 from swinkit.dense import create_detector, load_dense
 from swinkit.dense.mmdet import COCO_CATEGORY_IDS, COCO_CLASSES, AlignedRoIPool, mmdet_classes
 from swinkit.dense.shapes import SHAPES, write_shapes_dataset
-from swinkit.dense.weights import DenseSpec, build_dense_model, mmseg_spec, save_dense, save_mmdet
+from swinkit.dense.weights import (
+    DenseSpec,
+    build_dense_model,
+    load_dense_heads,
+    mmseg_spec,
+    save_dense,
+    save_mmdet,
+)
 
 TINY = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8, roi_batch_size=64)
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -458,3 +465,32 @@ def test_the_rpn_matches_an_objects_best_anchors_only_when_they_reach_iou_0_3_as
     overlaps[1, 4] = 0.45  # now anchor 3 (0.5) is truth 1's best: a low-quality match above 0.3, for both
     assert ours(overlaps).tolist() == [below, below, below, 1, between]
     assert theirs(overlaps).tolist() == [below, 0, below, 1, between]
+
+
+def test_a_dense_file_of_the_same_task_initialises_the_heads_for_fine_tuning(shapes, tmp_path, caplog):
+    written = _detector(True, False, classes=5)  # a 5-class detector stands for a COCO one
+    save_mmdet(written, _spec(written, True, False, [f"thing{i}" for i in range(5)]), tmp_path / "coco.pth")
+    torch.manual_seed(3)
+    model = create_detector("swin_test", 3, detector_options=dict(TINY))
+    report = load_dense_heads(model, tmp_path / "coco.pth", "detect")
+    # mmdet's load_from: every head tensor that fits, the class-dependent layers left to train afresh.
+    layers = ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits")
+    class_dependent = {f"roi_heads.{name}.{part}" for part in ("weight", "bias") for name in layers}
+    heads = {k for k in written.state_dict() if not k.startswith("backbone.body.")}
+    assert set(report["skipped"]) == class_dependent and set(report["taken"]) == heads - class_dependent
+    own, theirs = model.state_dict(), written.state_dict()
+    assert all(torch.equal(own[key], theirs[key]) for key in report["taken"])
+    scores = "roi_heads.box_predictor.cls_score.weight"
+    assert own[scores].shape == (4, 32) and not torch.equal(own[scores], theirs[scores][:4])  # left as initialised
+    segmentor = build_dense_model(DenseSpec("segment", model.backbone.body.config, ["a"], head={"channels": 8}))
+    assert load_dense_heads(segmentor, tmp_path / "coco.pth", "segment") == {"taken": [], "skipped": []}
+
+    # detect train --checkpoint: the backbone and the heads that fit, said in the log.
+    data = ["--data", str(shapes / "instances_validation.json"), "--images", str(shapes / "images" / "validation")]
+    validation = ["--val-data", data[1], "--val-images", data[3]]
+    fast = ["--model", "swin_test", "--min-sizes", "64", "--max-size", "96", "--fpn-channels", "16", "--box-head-dim",
+            "32", "--mask-head-dim", "8", "--roi-batch-size", "64", "--workers", "0", "--no-progress"]  # fmt: skip
+    caplog.set_level("INFO")
+    args = ["detect", "train", *data, *validation, *fast, "--checkpoint", str(tmp_path / "coco.pth")]
+    assert main([*args, "--epochs", "1", "--batch-size", "3", "--output", str(tmp_path / "tuned")]) == 0
+    assert f"heads from {tmp_path / 'coco.pth'}: {len(report['taken'])} tensors taken" in caplog.text

@@ -35,7 +35,8 @@ class DenseConfig:
     val_data: str | None = None
     strict_data: bool = False  # stop at the first bad image instead of skipping it
     workers: int = 2
-    # Backbone: a preset; ``checkpoint`` initialises it from any file swinkit reads (ImageNet or dense).
+    # Backbone: a preset; ``checkpoint`` initialises it from any file swinkit reads (ImageNet or dense);
+    # a dense file of the same task (swinkit, mmdet, mmseg) also gives the heads every tensor that fits.
     model: str = "swin_t"
     checkpoint: str | None = None
     window_size: int | None = None

@@ -43,7 +43,7 @@ from .segmentation_data import (
     find_split,
     read_class_names,
 )
-from .weights import DenseSpec, save_dense
+from .weights import DenseSpec, load_dense_heads, save_dense
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,18 @@ class DenseTrainer(TrainingLoop):
         if report is not None:
             logger.info("%s", report)
         return backbone
+
+    def with_file_heads(self, model: nn.Module, task: str) -> nn.Module:
+        """A dense ``--checkpoint`` of this task also initialises the heads (mmdet's ``load_from``)."""
+        if self.config.checkpoint is None:
+            return model
+        report = load_dense_heads(model, self.config.checkpoint, task)
+        if report["taken"] or report["skipped"]:
+            logger.info(
+                "heads from %s: %d tensors taken; not taken (another shape: the classes differ): %s",
+                self.config.checkpoint, len(report["taken"]), report["skipped"] or "none",
+            )  # fmt: skip
+        return model
 
     def _loader(self, dataset: Dataset, **options: Any) -> DataLoader:
         return DataLoader(
@@ -292,7 +304,8 @@ class SegmentationTrainer(DenseTrainer):
         return {"channels": c.channels, "aux_channels": c.aux_channels, "aux": c.aux_weight > 0}
 
     def build_model(self) -> nn.Module:
-        return build_segmentor(self.create_backbone(), len(self.classes), **self.head_options())
+        model = build_segmentor(self.create_backbone(), len(self.classes), **self.head_options())
+        return self.with_file_heads(model, "segment")
 
     def describe(self) -> DenseSpec:
         c = self.config
@@ -376,7 +389,8 @@ class DetectionTrainer(DenseTrainer):
         }
 
     def build_model(self) -> nn.Module:
-        return build_detector(self.create_backbone(), len(self.classes), **self.head_options())
+        model = build_detector(self.create_backbone(), len(self.classes), **self.head_options())
+        return self.with_file_heads(model, "detect")
 
     def describe(self) -> DenseSpec:
         c = self.config

@@ -217,6 +217,34 @@ def _fit(model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLik
     model.load_state_dict(state_dict)
 
 
+def load_dense_heads(model: nn.Module, path: str | os.PathLike, task: str) -> dict[str, list[str]]:
+    """mmdet's ``load_from`` for fine-tuning: the heads (and a detector's FPN) of a dense file of
+    ``task`` (swinkit's, or an official mmdet / mmseg one) loaded into ``model``, each tensor whose
+    name and shape fit; the class-dependent layers of a file with another class count stay as
+    they are. The backbone is not touched (``create_backbone`` reads it from the same file).
+
+    Returns ``{"taken": [...], "skipped": [...]}`` (the file's head keys in the model's names); a
+    file of another task, or no dense file at all, gives nothing taken.
+    """
+    state_dict, metadata = read_checkpoint(path)
+    if "swinkit_dense" in metadata:
+        found = DenseSpec.from_json(metadata["swinkit_dense"], str(path)).task
+    elif is_mmdet_detector(state_dict):
+        found, state_dict = "detect", from_mmdet(state_dict, str(path))
+    elif is_mmseg_segmentor(state_dict):
+        found = "segment"
+    else:
+        return {"taken": [], "skipped": []}
+    if found != task:
+        return {"taken": [], "skipped": []}
+    own = model.state_dict()
+    backbone = FILE_PREFIXES[task][0][0]  # the backbone's prefix in the model
+    heads = {k: v for k, v in from_file_keys(state_dict, task).items() if not k.startswith(backbone)}
+    taken = {k: v for k, v in heads.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(taken, strict=False)
+    return {"taken": sorted(taken), "skipped": sorted(set(heads) - set(taken))}
+
+
 def load_dense(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
     """Rebuild the model a dense file describes, load its weights; returns it in eval mode and its spec.
 
