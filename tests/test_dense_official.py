@@ -1,5 +1,6 @@
-"""Official dense files: mmdet detectors in and out, mmdet's test-time geometry (anchors, RoIAlign),
-mmseg UPerNet files in.
+"""Official dense files and Swin's mmdet configs: mmdet detectors in and out, mmdet's test-time
+geometry (anchors, RoIAlign) and training rules (L1 box losses, RPN matching), mmseg UPerNet files
+in, fine-tuning from either.
 
 mmdet is not installed here, so its computations are written out in the tests from its module
 definitions (Shared2FCBBoxHead, ConvFCBBoxHead, FCNMaskHead, RPNHead, FPN, AnchorGenerator,
