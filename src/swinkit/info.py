@@ -66,17 +66,10 @@ def _describe_swin(
 
 def _dense_model(checkpoint: str) -> tuple[nn.Module, Any] | None:
     """The whole model and spec of a dense model file, or None for any other checkpoint."""
-    from .checkpoint.io import read_checkpoint
-    from .dense.mmdet import is_mmdet_detector
-    from .dense.weights import is_mmseg_segmentor, load_dense
+    from .dense.weights import read_dense_file, rebuild_dense
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        return None
-    state_dict, metadata = read_checkpoint(path)
-    if "swinkit_dense" in metadata or is_mmdet_detector(state_dict) or is_mmseg_segmentor(state_dict):
-        return load_dense(path)
-    return None
+    found = None if Path(checkpoint).is_dir() else read_dense_file(checkpoint)
+    return None if found is None else (rebuild_dense(*found, checkpoint), found[0])
 
 
 def _describe_dense(checkpoint: str, model: nn.Module, spec: Any, img_size: tuple[int, int] | None) -> dict[str, Any]:

@@ -113,9 +113,7 @@ class CascadeRoIHeads(nn.Module):
             # A positive region's box is its truth's class's; a background region's, the class it scores highest.
             classes = torch.where(classes > 0, classes, _best_object_class(logits.detach()))
             boxes = stage.box_coder.decode(_class_deltas(deltas, classes), sampled).reshape(-1, 4)
-            truths = torch.cat(
-                [gt[m] if len(gt) else gt.new_zeros(len(m), 4) for gt, m in zip(gt_boxes, matched, strict=True)]
-            )
+            truths = torch.cat(_matched_truths(gt_boxes, matched))
             classification, box = _box_losses(logits, boxes, torch.cat(labels), truths)
             losses[f"loss_classifier_{index}"] = weight * classification
             losses[f"loss_box_reg_{index}"] = weight * box
@@ -172,6 +170,11 @@ def _sample(
     is_gt = [c >= len(r) for c, r in zip(chosen, rois, strict=True)]
     matched = [m[c] for m, c in zip(matched, chosen, strict=True)]
     return sampled, matched, [lab[c] for lab, c in zip(labels, chosen, strict=True)], is_gt
+
+
+def _matched_truths(gt_boxes: list[Tensor], matched: list[Tensor]) -> list[Tensor]:
+    """Each sampled region's matched truth box, per image (zeros for an image without truths)."""
+    return [gt[m] if len(gt) else gt.new_zeros(len(m), 4) for gt, m in zip(gt_boxes, matched, strict=True)]
 
 
 def _best_object_class(logits: Tensor) -> Tensor:

@@ -156,16 +156,15 @@ class L1RoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         if targets is None:
             raise ValueError("the detector's heads in training mode need targets")
-        from .cascade import _box_forward, _mask_loss, _sample
+        from .cascade import _box_forward, _class_deltas, _mask_loss, _matched_truths, _sample
 
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         sampled, matched, labels, _ = _sample(self, proposals, gt_boxes, [t["labels"] for t in targets])
         logits, deltas = _box_forward(self, features, sampled, image_shapes)
-        truths = [gt[m] if len(gt) else gt.new_zeros(len(m), 4) for gt, m in zip(gt_boxes, matched, strict=True)]
-        wanted = torch.cat(self.box_coder.encode(truths, sampled))
+        wanted = torch.cat(self.box_coder.encode(_matched_truths(gt_boxes, matched), sampled))
         classes = torch.cat(labels)
         positive = torch.where(classes > 0)[0]
-        chosen = deltas.view(len(deltas), -1, 4)[positive, classes[positive]]
+        chosen = _class_deltas(deltas[positive], classes[positive])
         losses = {
             "loss_classifier": F.cross_entropy(logits, classes),
             "loss_box_reg": F.l1_loss(chosen, wanted[positive], reduction="sum") / max(len(classes), 1),

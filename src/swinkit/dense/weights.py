@@ -217,6 +217,20 @@ def _fit(model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLik
     model.load_state_dict(state_dict)
 
 
+def read_dense_file(path: str | os.PathLike) -> tuple[DenseSpec, dict[str, Tensor]] | None:
+    """The spec and weights (in swinkit's file keys) of a dense file: swinkit's, an official mmdet
+    Mask R-CNN / Cascade Mask R-CNN (:func:`mmdet_spec`) or mmseg UPerNet (:func:`mmseg_spec`);
+    None for any other checkpoint."""
+    state_dict, metadata = read_checkpoint(path)
+    if "swinkit_dense" in metadata:
+        return DenseSpec.from_json(metadata["swinkit_dense"], str(path)), state_dict
+    if is_mmdet_detector(state_dict):
+        return mmdet_spec(state_dict, metadata, str(path)), from_mmdet(state_dict, str(path))
+    if is_mmseg_segmentor(state_dict):
+        return mmseg_spec(state_dict, metadata, str(path)), state_dict
+    return None
+
+
 def load_dense_heads(model: nn.Module, path: str | os.PathLike, task: str) -> dict[str, list[str]]:
     """mmdet's ``load_from`` for fine-tuning: the heads (and a detector's FPN) of a dense file of
     ``task`` (swinkit's, or an official mmdet / mmseg one) loaded into ``model``, each tensor whose
@@ -226,45 +240,34 @@ def load_dense_heads(model: nn.Module, path: str | os.PathLike, task: str) -> di
     Returns ``{"taken": [...], "skipped": [...]}`` (the file's head keys in the model's names); a
     file of another task, or no dense file at all, gives nothing taken.
     """
-    state_dict, metadata = read_checkpoint(path)
-    if "swinkit_dense" in metadata:
-        found = DenseSpec.from_json(metadata["swinkit_dense"], str(path)).task
-    elif is_mmdet_detector(state_dict):
-        found, state_dict = "detect", from_mmdet(state_dict, str(path))
-    elif is_mmseg_segmentor(state_dict):
-        found = "segment"
-    else:
-        return {"taken": [], "skipped": []}
-    if found != task:
+    found = read_dense_file(path)
+    if found is None or found[0].task != task:
         return {"taken": [], "skipped": []}
     own = model.state_dict()
     backbone = FILE_PREFIXES[task][0][0]  # the backbone's prefix in the model
-    heads = {k: v for k, v in from_file_keys(state_dict, task).items() if not k.startswith(backbone)}
+    heads = {k: v for k, v in from_file_keys(found[1], task).items() if not k.startswith(backbone)}
     taken = {k: v for k, v in heads.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(taken, strict=False)
     return {"taken": sorted(taken), "skipped": sorted(set(heads) - set(taken))}
 
 
 def load_dense(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
-    """Rebuild the model a dense file describes, load its weights; returns it in eval mode and its spec.
-
-    The file is a swinkit dense file, an official mmdet Mask R-CNN / Cascade Mask R-CNN checkpoint
-    (:func:`mmdet_spec`) or an official mmseg UPerNet one (:func:`mmseg_spec`).
-    """
-    state_dict, metadata = read_checkpoint(path)
-    if "swinkit_dense" in metadata:
-        spec = DenseSpec.from_json(metadata["swinkit_dense"], str(path))
-    elif is_mmdet_detector(state_dict):
-        spec = mmdet_spec(state_dict, metadata, str(path))
-        state_dict = from_mmdet(state_dict, str(path))
-    elif is_mmseg_segmentor(state_dict):
-        spec = mmseg_spec(state_dict, metadata, str(path))
-    else:
+    """Rebuild the model a dense file describes (:func:`read_dense_file`), load its weights;
+    returns it in eval mode and its spec."""
+    found = read_dense_file(path)
+    if found is None:
         raise CheckpointError(
             f"{path} is not a dense model file: neither a swinkit one (no 'swinkit_dense' metadata; "
             "'swinkit segment train' / 'swinkit detect train' write them) nor an official mmdet detector "
             "or mmseg UPerNet"
         )
+    return rebuild_dense(*found, path, device), found[0]
+
+
+def rebuild_dense(
+    spec: DenseSpec, state_dict: dict[str, Tensor], source: str | os.PathLike, device: str = "cpu"
+) -> nn.Module:
+    """The model ``spec`` describes with ``state_dict`` (file keys) loaded strictly, in eval mode."""
     model = build_dense_model(spec)
-    _fit(model, state_dict, path, spec.task)
-    return model.to(device).eval(), spec
+    _fit(model, state_dict, source, spec.task)
+    return model.to(device).eval()
