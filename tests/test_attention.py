@@ -311,10 +311,15 @@ def test_window_gathers_have_exact_first_and_second_gradients(size):
         return fast.ToWindows.apply(x, index, inverse, pad).square()  # squared: a second derivative to check
 
     def to_map(tokens):
-        return fast.ToMap.apply(tokens, index, inverse, pad).square()
+        return fast.ToMap.apply(tokens, index, inverse, pad, None).square()
+
+    def to_map_shaped(tokens):  # the block's own call: the (B, H, W, C) map, a tensor of its own
+        return fast.ToMap.apply(tokens, index, inverse, pad, (2, *size, 3)).square()
 
     assert torch.equal(to_windows(x), x[:, index].square()) and torch.equal(to_map(tokens), tokens[:, inverse].square())
-    for function, value in ((to_windows, x), (to_map, tokens)):
+    shaped = fast.ToMap.apply(tokens, index, inverse, pad, (2, *size, 3))
+    assert shaped._base is None and torch.equal(shaped, tokens[:, inverse].view(2, *size, 3))
+    for function, value in ((to_windows, x), (to_map, tokens), (to_map_shaped, tokens)):
         assert torch.autograd.gradcheck(function, (value,)) and torch.autograd.gradgradcheck(function, (value,))
 
 

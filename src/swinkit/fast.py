@@ -672,7 +672,7 @@ def fused_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         tokens = ToWindows.apply(flat, index, inverse, pad)  # (B, nW*N, C) in window order
         out = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view(B, -1, C)
-        return ToMap.apply(out, index, inverse, pad).view_as(x)
+        return ToMap.apply(out, index, inverse, pad, x.shape)
     if tracing():  # torch.compile: the whole batch at once, as its size is symbolic (no chunk loop)
         tokens = flat.index_select(1, index)
         result = chunk(block, tokens.view(-1, C), pad, nW, N, bias).view_as(tokens)
@@ -708,24 +708,32 @@ class ToWindows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         index, inverse, pad = ctx.orders
         # Each map position is read by one window token, position 0 also by the padded ones.
-        grad_map = ToMap.apply(grad, index, inverse, pad)
+        grad_map = ToMap.apply(grad, index, inverse, pad, None)
         if pad is not None:  # masked rather than indexed by pad: a shape that depends on no data (torch.compile)
             grad_map[:, 0] += torch.where(pad[:, None], grad, 0.0).sum(1)
         return grad_map, None, None, None
 
 
 class ToMap(torch.autograd.Function):
-    """``tokens[:, inverse]``: window-order tokens back to the ``(B, H * W, C)`` map, padded ones dropped."""
+    """``tokens[:, inverse]``: window-order tokens back to the ``(B, H * W, C)`` map, padded ones dropped.
+
+    With ``shape`` (the ``(B, H, W, C)`` map's) the result is a tensor of that shape, not a view of
+    one: FSDP warns of a module returning a view (an in-place op on it would skip its hooks).
+    """
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None) -> Tensor:
+    def forward(ctx, tokens: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None, shape) -> Tensor:
         ctx.orders = index, inverse, pad
-        return tokens.index_select(1, inverse)
+        if shape is None:
+            return tokens.index_select(1, inverse)
+        result = tokens.new_empty(shape)
+        torch.index_select(tokens, 1, inverse, out=result.view(tokens.shape[0], -1, tokens.shape[-1]))
+        return result
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         index, inverse, pad = ctx.orders
-        grad_tokens = ToWindows.apply(grad, index, inverse, pad)
+        grad_tokens = ToWindows.apply(grad.reshape(grad.shape[0], -1, grad.shape[-1]), index, inverse, pad)
         if pad is not None:
             grad_tokens = grad_tokens.masked_fill(pad[None, :, None], 0.0)  # dropped tokens: no gradient
-        return grad_tokens, None, None, None
+        return grad_tokens, None, None, None, None
