@@ -457,7 +457,7 @@ def test_torchrun_two_processes_train_with_a_bad_image(shapes, tmp_path):
     data = tmp_path / "data"
     subprocess.run(["cp", "-r", str(shapes), str(data)], check=True)
     (data / "images" / "training" / "training_00000.png").write_bytes(b"broken")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [
         *launch,

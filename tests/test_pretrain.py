@@ -246,7 +246,7 @@ def test_torchrun_two_processes_match_one_process(mode, tmp_path):
     options = ["--data", str(data), "--model", "swin_test", "--img-size", "32", "--window-size", "4"]
     options += ["--mask-patch-size", "8", "--epochs", "1", "--workers", "0", "--no-progress"]  # a whole epoch
     options += ["--deterministic", "--val-fraction", "0.2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     single = [sys.executable, "-m", "swinkit", "pretrain", *options, "--batch-size", "4"]
     subprocess.run([*single, "--output", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

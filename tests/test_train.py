@@ -321,7 +321,7 @@ def _train_command(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
     data = write_digit_folder(tmp_path / "data", classes=(0, 1, 2), per_class=20)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     reference = tmp_path / "reference"
     subprocess.run(_train_command(data, reference, "--checkpoint-every", "4"), check=True, env=env, capture_output=True)
 
@@ -392,14 +392,14 @@ TORCHRUN_COMMON = [
 def one_process_run(digit_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     command = [sys.executable, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     subprocess.run([*command, "--batch-size", "4", "--output", str(out)], check=True, env=env, capture_output=True)
     return load_file(out / "model-final.safetensors")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(mode, digit_folder, one_process_run, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON]
     extra = ["--fsdp"] if mode == "fsdp" else []
@@ -420,7 +420,7 @@ def test_torchrun_fsdp_runs_whole_epochs_and_keeps_the_best_model(digit_folder, 
     # The other torchrun runs stop after 3 steps, before any epoch ends. At an epoch's end every
     # rank must take part in gathering the sharded state for model-best: rank 0 alone once did,
     # and the run died there.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, "--fsdp"]
     command += ["--epochs", "2", "--batch-size", "4", "--output", str(tmp_path)]
@@ -437,7 +437,7 @@ def test_torchrun_fsdp_runs_whole_epochs_and_keeps_the_best_model(digit_folder, 
 def test_torchrun_ddp_trains_through_stochastic_depth_that_drops_whole_branches(digit_folder, tmp_path):
     # At rate 0.9 a rank's branch often drops both of its images; the fused path then still gives
     # that branch's parameters (zero) gradients, as DDP without find_unused_parameters requires.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert TORCHRUN_COMMON[-2:] == ["--drop-path-rate", "0"]
     command = [*launch, "-m", "swinkit", "train", "--data", str(digit_folder), *FAST, *TORCHRUN_COMMON[:-2]]
@@ -468,14 +468,16 @@ distributed.teardown()
 """
 
 
-def _torchrun_script(source: str, tmp_path) -> None:
-    """Run ``source`` as a script in 2 processes under torchrun, with ``tmp_path`` as its argument."""
+def _torchrun_script(source: str, tmp_path) -> str:
+    """Run ``source`` as a script in 2 processes under torchrun, with ``tmp_path`` as its argument;
+    returns their standard output."""
     script = tmp_path / "script.py"
     script.write_text(source)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its threads
     result = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def test_epoch_totals_stay_exact_across_a_multi_process_resume(tmp_path):
@@ -505,6 +507,30 @@ with distributed.process_group("cpu") as group:
 def test_no_rank_tears_down_before_every_rank_has_finished(tmp_path):
     _torchrun_script(FINISHING_RANKS, tmp_path)
     assert [(tmp_path / f"rank{rank}-saw").read_text() for rank in (0, 1)] == ["True", "True"]
+
+
+LEAVING = """
+import atexit
+import sys
+from pathlib import Path
+from swinkit.train import distributed
+
+out = Path(sys.argv[1])
+assert distributed.leave_worker(0) == 0  # no process group yet: an ordinary return
+with distributed.process_group("cpu") as group:
+    atexit.register(lambda: (out / f"atexit{group.rank}").write_text("ran"))
+sys.stdout.write(f"unflushed{group.rank};")  # no newline: still buffered when the worker leaves
+distributed.leave_worker(0)
+(out / f"after{group.rank}").write_text("reached")
+"""
+
+
+def test_a_worker_leaves_after_its_group_with_atexit_run_and_output_flushed(tmp_path):
+    # The CLI ends every worker that ran a process group this way (see swinkit.train.distributed).
+    output = _torchrun_script(LEAVING, tmp_path)
+    assert "unflushed0;" in output and "unflushed1;" in output
+    assert [(tmp_path / f"atexit{rank}").read_text() for rank in (0, 1)] == ["ran", "ran"]
+    assert not any((tmp_path / f"after{rank}").exists() for rank in (0, 1))
 
 
 def test_finetune_from_official_file_with_new_classes_and_window(digit_folder, tmp_path, caplog):

@@ -420,13 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command][2](args)
+        code = COMMANDS[args.command][2](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         if args.verbose:
             raise
         # User errors get one clear line, not a traceback (--verbose shows it).
         print(f"swinkit {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
+    distributed = sys.modules.get(f"{__package__}.train.distributed")  # imported by every command that trains
+    if distributed is not None:  # a torchrun worker leaves without Python's finalisation
+        code = distributed.leave_worker(code)
+    return code
 
 
 if __name__ == "__main__":
