@@ -293,7 +293,7 @@ def test_cli_evaluates_predicts_and_converts_an_mmdet_file(shapes, tmp_path, cap
         results.append(json.loads(capsys.readouterr().out))
     assert results[0][0]["detections"] == results[1][0]["detections"] and results[0][0]["detections"]
 
-    # swinkit info describes the whole detector, and its backbone's FLOPs at the papers' 1280 x 800.
+    # swinkit info describes the whole detector, with its FLOPs at the papers' 1280 x 800.
     assert main(["info", "--checkpoint", str(official), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     whole = load_dense(official)[0]
@@ -301,6 +301,8 @@ def test_cli_evaluates_predicts_and_converts_an_mmdet_file(shapes, tmp_path, cap
     assert info["total_params"] == sum(p.numel() for p in whole.parameters())
     assert info["params"] == sum(p.numel() for p in whole.backbone.body.swin.parameters())
     assert info["input_size"] == [3, 800, 1280] and "features only" in info["text"]
+    assert list(info["model_flops_parts"]) == ["backbone", "neck (FPN)", "RPN", "box heads", "mask heads"]
+    assert "FLOPs of the whole model at 800x1280" in info["text"]  # tests/test_dense_flops.py checks the count
 
     # The classifier commands refuse it by name instead of running its backbone headless.
     assert main(["predict", str(images[0]), "--checkpoint", str(official)]) == 2

@@ -32,16 +32,25 @@ def _add_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=_parse_size, help="input size N or HxW (default: the model's)")
     parser.add_argument("--list", action="store_true", help="list the preset names")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--dense",
+        metavar="KIND",
+        help="describe a detector or segmentor on the preset's backbone, with its whole-model FLOPs as the "
+        "dense papers count them: mask_rcnn, faster_rcnn, cascade_mask_rcnn, cascade_rcnn or upernet",
+    )
+    parser.add_argument("--classes", type=int, help="with --dense: number of classes (default COCO's 80, ADE20K's 150)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from .info import describe_model
     from .variants import variant_names
 
+    if args.classes is not None and args.dense is None:
+        raise ValueError("--classes goes with --dense")
     if args.list or (args.model is None and args.checkpoint is None):
         print("\n".join(variant_names()))
         return 0
-    info = describe_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
+    info = describe_model(args.model, args.checkpoint, args.img_size, args.dense, args.classes)
     print(json.dumps(info, indent=2) if args.json else info["text"])
     return 0
 

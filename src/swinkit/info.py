@@ -10,22 +10,37 @@ from torch import nn
 from .factory import create_model
 from .flops import count_parameters, flops
 
-# The sizes the papers quote dense FLOPs at: detection at 1280 x 800, segmentation at 512 x 2048.
-DENSE_SIZES = {"detect": (800, 1280), "segment": (512, 2048)}
-
 
 def describe_model(
-    name: str | None, checkpoint: str | None = None, img_size: tuple[int, int] | None = None
+    name: str | None,
+    checkpoint: str | None = None,
+    img_size: tuple[int, int] | None = None,
+    dense: str | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs (total and per stage) and stage shapes of a preset or a checkpoint's model.
 
     A dense model file (swinkit's, or an official mmdet / mmseg one) is described whole (task,
-    heads, classes, all parameters), with its backbone's FLOPs and stages.
+    heads, classes, all parameters, the whole model's FLOPs as the dense papers count them), with
+    its backbone's FLOPs and stages; so is a ``dense`` kind (``mask_rcnn``, ``cascade_mask_rcnn``,
+    ``upernet``, ...: :data:`swinkit.dense.weights.DENSE_KINDS`) on preset ``name``'s backbone,
+    for ``num_classes`` classes (default COCO's 80 or ADE20K's 150).
     """
+    if dense is not None:
+        import torch
+
+        from .dense.weights import build_dense_model, preset_spec
+
+        if name is None or checkpoint is not None:
+            raise ValueError("--dense describes a preset's backbone: give a preset name and no --checkpoint")
+        spec = preset_spec(name, dense, num_classes)
+        with torch.device("meta"):  # shapes are all a description needs
+            model = build_dense_model(spec)
+        return _describe_dense(name, model, spec, img_size)
     if name is None and checkpoint is not None:
-        dense = _dense_model(checkpoint)
-        if dense is not None:
-            return _describe_dense(checkpoint, *dense, img_size)
+        found = _dense_model(checkpoint)
+        if found is not None:
+            return _describe_dense(checkpoint, *found, img_size)
     model = create_model(name, checkpoint=checkpoint)
     return _describe_swin(model, name or checkpoint, img_size)
 
@@ -72,14 +87,26 @@ def _dense_model(checkpoint: str) -> tuple[nn.Module, Any] | None:
     return None if found is None else (rebuild_dense(*found, checkpoint), found[0])
 
 
-def _describe_dense(checkpoint: str, model: nn.Module, spec: Any, img_size: tuple[int, int] | None) -> dict[str, Any]:
+def _describe_dense(title: str, model: nn.Module, spec: Any, img_size: tuple[int, int] | None) -> dict[str, Any]:
+    from .dense.flops import dense_flops
+
     kind = spec.heads()
     swin = model.backbone.body.swin if spec.task == "detect" else model.backbone.swin
     shown = ", ".join(spec.classes[:5]) + (", ..." if len(spec.classes) > 5 else "")
     total = count_parameters(model)
+    whole = dense_flops(spec, img_size)
     lead = [
-        f"{checkpoint}: {spec.task} model, {kind}, {len(spec.classes)} classes ({shown})",
+        f"{title}: {spec.task} model, {kind}, {len(spec.classes)} classes ({shown})",
         f"parameters of the whole model: {total / 1e6:.2f} M ({total:,})",
+        str(whole),
     ]
-    info = _describe_swin(swin, checkpoint, img_size or DENSE_SIZES[spec.task], lead)
-    return {**info, "task": spec.task, "heads": kind, "classes": spec.classes, "total_params": total}
+    info = _describe_swin(swin, title, whole.input_size, lead)
+    return {
+        **info,
+        "task": spec.task,
+        "heads": kind,
+        "classes": spec.classes,
+        "total_params": total,
+        "model_flops": whole.total,
+        "model_flops_parts": whole.parts,
+    }

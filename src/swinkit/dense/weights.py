@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from ..checkpoint import official
 from ..checkpoint.io import CheckpointError, read_checkpoint, save_safetensors, save_torch
 from ..checkpoint.official import is_derived
-from ..variants import SwinConfig
+from ..variants import SwinConfig, get_config
 from .backbone import backbone_from_config
-from .mmdet import from_mmdet, is_mmdet_detector, mmdet_classes, mmdet_head_options, to_mmdet
+from .mmdet import COCO_CLASSES, from_mmdet, is_mmdet_detector, mmdet_classes, mmdet_head_options, to_mmdet
 
 ADE20K_CLASSES = 150
+COCO_CLASS_COUNT = len(COCO_CLASSES)
 
 # Module prefixes in the model -> in the file, per task.
 FILE_PREFIXES: dict[str, list[tuple[str, str]]] = {
@@ -81,10 +82,42 @@ def build_dense_model(spec: DenseSpec) -> nn.Module:
     if spec.task == "detect":
         from .detection import build_detector
 
-        # Files from before these were choices: torchvision's geometry and losses, a cascade's class-agnostic boxes.
-        legacy = {"geometry": "torchvision", "agnostic_boxes": True, "losses": "torchvision"}
-        return build_detector(backbone, len(spec.classes), **{**legacy, **spec.head})
+        return build_detector(backbone, len(spec.classes), **head_options(spec))
     raise ValueError(f"unknown dense task {spec.task!r}; accepted: {', '.join(FILE_PREFIXES)}")
+
+
+# Model kinds a preset backbone can be described with (``swinkit info NAME --dense KIND``).
+DENSE_KINDS = {
+    "mask_rcnn": ("detect", {"masks": True}),
+    "faster_rcnn": ("detect", {"masks": False}),
+    "cascade_mask_rcnn": ("detect", {"masks": True, "cascade": True}),
+    "cascade_rcnn": ("detect", {"masks": False, "cascade": True}),
+    "upernet": ("segment", {}),
+}
+
+
+def preset_spec(name: str, kind: str, num_classes: int | None = None) -> DenseSpec:
+    """The spec of a ``kind`` model (:data:`DENSE_KINDS`) on preset ``name``'s backbone, as Swin's
+    configs build it, for ``num_classes`` classes (default: COCO's 80, ADE20K's 150)."""
+    if kind not in DENSE_KINDS:
+        raise ValueError(f"unknown dense model kind {kind!r}; accepted: {', '.join(DENSE_KINDS)}")
+    task, head = DENSE_KINDS[kind]
+    if task == "detect":
+        head = {**head, "geometry": "mmdet", "agnostic_boxes": False, "losses": "mmdet"}
+    count = num_classes if num_classes is not None else COCO_CLASS_COUNT if task == "detect" else ADE20K_CLASSES
+    if count < 1:
+        raise ValueError(f"the number of classes must be positive, got {count}")
+    names = list(COCO_CLASSES) if task == "detect" and count == COCO_CLASS_COUNT else [str(i) for i in range(count)]
+    config = get_config(name, features_only=True, stage_norms=True, out_indices=(0, 1, 2, 3), always_shift=True)
+    return DenseSpec(task, config, names, head=head)
+
+
+def head_options(spec: DenseSpec) -> dict[str, Any]:
+    """The build options of ``spec``'s heads, a detector's missing ones as files from before they
+    were choices were trained: torchvision's geometry and losses, a cascade's class-agnostic boxes."""
+    if spec.task != "detect":
+        return dict(spec.head)
+    return {"geometry": "torchvision", "agnostic_boxes": True, "losses": "torchvision", **spec.head}
 
 
 def mmdet_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: str) -> DenseSpec:
