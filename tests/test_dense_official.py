@@ -20,12 +20,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from swinkit.checkpoint.io import CheckpointError
 from swinkit.cli import main
 from swinkit.dense import create_detector, load_dense
-from swinkit.dense.mmdet import COCO_CATEGORY_IDS, COCO_CLASSES, AlignedRoIPool, mmdet_classes
+from swinkit.dense.mmdet import (
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    AlignedRoIPool,
+    MmdetMaskTransform,
+    mmdet_classes,
+    paste_masks,
+)
 from swinkit.dense.shapes import SHAPES, write_shapes_dataset
 from swinkit.dense.weights import (
     DenseSpec,
@@ -232,6 +240,51 @@ def test_aligned_roi_pool_samples_mmdets_level_and_bin_centres():
     # torchvision's pooling (aligned=False, other level rule) gives other numbers on the same boxes.
     theirs = MultiScaleRoIAlign(list(features), 7, 2)(features, [boxes[:2], boxes[2:]], [(side, side)] * 2)
     assert (theirs - pooled).abs().max() > 1
+
+
+def _mmdet_paste(masks, boxes, height, width):
+    """mmdet's ``_do_paste_mask`` as the GPU runs it (``skip_empty=False``: the whole image), written out."""
+    x0, y0, x1, y1 = boxes.split(1, dim=1)
+    ys = ((torch.arange(height, dtype=masks.dtype) + 0.5 - y0) / (y1 - y0) * 2 - 1)[:, :, None]
+    xs = ((torch.arange(width, dtype=masks.dtype) + 0.5 - x0) / (x1 - x0) * 2 - 1)[:, None, :]
+    grid = torch.stack([xs.expand(-1, height, -1), ys.expand(-1, -1, width)], dim=3)
+    return F.grid_sample(masks, grid, align_corners=False)
+
+
+def test_masks_are_pasted_as_mmdet_pastes_them():
+    torch.manual_seed(0)
+    masks = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    boxes = torch.tensor(
+        [
+            [10.3, 5.7, 80.2, 60.1],  # cells of 2.5 x 2 pixels: samples reach past the rounded box
+            [0.0, 0.0, 20.5, 3.2],  # flat, at the corner
+            [-5.0, 30.0, 140.0, 99.0],  # past the image on three sides
+            [50.5, 50.5, 51.0, 52.0],  # under a pixel wide
+            [118.9, 88.2, 119.6, 89.9],  # in the last pixels
+        ],
+        dtype=torch.float64,
+    )
+    expected = _mmdet_paste(masks, boxes, 90, 120)
+    torch.testing.assert_close(paste_masks(masks, boxes, (90, 120)), expected, rtol=0, atol=1e-12)
+    # torchvision's pasting (a widened mask resized to the rounded box) gives other masks.
+    assert (paste_masks_in_image(masks, boxes, (90, 120)) - expected).abs().max() > 0.5
+
+
+def test_a_detector_with_mmdets_geometry_pastes_its_masks_as_mmdet():
+    detector = create_detector("swin_test", 3, detector_options={"min_size": 64, "max_size": 96}).eval()
+    detector.roi_heads.score_thresh = 0.0  # random weights: keep whatever it finds
+    raw = []
+    detector.roi_heads.register_forward_hook(lambda module, inputs, output: raw.append(output[0][0]["masks"].clone()))
+    with torch.no_grad():
+        found = detector([torch.rand(3, 50, 70)])[0]
+    assert len(found["boxes"]) > 0 and found["masks"].shape[-2:] == (50, 70)
+    expected = _mmdet_paste(raw[0].double(), found["boxes"].double(), 50, 70)
+    torch.testing.assert_close(found["masks"].double(), expected, rtol=0, atol=1e-5)  # float32 coordinates
+    assert (paste_masks_in_image(raw[0], found["boxes"], (50, 70)) - found["masks"]).abs().max() > 0.1
+    # A torchvision-geometry detector (files from before the choice) keeps torchvision's transform.
+    assert not isinstance(
+        create_detector("swin_test", 3, detector_options={"geometry": "torchvision"}).transform, MmdetMaskTransform
+    )
 
 
 def test_files_written_before_the_geometry_choice_keep_torchvisions_geometry():

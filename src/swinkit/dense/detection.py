@@ -40,6 +40,7 @@ from .mmdet import (
     UnroundedAnchorGenerator,
     l1_region_proposals,
     l1_roi_heads,
+    mmdet_mask_transform,
 )
 
 # The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
@@ -88,13 +89,14 @@ def build_detector(
     box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``, and a box per
     class (Swin's configs), or with ``agnostic_boxes`` one box for every class.
     ``geometry``: ``"mmdet"`` (Swin's official detectors: anchors not rounded, RoIAlign with
-    ``aligned=True`` and adaptive sampling, :mod:`swinkit.dense.mmdet`) or ``"torchvision"``
-    (torchvision's rounded anchors and ``MultiScaleRoIAlign``; files written before swinkit had
-    the choice). ``losses`` (training only): ``"mmdet"``, as Swin's configs train each detector
-    (Mask / Faster R-CNN: L1 box losses in the RPN and the box head, 1000 proposals a training
-    image; the cascade: torchvision's RPN loss and 2000 proposals, its own GIoU box losses; both:
-    the RPN's low-quality matches only at IoU 0.3 or more), or ``"torchvision"`` (smooth L1, beta
-    1/9, 2000 proposals, every object's best anchors matched).
+    ``aligned=True`` and adaptive sampling, masks pasted into the float box,
+    :mod:`swinkit.dense.mmdet`) or ``"torchvision"`` (torchvision's rounded anchors,
+    ``MultiScaleRoIAlign`` and mask pasting; files written before swinkit had the choice).
+    ``losses`` (training only): ``"mmdet"``, as Swin's configs train each detector (Mask / Faster
+    R-CNN: L1 box losses in the RPN and the box head, 1000 proposals a training image; the cascade:
+    torchvision's RPN loss and 2000 proposals, its own GIoU box losses; both: the RPN's low-quality
+    matches only at IoU 0.3 or more), or ``"torchvision"`` (smooth L1, beta 1/9, 2000 proposals,
+    every object's best anchors matched).
     """
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
@@ -125,8 +127,9 @@ def build_detector(
         options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
         options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
     detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
-    if geometry == "mmdet":  # (torchvision's constructors only take its own pooling class)
+    if geometry == "mmdet":  # (torchvision's constructors only take its own pooling and transform classes)
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
+        detector.transform = mmdet_mask_transform(detector.transform)
     if losses == "mmdet" and not cascade:
         detector.rpn = l1_region_proposals(detector.rpn, MASK_RCNN_TRAIN_PROPOSALS)
         detector.roi_heads = l1_roi_heads(detector.roi_heads)

@@ -6,6 +6,10 @@ losses and files.
   RoI extractor pools with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` from level
   ``floor(log2(sqrt(area) / 56))``. torchvision rounds its cell anchors and pools with
   ``aligned=False`` and two samples per bin side.
+* Masks are pasted into the image as mmdet pastes them (``FCNMaskHead``'s ``_do_paste_mask``, as on
+  the GPUs the published results came from): the 28 x 28 probabilities sampled bilinearly at each
+  image pixel's centre mapped into the float box. torchvision widens the mask by a pixel, rounds
+  the box to whole pixels and resizes the mask to it.
 * The training rules of Swin's configs (``losses="mmdet"``): Mask R-CNN's L1 box losses in the RPN
   and the box head (torchvision: smooth L1, beta 1/9) and 1000 proposals a training image; the
   RPN's low-quality matches only for objects some anchor overlaps at IoU 0.3 (``min_pos_iou``).
@@ -29,6 +33,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import roi_align
 
 from ..checkpoint.io import CheckpointError, StateDict
@@ -108,6 +113,59 @@ class AlignedRoIPool(nn.Module):
                 pooled.dtype
             )
         return pooled
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -> Tensor:
+    """``(N, 1, M, M)`` mask probabilities into ``(N, 1, H, W)`` images, mmdet's way (the module docstring).
+
+    Each image pixel ``(x, y)`` samples the mask at its centre's place in the box: normalised
+    ``(x + 0.5 - x1) / (x2 - x1) * 2 - 1`` (``grid_sample``, ``align_corners=False``, zeros
+    outside). Only a box widened by one mask cell each way can sample anything but zeros, so only
+    that part of each image is computed.
+    """
+    H, W = image_shape
+    pasted = masks.new_zeros((len(masks), 1, H, W))
+    cells = (boxes[:, 2:] - boxes[:, :2]) / masks.shape[-1]  # (N, 2): a mask cell's width and height
+    for index, (mask, box, cell) in enumerate(zip(masks, boxes, cells, strict=True)):
+        x0, y0 = (int(max(0.0, float(v))) for v in torch.floor(box[:2] - cell))
+        x1, y1 = min(W, int(torch.ceil(box[2] + cell[0]))), min(H, int(torch.ceil(box[3] + cell[1])))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        xs = (torch.arange(x0, x1, dtype=masks.dtype) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
+        ys = (torch.arange(y0, y1, dtype=masks.dtype) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None]
+        pasted[index, :, y0:y1, x0:x1] = F.grid_sample(mask[None], grid.to(masks.device), align_corners=False)[0]
+    return pasted
+
+
+class MmdetMaskTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with the masks pasted by :func:`paste_masks`."""
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        if self.training:
+            return result
+        for prediction, shape, original in zip(result, image_shapes, original_sizes, strict=True):
+            prediction["boxes"] = resize_boxes(prediction["boxes"], shape, original)
+            if "masks" in prediction:
+                prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], original)
+        return result
+
+
+def mmdet_mask_transform(transform: GeneralizedRCNNTransform) -> MmdetMaskTransform:
+    """``transform``'s settings in a :class:`MmdetMaskTransform`."""
+    return MmdetMaskTransform(
+        transform.min_size,
+        transform.max_size,
+        transform.image_mean,
+        transform.image_std,
+        transform.size_divisible,
+        transform.fixed_size,
+    )
 
 
 class MinimumIoUMatcher(Matcher):
