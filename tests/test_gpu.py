@@ -93,3 +93,12 @@ def test_a_pt2_program_predicts_on_the_gpu_as_on_the_cpu(tmp_path):
             expected, got = on_cpu(x), on_gpu(x.cuda())
         assert got.device.type == "cuda"
         assert relative_error(got.cpu(), expected) < 1e-5
+
+
+def test_masks_pasted_on_the_gpu_equal_the_cpu():
+    from swinkit.dense.mmdet import paste_masks
+
+    masks = torch.rand(3, 1, 28, 28)
+    boxes = torch.tensor([[10.3, 5.7, 80.2, 60.1], [-5.0, 30.0, 140.0, 99.0], [50.5, 50.5, 51.0, 52.0]])
+    on_gpu = paste_masks(masks.cuda(), boxes.cuda(), (90, 120)).cpu()
+    torch.testing.assert_close(on_gpu, paste_masks(masks, boxes, (90, 120)), rtol=0, atol=1e-5)

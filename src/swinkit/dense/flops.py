@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..model import stage_window, window_and_shift
 from ..variants import SwinConfig
+
+if TYPE_CHECKING:
+    from .weights import DenseSpec
 
 # The sizes the papers quote dense FLOPs at (H, W): detection at 1280 x 800, segmentation at 512 x 2048.
 DENSE_SIZES = {"detect": (800, 1280), "segment": (512, 2048)}
@@ -130,7 +134,7 @@ def _upernet_flops(head: dict, classes: int, shapes: list[tuple[int, int, int]])
     return count + _conv(channels, classes, 1, h, w)
 
 
-def dense_flops(spec, input_size: tuple[int, int] | None = None) -> DenseFlopsReport:
+def dense_flops(spec: DenseSpec, input_size: tuple[int, int] | None = None) -> DenseFlopsReport:
     """The count of the dense model ``spec`` (a :class:`~swinkit.dense.weights.DenseSpec`) describes,
     on one image of ``input_size`` ``(H, W)`` (default: the papers' size for its task)."""
     from .weights import head_options

@@ -131,10 +131,10 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -> T
         x1, y1 = min(W, int(torch.ceil(box[2] + cell[0]))), min(H, int(torch.ceil(box[3] + cell[1])))
         if x1 <= x0 or y1 <= y0:
             continue
-        xs = (torch.arange(x0, x1, dtype=masks.dtype) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
-        ys = (torch.arange(y0, y1, dtype=masks.dtype) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None]
-        pasted[index, :, y0:y1, x0:x1] = F.grid_sample(mask[None], grid.to(masks.device), align_corners=False)[0]
+        xs = (torch.arange(x0, x1, dtype=masks.dtype, device=masks.device) + 0.5 - box[0]) / (box[2] - box[0])
+        ys = (torch.arange(y0, y1, dtype=masks.dtype, device=masks.device) + 0.5 - box[1]) / (box[3] - box[1])
+        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None] * 2 - 1
+        pasted[index, :, y0:y1, x0:x1] = F.grid_sample(mask[None], grid, align_corners=False)[0]
     return pasted
 
 
