@@ -41,34 +41,40 @@ class FlopsReport:
         return "\n".join(lines)
 
 
-def _block_flops(dim: int, H: int, W: int, window: tuple[int, int], mlp_ratio: float) -> int:
+def _block_flops(dim: int, H: int, W: int, window: tuple[int, int], mlp_ratio: float, norm_cost: int) -> int:
     Hp, Wp = math.ceil(H / window[0]) * window[0], math.ceil(W / window[1]) * window[1]
     N = window[0] * window[1]
     windows = (Hp * Wp) // N
     attention = N * dim * 3 * dim + 2 * N * N * dim + N * dim * dim  # qkv, q @ k^T and attn @ v, proj
-    return 2 * dim * H * W + windows * attention + int(2 * H * W * dim * dim * mlp_ratio)
+    return 2 * norm_cost * dim * H * W + windows * attention + int(2 * H * W * dim * dim * mlp_ratio)
 
 
-def _merge_flops(dim: int, H: int, W: int, family: str) -> int:
+def _merge_flops(dim: int, H: int, W: int, family: str, norm_cost: int) -> int:
     tokens = math.ceil(H / 2) * math.ceil(W / 2)
     norm = tokens * (4 * dim if family == "v1" else 2 * dim)  # V2 normalises after the reduction
-    return norm + tokens * 4 * dim * 2 * dim
+    return norm_cost * norm + tokens * 4 * dim * 2 * dim
 
 
 def count_flops(
-    config: SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224), skip_dropped: bool = False
+    config: SwinConfig,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    skip_dropped: bool = False,
+    *,
+    norm_cost: int = 1,
+    conv_bias: bool = False,
 ) -> FlopsReport:
     """FLOPs of ``config`` on one image of ``input_size`` ``(C, H, W)``.
 
     ``skip_dropped``: the expected work of a training forward that skips the images stochastic
     depth drops (swinkit's fused CPU path): each block counted times its keep rate ``1 - p``.
+    ``norm_cost`` (operations per normalised element) and ``conv_bias`` (the patch embedding's
+    bias counted) are the paper's 1 and False; OpenMMLab's counter, behind the dense papers'
+    figures (:mod:`swinkit.dense.flops`), counts 2 and True.
     """
     _, H, W = input_size
-    p = config.patch_size
+    p, C = config.patch_size, config.embed_dim
     H, W = math.ceil(H / p), math.ceil(W / p)
-    patch_embed = H * W * config.embed_dim * config.in_chans * p * p + (
-        H * W * config.embed_dim if config.patch_norm else 0
-    )
+    patch_embed = H * W * C * (config.in_chans * p * p + conv_bias + (norm_cost if config.patch_norm else 0))
     stages, shapes = [], []
     last = len(config.depths) - 1
     for i, (depth, rates) in enumerate(zip(config.depths, drop_path_rates(config), strict=True)):
@@ -78,13 +84,13 @@ def count_flops(
         for j in range(depth):
             window, _ = window_and_shift(H, W, table, 0 if j % 2 == 0 else table // 2, config.always_shift)
             kept = 1 - rates[j] if skip_dropped else 1
-            count += round(kept * _block_flops(dim, H, W, window, config.mlp_ratio))
+            count += round(kept * _block_flops(dim, H, W, window, config.mlp_ratio, norm_cost))
             if config.extra_norm_period and (j + 1) % config.extra_norm_period == 0:
-                count += dim * H * W
+                count += norm_cost * dim * H * W
         if config.stage_norms and i in config.out_indices:
-            count += dim * H * W
+            count += norm_cost * dim * H * W
         if i < last:
-            count += _merge_flops(dim, H, W, config.family)
+            count += _merge_flops(dim, H, W, config.family, norm_cost)
             H, W = math.ceil(H / 2), math.ceil(W / 2)
         stages.append(count)
     head = 0 if config.features_only else config.num_features * H * W + config.num_features * config.num_classes

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..model import stage_window, window_and_shift
+from ..flops import count_flops
 from ..variants import SwinConfig
 
 if TYPE_CHECKING:
@@ -69,30 +69,10 @@ def _conv_relu(in_channels: int, out_channels: int, kernel: int, H: int, W: int,
 
 
 def backbone_flops(config: SwinConfig, H: int, W: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """The backbone's count at an ``H`` x ``W`` image and its stage maps ``(C, H, W)``."""
-    p = config.patch_size
-    H, W, dim = math.ceil(H / p), math.ceil(W / p), config.embed_dim
-    count = _conv(config.in_chans, dim, p, H, W) + (2 * dim * H * W if config.patch_norm else 0)
-    shapes = []
-    for i, depth in enumerate(config.depths):
-        dim, table = config.embed_dim * 2**i, stage_window(config, i)
-        hidden = int(dim * config.mlp_ratio)
-        for j in range(depth):
-            window, _ = window_and_shift(H, W, table, 0 if j % 2 == 0 else table // 2, config.always_shift)
-            N = window[0] * window[1]
-            padded = math.ceil(H / window[0]) * window[0] * math.ceil(W / window[1]) * window[1]
-            attention = padded * dim * 3 * dim + 2 * N * padded * dim + padded * dim * dim  # qkv, products, proj
-            count += 2 * (2 * dim * H * W) + attention + 2 * H * W * dim * hidden  # two norms, attention, MLP
-            if config.extra_norm_period and (j + 1) % config.extra_norm_period == 0:
-                count += 2 * dim * H * W
-        shapes.append((dim, H, W))
-        if config.stage_norms and i in config.out_indices:
-            count += 2 * dim * H * W
-        if i < len(config.depths) - 1:
-            tokens = math.ceil(H / 2) * math.ceil(W / 2)
-            count += tokens * 4 * dim * 2 * dim + 2 * tokens * (4 * dim if config.family == "v1" else 2 * dim)
-            H, W = math.ceil(H / 2), math.ceil(W / 2)
-    return count, shapes
+    """The backbone's count at an ``H`` x ``W`` image and its stage maps ``(C, H, W)``: the
+    classification count's terms with OpenMMLab's norms (two per element) and patch-embedding bias."""
+    report = count_flops(config, (config.in_chans, H, W), norm_cost=2, conv_bias=True)
+    return report.patch_embed + sum(report.stages), report.stage_shapes
 
 
 def _detector_parts(head: dict, classes: int, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
