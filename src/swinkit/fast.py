@@ -722,12 +722,13 @@ class ToMap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tokens: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None, shape) -> Tensor:
+    def forward(
+        ctx, tokens: Tensor, index: Tensor, inverse: Tensor, pad: Tensor | None, shape: torch.Size | None
+    ) -> Tensor:
         ctx.orders = index, inverse, pad
-        if shape is None:
-            return tokens.index_select(1, inverse)
-        result = tokens.new_empty(shape)
-        torch.index_select(tokens, 1, inverse, out=result.view(tokens.shape[0], -1, tokens.shape[-1]))
+        B, C = tokens.shape[0], tokens.shape[-1]
+        result = tokens.new_empty(shape or (B, inverse.numel(), C))
+        torch.index_select(tokens, 1, inverse, out=result.view(B, -1, C))
         return result
 
     @staticmethod
