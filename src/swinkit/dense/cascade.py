@@ -140,7 +140,7 @@ class CascadeRoIHeads(nn.Module):
             all_logits.append(logits)
             if index + 1 < len(self.stages):  # each region moved by the box of the class this stage scores highest
                 chosen = _class_deltas(deltas, _best_object_class(logits))
-                refined = stage.box_coder.decode(chosen, rois).reshape(-1, 4).split([len(r) for r in rois])
+                refined = stage.box_coder.decode(chosen, rois).reshape(-1, 4).split([r.shape[0] for r in rois])
                 rois = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes, strict=True)]
         logits = torch.stack(all_logits).mean(dim=0)
         last = self.stages[-1]
@@ -186,7 +186,8 @@ def _class_deltas(deltas: Tensor, classes: Tensor) -> Tensor:
     """Each region's box deltas ``(N, 4)`` for its class in ``classes`` (class-agnostic deltas as they are)."""
     if deltas.shape[1] == 4:
         return deltas
-    return deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), classes]
+    count = deltas.shape[0]  # not len(): an exporter's tracer keeps a size it reads this way a variable
+    return deltas.view(count, -1, 4)[torch.arange(count, device=deltas.device), classes]
 
 
 def _box_forward(

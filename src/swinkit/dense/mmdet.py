@@ -103,9 +103,10 @@ class AlignedRoIPool(nn.Module):
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         maps = [features[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        # Counts read as .shape[0], not len(): the ONNX exporter's tracer keeps those variable.
+        rois = torch.cat([torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)])
         levels = self.levels(rois[:, 1:])
-        pooled = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
+        pooled = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *self.output_size))
         for level, (feature, stride) in enumerate(zip(maps, self.strides, strict=True)):
             index = torch.where(levels == level)[0]
             selected = rois[index].to(feature.dtype)
@@ -118,24 +119,24 @@ class AlignedRoIPool(nn.Module):
 def paste_masks(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -> Tensor:
     """``(N, 1, M, M)`` mask probabilities into ``(N, 1, H, W)`` images, mmdet's way (the module docstring).
 
-    Each image pixel ``(x, y)`` samples the mask at its centre's place in the box: normalised
-    ``(x + 0.5 - x1) / (x2 - x1) * 2 - 1`` (``grid_sample``, ``align_corners=False``, zeros
-    outside). Only a box widened by one mask cell each way can sample anything but zeros, so only
-    that part of each image is computed.
+    Each image pixel ``(x, y)`` samples the mask bilinearly at its centre's place in the box, in
+    mask cells ``u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5`` (``grid_sample`` with
+    ``align_corners=False`` and zeros outside). Bilinear sampling on a grid of rows times columns
+    is separable: a cell ``j`` weighs ``max(0, 1 - |u - j|)`` in each direction, so each pasted
+    mask is ``rows @ mask @ columns^T``, with no loop over the masks and no size read back from
+    them (the same graph for every count and image size when exported).
     """
-    H, W = image_shape
-    pasted = masks.new_zeros((len(masks), 1, H, W))
-    cells = (boxes[:, 2:] - boxes[:, :2]) / masks.shape[-1]  # (N, 2): a mask cell's width and height
-    for index, (mask, box, cell) in enumerate(zip(masks, boxes, cells, strict=True)):
-        x0, y0 = (int(max(0.0, float(v))) for v in torch.floor(box[:2] - cell))
-        x1, y1 = min(W, int(torch.ceil(box[2] + cell[0]))), min(H, int(torch.ceil(box[3] + cell[1])))
-        if x1 <= x0 or y1 <= y0:
-            continue
-        xs = (torch.arange(x0, x1, dtype=masks.dtype, device=masks.device) + 0.5 - box[0]) / (box[2] - box[0])
-        ys = (torch.arange(y0, y1, dtype=masks.dtype, device=masks.device) + 0.5 - box[1]) / (box[3] - box[1])
-        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None] * 2 - 1
-        pasted[index, :, y0:y1, x0:x1] = F.grid_sample(mask[None], grid, align_corners=False)[0]
-    return pasted
+    height, width = image_shape
+    cells = masks.shape[-1]
+
+    def weights(side: int | Tensor, low: Tensor, high: Tensor) -> Tensor:  # (N, side, M)
+        centres = torch.arange(side, dtype=masks.dtype, device=masks.device) + 0.5
+        place = (centres[None, :] - low[:, None]) / (high - low)[:, None] * cells - 0.5
+        grid = torch.arange(cells, dtype=masks.dtype, device=masks.device)
+        return (1 - (place[:, :, None] - grid).abs()).clamp(min=0)
+
+    rows, columns = weights(height, boxes[:, 1], boxes[:, 3]), weights(width, boxes[:, 0], boxes[:, 2])
+    return (rows @ masks[:, 0] @ columns.transpose(1, 2))[:, None]
 
 
 class MmdetMaskTransform(GeneralizedRCNNTransform):
