@@ -388,8 +388,29 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     assert main(predict) == 0
     detections = json.loads((tmp_path / "predicted" / "results.json").read_text())[0]["detections"]
     assert all(len(d["box"]) == 4 and d["mask_rle"]["size"] == [64, 64] for d in detections)  # none below 0.05
-    with pytest.raises(ValueError, match="only segmentation models are exported; this is a detect model"):
+    with pytest.raises(ValueError, match="export_segmentation exports segmentation models; this is a detect model"):
         export_segmentation(model, spec, tmp_path / "detector.onnx")
+
+    # Exported to ONNX: checked on a real image, then scored and run by the CLI in place of the model file.
+    exported = str(tmp_path / "cascade.onnx")
+    capsys.readouterr()
+    export = ["detect", "export", exported, "--checkpoint", trained, "--check-image", str(image), "--json"]
+    assert main(export) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"] == ["boxes", "labels", "scores", "masks"] and report["same_detections"]
+    assert report["detections"][0] > 0 and report["max_box_error"] < 1e-3 and report["max_mask_error"] < 1e-3
+    assert main(["detect", "eval", "--checkpoint", exported, "--json", "--workers", "0", *validation]) == 0
+    onnx_metrics = json.loads(capsys.readouterr().out)
+    for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
+        assert onnx_metrics[key] == pytest.approx(metrics[key], abs=1e-6), key
+    predict[predict.index(trained)] = exported
+    predict[predict.index(str(tmp_path / "predicted"))] = str(tmp_path / "predicted-onnx")
+    assert main(predict) == 0
+    from_onnx = json.loads((tmp_path / "predicted-onnx" / "results.json").read_text())[0]["detections"]
+    assert [d["class"] for d in from_onnx] == [d["class"] for d in detections]
+    for found, expected in zip(from_onnx, detections, strict=True):
+        assert found["box"] == pytest.approx(expected["box"], abs=1e-3)
+        assert found["score"] == pytest.approx(expected["score"], abs=1e-5)
 
 
 def test_cascade_stages_match_at_rising_iou_and_the_training_regions_are_sampled_as_mmdet_does():

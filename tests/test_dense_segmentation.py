@@ -33,7 +33,7 @@ from swinkit.dense import (
     segmentation_loss,
     segmentation_scores,
 )
-from swinkit.dense.export import load_segmentation_file
+from swinkit.dense.export import load_dense_file
 from swinkit.dense.heads import _bin_means, resize
 from swinkit.dense.predict import segment_image
 from swinkit.dense.segmentation_data import SegmentationEvalTransform, SegmentationTrainTransform, find_split
@@ -548,7 +548,7 @@ def test_a_static_size_segment_export_takes_its_one_size_and_refuses_others_by_n
     found = torch.from_numpy(onnx_session(onnx_file).run(None, {"images": x.numpy()})[0])
     assert relative_error(found, expected) < 1e-5
 
-    exported, _ = load_segmentation_file(onnx_file)
+    exported, _ = load_dense_file(onnx_file)
     with pytest.raises(ValueError, match=r"static.onnx takes heights 40..40 and widths 56..56, got 41x56"):
         exported(torch.randn(1, 3, 41, 56))
     # predict rescales an image to the test scale (56, 40): a 112 x 80 image becomes 56 x 40 and fits.

@@ -1,10 +1,11 @@
 """Swin as a general-purpose backbone: semantic segmentation (UPerNet) and detection / instance
-segmentation (torchvision's Faster / Mask R-CNN), in plain PyTorch."""
+segmentation (torchvision's Faster / Mask R-CNN), in plain PyTorch, and their ONNX exports."""
 
 from .backbone import SwinBackbone, create_backbone
 from .config import DetectionConfig, SegmentationConfig, resolve_dense_config
 from .detection import SwinFPN, build_detector, create_detector, evaluate_detection
 from .detection_data import CocoDetection
+from .detection_export import ExportedDetector, export_detection
 from .heads import FCNHead, FPNNeck, UPerHead
 from .metrics import coco_map, confusion_matrix, segmentation_scores
 from .predict import evaluate_dense, predict_dense
@@ -27,6 +28,7 @@ __all__ = [
     "DenseResult",
     "DenseSpec",
     "DetectionConfig",
+    "ExportedDetector",
     "FCNHead",
     "FPNNeck",
     "SegmentationConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "create_segmentor",
     "evaluate_dense",
     "evaluate_detection",
+    "export_detection",
     "fit_dense",
     "infer",
     "infer_augmented",

@@ -1,5 +1,4 @@
-"""Arguments and summaries of ``swinkit segment {train,eval,predict,explain,export,convert}`` and
-``swinkit detect {train,eval,predict,explain,convert}``.
+"""Arguments and summaries of ``swinkit segment|detect {train,eval,predict,explain,export,convert}``.
 
 :func:`run` calls one library function per action and returns the text the CLI prints.
 """
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     if task == "segment":
         for parser_ in (evaluate, predict):
             _add_test_augmentation(parser_)
-        _add_export(actions)
+    _add_export(actions, task)
     _add_convert(actions, task)
 
     what, default_class = {
@@ -81,18 +80,23 @@ def _add_test_augmentation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="average each view with its mirror image")
 
 
-def _add_export(actions: Any) -> None:
+def _add_export(actions: Any, task: str) -> None:
     from ..cli import _parse_size
     from ..export import DEFAULT_OPSET
 
-    export = actions.add_parser("export", help="ONNX file or torch.export program of a segmentation model file")
-    export.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
+    if task == "segment":
+        export = actions.add_parser("export", help="ONNX file or torch.export program of a segmentation model file")
+        export.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
+        export.add_argument("--format", choices=["onnx", "torch-export"], help="default: from the output's suffix")
+        size_help = "N or HxW: the first size checked against eager (default: crop size)"
+        export.add_argument("--static-size", action="store_true", help="fix height and width to --img-size")
+    else:
+        export = actions.add_parser("export", help="ONNX file of a detection model file: image in, detections out")
+        export.add_argument("output", help="file to write (.onnx)")
+        size_help = "N or HxW: the image size traced with and checked first (default: the test scale, 4:3)"
+        export.add_argument("--check-image", action="append", help="check on this image instead of noise (repeatable)")
     export.add_argument("--checkpoint", required=True, help="model file written by training")
-    export.add_argument("--format", choices=["onnx", "torch-export"], help="default: from the output's suffix")
-    export.add_argument(
-        "--img-size", type=_parse_size, help="N or HxW: the first size checked against eager (default: crop size)"
-    )
-    export.add_argument("--static-size", action="store_true", help="fix height and width to --img-size")
+    export.add_argument("--img-size", type=_parse_size, help=size_help)
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17+ (default {DEFAULT_OPSET})")
     export.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
     export.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -131,19 +135,45 @@ def _convert(args: argparse.Namespace, task: str) -> str:
     return text
 
 
-def _export(args: argparse.Namespace) -> str:
+def _export(args: argparse.Namespace, task: str) -> str:
     from .export import export_segmentation
     from .weights import load_dense
 
-    fmt = args.format or ("torch-export" if args.output.endswith(".pt2") else "onnx")
     model, spec = load_dense(args.checkpoint)
+    if spec.task != task:
+        raise ValueError(f"{args.checkpoint} is a {spec.task} model; 'swinkit {task} export' exports {task} models")
     check = not args.no_check
+    if task == "detect":
+        return _export_detection(args, model, spec, check)
+    fmt = args.format or ("torch-export" if args.output.endswith(".pt2") else "onnx")
     report = export_segmentation(model, spec, args.output, fmt, args.img_size, args.opset, check, args.static_size)
     if args.json:
         return json.dumps(report, indent=2)
     checked = f", largest error {report['max_relative_error']:.1e} of the largest logit" if check else ""
     ranges = report["size_range"]
     return f"wrote {report['path']} ({fmt}; any batch, height {ranges['height']}, width {ranges['width']}{checked})"
+
+
+def _export_detection(args: argparse.Namespace, model: Any, spec: Any, check: bool) -> str:
+    import torchvision.transforms.functional as TF
+
+    from ..data import load_image
+    from .detection_export import export_detection
+
+    images = [TF.to_tensor(load_image(path)) for path in args.check_image or []]
+    report = export_detection(model, spec, args.output, args.img_size, args.opset, check, images or None)
+    if args.json:
+        return json.dumps(report, indent=2)
+    text = f"wrote {report['path']} (onnx; one RGB image of any size in, {', '.join(report['outputs'])} out"
+    if not check:
+        return text + ")"
+    if not report["same_detections"]:
+        return text + f"); WARNING: its detections differ from eager PyTorch's: {json.dumps(report)}"
+    sizes = ", ".join(f"{h}x{w}" for h, w in report["checked_sizes"])
+    errors = f"boxes within {report['max_box_error']:.1e} px, scores {report['max_score_error']:.1e}"
+    if "max_mask_error" in report:
+        errors += f", masks {report['max_mask_error']:.1e}"
+    return text + f"; at {sizes} the same {sum(report['detections'])} detections as eager, {errors})"
 
 
 def _test_augmentation(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,7 +206,7 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         )  # fmt: skip
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
     if args.action == "export":
-        return _export(args), 0
+        return _export(args, task), 0
     if args.action == "convert":
         return _convert(args, task), 0
     if args.action == "explain":

@@ -230,10 +230,11 @@ def evaluate_detection(model: nn.Module, loader: Any, dataset: Any, distributed:
     ``segm_AP``, ... in percent, and ``bad_images``.
     """
     from .metrics import coco_map
+    from .segmentation import model_device
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     results: list[dict[str, Any]] = []
     bad: list[str] = []
     for batch in loader:

@@ -7,8 +7,8 @@ same size-generic trace of the Swin backbone; the pyramid pooling as averaging m
 :class:`~swinkit.dense.heads.AdaptiveAvgPool`). A whole-image pass: a file trained with
 ``--test-mode slide`` is exported whole, and the metadata says so. The file's metadata holds the
 model description (classes, preprocessing, test scale), so a runtime needs nothing else.
-Detection models are not exported: torchvision's detectors resize, pad and post-process with
-data-dependent loops that these exporters do not trace into one graph for every size.
+Detection models export to ONNX by :mod:`swinkit.dense.detection_export`; :func:`load_dense_file`
+reads either kind of exported file.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..export import (
     size_ranges,
 )
 from ..variants import SwinConfig
+from .detection_export import OUTPUTS_KEY, ExportedDetector
 from .weights import DenseSpec, load_dense
 
 
@@ -81,10 +82,7 @@ def export_segmentation(
     and 3, two sizes; relative to the largest logit).
     """
     if spec.task != "segment":
-        raise ValueError(
-            f"only segmentation models are exported; this is a {spec.task} model (torchvision's detectors "
-            "resize, pad and post-process with data-dependent steps that do not export as one graph)"
-        )
+        raise ValueError(f"export_segmentation exports segmentation models; this is a {spec.task} model")
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
     if fmt == "onnx" and opset < MIN_OPSET:
@@ -174,19 +172,16 @@ class ExportedSegmentor(nn.Module):
     so that ``swinkit segment predict`` and ``eval`` check the deployed file itself.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, session: Any = None) -> None:
         super().__init__()
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
         if path.suffix.lower() == ".onnx":
-            try:
-                session = onnx_session(path)
-            except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
-                raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
+            session = session or _session(path)
             metadata = session.get_modelmeta().custom_metadata_map
             self.run = _onnx_runner(path, session)
         else:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
             program, metadata = read_program(path)
             self.run = program.module()
         if "swinkit.dense" not in metadata:
@@ -213,15 +208,33 @@ class ExportedSegmentor(nn.Module):
         return {"out": self.run(images.detach().cpu().float()).to(images.device)}
 
 
-def load_segmentation_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
-    """A dense model file (:func:`~swinkit.dense.weights.load_dense`), or an exported segmentor
-    (``.onnx`` / ``.pt2``, on the CPU: :class:`ExportedSegmentor`), and its description."""
-    if Path(path).suffix.lower() not in EXPORTED_SUFFIXES:
+def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, DenseSpec]:
+    """A dense model file (:func:`~swinkit.dense.weights.load_dense`), or an exported one on the CPU
+    (a segmentor's ``.onnx`` / ``.pt2``: :class:`ExportedSegmentor`; a detector's ``.onnx``:
+    :class:`~swinkit.dense.detection_export.ExportedDetector`), and its description."""
+    path = Path(path)
+    if path.suffix.lower() not in EXPORTED_SUFFIXES:
         return load_dense(path, device)
     if torch.device(device).type != "cpu":
-        raise ValueError(f"{path}: an exported segmentation file runs on the CPU; got device {device!r}")
-    model = ExportedSegmentor(path).eval()
+        raise ValueError(f"{path}: an exported file runs on the CPU; got device {device!r}")
+    if path.suffix.lower() == ".onnx":
+        session = _session(path)
+        if OUTPUTS_KEY in session.get_modelmeta().custom_metadata_map:
+            model: nn.Module = ExportedDetector(path, session).eval()
+        else:
+            model = ExportedSegmentor(path, session).eval()
+    else:
+        model = ExportedSegmentor(path).eval()
     return model, model.spec
+
+
+def _session(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return onnx_session(path)
+    except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
+        raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
 
 
 def _onnx_runner(path: Path, session: Any = None) -> Any:

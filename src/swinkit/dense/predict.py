@@ -20,7 +20,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
-from .export import load_segmentation_file
+from .export import load_dense_file
 from .weights import DenseSpec, load_dense
 
 
@@ -195,8 +195,9 @@ def _detect_result(
     model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path, score_threshold: float
 ) -> dict[str, Any]:
     from .detection import to_coco_results
+    from .segmentation import model_device
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     output = {k: v.cpu() for k, v in model([TF.to_tensor(image).to(device)])[0].items()}
     keep = output["scores"] >= score_threshold
     output = {k: v[keep] for k, v in output.items()}
@@ -271,9 +272,9 @@ def predict_dense(
     ``detections`` (class, category id, score, box ``[x1, y1, x2, y2]``, mask RLE); ``{"path",
     "error"}`` for a file that cannot be decoded. Detections below ``score_threshold`` are dropped.
     ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored testing (:func:`segment_image`).
-    A segmentation model may also be its exported ``.onnx`` / ``.pt2`` file (``swinkit segment export``).
+    The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``).
     """
-    model, spec = load_segmentation_file(checkpoint, device)
+    model, spec = load_dense_file(checkpoint, device)
     _check_test_augmentation(checkpoint, spec, ratios, flip)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -307,9 +308,9 @@ def evaluate_dense(
     """Score a dense model file: mIoU / accuracies on a segmentation folder (``data``, its ``split``), or
     COCO box / mask mAP on a COCO JSON file (``data``, images under ``images``). Writes ``metrics.json``
     to ``output`` when given. ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored
-    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics. A
-    segmentation model may also be its exported ``.onnx`` / ``.pt2`` file (``swinkit segment export``)."""
-    model, spec = load_segmentation_file(checkpoint, device)
+    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics. The
+    model may also be its exported file (``swinkit segment export``, ``swinkit detect export``)."""
+    model, spec = load_dense_file(checkpoint, device)
     _check_test_augmentation(checkpoint, spec, ratios, flip)
     if spec.task == "segment":
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)

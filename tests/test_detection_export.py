@@ -1,0 +1,107 @@
+"""Detectors exported to ONNX: onnxruntime against eager PyTorch at sizes and shapes the trace never saw."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from swinkit.cli import main
+from swinkit.dense import DenseSpec, create_detector, save_dense
+from swinkit.dense.detection_export import (
+    BACKBONE_PREFIX,
+    ExportedDetector,
+    _export_transform,
+    compare_with_eager,
+    export_detection,
+)
+from swinkit.dense.export import load_dense_file
+from swinkit.dense.weights import build_dense_model
+
+# Random weights keep every region (score threshold 0): 100 detections an image to compare.
+OPTIONS = dict(min_size=96, max_size=160, fpn_channels=32, box_head_dim=64, mask_head_dim=32, roi_batch_size=64,
+               anchor_sizes=(8, 16, 32, 64, 128), score_threshold=0.0)  # fmt: skip
+
+
+def _detector(**options):
+    torch.manual_seed(0)
+    return create_detector("swin_test", 3, detector_options={**OPTIONS, **options}).eval()
+
+
+def _spec(detector, **options):
+    head = {**OPTIONS, "masks": True, **options}
+    return DenseSpec("detect", detector.backbone.body.config, ["a", "b", "c"], head=head,
+                     inference={"category_ids": [1, 2, 3]})  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [(200, 100), (61, 61), (70, 150), (333, 517), (40, 1000)])
+@pytest.mark.parametrize("geometry", ["mmdet", "torchvision"])
+def test_the_export_resize_is_torchvisions_eager_resize(size, geometry):
+    # torchvision's own traced resize scales in float32: 200 x 100 at (96, 160) would become 159 x 79.
+    transform = _detector(geometry=geometry).transform
+    image = torch.rand(3, *size)
+    expected, _ = transform.resize(image, None)
+    found, _ = _export_transform(transform).resize(image, None)
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-6)
+
+
+def test_the_exported_mask_rcnn_detects_as_eager_at_sizes_it_was_not_traced_at(tmp_path):
+    detector = _detector()
+    images = [torch.rand(3, *size, generator=torch.Generator().manual_seed(i))
+              for i, size in enumerate([(96, 128), (200, 100), (61, 61), (300, 500)])]  # fmt: skip
+    path = tmp_path / "mask_rcnn.onnx"
+    report = export_detection(detector, _spec(detector), path, check_images=images)
+    assert report["detections"] == [100] * 4 and report["same_detections"]
+    assert report["max_box_error"] < 1e-3 and report["max_score_error"] < 1e-5 and report["max_mask_error"] < 1e-3
+    graph = onnx.load(path).graph  # one image of any size in; the backbone inlined, no placeholder left
+    assert [value.name for value in graph.input] == ["image"]
+    assert [dim.dim_param for dim in graph.input[0].type.tensor_type.shape.dim][1:] == ["height", "width"]
+    assert not any(node.domain == "swinkit_export" for node in graph.node)
+    assert any(node.name.startswith(BACKBONE_PREFIX) for node in graph.node)
+
+    exported, spec = load_dense_file(path)
+    assert isinstance(exported, ExportedDetector) and spec.classes == ["a", "b", "c"]
+    found = exported([images[1]])[0]
+    assert found["masks"].shape == (100, 1, 200, 100) and found["labels"].dtype == torch.int64
+    # The check catches a file that computes something else: another detector's weights differ.
+    other = create_detector("swin_test", 3, detector_options=OPTIONS).eval()
+    assert not compare_with_eager(other, exported, images[:1])["same_detections"]
+    with pytest.raises(ValueError, match="eval mode only; it cannot train"):
+        exported.train()
+    with pytest.raises(ValueError, match=r"takes RGB images \(3, H, W\), got \(1, 3, 64, 64\)"):
+        exported([torch.rand(1, 3, 64, 64)])
+
+
+def test_bad_exports_and_files_are_clear_errors(tmp_path, capsys):
+    detector = _detector()
+    spec = _spec(detector)
+    with pytest.raises(ValueError, match=r"exports to ONNX only \(\.onnx\)"):
+        export_detection(detector, spec, tmp_path / "detector.pt2")
+    with pytest.raises(FileNotFoundError, match="folder .*missing does not exist"):
+        export_detection(detector, spec, tmp_path / "missing" / "detector.onnx")
+    with pytest.raises(ValueError, match="ONNX opset must be at least 17"):
+        export_detection(detector, spec, tmp_path / "detector.onnx", opset=16)
+    with pytest.raises(ValueError, match="exports detection models; this is a segment model"):
+        export_detection(detector, DenseSpec("segment", spec.backbone, spec.classes), tmp_path / "detector.onnx")
+    # An ONNX file without swinkit's metadata, and a file that is not ONNX at all.
+    plain = tmp_path / "plain.onnx"
+    node = onnx.helper.make_node("Identity", ["image"], ["boxes"])
+    value = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph([node], "g", [value], [onnx.helper.make_tensor_value_info("boxes", 1, None)])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), plain)
+    with pytest.raises(ValueError, match="plain.onnx was not written by swinkit detect export"):
+        ExportedDetector(plain)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
+        load_dense_file(garbage)
+    with pytest.raises(FileNotFoundError, match="nothing.onnx: no such file"):
+        load_dense_file(tmp_path / "nothing.onnx")
+    # The CLI: a segmentation model to 'detect export' is refused with the command that takes it.
+    segmentor_spec = DenseSpec("segment", spec.backbone, ["x", "y"], head={"channels": 16})
+    save_dense(build_dense_model(segmentor_spec), segmentor_spec, tmp_path / "segmentor.safetensors")
+    capsys.readouterr()
+    args = ["detect", "export", str(tmp_path / "out.onnx"), "--checkpoint", str(tmp_path / "segmentor.safetensors")]
+    assert main(args) == 2
+    assert "is a segment model; 'swinkit detect export' exports detect models" in capsys.readouterr().err
