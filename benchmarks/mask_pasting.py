@@ -16,8 +16,14 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from swinkit.dense import load_dense
-from swinkit.dense.mmdet import mmdet_mask_transform
+from swinkit.dense.mmdet import MmdetTransform, transform_like
 from swinkit.dense.predict import _evaluate_detection
+
+
+class _TorchvisionPasting(MmdetTransform):
+    """mmdet's resizing, torchvision's pasting: only the pasting differs from MmdetTransform."""
+
+    postprocess = GeneralizedRCNNTransform.postprocess
 
 
 def main() -> None:
@@ -29,10 +35,9 @@ def main() -> None:
     torch.manual_seed(0)
     model, spec = load_dense(args.checkpoint)
     model.eval()
-    t = model.transform
     pastings = {
-        "mmdet": mmdet_mask_transform(t),
-        "torchvision": GeneralizedRCNNTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible),
+        "mmdet": transform_like(model.transform, MmdetTransform),
+        "torchvision": transform_like(model.transform, _TorchvisionPasting),
     }
     rows = {}
     for name, transform in pastings.items():

@@ -30,7 +30,7 @@ from swinkit.dense.mmdet import (
     COCO_CATEGORY_IDS,
     COCO_CLASSES,
     AlignedRoIPool,
-    MmdetMaskTransform,
+    MmdetTransform,
     mmdet_classes,
     paste_masks,
 )
@@ -283,8 +283,39 @@ def test_a_detector_with_mmdets_geometry_pastes_its_masks_as_mmdet():
     assert (paste_masks_in_image(raw[0], found["boxes"], (50, 70)) - found["masks"]).abs().max() > 0.1
     # A torchvision-geometry detector (files from before the choice) keeps torchvision's transform.
     assert not isinstance(
-        create_detector("swin_test", 3, detector_options={"geometry": "torchvision"}).transform, MmdetMaskTransform
+        create_detector("swin_test", 3, detector_options={"geometry": "torchvision"}).transform, MmdetTransform
     )
+
+
+def _mmcv_rescaled(height, width, short, long):
+    """mmcv's ``imrescale`` size for ``img_scale=(long, short)``, written out (``rescale_size``)."""
+    scale = min(long / max(height, width), short / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def test_a_detector_with_mmdets_geometry_resizes_as_mmcv_rounds():
+    options = {"min_size": 800, "max_size": 1333}
+    mmdet = create_detector("swin_test", 3, detector_options=options).transform.eval()
+    torchvision = create_detector("swin_test", 3, detector_options={**options, "geometry": "torchvision"}).transform
+    sizes = [(480, 640), (427, 640), (359, 640), (640, 480), (301, 1000), (612, 612)]
+    floored = 0
+    for height, width in sizes:
+        image = torch.rand(3, height, width)
+        resized, _ = mmdet.resize(image, None)
+        assert resized.shape[-2:] == _mmcv_rescaled(height, width, 800, 1333)
+        floored += torchvision.eval().resize(image, None)[0].shape[-2:] != resized.shape[-2:]
+    assert floored == 3  # COCO's 480 x 640: 800 x 1067 in mmdet, 800 x 1066 in torchvision
+    # Training (a shorter side drawn from the tuple): boxes and masks follow the rounded size.
+    mmdet.train()
+    mmdet.min_size = (480,)
+    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0]])
+    masks = torch.zeros(1, 427, 640, dtype=torch.uint8)
+    masks[0, 20:400, 10:300] = 1
+    resized, target = mmdet.resize(torch.rand(3, 427, 640), {"boxes": boxes.clone(), "masks": masks})
+    height, width = _mmcv_rescaled(427, 640, 480, 1333)
+    assert resized.shape[-2:] == (height, width) == target["masks"].shape[-2:]
+    ratio = torch.tensor([width / 640, height / 427] * 2)
+    torch.testing.assert_close(target["boxes"], boxes * ratio)
 
 
 def test_files_written_before_the_geometry_choice_keep_torchvisions_geometry():

@@ -37,10 +37,11 @@ from .mmdet import (
     RPN_MIN_POSITIVE_IOU,
     AlignedRoIPool,
     MinimumIoUMatcher,
+    MmdetTransform,
     UnroundedAnchorGenerator,
     l1_region_proposals,
     l1_roi_heads,
-    mmdet_mask_transform,
+    transform_like,
 )
 
 # The paper's multi-scale training: shorter side 480..800 (step 32), longer side at most 1333.
@@ -129,7 +130,7 @@ def build_detector(
     detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
     if geometry == "mmdet":  # (torchvision's constructors only take its own pooling and transform classes)
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
-        detector.transform = mmdet_mask_transform(detector.transform)
+        detector.transform = transform_like(detector.transform, MmdetTransform)
     if losses == "mmdet" and not cascade:
         detector.rpn = l1_region_proposals(detector.rpn, MASK_RCNN_TRAIN_PROPOSALS)
         detector.roi_heads = l1_roi_heads(detector.roi_heads)

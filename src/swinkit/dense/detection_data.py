@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 
 from ..data import BadImageError, BadItem, load_image
 from .data import Problems, photometric_distortion
+from .mmdet import rescaled_size
 
 logger = logging.getLogger(__name__)
 
@@ -294,8 +295,8 @@ def resize_and_crop(
     dropped (an image may keep none), masks resized (nearest) and cropped with them."""
     width, height = image.size
     shorter = rng.choice(CROP_SHORTER_SIDES)
-    scale = min(shorter / min(width, height), max_size / max(width, height))
-    size = (int(width * scale + 0.5), int(height * scale + 0.5))  # mmcv's rounding
+    new_height, new_width = rescaled_size(height, width, shorter, max_size)  # mmcv's rounding
+    size = (new_width, new_height)  # PIL's order
     image = image.resize(size, Image.BILINEAR)
     target = dict(target)
     target["boxes"] = target["boxes"] * torch.tensor([size[0] / width, size[1] / height] * 2)

@@ -43,7 +43,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from ..checkpoint.io import atomic_write
 from ..export import DEFAULT_OPSET, MIN_OPSET, _at_opset, _quiet, export_program, onnx_session
 from ..variants import SwinConfig
-from .mmdet import MmdetMaskTransform
+from .mmdet import MmdetTransform, transform_like
 from .weights import DenseSpec
 
 INPUT = "image"
@@ -113,30 +113,32 @@ class _BackbonePlaceholder(nn.Module):
 
 
 class _ExportResize:
-    """torchvision's test-time resize (to ``min_size[-1]``, the longer side at most ``max_size``; swinkit's
-    detectors have no ``fixed_size``) with the size computed in float64, as eager Python computes it."""
+    """The test-time resize (to ``min_size[-1]``, the longer side at most ``max_size``; swinkit's
+    detectors have no ``fixed_size``) with the size computed in float64, as eager Python computes
+    it; each side floored after adding ``size_offset`` (the transform's rounding)."""
+
+    size_offset: float
 
     def resize(self, image: Tensor, target: Any = None) -> tuple[Tensor, Any]:
         sides = torch._shape_as_tensor(image)[-2:].double()  # a traced size, not a constant
         # The bounds as a float64 tensor: a Python number over a tensor exports as float32.
         bounds = torch.tensor([self.min_size[-1], self.max_size], dtype=torch.float64)
         scale = (bounds / torch.stack([sides.min(), sides.max()])).min()
-        size = torch.floor(sides * scale).long()
+        size = torch.floor(sides * scale + self.size_offset).long()
         return F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear", align_corners=False)[0], target
 
 
 class _TorchvisionExportTransform(_ExportResize, GeneralizedRCNNTransform):
-    pass
+    size_offset = 0.0  # torchvision floors a resized side
 
 
-class _MmdetExportTransform(_ExportResize, MmdetMaskTransform):
+class _MmdetExportTransform(_ExportResize, MmdetTransform):
     pass
 
 
 def _export_transform(transform: GeneralizedRCNNTransform) -> GeneralizedRCNNTransform:
-    kind = _MmdetExportTransform if isinstance(transform, MmdetMaskTransform) else _TorchvisionExportTransform
-    settings = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
-    return kind(*(getattr(transform, name) for name in settings))
+    mmdet = isinstance(transform, MmdetTransform)
+    return transform_like(transform, _MmdetExportTransform if mmdet else _TorchvisionExportTransform)
 
 
 class _Traced(nn.Module):

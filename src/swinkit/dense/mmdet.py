@@ -6,6 +6,8 @@ losses and files.
   RoI extractor pools with mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)`` from level
   ``floor(log2(sqrt(area) / 56))``. torchvision rounds its cell anchors and pools with
   ``aligned=False`` and two samples per bin side.
+* Images are resized as mmcv's ``imrescale`` resizes them: the same scale as torchvision's, each side
+  rounded (``int(side * scale + 0.5)``) where torchvision floors, so a side can be a pixel longer.
 * Masks are pasted into the image as mmdet pastes them (``FCNMaskHead``'s ``_do_paste_mask``, as on
   the GPUs the published results came from): the 28 x 28 probabilities sampled bilinearly at each
   image pixel's centre mapped into the float box. torchvision widens the mask by a pixel, rounds
@@ -139,8 +141,35 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -> T
     return (rows @ masks[:, 0] @ columns.transpose(1, 2))[:, None]
 
 
-class MmdetMaskTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform with the masks pasted by :func:`paste_masks`."""
+def rescaled_size(height: int, width: int, short: int, long: int, offset: float = 0.5) -> tuple[int, int]:
+    """The size an image is resized to, keeping its ratio, shorter side ``short`` and longer side at most
+    ``long`` (mmcv's ``rescale_size``): each side times the scale, plus ``offset`` (mmcv's rounding;
+    0 is torchvision's floor), truncated."""
+    scale = min(short / min(height, width), long / max(height, width))
+    return int(height * scale + offset), int(width * scale + offset)
+
+
+class MmdetTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with mmdet's geometry: each resized side rounded as mmcv's
+    ``imrescale`` rounds it, ``int(side * scale + 0.5)`` where torchvision floors (training and
+    test; the scale is the same, ``min(short / shorter side, max_size / longer side)``), and the
+    masks pasted by :func:`paste_masks`."""
+
+    size_offset = 0.5  # added before the floor: mmcv's rounding of a resized side
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
+        if self.training and self._skip_resize:
+            return image, target
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        height, width = image.shape[-2:]
+        size = rescaled_size(height, width, short, self.max_size, self.size_offset)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is None:
+            return image, target
+        target["boxes"] = resize_boxes(target["boxes"], (height, width), size)
+        if "masks" in target:  # nearest, as torchvision and mmdet's BitmapMasks resize them
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        return image, target
 
     def postprocess(
         self,
@@ -157,16 +186,10 @@ class MmdetMaskTransform(GeneralizedRCNNTransform):
         return result
 
 
-def mmdet_mask_transform(transform: GeneralizedRCNNTransform) -> MmdetMaskTransform:
-    """``transform``'s settings in a :class:`MmdetMaskTransform`."""
-    return MmdetMaskTransform(
-        transform.min_size,
-        transform.max_size,
-        transform.image_mean,
-        transform.image_std,
-        transform.size_divisible,
-        transform.fixed_size,
-    )
+def transform_like(transform: GeneralizedRCNNTransform, kind: type[GeneralizedRCNNTransform]) -> Any:
+    """A ``kind`` transform with ``transform``'s settings (sizes, normalisation, padding)."""
+    settings = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
+    return kind(*(getattr(transform, name) for name in settings))
 
 
 class MinimumIoUMatcher(Matcher):
