@@ -554,6 +554,47 @@ def test_the_rpn_matches_an_objects_best_anchors_only_when_they_reach_iou_0_3_as
     assert theirs(overlaps).tolist() == [below, 0, below, 1, between]
 
 
+def _mmdet_assign(overlaps, positive, negative, min_iou):
+    """mmdet's ``MaxIoUAssigner.assign_wrt_overlaps`` (``gt_max_assign_all=True``) written out as its
+    loop, in torchvision's codes: below ``negative``, between, else the truth's index."""
+    best_overlap, best_truth = overlaps.max(dim=0)
+    assigned = torch.full((overlaps.shape[1],), Matcher.BETWEEN_THRESHOLDS)
+    assigned[best_overlap < negative] = Matcher.BELOW_LOW_THRESHOLD
+    assigned[best_overlap >= positive] = best_truth[best_overlap >= positive]
+    for truth in range(overlaps.shape[0]):
+        highest = overlaps[truth].max()
+        if highest >= min_iou:
+            assigned[overlaps[truth] == highest] = truth
+    return assigned
+
+
+def test_an_anchor_best_for_an_object_goes_to_it_as_in_mmdets_assigner():
+    matcher = create_detector("swin_test", 3, detector_options=dict(TINY)).rpn.proposal_matcher
+    theirs = create_detector("swin_test", 3, detector_options=dict(TINY, losses="torchvision")).rpn.proposal_matcher
+    # Anchor 1 overlaps truth 1 at 0.9 (positive for it) and is truth 0's best (0.4): mmdet gives it to
+    # truth 0, torchvision to truth 1. Anchor 3 is the best of truths 2 and 3 (0.6 each): mmdet gives it
+    # to the later truth, 3, torchvision to the first of its highest overlaps, 2.
+    overlaps = torch.tensor(
+        [
+            [0.0, 0.4, 0.1, 0.0, 0.2],
+            [0.1, 0.9, 0.0, 0.3, 0.95],
+            [0.0, 0.0, 0.2, 0.6, 0.5],
+            [0.0, 0.0, 0.0, 0.6, 0.1],
+        ]
+    )
+    below = Matcher.BELOW_LOW_THRESHOLD
+    assert matcher(overlaps).tolist() == [below, 0, below, 3, 1] == _mmdet_assign(overlaps, 0.7, 0.3, 0.3).tolist()
+    assert theirs(overlaps).tolist() == [below, 1, below, 2, 1]
+    generator = torch.Generator().manual_seed(0)
+    differ = 0
+    for _ in range(200):  # random overlaps on a coarse grid, where ties are common
+        overlaps = torch.randint(0, 11, (4, 30), generator=generator) / 10
+        expected = _mmdet_assign(overlaps, 0.7, 0.3, 0.3)
+        assert matcher(overlaps.clone()).tolist() == expected.tolist()
+        differ += theirs(overlaps.clone()).tolist() != expected.tolist()
+    assert differ > 50  # torchvision's rule differs on many of them
+
+
 def test_a_dense_file_of_the_same_task_initialises_the_heads_for_fine_tuning(shapes, tmp_path, caplog):
     written = _detector(True, False, classes=5)  # a 5-class detector stands for a COCO one
     save_mmdet(written, _spec(written, True, False, [f"thing{i}" for i in range(5)]), tmp_path / "coco.pth")

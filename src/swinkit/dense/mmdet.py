@@ -14,7 +14,8 @@ losses and files.
   the box to whole pixels and resizes the mask to it.
 * The training rules of Swin's configs (``losses="mmdet"``): Mask R-CNN's L1 box losses in the RPN
   and the box head (torchvision: smooth L1, beta 1/9) and 1000 proposals a training image; the
-  RPN's low-quality matches only for objects some anchor overlaps at IoU 0.3 (``min_pos_iou``).
+  RPN's low-quality matches only for objects some anchor overlaps at IoU 0.3 (``min_pos_iou``),
+  each such anchor to the object it is best for (``MaxIoUAssigner``'s loop over the objects).
 * The official Mask R-CNN and Cascade Mask R-CNN checkpoints (``backbone.``, ``neck.``,
   ``rpn_head.``, ``roi_head.``) to and from swinkit's detection files. mmdet puts the background
   class last and has no box or mask row for it; torchvision puts it first, with a box and a mask
@@ -193,17 +194,23 @@ def transform_like(transform: GeneralizedRCNNTransform, kind: type[GeneralizedRC
 
 
 class MinimumIoUMatcher(Matcher):
-    """torchvision's ``Matcher`` with low-quality matches, made only for a truth whose best overlap
-    reaches ``min_iou`` (mmdet's ``MaxIoUAssigner(min_pos_iou=...)``): torchvision gives every truth
-    its best anchors however little they overlap it."""
+    """torchvision's ``Matcher`` with mmdet's low-quality matches (``MaxIoUAssigner(min_pos_iou=...,
+    gt_max_assign_all=True)``): a truth whose best overlap reaches ``min_iou`` takes every anchor of
+    that overlap, truths in order, so an anchor that is the best of two truths goes to the later one,
+    and one that is a truth's best goes to it even where it overlaps another truth more.
+    torchvision gives every truth its best anchors however little they overlap it, each anchor to
+    the truth it overlaps most."""
 
     def __init__(self, high_threshold: float, low_threshold: float, min_iou: float) -> None:
         super().__init__(high_threshold, low_threshold, allow_low_quality_matches=True)
         self.min_iou = min_iou
 
     def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
-        reaching = match_quality_matrix.max(dim=1).values >= self.min_iou
-        super().set_low_quality_matches_(matches, all_matches, match_quality_matrix[reaching])
+        highest = match_quality_matrix.max(dim=1, keepdim=True).values
+        best = (match_quality_matrix == highest) & (highest >= self.min_iou)  # (truths, anchors)
+        truths = torch.arange(best.shape[0], device=best.device)[:, None].expand_as(best)
+        last = torch.where(best, truths, -1).max(dim=0).values  # the last truth each anchor is best for
+        matches[last >= 0] = last[last >= 0]
 
 
 class L1RegionProposalNetwork(RegionProposalNetwork):
