@@ -80,8 +80,9 @@ def test_bad_exports_and_files_are_clear_errors(tmp_path, capsys):
         export_detection(detector, spec, tmp_path / "detector.pt2")
     with pytest.raises(FileNotFoundError, match="folder .*missing does not exist"):
         export_detection(detector, spec, tmp_path / "missing" / "detector.onnx")
-    with pytest.raises(ValueError, match="ONNX opset must be at least 17"):
-        export_detection(detector, spec, tmp_path / "detector.onnx", opset=16)
+    for opset in (16, 21):
+        with pytest.raises(ValueError, match=f"exports at ONNX opsets 17..20 .*, got {opset}"):
+            export_detection(detector, spec, tmp_path / "detector.onnx", opset=opset)
     with pytest.raises(ValueError, match="exports detection models; this is a segment model"):
         export_detection(detector, DenseSpec("segment", spec.backbone, spec.classes), tmp_path / "detector.onnx")
     # An ONNX file without swinkit's metadata, and a file that is not ONNX at all.

@@ -51,6 +51,7 @@ OUTPUTS = ("boxes", "labels", "scores", "masks")
 PLACEHOLDER_DOMAIN = "swinkit_export"  # the backbone node's domain while the two graphs are apart
 BACKBONE_PREFIX = "backbone_graph/"  # the inlined backbone's node and value names start with it
 OUTPUTS_KEY = "swinkit.detection_outputs"  # the metadata entry that marks a detector's file
+MAX_OPSET = 20  # the TorchScript exporter's last (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 
 
 class _BackboneMaps(nn.Module):
@@ -193,8 +194,11 @@ def export_detection(
 
     if spec.task != "detect":
         raise ValueError(f"export_detection exports detection models; this is a {spec.task} model")
-    if opset < MIN_OPSET:
-        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"a detector exports at ONNX opsets {MIN_OPSET}..{MAX_OPSET} (LayerNormalization's first; the last "
+            f"torch's TorchScript exporter, which traces torchvision's detection code, writes), got {opset}"
+        )
     path = Path(path)
     if not path.parent.is_dir():  # fail before minutes of tracing, not after
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -216,7 +220,7 @@ def export_detection(
         "path": str(path),
         "format": "onnx",
         "example_size": list(size),
-        "outputs": traced.outputs,
+        "outputs": list(traced.outputs),
     }
     if check:
         images = check_images or [
