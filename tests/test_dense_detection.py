@@ -407,10 +407,15 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     predict[predict.index(str(tmp_path / "predicted"))] = str(tmp_path / "predicted-onnx")
     assert main(predict) == 0
     from_onnx = json.loads((tmp_path / "predicted-onnx" / "results.json").read_text())[0]["detections"]
-    assert [d["class"] for d in from_onnx] == [d["class"] for d in detections]
-    for found, expected in zip(from_onnx, detections, strict=True):
-        assert found["box"] == pytest.approx(expected["box"], abs=1e-3)
-        assert found["score"] == pytest.approx(expected["score"], abs=1e-5)
+    assert len(from_onnx) == len(detections) > 0
+    unpaired = list(from_onnx)  # paired by class, box and score: near-equal scores may swap ranks
+    for expected in detections:
+        found = next(
+            d for d in unpaired
+            if d["class"] == expected["class"] and d["box"] == pytest.approx(expected["box"], abs=1e-3)
+            and d["score"] == pytest.approx(expected["score"], abs=1e-5)
+        )  # fmt: skip
+        unpaired.remove(found)
 
 
 def test_cascade_stages_match_at_rising_iou_and_the_training_regions_are_sampled_as_mmdet_does():
