@@ -82,7 +82,7 @@ def test_stochastic_depth_matches_reference(impl, variant):
     # triton path's V1 norm kernels add the dropped-or-scaled branch inside the second norm. The same
     # draws in the same order as the reference blocks give the same images dropped.
     model = _stochastic_depth_model(variant, 0.5)
-    x = torch.randn(4, 3, 33, 71, dtype=torch.float64)
+    x = torch.randn(4, 3, 33, 38, dtype=torch.float64)  # padded both ways; small, as triton's interpreter is slow
     expected, expected_input_grad, expected_grads = _run_seeded(model, "reference", x, 3)
     out, input_grad, grads = _run_seeded(model, impl, x, 3)
     assert relative_error(_run_seeded(model, impl, x, 4)[0], out) > 1e-3  # other draws, other images dropped

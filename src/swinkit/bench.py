@@ -64,8 +64,12 @@ class Contender:
 
 # The square matrix product timed each round: large enough to run at the BLAS library's full rate;
 # repeated so that one measurement lasts about as long as a contender's call (half a second on two
-# CPU cores) and sees the same kind of noise from a shared machine. A GPU needs a larger one.
+# CPU cores) and sees the same kind of noise from a shared machine. A GPU needs a larger one. A CPU
+# without native bfloat16 / float16 products (no AVX512-BF16 / AMX) takes a smaller one in those
+# dtypes: there they run 10-100x below float32's rate (AVX2: 0.8 GFLOP/s), and 1536 would take
+# 10 s a call, 90 s a mode for the reference alone.
 GEMM_SIDE = {"cpu": 1536, "cuda": 8192}
+EMULATED_GEMM_SIDE = 512
 GEMM_REPEATS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +83,7 @@ class Target:
 
     @property
     def gemm_side(self) -> int:
-        return GEMM_SIDE.get(self.device.type, GEMM_SIDE["cpu"])
+        return gemm_side(self.device.type, self.dtype)
 
     @contextmanager
     def precision(self) -> Iterator[None]:
@@ -93,6 +97,23 @@ class Target:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def gemm_side(device_type: str, dtype: torch.dtype = torch.float32) -> int:
+    """Side of the reference matrix product on ``device_type`` in ``dtype``."""
+    if device_type == "cpu" and dtype != torch.float32 and not _native_cpu_products(dtype):
+        return EMULATED_GEMM_SIDE
+    return GEMM_SIDE.get(device_type, GEMM_SIDE["cpu"])
+
+
+def _native_cpu_products(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (torch's private probes; False
+    where a torch version lacks them)."""
+    probes = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes.get(dtype, ()))
 
 
 def parse_target(device: str = "cpu", dtype: str = "float32") -> Target:
@@ -747,11 +768,11 @@ def format_rows(report: dict[str, Any]) -> str:
             f"{row['latency_ms']:9.1f} {row['ratio']:6.2f} {fraction} {memory}"
         )
     rates = {row["mode"]: row["gemm_gflops"] for row in report["rows"] if "gemm_gflops" in row}
-    where = report["machine"].get("device", "cpu")
-    side = GEMM_SIDE.get(where.partition(":")[0], GEMM_SIDE["cpu"])
+    dtype = report["machine"].get("dtype", "float32")
+    side = gemm_side(report["machine"].get("device", "cpu").partition(":")[0], DTYPES.get(dtype, torch.float32))
     for mode, rate in rates.items():
         lines.append(
-            f"{mode}: reference {side}-square {report['machine'].get('dtype', 'float32')} matrix product "
+            f"{mode}: reference {side}-square {dtype} matrix product "
             f"{rate:.0f} GFLOP/s (median of the rounds); GEMM% = the model's FLOPs per second as a percentage of it"
         )
     if any(row.get("skips_dropped_work") for row in report["rows"]):
