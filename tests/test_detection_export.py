@@ -95,10 +95,11 @@ def test_bad_exports_and_files_are_clear_errors(tmp_path, capsys):
         ExportedDetector(plain)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
-        load_dense_file(garbage)
-    with pytest.raises(FileNotFoundError, match="nothing.onnx: no such file"):
-        load_dense_file(tmp_path / "nothing.onnx")
+    for load in (load_dense_file, ExportedDetector):  # the class on its own too
+        with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
+            load(garbage)
+        with pytest.raises(FileNotFoundError, match="nothing.onnx: no such file"):
+            load(tmp_path / "nothing.onnx")
     # The CLI: a segmentation model to 'detect export' is refused with the command that takes it.
     segmentor_spec = DenseSpec("segment", spec.backbone, ["x", "y"], head={"channels": 16})
     save_dense(build_dense_model(segmentor_spec), segmentor_spec, tmp_path / "segmentor.safetensors")

@@ -378,12 +378,18 @@ def _is_swinkit(model: nn.Module) -> bool:
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for an exported file."""
+    """An onnxruntime CPU session for an exported file; a missing file or one onnxruntime cannot
+    load (not a model, truncated, a bad graph) is refused in one line naming it."""
     import onnxruntime
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own error types, not exported by its package
+        raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
 
 
 class OnnxClassifier(nn.Module):
@@ -396,10 +402,7 @@ class OnnxClassifier(nn.Module):
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
-        try:
-            self.session = onnx_session(path, threads)
-        except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
-            raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
+        self.session = onnx_session(path, threads)
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.config = _config_from_metadata(path, metadata)
         outputs = [output.name for output in self.session.get_outputs()]

@@ -176,7 +176,7 @@ class ExportedSegmentor(nn.Module):
         super().__init__()
         path = Path(path)
         if path.suffix.lower() == ".onnx":
-            session = session or _session(path)
+            session = session or onnx_session(path)
             metadata = session.get_modelmeta().custom_metadata_map
             self.run = _onnx_runner(path, session)
         else:
@@ -218,7 +218,7 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
     if torch.device(device).type != "cpu":
         raise ValueError(f"{path}: an exported file runs on the CPU; got device {device!r}")
     if path.suffix.lower() == ".onnx":
-        session = _session(path)
+        session = onnx_session(path)
         if OUTPUTS_KEY in session.get_modelmeta().custom_metadata_map:
             model: nn.Module = ExportedDetector(path, session).eval()
         else:
@@ -226,15 +226,6 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
     else:
         model = ExportedSegmentor(path).eval()
     return model, model.spec
-
-
-def _session(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return onnx_session(path)
-    except Exception as error:  # onnxruntime's own errors (not a model, truncated, bad graph)
-        raise ValueError(f"{path}: onnxruntime cannot load it: {error}") from None
 
 
 def _onnx_runner(path: Path, session: Any = None) -> Any:
