@@ -17,6 +17,7 @@ from swinkit.dense.flops import MASK_PROPOSALS, PROPOSALS, backbone_flops, dense
 from swinkit.dense.heads import AdaptiveAvgPool
 from swinkit.dense.weights import build_dense_model, preset_spec
 from swinkit.model import WindowAttention
+from swinkit.model_v2 import WindowAttentionV2
 
 # The Swin papers' tables and the official repositories' READMEs: (FLOPs in G, parameters in M).
 PUBLISHED = [
@@ -65,8 +66,10 @@ class HookCounter:
             self.total += output.numel()
         elif type(module) is AdaptiveAvgPool:
             self.total += x.numel()
-        elif type(module) is WindowAttention:  # q k^T and attn v: (B * nW, N, C) windows
+        elif type(module) in (WindowAttention, WindowAttentionV2):  # q k^T and attn v: (B * nW, N, C) windows
             self.total += 2 * x.shape[1] * x.numel()
+            if type(module) is WindowAttentionV2:  # its qkv runs as F.linear (with the q, v biases), unhooked
+                self.total += x.numel() * module.qkv.out_features
 
     def close(self) -> int:
         for handle in self.handles:
@@ -77,14 +80,16 @@ class HookCounter:
 def _backbone(spec) -> nn.Module:
     model = build_dense_model(spec).eval()
     for module in model.modules():
-        if isinstance(module, WindowAttention):
+        if isinstance(module, (WindowAttention, WindowAttentionV2)):
             module.attn_impl = "reference"  # through the modules, so that their hooks see the work
     return model
 
 
+@pytest.mark.parametrize("variant", ["swin_test", "swinv2_test"])
 @pytest.mark.parametrize("size", [(75, 101), (64, 64), (130, 47)])
-def test_backbone_count_equals_the_hooks_at_padded_sizes(size):
-    spec = preset_spec("swin_test", "upernet", 3)
+def test_backbone_count_equals_the_hooks_at_padded_sizes(size, variant):
+    # V2: the hooks also see each block's position-bias MLP (linear layers and a ReLU module).
+    spec = preset_spec(variant, "upernet", 3)
     spec = dataclasses.replace(spec, backbone=spec.backbone.replace(window_size=5))  # windows pad at every stage
     swin = _backbone(spec).backbone.swin
     counter = HookCounter(swin)

@@ -1,6 +1,7 @@
 """Analytic FLOPs the way the Swin papers count them: multiply-adds of linear layers, the two
 attention matmuls and the LayerNorms (one per element); softmax, GELU, adds and the V2 position-bias
-MLP are not counted. At the construction size the totals equal the papers' tables.
+MLP are not counted (the dense count, :mod:`swinkit.dense.flops`, counts the MLP as its counter
+does). At the construction size the totals equal the papers' tables.
 
 Counts follow the actual input size: padding to the patch size, the window clamp or shift rule,
 padding to a multiple of the window (padded tokens are computed, so they are counted) and odd maps
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .model import drop_path_rates, stage_window, window_and_shift
+from .model_v2 import CPB_HIDDEN
 from .variants import SwinConfig
 
 
@@ -49,6 +51,13 @@ def _block_flops(dim: int, H: int, W: int, window: tuple[int, int], mlp_ratio: f
     return 2 * norm_cost * dim * H * W + windows * attention + int(2 * H * W * dim * dim * mlp_ratio)
 
 
+def _position_mlp_flops(window: tuple[int, int], heads: int) -> int:
+    """V2's position-bias MLP (2 -> 512 -> ReLU -> heads) on a window's log-spaced coordinate table,
+    as OpenMMLab's counter sees it: the two linear layers' multiply-adds and one per ReLU output."""
+    entries = (2 * window[0] - 1) * (2 * window[1] - 1)
+    return entries * (2 * CPB_HIDDEN + CPB_HIDDEN + CPB_HIDDEN * heads)
+
+
 def _merge_flops(dim: int, H: int, W: int, family: str, norm_cost: int) -> int:
     tokens = math.ceil(H / 2) * math.ceil(W / 2)
     norm = tokens * (4 * dim if family == "v1" else 2 * dim)  # V2 normalises after the reduction
@@ -62,6 +71,7 @@ def count_flops(
     *,
     norm_cost: int = 1,
     conv_bias: bool = False,
+    position_mlp: bool = False,
 ) -> FlopsReport:
     """FLOPs of ``config`` on one image of ``input_size`` ``(C, H, W)``.
 
@@ -69,7 +79,8 @@ def count_flops(
     depth drops (swinkit's fused CPU path): each block counted times its keep rate ``1 - p``.
     ``norm_cost`` (operations per normalised element) and ``conv_bias`` (the patch embedding's
     bias counted) are the paper's 1 and False; OpenMMLab's counter, behind the dense papers'
-    figures (:mod:`swinkit.dense.flops`), counts 2 and True.
+    figures (:mod:`swinkit.dense.flops`), counts 2 and True, and ``position_mlp``: V2's
+    position-bias MLP, which each block runs once per forward (:func:`_position_mlp_flops`).
     """
     _, H, W = input_size
     p, C = config.patch_size, config.embed_dim
@@ -84,7 +95,10 @@ def count_flops(
         for j in range(depth):
             window, _ = window_and_shift(H, W, table, 0 if j % 2 == 0 else table // 2, config.always_shift)
             kept = 1 - rates[j] if skip_dropped else 1
-            count += round(kept * _block_flops(dim, H, W, window, config.mlp_ratio, norm_cost))
+            block = _block_flops(dim, H, W, window, config.mlp_ratio, norm_cost)
+            if position_mlp and config.family == "v2":
+                block += _position_mlp_flops(window, config.num_heads[i])
+            count += round(kept * block)
             if config.extra_norm_period and (j + 1) % config.extra_norm_period == 0:
                 count += norm_cost * dim * H * W
         if config.stage_norms and i in config.out_indices:

@@ -9,7 +9,11 @@ OpenMMLab's counter, which adds up what module hooks see when mmdet's ``forward_
   bias (a linear layer's bias is not counted); transposed convolutions likewise;
 - LayerNorm (the backbone's): two per element; ReLU modules: one per element; adaptive pooling:
   one per input element;
-- the attention's two products, ``q k^T`` and ``attn v``, over the padded windows.
+- the attention's two products, ``q k^T`` and ``attn v``, over the padded windows;
+- for a V2 backbone, the position-bias MLP's linear layers and ReLU on each block's coordinate
+  table, once per block and forward. Its q, k, v projection is counted too, though the counter
+  would miss it (the official V2 block calls ``F.linear`` with the q and v biases, not the module).
+  No dense V2 figure is published to check these against.
 
 Not counted, as there: GELU, softmax, additions, upsampling, RoIAlign, the max pooling that makes
 P6, and the heads' normalisation (SyncBatchNorm in Swin's configs, which the counter does not
@@ -70,8 +74,9 @@ def _conv_relu(in_channels: int, out_channels: int, kernel: int, H: int, W: int,
 
 def backbone_flops(config: SwinConfig, H: int, W: int) -> tuple[int, list[tuple[int, int, int]]]:
     """The backbone's count at an ``H`` x ``W`` image and its stage maps ``(C, H, W)``: the
-    classification count's terms with OpenMMLab's norms (two per element) and patch-embedding bias."""
-    report = count_flops(config, (config.in_chans, H, W), norm_cost=2, conv_bias=True)
+    classification count's terms with OpenMMLab's norms (two per element), patch-embedding bias and,
+    for V2, the position-bias MLP each block runs (linear layers and a ReLU module, so it sees them)."""
+    report = count_flops(config, (config.in_chans, H, W), norm_cost=2, conv_bias=True, position_mlp=True)
     return report.patch_embed + sum(report.stages), report.stage_shapes
 
 
