@@ -411,10 +411,12 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     unpaired = list(from_onnx)  # paired by class, box and score: near-equal scores may swap ranks
     for expected in detections:
         found = next(
-            d for d in unpaired
-            if d["class"] == expected["class"] and d["box"] == pytest.approx(expected["box"], abs=1e-3)
-            and d["score"] == pytest.approx(expected["score"], abs=1e-5)
+            (d for d in unpaired
+             if d["class"] == expected["class"] and d["box"] == pytest.approx(expected["box"], abs=1e-3)
+             and d["score"] == pytest.approx(expected["score"], abs=1e-5)),
+            None,
         )  # fmt: skip
+        assert found is not None, f"no exported detection matches {expected}"  # not a bare StopIteration
         unpaired.remove(found)
 
 
