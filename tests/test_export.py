@@ -19,6 +19,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils._sympy.functions import FloorDiv
 
 import swinkit
 from helpers import relative_error, write_digit_folder
@@ -159,6 +160,8 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
     assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
     extra = {PROGRAM_METADATA: ""}
     loaded = load_program(path, extra_files=extra)
+    # Every stage's side is one floor division of the image's (ceil(H / 32), not four nested ceil(x / 2)).
+    assert _nested_floor_divisions(loaded) == set()
     program = loaded.module()
     metadata = json.loads(extra[PROGRAM_METADATA])  # what an ONNX file's metadata holds
     assert json.loads(metadata["swinkit.config"])["num_classes"] == 5
@@ -178,6 +181,24 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
     report = export(model, tmp_path / "fixed.pt2", fmt="torch-export", static_size=True)
     assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [64, 64]
     assert "archive" not in capsys.readouterr().err  # torch's warning about a file not named *.pt2
+
+
+def _nested_floor_divisions(program: torch.export.ExportedProgram) -> set:
+    """Floor divisions by a number, in the program's tensor sizes, of a sum holding another one."""
+    sizes = {
+        size.node.expr
+        for node in program.graph.nodes
+        if isinstance(node.meta.get("val"), torch.Tensor)
+        for size in node.meta["val"].shape
+        if isinstance(size, torch.SymInt)
+    }
+    assert sizes, "a size-generic program has symbolic sizes"
+    return {
+        division
+        for size in sizes
+        for division in size.atoms(FloorDiv)
+        if division.args[1].is_Integer and any(inner.args[1].is_Integer for inner in division.args[0].atoms(FloorDiv))
+    }
 
 
 def test_load_program_reads_the_same_program_as_torch(tmp_path, size_generic_program):

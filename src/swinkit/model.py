@@ -73,11 +73,30 @@ def cells(length: int, size: int) -> int:
 
     Sizes are written as such counts times the cell size, never as ``length + (-length % size)``
     or with ``-1`` in reshapes: under torch.compile / torch.export the sizes are symbolic, and
-    these plain floor divisions keep their expressions small enough to simplify quickly.
+    these plain floor divisions keep their expressions small enough to simplify quickly. Inside
+    :func:`derived_once_per_trace` a count of a count is one division (:func:`_traced_cells`).
     """
     if statically_known_true(length == size):  # a side clamped to its window; symbolic (2n-1)//n stays unsimplified
         return 1
-    return (length + size - 1) // size
+    memo = _TRACE_MEMO.get() if isinstance(length, torch.SymInt) and isinstance(size, int) else None
+    if memo is None:
+        return (length + size - 1) // size
+    return _traced_cells(length, size, memo)
+
+
+def _traced_cells(length: torch.SymInt, size: int, memo: dict) -> torch.SymInt:
+    """``ceil(length / size)`` as ``ceil(a / (d * size))`` where ``length`` is a traced ``ceil(a / d)``.
+
+    Equal for positive integers, and every stage's side becomes one floor division of the image's
+    instead of one nested in another per stage: the shape engine proves the reshapes of a
+    dynamic-size trace on those expressions, and nesting made it slower at every stage (exporting
+    Swin-T took 1.14x as long; benchmarks/RESULTS.md).
+    """
+    numerator, divisor = memo.get(("cells", length.node.expr), (length, 1))
+    count = (numerator + divisor * size - 1) // (divisor * size)
+    if isinstance(count, torch.SymInt):
+        memo[("cells", count.node.expr)] = (numerator, divisor * size)
+    return count
 
 
 def pad_end(x: Tensor, size: Pair, first_dim: int = 1) -> Tensor:
