@@ -90,7 +90,7 @@ def _traced_cells(length: torch.SymInt, size: int, memo: dict) -> torch.SymInt:
     Equal for positive integers, and every stage's side becomes one floor division of the image's
     instead of one nested in another per stage: the shape engine proves the reshapes of a
     dynamic-size trace on those expressions, and nesting made it slower at every stage (exporting
-    Swin-T took 1.11-1.13x as long; benchmarks/RESULTS.md).
+    Swin-T took 1.11-1.19x as long; benchmarks/RESULTS.md).
     """
     numerator, divisor = memo.get(("cells", length.node.expr), (length, 1))
     count = (numerator + divisor * size - 1) // (divisor * size)
