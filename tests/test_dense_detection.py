@@ -356,10 +356,27 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
         assert "the detector finds nothing in this image" in explained[0]["error"]
     assert main([*explain[:3], "--checkpoint", model, "--stage", "9"]) == 2
     assert "stage must be in -4..3 for this model, got 9" in capsys.readouterr().err
-    # Multi-scale and flip testing are segmentation's; `swinkit segment eval` of this file says so.
+    # `swinkit segment eval` of a detection file names the command that takes it.
     segment_eval = ["segment", "eval", "--checkpoint", model, "--data", str(tmp_path), "--aug-test"]
     assert main(segment_eval) == 2
-    assert "multi-scale and flip testing are for segmentation models; " in capsys.readouterr().err
+    assert "is a detect model; 'swinkit segment eval' evaluates segment models" in capsys.readouterr().err
+
+    # Multi-scale + flip testing (tests/test_detection_augment.py checks its numbers): the
+    # ratios and the mirroring are recorded, every image is scored, and predict takes them too.
+    evaluate = ["detect", "eval", "--checkpoint", model, "--data", str(shapes / "instances_validation.json")]
+    evaluate += ["--images", str(shapes / "images" / "validation"), "--workers", "0"]
+    assert main([*evaluate, "--aug-test", "--json"]) == 0
+    augmented = json.loads(capsys.readouterr().out)
+    assert augmented["test_ratios"] == [0.75, 1.0, 1.25] and augmented["test_flip"] and augmented["images"] == 4
+    assert 0.0 <= augmented["bbox_AP"] <= 100.0 and 0.0 <= augmented["segm_AP"] <= 100.0
+    assert main([*evaluate, "--test-ratios", "0.5", "1"]) == 0
+    assert "scales x0.5,1  (4 images, 0 unreadable)" in capsys.readouterr().out
+    predict = ["detect", "predict", str(image), "--checkpoint", model, "--score-threshold", "0", "--flip"]
+    assert main([*predict, "--output", str(tmp_path / "flipped"), "--json"]) == 0
+    flipped = json.loads(capsys.readouterr().out)[0]["detections"]
+    assert flipped and all(detection["mask_rle"]["size"] == [64, 64] for detection in flipped)
+    assert main([*predict, "--test-ratios", "0", "--output", str(tmp_path / "zero")]) == 2
+    assert "test ratios must be one or more numbers above 0, got [0.0]" in capsys.readouterr().err
 
 
 def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_path, capsys):

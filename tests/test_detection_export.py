@@ -16,6 +16,7 @@ from swinkit.dense.detection_export import (
     export_detection,
 )
 from swinkit.dense.export import load_dense_file
+from swinkit.dense.predict import predict_dense
 from swinkit.dense.weights import build_dense_model
 
 # Random weights keep every region (score threshold 0): 100 detections an image to compare.
@@ -74,6 +75,9 @@ def test_the_exported_mask_rcnn_detects_as_eager_at_sizes_it_was_not_traced_at(t
         exported.train()
     with pytest.raises(ValueError, match=r"takes RGB images \(3, H, W\), got \(1, 3, 64, 64\)"):
         exported([torch.rand(1, 3, 64, 64)])
+    # Multi-scale or flip testing runs the detector's parts one by one: an exported file has none.
+    with pytest.raises(ValueError, match="mask_rcnn.onnx: multi-scale and flip testing runs a detector's backbone"):
+        predict_dense([tmp_path], path, tmp_path / "predicted", flip=True)
 
 
 def test_bad_exports_and_files_are_clear_errors(tmp_path, capsys):

@@ -4,6 +4,7 @@ segmentation (torchvision's Faster / Mask R-CNN), in plain PyTorch, and their ON
 from .backbone import SwinBackbone, create_backbone
 from .config import DetectionConfig, SegmentationConfig, resolve_dense_config
 from .detection import SwinFPN, build_detector, create_detector, evaluate_detection
+from .detection_augment import View, augmented_views, detect_augmented
 from .detection_data import CocoDetection
 from .detection_export import ExportedDetector, export_detection
 from .heads import FCNHead, FPNNeck, UPerHead
@@ -37,6 +38,8 @@ __all__ = [
     "SwinBackbone",
     "SwinFPN",
     "UPerHead",
+    "View",
+    "augmented_views",
     "build_detector",
     "build_segmentor",
     "coco_map",
@@ -44,6 +47,7 @@ __all__ = [
     "create_backbone",
     "create_detector",
     "create_segmentor",
+    "detect_augmented",
     "evaluate_dense",
     "evaluate_detection",
     "export_detection",

@@ -131,9 +131,11 @@ class CascadeRoIHeads(nn.Module):
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _detect(
+    def box_outputs(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The cascade's class logits (the stages' mean), the last stage's deltas (a box per class)
+        and the regions the last stage saw, per image: what its post-processing decodes."""
         rois, all_logits = proposals, []
         for index, stage in enumerate(self.stages):
             logits, deltas = _box_forward(stage, features, rois, image_shapes)
@@ -143,10 +145,15 @@ class CascadeRoIHeads(nn.Module):
                 refined = stage.box_coder.decode(chosen, rois).reshape(-1, 4).split([r.shape[0] for r in rois])
                 rois = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes, strict=True)]
         logits = torch.stack(all_logits).mean(dim=0)
-        last = self.stages[-1]
         if deltas.shape[1] == 4:  # one box for every class: torchvision's post-processing takes a box per class
             deltas = deltas.repeat(1, logits.shape[1])
-        boxes, scores, labels = last.postprocess_detections(logits, deltas, rois, image_shapes)
+        return logits, deltas, rois
+
+    def _detect(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        logits, deltas, rois = self.box_outputs(features, proposals, image_shapes)
+        boxes, scores, labels = self.stages[-1].postprocess_detections(logits, deltas, rois, image_shapes)
         result = [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, labels, strict=True)]
         if self.has_masks:
             probabilities = [_mask_probabilities(stage, features, boxes, labels, image_shapes) for stage in self.stages]

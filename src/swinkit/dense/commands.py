@@ -39,9 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
-    if task == "segment":
-        for parser_ in (evaluate, predict):
-            _add_test_augmentation(parser_)
+    for parser_ in (evaluate, predict):
+        _add_test_augmentation(parser_, task)
     _add_export(actions, task)
     _add_convert(actions, task)
 
@@ -65,19 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     explain.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def _add_test_augmentation(parser: argparse.ArgumentParser) -> None:
-    from .segmentation import AUG_TEST_RATIOS
-
-    shown = " ".join(f"{r:g}" for r in AUG_TEST_RATIOS)
+def _add_test_augmentation(parser: argparse.ArgumentParser, task: str) -> None:
+    shown = " ".join(f"{r:g}" for r in _aug_test_ratios(task))
+    merged = {"segment": "averaged", "detect": "merged as mmdet's aug_test merges them"}[task]
     parser.add_argument(
         "--aug-test",
         action="store_true",
-        help=f"multi-scale + flip testing (mmseg's --aug-test): ratios {shown} of the test scale, each mirrored too",
+        help=f"multi-scale + flip testing ({'mmseg' if task == 'segment' else 'mmdet'}'s --aug-test): "
+        f"ratios {shown} of the test scale, each mirrored too",
     )
     parser.add_argument(
-        "--test-ratios", type=float, nargs="+", metavar="R", help="test at these ratios of the test scale, averaged"
+        "--test-ratios", type=float, nargs="+", metavar="R", help=f"test at these ratios of the test scale, {merged}"
     )
-    parser.add_argument("--flip", action="store_true", help="average each view with its mirror image")
+    parser.add_argument("--flip", action="store_true", help=f"each view with its mirror image too, {merged}")
+
+
+def _aug_test_ratios(task: str) -> tuple[float, ...]:
+    from .detection_augment import AUG_TEST_RATIOS as DETECTION_RATIOS
+    from .segmentation import AUG_TEST_RATIOS as SEGMENTATION_RATIOS
+
+    return SEGMENTATION_RATIOS if task == "segment" else DETECTION_RATIOS
 
 
 def _add_export(actions: Any, task: str) -> None:
@@ -176,13 +182,9 @@ def _export_detection(args: argparse.Namespace, model: Any, spec: Any, check: bo
     return text + f"; at {sizes} the same {sum(report['detections'])} detections as eager, {errors})"
 
 
-def _test_augmentation(args: argparse.Namespace) -> dict[str, Any]:
+def _test_augmentation(args: argparse.Namespace, task: str) -> dict[str, Any]:
     """``ratios`` and ``flip`` from ``--aug-test`` / ``--test-ratios`` / ``--flip`` (given ratios win)."""
-    from .segmentation import AUG_TEST_RATIOS
-
-    if not hasattr(args, "aug_test"):
-        return {}
-    ratios = args.test_ratios or (list(AUG_TEST_RATIOS) if args.aug_test else None)
+    ratios = args.test_ratios or (list(_aug_test_ratios(task)) if args.aug_test else None)
     return {"ratios": ratios, "flip": args.flip or args.aug_test}
 
 
@@ -202,7 +204,7 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         options = {"split": args.split} if task == "segment" else {"images": args.images}
         metrics = evaluate_dense(
             args.checkpoint, args.data, output=args.output, device=args.device, workers=args.workers,
-            strict_data=args.strict_data, **options, **_test_augmentation(args),
+            strict_data=args.strict_data, task=task, **options, **_test_augmentation(args, task),
         )  # fmt: skip
         return (json.dumps(metrics, indent=2) if args.json else summarise_metrics(metrics)), 0
     if args.action == "export":
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
     from .predict import predict_dense
 
     results = predict_dense(
-        args.inputs, args.checkpoint, args.output, args.device, args.score_threshold, **_test_augmentation(args)
+        args.inputs, args.checkpoint, args.output, args.device, args.score_threshold, **_test_augmentation(args, task)
     )
     text = json.dumps(results, indent=2) if args.json else summarise_predictions(results)
     return text, 1 if results and all("error" in r for r in results) else 0
@@ -238,13 +240,13 @@ def _explained(result: dict[str, Any]) -> str:
 def summarise_metrics(metrics: dict[str, Any]) -> str:
     if "mIoU" in metrics:
         line = f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%"
-        if metrics["test_ratios"] != [1.0] or metrics["test_flip"]:
-            ratios = ",".join(f"{r:g}" for r in metrics["test_ratios"])
-            line += f"  scales x{ratios}{' + flip' if metrics['test_flip'] else ''}"
         bad = len(metrics["bad_images"])
     else:
         line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox_AP", "segm_AP")))
         bad = metrics["bad_images"]
+    if metrics.get("test_ratios", [1.0]) != [1.0] or metrics.get("test_flip"):
+        ratios = ",".join(f"{r:g}" for r in metrics["test_ratios"])
+        line += f"  scales x{ratios}{' + flip' if metrics['test_flip'] else ''}"
     return f"{line}  ({metrics['images']} images, {bad} unreadable)"
 
 

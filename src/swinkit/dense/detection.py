@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from .cascade import (
     BoxPredictor,
     CascadeRoIHeads,
 )
+from .detection_augment import View, detect_augmented
 from .mmdet import (
     GEOMETRIES,
     LOSSES,
@@ -223,12 +225,15 @@ def to_coco_results(
 
 
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, loader: Any, dataset: Any, distributed: Any = None) -> dict[str, Any]:
+def evaluate_detection(
+    model: nn.Module, loader: Any, dataset: Any, distributed: Any = None, views: Sequence[View] | None = None
+) -> dict[str, Any]:
     """COCO box (and, for Mask R-CNN, mask) mAP of ``model`` on ``dataset`` (a :class:`CocoDetection`).
 
     ``loader`` yields :func:`~swinkit.dense.data.collate_lists` batches of that dataset (or a shard of
-    it per process: results are gathered before scoring). Returns ``bbox_AP``, ``bbox_AP50``, ...,
-    ``segm_AP``, ... in percent, and ``bad_images``.
+    it per process: results are gathered before scoring). ``views``: each image tested at these
+    scales and mirrorings, merged (:func:`~swinkit.dense.detection_augment.detect_augmented`).
+    Returns ``bbox_AP``, ``bbox_AP50``, ..., ``segm_AP``, ... in percent, and ``bad_images``.
     """
     from .metrics import coco_map
     from .segmentation import model_device
@@ -242,7 +247,8 @@ def evaluate_detection(model: nn.Module, loader: Any, dataset: Any, distributed:
         bad += batch["bad"]
         if batch["images"] is None:
             continue
-        outputs = model([image.to(device) for image in batch["images"]])
+        images = [image.to(device) for image in batch["images"]]
+        outputs = [detect_augmented(model, image, views) for image in images] if views else model(images)
         for output, target in zip(outputs, batch["targets"], strict=True):
             image_id = dataset.records[target["image_id"]].id
             results += to_coco_results(output, image_id, dataset.category_ids)

@@ -192,13 +192,15 @@ def detection_overlay(
 
 
 def _detect_result(
-    model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path, score_threshold: float
+    model: nn.Module, spec: DenseSpec, image: Image.Image, stem: Path, score_threshold: float, views: list[Any]
 ) -> dict[str, Any]:
     from .detection import to_coco_results
+    from .detection_augment import detect_augmented
     from .segmentation import model_device
 
-    device = model_device(model)
-    output = {k: v.cpu() for k, v in model([TF.to_tensor(image).to(device)])[0].items()}
+    tensor = TF.to_tensor(image).to(model_device(model))
+    output = detect_augmented(model, tensor, views) if views else model([tensor])[0]
+    output = {k: v.cpu() for k, v in output.items()}
     keep = output["scores"] >= score_threshold
     output = {k: v[keep] for k, v in output.items()}
     detection_overlay(image, output, spec.classes).save(f"{stem}_overlay.png")
@@ -271,11 +273,13 @@ def predict_dense(
     One result per image: ``{"path", "overlay", ...}`` with ``class_fractions`` (segmentation) or
     ``detections`` (class, category id, score, box ``[x1, y1, x2, y2]``, mask RLE); ``{"path",
     "error"}`` for a file that cannot be decoded. Detections below ``score_threshold`` are dropped.
-    ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored testing (:func:`segment_image`).
-    The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``).
+    ``ratios`` / ``flip``: multi-scale / mirrored testing, ratios of the test scale (a segmentation
+    model: :func:`segment_image`; a detector: :func:`~swinkit.dense.detection_augment.detect_augmented`).
+    The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``),
+    which a detector's multi-scale or flip testing cannot take.
     """
     model, spec = load_dense_file(checkpoint, device)
-    _check_test_augmentation(checkpoint, spec, ratios, flip)
+    views = _test_augmentation(checkpoint, model, spec, ratios, flip)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -287,7 +291,7 @@ def predict_dense(
         if spec.task == "segment":
             result = _segment_result(model, spec, image, stem, ratios, flip)
         else:
-            result = _detect_result(model, spec, image, stem, score_threshold)
+            result = _detect_result(model, spec, image, stem, score_threshold, views)
         results.append({"path": str(path), **result})
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -304,34 +308,42 @@ def evaluate_dense(
     strict_data: bool = False,
     ratios: Sequence[float] | None = None,
     flip: bool = False,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Score a dense model file: mIoU / accuracies on a segmentation folder (``data``, its ``split``), or
     COCO box / mask mAP on a COCO JSON file (``data``, images under ``images``). Writes ``metrics.json``
-    to ``output`` when given. ``ratios`` / ``flip``: a segmentation model's multi-scale / mirrored
-    testing (``AUG_TEST_RATIOS`` with ``flip``: mmseg's ``--aug-test``), recorded in the metrics. The
-    model may also be its exported file (``swinkit segment export``, ``swinkit detect export``)."""
+    to ``output`` when given. ``ratios`` / ``flip``: multi-scale / mirrored testing at these ratios of
+    the test scale (segmentation: ``AUG_TEST_RATIOS`` with ``flip`` is mmseg's ``--aug-test``;
+    detection: mmdet's merging, :mod:`swinkit.dense.detection_augment`), recorded in the metrics.
+    The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``).
+    ``task`` (``segment`` or ``detect``): refuse a file of the other task."""
     model, spec = load_dense_file(checkpoint, device)
-    _check_test_augmentation(checkpoint, spec, ratios, flip)
+    if task is not None and spec.task != task:
+        raise ValueError(f"{checkpoint} is a {spec.task} model; 'swinkit {task} eval' evaluates {task} models")
+    views = _test_augmentation(checkpoint, model, spec, ratios, flip)
     if spec.task == "segment":
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)
     else:
-        metrics = _evaluate_detection(model, spec, data, images, workers, strict_data)
+        metrics = _evaluate_detection(model, spec, data, images, workers, strict_data, views)
+        metrics |= {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
     if output is not None:
         Path(output).mkdir(parents=True, exist_ok=True)
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _check_test_augmentation(
-    checkpoint: str | os.PathLike, spec: DenseSpec, ratios: Sequence[float] | None, flip: bool
-) -> None:
+def _test_augmentation(
+    checkpoint: str | os.PathLike, model: nn.Module, spec: DenseSpec, ratios: Sequence[float] | None, flip: bool
+) -> list[Any]:
+    """The ratios checked; for a detector tested at more than its one test scale, its views (else [])."""
+    from .detection_augment import augmented_views, check_detector
     from .segmentation import check_test_ratios
 
-    if spec.task != "segment" and (ratios is not None or flip):
-        raise ValueError(
-            f"multi-scale and flip testing are for segmentation models; {checkpoint} is a {spec.task} model"
-        )
     check_test_ratios(ratios)
+    if spec.task == "segment" or (ratios is None and not flip):
+        return []
+    check_detector(model, checkpoint)
+    return augmented_views(model, ratios, flip)
 
 
 def _evaluate_segmentation(
@@ -366,7 +378,13 @@ def _evaluate_segmentation(
 
 
 def _evaluate_detection(
-    model: nn.Module, spec: DenseSpec, data: str | os.PathLike, images: Any, workers: int, strict: bool
+    model: nn.Module,
+    spec: DenseSpec,
+    data: str | os.PathLike,
+    images: Any,
+    workers: int,
+    strict: bool,
+    views: list[Any],
 ) -> dict[str, Any]:
     from .detection import evaluate_detection
     from .detection_data import CocoDetection, detection_eval_transform
@@ -379,6 +397,6 @@ def _evaluate_detection(
     loader = DataLoader(
         Transformed(dataset, detection_eval_transform), batch_size=2, num_workers=workers, collate_fn=collate_lists
     )
-    scores = evaluate_detection(model, loader, dataset)
+    scores = evaluate_detection(model, loader, dataset, views=views)
     problems = dict(dataset.problems.counts)
     return {**scores, "images": len(dataset) - scores["bad_images"], "annotation_problems": problems}
