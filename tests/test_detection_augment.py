@@ -142,6 +142,8 @@ def test_views_and_bad_requests():
     image = torch.rand(3, 40, 40, dtype=torch.float64)
     with pytest.raises(ValueError, match="needs at least one view"):
         detect_augmented(model, image, [])
+    with pytest.raises(ValueError, match=r"takes one RGB image \(3, H, W\) in \[0, 1\], got shape \(1, 3, 40, 40\)"):
+        detect_augmented(model, image[None], [View(64, 96)])
     with pytest.raises(ValueError, match=r"in eval mode; call model.eval\(\) first"):
         detect_augmented(model.train(), image, [View(64, 96)])
     with pytest.raises(ValueError, match="a Linear does not have; give the model file written by training"):

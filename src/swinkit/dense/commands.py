@@ -67,11 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 def _add_test_augmentation(parser: argparse.ArgumentParser, task: str) -> None:
     shown = " ".join(f"{r:g}" for r in _aug_test_ratios(task))
     merged = {"segment": "averaged", "detect": "merged as mmdet's aug_test merges them"}[task]
+    origin = {"segment": "mmseg's --aug-test", "detect": "merged as mmdet's aug_test"}[task]
     parser.add_argument(
         "--aug-test",
         action="store_true",
-        help=f"multi-scale + flip testing ({'mmseg' if task == 'segment' else 'mmdet'}'s --aug-test): "
-        f"ratios {shown} of the test scale, each mirrored too",
+        help=f"multi-scale + flip testing ({origin}): ratios {shown} of the test scale, each mirrored too",
     )
     parser.add_argument(
         "--test-ratios", type=float, nargs="+", metavar="R", help=f"test at these ratios of the test scale, {merged}"

@@ -87,6 +87,8 @@ def detect_augmented(model: nn.Module, image: Tensor, views: Sequence[View]) -> 
         raise ValueError("detect_augmented needs at least one view")
     if model.training:
         raise ValueError("detect_augmented tests a detector in eval mode; call model.eval() first")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"detect_augmented takes one RGB image (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
     original = (image.shape[-2], image.shape[-1])
     seen = [_see(model, image, view) for view in views]
     proposals = _merged_proposals(seen, model.rpn.nms_thresh, model.rpn.post_nms_top_n())
