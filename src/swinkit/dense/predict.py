@@ -335,7 +335,7 @@ def evaluate_dense(
 def _test_augmentation(
     checkpoint: str | os.PathLike, model: nn.Module, spec: DenseSpec, ratios: Sequence[float] | None, flip: bool
 ) -> list[Any]:
-    """The ratios checked; for a detector tested at more than its one test scale, its views (else [])."""
+    """The ratios checked; a detector's views where ratios or flip are asked for, else []."""
     from .detection_augment import augmented_views, check_detector
     from .segmentation import check_test_ratios
 
