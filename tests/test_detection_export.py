@@ -16,8 +16,10 @@ from swinkit.dense.detection_export import (
     export_detection,
 )
 from swinkit.dense.export import load_dense_file
+from swinkit.dense.mmdet import AlignedRoIPool
 from swinkit.dense.predict import predict_dense
 from swinkit.dense.weights import build_dense_model
+from swinkit.export import onnx_session
 
 # Random weights keep every region (score threshold 0): 100 detections an image to compare.
 OPTIONS = dict(min_size=96, max_size=160, fpn_channels=32, box_head_dim=64, mask_head_dim=32, roi_batch_size=64,
@@ -78,6 +80,36 @@ def test_the_exported_mask_rcnn_detects_as_eager_at_sizes_it_was_not_traced_at(t
     # Multi-scale or flip testing runs the detector's parts one by one: an exported file has none.
     with pytest.raises(ValueError, match="mask_rcnn.onnx: multi-scale and flip testing runs a detector's backbone"):
         predict_dense([tmp_path], path, tmp_path / "predicted", flip=True)
+
+
+def test_the_exported_roi_pooling_takes_any_count_of_regions_a_level(tmp_path):
+    # Traced with one region on each level, mmdet's RoI extractor once kept a level's count at 1 in
+    # the ONNX file (a Mask R-CNN's few detections can meet that; the file then failed on images with
+    # none or two there). Pooled here alone: four levels of a 256-pixel image, a box of side s pools
+    # from level floor(log2(s / 56)).
+    pool = AlignedRoIPool(["0", "1", "2", "3"], [4, 8, 16, 32], 7)
+    maps = [torch.rand(1, 8, 256 // stride, 256 // stride) for stride in (4, 8, 16, 32)]
+
+    class Pooling(torch.nn.Module):
+        def forward(self, boxes):
+            return pool(dict(zip("0123", maps, strict=True)), [boxes], [(256, 256)])
+
+    def boxes(sides):
+        return torch.tensor([[9.0, 9.0, 9.0 + side, 9.0 + side] for side in sides]).reshape(-1, 4)
+
+    path = tmp_path / "pooling.onnx"
+    trace = boxes([20, 120, 230, 460])  # one region on each level
+    assert pool.levels(trace).tolist() == [0, 1, 2, 3]
+    with torch.no_grad():
+        torch.onnx.export(
+            Pooling(), (trace,), path, dynamo=False, input_names=["boxes"], dynamic_axes={"boxes": {0: "n"}}
+        )
+    session = onnx_session(path)
+    for sides in ([20, 30], [120], [], [20, 120, 130, 230, 240, 460, 470]):
+        found = session.run(None, {"boxes": boxes(sides).numpy()})[0]
+        torch.testing.assert_close(
+            torch.from_numpy(found), Pooling()(boxes(sides)), rtol=1e-5, atol=1e-6, msg=str(sides)
+        )
 
 
 def test_a_faster_rcnn_exports_at_opset_20_the_torchscript_exporters_last(tmp_path):

@@ -113,9 +113,10 @@ class AlignedRoIPool(nn.Module):
         for level, (feature, stride) in enumerate(zip(maps, self.strides, strict=True)):
             index = torch.where(levels == level)[0]
             selected = rois[index].to(feature.dtype)
-            pooled[index] = roi_align(feature, selected, self.output_size, 1.0 / stride, 0, aligned=True).to(
-                pooled.dtype
-            )
+            found = roi_align(feature, selected, self.output_size, 1.0 / stride, 0, aligned=True).to(pooled.dtype)
+            # A scatter, not `pooled[index] = found`: traced for ONNX, that assignment fixes a level's
+            # region count at 1 where the trace saw one region there (as torchvision's ONNX merge).
+            pooled.scatter_(0, index.view(-1, 1, 1, 1).expand_as(found), found)
         return pooled
 
 
