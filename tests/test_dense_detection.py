@@ -371,6 +371,8 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
     assert 0.0 <= augmented["bbox_AP"] <= 100.0 and 0.0 <= augmented["segm_AP"] <= 100.0
     assert main([*evaluate, "--test-ratios", "0.5", "1"]) == 0
     assert "scales x0.5,1  (4 images, 0 unreadable)" in capsys.readouterr().out
+    assert main([*evaluate, "--test-ratios", "1", "--json"]) == 0  # one view: the detector's own path
+    assert json.loads(capsys.readouterr().out)["bbox_AP"] == pytest.approx(metrics["bbox_AP"], abs=1e-9)
     predict = ["detect", "predict", str(image), "--checkpoint", model, "--score-threshold", "0", "--flip"]
     assert main([*predict, "--output", str(tmp_path / "flipped"), "--json"]) == 0
     flipped = json.loads(capsys.readouterr().out)[0]["detections"]

@@ -102,3 +102,19 @@ def test_masks_pasted_on_the_gpu_equal_the_cpu():
     boxes = torch.tensor([[10.3, 5.7, 80.2, 60.1], [-5.0, 30.0, 140.0, 99.0], [50.5, 50.5, 51.0, 52.0]])
     on_gpu = paste_masks(masks.cuda(), boxes.cuda(), (90, 120)).cpu()
     torch.testing.assert_close(on_gpu, paste_masks(masks, boxes, (90, 120)), rtol=0, atol=1e-5)
+
+
+def test_multi_scale_flip_detection_on_the_gpu_equals_the_cpu():
+    from swinkit.dense import augmented_views, create_detector, detect_augmented
+
+    options = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8,
+                   anchor_sizes=(16, 32, 64, 128, 256), score_threshold=0.0, cascade=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = create_detector("swin_test", 3, detector_options=options).double().eval()
+    image = torch.rand(3, 50, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    views = augmented_views(model, [0.75, 1.25], flip=True)
+    expected = detect_augmented(model, image, views)
+    found = {k: v.cpu() for k, v in detect_augmented(model.cuda(), image.cuda(), views).items()}
+    assert torch.equal(found["labels"], expected["labels"])
+    for name in ("boxes", "scores", "masks"):
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-7, atol=1e-7, msg=name)
