@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import pytest
 import torch
@@ -75,8 +77,24 @@ def test_the_exported_mask_rcnn_detects_as_eager_at_sizes_it_was_not_traced_at(t
     assert not compare_with_eager(other, exported, images[:1])["same_detections"]
     with pytest.raises(ValueError, match="eval mode only; it cannot train"):
         exported.train()
-    with pytest.raises(ValueError, match=r"takes RGB images \(3, H, W\), got \(1, 3, 64, 64\)"):
-        exported([torch.rand(1, 3, 64, 64)])
+    for shape in ((1, 3, 64, 64), (3, 0, 5)):
+        with pytest.raises(
+            ValueError, match=r"takes RGB images \(3, H, W\), H and W 1 or more; got " + re.escape(str(shape))
+        ):
+            exported([torch.rand(shape)])
+    # onnxruntime's failures name the file and the image (2 x 900 at this 96 / 160 scale resizes to a
+    # height of 0); a file without the RoI-pooling mark (exported before its fix) says to export again.
+    assert exported.merges_by_scatter
+    with pytest.raises(ValueError, match=r"mask_rcnn.onnx: onnxruntime failed on a 2x900 image: .*Resize") as error:
+        exported([torch.rand(3, 2, 900)])
+    assert "export it again" not in str(error.value)
+    stored = onnx.load(path)
+    kept = [entry for entry in stored.metadata_props if entry.key != "swinkit.roi_levels_merged"]
+    del stored.metadata_props[:]
+    stored.metadata_props.extend(kept)
+    onnx.save(stored, tmp_path / "older.onnx")
+    with pytest.raises(ValueError, match="exported before swinkit's fix of 2026-12-07 .*: export it again"):
+        ExportedDetector(tmp_path / "older.onnx")([torch.rand(3, 2, 900)])
     # Multi-scale or flip testing runs the detector's parts one by one: an exported file has none.
     with pytest.raises(ValueError, match="mask_rcnn.onnx: multi-scale and flip testing runs a detector's backbone"):
         predict_dense([tmp_path], path, tmp_path / "predicted", flip=True)

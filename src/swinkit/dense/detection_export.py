@@ -51,6 +51,9 @@ OUTPUTS = ("boxes", "labels", "scores", "masks")
 PLACEHOLDER_DOMAIN = "swinkit_export"  # the backbone node's domain while the two graphs are apart
 BACKBONE_PREFIX = "backbone_graph/"  # the inlined backbone's node and value names start with it
 OUTPUTS_KEY = "swinkit.detection_outputs"  # the metadata entry that marks a detector's file
+# Marks files whose RoI pooling merges its levels by a scatter (2026-12-07): older files can fail in
+# onnxruntime on images with another count of regions on a level than their trace saw.
+POOLING_KEY = "swinkit.roi_levels_merged"
 MAX_OPSET = 20  # the TorchScript exporter's last (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 
 
@@ -232,7 +235,7 @@ def export_detection(
 
 
 def _metadata(spec: DenseSpec, outputs: tuple[str, ...]) -> dict[str, str]:
-    return {"swinkit.dense": spec.to_json(), OUTPUTS_KEY: json.dumps(list(outputs))}
+    return {"swinkit.dense": spec.to_json(), OUTPUTS_KEY: json.dumps(list(outputs)), POOLING_KEY: "scatter"}
 
 
 def _trace_heads(traced: _Traced, example: Tensor, opset: int) -> Any:
@@ -337,6 +340,7 @@ class ExportedDetector(nn.Module):
             raise ValueError(f"{self.path} was not written by swinkit detect export (no 'swinkit.dense' metadata)")
         self.spec = DenseSpec.from_json(metadata["swinkit.dense"], str(self.path))
         self.outputs = [output.name for output in self.session.get_outputs()]
+        self.merges_by_scatter = POOLING_KEY in metadata
 
     def train(self, mode: bool = True) -> ExportedDetector:
         if mode:
@@ -347,13 +351,26 @@ class ExportedDetector(nn.Module):
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         results = []
         for image in images:
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"{self.path} takes RGB images (3, H, W), got {tuple(image.shape)}")
-            values = self.session.run(None, {INPUT: image.detach().cpu().float().numpy()})
+            if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+                raise ValueError(f"{self.path} takes RGB images (3, H, W), H and W 1 or more; got {tuple(image.shape)}")
+            values = self._run(image)
             results.append(
                 {name: torch.from_numpy(v).to(image.device) for name, v in zip(self.outputs, values, strict=True)}
             )
         return results
+
+    def _run(self, image: Tensor) -> list[Any]:
+        try:
+            return self.session.run(None, {INPUT: image.detach().cpu().float().numpy()})
+        except Exception as error:  # onnxruntime's own classes (Fail, InvalidArgument, ...)
+            size = "x".join(str(side) for side in image.shape[1:])
+            text = f"{self.path}: onnxruntime failed on a {size} image: {str(error).splitlines()[0]}"
+            if not self.merges_by_scatter:
+                text += (
+                    "; this file was exported before swinkit's fix of 2026-12-07 (its RoI pooling can fail on "
+                    "images with another count of regions on an FPN level than it was traced with): export it again"
+                )
+            raise ValueError(text) from None
 
 
 @torch.no_grad()
