@@ -14,7 +14,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 
 from swinkit.cli import main
 from swinkit.data import BadItem
-from swinkit.dense import CocoDetection, coco_map, create_detector, load_dense
+from swinkit.dense import CocoDetection, DenseSpec, coco_map, create_detector, load_dense, predict_dense, save_dense
 from swinkit.dense.cascade import CascadeRoIHeads, _box_losses, _sample
 from swinkit.dense.detection_data import DetectionTrainTransform, flip_target, resize_and_crop
 from swinkit.dense.export import export_segmentation
@@ -170,6 +170,27 @@ def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):
         CocoDetection(tmp_path / "b.json")
     with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         CocoDetection(tmp_path / "missing.json")
+
+
+def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
+    # 2 x 900 at shorter side 64, longer at most 96: the height rounds to 0 pixels.
+    model = create_detector("swin_test", 3, detector_options=TINY).eval()
+    with pytest.raises(
+        ValueError, match=r"an image of 2x900 resizes to 0x96 at the detector's scale \(shorter side 64"
+    ):
+        model([torch.rand(3, 2, 900)])
+    assert model([torch.rand(3, 5, 900)])[0]["boxes"].shape[1] == 4  # resized to 1 x 96: still runs
+    # `swinkit detect predict` reports such an image and goes on with the others.
+    head = {**TINY, "masks": True, "geometry": "mmdet"}
+    spec = DenseSpec(
+        "detect", model.backbone.body.config, ["a", "b", "c"], head=head, inference={"category_ids": [1, 2, 3]}
+    )
+    save_dense(model, spec, tmp_path / "detector.safetensors")
+    for name, size in (("thin.png", (900, 2)), ("fine.png", (96, 64))):
+        Image.fromarray(np.full((size[1], size[0], 3), 128, dtype=np.uint8)).save(tmp_path / name)
+    paths = [tmp_path / "thin.png", tmp_path / "fine.png"]
+    results = predict_dense(paths, tmp_path / "detector.safetensors", tmp_path / "out")
+    assert "an image of 2x900 resizes to 0x96" in results[0]["error"] and "detections" in results[1]
 
 
 def test_flip_moves_boxes_and_masks_together():

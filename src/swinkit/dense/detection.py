@@ -248,7 +248,11 @@ def evaluate_detection(
         if batch["images"] is None:
             continue
         images = [image.to(device) for image in batch["images"]]
-        outputs = [detect_augmented(model, image, views) for image in images] if views else model(images)
+        try:
+            outputs = [detect_augmented(model, image, views) for image in images] if views else model(images)
+        except ValueError as error:  # an image the detector cannot take (too elongated for its scale)
+            paths = ", ".join(dataset.records[target["image_id"]].path for target in batch["targets"])
+            raise ValueError(f"{paths}: {error}") from None
         for output, target in zip(outputs, batch["targets"], strict=True):
             image_id = dataset.records[target["image_id"]].id
             results += to_coco_results(output, image_id, dataset.category_ids)

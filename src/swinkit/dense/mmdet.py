@@ -165,6 +165,11 @@ class MmdetTransform(GeneralizedRCNNTransform):
         short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
         height, width = image.shape[-2:]
         size = rescaled_size(height, width, short, self.max_size, self.size_offset)
+        if min(size) < 1:
+            raise ValueError(
+                f"an image of {height}x{width} resizes to {size[0]}x{size[1]} at the detector's scale "
+                f"(shorter side {short}, longer at most {self.max_size}): too elongated to detect in"
+            )
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
             return image, target

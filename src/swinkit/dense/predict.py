@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
 from .export import load_dense_file
 from .weights import DenseSpec, load_dense
+
+logger = logging.getLogger(__name__)
 
 
 def palette(count: int) -> list[tuple[int, int, int]]:
@@ -288,10 +291,14 @@ def predict_dense(
         if image is None:
             continue
         stem = folder / f"{index:04d}_{path.stem}"
-        if spec.task == "segment":
-            result = _segment_result(model, spec, image, stem, ratios, flip)
-        else:
-            result = _detect_result(model, spec, image, stem, score_threshold, views)
+        try:
+            if spec.task == "segment":
+                result = _segment_result(model, spec, image, stem, ratios, flip)
+            else:
+                result = _detect_result(model, spec, image, stem, score_threshold, views)
+        except ValueError as error:  # this image's own problem (e.g. too elongated for the scale): reported
+            logger.warning("%s: %s", path, error)
+            result = {"error": str(error)}
         results.append({"path": str(path), **result})
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     return results
