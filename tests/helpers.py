@@ -11,6 +11,17 @@ from torch import Tensor, nn
 
 from swinkit.data import DigitsDataset
 
+# The detectors' test settings small enough for a CPU test (swin_test backbone, 64 / 96 test scale).
+TINY_DETECTOR = dict(
+    min_size=64,
+    max_size=96,
+    fpn_channels=16,
+    box_head_dim=32,
+    mask_head_dim=8,
+    roi_batch_size=64,
+    anchor_sizes=(16, 32, 64, 128, 256),
+)
+
 
 @torch.no_grad()
 def perturb(model: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:

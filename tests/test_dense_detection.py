@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.ops import box_iou, clip_boxes_to_image
 
+from helpers import TINY_DETECTOR
 from swinkit.cli import main
 from swinkit.data import BadItem
 from swinkit.dense import CocoDetection, DenseSpec, coco_map, create_detector, load_dense, predict_dense, save_dense
@@ -23,15 +24,7 @@ from swinkit.dense.mmdet import AlignedRoIPool
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.train.optim import build_optimizer
 
-TINY = dict(
-    min_size=64,
-    max_size=96,
-    fpn_channels=16,
-    box_head_dim=32,
-    mask_head_dim=8,
-    roi_batch_size=64,
-    anchor_sizes=(16, 32, 64, 128, 256),
-)
+TINY = TINY_DETECTOR
 FAST = ["--model", "swin_test", "--min-sizes", "64", "--max-size", "96", "--fpn-channels", "16", "--box-head-dim",
         "32", "--mask-head-dim", "8", "--roi-batch-size", "64", "--anchor-sizes", "16", "32", "64", "128", "256",
         "--workers", "0", "--no-progress", "--warmup-steps", "1", "--base-lr", "1e-3"]  # fmt: skip

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.ops import clip_boxes_to_image
 
+from helpers import TINY_DETECTOR
 from swinkit.dense import create_detector
 from swinkit.dense.detection_augment import (
     View,
@@ -19,8 +20,7 @@ from swinkit.dense.detection_augment import (
 from swinkit.dense.mmdet import rescaled_size
 
 # Random weights with a score threshold of 0: every image has its 100 detections to compare.
-TINY = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8, roi_batch_size=64,
-            anchor_sizes=(16, 32, 64, 128, 256), score_threshold=0.0)  # fmt: skip
+TINY = dict(TINY_DETECTOR, score_threshold=0.0)
 
 
 def _detector(masks=True, **options):

@@ -7,6 +7,7 @@ import torch
 
 import swinkit
 from helpers import (
+    TINY_DETECTOR,
     assert_bfloat16_as_close_as_the_reference,
     assert_tables_cached_under_inference_mode_serve_training,
     outputs_and_gradients,
@@ -107,8 +108,7 @@ def test_masks_pasted_on_the_gpu_equal_the_cpu():
 def test_multi_scale_flip_detection_on_the_gpu_equals_the_cpu():
     from swinkit.dense import augmented_views, create_detector, detect_augmented
 
-    options = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8,
-                   anchor_sizes=(16, 32, 64, 128, 256), score_threshold=0.0, cascade=True)  # fmt: skip
+    options = dict(TINY_DETECTOR, score_threshold=0.0, cascade=True)
     torch.manual_seed(0)
     model = create_detector("swin_test", 3, detector_options=options).double().eval()
     image = torch.rand(3, 50, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
