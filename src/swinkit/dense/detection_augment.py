@@ -35,6 +35,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
 from .cascade import CascadeRoIHeads, _box_forward, _mask_forward
+from .detection_data import mirror_boxes
 
 # Swin's detection configs test at one scale; these (with flip) are swinkit's --aug-test for
 # detectors: the test scale (800, at most 1333 for the longer side) times each ratio.
@@ -145,12 +146,12 @@ def _see(model: nn.Module, image: Tensor, view: View) -> _Seen:
 def _to_view(boxes: Tensor, view: View, size: tuple[int, int], original: tuple[int, int]) -> Tensor:
     """``(..., 4)`` boxes in the image's pixels into the view's (mmdet's ``bbox_mapping``: scale, then mirror)."""
     scaled = boxes * _scale_factors(boxes, size, original)
-    return _mirrored(scaled, size[1]) if view.flip else scaled
+    return mirror_boxes(scaled, size[1]) if view.flip else scaled
 
 
 def _from_view(boxes: Tensor, view: View, size: tuple[int, int], original: tuple[int, int]) -> Tensor:
     """``(..., 4)`` boxes in the view's pixels back into the image's (``bbox_mapping_back``)."""
-    unmirrored = _mirrored(boxes, size[1]) if view.flip else boxes
+    unmirrored = mirror_boxes(boxes, size[1]) if view.flip else boxes
     return unmirrored / _scale_factors(boxes, size, original)
 
 
@@ -159,12 +160,6 @@ def _scale_factors(boxes: Tensor, size: tuple[int, int], original: tuple[int, in
     (height, width), (original_height, original_width) = size, original
     factors = [width / original_width, height / original_height] * 2
     return torch.tensor(factors, dtype=boxes.dtype, device=boxes.device)
-
-
-def _mirrored(boxes: Tensor, width: int) -> Tensor:
-    """Boxes in an image ``width`` pixels wide, mirrored left to right (mmdet 2's ``bbox_flip``)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
 
 
 def _merged_proposals(seen: list[_Seen], iou: float, count: int) -> Tensor:

@@ -319,12 +319,17 @@ def resize_and_crop(
     return image, target
 
 
+def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
+    """``(..., 4)`` boxes in an image ``width`` pixels wide, mirrored left to right: ``x -> width - x``
+    (mmdet 2's ``bbox_flip``)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
+
+
 def flip_target(target: dict[str, Any], width: int) -> dict[str, Any]:
-    """Mirror boxes (``x -> width - x``) and masks left to right."""
+    """Mirror boxes (:func:`mirror_boxes`) and masks left to right."""
     flipped = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    flipped["boxes"] = boxes
+    flipped["boxes"] = mirror_boxes(target["boxes"], width)
     if "masks" in target:
         flipped["masks"] = target["masks"].flip(-1)
     return flipped
