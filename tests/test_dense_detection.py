@@ -166,12 +166,13 @@ def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):
 
 
 def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
-    # 2 x 900 at shorter side 64, longer at most 96: the height rounds to 0 pixels.
-    model = create_detector("swin_test", 3, detector_options=TINY).eval()
-    with pytest.raises(
-        ValueError, match=r"an image of 2x900 resizes to 0x96 at the detector's scale \(shorter side 64"
-    ):
-        model([torch.rand(3, 2, 900)])
+    # 2 x 900 at shorter side 64, longer at most 96: the height rounds to 0 pixels (either geometry).
+    for geometry in ("torchvision", "mmdet"):
+        model = create_detector("swin_test", 3, detector_options={**TINY, "geometry": geometry}).eval()
+        with pytest.raises(
+            ValueError, match=r"an image of 2x900 resizes to 0x96 at the detector's scale \(shorter side 64"
+        ):
+            model([torch.rand(3, 2, 900)])
     assert model([torch.rand(3, 5, 900)])[0]["boxes"].shape[1] == 4  # resized to 1 x 96: still runs
     # `swinkit detect predict` reports such an image and goes on with the others.
     head = {**TINY, "masks": True, "geometry": "mmdet"}

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from swinkit.checkpoint.io import CheckpointError
@@ -316,6 +317,39 @@ def test_a_detector_with_mmdets_geometry_resizes_as_mmcv_rounds():
     assert resized.shape[-2:] == (height, width) == target["masks"].shape[-2:]
     ratio = torch.tensor([width / 640, height / 427] * 2)
     torch.testing.assert_close(target["boxes"], boxes * ratio)
+
+
+def test_the_torchvision_geometry_resizes_exactly_as_torchvisions_own_transform():
+    # swinkit writes the resize out (to refuse too elongated images by name): the same images, boxes
+    # and masks as torchvision's GeneralizedRCNNTransform, in test and in training (the same draws).
+    ours = create_detector("swin_test", 3, detector_options={**TINY, "geometry": "torchvision"}).transform
+    theirs = GeneralizedRCNNTransform((48, 56, 64), 96, ours.image_mean, ours.image_std)
+    ours.min_size = theirs.min_size
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(64, 96), (63, 97), (1, 1), (3, 300), (4, 300), (97, 61), (480, 640), (41, 1000)]
+    sizes += [tuple(torch.randint(1, 400, (2,), generator=generator).tolist()) for _ in range(20)]
+    refused = 0
+    for training in (False, True):
+        ours.train(training), theirs.train(training)
+        for height, width in sizes:
+            image = torch.rand(3, height, width, generator=generator)
+            masks = (torch.rand(2, height, width, generator=generator) > 0.5).byte()
+            boxes = torch.tensor([[0.0, 0.0, width / 2, height / 3], [1.0, 0.5, width, height]])
+            target = {"boxes": boxes, "masks": masks}
+            torch.manual_seed(height * 1000 + width)
+            try:
+                expected = theirs.resize(image, {name: value.clone() for name, value in target.items()})
+            except RuntimeError:  # a side resized to 0 pixels: refused by name instead
+                with pytest.raises(ValueError, match=f"an image of {height}x{width} resizes to "):
+                    ours.resize(image, target)
+                refused += 1
+                continue
+            torch.manual_seed(height * 1000 + width)
+            found = ours.resize(image, {name: value.clone() for name, value in target.items()})
+            assert torch.equal(found[0], expected[0]), (training, height, width)
+            for name in target:
+                assert torch.equal(found[1][name], expected[1][name]), (training, height, width, name)
+    assert refused >= 2  # 3 x 300 at least, in test and in training
 
 
 def test_files_written_before_the_geometry_choice_keep_torchvisions_geometry():

@@ -38,6 +38,7 @@ from .mmdet import (
     MASK_RCNN_TRAIN_PROPOSALS,
     RPN_MIN_POSITIVE_IOU,
     AlignedRoIPool,
+    DetectionTransform,
     MinimumIoUMatcher,
     MmdetTransform,
     UnroundedAnchorGenerator,
@@ -130,9 +131,12 @@ def build_detector(
         options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
         options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
     detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
-    if geometry == "mmdet":  # (torchvision's constructors only take its own pooling and transform classes)
+    # (torchvision's constructors only take its own pooling and transform classes)
+    detector.transform = transform_like(
+        detector.transform, MmdetTransform if geometry == "mmdet" else DetectionTransform
+    )
+    if geometry == "mmdet":
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
-        detector.transform = transform_like(detector.transform, MmdetTransform)
     if losses == "mmdet" and not cascade:
         detector.rpn = l1_region_proposals(detector.rpn, MASK_RCNN_TRAIN_PROPOSALS)
         detector.roi_heads = l1_roi_heads(detector.roi_heads)

@@ -151,13 +151,13 @@ def rescaled_size(height: int, width: int, short: int, long: int, offset: float 
     return int(height * scale + offset), int(width * scale + offset)
 
 
-class MmdetTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform with mmdet's geometry: each resized side rounded as mmcv's
-    ``imrescale`` rounds it, ``int(side * scale + 0.5)`` where torchvision floors (training and
-    test; the scale is the same, ``min(short / shorter side, max_size / longer side)``), and the
-    masks pasted by :func:`paste_masks`."""
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform, its resize written out so that an image too elongated for
+    the detector's scale (a side that would resize to 0 pixels) is refused by name rather than by
+    torch's ``interpolate``. Each resized side is ``int(side * scale + size_offset)``: with the
+    offset 0 that is torchvision's own floor, and the same size, image and boxes as its resize."""
 
-    size_offset = 0.5  # added before the floor: mmcv's rounding of a resized side
+    size_offset = 0.0  # added before the floor (torchvision floors)
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
         if self.training and self._skip_resize:
@@ -177,6 +177,15 @@ class MmdetTransform(GeneralizedRCNNTransform):
         if "masks" in target:  # nearest, as torchvision and mmdet's BitmapMasks resize them
             target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
         return image, target
+
+
+class MmdetTransform(DetectionTransform):
+    """The detection transform with mmdet's geometry: each resized side rounded as mmcv's
+    ``imrescale`` rounds it, ``int(side * scale + 0.5)`` where torchvision floors (training and
+    test; the scale is the same, ``min(short / shorter side, max_size / longer side)``), and the
+    masks pasted by :func:`paste_masks`."""
+
+    size_offset = 0.5  # mmcv's rounding of a resized side
 
     def postprocess(
         self,
