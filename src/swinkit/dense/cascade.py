@@ -194,7 +194,8 @@ def _class_deltas(deltas: Tensor, classes: Tensor) -> Tensor:
     if deltas.shape[1] == 4:
         return deltas
     count = deltas.shape[0]  # not len(): an exporter's tracer keeps a size it reads this way a variable
-    return deltas.view(count, -1, 4)[torch.arange(count, device=deltas.device), classes]
+    # unflatten, not view(count, -1, 4): with no regions (a batch without objects) -1 is ambiguous.
+    return deltas.unflatten(1, (-1, 4))[torch.arange(count, device=deltas.device), classes]
 
 
 def _box_forward(

@@ -301,8 +301,8 @@ def resize_and_crop(
     target = dict(target)
     target["boxes"] = target["boxes"] * torch.tensor([size[0] / width, size[1] / height] * 2)
     if "masks" in target:
-        masks = target["masks"][None].float()
-        target["masks"] = F.interpolate(masks, size=(size[1], size[0]), mode="nearest")[0].to(torch.uint8)
+        masks = target["masks"][:, None].float()  # instances as the batch: an image may have none
+        target["masks"] = F.interpolate(masks, size=(size[1], size[0]), mode="nearest")[:, 0].to(torch.uint8)
     low, high = CROP_RANGE
     crop_height = rng.randint(min(size[1], low), min(size[1], high))
     crop_width = rng.randint(min(size[0], low), min(size[0], high))
