@@ -442,6 +442,10 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
     metrics = json.loads(capsys.readouterr().out)  # the reloaded file scores what training scored
     assert metrics["bbox_AP"] == pytest.approx(row["val_bbox_AP"])
     assert metrics["segm_AP"] == pytest.approx(row["val_segm_AP"])
+    # The run's training checkpoint (a run under way) reads as its model file: the same scores.
+    last = ["detect", "eval", "--checkpoint", str(out / "checkpoint-last.pt"), "--json", "--workers", "0"]
+    assert main([*last, *validation]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
     image = sorted(images.iterdir())[0]
     predict = ["detect", "predict", str(image), "--checkpoint", trained, "--output", str(tmp_path / "predicted"),
                "--score-threshold", "0"]  # fmt: skip

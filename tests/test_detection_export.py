@@ -7,6 +7,7 @@ import re
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from swinkit.cli import main
 from swinkit.dense import DenseSpec, create_detector, save_dense
@@ -97,7 +98,8 @@ def test_the_exported_mask_rcnn_detects_as_eager_at_sizes_it_was_not_traced_at(t
         ExportedDetector(tmp_path / "older.onnx")([torch.rand(3, 2, 900)])
     # Multi-scale or flip testing runs the detector's parts one by one: an exported file has none.
     with pytest.raises(ValueError, match="mask_rcnn.onnx: multi-scale and flip testing runs a detector's backbone"):
-        predict_dense([tmp_path], path, tmp_path / "predicted", flip=True)
+        Image.new("RGB", (40, 30), "gray").save(tmp_path / "one.png")
+        predict_dense([tmp_path / "one.png"], path, tmp_path / "predicted", flip=True)
 
 
 def test_the_exported_roi_pooling_takes_any_count_of_regions_a_level(tmp_path):

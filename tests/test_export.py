@@ -17,6 +17,7 @@ import onnxruntime
 import pytest
 import torch
 from functorch.compile import make_boxed_func
+from PIL import Image
 from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._sympy.functions import FloorDiv
@@ -717,6 +718,7 @@ def _write_unusable_programs(folder) -> tuple[str, dict[str, str], str]:
 def test_exported_files_that_cannot_classify_are_refused_by_name(tmp_path, capsys, suffix):
     image = tmp_path / "images"
     image.mkdir()
+    Image.new("RGB", (40, 30), "gray").save(image / "one.png")  # the files, not the images, are refused
     write = _write_unusable_onnx_files if suffix == ".onnx" else _write_unusable_programs
     broken, option, refusal = write(tmp_path)
     cases = {

@@ -8,6 +8,9 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .devices import check_device, device_argument
 
 # Subcommands register here: name -> (help, add_arguments, run). ``run(args)`` returns an exit code.
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -113,7 +116,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write metrics.json and confusion.png here")
     parser.add_argument("--strict-data", action="store_true", help="stop at the first undecodable image")
     parser.add_argument("--throughput", action="store_true", help="also measure images/s (official method)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument)
     _add_amp(parser)
     _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
@@ -155,7 +158,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument)
     _add_amp(parser)
     _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
@@ -204,7 +207,7 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", type=int, help="stage whose map is shown, 0..3 or negative from the end")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -240,7 +243,9 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
     parser.add_argument("--checkpoint", help="model file (any supported format)")
     parser.add_argument("--model", help="preset name, for a randomly initialised model (no --checkpoint)")
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument(
+        "--format", choices=FORMATS, help="onnx or torch-export (default: torch-export for a .pt2 file, else onnx)"
+    )
     parser.add_argument(
         "--img-size",
         type=_parse_size,
@@ -280,10 +285,11 @@ def _run_export(args: argparse.Namespace) -> int:
         class_names = class_names_from_metadata(loaded.metadata)
     else:
         model = create_model(args.model)
+    fmt = args.format or ("torch-export" if args.output.lower().endswith(".pt2") else "onnx")
     report = export(
         model,
         args.output,
-        args.format,
+        fmt,
         args.img_size,
         args.opset,
         not args.no_check,
@@ -320,7 +326,7 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
         help="stochastic depth rate every contender trains with (default: the preset's, 0.2 for swin_t)",
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu (default) or cuda[:index]")
     parser.add_argument(
         "--dtype", default="float32", help="float32 (default), or bfloat16 / float16: every contender under autocast"
     )
@@ -334,7 +340,10 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench import format_rows, run_bench
+    from .checkpoint.io import atomic_write, writable_file
 
+    if args.json:  # before minutes of benchmarking, not after
+        writable_file(args.json)
     report = run_bench(
         args.model,
         args.batch_size,
@@ -355,8 +364,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     print(format_rows(report))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
+        atomic_write(args.json, lambda temporary: Path(temporary).write_text(json.dumps(report, indent=2)))
     if report["failures"]:
         names = ", ".join(f"{f['contender']} ({f['mode']})" for f in report["failures"])
         print(f"swinkit bench: {names} failed; the others' results are above", file=sys.stderr)
@@ -429,8 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "device", None) not in (None, "auto"):  # before any work: is the device here?
+            check_device(args.device)
         code = COMMANDS[args.command][2](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError: a file or folder the system refused
         if args.verbose:
             raise
         # User errors get one clear line, not a traceback (--verbose shows it).

@@ -172,9 +172,14 @@ def evaluate_checkpoint(
 
     from torch.utils.data import DataLoader
 
-    from .data import collate_skipping_bad, csv_list, eval_transform, image_folder
+    from .checkpoint.io import make_folder
+    from .data import collate_skipping_bad, csv_list, eval_transform, image_folder, require_some_read
     from .predict import load_classifier
 
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch size must be at least 1 and workers 0 or more, got {batch_size} and {workers}")
+    if output is not None:  # before the evaluation: a file in the way is refused now, not after it
+        make_folder(output)
     dtype = amp_dtype(amp)
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
@@ -184,6 +189,7 @@ def evaluate_checkpoint(
     dataset.samples = [type(s)(s.path, mapping[s.label]) for s in dataset.samples]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad)
     result = evaluate(model, loader, len(names), torch.device(device), dtype)
+    require_some_read(result.count, result.bad_items, str(data))
     metrics = result.summary(names)
     if result.bad_items:
         metrics["bad_image_paths"] = result.bad_items
@@ -191,7 +197,6 @@ def evaluate_checkpoint(
         first = next(batch for batch in loader if batch["images"] is not None)
         metrics["throughput_images_per_second"] = throughput(model, first["images"].to(device), warmup=5, iterations=10)
     if output is not None:
-        Path(output).mkdir(parents=True, exist_ok=True)
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_confusion(result.confusion, names, Path(output) / "confusion.png")
     return metrics

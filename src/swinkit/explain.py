@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .attention import combine_bias_and_mask, reference_attention
+from .checkpoint.io import make_folder, writable_file
 from .data import eval_crop, eval_transform
 from .model import cells, window_and_shift, window_gather_indices
 
@@ -519,6 +520,10 @@ def explain_files(
     single_file = Path(out).suffix.lower() in IMAGE_SUFFIXES
     if single_file and len(paths) != 1:
         raise ValueError(f"--out {out} names one image file, but {len(paths)} images were given; give a folder")
+    if single_file:  # a file or folder in the way: refused before the work, not after it
+        writable_file(out)
+    else:
+        make_folder(out)
     model, stored = load_classifier(checkpoint, device)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     index = _class_index(target, names)
@@ -539,7 +544,6 @@ def explain_files(
                 continue
             assert found is not None
             destination = Path(out) if single_file else _free_name(Path(out), path.stem, method, used)
-            destination.parent.mkdir(parents=True, exist_ok=True)
             overlay(view(image), found.maps[row], alpha).save(destination)
             chosen = found.targets[row]
             probability = found.probabilities[row, chosen].item()

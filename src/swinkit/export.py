@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from .checkpoint.io import atomic_write
+from .checkpoint.io import atomic_write, export_destination
 from .model import SwinTransformer, cells, derived_once_per_trace
 from .quantize import refuse_int8
 
@@ -550,8 +550,10 @@ def export(
     refuse_int8(model, "export")
     if external_data and fmt != "onnx":
         raise ValueError(f"external weights are an ONNX option; format {fmt!r} keeps them in its archive")
-    if not Path(path).parent.is_dir():  # fail before a minute of tracing, not after
-        raise FileNotFoundError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    path = export_destination(path)
+    named = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix.lower(), fmt)
+    if named != fmt:  # predict and eval read a file by its suffix
+        raise ValueError(f"{path}: a {path.suffix} file holds the {named} format, but format {fmt!r} was asked for")
     model = model.eval()
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])

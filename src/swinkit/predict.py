@@ -29,7 +29,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:  # a wrong folder would otherwise "succeed" with nothing done
+                raise FileNotFoundError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
         elif path.exists():
             paths.append(path)
         else:
@@ -67,11 +70,27 @@ def load_classifier(
         from .export import OnnxClassifier, ProgramClassifier
 
         model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
+        _refuse_headless(checkpoint, model.config.num_classes)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
     refuse_dense_file(checkpoint, loaded)
     model = create_model(checkpoint=loaded).to(device).eval()
+    _refuse_headless(checkpoint, model.config.num_classes)
     return quantize_dynamic(model) if int8 else model, class_names_from_metadata(loaded.metadata)
+
+
+def _refuse_headless(checkpoint: str | os.PathLike, num_classes: int) -> None:
+    """A model without a classifier (a pretrained encoder: its outputs are features, not classes)."""
+    if num_classes >= 1:
+        return
+    if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):
+        advice = "export a classifier (a model file with a head) instead"
+    else:
+        advice = f"fine-tune it into a classifier first (swinkit train --checkpoint {checkpoint} ...)"
+    raise ValueError(
+        f"{checkpoint} holds no classifier head (num_classes 0: a pretrained encoder, e.g. from swinkit "
+        f"pretrain): {advice}"
+    )
 
 
 def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None:
@@ -91,7 +110,7 @@ def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None
         task, owner = "segment", "an official mmseg segmentation file"
     else:
         return
-    actions = "train, eval, predict, explain" + {"segment": ", export, convert", "detect": ", convert"}.get(task, "")
+    actions = "train, eval, predict, explain" + (", export, convert" if task in ("segment", "detect") else "")
     raise ValueError(f"{checkpoint} is {owner}, not a classifier: the swinkit {task} commands ({actions}) take it")
 
 
@@ -115,10 +134,10 @@ def predict(
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch size must be at least 1, got {topk} and {batch_size}")
     dtype = amp_dtype(amp)
+    paths = expand_inputs(inputs)
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     transform = eval_transform(model.config.preprocessing)
-    paths = expand_inputs(inputs)
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         batch, good = [], []

@@ -125,10 +125,22 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
         return unwrap_state_dict(tensors, str(path)), metadata
     if kind == "torch":
         obj = _load_pickle(path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("spec"), str) and "optimizer" in obj:
+            return _dense_run_checkpoint(obj, path)
         return unwrap_state_dict(obj, str(path)), _openmmlab_metadata(obj)
     raise CheckpointError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
     )
+
+
+def _dense_run_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[StateDict, dict[str, str]]:
+    """A dense training run's ``checkpoint-last.pt`` holds its model's description (``spec``) beside
+    the weights: read as the model file the run writes (file keys, the spec as metadata), so the
+    dense commands take the checkpoint of a run under way and the classifier commands refuse it."""
+    from ..dense.weights import DenseSpec, to_file_keys  # (the dense package reads files through here)
+
+    spec = DenseSpec.from_json(obj["spec"], str(path))
+    return to_file_keys(unwrap_state_dict(obj["model"], str(path)), spec.task), {"swinkit_dense": obj["spec"]}
 
 
 def _openmmlab_metadata(obj: Any) -> dict[str, str]:
@@ -180,10 +192,45 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     return _read_file(path)
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents; a file where a folder must be is refused by name."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        where = "it" if existing == path else existing
+        raise ValueError(f"cannot make the folder {path}: {where} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # no permission, a read-only or virtual file system
+        raise ValueError(f"cannot make the folder {path}: {error.strerror or error}") from None
+    return path
+
+
+def writable_file(path: str | os.PathLike) -> Path:
+    """``path`` ready to be written: its folder made, and refused by name if it is a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the name of the file to write")
+    make_folder(path.parent)
+    return path
+
+
+def export_destination(path: str | os.PathLike) -> Path:
+    """``path`` for an export, checked before its minutes of tracing: its folder exists, and it is
+    not a folder itself."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the name of the file to write")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_file(path)
     # The destination's suffix stays last: torch.export.save warns about an archive not named *.pt2.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)

@@ -9,6 +9,7 @@ from .datasets import (
     collate_skipping_bad,
     csv_list,
     image_folder,
+    require_some_read,
     split_dataset,
 )
 from .images import IMAGE_EXTENSIONS, BadImageError, load_image
@@ -28,6 +29,7 @@ __all__ = [
     "eval_transform",
     "image_folder",
     "load_image",
+    "require_some_read",
     "split_dataset",
     "train_transform",
 ]

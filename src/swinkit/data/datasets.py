@@ -81,6 +81,15 @@ class BadItem:
     reason: str
 
 
+def require_some_read(read: int, bad: Sequence[str] | int, source: str) -> None:
+    """Stop a pass over ``source`` that could read none of its images: scores of 0 over no images
+    would otherwise pass for a result. ``bad``: the unreadable items (or their count)."""
+    count = bad if isinstance(bad, int) else len(bad)
+    if read == 0 and count:
+        first = "" if isinstance(bad, int) else f" (the first: {bad[0]})"
+        raise ValueError(f"no image of {source} could be read: all {count} failed{first}")
+
+
 def image_folder(root: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
     """One sub-folder per class (sorted names are the classes), like torchvision's ImageFolder."""
     root = Path(root)
@@ -112,9 +121,11 @@ def csv_list(path: str | os.PathLike, transform: Transform | None = None, strict
         rows = [row for row in csv.reader(f) if row and not row[0].startswith("#")]
     if rows and rows[0][:2] == ["path", "label"]:
         rows = rows[1:]
+    if not rows:
+        raise ValueError(f"{path} lists no images: expected rows 'path,label' (a header row is allowed)")
     bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2 or not row[0].strip() or not row[1].strip()]
-    if bad or not rows:
-        raise ValueError(f"{path}: expected rows 'path,label'; rows {bad[:5] or 'none'} are malformed or missing")
+    if bad:
+        raise ValueError(f"{path}: expected rows 'path,label'; rows {bad[:5]} are malformed or missing")
     labels = [row[1].strip() for row in rows]
     numeric = all(label.isdigit() for label in labels)
     classes = [str(i) for i in range(max(map(int, labels)) + 1)] if numeric else sorted(set(labels))
@@ -143,7 +154,10 @@ class DigitsDataset(FileDataset):
 def split_dataset(dataset: FileDataset, val_fraction: float, seed: int) -> tuple[FileDataset, FileDataset]:
     """Stratified split by a fraction with a fixed seed: the same files land in val on every run."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ValueError(
+            f"val_fraction must be above 0 and below 1 to split a validation set from the training data "
+            f"(or give --val-data), got {val_fraction}"
+        )
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, sample in enumerate(dataset.samples):

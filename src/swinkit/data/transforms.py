@@ -44,18 +44,25 @@ def train_transform(preprocessing: Preprocessing, recipe: Any) -> Any:
     from timm.data import create_transform
 
     auto_augment = recipe.auto_augment if recipe.auto_augment not in ("", "none", None) else None
-    return create_transform(
-        input_size=preprocessing.crop,
-        is_training=True,
-        scale=tuple(recipe.crop_scale),
-        ratio=tuple(recipe.crop_ratio),
-        hflip=recipe.hflip,
-        color_jitter=recipe.color_jitter if recipe.color_jitter > 0 else None,
-        auto_augment=auto_augment,
-        interpolation=preprocessing.interpolation,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-        re_prob=recipe.reprob,
-        re_mode="pixel",
-        re_count=1,
-    )
+    try:
+        return create_transform(
+            input_size=preprocessing.crop,
+            is_training=True,
+            scale=tuple(recipe.crop_scale),
+            ratio=tuple(recipe.crop_ratio),
+            hflip=recipe.hflip,
+            color_jitter=recipe.color_jitter if recipe.color_jitter > 0 else None,
+            auto_augment=auto_augment,
+            interpolation=preprocessing.interpolation,
+            mean=preprocessing.mean,
+            std=preprocessing.std,
+            re_prob=recipe.reprob,
+            re_mode="pixel",
+            re_count=1,
+        )
+    except AssertionError:  # timm asserts on a policy name it does not know
+        raise ValueError(
+            f"training option 'auto_augment' must be 'none' or a policy timm reads (RandAugment "
+            f"'rand-m9-mstd0.5-inc1' as the paper, 'augmix-...', or AutoAugment's 'v0', 'v0r', 'original', "
+            f"'originalr', '3a'), got {recipe.auto_augment!r}"
+        ) from None

@@ -9,6 +9,8 @@ import argparse
 import json
 from typing import Any
 
+from ..devices import device_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """The ``train``, ``eval``, ``predict`` and ``explain`` sub-commands of ``task`` (``segment`` or ``detect``)."""
@@ -29,15 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     evaluate.add_argument("--output", help="write metrics.json here")
     evaluate.add_argument("--workers", type=int, default=2)
     evaluate.add_argument("--strict-data", action="store_true", help="stop at the first bad image")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="cpu", type=device_argument)
     evaluate.add_argument("--json", action="store_true", help="print all metrics as JSON")
 
     predict = actions.add_parser("predict", help="overlay PNGs and results.json for image files or folders")
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--checkpoint", required=True, help="model file written by training")
     predict.add_argument("--output", default=f"runs/{task}-predict", help="folder for overlays and results.json")
-    predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
-    predict.add_argument("--device", default="cpu")
+    if task == "detect":
+        predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
+    predict.add_argument("--device", default="cpu", type=device_argument)
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
     for parser_ in (evaluate, predict):
         _add_test_augmentation(parser_, task)
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
             "--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
             help="explain the detection overlapping this box most (image pixels, as predict writes them)",
         )  # fmt: skip
-    explain.add_argument("--device", default="cpu")
+    explain.add_argument("--device", default="cpu", type=device_argument)
     explain.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -224,8 +227,9 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         return text, 1 if results and all("error" in r for r in results) else 0
     from .predict import predict_dense
 
+    threshold = args.score_threshold if task == "detect" else 0.5
     results = predict_dense(
-        args.inputs, args.checkpoint, args.output, args.device, args.score_threshold, **_test_augmentation(args, task)
+        args.inputs, args.checkpoint, args.output, args.device, threshold, task=task, **_test_augmentation(args, task)
     )
     text = json.dumps(results, indent=2) if args.json else summarise_predictions(results)
     return text, 1 if results and all("error" in r for r in results) else 0

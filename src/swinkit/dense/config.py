@@ -90,6 +90,9 @@ class DenseConfig:
         check_limits(self)
 
 
+TEST_MODES = ("whole", "slide")  # segmentation's inference: the image at once, or mmseg's sliding crops
+
+
 @dataclass
 class SegmentationConfig(DenseConfig):
     """Semantic segmentation with UPerNet. ``data``: a folder with ``images/`` and ``annotations/``
@@ -123,6 +126,11 @@ class SegmentationConfig(DenseConfig):
         "aux_weight": NOT_NEGATIVE,
     }
     ORDERED: ClassVar[tuple[str, ...]] = (*DenseConfig.ORDERED, "ratio_range")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.test_mode not in TEST_MODES:  # validation would meet it only after the first epoch
+            raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {self.test_mode!r}")
 
 
 @dataclass

@@ -202,7 +202,8 @@ class CocoDetection(Dataset):
 def read_coco_json(path: Path) -> dict[str, Any]:
     """Read and check the top-level structure of a COCO file; errors name the file and the key."""
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        state = "is a folder: give the COCO JSON file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"annotation file {path} {state}")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:

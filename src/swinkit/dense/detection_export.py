@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..checkpoint.io import atomic_write
+from ..checkpoint.io import atomic_write, export_destination
 from ..export import DEFAULT_OPSET, MIN_OPSET, _at_opset, _quiet, export_program, onnx_session
 from ..variants import SwinConfig
 from .mmdet import MmdetTransform, transform_like
@@ -202,9 +202,7 @@ def export_detection(
             f"a detector exports at ONNX opsets {MIN_OPSET}..{MAX_OPSET} (LayerNormalization's first; the last "
             f"torch's TorchScript exporter, which traces torchvision's detection code, writes), got {opset}"
         )
-    path = Path(path)
-    if not path.parent.is_dir():  # fail before minutes of tracing, not after
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    path = export_destination(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"{path}: a detector exports to ONNX only (.onnx); torch.export cannot take its loops")
     model = model.eval()

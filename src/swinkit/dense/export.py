@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.io import atomic_write
+from ..checkpoint.io import atomic_write, export_destination
 from ..export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -87,9 +87,7 @@ def export_segmentation(
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
     if fmt == "onnx" and opset < MIN_OPSET:
         raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
-    path = Path(path)
-    if not path.parent.is_dir():  # fail before a minute of tracing, not after
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    path = export_destination(path)
     size = tuple(img_size or (spec.inference["crop_size"],) * 2)
     low, high = SIDE_RANGE
     if not static_size and not all(low <= side <= high for side in size):

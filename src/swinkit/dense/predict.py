@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ..checkpoint.io import make_folder
+from ..data import require_some_read
 from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
 from .export import load_dense_file
@@ -119,6 +121,7 @@ def _explain_each(
     to explain (:class:`~swinkit.explain.NothingDetected`), is reported and the others go on."""
     from ..explain import NothingDetected, _free_name
 
+    make_folder(output)
     results: list[dict[str, Any]] = []
     used: set[Path] = set()
     for path in expand_inputs(inputs):
@@ -131,7 +134,6 @@ def _explain_each(
             results.append({"path": str(path), "error": str(error)})
             continue
         destination = _free_name(Path(output), path.stem, "gradcam", used)
-        destination.parent.mkdir(parents=True, exist_ok=True)
         picture.save(destination)
         results.append({"path": str(path), **result, "output": str(destination)})
     return results
@@ -270,6 +272,7 @@ def predict_dense(
     score_threshold: float = 0.5,
     ratios: Sequence[float] | None = None,
     flip: bool = False,
+    task: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run a dense model file on images; writes ``<name>_overlay.png`` (and ``_labels.png``) and ``results.json``.
 
@@ -279,14 +282,18 @@ def predict_dense(
     ``ratios`` / ``flip``: multi-scale / mirrored testing, ratios of the test scale (a segmentation
     model: :func:`segment_image`; a detector: :func:`~swinkit.dense.detection_augment.detect_augmented`).
     The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``),
-    which a detector's multi-scale or flip testing cannot take.
+    which a detector's multi-scale or flip testing cannot take. ``task`` (``segment`` or ``detect``):
+    refuse a file of the other task. ``score_threshold`` (0..1) applies to detections.
     """
+    if not 0 <= score_threshold <= 1:
+        raise ValueError(f"score threshold must be between 0 and 1 (a detection's probability), got {score_threshold}")
+    paths = expand_inputs(inputs)
     model, spec = load_dense_file(checkpoint, device)
+    _refuse_other_task(checkpoint, spec, task, "predict", "runs")
     views = _test_augmentation(checkpoint, model, spec, ratios, flip)
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(output)
     results: list[dict[str, Any]] = []
-    for index, path in enumerate(expand_inputs(inputs)):
+    for index, path in enumerate(paths):
         image = load_or_report(path, results)
         if image is None:
             continue
@@ -302,6 +309,13 @@ def predict_dense(
         results.append({"path": str(path), **result})
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _refuse_other_task(
+    checkpoint: str | os.PathLike, spec: DenseSpec, task: str | None, action: str, verb: str
+) -> None:
+    if task is not None and spec.task != task:
+        raise ValueError(f"{checkpoint} is a {spec.task} model; 'swinkit {task} {action}' {verb} {task} models")
 
 
 def evaluate_dense(
@@ -324,9 +338,12 @@ def evaluate_dense(
     detection: mmdet's merging, :mod:`swinkit.dense.detection_augment`), recorded in the metrics.
     The model may also be its exported file (``swinkit segment export``, ``swinkit detect export``).
     ``task`` (``segment`` or ``detect``): refuse a file of the other task."""
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+    if output is not None:  # before the evaluation: a file in the way is refused now, not after it
+        make_folder(output)
     model, spec = load_dense_file(checkpoint, device)
-    if task is not None and spec.task != task:
-        raise ValueError(f"{checkpoint} is a {spec.task} model; 'swinkit {task} eval' evaluates {task} models")
+    _refuse_other_task(checkpoint, spec, task, "eval", "evaluates")
     views = _test_augmentation(checkpoint, model, spec, ratios, flip)
     if spec.task == "segment":
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)
@@ -334,7 +351,6 @@ def evaluate_dense(
         metrics = _evaluate_detection(model, spec, data, images, workers, strict_data, views)
         metrics |= {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
     if output is not None:
-        Path(output).mkdir(parents=True, exist_ok=True)
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -379,6 +395,7 @@ def _evaluate_segmentation(
     confusion, bad = evaluate_segmentation(
         model, loader, len(spec.classes), s["ignore_index"], s["mode"], s["crop_size"], s["stride"], flip=flip
     )
+    require_some_read(len(dataset) - len(bad), bad, str(data))
     scores = segmentation_scores(confusion, spec.classes)
     testing = {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
     return {**scores, **testing, "images": len(dataset) - len(bad), "bad_images": bad}
@@ -405,5 +422,7 @@ def _evaluate_detection(
         Transformed(dataset, detection_eval_transform), batch_size=2, num_workers=workers, collate_fn=collate_lists
     )
     scores = evaluate_detection(model, loader, dataset, views=views)
+    read = len(dataset) - scores["bad_images"]
+    require_some_read(read, scores["bad_images"], f"{data} (images in {dataset.root})")
     problems = dict(dataset.problems.counts)
     return {**scores, "images": len(dataset) - scores["bad_images"], "annotation_problems": problems}

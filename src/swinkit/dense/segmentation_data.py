@@ -147,6 +147,8 @@ def find_split(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     Without a ``<split>`` sub-folder the ``images`` and ``annotations`` (or ``masks``) folders are used directly.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"segmentation folder {root} does not exist or is not a folder")
     images = root / "images"
     masks = next((root / name for name in MASK_FOLDERS if (root / name).is_dir()), None)
     if not images.is_dir() or masks is None:
@@ -155,6 +157,13 @@ def find_split(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
         )
     if (images / split).is_dir() and (masks / split).is_dir():
         return images / split, masks / split
+    # Split folders but not this one: the files of every split together would pass for it.
+    splits = sorted(p.name for p in images.iterdir() if p.is_dir() and (masks / p.name).is_dir())
+    if splits or (images / split).is_dir():
+        raise FileNotFoundError(
+            f"{root} has no split {split!r} (images/{split}/ with {masks.name}/{split}/); its splits: "
+            f"{', '.join(splits) or 'none complete'}"
+        )
     return images, masks
 
 
@@ -166,6 +175,9 @@ def read_class_names(root: str | os.PathLike) -> list[str] | None:
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path} lists no class names")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # two classes of one name: results by name would merge them
+        raise ValueError(f"{path} lists a class name more than once: {', '.join(repeated)}")
     return names
 
 

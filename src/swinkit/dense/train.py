@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint.io import make_folder
 from ..data import collate_skipping_bad
 from ..evaluate import amp_dtype
 from ..train import distributed
@@ -94,7 +95,7 @@ class DenseTrainer(TrainingLoop):
         amp_dtype(config.amp)  # bad names stop the run before any data is read
         check_schedule(config.schedule)
         self.config, self.dist = config, dist
-        self.output = Path(config.output)
+        self.output = make_folder(config.output)  # first: a file in the way is refused before any work
         self.train_set, self.val_set = self.load_data()
         self.model = self.build_model().to(dist.device)
         self.spec = self.describe()

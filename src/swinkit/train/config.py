@@ -228,14 +228,27 @@ def _coerce(name: str, value: Any, options: type = TrainConfig) -> Any:
     if value is None:
         return None
     origin = typing.get_origin(kind)
+    if origin is tuple:
+        items = typing.get_args(kind)
+        count = "one or more" if items[-1] is Ellipsis else len(items)
+        if not isinstance(value, (list, tuple)) or (items[-1] is not Ellipsis and len(value) != len(items)):
+            raise ValueError(f"training option {name!r} must be a list of {count} numbers, got {value!r}")
     try:
         if origin is tuple:
-            return tuple(typing.get_args(kind)[0](v) for v in value)
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError
-        return kind(value)
+            return tuple(_convert(items[0], v) for v in value)
+        return _convert(kind, value)
     except (TypeError, ValueError):
-        raise ValueError(f"training option {name!r} must be {kind}, got {value!r}") from None
+        raise ValueError(f"training option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    """``kind(value)`` without the silent changes Python allows: a bool is not a number (``True`` is
+    not a batch of 1), nor a number a bool, and a whole number is not 2.5 truncated to 2."""
+    if (kind is bool) != isinstance(value, bool):
+        raise ValueError
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return kind(value)
 
 
 def resolve_config(explicit: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None) -> TrainConfig:
@@ -276,11 +289,13 @@ def resolve_options(
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file: a config file is YAML (option: value lines)") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}")
     return {key.replace("-", "_"): value for key, value in values.items()}

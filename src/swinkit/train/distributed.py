@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..devices import check_device
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -62,10 +64,7 @@ class Distributed:
 def choose_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return device
+    return check_device(name)
 
 
 def setup(device_name: str = "auto") -> Distributed:

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.io import make_folder
+from ..checkpoint.load import read_any
 from ..checkpoint.native import save as save_model
-from ..data import train_transform
+from ..data import require_some_read, train_transform
 from ..evaluate import EvalResult, amp_dtype, evaluate
 from ..factory import create_model
+from ..predict import refuse_dense_file
 from . import distributed
 from .config import TrainConfig, save_yaml
 from .data import RunData, eval_loader, load_datasets, train_loader
@@ -53,8 +56,12 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
         if getattr(config, name) is not None:
             overrides[name] = getattr(config, name)
     table_resize = getattr(config, "table_resize", "bicubic")  # pretraining options have none
+    checkpoint = None
+    if config.checkpoint is not None:  # a detector's or segmentor's file: named, not a key mismatch
+        checkpoint = read_any(config.checkpoint)
+        refuse_dense_file(config.checkpoint, checkpoint)
     model = create_model(
-        config.model, checkpoint=config.checkpoint, attn_impl=config.attn_impl, table_resize=table_resize, **overrides
+        config.model, checkpoint=checkpoint, attn_impl=config.attn_impl, table_resize=table_resize, **overrides
     )
     report = getattr(model, "load_report", None)
     if report is not None:
@@ -138,7 +145,6 @@ class TrainingLoop:
 
     def run(self) -> Any:
         start = time.perf_counter()
-        self.output.mkdir(parents=True, exist_ok=True)
         resumed = self.resume()
         if self.dist.is_main:
             save_yaml(self.config, self.output / "config.yaml")
@@ -178,6 +184,7 @@ class TrainingLoop:
         progress.close()
         loss_sum, count, bad = self.dist.sum([totals["loss"], totals["images"], totals["bad"]])
         self.epoch_totals = {"loss": 0.0, "images": 0.0, "bad": 0.0}
+        require_some_read(int(count), int(bad), f"the training set ({getattr(self.config, 'data', None)})")
         seconds = time.perf_counter() - start
         return {"train_loss": loss_sum / max(count, 1), "images_per_second": count / seconds, "bad_images": int(bad)}
 
@@ -232,7 +239,7 @@ class Trainer(TrainingLoop):
 
     def __init__(self, config: TrainConfig, dist: distributed.Distributed) -> None:
         self.config, self.dist = config, dist
-        self.output = Path(config.output)
+        self.output = make_folder(config.output)  # first: a file in the way is refused before any work
         self.data: RunData = load_datasets(config)
         self.model = build_model(config, len(self.data.classes)).to(dist.device)
         preprocessing = self.model.config.preprocessing

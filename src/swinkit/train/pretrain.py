@@ -26,7 +26,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint.io import read_checkpoint, save_torch
+from ..checkpoint.io import make_folder, read_checkpoint, save_torch
 from ..checkpoint.native import save as save_model
 from ..data import (
     IMAGE_EXTENSIONS,
@@ -337,7 +337,7 @@ class PretrainTrainer(Trainer):
 
     def __init__(self, config: PretrainConfig, dist: distributed.Distributed) -> None:
         self.config, self.dist = config, dist
-        self.output = Path(config.output)
+        self.output = make_folder(config.output)  # first: a file in the way is refused before any work
         encoder = build_model(config, num_classes=0)
         self.model = SimMIM(encoder, config.norm_target_patch)
         if config.checkpoint is not None:
