@@ -101,6 +101,12 @@ def test_head_mismatch_reinitialises_head_and_says_so():
     assert report.ok and "3 classes" in report.reinitialized[0]
     assert torch.equal(model.head.weight, head_before)
     assert torch.equal(model.norm.weight, source.norm.weight)
+    # As many classes from features of another width: the report says which (not "3 classes, the model 3").
+    wider = swinkit.create_model("swin_test", num_classes=3, embed_dim=32)
+    with pytest.raises(CheckpointError) as error:
+        swinkit.load_checkpoint(wider, source.state_dict())
+    assert "head: the file has 3 classes of 128 features, the model's of 256" in str(error.value)
+    assert "The model must have the file's architecture: name its preset" in str(error.value)
 
 
 def test_name_without_num_classes_takes_the_files_head(tmp_path):

@@ -228,9 +228,11 @@ def _adapt_outputs(state_dict: StateDict, model: nn.Module, report: LoadReport) 
         return state_dict
     if file_head is not None and (model_head is None or file_head.shape != model_head.shape):
         model_classes = 0 if model_head is None else model_head.shape[0]
-        report.reinitialized.append(
-            f"head: the file has {file_head.shape[0]} classes, the model {model_classes}; the model keeps its own head"
-        )
+        if model_head is not None and model_classes == file_head.shape[0]:  # as many classes, another width
+            differs = f"{model_classes} classes of {file_head.shape[1]} features, the model's of {model_head.shape[1]}"
+        else:
+            differs = f"{file_head.shape[0]} classes, the model {model_classes}"
+        report.reinitialized.append(f"head: the file has {differs}; the model keeps its own head")
         return _keep_model_head(state_dict, expected)
     if file_head is None and model_head is not None:
         report.reinitialized.append("head: the file has no classifier; the model keeps its own head")
@@ -272,6 +274,6 @@ def mismatch_message(checkpoint: Checkpoint, model: nn.Module, report: LoadRepor
     model_arch = describe(model.config.to_dict())
     return (
         f"{checkpoint.source} does not fit the model: the file is {file_arch}, the model is {model_arch}.\n"
-        f"{report}\nPass strict=False to load what fits, or create the model from the file with "
-        "create_model(checkpoint=path) and no name."
+        f"{report}\nThe model must have the file's architecture: name its preset, or build it from the file "
+        "alone (create_model(checkpoint=path), swinkit info --checkpoint FILE); strict=False loads only what fits."
     )
