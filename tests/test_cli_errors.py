@@ -22,8 +22,8 @@ TRAIN = ["train", "--model", "swin_test", "--img-size", "32", "--workers", "0", 
 
 
 def _refused(argv, capsys):
-    """Run ``swinkit argv``; its exit code must be 2 (argparse's or the command's) and its error one
-    line without a traceback. Returns that error text."""
+    """Run ``swinkit argv``; its exit code must be 2 (argparse's or the command's) and its error a
+    line of its own, without a traceback. Returns what it wrote to stderr."""
     try:
         code = main(argv)
     except SystemExit as exit:  # argparse refuses the value itself

@@ -154,6 +154,30 @@ def test_coco_annotations_are_validated_repaired_and_reported(messy_coco, caplog
         CocoDetection(messy_coco, strict=True)[1]
 
 
+def test_training_leaves_out_images_no_annotation_names_as_mmdet_does(tmp_path, caplog):
+    # mmdet's CocoDataset(filter_empty_gt=True): an image stays if an annotation of a listed category
+    # names it, even a crowd region or an unusable box; images without one are left out.
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+        {"id": 2, "image_id": 3, "category_id": 1, "bbox": [0, 0, 20, 20], "iscrowd": 1},
+        {"id": 3, "image_id": 4, "category_id": 1, "bbox": [5, 5, 0, 4]},  # an empty box
+        {"id": 4, "image_id": 5, "category_id": 9, "bbox": [2, 2, 10, 10]},  # a category not listed
+    ]
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(1, 7)],
+            "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}  # fmt: skip
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    kept = CocoDetection(tmp_path / "instances.json", masks=False)
+    assert [record.id for record in kept.records] == [1, 2, 3, 4, 5, 6]  # evaluation keeps every image
+    with caplog.at_level("INFO"):
+        filtered = CocoDetection(tmp_path / "instances.json", masks=False, filter_empty=True)
+    assert [record.id for record in filtered.records] == [1, 3, 4]
+    assert "3 of 6 images have no annotation and are left out of training" in caplog.text
+    data["annotations"] = []
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="instances.json: no image has an annotation to train on"):
+        CocoDetection(tmp_path / "instances.json", masks=False, filter_empty=True)
+
+
 def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):
     (tmp_path / "a.json").write_text("{not json")
     with pytest.raises(ValueError, match="a.json is not valid JSON"):

@@ -150,6 +150,8 @@ class DetectionConfig(DenseConfig):
     hflip: float = 0.5
     # Swin's AutoAugment: the share of images resized to 400/500/600 and cropped to 384..600 first
     crop_policy: float = 0.5
+    # Training images no annotation names left out (mmdet's filter_empty_gt); --no-filter-empty keeps them
+    filter_empty: bool = True
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_dim: int = 256

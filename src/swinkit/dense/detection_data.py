@@ -54,6 +54,10 @@ class CocoDetection(Dataset):
     Items are ``(PIL image, target)`` with torchvision's target keys: ``boxes`` (N, 4) float32 in
     pixels, ``labels`` (N,) int64 in ``1..K`` (0 is the background), ``masks`` (N, H, W) uint8
     when ``masks``, and ``image_id``. Category ids map to labels in sorted id order.
+
+    ``filter_empty`` (training): leave out the images no annotation of a listed category names, as
+    mmdet's ``CocoDataset`` does by default (``filter_empty_gt``; an image whose annotations are all
+    crowd regions or unusable boxes stays, as there).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class CocoDetection(Dataset):
         images: str | os.PathLike | None = None,
         masks: bool = True,
         strict: bool = False,
+        filter_empty: bool = False,
     ) -> None:
         self.source = Path(annotation_file)
         self.root = Path(images) if images is not None else self.source.parent
@@ -74,11 +79,25 @@ class CocoDetection(Dataset):
         self.problems = Problems(str(self.source))
         self.records = self._read_images(data["images"])
         by_id = {record.id: record for record in self.records}
+        self.annotated: set[Any] = set()  # ids of the images some annotation of a listed category names
         for annotation in data["annotations"]:
             self._add_annotation(annotation, by_id)
         self.problems.log()
         if not self.records:
             raise ValueError(f"{self.source} lists no usable images")
+        if filter_empty:
+            self._leave_out_images_without_annotations()
+
+    def _leave_out_images_without_annotations(self) -> None:
+        kept = [record for record in self.records if record.id in self.annotated]
+        if not kept:
+            raise ValueError(f"{self.source}: no image has an annotation to train on ({len(self.records)} without)")
+        if len(kept) < len(self.records):
+            logger.info(
+                "%s: %d of %d images have no annotation and are left out of training (mmdet's filter_empty_gt)",
+                self.source, len(self.records) - len(kept), len(self.records),
+            )  # fmt: skip
+        self.records = kept
 
     def _read_images(self, entries: list[Any]) -> list[ImageRecord]:
         records, seen = [], set()
@@ -106,6 +125,7 @@ class CocoDetection(Dataset):
         if annotation.get("category_id") not in self.label_of:
             self.problems.add("unknown category ids", f"{ident}: category_id {annotation.get('category_id')!r}")
             return
+        self.annotated.add(record.id)
         box = self._checked_box(annotation.get("bbox"), record, ident)
         if box is None:
             return
