@@ -195,7 +195,7 @@ def test_dense_commands_refuse_the_other_tasks_file_and_missing_splits(tmp_path,
     err = _refused(["segment", "eval", "--data", str(data), "--checkpoint", segmentor, "--split", "test"], capsys)
     assert f"{data} has no split 'test' (images/test/ with annotations/test/); its splits: training, validation" in err
     err = _refused(["segment", "eval", "--data", str(tmp_path / "nowhere"), "--checkpoint", segmentor], capsys)
-    assert f"segmentation folder {tmp_path / 'nowhere'} does not exist" in err
+    assert f"swinkit segment eval: error: segmentation folder {tmp_path / 'nowhere'} does not exist" in err
     evaluate = ["segment", "eval", "--data", str(data), "--workers", "0", "--json", "--checkpoint"]
     assert main([*evaluate, segmentor]) == 0
     scores = json.loads(capsys.readouterr().out)

@@ -444,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         # User errors get one clear line, not a traceback (--verbose shows it).
-        print(f"swinkit {args.command}: error: {error}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # segment eval, ...
+        print(f"swinkit {command}: error: {error}", file=sys.stderr)
         code = 2
     distributed = sys.modules.get(f"{__package__}.train.distributed")  # imported by every command that trains
     if distributed is not None:  # a torchrun worker leaves without Python's finalisation
