@@ -202,6 +202,11 @@ def test_dense_commands_refuse_the_other_tasks_file_and_missing_splits(tmp_path,
     assert main([*evaluate, str(run)]) == 0 and json.loads(capsys.readouterr().out) == scores
     err = _refused(["predict", image, "--checkpoint", str(run)], capsys)
     assert f"{run} is a swinkit segment model file, not a classifier" in err
+    # Detection training leaves out images under --min-image-side (mmdet's 32): here all of them.
+    train = ["detect", "train", "--data", str(data / "instances_training.json"), "--model", "swin_test",
+             "--val-data", str(data / "instances_validation.json")]  # fmt: skip
+    err = _refused([*train, "--min-image-side", "49", "--output", str(tmp_path / "run")], capsys)
+    assert "instances_training.json: none left to train on: all 2 of its images have a side under 49" in err
 
 
 def test_an_export_whose_name_says_another_format_is_refused(classifier, tmp_path, capsys):

@@ -154,7 +154,7 @@ def test_coco_annotations_are_validated_repaired_and_reported(messy_coco, caplog
         CocoDetection(messy_coco, strict=True)[1]
 
 
-def test_training_leaves_out_images_no_annotation_names_as_mmdet_does(tmp_path, caplog):
+def test_training_leaves_out_images_without_annotations_or_under_32_pixels_as_mmdet_does(tmp_path, caplog):
     # mmdet's CocoDataset(filter_empty_gt=True): an image stays if an annotation of a listed category
     # names it, even a crowd region or an unusable box; images without one are left out.
     annotations = [
@@ -172,10 +172,23 @@ def test_training_leaves_out_images_no_annotation_names_as_mmdet_does(tmp_path, 
         filtered = CocoDetection(tmp_path / "instances.json", masks=False, filter_empty=True)
     assert [record.id for record in filtered.records] == [1, 3, 4]
     assert "3 of 6 images have no annotation and are left out of training" in caplog.text
+    # mmdet's other filter of the same function: training images under 32 pixels a side.
+    data["images"][2]["width"] = data["images"][3]["height"] = 31
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    with caplog.at_level("INFO"):
+        filtered = CocoDetection(tmp_path / "instances.json", masks=False, filter_empty=True, min_side=32)
+    assert [record.id for record in filtered.records] == [1]
+    assert "2 of 3 images have a side under 32 pixels and are left out of training" in caplog.text
+    kept = CocoDetection(tmp_path / "instances.json", masks=False, min_side=32)
+    assert [record.id for record in kept.records] == [1, 2, 5, 6]
     data["annotations"] = []
     (tmp_path / "instances.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="instances.json: no image has an annotation to train on"):
+    with pytest.raises(
+        ValueError, match="instances.json: none left to train on: all 6 of its images have no annotation"
+    ):
         CocoDetection(tmp_path / "instances.json", masks=False, filter_empty=True)
+    with pytest.raises(ValueError, match="none left to train on: all 6 of its images have a side under 64 pixels"):
+        CocoDetection(tmp_path / "instances.json", masks=False, min_side=64)
 
 
 def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):

@@ -10,6 +10,7 @@ import collections
 import copy
 import json
 import threading
+from pathlib import Path
 
 import onnx
 import onnx_ir
@@ -27,6 +28,7 @@ from helpers import relative_error, write_digit_folder
 from swinkit import export as export_module
 from swinkit import fast, native, parallel
 from swinkit.cli import main
+from swinkit.data import eval_transform, load_image
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
     FORMATS,
@@ -46,6 +48,7 @@ from swinkit.export import (
 )
 from swinkit.parallel import image_splits
 from swinkit.predict import predict
+from swinkit.variants import Preprocessing
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -733,3 +736,38 @@ def test_exported_files_that_cannot_classify_are_refused_by_name(tmp_path, capsy
         predict([image], tmp_path / f"backbone{suffix}", **option)
     assert main(["predict", str(image), "--checkpoint", str(tmp_path / f"broken{suffix}")]) == 2
     assert f"broken{suffix}: {broken}" in capsys.readouterr().err
+
+
+def test_a_file_fixed_to_another_square_size_is_fed_that_size_by_predict_and_eval(tmp_path, caplog):
+    # swin_test crops 64 from 73; a file fixed to 48 takes 48 only, so its own commands crop 48
+    # from 73 * 48 // 64 = 54 (the same ratio, as the official rule moves 224 from 256 to 384 from 438).
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=2)
+    model = _perturbed(swinkit.create_model("swin_test", num_classes=3))
+    checkpoint, fixed = tmp_path / "model.safetensors", tmp_path / "fixed48.pt2"
+    swinkit.save(model, checkpoint, class_names=["digit0", "digit1", "digit2"])
+    assert (
+        main(["export", str(fixed), "--checkpoint", str(checkpoint), "--img-size", "48", "--static-size", "--no-check"])
+        == 0
+    )
+    program = ProgramClassifier(fixed)
+    assert (program.config.preprocessing.resize, program.config.preprocessing.crop) == (54, 48)
+    assert program.size_range == {"height": [48, 48], "width": [48, 48]}
+
+    results = predict([folder], fixed, topk=3)
+    transform = eval_transform(Preprocessing(resize=54, crop=48))
+    with torch.no_grad():
+        images = torch.stack([transform(load_image(Path(result["path"]))) for result in results])
+        expected = model(images).softmax(-1)
+    assert len(results) == 6
+    for result, probabilities in zip(results, expected, strict=True):
+        got = sorted(result["predictions"], key=lambda p: p["index"])
+        assert [p["probability"] for p in got] == pytest.approx(probabilities.tolist(), abs=1e-5)
+    assert evaluate_checkpoint(folder, fixed, workers=0)["images"] == 6
+
+    # A non-square fixed size cannot come out of a square crop: said when written and when read.
+    oblong = tmp_path / "oblong.pt2"
+    report = export(model, oblong, "torch-export", img_size=(48, 64), check=False, static_size=True)
+    assert report["preprocessing"] == {"resize": 73, "crop": 64}
+    assert "takes 48x64 images only" in caplog.text
+    with pytest.raises(ValueError, match=r"oblong\.pt2: .*crops to 64, outside .*height range 48\.\.48.*square"):
+        predict([folder], oblong)

@@ -15,6 +15,7 @@ that the shape engine's layout guesses hold for every size rather than for the e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -512,7 +513,9 @@ def _classifier_metadata(
     for side, (low, high) in size_range.items():
         if not low <= crop <= high:
             raise ValueError(
-                f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high}"
+                f"{path}: its preprocessing crops to {crop}, outside the file's {side} range {low}..{high} "
+                "(predict and eval crop squares: export at a square --img-size N, or run the file on images "
+                "prepared yourself)"
             )
     return names, size_range
 
@@ -538,9 +541,10 @@ def export(
 ) -> dict[str, Any]:
     """Export and, with ``check``, compare the file with eager (:func:`check_export`).
 
-    Returns ``{"path", "format", "example_size", "size_range", "max_abs_error"}``: the file takes
-    any batch and any height / width inside ``size_range`` (see :data:`SIDE_RANGE`), whatever the
-    example size; ``img_size`` sets the first size checked against eager. With
+    Returns ``{"path", "format", "example_size", "size_range", "preprocessing", "max_abs_error"}``:
+    the file takes any batch and any height / width inside ``size_range`` (see :data:`SIDE_RANGE`),
+    whatever the example size; ``img_size`` sets the first size checked against eager;
+    ``preprocessing`` is the resize and crop its predict / eval use (:func:`file_preprocessing`). With
     ``static_size`` height and width are fixed to the example's: the graph pads and crops with
     plain ops instead of size-generic gathers (in onnxruntime no faster than a dynamic file).
     ``external_data`` (ONNX only): the weights in a file of their own (see :func:`export_onnx_model`).
@@ -568,7 +572,16 @@ def export(
     else:
         path = save_program(model, path, size, not static_size, class_names)
     ranges = size_ranges(size, static_size)
+    preprocessing = file_preprocessing(model.config, size, static_size)
     report: dict[str, Any] = {"path": str(path), "format": fmt, "example_size": list(size), "size_range": ranges}
+    report["preprocessing"] = {"resize": preprocessing.resize, "crop": preprocessing.crop}
+    if static_size and size[0] != size[1]:
+        logger.warning(
+            "%s takes %dx%d images only: swinkit predict and eval crop squares and refuse it; "
+            "feed it images prepared to that size yourself",
+            path,
+            *size,
+        )
     if check:
         report["max_abs_error"] = check_export(model, path, fmt, size, static_size)
     logger.info("wrote %s (%s; dynamic batch, height in %s, width in %s)", path, fmt, ranges["height"], ranges["width"])
@@ -623,15 +636,29 @@ def _listed(output: Any) -> list[torch.Tensor]:
 def _model_metadata(
     model: nn.Module, size: tuple[int, ...], class_names: list[str] | None, static_size: bool = False
 ) -> dict[str, str]:
-    """The ONNX file's metadata: config, accepted height / width range, class names."""
-    import dataclasses
-
-    config = model.config
+    """The ONNX file's metadata: config (with :func:`file_preprocessing`), accepted height / width
+    range, class names."""
+    config = dataclasses.replace(model.config, preprocessing=file_preprocessing(model.config, size, static_size))
     ranges = size_ranges(size, static_size)
     metadata = {"swinkit.config": json.dumps(dataclasses.asdict(config)), "swinkit.size_range": json.dumps(ranges)}
     if class_names:
         metadata["swinkit.class_names"] = json.dumps(list(class_names))
     return metadata
+
+
+def file_preprocessing(config: Any, size: tuple[int, ...], static_size: bool = False) -> Any:
+    """The preprocessing an exported file stores for ``swinkit predict`` and ``eval``.
+
+    The model's own, except in a file fixed to another square size: there the same rule moved to
+    that size (crop = the side, the resize scaled by the same ratio, e.g. 256 / 224 becomes 438 /
+    384, the official rule at 384), so the file's own commands feed it the one size it takes. A
+    file fixed to a non-square size keeps the model's (the commands crop squares and refuse it).
+    """
+    preprocessing = config.preprocessing
+    if not static_size or size[0] != size[1] or size[0] == preprocessing.crop:
+        return preprocessing
+    side = size[0]
+    return dataclasses.replace(preprocessing, crop=side, resize=side * preprocessing.resize // preprocessing.crop)
 
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:

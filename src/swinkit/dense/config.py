@@ -152,6 +152,8 @@ class DetectionConfig(DenseConfig):
     crop_policy: float = 0.5
     # Training images no annotation names left out (mmdet's filter_empty_gt); --no-filter-empty keeps them
     filter_empty: bool = True
+    # Training images with a side under this many pixels left out (mmdet's min_size; 0 keeps them)
+    min_image_side: int = 32
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_dim: int = 256
@@ -166,6 +168,7 @@ class DetectionConfig(DenseConfig):
         **dict.fromkeys(["anchor_sizes", "roi_batch_size", "detections_per_img"], AT_LEAST_ONE),
         "hflip": PROBABILITY,
         "crop_policy": PROBABILITY,
+        "min_image_side": NOT_NEGATIVE,
         "score_threshold": PROBABILITY,
         "geometry": Limit(lambda value: value in GEOMETRIES, " or ".join(GEOMETRIES)),
         "losses": Limit(lambda value: value in LOSSES, " or ".join(LOSSES)),

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ class CocoDetection(Dataset):
 
     ``filter_empty`` (training): leave out the images no annotation of a listed category names, as
     mmdet's ``CocoDataset`` does by default (``filter_empty_gt``; an image whose annotations are all
-    crowd regions or unusable boxes stays, as there).
+    crowd regions or unusable boxes stays, as there). ``min_side`` (training): leave out the images
+    whose width or height in the JSON file is under it, as the same mmdet filter does (32 there).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class CocoDetection(Dataset):
         masks: bool = True,
         strict: bool = False,
         filter_empty: bool = False,
+        min_side: int = 0,
     ) -> None:
         self.source = Path(annotation_file)
         self.root = Path(images) if images is not None else self.source.parent
@@ -86,16 +89,20 @@ class CocoDetection(Dataset):
         if not self.records:
             raise ValueError(f"{self.source} lists no usable images")
         if filter_empty:
-            self._leave_out_images_without_annotations()
+            self._leave_out(lambda record: record.id in self.annotated, "have no annotation")
+        if min_side > 0:
+            small = f"have a side under {min_side} pixels"
+            self._leave_out(lambda record: min(record.width, record.height) >= min_side, small)
 
-    def _leave_out_images_without_annotations(self) -> None:
-        kept = [record for record in self.records if record.id in self.annotated]
+    def _leave_out(self, keep: Callable[[ImageRecord], bool], reason: str) -> None:
+        """Training's filters of mmdet's ``CocoDataset._filter_imgs``: the records ``keep`` accepts."""
+        kept = [record for record in self.records if keep(record)]
         if not kept:
-            raise ValueError(f"{self.source}: no image has an annotation to train on ({len(self.records)} without)")
+            raise ValueError(f"{self.source}: none left to train on: all {len(self.records)} of its images {reason}")
         if len(kept) < len(self.records):
             logger.info(
-                "%s: %d of %d images have no annotation and are left out of training (mmdet's filter_empty_gt)",
-                self.source, len(self.records) - len(kept), len(self.records),
+                "%s: %d of %d images %s and are left out of training (mmdet's filter)",
+                self.source, len(self.records) - len(kept), len(self.records), reason,
             )  # fmt: skip
         self.records = kept
 

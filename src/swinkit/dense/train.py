@@ -361,7 +361,7 @@ class DetectionTrainer(DenseTrainer):
         c = self.config
         if c.val_data is None:
             raise ValueError("--val-data is required: a COCO JSON file of held-out images to measure mAP on")
-        train = CocoDetection(c.data, c.images, c.masks, c.strict_data, c.filter_empty)
+        train = CocoDetection(c.data, c.images, c.masks, c.strict_data, c.filter_empty, c.min_image_side)
         val = CocoDetection(c.val_data, c.val_images, c.masks, c.strict_data)
         if train.category_ids != val.category_ids:
             raise ValueError(
