@@ -216,3 +216,15 @@ def test_an_export_whose_name_says_another_format_is_refused(classifier, tmp_pat
         ["export", str(tmp_path / "m.onnx"), "--checkpoint", str(classifier), "--format", "torch-export"], capsys
     )
     assert "m.onnx: a .onnx file holds the onnx format, but format 'torch-export' was asked for" in err
+
+
+def test_verbose_before_or_after_the_command_shows_the_traceback(digits, tmp_path, capsys):
+    missing = str(tmp_path / "missing.safetensors")
+    image = str(next(digits.rglob("*.png")))
+    segment = ["segment", "eval", "--data", str(tmp_path), "--checkpoint", missing]
+    for argv in (["-v", "predict", image, "--checkpoint", missing], ["predict", image, "--checkpoint", missing, "-v"],
+                 [*segment, "--verbose"]):  # fmt: skip
+        with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+            main(argv)
+    assert "missing.safetensors does not exist" in _refused(["predict", image, "--checkpoint", missing], capsys)
+    assert "missing.safetensors does not exist" in _refused(segment, capsys)

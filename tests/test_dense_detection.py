@@ -467,6 +467,13 @@ def test_cli_cascade_mask_rcnn_trains_saves_reloads_and_predicts(shapes, tmp_pat
             "--output", str(out)]  # fmt: skip
     assert main(args) == 0
     row = json.loads((out / "metrics.jsonl").read_text())
+    # Every term of the loss, as mmdet logs them: the RPN's two and three per stage; their means
+    # add up to the epoch's loss (each step's loss is their sum).
+    terms = {key: value for key, value in row.items() if key.startswith("train_loss_")}
+    stages = {f"train_loss_{part}_{index}" for part in ("classifier", "box_reg", "mask") for index in range(3)}
+    assert set(terms) == {"train_loss_objectness", "train_loss_rpn_box_reg", *stages}
+    assert sum(terms.values()) == pytest.approx(row["train_loss"], rel=1e-5)
+    assert row["train_loss_classifier_0"] > row["train_loss_classifier_2"] > 0  # stage weights 1, 0.5, 0.25
     model, spec = load_dense(out / "model-final.safetensors")
     assert spec.head["cascade"] and spec.head["masks"] and isinstance(model.roi_heads, CascadeRoIHeads)
     assert spec.head["geometry"] == "mmdet" and isinstance(model.roi_heads.stages[2].mask_roi_pool, AlignedRoIPool)

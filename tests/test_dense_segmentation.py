@@ -480,6 +480,8 @@ def test_torchrun_two_processes_train_with_a_bad_image(shapes, tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["bad_images"] == 1 and np.isfinite(row["train_loss"])
     assert (tmp_path / "run" / "model-final.safetensors").is_file()
+    # Rank 0 reports for the run; the other process says nothing (it said "stopped early").
+    assert result.stdout.count("best val mIoU") == 1 and "stopped early" not in result.stdout, result.stdout
 
 
 def _stage_map(model, images, stage):

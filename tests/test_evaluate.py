@@ -93,3 +93,17 @@ def test_predict_and_eval_under_bf16_autocast_stay_close_to_float32(tmp_path):
     ):
         with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, got '(fp8|int8)'"):
             call()
+
+
+def test_eval_of_a_folder_in_trainings_layout_scores_its_val_part(tmp_path, caplog):
+    # `swinkit train --data DIR` reads DIR/train and DIR/val; `swinkit eval --data DIR` the same DIR.
+    write_digit_folder(tmp_path / "run" / "train", classes=(0, 1), per_class=2)
+    write_digit_folder(tmp_path / "run" / "val", classes=(0, 1), per_class=3)
+    model = perturb(swinkit.create_model("swin_test", img_size=32, num_classes=2), scale=0.05)
+    checkpoint = tmp_path / "model.safetensors"
+    save(model, checkpoint, class_names=["digit0", "digit1"])
+    with caplog.at_level("INFO"):
+        whole = evaluate_checkpoint(tmp_path / "run", checkpoint, workers=0)
+    assert "evaluating " + str(tmp_path / "run" / "val") in caplog.text
+    assert whole == evaluate_checkpoint(tmp_path / "run" / "val", checkpoint, workers=0)
+    assert whole["images"] == 6

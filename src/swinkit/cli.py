@@ -105,7 +105,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="image folder (one sub-folder per class) or CSV of path,label")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="image folder (one sub-folder per class; one with train/ and val/: its val/) or CSV of path,label",
+    )
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -382,7 +386,8 @@ def _run_dense(task: str, args: argparse.Namespace) -> int:
     from .dense.commands import run
 
     text, code = run(args, task)
-    print(text)
+    if text:
+        print(text)
     return code
 
 
@@ -419,13 +424,27 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+VERBOSE_HELP = "log debug messages, and show the traceback of an error"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinkit", description="Swin Transformer V1/V2 toolkit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+    _add_verbose_everywhere(subparsers)
     return parser
+
+
+def _add_verbose_everywhere(subparsers: argparse._SubParsersAction) -> None:
+    """``-v`` after the command too (``swinkit predict ... -v``, ``swinkit segment eval ... -v``)."""
+    for command in subparsers.choices.values():
+        nested = [action for action in command._actions if isinstance(action, argparse._SubParsersAction)]
+        for actions in nested:
+            _add_verbose_everywhere(actions)
+        if not nested:  # SUPPRESS: an absent flag keeps the value given before the command
+            command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

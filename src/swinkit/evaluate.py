@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,6 +150,18 @@ def _label_map(folder_classes: Sequence[str], model_classes: Sequence[str], name
     return list(range(len(folder_classes)))
 
 
+def validation_part(data: str | os.PathLike) -> str | os.PathLike:
+    """``data/val`` for a folder in training's layout (``train/`` and ``val/`` beside each other, as
+    ``swinkit train --data`` reads it), else ``data``: the same folder serves both commands."""
+    from pathlib import Path
+
+    root = Path(data)
+    if root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir():
+        logger.info("%s holds train/ and val/ (training's layout): evaluating %s", root, root / "val")
+        return root / "val"
+    return data
+
+
 def evaluate_checkpoint(
     data: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -159,7 +174,8 @@ def evaluate_checkpoint(
     amp: str = "none",
     int8: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on an image folder or CSV list with the preprocessing stored in the file.
+    """Evaluate a checkpoint on an image folder or CSV list with the preprocessing stored in the file
+    (a folder in training's layout: its ``val/``, :func:`validation_part`).
 
     ``amp`` (``bf16``, ``fp16``) runs the model under autocast; metrics are computed in float32.
     ``int8``: the linear layers int8 dynamic-quantized (:func:`~swinkit.predict.load_classifier`),
@@ -183,6 +199,7 @@ def evaluate_checkpoint(
     dtype = amp_dtype(amp)
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
+    data = validation_part(data)
     load = csv_list if str(data).lower().endswith(".csv") else image_folder
     dataset = load(data, transform=eval_transform(model.config.preprocessing), strict=strict_data)
     mapping = _label_map(dataset.classes, names, stored is not None, str(data))

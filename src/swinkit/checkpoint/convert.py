@@ -10,7 +10,6 @@ place for a parameter, such as torchvision V2's always-zero k bias, the value is
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from . import hf, native
 from .formats import FORMATS
 from .io import CheckpointError, StateDict, atomic_write, save_safetensors, save_torch
 from .load import CONVERTERS, Checkpoint, LoadReport, compare_keys, mismatch_message, read_any
-
-logger = logging.getLogger(__name__)
 
 _SAFETENSORS_METADATA = {"format": "pt"}  # what transformers and timm expect in a safetensors header
 
@@ -109,9 +106,8 @@ def convert(
         notes.append(f"{len(names)} class names do not fit {config.num_classes} classes; not written")
         names = None
     path = write_checkpoint(state_dict, config, target, to, names)
-    conversion = Conversion(str(source), checkpoint.format, str(path), to, config.family, len(state_dict), notes)
-    logger.info("%s", conversion)
-    return conversion
+    # Returned, not logged: `swinkit convert` prints it, once.
+    return Conversion(str(source), checkpoint.format, str(path), to, config.family, len(state_dict), notes)
 
 
 def _checked(checkpoint: Checkpoint) -> tuple[SwinConfig, StateDict, list[str]]:

@@ -103,8 +103,8 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
         checkpoint.notes.append(f"took the backbone of a dense model; its other parts are not loaded: {others}")
     if pretraining_parts:
         checkpoint.notes.append(
-            f"took the encoder of a SimMIM pretraining checkpoint; its mask token and decoder are not loaded: "
-            f"{pretraining_parts}"
+            f"took the encoder of a SimMIM pretraining checkpoint; its mask token and decoder are not part of an "
+            f"encoder (swinkit pretrain --checkpoint continues from them): {pretraining_parts}"
         )
     return checkpoint
 

@@ -198,6 +198,8 @@ def run(args: argparse.Namespace, task: str) -> tuple[str, int]:
         from .train import fit_dense
 
         result = fit_dense(config_from_args(args, task))
+        if not result.is_main:  # rank 0 reports for the run
+            return "", 0
         if not result.history:
             return f"stopped early; outputs in {result.output}/", 0
         return f"best val {result.metric} {result.best:.2f} in {result.seconds:.0f} s; outputs in {result.output}/", 0

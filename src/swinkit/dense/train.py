@@ -61,6 +61,7 @@ class DenseResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
     seconds: float = 0.0
+    is_main: bool = True  # False in the other processes of a torchrun run, which write and report nothing
 
 
 SCHEDULES = ("cosine", "poly", "step")
@@ -154,11 +155,7 @@ class DenseTrainer(TrainingLoop):
         return dict(checkpoint=c.checkpoint, frozen_stages=c.frozen_stages, always_shift=c.always_shift, **overrides)
 
     def create_backbone(self) -> nn.Module:
-        backbone = create_backbone(self.config.model, **self.backbone_options())
-        report = getattr(backbone.swin, "load_report", None)
-        if report is not None:
-            logger.info("%s", report)
-        return backbone
+        return create_backbone(self.config.model, **self.backbone_options())  # its load report is logged
 
     def with_file_heads(self, model: nn.Module, task: str) -> nn.Module:
         """A dense ``--checkpoint`` of this task also initialises the heads (mmdet's ``load_from``)."""
@@ -259,7 +256,10 @@ class DenseTrainer(TrainingLoop):
             history = self.metrics.history()
             self.metrics.close()
         best = best_path if best_path.exists() else None
-        return DenseResult(self.output, final_path, best, self.metric, self.best, history, self.skipped_steps, seconds)
+        return DenseResult(
+            self.output, final_path, best, self.metric, self.best, history, self.skipped_steps, seconds,
+            self.dist.is_main,
+        )  # fmt: skip
 
     def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
         if not self.dist.is_main:
@@ -275,6 +275,9 @@ class DenseTrainer(TrainingLoop):
             row["lr"],
             row["images_per_second"],
         )
+        parts = "  ".join(f"{k[len('train_loss_') :]} {v:.4f}" for k, v in row.items() if k.startswith("train_loss_"))
+        if parts:
+            logger.info("epoch %d/%d  loss terms: %s", row["epoch"] + 1, self.config.epochs, parts)
         if row["bad_images"]:
             logger.warning("epoch %d: %d bad images were skipped", row["epoch"] + 1, row["bad_images"])
         if row[f"val_{self.metric}"] > self.best:
@@ -408,6 +411,9 @@ class DetectionTrainer(DenseTrainer):
         images = [image.to(device, non_blocking=True) for image in batch["images"]]
         targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in batch["targets"]]
         losses = self.forward_model(images, targets)
+        # One transfer for every term (a cascade has 11), logged per epoch as train_loss_*.
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+        self.loss_parts = dict(zip(losses, values, strict=True))
         return sum(losses.values())
 
     def empty_batch(self) -> dict[str, Any]:

@@ -63,9 +63,6 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     model = create_model(
         config.model, checkpoint=checkpoint, attn_impl=config.attn_impl, table_resize=table_resize, **overrides
     )
-    report = getattr(model, "load_report", None)
-    if report is not None:
-        logger.info("%s", report)
     freeze_stages(model, config.freeze_stages)
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model
@@ -118,11 +115,15 @@ class TrainingLoop:
 
     ema: ModelEma | None = None
     best_file = "model-best.safetensors"  # written at the epoch with the best validation score
+    # The named terms of the micro-batch's loss (``loss_*``), where a task's loss sets them (a
+    # detector's); emptied before each one. Each epoch's row gets their image-weighted means as
+    # ``train_loss_*``.
+    loss_parts: dict[str, float]
 
     def summed_totals(self) -> dict[str, float]:
         """This epoch's running totals summed over processes; a collective, so every rank calls
         ``save``. The checkpoint keeps the sums: rank 0 alone restores them (:meth:`restore_totals`)."""
-        keys = list(self.epoch_totals)
+        keys = sorted(self.epoch_totals)  # every rank has the same keys, maybe not in the same order
         return dict(zip(keys, self.dist.sum([self.epoch_totals[k] for k in keys]), strict=True))
 
     def restore_totals(self, saved: dict[str, float]) -> None:
@@ -172,9 +173,12 @@ class TrainingLoop:
         for index, batch in enumerate(self.loader):
             self._seed_step(self.global_step * self.config.accum_steps + index % self.config.accum_steps)
             totals["bad"] += len(batch["bad"])
+            self.loss_parts = {}
             loss, images = self._forward_backward(batch)
             totals["loss"] += loss * images
             totals["images"] += images
+            for name, value in self.loss_parts.items():
+                totals[name] = totals.get(name, 0.0) + value * images
             if (index + 1) % self.config.accum_steps == 0:
                 self._optimizer_step()
                 progress.update(1)
@@ -182,11 +186,14 @@ class TrainingLoop:
                 if self._should_stop_or_save():
                     break
         progress.close()
-        loss_sum, count, bad = self.dist.sum([totals["loss"], totals["images"], totals["bad"]])
+        self.epoch_totals = totals
+        sums = self.summed_totals()
         self.epoch_totals = {"loss": 0.0, "images": 0.0, "bad": 0.0}
-        require_some_read(int(count), int(bad), f"the training set ({getattr(self.config, 'data', None)})")
+        count, bad = sums["images"], int(sums["bad"])
+        require_some_read(int(count), bad, f"the training set ({getattr(self.config, 'data', None)})")
         seconds = time.perf_counter() - start
-        return {"train_loss": loss_sum / max(count, 1), "images_per_second": count / seconds, "bad_images": int(bad)}
+        row = {"train_loss": sums["loss"] / max(count, 1), "images_per_second": count / seconds, "bad_images": bad}
+        return row | {f"train_{name}": sums[name] / max(count, 1) for name in sums if name.startswith("loss_")}
 
     def _seed_step(self, micro_step: int) -> None:
         seed_step(self.config.seed, self.dist.rank, micro_step)

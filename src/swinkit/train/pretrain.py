@@ -287,7 +287,9 @@ def continue_simmim(model: SimMIM, checkpoint: str) -> None:
     parts = pretraining_parts(read_checkpoint(checkpoint)[0])
     if parts:
         load_pretraining_parts(model, parts, checkpoint)
-        logger.info("continuing SimMIM from %s: its mask token and decoder are loaded as well", checkpoint)
+        logger.info(
+            "continuing SimMIM from %s: its mask token and decoder are loaded into the SimMIM model", checkpoint
+        )
 
 
 def check_sizes(img_size: int, stride: int, mask_patch_size: int, patch_size: int) -> None:
