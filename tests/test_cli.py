@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -42,3 +43,34 @@ def test_unknown_model_is_one_clear_line(capsys):
 def test_python_dash_m_runs():
     result = subprocess.run([sys.executable, "-m", "swinkit", "info", "--list"], capture_output=True, text=True)
     assert result.returncode == 0 and "swin_b_384" in result.stdout.split()
+
+
+def test_every_training_option_has_a_help_text(capsys):
+    from swinkit.dense.config import TASKS, DenseConfig, DetectionConfig, SegmentationConfig
+    from swinkit.train.config import RECIPES, TrainConfig
+    from swinkit.train.pretrain import PRETRAIN_RECIPES, PretrainConfig
+
+    for options in (TrainConfig, PretrainConfig, DenseConfig, SegmentationConfig, DetectionConfig):
+        fields = {f.name for f in dataclasses.fields(options)}
+        assert not fields - set(options.HELP), f"{options.__name__}: no help text for {fields - set(options.HELP)}"
+        assert not set(options.HELP) - fields, (
+            f"{options.__name__}: help texts of no field {set(options.HELP) - fields}"
+        )
+        assert all(text.strip() for text in options.HELP.values()), options.__name__
+    commands = {
+        "train": (TrainConfig, RECIPES),
+        "pretrain": (PretrainConfig, PRETRAIN_RECIPES),
+        "segment train": (SegmentationConfig, TASKS["segment"][1]),
+        "detect train": (DetectionConfig, TASKS["detect"][1]),
+    }
+    for command, (options, recipes) in commands.items():
+        try:
+            code = main([*command.split(), "--help"])
+        except SystemExit as exit:
+            code = exit.code
+        assert code == 0, command
+        out = " ".join(capsys.readouterr().out.split())  # as wrapped to the terminal, unwrapped
+        assert f"{options.HELP['clip_grad']} (default: {options.clip_grad})" in out, command
+        assert "Defaults shown are" in out and all(name in out for name in recipes), command
+    for task, (options, _, default) in TASKS.items():
+        assert f"(default: {default})" in options.HELP["recipe"], task

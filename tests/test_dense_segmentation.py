@@ -247,6 +247,10 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
         assert (out / name).is_file(), name
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr"} <= set(row)
+    # The loss's terms as mmseg logs them: UPerNet's and the auxiliary head's (weighted 0.4).
+    terms = {key: value for key, value in row.items() if key.startswith("train_loss_")}
+    assert set(terms) == {"train_loss_decode", "train_loss_aux"}
+    assert sum(terms.values()) == pytest.approx(row["train_loss"], rel=1e-5)
     # The file keeps the official layout for the backbone: a plain Swin model reads it.
     assert "backbone.norm3.weight" in load_file(out / "model-final.safetensors")
 

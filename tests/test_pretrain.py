@@ -35,6 +35,7 @@ from swinkit.train.pretrain import (
     pretrain,
     pretrain_schedule,
     resolve_pretrain_config,
+    unlabelled_images,
 )
 
 SIZE = 128  # every stage map at least one window of 4: Hugging Face's Swin clamps no window
@@ -280,6 +281,27 @@ def test_pretraining_takes_a_plain_folder_of_images_at_any_depth(tmp_path):
         pretrain(resolve_pretrain_config(_run_options(tmp_path / "empty", tmp_path / "run2")))
     with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
         pretrain(resolve_pretrain_config(_run_options(tmp_path / "absent", tmp_path / "run3")))
+
+
+def test_held_out_images_may_be_a_plain_folder_too(tmp_path):
+    # --val-data, and train/ + val/ sub-folders, hold images at any depth, in class folders or not
+    # (they were read as class folders, and a plain one was refused).
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=3, formats=("png",))
+    paths = sorted(folder.rglob("*.png"))
+    for root in (tmp_path / "train", tmp_path / "val", tmp_path / "split" / "train", tmp_path / "split" / "val"):
+        (root / "deeper").mkdir(parents=True)
+    for index, path in enumerate(paths):
+        for root in (tmp_path, tmp_path / "split"):
+            part = root / ("train" if index < 4 else "val") / ("deeper" if index % 2 else "")
+            (part / f"{index}.png").write_bytes(path.read_bytes())
+    given = unlabelled_images(resolve_pretrain_config(_run_options(tmp_path / "train", tmp_path / "run",
+                                                                   val_data=str(tmp_path / "val"))))  # fmt: skip
+    split = unlabelled_images(resolve_pretrain_config(_run_options(tmp_path / "split", tmp_path / "run")))
+    for data in (given, split):
+        assert (len(data.train), len(data.val)) == (4, 2) and data.classes == []
+    with pytest.raises(FileNotFoundError, match="absent does not exist or is not a folder"):
+        unlabelled_images(resolve_pretrain_config(_run_options(tmp_path / "train", tmp_path / "run",
+                                                               val_data=str(tmp_path / "absent"))))  # fmt: skip
 
 
 def _neighbourhood_statistics(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:

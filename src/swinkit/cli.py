@@ -71,9 +71,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    from .train.config import add_arguments
+    from .train.config import add_train_arguments
 
-    add_arguments(parser)
+    add_train_arguments(parser)
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -19,12 +19,30 @@ from ..train.config import (
     POSITIVE,
     PROBABILITY,
     Limit,
+    TrainConfig,
     add_arguments,
     check_limits,
     explicit_options,
+    recipe_note,
     resolve_options,
 )
 from .mmdet import GEOMETRIES, LOSSES
+
+# The options whose --help text is classification's.
+CLASSIFICATION_HELP = [
+    "workers",
+    "betas",
+    "eps",
+    "clip_grad",
+    "amp",
+    "seed",
+    "device",
+    "output",
+    "resume",
+    "checkpoint_every",
+    "max_steps",
+    "progress",
+]
 
 
 @dataclass
@@ -33,7 +51,7 @@ class DenseConfig:
 
     data: str | None = None
     val_data: str | None = None
-    strict_data: bool = False  # stop at the first bad image instead of skipping it
+    strict_data: bool = False
     workers: int = 2
     # Backbone: a preset; ``checkpoint`` initialises it from any file swinkit reads (ImageNet or dense);
     # a dense file of the same task (swinkit, mmdet, mmseg) also gives the heads every tensor that fits.
@@ -41,33 +59,33 @@ class DenseConfig:
     checkpoint: str | None = None
     window_size: int | None = None
     drop_path_rate: float = 0.2
-    frozen_stages: int = -1  # -1 none, 0 patch embedding, k: also stages 0..k-1
-    always_shift: bool = True  # the official dense window rule
+    frozen_stages: int = -1
+    always_shift: bool = True
     # Optimisation: AdamW (no weight decay on norms, biases, position tables), a per-step schedule:
     # cosine (warm-up, then cosine to min_lr), poly (the official segmentation schedule) or step
     # (the official detection schedule: the rate times gamma at each milestone epoch).
     epochs: int = 36
-    batch_size: int = 16  # per process
+    batch_size: int = 16
     accum_steps: int = 1
     base_lr: float = 1e-4
     warmup_lr: float = 1e-7
     min_lr: float = 1e-6
     warmup_steps: int = 1000
-    schedule: str = "cosine"  # cosine, poly or step
+    schedule: str = "cosine"
     poly_power: float = 1.0
-    milestones: tuple[int, ...] = (27, 33)  # epochs, for the step schedule
+    milestones: tuple[int, ...] = (27, 33)
     gamma: float = 0.1
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip_grad: float = 0.0  # 0 disables clipping
+    clip_grad: float = 0.0
     # Machinery.
-    amp: str = "none"  # none, bf16, fp16
+    amp: str = "none"
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
     output: str = "runs/dense"
-    resume: str = "auto"  # auto, never, or a checkpoint path
+    resume: str = "auto"
     checkpoint_every: int = 0
     max_steps: int = 0
     progress: bool = True
@@ -85,6 +103,39 @@ class DenseConfig:
         **dict.fromkeys(["clip_grad", "checkpoint_every", "max_steps"], NOT_NEGATIVE),
     }
     ORDERED: ClassVar[tuple[str, ...]] = ("milestones",)
+    # One line per field for --help (add_arguments adds the default).
+    HELP: ClassVar[dict[str, str]] = {
+        **{name: TrainConfig.HELP[name] for name in CLASSIFICATION_HELP},
+        "data": "training data (required)",
+        "val_data": "validation data",
+        "strict_data": "stop at the first bad image (or label map) instead of skipping it",
+        "model": "backbone preset (swinkit info --list)",
+        "checkpoint": "initialise the backbone from this file (ImageNet or dense, any format swinkit reads); a dense "
+        "file of the same task also initialises the heads where the shapes fit",
+        "window_size": "attention window (None: the preset's)",
+        "drop_path_rate": "stochastic depth rate of the backbone",
+        "frozen_stages": "-1: train everything; 0: freeze the patch embedding; K: also stages 0..K-1 and their "
+        "norms (mmdet's)",
+        "always_shift": "the official dense window rule: shift and pad to whole windows even where a map is no "
+        "larger than a window; --no-always-shift gives classification's rule",
+        "epochs": "training epochs",
+        "batch_size": "images per step, per process; the official recipes' 16 is the total over all processes "
+        "(rates are not scaled with it)",
+        "accum_steps": "micro-batches accumulated into each optimizer step",
+        "base_lr": "peak AdamW learning rate (absolute: not scaled by the batch)",
+        "warmup_lr": "learning rate at the first warm-up step",
+        "min_lr": "learning rate the cosine and poly schedules end at",
+        "warmup_steps": "optimizer steps of warm-up",
+        "schedule": "cosine (linear warm-up, then cosine to --min-lr), poly (the official segmentation schedule) "
+        "or step (the official detection schedule)",
+        "poly_power": "exponent of the poly schedule's decay",
+        "milestones": "epochs at which the step schedule multiplies the rate by --gamma",
+        "gamma": "the step schedule's factor at each milestone",
+        "weight_decay": "AdamW weight decay (none on norms, biases and position tables)",
+        "deterministic": "use PyTorch's deterministic algorithms, warning where an operation has none (RoIAlign's "
+        "CUDA backward)",
+        "recipe": "named set of option values, listed below (default: the task's)",
+    }
 
     def __post_init__(self) -> None:
         check_limits(self)
@@ -99,21 +150,21 @@ class SegmentationConfig(DenseConfig):
     (each with ``training/`` and ``validation/`` sub-folders, ADE20K's layout, or the files directly);
     masks are PNG label maps named like their images."""
 
-    num_classes: int | None = None  # None: the lines of classes.txt in the data folder
-    reduce_zero_label: bool = False  # ADE20K: label 0 is "other" and ignored, 1..150 become 0..149
+    num_classes: int | None = None
+    reduce_zero_label: bool = False
     ignore_index: int = 255
     train_split: str = "training"
     val_split: str = "validation"
     crop_size: int = 512
-    scale: tuple[int, int] | None = (2048, 512)  # (long, short) before the random ratio; None: the image's own
+    scale: tuple[int, int] | None = (2048, 512)
     ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75  # re-draw crops where one class covers more than this
+    cat_max_ratio: float = 0.75
     hflip: float = 0.5
     photometric: bool = True
-    channels: int = 512  # UPerNet width
+    channels: int = 512
     aux_channels: int = 256
-    aux_weight: float = 0.4  # 0 disables the auxiliary FCN head on stage 3
-    test_mode: str = "whole"  # whole or slide
+    aux_weight: float = 0.4
+    test_mode: str = "whole"
     slide_stride: int = 341
 
     LIMITS: ClassVar[dict[str, Limit]] = {
@@ -126,6 +177,32 @@ class SegmentationConfig(DenseConfig):
         "aux_weight": NOT_NEGATIVE,
     }
     ORDERED: ClassVar[tuple[str, ...]] = (*DenseConfig.ORDERED, "ratio_range")
+    HELP: ClassVar[dict[str, str]] = {
+        **DenseConfig.HELP,
+        "data": "folder with images/ and annotations/ (or masks/), each holding the split sub-folders or the files "
+        "directly; PNG label maps named like their images (required)",
+        "val_data": "another such folder to validate on (default: --data)",
+        "recipe": "named set of option values, listed below (default: ade20k)",
+        "num_classes": "number of classes (None: the lines of classes.txt in --data; given both, they must agree)",
+        "reduce_zero_label": "label 0 is ignored and the others shift down by one (ADE20K: 1..150 become 0..149)",
+        "ignore_index": "label of the pixels that count for nothing in the loss and the metrics",
+        "train_split": "sub-folder of images/ and annotations/ to train on",
+        "val_split": "sub-folder of images/ and annotations/ to validate on",
+        "crop_size": "side of the square training crops in pixels (and of --test-mode slide's windows)",
+        "scale": "long and short side an image is rescaled to fit, keeping its ratio, in training (before the "
+        "random ratio) and testing; null in a --config file: the image's own size",
+        "ratio_range": "low and high bound of the random rescale ratio in training",
+        "cat_max_ratio": "re-draw a training crop (up to 10 times) while one class covers this share of its "
+        "labelled pixels or more",
+        "hflip": "horizontal flip probability in training",
+        "photometric": "mmseg's photometric distortion (brightness, contrast, saturation, hue) in training",
+        "channels": "UPerNet's channel width",
+        "aux_channels": "the auxiliary FCN head's channel width",
+        "aux_weight": "weight of the loss of the auxiliary FCN head on the third stage (0 disables the head)",
+        "test_mode": "inference of validation, eval and predict: whole (the image in one pass) or slide (mmseg's "
+        "overlapping --crop-size windows)",
+        "slide_stride": "step between the sliding windows in pixels (--test-mode slide)",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,24 +218,21 @@ class DetectionConfig(DenseConfig):
 
     images: str | None = None
     val_images: str | None = None
-    masks: bool = True  # Mask R-CNN; --no-masks gives Faster R-CNN
-    cascade: bool = False  # Cascade (Mask) R-CNN: three box stages, IoU 0.5 / 0.6 / 0.7 (Swin's mmdet configs)
-    geometry: str = "mmdet"  # anchors and RoIAlign: mmdet's (Swin's official detectors) or torchvision's
-    losses: str = "mmdet"  # box losses and training proposals: Swin's configs' (mmdet) or torchvision's
-    min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # multi-scale training; testing uses the last
+    masks: bool = True
+    cascade: bool = False
+    geometry: str = "mmdet"
+    losses: str = "mmdet"
+    min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))
     max_size: int = 1333
     hflip: float = 0.5
-    # Swin's AutoAugment: the share of images resized to 400/500/600 and cropped to 384..600 first
     crop_policy: float = 0.5
-    # Training images no annotation names left out (mmdet's filter_empty_gt); --no-filter-empty keeps them
     filter_empty: bool = True
-    # Training images with a side under this many pixels left out (mmdet's min_size; 0 keeps them)
     min_image_side: int = 32
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_dim: int = 256
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
-    roi_batch_size: int = 512  # sampled proposals per image for the box head's loss
+    roi_batch_size: int = 512
     score_threshold: float = 0.05
     detections_per_img: int = 100
 
@@ -172,6 +246,35 @@ class DetectionConfig(DenseConfig):
         "score_threshold": PROBABILITY,
         "geometry": Limit(lambda value: value in GEOMETRIES, " or ".join(GEOMETRIES)),
         "losses": Limit(lambda value: value in LOSSES, " or ".join(LOSSES)),
+    }
+    HELP: ClassVar[dict[str, str]] = {
+        **DenseConfig.HELP,
+        "data": "COCO JSON annotation file of the training images (required)",
+        "val_data": "COCO JSON annotation file of the validation images (required)",
+        "recipe": "named set of option values, listed below (default: coco)",
+        "images": "folder of the training images (default: the --data file's folder)",
+        "val_images": "folder of the validation images (default: the --val-data file's folder)",
+        "masks": "Mask R-CNN; --no-masks gives Faster R-CNN (boxes only)",
+        "cascade": "Cascade (Mask) R-CNN: three box stages trained at IoU 0.5, 0.6 and 0.7 (Swin's mmdet configs)",
+        "geometry": "anchors, RoIAlign, resizing and mask pasting: mmdet's (as Swin's official detectors) or "
+        "torchvision's",
+        "losses": "box losses and training proposals: mmdet's (as Swin's configs train) or torchvision's",
+        "min_sizes": "shorter sides to resize training images to, one drawn per image; testing uses the last",
+        "max_size": "the most pixels the longer side is resized to",
+        "hflip": "horizontal flip probability in training",
+        "crop_policy": "share of training images first resized to a shorter side of 400, 500 or 600 and cropped "
+        "to 384..600 pixels a side (Swin's AutoAugment; 0 disables)",
+        "filter_empty": "leave out training images no annotation names (mmdet's filter_empty_gt); "
+        "--no-filter-empty keeps them",
+        "min_image_side": "leave out training images with a side under this many pixels (mmdet's min_size; "
+        "0 keeps them)",
+        "fpn_channels": "FPN channel width (and of the cascade's box-head convolutions)",
+        "box_head_dim": "width of the box head's fully connected layers",
+        "mask_head_dim": "channels of the mask head's four convolutions",
+        "anchor_sizes": "anchor size in pixels on each of the five FPN levels",
+        "roi_batch_size": "proposals sampled per image for the box head's loss",
+        "score_threshold": "detections scoring below this are dropped at test time",
+        "detections_per_img": "the most detections kept per image at test time",
     }
 
 
@@ -204,6 +307,12 @@ DETECTION_RECIPES: dict[str, dict[str, Any]] = {
     "coco-cascade": dict(schedule="step", milestones=(27, 33), gamma=0.1, cascade=True, output="runs/detect"),
 }
 
+# What each default recipe is, for --help.
+RECIPE_SUMMARIES = {
+    "ade20k": "the official Swin + UPerNet recipe on ADE20K",
+    "coco": "the official Swin + Mask R-CNN 3x recipe on COCO",
+}
+
 TASKS: dict[str, tuple[type, dict[str, dict[str, Any]], str]] = {
     "segment": (SegmentationConfig, SEGMENTATION_RECIPES, "ade20k"),
     "detect": (DetectionConfig, DETECTION_RECIPES, "coco"),
@@ -222,7 +331,9 @@ def resolve_dense_config(
 
 def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """One ``--flag`` per option of ``task``'s config (``--config FILE`` for a YAML file)."""
-    add_arguments(parser, TASKS[task][0])
+    options, recipes, default = TASKS[task]
+    add_arguments(parser, options)
+    parser.epilog = recipe_note(recipes, default, RECIPE_SUMMARIES[default])
 
 
 def config_from_args(args: argparse.Namespace, task: str) -> DenseConfig:

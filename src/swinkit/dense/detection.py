@@ -87,11 +87,12 @@ def build_detector(
     """torchvision's ``MaskRCNN`` (``masks``) or ``FasterRCNN`` for ``num_classes`` object classes.
 
     ``num_classes`` excludes the background (torchvision's label 0). In training a ``min_size``
-    tuple picks a random shorter side per batch; evaluation uses its last value. Images go in as
-    RGB in [0, 1]; the detector normalises them with the backbone's mean and std. ``cascade``:
-    Cascade (Mask) R-CNN's three box stages (:mod:`swinkit.dense.cascade`) instead of one, each
-    box head four convolutions of ``fpn_channels`` and one layer of ``box_head_dim``, and a box per
-    class (Swin's configs), or with ``agnostic_boxes`` one box for every class.
+    tuple picks a random shorter side per image (as mmdet and torchvision draw it); evaluation uses
+    its last value. Images go in as RGB in [0, 1]; the detector normalises them with the backbone's
+    mean and std. ``cascade``: Cascade (Mask) R-CNN's three box stages
+    (:mod:`swinkit.dense.cascade`) instead of one, each box head four convolutions of
+    ``fpn_channels`` and one layer of ``box_head_dim``, and a box per class (Swin's configs), or
+    with ``agnostic_boxes`` one box for every class.
     ``geometry``: ``"mmdet"`` (Swin's official detectors: anchors not rounded, RoIAlign with
     ``aligned=True`` and adaptive sampling, masks pasted into the float box,
     :mod:`swinkit.dense.mmdet`) or ``"torchvision"`` (torchvision's rounded anchors,

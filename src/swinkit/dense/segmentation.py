@@ -97,10 +97,18 @@ def segmentation_loss(
     Logits are resized (bilinear) to the masks' size first. A batch without a labelled pixel gives a
     zero loss (not NaN), so a crop of ignored pixels cannot poison a run.
     """
-    loss = pixel_cross_entropy(outputs["out"], masks, ignore_index)
+    return sum(segmentation_losses(outputs, masks, ignore_index, aux_weight).values())
+
+
+def segmentation_losses(
+    outputs: dict[str, Tensor], masks: Tensor, ignore_index: int = 255, aux_weight: float = 0.4
+) -> dict[str, Tensor]:
+    """The terms of :func:`segmentation_loss`: ``loss_decode`` (UPerNet's) and, with an auxiliary
+    head and weight, ``loss_aux`` (weighted), as mmseg logs them."""
+    losses = {"loss_decode": pixel_cross_entropy(outputs["out"], masks, ignore_index)}
     if "aux" in outputs and aux_weight > 0:
-        loss = loss + aux_weight * pixel_cross_entropy(outputs["aux"], masks, ignore_index)
-    return loss
+        losses["loss_aux"] = aux_weight * pixel_cross_entropy(outputs["aux"], masks, ignore_index)
+    return losses
 
 
 def pixel_cross_entropy(logits: Tensor, masks: Tensor, ignore_index: int) -> Tensor:

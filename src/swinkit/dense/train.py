@@ -36,7 +36,7 @@ from .data import Augmented, Transformed, collate_lists
 from .detection import build_detector, evaluate_detection
 from .detection_data import CocoDetection, DetectionTrainTransform, detection_eval_transform
 from .metrics import segmentation_scores
-from .segmentation import build_segmentor, evaluate_segmentation, segmentation_loss
+from .segmentation import build_segmentor, evaluate_segmentation, segmentation_losses
 from .segmentation_data import (
     SegmentationEvalTransform,
     SegmentationFolder,
@@ -141,6 +141,13 @@ class DenseTrainer(TrainingLoop):
     def empty_batch(self) -> dict[str, Any]:
         """A batch that yields a (zero-weighted) loss, for a process whose whole batch was bad."""
         raise NotImplementedError
+
+    def named_terms(self, losses: dict[str, Tensor]) -> Tensor:
+        """The loss, the sum of ``losses``; their values kept as ``loss_parts`` (logged per epoch as
+        ``train_loss_*``), in one transfer from the device (a cascade has 11)."""
+        values = torch.stack([value.detach().float() for value in losses.values()]).tolist()
+        self.loss_parts = dict(zip(losses, values, strict=True))
+        return sum(losses.values())
 
     def validate(self) -> dict[str, float]:
         raise NotImplementedError
@@ -334,7 +341,8 @@ class SegmentationTrainer(DenseTrainer):
     def loss(self, batch: dict[str, Any]) -> Tensor:
         images = batch["images"].to(self.dist.device, non_blocking=True)
         masks = batch["labels"].to(self.dist.device, non_blocking=True)
-        return segmentation_loss(self.forward_model(images), masks, self.config.ignore_index, self.config.aux_weight)
+        c = self.config
+        return self.named_terms(segmentation_losses(self.forward_model(images), masks, c.ignore_index, c.aux_weight))
 
     def empty_batch(self) -> dict[str, Any]:
         size = self.config.crop_size
@@ -410,11 +418,7 @@ class DetectionTrainer(DenseTrainer):
         device = self.dist.device
         images = [image.to(device, non_blocking=True) for image in batch["images"]]
         targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in batch["targets"]]
-        losses = self.forward_model(images, targets)
-        # One transfer for every term (a cascade has 11), logged per epoch as train_loss_*.
-        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
-        self.loss_parts = dict(zip(losses, values, strict=True))
-        return sum(losses.values())
+        return self.named_terms(self.forward_model(images, targets))
 
     def empty_batch(self) -> dict[str, Any]:
         target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": -1}

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..attention import ATTENTION_IMPLS
 from ..checkpoint.adapt import TABLE_RESIZES
 
 
@@ -74,24 +76,23 @@ class TrainConfig(BatchScaling):
     data: str | None = None
     val_data: str | None = None
     val_fraction: float = 0.2
-    strict_data: bool = False  # stop at the first undecodable image instead of skipping it
+    strict_data: bool = False
     workers: int = 2
     # Model and fine-tuning.
     model: str = "swin_t"
     checkpoint: str | None = None
     img_size: int | None = None
     window_size: int | None = None
-    drop_path_rate: float | None = None  # None: the preset's
-    layer_decay: float | None = None  # layer-wise learning-rate decay for fine-tuning, e.g. 0.9
-    # V1 bias tables of a checkpoint with another window: bicubic, or geometric (SimMIM fine-tuning's).
+    drop_path_rate: float | None = None
+    layer_decay: float | None = None
     table_resize: str = "bicubic"
-    freeze_stages: int = 0  # freeze patch embedding and the first k stages
+    freeze_stages: int = 0
     grad_checkpointing: bool = False
     compile: bool = False
     attn_impl: str = "auto"
     # Optimisation: AdamW, linear warm-up then cosine, per iteration; lr scaled by batch / 512.
     epochs: int = 300
-    batch_size: int = 128  # per process
+    batch_size: int = 128
     accum_steps: int = 1
     base_lr: float = 5e-4
     warmup_lr: float = 5e-7
@@ -100,7 +101,7 @@ class TrainConfig(BatchScaling):
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip_grad: float = 5.0  # 0 disables clipping
+    clip_grad: float = 5.0
     label_smoothing: float = 0.1
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -114,20 +115,85 @@ class TrainConfig(BatchScaling):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     # Machinery.
-    amp: str = "none"  # none, bf16, fp16
+    amp: str = "none"
     ema: bool = False
     ema_decay: float = 0.9998
     seed: int = 0
     deterministic: bool = False
     fsdp: bool = False
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"
     # Output.
     output: str = "runs/train"
-    resume: str = "auto"  # auto (continue a run found in output), never, or a checkpoint path
-    checkpoint_every: int = 0  # also save every N optimizer steps (0: at epoch ends only)
-    max_steps: int = 0  # stop after N optimizer steps (0: run all epochs); for tests and smoke runs
+    resume: str = "auto"
+    checkpoint_every: int = 0
+    max_steps: int = 0
     progress: bool = True
     recipe: str = "imagenet"
+
+    # One line per field for --help (add_arguments adds the default).
+    HELP: ClassVar[dict[str, str]] = {
+        "data": "training images: a folder (with train/ and val/, or class sub-folders) or a CSV of path,label; "
+        "None: the bundled handwritten digits",
+        "val_data": "validation images: a folder of class sub-folders or a CSV (default: taken from --data)",
+        "val_fraction": "share of --data held out for validation when it has no val/ and no --val-data is given "
+        "(stratified, fixed seed)",
+        "strict_data": "stop at the first undecodable image instead of skipping it",
+        "workers": "data-loading worker processes, per process (0: load in the main process)",
+        "model": "model preset (swinkit info --list)",
+        "checkpoint": "initialise from this file (any supported format); another class count re-initialises the head",
+        "img_size": "input size in pixels (None: the preset's)",
+        "window_size": "attention window (None: the preset's); a checkpoint's bias tables are resized to it",
+        "drop_path_rate": "stochastic depth rate (None: the preset's)",
+        "layer_decay": "layer-wise learning-rate decay for fine-tuning, e.g. 0.9: each layer's rate is the next "
+        "higher layer's times this (None: off)",
+        "table_resize": "how a V1 checkpoint's bias tables go to another window: bicubic, or geometric "
+        "(SimMIM fine-tuning's)",
+        "freeze_stages": "freeze the patch embedding and the first K stages (0: train everything); frozen parts stay "
+        "in eval mode",
+        "grad_checkpointing": "recompute each block in the backward pass instead of storing its activations "
+        "(less memory, slower)",
+        "compile": "torch.compile the model",
+        "attn_impl": f"window-attention implementation: {', '.join(ATTENTION_IMPLS)} "
+        "(auto: the fastest exact one for the device)",
+        "epochs": "training epochs",
+        "batch_size": "images per step, per process (the official 1024 is 128 on each of 8 GPUs)",
+        "accum_steps": "micro-batches accumulated into each optimizer step (the total batch is batch size x "
+        "processes x this)",
+        "base_lr": "peak learning rate per 512 images: scaled by the total batch / 512",
+        "warmup_lr": "learning rate the linear warm-up starts from, per 512 images",
+        "min_lr": "learning rate the cosine ends at, per 512 images",
+        "warmup_epochs": "epochs of linear warm-up (fractions allowed)",
+        "weight_decay": "AdamW weight decay (none on norms, biases and position tables)",
+        "betas": "AdamW's two betas",
+        "eps": "AdamW's epsilon",
+        "clip_grad": "clip the gradient norm to this (0 disables clipping)",
+        "label_smoothing": "label smoothing of the cross-entropy targets",
+        "mixup": "mixup alpha (0 disables mixup); batches of an odd size are not mixed",
+        "cutmix": "cutmix alpha (0 disables cutmix)",
+        "mixup_prob": "probability that a batch is mixed (by mixup or cutmix)",
+        "mixup_switch_prob": "probability of cutmix rather than mixup when both are on",
+        "auto_augment": "timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (the official RandAugment), or none",
+        "reprob": "random erasing probability",
+        "hflip": "horizontal flip probability",
+        "color_jitter": "colour jitter strength (0 disables); timm ignores it while an --auto-augment policy other "
+        "than 3a is set",
+        "crop_scale": "random resized crop: the range of the image's area kept, low and high",
+        "crop_ratio": "random resized crop: the range of aspect ratios, low and high",
+        "amp": "mixed precision: none, bf16 or fp16 (fp16 with a gradient scaler)",
+        "ema": "keep an exponential moving average of the weights, validated beside them and saved as "
+        "model-ema.safetensors (not with --fsdp)",
+        "ema_decay": "EMA decay per optimizer step",
+        "seed": "random seed of initialisation, data order, augmentation, dropout and drop path",
+        "deterministic": "use PyTorch's deterministic algorithms only (an operation without one stops the run)",
+        "fsdp": "shard the model over the processes with FSDP (torchrun with several processes)",
+        "device": "auto (each process's GPU if CUDA is available, else the CPU), cpu, cuda, cuda:N or mps",
+        "output": "folder for checkpoints, metrics and the trained model",
+        "resume": "auto (continue the run in --output if it left a checkpoint), never, or a checkpoint path",
+        "checkpoint_every": "also save the training state every N optimizer steps (0: at epoch ends only)",
+        "max_steps": "stop after N optimizer steps (0: run every epoch); for tests and smoke runs",
+        "progress": "show a progress bar (main process, on a terminal)",
+        "recipe": "named set of option values, listed below (default: imagenet with --data, digits without)",
+    }
 
     LIMITS: ClassVar[dict[str, Limit]] = {
         "val_fraction": BELOW_ONE,
@@ -307,13 +373,18 @@ def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, options: type = TrainConfig) -> None:
-    """One ``--flag`` per field of ``options``; unset flags keep the recipe / file value."""
+    """One ``--flag`` per field of ``options``, its help from ``options.HELP`` and the dataclass
+    default (a text that gives its own default, as ``recipe``'s does, or ends in "(required)" shows
+    no other); unset flags keep the recipe / file value."""
+    parser.formatter_class = HyphenKeepingFormatter
     parser.add_argument("--config", help="YAML file of training options (flags given here win)")
     for f in dataclasses.fields(options):
         flag = "--" + f.name.replace("_", "-")
         kind = _without_none(_field_types(options)[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"(default: {default})"
+        help_text = options.HELP[f.name]
+        if "(default: " not in help_text and not help_text.endswith("(required)"):
+            help_text = f"{help_text} (default: {_shown(default)})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is tuple:
@@ -322,6 +393,50 @@ def add_arguments(parser: argparse.ArgumentParser, options: type = TrainConfig) 
             parser.add_argument(flag, nargs=count, type=items[0], default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
+class HyphenKeepingFormatter(argparse.HelpFormatter):
+    """argparse's help layout, without breaking lines at hyphens (recipe names, file names)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+        return "\n".join(indent + line for line in lines)
+
+
+def _shown(value: Any) -> str:
+    """A default as its flag takes it: a tuple's numbers separated by spaces."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def recipe_note(recipes: dict[str, dict[str, Any]], default: str, what: str, without_data: str | None = None) -> str:
+    """The epilog of a training command: the defaults ``--help`` shows are the dataclass's, which the
+    default recipe (``what``; ``without_data``: the one chosen without ``--data``) may change; the recipes."""
+    changes = recipes[default]
+    if changes:
+        values = ", ".join(f"--{name.replace('_', '-')} {_shown(value)}" for name, value in changes.items())
+        note = f"Defaults shown are those before a recipe; the default recipe, {default} ({what}), sets {values}."
+    else:
+        note = f"Defaults shown are those of the {default} recipe ({what})"
+        note += (
+            f", the default with --data; without --data the default recipe is {without_data}." if without_data else "."
+        )
+    return (
+        f"{note} The recipes (--recipe NAME, see README): {', '.join(recipes)}. "
+        "Values resolve in this order, later winning: defaults, recipe, --config file, flags."
+    )
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """``swinkit train``'s flags, and the note on its defaults and recipes."""
+    add_arguments(parser, TrainConfig)
+    parser.epilog = recipe_note(
+        RECIPES, "imagenet", "the official ImageNet-1K recipe", without_data="digits (the bundled handwritten digits)"
+    )
 
 
 def explicit_options(args: argparse.Namespace, options: type) -> dict[str, Any]:

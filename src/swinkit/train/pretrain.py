@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +34,7 @@ from ..data import (
     FileDataset,
     SeededTransform,
     collate_skipping_bad,
+    csv_list,
     eval_crop,
     split_dataset,
 )
@@ -60,6 +61,7 @@ from .config import (
     add_arguments,
     check_limits,
     explicit_options,
+    recipe_note,
     resolve_options,
 )
 from .data import SPLIT_SEED, RunData, load_datasets, train_loader
@@ -78,7 +80,7 @@ class PretrainConfig(BatchScaling):
     # list, or None: the bundled digits.
     data: str | None = None
     val_data: str | None = None
-    val_fraction: float = 0.05  # held out to report the reconstruction loss per epoch
+    val_fraction: float = 0.05
     strict_data: bool = False
     workers: int = 2
     # Encoder: a preset (its head dropped), optionally initialised from any supported checkpoint.
@@ -100,7 +102,7 @@ class PretrainConfig(BatchScaling):
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
     epochs: int = 100
-    batch_size: int = 128  # per process
+    batch_size: int = 128
     accum_steps: int = 1
     base_lr: float = 2e-4
     warmup_lr: float = 1e-6
@@ -109,13 +111,13 @@ class PretrainConfig(BatchScaling):
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip_grad: float = 5.0  # 0 disables clipping
+    clip_grad: float = 5.0
     # Augmentation.
     crop_scale: tuple[float, float] = (0.67, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     hflip: float = 0.5
     # Machinery.
-    amp: str = "none"  # none, bf16, fp16
+    amp: str = "none"
     seed: int = 0
     deterministic: bool = False
     fsdp: bool = False
@@ -132,6 +134,7 @@ class PretrainConfig(BatchScaling):
     freeze_stages: ClassVar[int] = 0
     ema: ClassVar[bool] = False
     LIMITS: ClassVar[dict[str, Limit]]  # set below, from the fields
+    HELP: ClassVar[dict[str, str]]  # set below, from the fields
     ORDERED: ClassVar[tuple[str, ...]] = ("crop_scale", "crop_ratio")
 
     def __post_init__(self) -> None:
@@ -164,6 +167,35 @@ PretrainConfig.LIMITS = {
     "mask_ratio": Limit(lambda value: 0 < value < 1, "above 0 and below 1"),
     "lr_milestones": POSITIVE,
     "lr_gamma": POSITIVE,
+}
+
+# Classification's texts for the options both have in the same sense, and pretraining's own.
+PretrainConfig.HELP = {
+    **{name: text for name, text in TrainConfig.HELP.items() if name in {f.name for f in fields(PretrainConfig)}},
+    "data": "images to pretrain on (labels unused): a folder, searched at any depth (train/ and val/ give the "
+    "split if both are there), or a CSV of path,label; None: the bundled handwritten digits",
+    "val_data": "validation images: a folder, searched at any depth, or a CSV of path,label (default: held out "
+    "of --data)",
+    "val_fraction": "share of --data held out to report the reconstruction loss each epoch, when it has no "
+    "train/ and val/ and no --val-data is given",
+    "batch_size": "images per step, per process",
+    "model": "encoder preset (swinkit info --list); its head is dropped",
+    "checkpoint": "initialise the encoder from this file (any supported format); a SimMIM file (official, Hugging "
+    "Face or a run's simmim-final.pth) also gives the mask token and decoder",
+    "img_size": "input size in pixels (None: the preset's), a multiple of --mask-patch-size and of the encoder's "
+    "stride",
+    "mask_patch_size": "side of the masked squares in pixels, a multiple of the encoder's patch size",
+    "mask_ratio": "share of the squares masked in each image",
+    "norm_target_patch": "0: reconstruct the pixels as they are; an odd P of 3 or more: each pixel normalized over "
+    "the P x P pixels around it (SwinV2's 800-epoch recipe: 47)",
+    "lr_schedule": "cosine (to --min-lr) or multistep (the rate times --lr-gamma at each of --lr-milestones), "
+    "both after the linear warm-up",
+    "lr_milestones": "epochs at which multistep multiplies the rate by --lr-gamma, all after the warm-up",
+    "lr_gamma": "multistep's factor at each milestone",
+    "min_lr": "learning rate the cosine ends at, per 512 images (cosine schedule only)",
+    "weight_decay": "AdamW weight decay (none on norms, biases, position tables and the mask token)",
+    "output": "folder for checkpoints, metrics, the encoder files and reconstructions.png",
+    "recipe": "named set of option values, listed below (default: simmim with --data, digits without)",
 }
 
 # The Swin Transformer repository's 800-epoch pretraining (configs/simmim/*_800ep.yaml): 1e-4 per 512
@@ -222,6 +254,12 @@ def resolve_pretrain_config(
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, PretrainConfig)
+    parser.epilog = recipe_note(
+        PRETRAIN_RECIPES,
+        "simmim",
+        "the official 100-epoch SimMIM pretraining of Swin-B at 192",
+        without_data="digits (the bundled handwritten digits)",
+    )
 
 
 def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -258,22 +296,32 @@ def simmim_transforms(config: PretrainConfig, preprocessing: Preprocessing, patc
 def unlabelled_images(config: PretrainConfig) -> RunData:
     """The images to pretrain on, labels dropped: a folder's every image (in sub-folders or not;
     ``train/`` and ``val/`` sub-folders, if both are there, give the split), a CSV list, or the
-    bundled digits."""
-    root = None if config.data is None else Path(config.data)
-    has_split = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
-    if root is None or root.suffix.lower() == ".csv" or config.val_data is not None or has_split:
+    bundled digits; ``val_data`` (a folder or CSV list the same way) is the held-out part."""
+    if config.data is None:
         data = load_datasets(config)
     else:
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
-        images = FileDataset([Sample(str(path), 0) for path in paths], ["images"], strict=config.strict_data)
-        train, val = split_dataset(images, config.val_fraction, SPLIT_SEED)
+        root = Path(config.data)
+        if config.val_data is not None:
+            train, val = _unlabelled(root, config.strict_data), _unlabelled(Path(config.val_data), config.strict_data)
+        elif root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir():
+            train, val = _unlabelled(root / "train", config.strict_data), _unlabelled(root / "val", config.strict_data)
+        else:
+            train, val = split_dataset(_unlabelled(root, config.strict_data), config.val_fraction, SPLIT_SEED)
         data = RunData(train, val, [], str(root))
     data.classes = []  # labels are not used
     return data
+
+
+def _unlabelled(path: Path, strict: bool) -> FileDataset:
+    """A CSV list's images, or every image file under a folder at any depth (class folders or not)."""
+    if path.suffix.lower() == ".csv":
+        return csv_list(path, strict=strict)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder {path} does not exist or is not a folder")
+    paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
+    return FileDataset([Sample(str(p), 0) for p in paths], ["images"], strict=strict)
 
 
 def encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
