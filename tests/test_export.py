@@ -10,6 +10,7 @@ import collections
 import copy
 import json
 import threading
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -161,6 +162,8 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
     model, path, report = size_generic_program
     assert report["max_abs_error"] < 1e-5
     assert [child.name for child in path.parent.iterdir()] == ["model.pt2"]  # the temporary file renamed
+    # The archive's top folder is named for the file (torch names it after the file it writes).
+    assert {name.split("/")[0] for name in zipfile.ZipFile(path).namelist()} == {"model"}
     assert report["size_range"] == {"height": [1, MAX_SIDE], "width": [1, MAX_SIDE]}
     extra = {PROGRAM_METADATA: ""}
     loaded = load_program(path, extra_files=extra)

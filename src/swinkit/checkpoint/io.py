@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -231,15 +232,15 @@ def export_destination(path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
     path = writable_file(path)
-    # The destination's suffix stays last: torch.export.save warns about an archive not named *.pt2.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    # The temporary file has the destination's name, in a folder of its own beside it: torch's zip
+    # archives (torch.save, torch.export.save) name their top folder after the file they write.
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_safetensors(state_dict: StateDict, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:

@@ -107,6 +107,12 @@ class DenseTrainer(TrainingLoop):
                 f"the training set has {len(self.train_set)} images, fewer than one global batch "
                 f"({config.batch_size} x {dist.world_size} processes); lower --batch-size"
             )
+        if dist.is_main:  # --batch-size is per process; the recipes' absolute rates are for a total of 16
+            logger.info(
+                "total batch %d: %d per process x %d processes x %d accumulated (Swin's recipes: 16 in all)",
+                config.batch_size * dist.world_size * config.accum_steps, config.batch_size, dist.world_size,
+                config.accum_steps,
+            )  # fmt: skip
         self.augmented = Augmented(self.train_set, self.train_transform(), config.seed)
         self.loader = self._loader(self.augmented, batch_sampler=self.sampler)
         self.forward_model = self._wrap(self.model)
