@@ -222,6 +222,12 @@ def test_reduced_precision_runs_every_contender_under_autocast():
 def test_bad_devices_and_dtypes_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown dtype 'fp8'; accepted: float32, bfloat16, float16"):
         parse_target("cpu", "fp8")
+    # --amp's names are taken too.
+    assert [parse_target("cpu", name).dtype for name in ("bf16", "fp16", "fp32")] == [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ]
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         parse_target("tpu")
     with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.5"):
@@ -243,6 +249,8 @@ def test_bad_devices_and_dtypes_are_refused_by_name():
         ("--threads 0", "threads must be at least 1, got 0"),
         ("--modes inference,sideways", "unknown mode 'sideways'; accepted: inference, training (comma-separated)"),
         ("--modes ,", "no mode given; accepted: inference, training (comma-separated)"),
+        # It timed inference and printed no memory column, saying nothing.
+        ("--modes inference --memory", "--memory measures a training step's peak memory: add training to --modes"),
     ],
 )
 def test_bad_counts_and_modes_are_refused_by_name_before_anything_runs(arguments, message, capsys):

@@ -356,3 +356,19 @@ def test_a_safetensors_file_whose_header_length_starts_with_a_pickle_byte_is_rea
     assert path.read_bytes()[0] == 0x80
     state_dict, metadata = read_checkpoint(path)
     assert metadata["note"] == "x" * padding and torch.equal(state_dict["w"], torch.arange(3.0))
+
+
+def test_written_files_get_the_permissions_any_new_file_gets(tmp_path):
+    # safetensors' writer makes its file private (0600), and a file staged by mkstemp was too;
+    # a model file is meant to be shared as any other file the user writes.
+    from swinkit.checkpoint.io import save_torch
+
+    swinkit.save(swinkit.create_model("swin_test"), tmp_path / "model.safetensors")
+    save_torch({"step": 1}, tmp_path / "state.pt")
+    (tmp_path / "plain.txt").write_text("")
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    if not plain & 0o044:
+        pytest.skip("this process's umask makes every new file private: nothing to tell apart")
+    for name in ("model.safetensors", "state.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.safetensors", "plain.txt", "state.pt"]

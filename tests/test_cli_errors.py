@@ -16,6 +16,7 @@ from swinkit.dense.config import SegmentationConfig
 from swinkit.dense.shapes import write_shapes_dataset
 from swinkit.dense.weights import build_dense_model
 from swinkit.devices import check_device
+from swinkit.export import format_for
 
 TRAIN = ["train", "--model", "swin_test", "--img-size", "32", "--workers", "0", "--no-progress", "--epochs", "1",
          "--batch-size", "2", "--max-steps", "1", "--resume", "never"]  # fmt: skip
@@ -202,6 +203,12 @@ def test_dense_commands_refuse_the_other_tasks_file_and_missing_splits(tmp_path,
     assert main([*evaluate, str(run)]) == 0 and json.loads(capsys.readouterr().out) == scores
     err = _refused(["predict", image, "--checkpoint", str(run)], capsys)
     assert f"{run} is a swinkit segment model file, not a classifier" in err
+    # A segmentation export is refused, as a classifier's, when its name says another format.
+    err = _refused(["segment", "export", str(tmp_path / "s.onnx"), "--checkpoint", segmentor, "--format",
+                    "torch-export"], capsys)  # fmt: skip
+    assert "s.onnx: a .onnx file holds the onnx format, but format 'torch-export' was asked for" in err
+    assert not (tmp_path / "s.onnx").exists()
+    assert [format_for(name) for name in ("a.PT2", "a.pt2", "a.onnx", "a")] == ["torch-export"] * 2 + ["onnx"] * 2
     # Detection training leaves out images under --min-image-side (mmdet's 32): here all of them.
     train = ["detect", "train", "--data", str(data / "instances_training.json"), "--model", "swin_test",
              "--val-data", str(data / "instances_validation.json")]  # fmt: skip

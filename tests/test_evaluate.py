@@ -12,6 +12,7 @@ from helpers import perturb, write_digit_folder
 from swinkit.checkpoint.native import save
 from swinkit.cli import main
 from swinkit.evaluate import evaluate, evaluate_checkpoint, throughput
+from swinkit.model import SwinTransformer
 from swinkit.predict import predict
 
 
@@ -55,6 +56,27 @@ def test_metrics_match_hand_computation():
 def test_throughput_counts_images():
     rate = throughput(nn.Identity(), torch.zeros(4, 3, 8, 8), warmup=1, iterations=3)
     assert rate > 0
+
+
+def test_eval_throughput_runs_as_the_scores_do_without_gradients(tmp_path):
+    # The official throughput() is under torch.no_grad; under --amp it times the autocast model scored.
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=2)
+    checkpoint = tmp_path / "model.safetensors"
+    save(swinkit.create_model("swin_test", img_size=32, num_classes=2), checkpoint, class_names=["digit0", "digit1"])
+    calls = []
+
+    def record(module, inputs):
+        if isinstance(module, SwinTransformer):
+            calls.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        metrics = evaluate_checkpoint(folder, checkpoint, workers=0, amp="bf16", measure_throughput=True)
+    finally:
+        handle.remove()
+    assert metrics["throughput_images_per_second"] > 0
+    assert len(calls) == 1 + 5 + 10  # the scored batch, the warm-up and the timed calls
+    assert set(calls) == {(False, True)}
 
 
 @pytest.mark.parametrize("option, values", [("--topk", "0 and 32"), ("--batch-size", "5 and 0")])

@@ -72,6 +72,7 @@ GEMM_SIDE = {"cpu": 1536, "cuda": 8192}
 EMULATED_GEMM_SIDE = 512
 GEMM_REPEATS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --amp's names
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,9 @@ def _native_cpu_products(dtype: torch.dtype) -> bool:
 
 def parse_target(device: str = "cpu", dtype: str = "float32") -> Target:
     """``device`` cpu or cuda[:n], ``dtype`` one of :data:`DTYPES`; refused by name otherwise."""
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)} (or bf16, fp16, as --amp names them)")
     try:
         where = torch.device(device)
     except RuntimeError:
@@ -680,6 +682,8 @@ def run_bench(
     if unknown or not modes:
         named = f"unknown mode {', '.join(map(repr, unknown))}" if unknown else "no mode given"
         raise ValueError(f"{named}; accepted: {', '.join(MODES)} (comma-separated)")
+    if memory and "training" not in modes:
+        raise ValueError("--memory measures a training step's peak memory: add training to --modes")
     target = parse_target(device, dtype)
     if onnxruntime and target.device.type != "cpu":
         raise ValueError(f"--onnxruntime: onnxruntime contenders run on the CPU, not on {device}")

@@ -31,8 +31,16 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _add_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="preset name (see --list) or omit with --checkpoint")
-    parser.add_argument("--checkpoint", help="describe the model stored in this file instead")
-    parser.add_argument("--img-size", type=_parse_size, help="input size N or HxW (default: the model's)")
+    parser.add_argument(
+        "--checkpoint",
+        help="describe the model stored in this file (a dense model file whole); with a preset name too, that "
+        "preset loaded from the file, which must fit it",
+    )
+    parser.add_argument(
+        "--img-size",
+        type=_parse_size,
+        help="input size N or HxW (default: the model's; a dense model: the papers' 800x1280 or 512x2048)",
+    )
     parser.add_argument("--list", action="store_true", help="list the preset names")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
@@ -60,7 +68,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="folder for the run (default: runs/demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the digits recipe's epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the digits recipe's, 20)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -115,12 +123,16 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="model file (any supported format, or an .onnx or .pt2 file from swinkit export)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes, 0 for none (default 2)")
     parser.add_argument("--output", help="write metrics.json and confusion.png here")
     parser.add_argument("--strict-data", action="store_true", help="stop at the first undecodable image")
-    parser.add_argument("--throughput", action="store_true", help="also measure images/s (official method)")
-    parser.add_argument("--device", default="cpu", type=device_argument)
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also measure images/s on one batch (the official method; under --amp too)",
+    )
+    _add_device(parser)
     _add_amp(parser)
     _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print all metrics as JSON")
@@ -160,12 +172,21 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="model file (any supported format, or an .onnx or .pt2 file from swinkit export)",
     )
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", type=device_argument)
+    parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    _add_device(parser)
     _add_amp(parser)
     _add_int8(parser)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        type=device_argument,
+        help="cpu (default), cuda, cuda:INDEX or mps; an .onnx file runs on the CPU",
+    )
 
 
 def _add_amp(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +218,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--checkpoint", required=True, help="classifier checkpoint (any supported format)")
-    overlays = "folder for the overlays, or a .png / .jpg file for one image"
+    overlays = "folder for the overlays, or a .png / .jpg / .jpeg file for one image"
     parser.add_argument("--out", "--output", dest="out", required=True, help=overlays)
     parser.add_argument(
         "--method",
@@ -207,11 +228,17 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
         "wide: the last, stride 32, for Swin-T at 224); rollout: attention rolled back through the shifted "
         "windows (by default to stage 0, stride 4)",
     )
-    parser.add_argument("--class", dest="target", help="class name or index to explain (default: the top class)")
+    parser.add_argument(
+        "--class",
+        dest="target",
+        help="class name or index to explain (default: the top class; rollout's map is the same for every class)",
+    )
     parser.add_argument("--stage", type=int, help="stage whose map is shown, 0..3 or negative from the end")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image (default 0.5)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of the colours over the image, 0..1 (default 0.5)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
-    parser.add_argument("--device", default="cpu", type=device_argument)
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu (default), cuda, cuda:INDEX or mps")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -230,7 +257,11 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     from .checkpoint import FORMATS
 
     parser.add_argument("src", help="checkpoint file or Hugging Face directory, any supported layout")
-    parser.add_argument("dst", help="output file (.safetensors or .pth by extension; a directory for --to hf)")
+    parser.add_argument(
+        "dst",
+        help="output file (--to swinkit: always safetensors; official, timm, torchvision: safetensors for "
+        ".safetensors, else a torch .pth file); a directory for --to hf",
+    )
     parser.add_argument("--to", choices=FORMATS, default="swinkit", help="target layout (default: swinkit)")
 
 
@@ -275,7 +306,7 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .checkpoint.load import read_any
     from .checkpoint.native import class_names_from_metadata
-    from .export import export
+    from .export import export, format_for
     from .factory import create_model
     from .predict import refuse_dense_file
 
@@ -289,7 +320,7 @@ def _run_export(args: argparse.Namespace) -> int:
         class_names = class_names_from_metadata(loaded.metadata)
     else:
         model = create_model(args.model)
-    fmt = args.format or ("torch-export" if args.output.lower().endswith(".pt2") else "onnx")
+    fmt = args.format or format_for(args.output)
     report = export(
         model,
         args.output,
@@ -309,7 +340,12 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default="swin_t", help="preset name (default swin_t)")
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch (default 16)")
     parser.add_argument("--train-batch-size", type=int, default=8, help="training-step batch (default 8)")
-    parser.add_argument("--compare", default="", help="peers, comma-separated: timm,torchvision,hf")
+    parser.add_argument(
+        "--compare",
+        default="",
+        help="peers, comma-separated: timm,torchvision,hf (for swin_t, swin_s, swin_b, swinv2_t; ratios are "
+        "to the first)",
+    )
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants of every contender")
     parser.add_argument("--onnxruntime", action="store_true", help="add onnxruntime variants (inference)")
     parser.add_argument(
@@ -318,12 +354,16 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--impls",
         default="",
-        help="also time swinkit with these attn_impl values, e.g. reference "
-        "(serial: the default path without image-parallel threads)",
+        help="also time swinkit with these attn_impl values, comma-separated: auto, reference, sdpa, fused, triton, "
+        "or serial (the default path without image-parallel threads)",
     )
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
-    parser.add_argument("--modes", default="inference,training", help="inference, training or both")
-    parser.add_argument("--memory", action="store_true", help="peak memory of a training step (fresh processes)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported (default 7)")
+    parser.add_argument(
+        "--modes", default="inference,training", help="inference, training or inference,training (default)"
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="peak memory of a training step (fresh processes; training mode only)"
+    )
     parser.add_argument(
         "--drop-path-rate",
         type=float,
@@ -332,7 +372,9 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu (default) or cuda[:index]")
     parser.add_argument(
-        "--dtype", default="float32", help="float32 (default), or bfloat16 / float16: every contender under autocast"
+        "--dtype",
+        default="float32",
+        help="float32 (default), or bfloat16 / float16 (bf16 / fp16): every contender under autocast",
     )
     parser.add_argument(
         "--fresh-processes",
@@ -417,7 +459,7 @@ COMMANDS: dict[str, Command] = {
         functools.partial(_run_dense, "segment"),
     ),
     "detect": (
-        "detection / instance segmentation: Swin + FPN + Mask or Faster R-CNN on COCO JSON",
+        "detection / instance segmentation: Swin + FPN + Mask / Faster R-CNN or Cascade on COCO JSON",
         functools.partial(_add_dense, "detect"),
         functools.partial(_run_dense, "detect"),
     ),

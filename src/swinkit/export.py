@@ -555,9 +555,7 @@ def export(
     if external_data and fmt != "onnx":
         raise ValueError(f"external weights are an ONNX option; format {fmt!r} keeps them in its archive")
     path = export_destination(path)
-    named = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix.lower(), fmt)
-    if named != fmt:  # predict and eval read a file by its suffix
-        raise ValueError(f"{path}: a {path.suffix} file holds the {named} format, but format {fmt!r} was asked for")
+    check_suffix(path, fmt)
     model = model.eval()
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
@@ -586,6 +584,18 @@ def export(
         report["max_abs_error"] = check_export(model, path, fmt, size, static_size)
     logger.info("wrote %s (%s; dynamic batch, height in %s, width in %s)", path, fmt, ranges["height"], ranges["width"])
     return report
+
+
+def format_for(path: str | os.PathLike) -> str:
+    """The export format a file's name asks for: torch-export for ``.pt2`` (any case), else onnx."""
+    return "torch-export" if Path(path).suffix.lower() == ".pt2" else "onnx"
+
+
+def check_suffix(path: Path, fmt: str) -> None:
+    """Refuse a ``.onnx`` / ``.pt2`` name that says another format: predict and eval read a file by it."""
+    named = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix.lower(), fmt)
+    if named != fmt:
+        raise ValueError(f"{path}: a {path.suffix} file holds the {named} format, but format {fmt!r} was asked for")
 
 
 def size_ranges(size: tuple[int, ...], static_size: bool = False) -> dict[str, list[int]]:

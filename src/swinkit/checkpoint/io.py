@@ -229,6 +229,16 @@ def export_destination(path: str | os.PathLike) -> Path:
     return path
 
 
+def _file_mode() -> int:
+    """The permissions ``open()`` gives a new file here: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # read once, at import: setting the umask is process-wide
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
     path = writable_file(path)
@@ -238,6 +248,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     tmp = folder / path.name
     try:
         write(str(tmp))
+        os.chmod(tmp, FILE_MODE)  # as open() makes a file: safetensors' writer makes it private (0600)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -16,31 +16,57 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """The ``train``, ``eval``, ``predict`` and ``explain`` sub-commands of ``task`` (``segment`` or ``detect``)."""
     from .config import add_train_arguments
 
+    official = {"segment": "mmseg UPerNet", "detect": "mmdet"}[task]
+    trained = f"model file written by training, or an official {official} file"
+    exported = {"segment": "an .onnx or .pt2", "detect": "an .onnx"}[task]
+    device = "cpu (default), cuda, cuda:INDEX or mps"
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = actions.add_parser("train", help="train (torchrun -m swinkit ... for several processes)")
     add_train_arguments(train, task)
 
-    evaluate = actions.add_parser("eval", help="mIoU / accuracy or COCO mAP of a trained model file")
-    evaluate.add_argument("--checkpoint", required=True, help="model file written by training")
+    scores = {"segment": "mIoU / accuracy", "detect": "COCO box (and mask) mAP"}[task]
+    evaluate = actions.add_parser(
+        "eval", help=f"{scores} of a trained model file", description=f"{scores} of a trained model file"
+    )
+    evaluate.add_argument(
+        "--checkpoint", required=True, help=f"{trained}, or {exported} file from swinkit {task} export"
+    )
     if task == "segment":
-        evaluate.add_argument("--data", required=True, help="folder with images/ and annotations/")
-        evaluate.add_argument("--split", default="validation", help="sub-folder of images/ and annotations/")
+        evaluate.add_argument("--data", required=True, help="folder with images/ and annotations/ (or masks/)")
+        evaluate.add_argument(
+            "--split",
+            default="validation",
+            help="sub-folder of images/ and annotations/ (default: validation; without split folders: the files "
+            "directly)",
+        )
     else:
         evaluate.add_argument("--data", required=True, help="COCO JSON annotation file")
         evaluate.add_argument("--images", help="image folder (default: the JSON file's folder)")
     evaluate.add_argument("--output", help="write metrics.json here")
-    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--workers", type=int, default=2, help="data-loading processes, 0 for none (default 2)")
     evaluate.add_argument("--strict-data", action="store_true", help="stop at the first bad image")
-    evaluate.add_argument("--device", default="cpu", type=device_argument)
+    evaluate.add_argument("--device", default="cpu", type=device_argument, help=f"{device}; an exported file: cpu")
     evaluate.add_argument("--json", action="store_true", help="print all metrics as JSON")
 
-    predict = actions.add_parser("predict", help="overlay PNGs and results.json for image files or folders")
+    what = "overlay PNGs and results.json for image files or folders"
+    predict = actions.add_parser("predict", help=what, description=what)
     predict.add_argument("inputs", nargs="+", help="image files or folders")
-    predict.add_argument("--checkpoint", required=True, help="model file written by training")
-    predict.add_argument("--output", default=f"runs/{task}-predict", help="folder for overlays and results.json")
+    predict.add_argument(
+        "--checkpoint", required=True, help=f"{trained}, or {exported} file from swinkit {task} export"
+    )
+    predict.add_argument(
+        "--output",
+        default=f"runs/{task}-predict",
+        help=f"folder for overlays and results.json (default: runs/{task}-predict)",
+    )
     if task == "detect":
-        predict.add_argument("--score-threshold", type=float, default=0.5, help="detections below this are dropped")
-    predict.add_argument("--device", default="cpu", type=device_argument)
+        predict.add_argument(
+            "--score-threshold",
+            type=float,
+            default=0.5,
+            help="detections below this score (0..1) are dropped (default 0.5)",
+        )
+    predict.add_argument("--device", default="cpu", type=device_argument, help=f"{device}; an exported file: cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
     for parser_ in (evaluate, predict):
         _add_test_augmentation(parser_, task)
@@ -51,19 +77,26 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "segment": ("Seg-Grad-CAM overlay PNGs: where the model saw a class", "the largest predicted"),
         "detect": ("Grad-CAM overlay PNGs of each image's top detection", "the top detection's"),
     }[task]
-    explain = actions.add_parser("explain", help=what)
+    explain = actions.add_parser("explain", help=what, description=what)
     explain.add_argument("inputs", nargs="+", help="image files or folders")
-    explain.add_argument("--checkpoint", required=True, help="model file written by training")
-    explain.add_argument("--output", "--out", default=f"runs/{task}-explain", help="folder for the overlay PNGs")
+    explain.add_argument("--checkpoint", required=True, help=trained)
+    explain.add_argument(
+        "--output",
+        "--out",
+        default=f"runs/{task}-explain",
+        help=f"folder for the overlay PNGs (default: runs/{task}-explain)",
+    )
     explain.add_argument("--class", dest="target", help=f"class name or index (default: {default_class})")
     explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")
-    explain.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the image")
+    explain.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of the colours over the image, 0..1 (default 0.5)"
+    )
     if task == "detect":
         explain.add_argument(
             "--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
             help="explain the detection overlapping this box most (image pixels, as predict writes them)",
         )  # fmt: skip
-    explain.add_argument("--device", default="cpu", type=device_argument)
+    explain.add_argument("--device", default="cpu", type=device_argument, help=device)
     explain.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -94,31 +127,45 @@ def _add_export(actions: Any, task: str) -> None:
     from ..export import DEFAULT_OPSET
 
     if task == "segment":
-        export = actions.add_parser("export", help="ONNX file or torch.export program of a segmentation model file")
+        what = "ONNX file or torch.export program of a segmentation model file"
+        export = actions.add_parser("export", help=what, description=what)
         export.add_argument("output", help="file to write (.onnx for onnx, .pt2 for torch-export)")
-        export.add_argument("--format", choices=["onnx", "torch-export"], help="default: from the output's suffix")
+        export.add_argument(
+            "--format", choices=["onnx", "torch-export"], help="default: torch-export for a .pt2 file, else onnx"
+        )
         size_help = "N or HxW: the first size checked against eager (default: crop size)"
         export.add_argument("--static-size", action="store_true", help="fix height and width to --img-size")
     else:
-        export = actions.add_parser("export", help="ONNX file of a detection model file: image in, detections out")
+        what = "ONNX file of a detection model file: image in, detections out"
+        export = actions.add_parser("export", help=what, description=what)
         export.add_argument("output", help="file to write (.onnx)")
-        size_help = "N or HxW: the image size traced with and checked first (default: the test scale, 4:3)"
+        size_help = (
+            "N or HxW: the image size traced with and, without --check-image, checked first (default: the test "
+            "scale, 4:3)"
+        )
         export.add_argument("--check-image", action="append", help="check on this image instead of noise (repeatable)")
-    export.add_argument("--checkpoint", required=True, help="model file written by training")
+    official = {"segment": "mmseg UPerNet", "detect": "mmdet"}[task]
+    export.add_argument(
+        "--checkpoint", required=True, help=f"model file written by training, or an official {official} file"
+    )
     export.add_argument("--img-size", type=_parse_size, help=size_help)
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17+ (default {DEFAULT_OPSET})")
+    opsets = "17+" if task == "segment" else "17 to 20"
+    export.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {opsets} (default {DEFAULT_OPSET})"
+    )
     export.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
     export.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_convert(actions: Any, task: str) -> None:
     layout, what = {"detect": ("mmdet", "Mask R-CNN / Cascade"), "segment": ("mmseg", "UPerNet")}[task]
-    convert = actions.add_parser(
-        "convert", help=f"an official {layout} file (.pth) to a swinkit model file (.safetensors), or back"
-    )
+    summary = f"an official {layout} file (.pth) to a swinkit model file (.safetensors), or back"
+    convert = actions.add_parser("convert", help=summary, description=summary)
     convert.add_argument("source", help=f"a swinkit {task} model file or an official {layout} {what} file")
     convert.add_argument("output", help=f"file to write (.safetensors: swinkit's; .pth: {layout}'s layout)")
-    convert.add_argument("--to", choices=["swinkit", layout], help="default: from the output's suffix")
+    convert.add_argument(
+        "--to", choices=["swinkit", layout], help=f"default: swinkit for .safetensors, {layout} for .pth or .pt"
+    )
 
 
 def _convert(args: argparse.Namespace, task: str) -> str:
@@ -145,6 +192,7 @@ def _convert(args: argparse.Namespace, task: str) -> str:
 
 
 def _export(args: argparse.Namespace, task: str) -> str:
+    from ..export import format_for
     from .export import export_segmentation
     from .weights import load_dense
 
@@ -154,7 +202,7 @@ def _export(args: argparse.Namespace, task: str) -> str:
     check = not args.no_check
     if task == "detect":
         return _export_detection(args, model, spec, check)
-    fmt = args.format or ("torch-export" if args.output.endswith(".pt2") else "onnx")
+    fmt = args.format or format_for(args.output)
     report = export_segmentation(model, spec, args.output, fmt, args.img_size, args.opset, check, args.static_size)
     if args.json:
         return json.dumps(report, indent=2)

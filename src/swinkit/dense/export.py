@@ -33,6 +33,7 @@ from ..export import (
     _quiet,
     _save_onnx,
     check_sizes,
+    check_suffix,
     export_program,
     load_program,
     onnx_session,
@@ -88,6 +89,7 @@ def export_segmentation(
     if fmt == "onnx" and opset < MIN_OPSET:
         raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
     path = export_destination(path)
+    check_suffix(path, fmt)
     size = tuple(img_size or (spec.inference["crop_size"],) * 2)
     low, high = SIDE_RANGE
     if not static_size and not all(low <= side <= high for side in size):
