@@ -85,7 +85,9 @@ def test_stochastic_depth_matches_reference(impl, variant):
     x = torch.randn(4, 3, 33, 38, dtype=torch.float64)  # padded both ways; small, as triton's interpreter is slow
     expected, expected_input_grad, expected_grads = _run_seeded(model, "reference", x, 3)
     out, input_grad, grads = _run_seeded(model, impl, x, 3)
-    assert relative_error(_run_seeded(model, impl, x, 4)[0], out) > 1e-3  # other draws, other images dropped
+    # Other draws drop other images (so agreeing at seed 3 is not agreeing on nothing dropped); shown
+    # with the reference path, as a run of triton's interpreter is a third of the test's time.
+    assert relative_error(_run_seeded(model, "reference", x, 4)[0], expected) > 1e-3
     assert relative_error(out, expected) < 1e-12 and relative_error(input_grad, expected_input_grad) < 1e-12
     for name, grad in grads.items():
         assert torch.allclose(grad, expected_grads[name], rtol=1e-12, atol=1e-12), name
