@@ -74,3 +74,33 @@ def test_every_training_option_has_a_help_text(capsys):
         assert "Defaults shown are" in out and all(name in out for name in recipes), command
     for task, (options, _, default) in TASKS.items():
         assert f"(default: {default})" in options.HELP["recipe"], task
+
+
+def test_every_public_function_and_class_has_a_docstring_and_type_hints():
+    # The style guide's rule for the public API, over every module: a name without a leading
+    # underscore, defined in the module (not imported into it).
+    import importlib
+    import inspect
+    import pkgutil
+
+    import swinkit
+
+    undocumented, unhinted = [], []
+    for info in pkgutil.walk_packages(swinkit.__path__, "swinkit."):
+        if info.name.endswith(("._triton_kernels", ".__main__")):  # Triton's JIT sources; the entry point
+            continue
+        module = importlib.import_module(info.name)
+        for name, item in vars(module).items():
+            if name.startswith("_") or getattr(item, "__module__", None) != module.__name__:
+                continue
+            if not (inspect.isfunction(item) or inspect.isclass(item)):
+                continue
+            if not inspect.getdoc(item):
+                undocumented.append(f"{module.__name__}.{name}")
+            if inspect.isfunction(item):
+                signature = inspect.signature(item)
+                hints = [p.annotation for key, p in signature.parameters.items() if key not in ("self", "cls")]
+                if inspect.Parameter.empty in [*hints, signature.return_annotation]:
+                    unhinted.append(f"{module.__name__}.{name}")
+    assert not undocumented, f"no docstring: {undocumented}"
+    assert not unhinted, f"no type hints: {unhinted}"

@@ -108,6 +108,7 @@ def _cuda_auto_impl(index: int | None, half: bool) -> str:
 
 
 def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`ATTENTION_IMPLS`; a ``ValueError`` naming the accepted ones otherwise."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attn_impl {impl!r}; accepted: {', '.join(ATTENTION_IMPLS)}")
     return impl

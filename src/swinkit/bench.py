@@ -621,6 +621,8 @@ def peak_rss_mib() -> float:
 
 
 def machine(target: Target = Target()) -> dict[str, Any]:
+    """What a report was measured on: device, dtype, torch and Python versions, CPU, threads, GPU,
+    native kernel, date."""
     return {
         "device": str(target.device),
         "dtype": str(target.dtype).removeprefix("torch."),
@@ -758,6 +760,7 @@ def _failure_rows(result: BenchResult) -> list[dict[str, str]]:
 
 
 def format_rows(report: dict[str, Any]) -> str:
+    """A report as the table ``swinkit bench`` prints: the machine, then a row per mode and contender."""
     lines = [f"{report['model']} on {json.dumps(report['machine'])}"]
     if "drop_path_rate" in report:
         lines.append(f"training: every contender with stochastic depth rate {report['drop_path_rate']}")

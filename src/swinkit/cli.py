@@ -470,6 +470,7 @@ VERBOSE_HELP = "log debug messages, and show the traceback of an error"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``swinkit`` argument parser: every command of :data:`COMMANDS`, ``-v`` before or after it."""
     parser = argparse.ArgumentParser(prog="swinkit", description="Swin Transformer V1/V2 toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -75,6 +75,7 @@ class Explanation:
 
 
 def check_method(method: str) -> None:
+    """Refuse, by name, an explanation method that is not one of :data:`METHODS`."""
     if method not in METHODS:
         raise ValueError(f"unknown explanation method {method!r}; accepted: {', '.join(METHODS)}")
 

@@ -92,6 +92,7 @@ def trace_sides(model: nn.Module) -> tuple[int, int]:
 
 
 def dynamic_shapes(model: nn.Module, dynamic_size: bool) -> dict[str, dict[int, Any]]:
+    """``torch.export``'s dynamic dimensions of the input: the batch, and height and width when ``dynamic_size``."""
     # min=1 keeps a batch of one legal (torch.export otherwise specialises sizes 0 and 1).
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size and _is_swinkit(model):  # other libraries' models (benchmark peers): batch only

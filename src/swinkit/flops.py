@@ -118,4 +118,5 @@ def flops(model: nn.Module | SwinConfig, input_size: tuple[int, int, int] = (3, 
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of parameters of ``model`` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

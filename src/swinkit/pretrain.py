@@ -167,6 +167,7 @@ def official_state(state: dict[str, Tensor], config: SwinConfig) -> dict[str, di
 
 
 def check_norm_target_patch(patch: int) -> None:
+    """Refuse, by name, a normalized-target patch that is neither 0 (off) nor an odd size of at least 3."""
     if patch != 0 and (patch < 3 or patch % 2 == 0):
         raise ValueError(f"norm_target_patch must be 0 (off) or an odd size of at least 3, got {patch}")
 

@@ -47,6 +47,7 @@ WIDE_DTYPES = (torch.float32, torch.float64)  # a residual stream V2's kernel ta
 
 
 def triton_available() -> bool:
+    """Whether Triton can be imported here."""
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -249,6 +249,7 @@ PRESETS: dict[str, SwinConfig] = {
 
 
 def variant_names() -> list[str]:
+    """The preset names, sorted."""
     return sorted(PRESETS)
 
 

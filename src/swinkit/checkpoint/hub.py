@@ -169,4 +169,5 @@ def _fetch(response, target: Path, weights: PublishedWeights) -> None:
 
 
 def published_names() -> list[str]:
+    """The names :func:`download` knows, sorted."""
     return sorted(PUBLISHED)

@@ -52,6 +52,8 @@ def write(
 
 
 def config_from_metadata(metadata: dict[str, str], source: str) -> SwinConfig:
+    """The :class:`SwinConfig` a swinkit file stores in its metadata; a ``CheckpointError`` naming
+    ``source`` if it is missing or invalid."""
     try:
         return SwinConfig.from_dict(json.loads(metadata["swinkit_config"]))
     except (ValueError, TypeError, KeyError) as error:
@@ -59,5 +61,6 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> SwinConfig:
 
 
 def class_names_from_metadata(metadata: dict[str, str]) -> list[str] | None:
+    """The class names a swinkit file stores, or None when it stores none."""
     names = metadata.get("class_names")
     return json.loads(names) if names else None

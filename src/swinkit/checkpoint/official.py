@@ -22,6 +22,7 @@ BACKBONE_PREFIX = "backbone."
 
 
 def is_derived(key: str) -> bool:
+    """Whether ``key`` is a buffer the model computes itself (index tables, masks), never read from a file."""
     return key.rsplit(".", 1)[-1] in DERIVED_BUFFERS
 
 

@@ -14,6 +14,8 @@ _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
 def to_swinkit(state_dict: StateDict) -> StateDict:
+    """A timm state dict under swinkit's key names (downsample moved to the stage before it,
+    ``head.fc`` to ``head``), derived buffers dropped."""
     out = {}
     for key, value in state_dict.items():
         if is_derived(key):

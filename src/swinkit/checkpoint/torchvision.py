@@ -62,6 +62,8 @@ def _key_from_swinkit(key: str) -> str:
 
 
 def to_swinkit(state_dict: StateDict) -> StateDict:
+    """A torchvision state dict under swinkit's key names; V2's qkv bias split into the q and v biases
+    (the k third is unused)."""
     out = {_key_to_swinkit(key): value for key, value in state_dict.items() if not is_derived(key)}
     for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
         prefix = key[: -len("qkv.bias")]

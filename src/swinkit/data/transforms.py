@@ -16,6 +16,7 @@ _INTERPOLATION = {
 
 
 def interpolation_mode(name: str) -> T.InterpolationMode:
+    """torchvision's interpolation mode for ``name`` (bicubic, bilinear, nearest); a ``ValueError`` otherwise."""
     if name not in _INTERPOLATION:
         raise ValueError(f"unknown interpolation {name!r}; accepted: {', '.join(_INTERPOLATION)}")
     return _INTERPOLATION[name]

@@ -292,6 +292,8 @@ def _explained(result: dict[str, Any]) -> str:
 
 
 def summarise_metrics(metrics: dict[str, Any]) -> str:
+    """One line of a dense evaluation's scores (mIoU / accuracy, or box and mask AP), its test-time
+    scales, image counts."""
     if "mIoU" in metrics:
         line = f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%"
         bad = len(metrics["bad_images"])
@@ -305,6 +307,7 @@ def summarise_metrics(metrics: dict[str, Any]) -> str:
 
 
 def summarise_predictions(results: list[dict[str, Any]]) -> str:
+    """A line per predicted image: its top detections or classes and the overlay written, or its error."""
     lines = []
     for result in results:
         if "error" in result:

@@ -337,4 +337,5 @@ def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace, task: str) -> DenseConfig:
+    """The dense training config of ``task`` from the command line: recipe, then ``--config`` file, then flags given."""
     return resolve_dense_config(task, explicit_options(args, TASKS[task][0]), getattr(args, "config", None))

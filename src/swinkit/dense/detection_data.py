@@ -364,5 +364,6 @@ def flip_target(target: dict[str, Any], width: int) -> dict[str, Any]:
 
 
 def detection_eval_transform(item: tuple[Image.Image, dict[str, Any]]) -> tuple[Tensor, dict[str, Any]]:
+    """An evaluation item as a detector takes it: the image as a float tensor in [0, 1], the target unchanged."""
     image, target = item
     return TF.to_tensor(image), target

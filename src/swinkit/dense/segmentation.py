@@ -112,6 +112,8 @@ def segmentation_losses(
 
 
 def pixel_cross_entropy(logits: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross-entropy over the labelled pixels, the logits resized to the masks first; 0 when no
+    pixel is labelled."""
     logits = resize(logits.float(), masks.shape[-2:])
     total = F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum")
     return total / (masks != ignore_index).sum().clamp(min=1)

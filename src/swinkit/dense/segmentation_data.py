@@ -194,6 +194,7 @@ def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, in
 
 
 def normalise(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """``image`` as a normalised float tensor (channels first)."""
     return TF.normalize(TF.to_tensor(image), mean, std)
 
 

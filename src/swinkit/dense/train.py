@@ -68,6 +68,7 @@ SCHEDULES = ("cosine", "poly", "step")
 
 
 def check_schedule(name: str) -> None:
+    """Refuse, by name, a schedule that is not one of :data:`SCHEDULES`."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
 

@@ -130,6 +130,7 @@ def mmdet_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: 
 
 
 def is_mmseg_segmentor(state_dict: dict[str, Tensor]) -> bool:
+    """Whether ``state_dict`` is an mmseg segmentor's (it has a decode head's final classifier)."""
     return "decode_head.conv_seg.weight" in state_dict
 
 
@@ -208,10 +209,12 @@ def _rename(state_dict: dict[str, Tensor], pairs: list[tuple[str, str]]) -> dict
 
 
 def to_file_keys(state_dict: dict[str, Tensor], task: str) -> dict[str, Tensor]:
+    """``state_dict`` with the backbone (and FPN) under the names official mmdet / mmseg files of ``task`` use."""
     return _rename(state_dict, FILE_PREFIXES[task])
 
 
 def from_file_keys(state_dict: dict[str, Tensor], task: str) -> dict[str, Tensor]:
+    """The inverse of :func:`to_file_keys`: a dense file's keys under the model's names."""
     return _rename(state_dict, [(new, old) for old, new in FILE_PREFIXES[task]])
 
 

@@ -353,6 +353,8 @@ def resolve_options(
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The options of a YAML config file (dashes in keys read as underscores); a clear error for a
+    missing, binary or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
@@ -368,6 +370,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML (tuples as lists), as the run's ``config.yaml``."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
@@ -446,4 +449,5 @@ def explicit_options(args: argparse.Namespace, options: type) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training config from the command line: recipe, then ``--config`` file, then flags given."""
     return resolve_config(explicit_options(args, TrainConfig), getattr(args, "config", None))

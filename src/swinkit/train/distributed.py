@@ -62,6 +62,8 @@ class Distributed:
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:
+    """The device of this process: ``auto`` is its local GPU where CUDA is available, else the CPU; any
+    other name checked."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return check_device(name)
@@ -85,6 +87,7 @@ _group_used = False  # this process joined a process group (see leave_worker)
 
 
 def teardown() -> None:
+    """Destroy the process group, if one was set up."""
     global _group_used
     if dist.is_available() and dist.is_initialized():
         _group_used = True

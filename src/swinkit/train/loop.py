@@ -94,6 +94,8 @@ def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
 
 
 def freeze_stages(model: nn.Module, stages: int) -> None:
+    """Stop the gradients of the patch embedding and the first ``stages`` stages (and an absolute
+    position embedding)."""
     for module in frozen_modules(model, stages):
         for param in module.parameters():
             param.requires_grad_(False)
@@ -495,6 +497,8 @@ _RESUMABLE = {"resume", "epochs", "workers", "progress", "checkpoint_every", "ma
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint written with other options (those that may change on resume
+    excepted), naming them."""
     current = plain(current)
     changed = sorted(k for k in current if k not in _RESUMABLE and saved.get(k) != current[k])
     if changed:

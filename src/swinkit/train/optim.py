@@ -16,6 +16,8 @@ NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "cpb_
 
 
 def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW decays ``param``: matrices and kernels yes; norms, biases and position tables no
+    (the official rule)."""
     return param.ndim > 1 and not name.endswith(".bias") and not any(k in name for k in NO_DECAY_KEYWORDS)
 
 

@@ -253,6 +253,7 @@ def resolve_pretrain_config(
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """``swinkit pretrain``'s flags, and the note on its defaults and recipes."""
     add_arguments(parser, PretrainConfig)
     parser.epilog = recipe_note(
         PRETRAIN_RECIPES,
@@ -263,6 +264,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The pretraining config from the command line: recipe, then ``--config`` file, then flags given."""
     return resolve_pretrain_config(explicit_options(args, PretrainConfig), getattr(args, "config", None))
 
 

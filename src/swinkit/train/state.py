@@ -29,6 +29,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the torch, CUDA, NumPy and Python random states :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -39,6 +40,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically, with this process's random states."""
     save_torch({"format": FORMAT, **state, "rng": rng_state()}, path)
 
 
