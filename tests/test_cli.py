@@ -72,6 +72,9 @@ def test_every_training_option_has_a_help_text(capsys):
         out = " ".join(capsys.readouterr().out.split())  # as wrapped to the terminal, unwrapped
         assert f"{options.HELP['clip_grad']} (default: {options.clip_grad})" in out, command
         assert "Defaults shown are" in out and all(name in out for name in recipes), command
+        if command == "segment train":  # its default recipe always applies: its values are the defaults shown
+            assert f"{options.HELP['epochs']} (default: {recipes['ade20k']['epochs']})" in out
+            assert f"(default: {options.epochs})" not in out
     for task, (options, _, default) in TASKS.items():
         assert f"(default: {default})" in options.HELP["recipe"], task
 

@@ -332,7 +332,7 @@ def resolve_dense_config(
 def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """One ``--flag`` per option of ``task``'s config (``--config FILE`` for a YAML file)."""
     options, recipes, default = TASKS[task]
-    add_arguments(parser, options)
+    add_arguments(parser, options, shown=recipes[default])  # the default recipe always applies
     parser.epilog = recipe_note(recipes, default, RECIPE_SUMMARIES[default])
 
 

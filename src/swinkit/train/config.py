@@ -375,16 +375,20 @@ def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
-def add_arguments(parser: argparse.ArgumentParser, options: type = TrainConfig) -> None:
-    """One ``--flag`` per field of ``options``, its help from ``options.HELP`` and the dataclass
-    default (a text that gives its own default, as ``recipe``'s does, or ends in "(required)" shows
-    no other); unset flags keep the recipe / file value."""
+def add_arguments(
+    parser: argparse.ArgumentParser, options: type = TrainConfig, shown: dict[str, Any] | None = None
+) -> None:
+    """One ``--flag`` per field of ``options``, its help from ``options.HELP`` and its default: the
+    dataclass's, or ``shown``'s (a recipe that always applies) where it has one. A text that gives
+    its own default, as ``recipe``'s does, or ends in "(required)" shows no other. Unset flags keep
+    the recipe / file value."""
     parser.formatter_class = HyphenKeepingFormatter
     parser.add_argument("--config", help="YAML file of training options (flags given here win)")
     for f in dataclasses.fields(options):
         flag = "--" + f.name.replace("_", "-")
         kind = _without_none(_field_types(options)[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (shown or {}).get(f.name, default)  # the default recipe's value, where it sets one
         help_text = options.HELP[f.name]
         if "(default: " not in help_text and not help_text.endswith("(required)"):
             help_text = f"{help_text} (default: {_shown(default)})"
@@ -417,12 +421,10 @@ def _shown(value: Any) -> str:
 
 
 def recipe_note(recipes: dict[str, dict[str, Any]], default: str, what: str, without_data: str | None = None) -> str:
-    """The epilog of a training command: the defaults ``--help`` shows are the dataclass's, which the
-    default recipe (``what``; ``without_data``: the one chosen without ``--data``) may change; the recipes."""
-    changes = recipes[default]
-    if changes:
-        values = ", ".join(f"--{name.replace('_', '-')} {_shown(value)}" for name, value in changes.items())
-        note = f"Defaults shown are those before a recipe; the default recipe, {default} ({what}), sets {values}."
+    """The epilog of a training command: the defaults ``--help`` shows are the default recipe's
+    (``what``; ``without_data``: the one chosen without ``--data``); the recipes."""
+    if recipes[default]:
+        note = f"Defaults shown are those of the default recipe, {default} ({what})."
     else:
         note = f"Defaults shown are those of the {default} recipe ({what})"
         note += (
