@@ -180,13 +180,10 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
-def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        type=device_argument,
-        help="cpu (default), cuda, cuda:INDEX or mps; an .onnx file runs on the CPU",
-    )
+def _add_device(parser: argparse.ArgumentParser, takes_onnx: bool = True) -> None:
+    where = "cpu (default), cuda, cuda:INDEX or mps"
+    note = "; an .onnx file runs on the CPU" if takes_onnx else ""
+    parser.add_argument("--device", default="cpu", type=device_argument, help=where + note)
 
 
 def _add_amp(parser: argparse.ArgumentParser) -> None:
@@ -238,7 +235,7 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
         "--alpha", type=float, default=0.5, help="weight of the colours over the image, 0..1 (default 0.5)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
-    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu (default), cuda, cuda:INDEX or mps")
+    _add_device(parser, takes_onnx=False)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 

@@ -395,10 +395,11 @@ def _evaluate_segmentation(
     confusion, bad = evaluate_segmentation(
         model, loader, len(spec.classes), s["ignore_index"], s["mode"], s["crop_size"], s["stride"], flip=flip
     )
-    require_some_read(len(dataset) - len(bad), bad, str(data))
+    read = len(dataset) - len(bad)
+    require_some_read(read, bad, str(data))
     scores = segmentation_scores(confusion, spec.classes)
     testing = {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
-    return {**scores, **testing, "images": len(dataset) - len(bad), "bad_images": bad}
+    return {**scores, **testing, "images": read, "bad_images": bad}
 
 
 def _evaluate_detection(
@@ -425,4 +426,4 @@ def _evaluate_detection(
     read = len(dataset) - scores["bad_images"]
     require_some_read(read, scores["bad_images"], f"{data} (images in {dataset.root})")
     problems = dict(dataset.problems.counts)
-    return {**scores, "images": len(dataset) - scores["bad_images"], "annotation_problems": problems}
+    return {**scores, "images": read, "annotation_problems": problems}

@@ -409,8 +409,7 @@ class HyphenKeepingFormatter(argparse.HelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        lines = textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
-        return "\n".join(indent + line for line in lines)
+        return "\n".join(indent + line for line in self._split_lines(text, width))
 
 
 def _shown(value: Any) -> str:
@@ -423,15 +422,11 @@ def _shown(value: Any) -> str:
 def recipe_note(recipes: dict[str, dict[str, Any]], default: str, what: str, without_data: str | None = None) -> str:
     """The epilog of a training command: the defaults ``--help`` shows are the default recipe's
     (``what``; ``without_data``: the one chosen without ``--data``); the recipes."""
-    if recipes[default]:
-        note = f"Defaults shown are those of the default recipe, {default} ({what})."
-    else:
-        note = f"Defaults shown are those of the {default} recipe ({what})"
-        note += (
-            f", the default with --data; without --data the default recipe is {without_data}." if without_data else "."
-        )
+    note = f"Defaults shown are those of the default recipe, {default} ({what})"
+    if without_data:
+        note += f", used with --data; without --data the default recipe is {without_data}"
     return (
-        f"{note} The recipes (--recipe NAME, see README): {', '.join(recipes)}. "
+        f"{note}. The recipes (--recipe NAME, see README): {', '.join(recipes)}. "
         "Values resolve in this order, later winning: defaults, recipe, --config file, flags."
     )
 
