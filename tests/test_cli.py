@@ -72,6 +72,10 @@ def test_every_training_option_has_a_help_text(capsys):
         out = " ".join(capsys.readouterr().out.split())  # as wrapped to the terminal, unwrapped
         assert f"{options.HELP['clip_grad']} (default: {options.clip_grad})" in out, command
         assert "Defaults shown are" in out and all(name in out for name in recipes), command
+        if command in ("train", "pretrain"):  # without --data the digits recipe applies: its values beside
+            digits = recipes["digits"]
+            assert f"{options.HELP['epochs']} (default: {options.epochs}; without --data: {digits['epochs']})" in out
+            assert f"(default: {options.clip_grad}; without" not in out, "shown only where the recipes differ"
         if command == "segment train":  # its default recipe always applies: its values are the defaults shown
             assert f"{options.HELP['epochs']} (default: {recipes['ade20k']['epochs']})" in out
             assert f"(default: {options.epochs})" not in out

@@ -376,12 +376,16 @@ def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, options: type = TrainConfig, shown: dict[str, Any] | None = None
+    parser: argparse.ArgumentParser,
+    options: type = TrainConfig,
+    shown: dict[str, Any] | None = None,
+    without_data: dict[str, Any] | None = None,
 ) -> None:
     """One ``--flag`` per field of ``options``, its help from ``options.HELP`` and its default: the
-    dataclass's, or ``shown``'s (a recipe that always applies) where it has one. A text that gives
-    its own default, as ``recipe``'s does, or ends in "(required)" shows no other. Unset flags keep
-    the recipe / file value."""
+    dataclass's, or ``shown``'s (a recipe that always applies) where it has one; ``without_data``:
+    the recipe chosen when no ``--data`` is given, whose values are shown beside where they differ.
+    A text that gives its own default, as ``recipe``'s does, or ends in "(required)" shows no
+    other. Unset flags keep the recipe / file value."""
     parser.formatter_class = HyphenKeepingFormatter
     parser.add_argument("--config", help="YAML file of training options (flags given here win)")
     for f in dataclasses.fields(options):
@@ -391,7 +395,7 @@ def add_arguments(
         default = (shown or {}).get(f.name, default)  # the default recipe's value, where it sets one
         help_text = options.HELP[f.name]
         if "(default: " not in help_text and not help_text.endswith("(required)"):
-            help_text = f"{help_text} (default: {_shown(default)})"
+            help_text = f"{help_text} (default: {_shown(default)}{_without_data(f.name, default, without_data)})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is tuple:
@@ -410,6 +414,13 @@ class HyphenKeepingFormatter(argparse.HelpFormatter):
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         return "\n".join(indent + line for line in self._split_lines(text, width))
+
+
+def _without_data(name: str, default: Any, recipe: dict[str, Any] | None) -> str:
+    """What the recipe used without ``--data`` sets ``name`` to, where it differs from ``default``."""
+    if recipe is None or name not in recipe or recipe[name] == default:
+        return ""
+    return f"; without --data: {_shown(recipe[name])}"
 
 
 def _shown(value: Any) -> str:
@@ -433,7 +444,7 @@ def recipe_note(recipes: dict[str, dict[str, Any]], default: str, what: str, wit
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """``swinkit train``'s flags, and the note on its defaults and recipes."""
-    add_arguments(parser, TrainConfig)
+    add_arguments(parser, TrainConfig, without_data=RECIPES["digits"])
     parser.epilog = recipe_note(
         RECIPES, "imagenet", "the official ImageNet-1K recipe", without_data="digits (the bundled handwritten digits)"
     )

@@ -254,7 +254,7 @@ def resolve_pretrain_config(
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     """``swinkit pretrain``'s flags, and the note on its defaults and recipes."""
-    add_arguments(parser, PretrainConfig)
+    add_arguments(parser, PretrainConfig, without_data=PRETRAIN_RECIPES["digits"])
     parser.epilog = recipe_note(
         PRETRAIN_RECIPES,
         "simmim",
