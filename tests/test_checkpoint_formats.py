@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import swinkit
 from helpers import perturb, relative_error
-from swinkit.checkpoint import read_any, write_checkpoint
+from swinkit.checkpoint import convert, read_any, write_checkpoint
 from swinkit.factory import config_from_checkpoint
 
 SIZE, CLASSES = 128, 7
@@ -238,3 +238,80 @@ def test_hf_absolute_position_embedding_round_trip(tmp_path):
     assert model.config.ape and relative_error(_logits(model, x), _logits(reference, x)) < 1e-10
     write_checkpoint(model.state_dict(), model.config, tmp_path / "exported", "hf")
     assert relative_error(_logits(_load_reference("hf", "v1", tmp_path / "exported"), x), _logits(reference, x)) < 1e-10
+
+
+def _timm_v2(window: int, pretrained_windows: tuple[int, ...]) -> torch.nn.Module:
+    """A tiny timm Swin V2 at 64 px (stages of 16, 8, 4, 2 tokens a side), perturbed, in float64 with
+    float32 values (``create_model`` loads into float32: no rounding then)."""
+    model = timm.models.swin_transformer_v2.SwinTransformerV2(
+        img_size=64,
+        embed_dim=16,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 2, 2, 4),
+        window_size=window,
+        pretrained_window_sizes=pretrained_windows,
+        num_classes=CLASSES,
+    )
+    return perturb(model.double().eval(), scale=0.05).float().double()
+
+
+def test_a_timm_v2_files_window_comes_from_its_name_or_the_model_never_silently_guessed(tmp_path, caplog):
+    # timm's V2 files hold nothing that shows the window (the position bias is an MLP of
+    # coordinates, its buffers are not saved); its published names and hub config.json say it.
+    import json
+
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    fine_tuned = _timm_v2(16, (8, 4, 2, 1))  # window 16 at 64, fine-tuned from window 8 at 32 px
+    named = tmp_path / "swinv2_test_window8to16_32to64.safetensors"
+    save_file(fine_tuned.state_dict(), named)
+    hub = tmp_path / "snapshot"  # a timm hub folder: its config.json names the architecture
+    hub.mkdir()
+    save_file(fine_tuned.state_dict(), hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps({"architecture": "swinv2_test_window8to16_32to64"}))
+    for source in (named, hub, hub / "model.safetensors"):
+        model = swinkit.create_model(checkpoint=source).double().eval()
+        config = model.config
+        assert (config.window_size, config.img_size, config.pretrained_window_sizes) == (16, 64, (8, 4, 2, 1))
+        assert relative_error(_logits(model, x), _logits(fine_tuned, x)) < 1e-10, source
+        assert "window 16 at 64 px taken from the name" in str(model.load_report)
+
+    own_window = _timm_v2(16, (0, 0, 0, 0))
+    unnamed = tmp_path / "weights.safetensors"
+    save_file(own_window.state_dict(), unnamed)
+    with caplog.at_level("WARNING"):
+        guessed = swinkit.create_model(checkpoint=unnamed).double().eval()
+    assert guessed.config.window_size == 8  # the published geometry, assumed, and said where it is used
+    assert "assumed window 8 at 256 px" in str(guessed.load_report) and "assumed window 8" in caplog.text
+    assert relative_error(_logits(guessed, x), _logits(own_window, x)) > 1e-3  # why it must be said
+    caplog.clear()
+    arch = dict(depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=16, img_size=64)
+    with caplog.at_level("WARNING"):
+        model = swinkit.create_model("swinv2_test", checkpoint=unnamed, **arch).double().eval()
+    assert model.config.pretrained_window_sizes == (0, 0, 0, 0)  # the model's, not the assumption's (8, 8, 8, 8)
+    assert relative_error(_logits(model, x), _logits(own_window, x)) < 1e-10
+    report = str(model.load_report)
+    assert "taken to be the model's" in report and "assumed" not in report and "taken to be" in caplog.text
+
+    # A named file whose pretrained windows differ from the preset's: the file's own are used.
+    named_own = tmp_path / "swinv2_test_window16_64.safetensors"
+    save_file(own_window.state_dict(), named_own)
+    preset = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), img_size=64, window_size=16)
+    model = swinkit.create_model("swinv2_b_256", checkpoint=named_own, **preset).double().eval()
+    assert swinkit.get_config("swinv2_b_256").pretrained_window_sizes == (12, 12, 12, 6)
+    assert model.config.pretrained_window_sizes == (0, 0, 0, 0)
+    assert relative_error(_logits(model, x), _logits(own_window, x)) < 1e-10
+    assert any("pretrained_window_sizes (0, 0, 0, 0) taken from the file" in item for item in model.load_report.adapted)
+
+
+def test_per_stage_windows_are_refused_by_name(tmp_path):
+    # timm's swin_s3_* (AutoFormerV2) models use timm's Swin class with a window per stage
+    # (7, 7, 14, 7): not a Swin Transformer, and resizing stage 2's tables to 7 would be silently wrong.
+    s3 = timm.models.swin_transformer.SwinTransformer(
+        img_size=128, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=(4, 4, 8, 4)
+    )
+    torch.save(s3.state_dict(), tmp_path / "s3.pth")
+    for name in (None, "swin_test"):
+        with pytest.raises(swinkit.CheckpointError, match=r"s3\.pth: stage 2's .* window 8, stage 0's for 4 .*swin_s3"):
+            swinkit.create_model(name, checkpoint=tmp_path / "s3.pth")
+    with pytest.raises(swinkit.CheckpointError, match="per-stage windows"):
+        convert(tmp_path / "s3.pth", tmp_path / "s3.safetensors")

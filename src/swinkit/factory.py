@@ -34,6 +34,8 @@ def config_from_checkpoint(checkpoint: Checkpoint) -> SwinConfig:
     """The config stored in a swinkit file, or the one the weights of a foreign file imply."""
     if checkpoint.format == "swinkit":
         return config_from_metadata(checkpoint.metadata, checkpoint.source)
+    if checkpoint.geometry_assumed:
+        logger.warning("%s: %s", checkpoint.source, checkpoint.geometry_assumed)
     fields = {**infer_config(checkpoint.state_dict), **checkpoint.hints}
     if "img_size" not in fields and fields["family"] == "v1":
         fields["img_size"] = _V1_SIZE_FOR_WINDOW.get(fields.get("window_size", 7), 224)
@@ -72,27 +74,57 @@ def create_model(
         if loaded is not None and "num_classes" not in overrides and "head.weight" in loaded.state_dict:
             overrides["num_classes"] = loaded.state_dict["head.weight"].shape[0]
         config = get_config(name, **overrides)
-        if loaded is not None and "pretrained_window_sizes" not in overrides:
-            config = _with_pretrained_windows(config, loaded)
+    windows = ""
+    if name is not None and loaded is not None and "pretrained_window_sizes" not in overrides:
+        config, windows = _with_pretrained_windows(config, loaded)
     model = build_model(config, attn_impl=attn_impl)
     if loaded is not None:
-        model.load_report = load_checkpoint(model, loaded, strict=strict, table_resize=table_resize)
+        model.load_report = report = load_checkpoint(model, loaded, strict=strict, table_resize=table_resize)
+        if windows and loaded.geometry_assumed:  # taken to be the model's: the file's assumed geometry is not used
+            report.notes = [note for note in report.notes if note != loaded.geometry_assumed] + [windows]
+        elif windows:
+            report.adapted.append(windows)
     return model
 
 
-def _with_pretrained_windows(config: SwinConfig, loaded: Checkpoint) -> SwinConfig:
+def _with_pretrained_windows(config: SwinConfig, loaded: Checkpoint) -> tuple[SwinConfig, str]:
     """V2 transfer: a model whose window differs from the file's scales its position coordinates by
-    the windows the file was trained with (the official fine-tuning rule), unless told otherwise."""
+    the windows the file was trained with (the official fine-tuning rule), unless told otherwise.
+    A file whose window nothing shows is taken to be the model's. Returns the config and what was done."""
     if config.family != "v2" or loaded.family != "v2":
-        return config
+        return config, ""
+    if loaded.geometry_assumed:
+        note = (
+            f"the file's window is unknown (Swin V2 weights do not show it): taken to be the model's, window "
+            f"{config.window_size} at {config.img_size} px with pretrained windows {config.pretrained_window_sizes}; "
+            "if it was trained at another, pass pretrained_window_sizes (the windows it had there)"
+        )
+        logger.warning("%s: %s", loaded.source, note)
+        return config, note
+    source = config_from_checkpoint(loaded)
+    trained_with = _coordinate_windows(source)
+    if trained_with == _coordinate_windows(config):
+        return config, ""
+    if source.window_size == config.window_size and source.img_size == config.img_size:
+        windows = source.pretrained_window_sizes  # the file's own, where the preset's differ
+        note = (
+            f"pretrained_window_sizes {windows} taken from the file (the model's were {config.pretrained_window_sizes})"
+        )
+    else:
+        windows = trained_with
+        note = (
+            f"the file has window {source.window_size} at {source.img_size} px, the model {config.window_size} at "
+            f"{config.img_size}: its coordinates are scaled by the windows the file was trained with, "
+            f"pretrained_window_sizes {windows} (the official fine-tuning rule)"
+        )
+    return config.replace(pretrained_window_sizes=windows), note
+
+
+def _coordinate_windows(config: SwinConfig) -> tuple[int, ...]:
+    """The window each stage's relative coordinates are divided by (less one): the pretrained
+    window where one is set, else the stage's own."""
     from .model import stage_window
 
-    source = config_from_checkpoint(loaded)
-    if source.window_size == config.window_size and source.img_size == config.img_size:
-        return config
-    windows = tuple(
-        pretrained or stage_window(source, stage) for stage, pretrained in enumerate(source.pretrained_window_sizes)
+    return tuple(
+        pretrained or stage_window(config, stage) for stage, pretrained in enumerate(config.pretrained_window_sizes)
     )
-    if windows != config.pretrained_window_sizes:
-        logger.info("pretrained_window_sizes %s taken from %s", windows, loaded.source)
-    return config.replace(pretrained_window_sizes=windows)

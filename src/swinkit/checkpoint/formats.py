@@ -95,6 +95,21 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     return fields
 
 
+def check_stage_windows(state_dict: StateDict, label: str) -> None:
+    """Refuse V1 weights whose windows vary by stage in a way no Swin has: one window for all stages,
+    smaller only in a stage whose map is smaller (so never larger than an earlier stage's)."""
+    sides = []
+    while (key := f"layers.{len(sides)}.blocks.0.attn.relative_position_bias_table") in state_dict:
+        sides.append((math.isqrt(state_dict[key].shape[0]) + 1) // 2)
+    for stage, side in enumerate(sides):
+        if stage and side > min(sides[:stage]):
+            raise CheckpointError(
+                f"{label}: stage {stage}'s relative position bias tables are for window {side}, stage 0's for "
+                f"{sides[0]} (windows by stage {sides}): per-stage windows, as in timm's swin_s3_* "
+                "(AutoFormerV2) models, are not a Swin Transformer; swinkit reads Swin V1 and V2 files"
+            )
+
+
 def _clamped_size(state_dict: StateDict, window: int, patch_size: int, stages: int) -> int | None:
     """The construction size implied by a stage whose bias table was clamped below the window."""
     for stage in range(stages):
@@ -103,6 +118,28 @@ def _clamped_size(state_dict: StateDict, window: int, patch_size: int, stages: i
         if side < window:
             return side * 2**stage * patch_size
     return None
+
+
+# A published name's geometry: window12to16_192to256 (timm, the official files), window12to16-192to256 (Hugging Face).
+_NAMED_GEOMETRY = re.compile(r"window(\d+)(?:to(\d+))?[_-](\d+)(?:to(\d+))?")
+
+
+def v2_geometry_from_name(name: str, stages: int, patch_size: int) -> dict[str, Any]:
+    """The window, size and pretrained windows a published V2 model's name states (``{}`` if none).
+
+    ``swinv2_tiny_window16_256`` is window 16 at 256 px; ``swinv2_base_window12to16_192to256`` was
+    fine-tuned to window 16 at 256 from window 12 at 192, so its coordinates are scaled by the
+    windows its stages had there, (12, 12, 12, 6): the official fine-tuning rule, as timm builds it.
+    """
+    match = _NAMED_GEOMETRY.search(name)
+    if not match:
+        return {}
+    first_window, window, first_size, size = (int(group) if group else None for group in match.groups())
+    fields: dict[str, Any] = {"window_size": window or first_window, "img_size": size or first_size}
+    if window:
+        sides = (first_size // (patch_size * 2**stage) for stage in range(stages))
+        fields["pretrained_window_sizes"] = tuple(max(min(first_window, side), 1) for side in sides)
+    return fields
 
 
 # The published V2 geometries: ImageNet-22K pretraining at 192 px with window 12, ImageNet-1K at 256 with window 8.
@@ -116,10 +153,10 @@ def _v2_geometry(state_dict: StateDict) -> dict[str, Any]:
 
     The continuous position bias is an MLP, so no V2 parameter shape shows the window. Official
     files carry ``relative_coords_table`` buffers, from which the reader takes the window, the
-    pretrained windows and the size (config hints, which override what is returned here). For
-    other files (timm, ...) the published geometry is assumed: 192 px with window 12 for an
-    ImageNet-22K head, else 256 px with window 8; pass ``window_size``, ``img_size`` and
-    ``pretrained_window_sizes`` (or a preset name) when the file is another one.
+    pretrained windows and the size (config hints, which override what is returned here); for
+    timm's the reader looks for a published name (:func:`v2_geometry_from_name`). Otherwise the
+    published geometry is assumed: 192 px with window 12 for an ImageNet-22K head, else 256 px with
+    window 8 (the reader notes the assumption).
     """
     head = state_dict.get("head.weight")
     fields = dict(_V2_PRETRAINING if head is not None and head.shape[0] == IMAGENET22K_CLASSES else _V2_DEFAULT)

@@ -182,15 +182,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     """Read a ``.pth`` / ``.bin`` / ``.safetensors`` file or a Hugging Face model directory.
 
     Returns the state dict and the metadata: a safetensors file's own, ``{"hf_config": text}`` for a
-    directory with a ``config.json``, ``{"class_names": JSON list}`` for an OpenMMLab file naming
-    its classes (``meta.CLASSES``), else ``{}``.
+    directory with a ``config.json`` (or its weight file, read as the directory), ``{"class_names":
+    JSON list}`` for an OpenMMLab file naming its classes (``meta.CLASSES``), else ``{}``.
     """
     path = Path(path)
     if path.is_dir():
         found = _read_hf_directory(path)
         if found is not None:
             return found
-    return _read_file(path)
+    state_dict, metadata = _read_file(path)
+    config = path.parent / "config.json"
+    if path.name in HF_WEIGHT_FILES and config.is_file() and "hf_config" not in metadata:
+        metadata = {**metadata, "hf_config": config.read_text()}
+    return state_dict, metadata
 
 
 def make_folder(path: str | os.PathLike) -> Path:

@@ -14,7 +14,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import adapt, hf, official, timm, torchvision
-from .formats import describe, detect_family, detect_format, infer_config
+from .formats import (
+    check_stage_windows,
+    describe,
+    detect_family,
+    detect_format,
+    infer_config,
+    v2_geometry_from_name,
+)
 from .io import CheckpointError, StateDict, read_checkpoint, unwrap_state_dict
 from .native import class_names_from_metadata
 
@@ -74,6 +81,8 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     # The top-level names of a dense model file's other parts (``neck``, ``rpn_head``, ``decode_head`` ...).
     dense_parts: list[str] = field(default_factory=list)
+    # For V2 weights whose window nothing names: the note saying what was assumed (also in ``notes``).
+    geometry_assumed: str = ""
 
 
 def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
@@ -97,6 +106,10 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
         checkpoint.hints, checkpoint.class_names = hf.config_hints(hf_config), hf.class_names(hf_config)
     elif fmt in ("official", "torchvision"):
         checkpoint.hints = CONVERTERS[fmt].config_hints(state_dict)
+    if checkpoint.family == "v1":
+        check_stage_windows(converted, label)
+    elif fmt != "swinkit" and "window_size" not in checkpoint.hints:
+        _name_v2_geometry(checkpoint, _names(label, metadata))
     _, others = official.split_backbone(state_dict) if fmt == "official" else (None, [])
     checkpoint.dense_parts = others
     if others:
@@ -107,6 +120,43 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
             f"encoder (swinkit pretrain --checkpoint continues from them): {pretraining_parts}"
         )
     return checkpoint
+
+
+def _names(label: str, metadata: dict[str, str]) -> list[str]:
+    """Names that may state a V2 file's geometry: the architecture in a timm ``config.json`` beside
+    the weights, and the file's (or folder's) own name."""
+    names = [Path(label).name]
+    try:
+        architecture = json.loads(metadata.get("hf_config", "{}")).get("architecture")
+    except (ValueError, AttributeError):
+        architecture = None
+    return [architecture, *names] if isinstance(architecture, str) else names
+
+
+def _name_v2_geometry(checkpoint: Checkpoint, names: list[str]) -> None:
+    """V2 weights do not show their window (the position bias is an MLP of coordinates) and timm's
+    and some Hugging Face files carry no buffer or config that does: take it from a published name
+    (``swinv2_tiny_window16_256``), else assume the published geometry and say so."""
+    fields = infer_config(checkpoint.state_dict)
+    for name in names:
+        named = v2_geometry_from_name(name, len(fields["depths"]), fields["patch_size"])
+        if named:
+            checkpoint.hints.update(named)
+            checkpoint.notes.append(
+                f"window {named['window_size']} at {named['img_size']} px taken from the name {name!r} "
+                "(Swin V2 weights do not show their window)"
+            )
+            return
+    window, size = fields["window_size"], fields["img_size"]
+    if fields.get("num_classes") == adapt.IMAGENET22K_CLASSES:  # one published geometry: no doubt
+        checkpoint.notes.append(f"window {window} at {size} px, as every published ImageNet-22K Swin V2 file")
+        return
+    checkpoint.geometry_assumed = (
+        f"Swin V2 weights do not show their window and nothing names this file's: assumed window {window} at "
+        f"{size} px (the published swinv2_*_window8_256); if it is another (timm's *_window16_256, "
+        "*_window12to16_192to256, ...), name its preset or give window_size, img_size, pretrained_window_sizes"
+    )
+    checkpoint.notes.append(checkpoint.geometry_assumed)
 
 
 def simmim_encoder(state_dict: StateDict) -> tuple[StateDict, list[str]]:
