@@ -372,3 +372,91 @@ def test_written_files_get_the_permissions_any_new_file_gets(tmp_path):
     for name in ("model.safetensors", "state.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.safetensors", "plain.txt", "state.pt"]
+
+
+def _edited_copy(source: Path, target: Path, tensors=None, **metadata) -> Path:
+    """``source`` (a swinkit file) written again with some tensors and metadata entries replaced."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        stored = dict(f.metadata())
+    save_file({**state, **(tensors or {})}, target, metadata={**stored, **metadata})
+    return target
+
+
+def test_a_file_that_contradicts_itself_is_refused_by_name(tmp_path, tiny):
+    import json
+
+    swinkit.save(tiny, tmp_path / "m.safetensors", class_names=["cat", "dog", "eel"])
+    config = json.loads(swinkit.checkpoint.read_any(tmp_path / "m.safetensors").metadata["swinkit_config"])
+    seven = _edited_copy(
+        tmp_path / "m.safetensors",
+        tmp_path / "seven.safetensors",
+        swinkit_config=json.dumps({**config, "num_classes": 7}),
+    )
+    # was: a model of 7 classes whose head was re-initialised at random, and predictions from it
+    with pytest.raises(CheckpointError, match=r"seven\.safetensors: its config says 7 classes but its head has 3"):
+        swinkit.create_model(checkpoint=seven)
+    two = _edited_copy(tmp_path / "m.safetensors", tmp_path / "two.safetensors", class_names='["a", "b"]')
+    with pytest.raises(CheckpointError, match=r"two\.safetensors: 2 class names for 3 classes"):  # was an IndexError
+        swinkit.create_model(checkpoint=two)
+    for key, value, message in [
+        ("window_size", "seven", "field window_size must be int, got 'seven'"),  # was "'<' not supported ..."
+        ("depths", [2, "x", 2, 2], r"field depths must be a list of int"),
+        ("preprocessing", {**config["preprocessing"], "std": [0, 0, 0]}, r"preprocessing std .* must be above 0"),
+    ]:
+        bad = _edited_copy(
+            tmp_path / "m.safetensors",
+            tmp_path / f"{key}.safetensors",
+            swinkit_config=json.dumps({**config, key: value}),
+        )
+        with pytest.raises(CheckpointError, match=rf"{key}\.safetensors: the swinkit config .* invalid: {message}"):
+            swinkit.create_model(checkpoint=bad)
+
+
+def test_weights_with_nan_or_infinity_are_refused_naming_the_tensor(tmp_path, tiny):
+    swinkit.save(tiny, tmp_path / "m.safetensors")
+    broken = tiny.state_dict()["layers.1.blocks.0.mlp.fc2.weight"].clone()
+    broken[0, 0] = float("nan")
+    nan = _edited_copy(
+        tmp_path / "m.safetensors", tmp_path / "nan.safetensors", {"layers.1.blocks.0.mlp.fc2.weight": broken}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"nan\.safetensors: non-finite values .* in layers\.1\.blocks\.0\.mlp\.fc2"
+    ):
+        swinkit.create_model(checkpoint=nan)  # was a model that predicts NaN, exit code 0 from predict
+    state = {**tiny.state_dict(), "head.bias": torch.full((3,), float("inf"))}
+    with pytest.raises(CheckpointError, match="non-finite values .* in head.bias"):
+        swinkit.load_checkpoint(swinkit.create_model("swin_test", num_classes=3), state)
+
+
+def test_a_file_whose_weights_do_not_fit_its_own_architecture_says_so(tmp_path, tiny):
+    state = dict(tiny.state_dict())
+    state["layers.0.blocks.0.attn.qkv.weight"] = torch.zeros(49, 16)  # was: "the file is X, the model is X"
+    save_file(state, tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match=r"though its weights name that architecture") as error:
+        swinkit.load_checkpoint(swinkit.create_model("swin_test", num_classes=3), tmp_path / "cut.safetensors")
+    assert "qkv.weight: model (48, 16), file (49, 16)" in str(error.value)
+    assert "name its preset" not in str(error.value)
+
+
+def test_a_plain_pickle_is_refused_without_running_it(tmp_path):
+    import pickle
+    import warnings
+
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "plain.pth", "wb") as f:  # pickle.dump's own file, not torch.save's
+        pickle.dump({"model": _Payload(str(marker))}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol" warning must not reach the user
+        with pytest.raises(CheckpointError, match=r"refusing to load .*plain\.pth: it is a plain pickle"):
+            read_checkpoint(tmp_path / "plain.pth")  # was "corrupt or not a checkpoint", after torch's warning
+    assert not marker.exists()
+
+
+def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny):
+    swinkit.save(tiny, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"m\.safetensors is the file being converted"):
+        swinkit.checkpoint.convert(tmp_path / "m.safetensors", tmp_path / "." / "m.safetensors", to="timm")
+    assert swinkit.checkpoint.read_any(tmp_path / "m.safetensors").format == "swinkit"  # untouched

@@ -187,6 +187,18 @@ def test_options_out_of_range_are_refused_by_name(option, value, message, tmp_pa
     resolve_config({option: getattr(TrainConfig(), option)})  # the default passes
 
 
+def test_null_is_none_only_where_an_option_takes_none(tmp_path):
+    (tmp_path / "run.yaml").write_text("val_fraction: null\n")  # was "'<' not supported ... NoneType"
+    with pytest.raises(ValueError, match="training option 'val_fraction' cannot be null .* give a float"):
+        resolve_config(config_file=tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("resume: ~\n")  # was a TypeError deep in the loop
+    with pytest.raises(ValueError, match="training option 'resume' cannot be null"):
+        resolve_config(config_file=tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("checkpoint: null\nval_data:\n")
+    config = resolve_config(config_file=tmp_path / "run.yaml")
+    assert config.checkpoint is None and config.val_data is None
+
+
 def test_cli_refuses_an_option_out_of_range(capsys):
     assert main(["train", "--batch-size", "0"]) == 2
     error = capsys.readouterr().err.strip()
@@ -356,6 +368,22 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
     assert rows[0]["train_loss"] == pytest.approx(reference_rows[0]["train_loss"], rel=1e-6)
 
 
+def test_ctrl_c_prints_a_line_saying_how_to_resume_not_a_traceback(tmp_path):
+    data = write_digit_folder(tmp_path / "data", classes=(0, 1, 2), per_class=20)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = _train_command(data, out, "--checkpoint-every", "1", "--workers", "1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-last.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "swinkit train: interrupted; run the same command again to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
 def test_resume_refuses_a_different_run(digit_folder, tmp_path):
     out = tmp_path / "run"
     base = {
@@ -371,6 +399,21 @@ def test_resume_refuses_a_different_run(digit_folder, tmp_path):
     swinkit.train.fit(resolve_config({**base, "checkpoint_every": 1, "epochs": 1}))
     with pytest.raises(ValueError, match="different options.*batch_size"):
         swinkit.train.fit(resolve_config({**base, "batch_size": 2, "epochs": 1}))
+
+
+def test_resume_takes_a_path_spelled_otherwise_and_a_moved_run_folder(digit_folder, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    out = tmp_path / "run"
+    base = dict(model="swin_test", img_size=32, workers=0, progress=False, batch_size=4, max_steps=1, epochs=1)
+    swinkit.train.fit(resolve_config({**base, "data": str(digit_folder), "output": str(out), "checkpoint_every": 1}))
+    shutil.copytree(out, tmp_path / "moved")
+    monkeypatch.chdir(digit_folder.parent)
+    with caplog.at_level("INFO"):
+        relative = {**base, "data": digit_folder.name, "output": str(out), "checkpoint_every": 1}
+        swinkit.train.fit(resolve_config(relative))  # the same folder, given relative: the same run
+        swinkit.train.fit(resolve_config({**relative, "output": str(tmp_path / "moved")}))  # the folder moved
+    assert caplog.text.count("resumed") == 2, caplog.text
 
 
 TORCHRUN_COMMON = [

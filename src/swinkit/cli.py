@@ -487,6 +487,13 @@ def _add_verbose_everywhere(subparsers: argparse._SubParsersAction) -> None:
             command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
+TRAINING_COMMANDS = ("train", "pretrain", "segment train", "detect train")
+RESUME_HINT = (
+    "; run the same command again to resume from the last checkpoint it saved (at each epoch's end, "
+    "and every --checkpoint-every steps)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``swinkit`` and ``python -m swinkit``; returns the exit code."""
     parser = build_parser()
@@ -495,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # segment eval, ...
     try:
         if getattr(args, "device", None) not in (None, "auto"):  # before any work: is the device here?
             check_device(args.device)
@@ -503,9 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         # User errors get one clear line, not a traceback (--verbose shows it).
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # segment eval, ...
         print(f"swinkit {command}: error: {error}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the work was
+        if args.verbose:
+            raise
+        print(f"swinkit {command}: interrupted{RESUME_HINT if command in TRAINING_COMMANDS else ''}", file=sys.stderr)
+        code = 130  # the shell's code for a SIGINT'ed process
     distributed = sys.modules.get(f"{__package__}.train.distributed")  # imported by every command that trains
     if distributed is not None:  # a torchrun worker leaves without Python's finalisation
         code = distributed.leave_worker(code)

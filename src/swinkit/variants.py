@@ -7,12 +7,37 @@ files store), so ``create_model(name, **overrides)`` is ``dataclasses.replace(PR
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 # ImageNet statistics, the ones every published Swin checkpoint was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
+    """Refuse a stored value of the wrong kind by name (``window_size: "seven"``), before it fails
+    far away in arithmetic; numbers that are whole stand for floats, bools for nothing else."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        kind = hints[name]
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            fits = isinstance(value, (list, tuple)) and all(_is_kind(item, v) for v in value)
+            shown = f"a list of {item.__name__}"
+        else:
+            fits, shown = _is_kind(kind, value), getattr(kind, "__name__", str(kind))
+        if not fits:
+            raise ValueError(f"field {prefix}{name} must be {shown}, got {value!r}")
+
+
+def _is_kind(kind: Any, value: Any) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 @dataclass(frozen=True)
@@ -24,6 +49,14 @@ class Preprocessing:
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"preprocessing mean {self.mean} and std {self.std} need one value per channel each")
+        if not all(value > 0 for value in self.std):
+            raise ValueError(f"preprocessing std {self.std} must be above 0 (it divides)")
+        if self.resize < 1 or self.crop < 1:
+            raise ValueError(f"preprocessing resize {self.resize} and crop {self.crop} must be at least 1 pixel")
 
     @classmethod
     def for_size(cls, img_size: int, crop_pct: float = 0.875) -> Preprocessing:
@@ -118,9 +151,15 @@ class SwinConfig:
             raise ValueError(f"unknown SwinConfig fields {unknown}; accepted: {sorted(known)}")
         values = dict(values)
         if isinstance(values.get("preprocessing"), dict):
+            preprocessing = values["preprocessing"]
+            unknown = sorted(set(preprocessing) - {f.name for f in dataclasses.fields(Preprocessing)})
+            if unknown:
+                raise ValueError(f"unknown preprocessing fields {unknown}")
+            _check_types(Preprocessing, preprocessing, "preprocessing.")
             values["preprocessing"] = Preprocessing(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in values["preprocessing"].items()}
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
             )
+        _check_types(cls, values)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def replace(self, **overrides: Any) -> SwinConfig:

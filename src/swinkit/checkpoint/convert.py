@@ -99,6 +99,8 @@ def convert(
     """
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; accepted: {', '.join(FORMATS)}")
+    if Path(source).resolve() == Path(target).resolve():
+        raise ValueError(f"{target} is the file being converted: writing it would replace the original; give another")
     checkpoint = read_any(source)
     config, state_dict, notes = _checked(checkpoint)
     names = list(class_names) if class_names is not None else checkpoint.class_names

@@ -13,6 +13,7 @@ import pickle
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ def _load_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
 
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before refusing it below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
         if "GLOBAL" in message or "global" in message:
@@ -85,6 +88,12 @@ def _load_pickle(path: Path) -> Any:
                 "torch.load(weights_only=True) so that a checkpoint can never execute code. If you trust "
                 "the file, re-save only its tensors (e.g. torch.save(state_dict, ...)) or convert it to "
                 ".safetensors, then load that."
+            ) from None
+        if "Unsupported operand" in message:  # an opcode torch.save never writes: pickle.dump's own file
+            raise CheckpointError(
+                f"refusing to load {path}: it is a plain pickle (pickle.dump's, not torch.save's), which swinkit "
+                "does not read, as such a file can run code when loaded. If you trust it, load it yourself and "
+                "re-save its tensors with torch.save(state_dict, ...) or as .safetensors, then load that."
             ) from None
         raise CheckpointError(f"{path} is not a valid PyTorch checkpoint (corrupt or not a checkpoint)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:

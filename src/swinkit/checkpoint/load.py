@@ -23,7 +23,7 @@ from .formats import (
     v2_geometry_from_name,
 )
 from .io import CheckpointError, StateDict, read_checkpoint, unwrap_state_dict
-from .native import class_names_from_metadata
+from .native import class_names_from_metadata, config_from_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,11 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     except CheckpointError as error:
         raise CheckpointError(f"{label}: {error}") from None
     converted = CONVERTERS[fmt].to_swinkit(state_dict)
+    _refuse_non_finite(converted, label)
     checkpoint = Checkpoint(label, fmt, detect_family(converted), converted, metadata)
     if fmt == "swinkit":
-        checkpoint.class_names = class_names_from_metadata(metadata)
+        checkpoint.class_names = class_names_from_metadata(metadata, label)
+        _check_own_config(checkpoint)
     elif fmt == "hf" and "hf_config" in metadata:
         hf_config = json.loads(metadata["hf_config"])
         checkpoint.hints, checkpoint.class_names = hf.config_hints(hf_config), hf.class_names(hf_config)
@@ -120,6 +122,36 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
             f"encoder (swinkit pretrain --checkpoint continues from them): {pretraining_parts}"
         )
     return checkpoint
+
+
+def _refuse_non_finite(state_dict: StateDict, label: str) -> None:
+    """Weights holding NaN or infinity give NaN for every image: refuse them, naming the tensors."""
+    broken = [key for key, value in state_dict.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        shown = ", ".join(broken[:5]) + (f", ... ({len(broken)} in all)" if len(broken) > 5 else "")
+        raise CheckpointError(
+            f"{label}: non-finite values (NaN or infinity) in {shown}: these weights give NaN for every "
+            "image (saved from a run that diverged?)"
+        )
+
+
+def _check_own_config(checkpoint: Checkpoint) -> None:
+    """A swinkit file's config and class names must fit its own weights: a file that contradicts
+    itself (edited by hand, or by another tool) would otherwise get a random head or crash later."""
+    config = config_from_metadata(checkpoint.metadata, checkpoint.source)
+    head = checkpoint.state_dict.get("head.weight")
+    rows = 0 if head is None else head.shape[0]
+    if not config.features_only and rows != config.num_classes:
+        raise CheckpointError(
+            f"{checkpoint.source}: its config says {config.num_classes} classes but its head has {rows} rows: "
+            "the file contradicts itself (edited by hand?); re-save the model with swinkit.save"
+        )
+    names = checkpoint.class_names
+    if names is not None and len(names) != config.num_classes:
+        raise CheckpointError(
+            f"{checkpoint.source}: {len(names)} class names for {config.num_classes} classes: the file "
+            "contradicts itself (edited by hand?); re-save it with the right names (swinkit.save(..., class_names=))"
+        )
 
 
 def _names(label: str, metadata: dict[str, str]) -> list[str]:
@@ -322,6 +354,12 @@ def mismatch_message(checkpoint: Checkpoint, model: nn.Module, report: LoadRepor
     except (CheckpointError, KeyError):
         file_arch = "an architecture swinkit could not identify"
     model_arch = describe(model.config.to_dict())
+    if file_arch == model_arch:  # the same architecture: the file's own weights disagree with it
+        return (
+            f"{checkpoint.source} does not fit the model, {model_arch}, though its weights name that "
+            f"architecture: some of them have other shapes or names than it has (a file edited or cut short?).\n"
+            f"{report}"
+        )
     return (
         f"{checkpoint.source} does not fit the model: the file is {file_arch}, the model is {model_arch}.\n"
         f"{report}\nThe model must have the file's architecture: name its preset, or build it from the file "

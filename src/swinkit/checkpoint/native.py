@@ -60,7 +60,16 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> SwinConfig:
         raise CheckpointError(f"{source}: the swinkit config in the file's metadata is invalid: {error}") from None
 
 
-def class_names_from_metadata(metadata: dict[str, str]) -> list[str] | None:
-    """The class names a swinkit file stores, or None when it stores none."""
+def class_names_from_metadata(metadata: dict[str, str], source: str = "the file") -> list[str] | None:
+    """The class names a swinkit file stores, or None when it stores none; a ``CheckpointError``
+    naming ``source`` if they are not a JSON list of strings."""
     names = metadata.get("class_names")
-    return json.loads(names) if names else None
+    if not names:
+        return None
+    try:
+        names = json.loads(names)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: the class names in the file's metadata are not valid JSON: {error}") from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{source}: the class names in the file's metadata must be a list of strings")
+    return names

@@ -290,9 +290,15 @@ def _without_none(kind: Any) -> Any:
 
 def _coerce(name: str, value: Any, options: type = TrainConfig) -> Any:
     """Check and convert a value from YAML or the command line to the field's type."""
-    kind = _without_none(_field_types(options)[name])
+    declared = _field_types(options)[name]
+    kind = _without_none(declared)
     if value is None:
-        return None
+        if kind is not declared:  # an Optional field: null means none
+            return None
+        raise ValueError(
+            f"training option {name!r} cannot be null (YAML's null, ~ or an empty value); give a "
+            f"{getattr(kind, '__name__', kind)}, or leave the key out for the default"
+        )
     origin = typing.get_origin(kind)
     if origin is tuple:
         items = typing.get_args(kind)

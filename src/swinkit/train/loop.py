@@ -492,21 +492,31 @@ def plain(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else plain(v) if isinstance(v, dict) else v) for k, v in values.items()}
 
 
-# Options that may differ between a run and its resumption without changing its result.
-_RESUMABLE = {"resume", "epochs", "workers", "progress", "checkpoint_every", "max_steps", "device"}
+# Options that may differ between a run and its resumption without changing its result (the
+# output folder among them: a run folder moved or copied resumes).
+_RESUMABLE = {"resume", "epochs", "workers", "progress", "checkpoint_every", "max_steps", "device", "output"}
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint written with other options (those that may change on resume
-    excepted), naming them."""
+    excepted), naming them. A path given relative once and absolute once is the same option."""
     current = plain(current)
-    changed = sorted(k for k in current if k not in _RESUMABLE and saved.get(k) != current[k])
+    changed = sorted(k for k in current if k not in _RESUMABLE and not _same_option(saved.get(k), current[k]))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed[:6])
         raise ValueError(
             f"{path} belongs to a run with different options ({details}); resume with the same options, "
             "choose another --output, or pass --resume never to start over"
         )
+
+
+def _same_option(saved: Any, current: Any) -> bool:
+    """Equal values, or two spellings of one path (``data`` and ``/home/me/data``)."""
+    if saved == current:
+        return True
+    if isinstance(saved, str) and isinstance(current, str) and saved and current:
+        return os.path.realpath(saved) == os.path.realpath(current)
+    return False
 
 
 def fit(config: TrainConfig) -> TrainResult:
