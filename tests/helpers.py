@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import struct
+import zlib
 
 import torch
 from PIL import Image
@@ -168,3 +170,16 @@ def write_digit_folder(root, classes=(0, 1, 2), per_class=6, formats=("png", "jp
             digits.load(index).resize((32, 32), Image.BILINEAR).save(folder / f"{index}.{extension}")
             counts[sample.label] += 1
     return root
+
+
+def bomb_png(path, side=20000):
+    """A 1-bit PNG whose header claims side x side pixels: a few bytes on disk (a decompression bomb's shape)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path

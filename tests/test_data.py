@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import write_digit_folder
+from helpers import bomb_png, write_digit_folder
 from swinkit.data import (
     AugmentedDataset,
     BadImageError,
@@ -113,3 +116,128 @@ def test_missing_folder_errors(tmp_path):
     (tmp_path / "flat" / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="no class sub-folders"):
         image_folder(tmp_path / "flat")
+
+
+def test_decompression_bomb_is_a_bad_image_and_the_limit_stays(tmp_path):
+    # It was a raw PIL.Image.DecompressionBombError (not an OSError) that killed predict and training.
+    root = write_digit_folder(tmp_path / "data", classes=(0,), per_class=2)
+    bomb = bomb_png(root / "digit0" / "bomb.png")
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(
+        BadImageError, match=rf"cannot decode image .*bomb\.png: 400000000 pixels is over PIL's limit of {limit} pixels"
+    ):
+        load_image(bomb)
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's guard is kept, not switched off
+    dataset = image_folder(root, transform=eval_transform(Preprocessing(resize=32, crop=32)))
+    batch = collate_skipping_bad([dataset[i] for i in range(len(dataset))])
+    assert batch["bad"] == [str(bomb)] and batch["images"].shape == (2, 3, 32, 32)
+    strict = image_folder(root, strict=True)
+    with pytest.raises(BadImageError, match="over PIL's limit"):
+        strict[[s.path for s in strict.samples].index(str(bomb))]
+
+
+def test_empty_class_folder_is_refused_by_name_unless_allowed(tmp_path, caplog):
+    root = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=2)
+    (root / "zebra").mkdir()
+    (root / "zebra" / "notes.txt").write_text("no images")
+    with pytest.raises(
+        ValueError, match=rf"no image files \(.*\) in 1 of 3 class folders: {re.escape(str(root / 'zebra'))}; the model"
+    ):
+        image_folder(root)
+    with caplog.at_level("WARNING"):
+        dataset = image_folder(root, allow_empty=True)
+    assert dataset.classes == ["digit0", "digit1", "zebra"] and len(dataset) == 4
+    assert f"{root / 'zebra'}; the model would get a class it never sees" in caplog.text
+    (root / "zebra").rename(root / ".zebra")  # the way out the message gives: not a class
+    assert image_folder(root).classes == ["digit0", "digit1"]
+
+
+def test_unreadable_class_folder_is_an_error_naming_it(tmp_path, monkeypatch):
+    # rglob skipped a folder it could not list: the class silently had no images.
+    root = write_digit_folder(tmp_path / "data", classes=(0, 1, 2), per_class=2)
+    hidden = root / "digit1" / "more"
+    hidden.mkdir()
+    real_scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) in (str(root / "digit2"), str(hidden)):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(
+        PermissionError, match=rf"^cannot read class folder {re.escape(str(hidden))}: Permission denied$"
+    ):
+        image_folder(root)
+    hidden.rmdir()
+    with pytest.raises(
+        PermissionError, match=rf"^cannot read class folder {re.escape(str(root / 'digit2'))}: Permission denied$"
+    ):
+        image_folder(root)
+
+
+def test_unreadable_class_folder_on_disk(tmp_path):
+    root = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=2)
+    locked = root / "digit1"
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("this process reads a mode-000 folder (root with CAP_DAC_OVERRIDE)")
+        with pytest.raises(
+            PermissionError, match=f"cannot read class folder {re.escape(str(locked))}: Permission denied"
+        ):
+            image_folder(root)
+    finally:
+        locked.chmod(0o755)
+
+
+def _csv(tmp_path, text, name="list.csv", encoding="utf-8"):
+    (tmp_path / name).write_text(text, encoding=encoding)
+    return tmp_path / name
+
+
+def test_csv_header_in_other_words_or_after_a_bom_is_not_a_data_row(tmp_path):
+    root = write_digit_folder(tmp_path / "data", classes=(3, 5), per_class=2)
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.*"))]
+    for header, encoding in [("path,label", "utf-8-sig"), ("file,class", "utf-8"), (" Image , Target", "utf-8")]:
+        dataset = csv_list(_csv(tmp_path, "\n".join([header, *rows]) + "\n", encoding=encoding))
+        assert dataset.classes == ["digit3", "digit5"] and len(dataset) == 4, header
+    # An Excel export: BOM, CRLF, a blank row written as ",".
+    text = "\ufeffpath,label\r\n" + "\r\n".join(rows) + "\r\n,\r\n"
+    (tmp_path / "excel.csv").write_bytes(text.encode("utf-8"))
+    assert csv_list(tmp_path / "excel.csv").classes == ["digit3", "digit5"]
+    # No header at all still works.
+    assert len(csv_list(_csv(tmp_path, "\n".join(rows) + "\n"))) == 4
+
+
+def test_csv_unknown_header_or_missing_first_file_is_named(tmp_path):
+    root = write_digit_folder(tmp_path / "data", classes=(3, 5), per_class=2)
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.*"))]
+    listing = _csv(tmp_path, "\n".join(["# my images", "picture,kind", *rows]) + "\n")
+    with pytest.raises(ValueError, match=r"list\.csv: row 2 \('picture,kind'\) names a file that does not exist"):
+        csv_list(listing)
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        csv_list(_csv(tmp_path, "path,label\nchat\xe9.png,cat\n", encoding="latin-1"))
+
+
+def _rows(files, labels):
+    return [f"{file},{label}" for file, label in zip(files, labels, strict=True)]
+
+
+def test_csv_labels_mostly_integers_name_the_rows_that_are_not(tmp_path):
+    root = write_digit_folder(tmp_path / "data", classes=(0,), per_class=5)
+    files = [p.relative_to(tmp_path) for p in sorted(root.rglob("*.*"))]
+    labels = ["0", "1", "2", "10", "1o"]
+    listing = _csv(tmp_path, "\n".join(["path,label", *_rows(files, labels)]) + "\n")
+    with pytest.raises(ValueError, match=r"4 of 5 labels are integers \(class indices\) but 1 are not \(row 6: '1o'\)"):
+        csv_list(listing)
+    # All integers: the integers are the class indices, as documented (classes 0 .. the largest).
+    labels[-1] = "01"
+    listing = _csv(tmp_path, "\n".join(_rows(files, labels)) + "\n")
+    dataset = csv_list(listing)
+    assert dataset.classes == [str(i) for i in range(11)]
+    assert [s.label for s in dataset.samples] == [0, 1, 2, 10, 1]
+    # All names (or names with a few digit-like ones): sorted names.
+    labels = ["cat", "dog", "eel", "7", "cat"]
+    listing = _csv(tmp_path, "\n".join(_rows(files, labels)) + "\n")
+    assert csv_list(listing).classes == ["7", "cat", "dog", "eel"]

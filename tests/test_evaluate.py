@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
 import swinkit
-from helpers import perturb, write_digit_folder
+from helpers import bomb_png, perturb, write_digit_folder
 from swinkit.checkpoint.native import save
 from swinkit.cli import main
-from swinkit.evaluate import evaluate, evaluate_checkpoint, throughput
+from swinkit.evaluate import EvalResult, evaluate, evaluate_checkpoint, throughput
 from swinkit.model import SwinTransformer
 from swinkit.predict import predict
 
@@ -129,3 +131,35 @@ def test_eval_of_a_folder_in_trainings_layout_scores_its_val_part(tmp_path, capl
     assert "evaluating " + str(tmp_path / "run" / "val") in caplog.text
     assert whole == evaluate_checkpoint(tmp_path / "run" / "val", checkpoint, workers=0)
     assert whole["images"] == 6
+
+
+def test_per_class_accuracy_of_a_class_without_images_is_null_not_zero(tmp_path, capsys):
+    # A class absent from the evaluated data has no accuracy; 0.0 read as "the model gets it all wrong".
+    confusion = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    result = EvalResult(0.5, 75.0, 100.0, 4, confusion)
+    assert result.per_class_accuracy == [100.0, None, 50.0]
+    assert result.summary(["a", "b", "c"])["per_class_accuracy"] == {"a": 100.0, "b": None, "c": 50.0}
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 2), per_class=2)
+    checkpoint = tmp_path / "model.safetensors"
+    names = ["digit0", "digit1", "digit2"]
+    save(swinkit.create_model("swin_test", img_size=32, num_classes=3), checkpoint, class_names=names)
+    argv = ["eval", "--data", str(folder), "--checkpoint", str(checkpoint), "--workers", "0", "--json"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for metrics in (printed, written):
+        accuracy = metrics["per_class_accuracy"]
+        assert list(accuracy) == names and accuracy["digit1"] is None
+        assert all(isinstance(accuracy[name], float) for name in ("digit0", "digit2"))
+
+
+def test_predict_skips_a_decompression_bomb_like_any_bad_image(tmp_path, capsys):
+    # Image.new("1", (20000, 20000)).save("bomb.png"): a raw DecompressionBombError traceback ended predict.
+    folder = write_digit_folder(tmp_path / "digits", classes=(0,), per_class=1, formats=("png",))
+    bomb = bomb_png(folder / "digit0" / "bomb.png")
+    checkpoint = tmp_path / "model.safetensors"
+    save(swinkit.create_model("swin_test", img_size=32, num_classes=2), checkpoint, class_names=["a", "b"])
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--json"]) == 0
+    results = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
+    assert len(results) == 2 and "predictions" in results[str(next(folder.rglob("[0-9]*.png")))]
+    assert "400000000 pixels is over PIL's limit" in results[str(bomb)]["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,7 +267,7 @@ def test_cli_train_eval_predict_end_to_end(digit_folder, tmp_path, capsys):
     assert "cannot decode image" in results[1]["error"]
 
 
-def test_bad_images_in_training_data_are_skipped_and_counted(digit_folder, tmp_path):
+def test_bad_images_in_training_data_are_skipped_and_counted(digit_folder, tmp_path, caplog):
     data = tmp_path / "dirty"
     data.mkdir()
     for folder in digit_folder.iterdir():
@@ -294,7 +295,16 @@ def test_bad_images_in_training_data_are_skipped_and_counted(digit_folder, tmp_p
     result = swinkit.train.fit(config)
     # The three bad files are all in the training split (val keeps one image per class).
     assert result.bad_images == 3
-    assert result.history[0]["bad_images"] == 3
+    assert result.history[0]["bad_images"] == 3 and result.history[0]["val_bad_images"] == 0
+    held_out = tmp_path / "held-out"  # held-out images that fail are counted too (they were not)
+    shutil.copytree(digit_folder, held_out)
+    (held_out / "digit0" / "bad.png").write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        run = resolve_config(
+            {**config.__dict__, "data": str(digit_folder), "val_data": str(held_out), "output": str(out) + "2"}
+        )
+        assert swinkit.train.fit(run).history[0]["val_bad_images"] == 1
+    assert "1 held-out images could not be decoded and were left out of the scores" in caplog.text
     strict = resolve_config(
         {
             **{k: getattr(config, k) for k in ("data", "model", "img_size", "workers", "epochs")},
@@ -402,8 +412,6 @@ def test_resume_refuses_a_different_run(digit_folder, tmp_path):
 
 
 def test_resume_takes_a_path_spelled_otherwise_and_a_moved_run_folder(digit_folder, tmp_path, monkeypatch, caplog):
-    import shutil
-
     out = tmp_path / "run"
     base = dict(model="swin_test", img_size=32, workers=0, progress=False, batch_size=4, max_steps=1, epochs=1)
     swinkit.train.fit(resolve_config({**base, "data": str(digit_folder), "output": str(out), "checkpoint_every": 1}))
@@ -660,3 +668,20 @@ def test_compile_compiles_the_model_in_place_keeping_the_split(digit_folder, tmp
     assert trainer.forward_model is trainer.model
     assert isinstance(parallel.forward_function(trainer.model, split=True), functools.partial)
     assert not any(key.startswith("_orig_mod.") for key in trainer.model_state())
+
+
+def test_a_held_out_class_folder_may_be_empty_a_training_one_may_not(tmp_path, caplog):
+    from swinkit.train.data import load_datasets
+
+    root = tmp_path / "data"
+    write_digit_folder(root / "train", classes=(0, 1, 2), per_class=2)
+    write_digit_folder(root / "val", classes=(0, 1), per_class=1)
+    (root / "val" / "digit2").mkdir()  # a small held-out set without one class: scored as null, warned
+    with caplog.at_level("WARNING"):
+        data = load_datasets(resolve_config({"data": str(root)}))
+    assert data.classes == ["digit0", "digit1", "digit2"] and len(data.val) == 2
+    assert "no image files" in caplog.text and "digit2" in caplog.text
+    (root / "train" / "digit3").mkdir()
+    (root / "val" / "digit3").mkdir()
+    with pytest.raises(ValueError, match=r"no image files .* in 1 of 4 class folders: .*train/digit3"):
+        load_datasets(resolve_config({"data": str(root)}))

@@ -26,9 +26,12 @@ class EvalResult:
     bad_items: list[str] = field(default_factory=list)
 
     @property
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(dim=1).clamp(min=1)
-        return (self.confusion.diag() / totals * 100.0).tolist()
+    def per_class_accuracy(self) -> list[float | None]:
+        """Top-1 accuracy (%) of each true class; ``None`` for a class with no image in the data
+        (its accuracy is undefined, not 0: ``null`` in the JSON metrics)."""
+        totals = self.confusion.sum(dim=1)
+        accuracy = (self.confusion.diag() / totals.clamp(min=1) * 100.0).tolist()
+        return [value if total > 0 else None for value, total in zip(accuracy, totals.tolist(), strict=True)]
 
     def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         names = list(class_names) if class_names else [str(i) for i in range(self.confusion.shape[0])]
@@ -202,8 +205,11 @@ def evaluate_checkpoint(
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     data = validation_part(data)
-    load = csv_list if str(data).lower().endswith(".csv") else image_folder
-    dataset = load(data, transform=eval_transform(model.config.preprocessing), strict=strict_data)
+    transform = eval_transform(model.config.preprocessing)
+    if str(data).lower().endswith(".csv"):
+        dataset = csv_list(data, transform=transform, strict=strict_data)
+    else:  # an empty class folder scores null (a held-out set may lack a class), with a warning
+        dataset = image_folder(data, transform=transform, strict=strict_data, allow_empty=True)
     mapping = _label_map(dataset.classes, names, stored is not None, str(data))
     dataset.samples = [type(s)(s.path, mapping[s.label]) for s in dataset.samples]
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_bad)

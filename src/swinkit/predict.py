@@ -16,6 +16,7 @@ from torch import nn
 from .checkpoint.load import Checkpoint, read_any
 from .checkpoint.native import class_names_from_metadata
 from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
+from .data.images import find_image_files
 from .evaluate import amp_dtype
 from .factory import create_model
 from .quantize import quantize_dynamic
@@ -29,7 +30,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = find_image_files(path)  # a sub-folder that cannot be read is named, not skipped
             if not found:  # a wrong folder would otherwise "succeed" with nothing done
                 raise FileNotFoundError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found

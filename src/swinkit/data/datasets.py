@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .images import IMAGE_EXTENSIONS, BadImageError, load_image
+from .images import IMAGE_EXTENSIONS, BadImageError, find_image_files, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -90,47 +90,125 @@ def require_some_read(read: int, bad: Sequence[str] | int, source: str) -> None:
         raise ValueError(f"no image of {source} could be read: all {count} failed{first}")
 
 
-def image_folder(root: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
-    """One sub-folder per class (sorted names are the classes), like torchvision's ImageFolder."""
+def image_folder(
+    root: str | os.PathLike, transform: Transform | None = None, strict: bool = False, allow_empty: bool = False
+) -> FileDataset:
+    """One sub-folder per class (sorted names are the classes), like torchvision's ImageFolder.
+
+    A class folder (or a folder inside one) that cannot be read is an error naming it. So is a class
+    folder with no image files, as in torchvision: a model would get a class it never sees, almost
+    surely a mistake (a misnamed or misplaced folder). ``allow_empty`` turns that into a warning.
+    Folders whose names start with ``.`` are not classes.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    try:
+        entries = list(root.iterdir())
+    except OSError as error:
+        kind = PermissionError if isinstance(error, PermissionError) else OSError
+        raise kind(f"cannot read dataset folder {root}: {error.strerror or error}") from None
+    classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
-    samples = [
-        Sample(str(path), label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    found = {name: find_image_files(root / name, "class folder") for name in classes}
+    samples = [Sample(str(path), label) for label, name in enumerate(classes) for path in found[name]]
     if not samples:
         raise ValueError(f"{root} has class folders {classes[:5]} but no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    empty = [name for name in classes if not found[name]]
+    if empty:
+        folders = ", ".join(str(root / name) for name in empty[:10]) + (", ..." if len(empty) > 10 else "")
+        message = (
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {len(empty)} of {len(classes)} class folders: "
+            f"{folders}; the model would get a class it never sees"
+        )
+        if not allow_empty:
+            raise ValueError(
+                f"{message}. Add images to them, or remove them (or rename them to start with '.', "
+                "which is not a class) to leave those classes out"
+            )
+        logger.warning("%s", message)
     return FileDataset(samples, classes, transform, strict)
 
 
-def csv_list(path: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
-    """A CSV file of ``path,label`` rows (a header row is allowed); paths are relative to the file.
+# First-row names that make it a header: path column, label column (compared case-insensitively).
+CSV_PATH_HEADERS = ("path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "img")
+CSV_LABEL_HEADERS = ("label", "class", "class_name", "target", "category", "y")
 
-    Labels may be class names or integers; names are sorted to give class indices.
+
+def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, row) of every row but blank ones and ``#`` comments; a UTF-8 BOM (Excel) is dropped."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = []
+            for row in reader:
+                # Blank rows (Excel writes ",") and comments are skipped; a row with an empty cell is not.
+                if any(cell.strip() for cell in row) and not row[0].lstrip().startswith("#"):
+                    rows.append((reader.line_num, row))
+            return rows
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+            "expected a UTF-8 CSV file of 'path,label' rows; save it as UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise ValueError(f"{path} is not a readable CSV file: {error}") from None
+
+
+def _is_integer(label: str) -> bool:
+    return label.isascii() and label.isdigit()
+
+
+def csv_list(path: str | os.PathLike, transform: Transform | None = None, strict: bool = False) -> FileDataset:
+    """A CSV file of ``path,label`` rows; paths are relative to the file.
+
+    A first row is a header when its columns are named as in :data:`CSV_PATH_HEADERS` and
+    :data:`CSV_LABEL_HEADERS` (``path,label``, ``file,class``, ``image,target``, ...; any case); a
+    UTF-8 BOM (Excel's "CSV UTF-8") is ignored. A first row naming a file that does not exist is an
+    error (an unknown header would otherwise become a data row and a class). Labels are either all
+    class names (sorted to give class indices) or all non-negative integers (the class indices
+    themselves: classes ``0`` .. the largest); when most labels are integers, the rows whose labels
+    are not are an error naming them.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV list {path} does not exist")
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row and not row[0].startswith("#")]
-    if rows and rows[0][:2] == ["path", "label"]:
-        rows = rows[1:]
+    rows = _read_csv_rows(path)
+    if rows and len(rows[0][1]) >= 2:
+        line, first = rows[0]
+        names = [cell.strip().lower() for cell in first[:2]]
+        if names[0] in CSV_PATH_HEADERS and names[1] in CSV_LABEL_HEADERS:
+            rows = rows[1:]
+        elif first[0].strip() and not (path.parent / first[0].strip()).exists():
+            raise ValueError(
+                f"{path}: row {line} ({','.join(first)!r}) names a file that does not exist "
+                f"({path.parent / first[0].strip()}); if it is a header, name its columns 'path,label' "
+                f"(a path column named one of {', '.join(CSV_PATH_HEADERS)}; a label column one of "
+                f"{', '.join(CSV_LABEL_HEADERS)}), else fix the path (relative to the CSV file's folder)"
+            )
     if not rows:
         raise ValueError(f"{path} lists no images: expected rows 'path,label' (a header row is allowed)")
-    bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2 or not row[0].strip() or not row[1].strip()]
+    bad = [line for line, row in rows if len(row) < 2 or not row[0].strip() or not row[1].strip()]
     if bad:
         raise ValueError(f"{path}: expected rows 'path,label'; rows {bad[:5]} are malformed or missing")
-    labels = [row[1].strip() for row in rows]
-    numeric = all(label.isdigit() for label in labels)
+    labels = [row[1].strip() for _, row in rows]
+    integers = sum(map(_is_integer, labels))
+    numeric = integers == len(labels)
+    if integers * 2 > len(labels) and not numeric:
+        others = [(line, label) for (line, _), label in zip(rows, labels, strict=True) if not _is_integer(label)]
+        shown = ", ".join(f"row {line}: {label!r}" for line, label in others[:10])
+        shown += ", ..." if len(others) > 10 else ""
+        raise ValueError(
+            f"{path}: {integers} of {len(labels)} labels are integers (class indices) but {len(others)} are not "
+            f"({shown}); labels must be all integers 0, 1, ... or all class names: fix those rows"
+        )
     classes = [str(i) for i in range(max(map(int, labels)) + 1)] if numeric else sorted(set(labels))
     index = {name: i for i, name in enumerate(classes)}
-    samples = [Sample(str(path.parent / row[0].strip()), index[label]) for row, label in zip(rows, labels, strict=True)]
+    samples = [
+        Sample(str(path.parent / row[0].strip()), int(label) if numeric else index[label])
+        for (_, row), label in zip(rows, labels, strict=True)
+    ]
     return FileDataset(samples, classes, transform, strict)
 
 

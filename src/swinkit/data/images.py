@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,13 +36,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode ``path`` as RGB; raise :class:`BadImageError` naming the file otherwise."""
+    """Open and fully decode ``path`` as RGB; raise :class:`BadImageError` naming the file otherwise.
+
+    An image over PIL's pixel limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``, a guard against
+    decompression bombs: a small file that decodes to gigabytes) is a bad image like any other;
+    the limit is kept.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
                 return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise BadImageError(f"cannot decode image {path}: {_bomb_reason(error)}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         # PIL reports truncated data as OSError and some corrupt headers as SyntaxError.
         raise BadImageError(f"cannot decode image {path}: {error}") from None
+
+
+def _bomb_reason(error: Image.DecompressionBombError) -> str:
+    # PIL's message: "Image size (N pixels) exceeds limit of M pixels, could be decompression bomb ...".
+    match = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+    if match is None:
+        return f"over PIL's pixel limit, a guard against decompression bombs ({error})"
+    numbers = match.groups()
+    return (
+        f"{numbers[0]} pixels is over PIL's limit of {numbers[1]} pixels, a guard against decompression bombs "
+        "(images that decode to gigabytes); shrink the image if it is genuine"
+    )
+
+
+def find_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
+    """The image files (by extension) in ``folder`` and its sub-folders, sorted, as ``rglob`` finds them
+    (symlinked files are taken, symlinked sub-folders are not followed).
+
+    A folder that cannot be listed raises ``OSError`` (``PermissionError`` for permissions) naming it
+    as ``"cannot read {what} {path}: ..."``: ``rglob`` would skip it silently.
+    """
+    found: list[Path] = []
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = list(listing)
+        except OSError as error:
+            kind = PermissionError if isinstance(error, PermissionError) else OSError
+            raise kind(f"cannot read {what} {current}: {error.strerror or error}") from None
+        for entry in entries:
+            path = current / entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                is_file = not is_dir and entry.is_file()
+            except OSError:  # a vanished entry or a broken link: not an image file
+                continue
+            if is_dir:
+                pending.append(path)
+            elif is_file and path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+    return sorted(found)

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from ..data import IMAGE_EXTENSIONS, BadImageError, BadItem, load_image
+from ..data import BadImageError, BadItem, load_image
+from ..data.images import find_image_files
 from .data import photometric_distortion
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,7 @@ class SegmentationFolder(Dataset):
 
     def _pair_files(self) -> tuple[list[SegmentationSample], list[str]]:
         samples, missing = [], []
-        for path in sorted(self.images.rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+        for path in find_image_files(self.images, "image folder"):
             mask = (self.masks / path.relative_to(self.images)).with_suffix(".png")
             if mask.is_file():
                 samples.append(SegmentationSample(str(path), str(mask)))

@@ -36,10 +36,11 @@ class RunData:
     source: str
 
 
-def _load(path: str, strict: bool) -> FileDataset:
+def _load(path: str, strict: bool, held_out: bool = False) -> FileDataset:
+    """A CSV list or class folders; held-out images may leave a class folder empty (a warning)."""
     if Path(path).suffix.lower() == ".csv":
         return csv_list(path, strict=strict)
-    return image_folder(path, strict=strict)
+    return image_folder(path, strict=strict, allow_empty=held_out)
 
 
 def load_datasets(config: TrainConfig) -> RunData:
@@ -49,11 +50,11 @@ def load_datasets(config: TrainConfig) -> RunData:
         return RunData(train, val, train.classes, "bundled handwritten digits")
     root = Path(config.data)
     if config.val_data is not None:
-        train, val = _load(config.data, config.strict_data), _load(config.val_data, config.strict_data)
+        train, val = _load(config.data, config.strict_data), _load(config.val_data, config.strict_data, held_out=True)
     elif root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir():
         train, val = (
             image_folder(root / "train", strict=config.strict_data),
-            image_folder(root / "val", strict=config.strict_data),
+            image_folder(root / "val", strict=config.strict_data, allow_empty=True),
         )
     else:
         train, val = split_dataset(_load(config.data, config.strict_data), config.val_fraction, SPLIT_SEED)

@@ -69,9 +69,15 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def warn_bad_images(row: dict[str, Any]) -> None:
-    """Log an epoch's undecodable images, if it had any."""
+    """Log an epoch's undecodable images (training's, and held-out ones where counted), if it had any."""
     if row["bad_images"]:
         logger.warning("epoch %d: %d images could not be decoded and were skipped", row["epoch"] + 1, row["bad_images"])
+    if row.get("val_bad_images"):
+        logger.warning(
+            "epoch %d: %d held-out images could not be decoded and were left out of the scores",
+            row["epoch"] + 1,
+            row["val_bad_images"],
+        )
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, config: Any, steps_per_epoch: int, world: int) -> WarmupCosine:
@@ -402,7 +408,13 @@ class Trainer(TrainingLoop):
         result: EvalResult = evaluate(
             self.forward_model, self.val_loader, num_classes, self.dist.device, self.amp_dtype, self.dist
         )
-        row = {"val_loss": result.loss, "val_top1": result.top1, "val_top5": result.top5}
+        (val_bad,) = self.dist.sum([len(result.bad_items)])  # each process's part of the held-out images
+        row = {
+            "val_loss": result.loss,
+            "val_top1": result.top1,
+            "val_top5": result.top5,
+            "val_bad_images": int(val_bad),
+        }
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.val_loader, num_classes, self.dist.device, self.amp_dtype, self.dist)
             row.update(val_ema_loss=ema.loss, val_ema_top1=ema.top1, val_ema_top5=ema.top5)

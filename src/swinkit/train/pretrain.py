@@ -39,6 +39,7 @@ from ..data import (
     split_dataset,
 )
 from ..data.datasets import Sample
+from ..data.images import find_image_files
 from ..evaluate import amp_dtype
 from ..pretrain import (
     SimMIM,
@@ -320,7 +321,7 @@ def _unlabelled(path: Path, strict: bool) -> FileDataset:
         return csv_list(path, strict=strict)
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder {path} does not exist or is not a folder")
-    paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = find_image_files(path, "dataset folder")
     if not paths:
         raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
     return FileDataset([Sample(str(p), 0) for p in paths], ["images"], strict=strict)
