@@ -211,7 +211,8 @@ def test_dense_commands_refuse_the_other_tasks_file_and_missing_splits(tmp_path,
     assert [format_for(name) for name in ("a.PT2", "a.pt2", "a.onnx", "a")] == ["torch-export"] * 2 + ["onnx"] * 2
     # Detection training leaves out images under --min-image-side (mmdet's 32): here all of them.
     train = ["detect", "train", "--data", str(data / "instances_training.json"), "--model", "swin_test",
-             "--val-data", str(data / "instances_validation.json")]  # fmt: skip
+             "--images", str(data / "images" / "training"), "--val-data", str(data / "instances_validation.json"),
+             "--val-images", str(data / "images" / "validation")]  # fmt: skip
     err = _refused([*train, "--min-image-side", "49", "--output", str(tmp_path / "run")], capsys)
     assert "instances_training.json: none left to train on: all 2 of its images have a side under 49" in err
 

@@ -17,7 +17,7 @@ from swinkit.cli import main
 from swinkit.data import BadItem
 from swinkit.dense import CocoDetection, DenseSpec, coco_map, create_detector, load_dense, predict_dense, save_dense
 from swinkit.dense.cascade import CascadeRoIHeads, _box_losses, _sample
-from swinkit.dense.detection_data import DetectionTrainTransform, flip_target, resize_and_crop
+from swinkit.dense.detection_data import DetectionTrainTransform, compressed_counts, flip_target, resize_and_crop
 from swinkit.dense.export import export_segmentation
 from swinkit.dense.metrics import mask_to_rle
 from swinkit.dense.mmdet import AlignedRoIPool
@@ -143,14 +143,15 @@ def test_coco_annotations_are_validated_repaired_and_reported(messy_coco, caplog
     assert image.size == (40, 30) and target["labels"].tolist() == [2, 1]
     assert target["boxes"].tolist() == [[2, 3, 12, 11], [35, 25, 40, 30]]
     assert target["masks"].shape == (2, 30, 40) and target["masks"][1].sum() > 0
-    assert isinstance(dataset[1], BadItem) and "cannot decode image" in dataset[1].reason
+    assert isinstance(dataset[1], BadItem) and "missing image" in dataset[1].reason
+    assert "missing.png (image id 2 of" in dataset[1].reason
     assert "is 40x30, the annotation file says 50x50" in dataset[2].reason
     truth = dataset.ground_truth()
     assert [a["iscrowd"] for a in truth["annotations"]] == [0, 0, 1]
     assert truth["annotations"][1]["bbox"] == [35, 25, 5, 5]
     # Without masks, an instance without one is still a box.
     assert CocoDetection(messy_coco, masks=False).target(0)["labels"].tolist() == [2, 1, 1]
-    with pytest.raises(ValueError, match="cannot decode image"):
+    with pytest.raises(ValueError, match="missing image .*missing.png"):
         CocoDetection(messy_coco, strict=True)[1]
 
 
@@ -166,6 +167,8 @@ def test_training_leaves_out_images_without_annotations_or_under_32_pixels_as_mm
     data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(1, 7)],
             "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}  # fmt: skip
     (tmp_path / "instances.json").write_text(json.dumps(data))
+    for i in range(1, 7):  # only looked for (a folder holding none of the files is refused), never read
+        (tmp_path / f"{i}.png").touch()
     kept = CocoDetection(tmp_path / "instances.json", masks=False)
     assert [record.id for record in kept.records] == [1, 2, 3, 4, 5, 6]  # evaluation keeps every image
     with caplog.at_level("INFO"):
@@ -202,6 +205,154 @@ def test_broken_annotation_files_are_errors_naming_the_problem(tmp_path):
         CocoDetection(tmp_path / "missing.json")
 
 
+def _grey_images(folder, names_and_levels, size=(40, 30)):
+    for name, level in names_and_levels:
+        Image.fromarray(np.full((size[1], size[0], 3), level, np.uint8)).save(folder / name)
+
+
+def test_rle_masks_not_of_their_image_are_left_out_and_named(tmp_path, caplog):
+    # pycocotools decodes an RLE of another size, or whose counts do not cover the image, into
+    # memory it never wrote (values up to 240 as "mask" targets: a negative mask loss); a malformed
+    # compressed one stopped training with "Invalid RLE mask representation", naming nothing.
+    _grey_images(tmp_path, [("a.png", 90)])  # 40 wide, 30 tall: COCO's RLE size is [30, 40]
+    rectangle = np.zeros((30, 40), np.uint8)
+    rectangle[3:11, 2:12] = 1
+    small = mask_to_rle(np.ones((10, 10), np.uint8))
+    segmentations = {
+        1: mask_to_rle(rectangle),  # compressed, right: kept
+        2: {"counts": [40, 20, 1140], "size": [30, 40]},  # uncompressed, right: column 1, rows 10..29
+        3: {"counts": [5, 5], "size": [10, 10]},  # the audit's: a 10x10 RLE on a 40x30 image
+        4: {**mask_to_rle(rectangle), "size": [40, 30]},  # width and height swapped
+        5: {"counts": [5, 5], "size": [30, 40]},  # counts cover 10 of 1200 pixels
+        6: {"counts": "garbage!!", "size": [30, 40]},  # not a compressed RLE
+        7: {**small, "size": [30, 40]},  # a compressed RLE of 100 pixels
+        8: {"counts": [0, 1300, -100], "size": [30, 40]},  # a negative run
+        9: {"counts": [5, 5], "size": [10, 10]},  # a crowd region: left out of evaluation too
+        10: mask_to_rle(np.ones((30, 40), np.uint8)),  # a crowd region, right: kept
+    }
+    annotations = [
+        {"id": i, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": int(i > 8), "segmentation": s}
+        for i, s in segmentations.items()
+    ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    (tmp_path / "rle.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(tmp_path / "rle.json")
+    assert dict(dataset.problems.counts) == {"invalid RLE masks": 7}
+    assert "annotation 3: RLE size [10, 10] is not its image's [30, 40]" in caplog.text
+    assert "annotation 4: RLE size [40, 30] is not its image's [30, 40]" in caplog.text
+    assert "annotation 5: RLE counts add up to 10 pixels, its image has 1200 (30x40)" in caplog.text
+    assert "annotation 6: RLE counts 'garbage!!' are not COCO's compressed RLE" in caplog.text
+    assert "annotation 7: RLE counts add up to 100 pixels, its image has 1200 (30x40)" in caplog.text
+    _, target = dataset[0]  # the mask targets are the two right masks, 0 or 1 everywhere
+    expected = np.zeros((30, 40), np.uint8)
+    expected[10:, 1] = 1
+    assert target["masks"].shape == (2, 30, 40)
+    assert np.array_equal(target["masks"][0].numpy(), rectangle) and np.array_equal(target["masks"][1], expected)
+    truth = dataset.ground_truth()  # what evaluation scores against: the same three
+    assert [(a["iscrowd"], a["segmentation"]["size"]) for a in truth["annotations"]] == [(0, [30, 40])] * 2 + [
+        (1, [30, 40])
+    ]
+    found = [{"image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "score": score, "segmentation": mask_to_rle(m)}
+             for m, score in ((rectangle, 0.9), (expected, 0.8))]  # fmt: skip
+    assert coco_map(truth, found, "segm")["AP"] == pytest.approx(100.0)  # no object left unfound
+    # A box detector does not read masks: every box is trained on.
+    assert len(CocoDetection(tmp_path / "rle.json", masks=False).target(0)["labels"]) == 8
+
+
+def test_compressed_rle_counts_are_read_as_pycocotools_writes_them():
+    generator = np.random.default_rng(0)
+    for height, width, fill in [(1, 1, 1.0), (30, 40, 0.0), (30, 40, 1.0), (57, 13, 0.3), (64, 64, 0.02)]:
+        mask = (generator.random((height, width)) < fill).astype(np.uint8)
+        counts = compressed_counts(mask_to_rle(mask)["counts"])
+        runs = np.concatenate([np.full(run, i % 2, np.uint8) for i, run in enumerate(counts)])
+        assert np.array_equal(runs.reshape(width, height).T, mask)  # runs down the columns, from 0s
+    big = np.zeros((1000, 1000), np.uint8)
+    big[500:, 300:] = 1  # runs of 500 and more: values written in several characters
+    assert compressed_counts(mask_to_rle(big)["counts"]) == [300 * 1000 + 500] + [500] * 1399
+    for text in ["garbage!!", "é0", "P", "@"]:  # outside the 64 characters, not ASCII, a run cut off, negative
+        assert compressed_counts(text) is None, text
+
+
+class _Oracle(torch.nn.Module):
+    """A detector that finds each image's object exactly: the box is looked up by the image's grey level."""
+
+    def __init__(self, boxes):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.boxes = boxes
+
+    def forward(self, images):
+        found = [self.boxes[round(image[0, 0, 0].item() * 255)] for image in images]
+        one = torch.ones(1, dtype=torch.int64)
+        return [
+            {"boxes": torch.tensor([box], dtype=torch.float32), "scores": one.float(), "labels": one} for box in found
+        ]
+
+
+def test_unreadable_images_are_left_out_of_the_scores(tmp_path, caplog):
+    # A missing and an undecodable image: nothing is detected in them, so their objects counted as
+    # missed and lowered the AP of a detector that finds every object of the images it sees.
+    from torch.utils.data import DataLoader
+
+    from swinkit.dense.commands import summarise_metrics
+    from swinkit.dense.data import Transformed, collate_lists
+    from swinkit.dense.detection import evaluate_detection
+    from swinkit.dense.detection_data import detection_eval_transform
+
+    _grey_images(tmp_path, [("a.png", 10), ("b.png", 20)])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    names = ["a.png", "b.png", "ghost.png", "broken.png"]
+    images = [{"id": i, "file_name": name, "width": 40, "height": 30} for i, name in enumerate(names, start=1)]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [i, 2, 20, 10]} for i in range(1, 5)]
+    data = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    dataset = CocoDetection(tmp_path / "gt.json", masks=False)
+    loader = DataLoader(Transformed(dataset, detection_eval_transform), batch_size=2, collate_fn=collate_lists)
+    with caplog.at_level("WARNING"):
+        scores = evaluate_detection(_Oracle({10: [1, 2, 21, 12], 20: [2, 2, 22, 12]}), loader, dataset)
+    assert scores["bbox_AP"] == pytest.approx(100.0) and scores["bad_images"] == 2
+    assert "skipping missing image" in caplog.text and "ghost.png (image id 3 of" in caplog.text
+    assert "skipping cannot decode image" in caplog.text and "broken.png" in caplog.text
+    left_out = dataset.ground_truth(left_out=[dataset.records[2].path, dataset.records[3].path])
+    assert [image["id"] for image in left_out["images"]] == [1, 2]
+    assert [a["image_id"] for a in left_out["annotations"]] == [1, 2]
+    summary = summarise_metrics({**scores, "images": 2})
+    assert summary.endswith("(2 images, 2 unreadable, left out of the scores with their annotations)")
+
+
+def test_a_wrong_image_folder_is_named_and_missing_images_are_called_missing(shapes, tmp_path, capsys, caplog):
+    annotations = shapes / "instances_validation.json"
+    wrong = shapes / "images" / "training"  # a folder, but not the one holding these images
+    listed = r"none of the 4 images .*instances_validation.json lists \(e.g. validation_00000.png\) is in "
+    with pytest.raises(FileNotFoundError, match=listed + r".*training: is --images \(or --val-images\) the folder"):
+        CocoDetection(annotations, wrong)
+    with pytest.raises(FileNotFoundError, match=r"image folder .*nowhere does not exist \(.* lists 4 images"):
+        CocoDetection(annotations, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"is in .*, the JSON file's folder: give the folder holding them"):
+        CocoDetection(annotations)
+    # The CLI says so, not that each image "cannot decode" and then that none could be read.
+    model = create_detector("swin_test", 3, detector_options=TINY).eval()
+    spec = DenseSpec("detect", model.backbone.body.config, ["circle", "square", "triangle"],
+                     head={**TINY, "masks": True}, inference={"category_ids": [1, 2, 3]})  # fmt: skip
+    save_dense(model, spec, tmp_path / "detector.safetensors")
+    evaluate = ["detect", "eval", "--checkpoint", str(tmp_path / "detector.safetensors"), "--workers", "0"]
+    assert main([*evaluate, "--data", str(annotations), "--images", str(wrong)]) == 2
+    error = capsys.readouterr().err
+    assert "none of the 4 images" in error and "is --images" in error and "cannot decode" not in error
+    # One missing image: called missing, left out of the scores, and counted in the summary.
+    data = json.loads(annotations.read_text())
+    data["images"].append({"id": 77, "file_name": "ghost.png", "width": 64, "height": 64})
+    data["annotations"].append({**data["annotations"][0], "id": 777, "image_id": 77})
+    (tmp_path / "ghost.json").write_text(json.dumps(data))
+    images = ["--images", str(shapes / "images" / "validation")]
+    with caplog.at_level("WARNING"):
+        assert main([*evaluate, "--data", str(tmp_path / "ghost.json"), *images]) == 0
+    assert "skipping missing image" in caplog.text and "ghost.png (image id 77 of" in caplog.text
+    assert "(4 images, 1 unreadable, left out of the scores with their annotations)" in capsys.readouterr().out
+
+
 def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
     # 2 x 900 at shorter side 64, longer at most 96: the height rounds to 0 pixels (either geometry).
     for geometry in ("torchvision", "mmdet"):
@@ -222,6 +373,7 @@ def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
     paths = [tmp_path / "thin.png", tmp_path / "fine.png"]
     results = predict_dense(paths, tmp_path / "detector.safetensors", tmp_path / "out")
     assert "an image of 2x900 resizes to 0x96" in results[0]["error"] and "detections" in results[1]
+    assert "(sizes are height x width, in pixels)" in results[0]["error"]  # 900 wide, 2 tall: which is which
 
 
 def test_flip_moves_boxes_and_masks_together():

@@ -296,14 +296,15 @@ def summarise_metrics(metrics: dict[str, Any]) -> str:
     scales, image counts."""
     if "mIoU" in metrics:
         line = f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%"
-        bad = len(metrics["bad_images"])
+        bad, left_out = len(metrics["bad_images"]), ""
     else:
         line = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox_AP", "segm_AP")))
         bad = metrics["bad_images"]
+        left_out = ", left out of the scores with their annotations" if bad else ""
     if metrics.get("test_ratios", [1.0]) != [1.0] or metrics.get("test_flip"):
         ratios = ",".join(f"{r:g}" for r in metrics["test_ratios"])
         line += f"  scales x{ratios}{' + flip' if metrics['test_flip'] else ''}"
-    return f"{line}  ({metrics['images']} images, {bad} unreadable)"
+    return f"{line}  ({metrics['images']} images, {bad} unreadable{left_out})"
 
 
 def summarise_predictions(results: list[dict[str, Any]]) -> str:

@@ -238,7 +238,8 @@ def evaluate_detection(
     ``loader`` yields :func:`~swinkit.dense.data.collate_lists` batches of that dataset (or a shard of
     it per process: results are gathered before scoring). ``views``: each image tested at these
     scales and mirrorings, merged (:func:`~swinkit.dense.detection_augment.detect_augmented`).
-    Returns ``bbox_AP``, ``bbox_AP50``, ..., ``segm_AP``, ... in percent, and ``bad_images``.
+    Returns ``bbox_AP``, ``bbox_AP50``, ..., ``segm_AP``, ... in percent, and ``bad_images``: the images
+    that could not be read, left out of the scores with their annotations.
     """
     from .metrics import coco_map
     from .segmentation import model_device
@@ -264,7 +265,7 @@ def evaluate_detection(
     if distributed is not None and distributed.enabled:
         results, bad = _gather(results), _gather(bad)
     model.train(was_training)
-    ground_truth = dataset.ground_truth()
+    ground_truth = dataset.ground_truth(left_out=bad)  # unreadable images: not scored
     scores: dict[str, Any] = {f"bbox_{k}": v for k, v in coco_map(ground_truth, results, "bbox").items()}
     if dataset.masks:
         scores.update({f"segm_{k}": v for k, v in coco_map(ground_truth, results, "segm").items()})

@@ -3,9 +3,11 @@
 Checked once when the file is read (counted by kind and logged as one summary):
 annotations of unknown images or with unknown category ids, boxes that are malformed, empty or
 entirely outside their image (skipped), boxes partly outside (clipped), instances without a usable
-mask when masks are trained (skipped). Crowd regions are not trained on but count in evaluation,
-as COCO's evaluation expects. An image that cannot be decoded, or whose size differs from the
-file's, is a :class:`~swinkit.data.BadItem` when loaded (reported, skipped by the loader).
+mask when masks are trained (skipped), RLE masks of another size than their image's or whose counts
+do not cover it exactly (skipped, crowd regions too). Crowd regions are not trained on but count in
+evaluation, as COCO's evaluation expects. An image file that is missing or cannot be decoded, or
+whose size differs from the file's, is a :class:`~swinkit.data.BadItem` when loaded (reported,
+skipped by the loader, left out of the scores); an image folder holding none of the files is an error.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from .mmdet import rescaled_size
 logger = logging.getLogger(__name__)
 
 MIN_BOX_SIDE = 1.0  # pixels; a box thinner than this after clipping is treated as outside the image
+INVALID_RLE = "invalid RLE masks"  # the problem kind of an RLE that is not a mask of its image
 
 
 @dataclass
@@ -88,6 +91,7 @@ class CocoDetection(Dataset):
         self.problems.log()
         if not self.records:
             raise ValueError(f"{self.source} lists no usable images")
+        self._check_image_folder(images is None)
         if filter_empty:
             self._leave_out(lambda record: record.id in self.annotated, "have no annotation")
         if min_side > 0:
@@ -105,6 +109,22 @@ class CocoDetection(Dataset):
                 self.source, len(self.records) - len(kept), len(self.records), reason,
             )  # fmt: skip
         self.records = kept
+
+    def _check_image_folder(self, default: bool) -> None:
+        """Stop where none of the listed image files exists (the wrong image folder), naming the
+        folder; where some do, the missing ones are reported one by one as they are loaded."""
+        if any(os.path.isfile(record.path) for record in self.records):  # stops at the first found
+            return
+        first = Path(self.records[0].path).name
+        listed = f"none of the {len(self.records)} images {self.source} lists (e.g. {first}) is in {self.root}"
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist ({self.source} lists {len(self.records)} images, e.g. "
+                f"{first}): give the folder holding them with --images (or --val-images)"
+            )
+        if default:
+            raise FileNotFoundError(f"{listed}, the JSON file's folder: give the folder holding them (--images)")
+        raise FileNotFoundError(f"{listed}: is --images (or --val-images) the folder holding them?")
 
     def _read_images(self, entries: list[Any]) -> list[ImageRecord]:
         records, seen = [], set()
@@ -138,8 +158,10 @@ class CocoDetection(Dataset):
             return
         crowd = bool(annotation.get("iscrowd", 0))
         segmentation = annotation.get("segmentation")
-        if self.masks and not crowd and not has_area(segmentation, record.height, record.width):
-            self.problems.add("empty or missing masks", ident)
+        problem = mask_problem(segmentation, record.height, record.width) if self.masks else None
+        if problem is not None and (not crowd or problem[0] == INVALID_RLE):  # crowd regions may have no mask
+            kind, detail = problem
+            self.problems.add(kind, f"{ident}: {detail}" if detail else ident)
             return
         x1, y1, x2, y2 = box
         area = annotation.get("area")
@@ -177,6 +199,8 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, dict[str, Any]] | BadItem:
         record = self.records[index]
         try:
+            if not os.path.isfile(record.path):
+                raise BadImageError(f"missing image {record.path} (image id {record.id!r} of {self.source})")
             image = load_image(record.path)
             if image.size != (record.width, record.height):
                 raise BadImageError(
@@ -205,10 +229,16 @@ class CocoDetection(Dataset):
             target["masks"] = torch.from_numpy(stacked)
         return target
 
-    def ground_truth(self) -> dict[str, Any]:
-        """The validated annotations (boxes clipped) as COCO JSON, for :func:`~swinkit.dense.metrics.coco_map`."""
+    def ground_truth(self, left_out: Collection[str] = ()) -> dict[str, Any]:
+        """The validated annotations (boxes clipped) as COCO JSON, for :func:`~swinkit.dense.metrics.coco_map`.
+
+        ``left_out``: paths of images that could not be read (:class:`~swinkit.data.BadItem`), left out
+        with their annotations: nothing was detected in them, and their objects would count as missed."""
         images, annotations = [], []
+        skipped = set(left_out)
         for record in self.records:
+            if record.path in skipped:
+                continue
             images.append({"id": record.id, "width": record.width, "height": record.height})
             for a, crowd in [(a, 0) for a in record.annotations] + [(a, 1) for a in record.crowd]:
                 x1, y1, x2, y2 = a["box"]
@@ -246,8 +276,16 @@ def read_coco_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class InvalidMaskError(ValueError):
+    """A segmentation that is not a mask of its image (an RLE of another size, or counts not covering it)."""
+
+
 def _rle(segmentation: Any, height: int, width: int) -> Any:
-    """COCO polygons / uncompressed RLE / compressed RLE -> one compressed RLE (pycocotools)."""
+    """COCO polygons / uncompressed RLE / compressed RLE -> one compressed RLE (pycocotools).
+
+    An RLE is checked first (:class:`InvalidMaskError`): its ``size`` must be the image's
+    ``[height, width]`` and its counts must cover the image's pixels exactly; pycocotools
+    decodes others into memory it never wrote (values other than 0 and 1)."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
@@ -256,21 +294,94 @@ def _rle(segmentation: Any, height: int, width: int) -> Any:
             raise ValueError("no polygon with at least three points")
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation:
+        _check_rle(segmentation, height, width)
         if isinstance(segmentation["counts"], list):
             return mask_utils.frPyObjects(segmentation, height, width)
         counts = segmentation["counts"]
-        return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+        return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     raise ValueError(f"segmentation must be polygons or an RLE, got {type(segmentation).__name__}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_rle(rle: dict[str, Any], height: int, width: int) -> None:
+    """Raise :class:`InvalidMaskError` unless ``rle`` is a mask of a ``height`` x ``width`` image."""
+    size, counts = rle.get("size"), rle["counts"]
+    if not isinstance(size, list | tuple) or len(size) != 2 or not all(_is_count(v) for v in size):
+        raise InvalidMaskError(f"RLE size {size!r} is not [height, width]")
+    if list(size) != [height, width]:
+        raise InvalidMaskError(
+            f"RLE size {list(size)} is not its image's [{height}, {width}] (COCO's order: [height, width])"
+        )
+    if isinstance(counts, list):
+        if not all(_is_count(v) for v in counts):
+            raise InvalidMaskError(f"RLE counts must be whole numbers of 0 or more, got {_shown(counts)}")
+    elif isinstance(counts, str | bytes):
+        decoded = compressed_counts(counts)
+        if decoded is None:
+            raise InvalidMaskError(f"RLE counts {_shown(counts)} are not COCO's compressed RLE")
+        counts = decoded
+    else:
+        raise InvalidMaskError(f"RLE counts must be a list or COCO's compressed string, got {type(counts).__name__}")
+    if sum(counts) != height * width:
+        raise InvalidMaskError(
+            f"RLE counts add up to {sum(counts)} pixels, its image has {height * width} ({height}x{width})"
+        )
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value.decode("latin-1") if isinstance(value, bytes) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compressed_counts(text: str | bytes) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE string, or None where ``text`` is not one.
+
+    Each run length is written in groups of 5 bits, lowest first, one character (``48 + group``,
+    bit 5 set where another group follows) a group; the last group's bit 4 is the sign. From the
+    fourth run on, the value written is the difference from the run two before."""
+    data = text.encode() if isinstance(text, str) else text  # other than ASCII: bytes over 127, refused
+    counts: list[int] = []
+    value, shift = 0, 0
+    for byte in data:
+        group = byte - 48
+        if not 0 <= group < 64:
+            return None
+        value |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:  # negative: extend the sign
+            value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            return None
+        counts.append(value)
+        value, shift = 0, 0
+    return counts if shift == 0 else None  # not cut off inside a run
+
+
+def mask_problem(segmentation: Any, height: int, width: int) -> tuple[str, str] | None:
+    """Why ``segmentation`` cannot be a training mask of a ``height`` x ``width`` image, as a
+    problem kind and its detail, or None when it decodes to a mask with at least one pixel."""
+    from pycocotools import mask as mask_utils
+
+    try:
+        if mask_utils.area(_rle(segmentation, height, width)) > 0:
+            return None
+    except InvalidMaskError as error:
+        return INVALID_RLE, str(error)
+    except (ValueError, TypeError, KeyError):
+        pass
+    return "empty or missing masks", ""
 
 
 def has_area(segmentation: Any, height: int, width: int) -> bool:
     """Whether ``segmentation`` decodes to a mask with at least one pixel."""
-    from pycocotools import mask as mask_utils
-
-    try:
-        return bool(mask_utils.area(_rle(segmentation, height, width)) > 0)
-    except (ValueError, TypeError, KeyError):
-        return False
+    return mask_problem(segmentation, height, width) is None
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:

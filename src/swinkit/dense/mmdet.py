@@ -168,7 +168,8 @@ class DetectionTransform(GeneralizedRCNNTransform):
         if min(size) < 1:
             raise ValueError(
                 f"an image of {height}x{width} resizes to {size[0]}x{size[1]} at the detector's scale "
-                f"(shorter side {short}, longer at most {self.max_size}): too elongated to detect in"
+                f"(shorter side {short}, longer at most {self.max_size}): too elongated to detect in "
+                f"(sizes are height x width, in pixels)"
             )
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
