@@ -3,12 +3,14 @@
 Where ``native_attention.py`` turns the kernel off and on, this compares two builds of it: the
 current ``csrc/window_attention.c`` against an older one (for example
 ``git show REV:src/swinkit/csrc/window_attention.c > /tmp/old.c``). One thread (one image-parallel
-worker's share), one process, rounds interleaved between the builds. It times every kernel call of a
-no-grad forward per (channels, shifted), that is per stage and shift, and the whole forward;
-then forward + backward of a training step (stochastic depth off, so that both builds see the same
-work). Gradients must come out the same. Both sources must take this swinkit's kernel arguments
-(``native.ABI``, 3; sources before the bfloat16 entry point are ABI 2 and are refused: to time
-one of those, give a copy of it the bfloat16 entry and ``abi`` of today's source).
+worker's share), one process, rounds interleaved between the builds after one untimed pass of each
+build (forward and training step), so that no build's first timed round pays first-call costs. It
+times every kernel call of a no-grad forward per (channels, shifted), that is per stage and shift,
+and the whole forward; then forward + backward of a training step (stochastic depth off, so that
+both builds see the same work). Gradients must come out the same. Both sources must take this
+swinkit's kernel arguments (``native.ABI``, 3; sources before the bfloat16 entry point are ABI 2
+and are refused: to time one of those, give a copy of it the bfloat16 entry and ``abi`` of today's
+source).
 
     python benchmarks/kernel_versions.py /tmp/old.c [--model swin_t] [--batch 8] [--rounds 7] [--bf16]
 
@@ -75,6 +77,16 @@ def main() -> None:
     images = torch.randn(args.batch, 3, size, size)
     labels = torch.randint(0, model.config.num_classes, (args.batch,))
     forward, training, gradients = collections.defaultdict(list), collections.defaultdict(list), {}
+    for kernels in builds.values():  # one untimed pass per build and mode: first-call costs fall here
+        native._kernels[native.cpu_variant()] = kernels
+        calls["build"] = None
+        model.eval()
+        with torch.inference_mode(), precision:
+            model(images)
+        model.train().zero_grad(set_to_none=True)
+        with precision:
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
     for _ in range(args.rounds):
         for name, kernels in builds.items():
             native._kernels[native.cpu_variant()] = kernels
@@ -95,7 +107,10 @@ def main() -> None:
     native.reset()
     keys = sorted({key[1:] for key in per_head if key[0] is not None})
     dtype = "bfloat16 autocast" if args.bf16 else "float32"
-    print(f"{args.model}, batch {args.batch}, {dtype}, one thread, medians of {args.rounds} interleaved rounds")
+    print(
+        f"{args.model}, batch {args.batch}, {dtype}, one thread, "
+        f"medians of {args.rounds} interleaved rounds after one untimed warm-up each"
+    )
     print("per window and head, microseconds (channels, shifted):")
     for channels, shifted in keys:
         old, new = (statistics.median(per_head[(name, channels, shifted)]) * 1e6 for name in builds)

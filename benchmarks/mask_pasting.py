@@ -1,10 +1,10 @@
 """Mask AP of one detection file with mmdet's mask pasting and with torchvision's, on the same detections.
 
     python benchmarks/mask_pasting.py runs/dense-shapes/maskrcnn/model-final.safetensors \\
-        runs/dense-shapes/shapes/instances_validation.json runs/dense-shapes/shapes/images/validation
+        runs/dense-shapes/data/instances_validation.json runs/dense-shapes/data/images/validation
 
 Only the pasting differs between the two evaluations (the boxes, scores and 28 x 28 mask
-probabilities are the model's); see ``swinkit.dense.mmdet.paste_masks``.
+probabilities are the model's; no test-time augmentation); see ``swinkit.dense.mmdet.paste_masks``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     rows = {}
     for name, transform in pastings.items():
         model.transform = transform
-        scores = _evaluate_detection(model, spec, args.data, args.images, workers=0, strict=False)
+        scores = _evaluate_detection(model, spec, args.data, args.images, workers=0, strict=False, views=[])
         rows[name] = {key: round(scores[key], 2) for key in ("bbox_AP", "segm_AP", "segm_AP50", "segm_AP75")}
     print(json.dumps(rows, indent=2))
 

@@ -9,7 +9,7 @@ round runs every file once per size) and prints medians and the dynamic / static
         [--rounds 7] [--threads 2] [--profile]
 
 ``--profile`` also prints onnxruntime's time per operator type for both files at the first size
-(its own profiler, over ``--rounds`` runs, per run).
+(its own profiler, over ``--rounds`` runs after one warm-up run that is left out, per run).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def seconds(session, images) -> float:
 
 
 def profile(path: Path, images, runs: int, threads: int) -> collections.Counter:
-    """Milliseconds per run by operator type, from onnxruntime's profiler."""
+    """Milliseconds per run by operator type, from onnxruntime's profiler, after one untimed warm-up run."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -44,11 +44,15 @@ def profile(path: Path, images, runs: int, threads: int) -> collections.Counter:
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, {session.get_inputs()[0].name: images})
+    feed = {session.get_inputs()[0].name: images}
+    for _ in range(runs + 1):  # the first run is a warm-up (memory planning, kernel choice), left out below
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    warm_up = min((event for event in events if event["name"] == "model_run"), key=lambda event: event["ts"])
+    warm_up_end = warm_up["ts"] + warm_up["dur"]
     totals: collections.Counter = collections.Counter()
-    for event in json.loads(Path(session.end_profiling()).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= warm_up_end:
             totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
     return totals
 

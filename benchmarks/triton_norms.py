@@ -18,6 +18,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``, a tiny model: ``--model swin_test 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    interpreted = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
+    if not torch.cuda.is_available() and not interpreted:
+        raise SystemExit(
+            "triton_norms.py needs a CUDA GPU, or TRITON_INTERPRET=1 for a CPU smoke run under Triton's interpreter"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = swinkit.create_model(args.model, attn_impl="triton").to(device)
     steps = contenders(model, args, device)
