@@ -236,3 +236,17 @@ def test_verbose_before_or_after_the_command_shows_the_traceback(digits, tmp_pat
             main(argv)
     assert "missing.safetensors does not exist" in _refused(["predict", image, "--checkpoint", missing], capsys)
     assert "missing.safetensors does not exist" in _refused(segment, capsys)
+
+
+def test_a_checkpoint_named_onnx_a_folder_or_a_dead_link_is_called_what_it_is(classifier, digits, tmp_path, capsys):
+    image = str(next(digits.glob("*/*.png")))
+    renamed = tmp_path / "model.onnx"
+    renamed.write_bytes(classifier.read_bytes())  # was onnxruntime's "INVALID_PROTOBUF : Protobuf parsing failed"
+    err = _refused(["predict", image, "--checkpoint", str(renamed)], capsys)
+    assert f"{renamed} is a safetensors checkpoint, not an ONNX file: give it a .safetensors name" in err
+    (tmp_path / "folder.onnx").mkdir()  # was "folder.onnx: no such file"
+    err = _refused(["eval", "--data", str(digits), "--checkpoint", str(tmp_path / "folder.onnx")], capsys)
+    assert f"{tmp_path / 'folder.onnx'} is a folder, not an ONNX file" in err
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # was "loop.png does not exist"
+    err = _refused(["predict", str(tmp_path / "loop.png"), "--checkpoint", str(classifier)], capsys)
+    assert "loop.png is a symbolic link to" in err and "leads to no file (missing, or a loop)" in err

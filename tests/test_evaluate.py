@@ -133,6 +133,14 @@ def test_eval_of_a_folder_in_trainings_layout_scores_its_val_part(tmp_path, capl
     assert whole["images"] == 6
 
 
+def test_folder_classes_matched_by_position_to_an_unnamed_model_are_warned_about(tmp_path, caplog):
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=1)
+    save(swinkit.create_model("swin_test", img_size=32, num_classes=5), tmp_path / "unnamed.safetensors")
+    with caplog.at_level("WARNING"):
+        evaluate_checkpoint(folder, tmp_path / "unnamed.safetensors", workers=0)
+    assert "stores no class names, so its classes ['digit0', 'digit1'] are matched" in caplog.text
+
+
 def test_per_class_accuracy_of_a_class_without_images_is_null_not_zero(tmp_path, capsys):
     # A class absent from the evaluated data has no accuracy; 0.0 read as "the model gets it all wrong".
     confusion = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)

@@ -685,3 +685,14 @@ def test_a_held_out_class_folder_may_be_empty_a_training_one_may_not(tmp_path, c
     (root / "val" / "digit3").mkdir()
     with pytest.raises(ValueError, match=r"no image files .* in 1 of 4 class folders: .*train/digit3"):
         load_datasets(resolve_config({"data": str(root)}))
+
+
+def test_max_steps_inside_the_first_epoch_says_where_the_outputs_are(digit_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    command = ["train", "--data", str(digit_folder), *FAST, "--batch-size", "4", "--max-steps", "1"]
+    assert main([*command, "--output", str(out)]) == 0
+    assert (
+        capsys.readouterr().out.strip()
+        == f"stopped at --max-steps before an epoch ended (not validated); outputs in {out}/"
+    )
+    assert (out / "model-final.safetensors").is_file()  # was: nothing printed at all

@@ -91,6 +91,8 @@ def _run_train(args: argparse.Namespace) -> int:
     result = fit(config_from_args(args))
     if result.history:
         print(f"best val top-1 {result.best_top1:.2f}% in {result.seconds:.0f} s; outputs in {result.output}/")
+    elif result.is_main:  # --max-steps ended the run inside its first epoch: no validation row
+        print(f"stopped at --max-steps before an epoch ended (not validated); outputs in {result.output}/")
     return 0
 
 

@@ -152,6 +152,14 @@ def _label_map(folder_classes: Sequence[str], model_classes: Sequence[str], name
         return [list(model_classes).index(name) for name in folder_classes]
     if len(folder_classes) > len(model_classes):
         raise ValueError(f"{source} has {len(folder_classes)} classes but the model predicts {len(model_classes)}")
+    if list(folder_classes) != [str(i) for i in range(len(folder_classes))]:  # named, not class indices
+        logger.warning(
+            "%s: the checkpoint stores no class names, so its classes %s are matched to the model's classes "
+            "0..%d by position (sorted names); a file saved with class names is matched by name",
+            source,
+            list(folder_classes)[:5] + (["..."] if len(folder_classes) > 5 else []),
+            len(folder_classes) - 1,
+        )
     return list(range(len(folder_classes)))
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from .checkpoint.io import atomic_write, export_destination
+from .checkpoint.io import atomic_write, export_destination, file_kind
 from .model import SwinTransformer, cells, derived_once_per_trace
 from .quantize import refuse_int8
 
@@ -384,8 +384,15 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     load (not a model, truncated, a bad graph) is refused in one line naming it."""
     import onnxruntime
 
-    if not Path(path).is_file():
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an ONNX file")
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    kind = file_kind(path)
+    if kind != "unknown":  # a checkpoint renamed, or written under the wrong name
+        suffix = ".safetensors" if kind == "safetensors" else ".pth"
+        raise ValueError(f"{path} is a {kind} checkpoint, not an ONNX file: give it a {suffix} name to read it as one")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     try:

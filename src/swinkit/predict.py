@@ -36,6 +36,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             paths += found
         elif path.exists():
             paths.append(path)
+        elif path.is_symlink():
+            target = os.readlink(path)
+            raise FileNotFoundError(f"{path} is a symbolic link to {target} that leads to no file (missing, or a loop)")
         else:
             raise FileNotFoundError(f"{path} does not exist")
     return paths

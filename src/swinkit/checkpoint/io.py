@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not fit the model it is loaded into."""
 
 
-def _file_kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
+    """What a file holds by its first bytes: ``safetensors``, ``torch`` (a zip or pickle) or ``unknown``."""
     with path.open("rb") as f:
         head = f.read(16)
     # safetensors first: its first byte is the low byte of the header's length, which is 0x80 (a
@@ -129,7 +130,7 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
 
 def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
     _check_path(path)
-    kind = _file_kind(path)
+    kind = file_kind(path)
     if kind == "safetensors":
         tensors, metadata = _load_safetensors(path)
         return unwrap_state_dict(tensors, str(path)), metadata

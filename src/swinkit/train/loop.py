@@ -47,6 +47,7 @@ class TrainResult:
     skipped_steps: int = 0
     bad_images: int = 0
     seconds: float = 0.0
+    is_main: bool = True  # False in the other processes of a torchrun launch (rank 0 reports)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -474,6 +475,7 @@ class Trainer(TrainingLoop):
             self.skipped_steps,
             bad,
             seconds,
+            self.dist.is_main,
         )
 
 
