@@ -315,3 +315,23 @@ def test_per_stage_windows_are_refused_by_name(tmp_path):
             swinkit.create_model(name, checkpoint=tmp_path / "s3.pth")
     with pytest.raises(swinkit.CheckpointError, match="per-stage windows"):
         convert(tmp_path / "s3.pth", tmp_path / "s3.safetensors")
+
+
+def test_published_v2_names_give_their_geometry():
+    from swinkit.checkpoint.formats import v2_geometry_from_name
+
+    expected = {  # timm's, the official files', Hugging Face's names; (window, size, pretrained windows)
+        "swinv2_tiny_window16_256": (16, 256, None),
+        "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k": (16, 256, (12, 12, 12, 6)),
+        "swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth": (24, 384, (12, 12, 12, 6)),
+        "swinv2-base-patch4-window12-192-22k": (12, 192, None),
+    }
+    for name, (window, size, pretrained) in expected.items():
+        fields = v2_geometry_from_name(name, stages=4, patch_size=4)
+        assert (fields["window_size"], fields["img_size"], fields.get("pretrained_window_sizes")) == (
+            window,
+            size,
+            pretrained,
+        ), name
+    for name in ("model.safetensors", "run_window8_2.pth", "swin_tiny_patch4_window7"):  # no size, or too small
+        assert v2_geometry_from_name(name, stages=4, patch_size=4) == {}, name

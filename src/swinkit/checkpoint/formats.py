@@ -136,6 +136,8 @@ def v2_geometry_from_name(name: str, stages: int, patch_size: int) -> dict[str, 
         return {}
     first_window, window, first_size, size = (int(group) if group else None for group in match.groups())
     fields: dict[str, Any] = {"window_size": window or first_window, "img_size": size or first_size}
+    if fields["img_size"] < patch_size * 2 ** (stages - 1) or not fields["window_size"]:  # "window8_2": no size
+        return {}
     if window:
         sides = (first_size // (patch_size * 2**stage) for stage in range(stages))
         fields["pretrained_window_sizes"] = tuple(max(min(first_window, side), 1) for side in sides)
