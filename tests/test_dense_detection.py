@@ -515,7 +515,11 @@ def test_cli_train_eval_predict_with_bad_annotations_and_images(shapes, tmp_path
     assert main(args) == 0
     assert "best val bbox_AP" in capsys.readouterr().out
     row = json.loads((out / "metrics.jsonl").read_text())
-    assert {"val_bbox_AP", "val_bbox_AP50", "val_segm_AP"} <= set(row) and row["bad_images"] <= 1
+    assert (
+        {"val_bbox_AP", "val_bbox_AP50", "val_segm_AP"} <= set(row)
+        and row["bad_images"] <= 1
+        and row["val_bad_images"] == 0
+    )
 
     model = str(out / "model-final.safetensors")
     assert (

@@ -246,7 +246,7 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     for name in ("checkpoint-last.pt", "model-final.safetensors", "model-best.safetensors", "config.yaml"):
         assert (out / name).is_file(), name
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr"} <= set(row)
+    assert {"train_loss", "val_mIoU", "val_mAcc", "val_aAcc", "lr"} <= set(row) and row["val_bad_images"] == 0
     # The loss's terms as mmseg logs them: UPerNet's and the auxiliary head's (weighted 0.4).
     terms = {key: value for key, value in row.items() if key.startswith("train_loss_")}
     assert set(terms) == {"train_loss_decode", "train_loss_aux"}

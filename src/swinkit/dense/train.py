@@ -26,7 +26,7 @@ from ..data import collate_skipping_bad
 from ..evaluate import amp_dtype
 from ..train import distributed
 from ..train.data import EpochBatchSampler
-from ..train.loop import TrainingLoop, plain
+from ..train.loop import TrainingLoop, plain, warn_bad_images
 from ..train.metrics import MetricsLog
 from ..train.optim import WarmupCosine, WarmupPoly, WarmupSchedule, WarmupStep, build_optimizer
 from ..train.state import TRAIN_CHECKPOINT, save_training_state, set_rng_state
@@ -292,8 +292,7 @@ class DenseTrainer(TrainingLoop):
         parts = "  ".join(f"{k[len('train_loss_') :]} {v:.4f}" for k, v in row.items() if k.startswith("train_loss_"))
         if parts:
             logger.info("epoch %d/%d  loss terms: %s", row["epoch"] + 1, self.config.epochs, parts)
-        if row["bad_images"]:
-            logger.warning("epoch %d: %d bad images were skipped", row["epoch"] + 1, row["bad_images"])
+        warn_bad_images(row)
         if row[f"val_{self.metric}"] > self.best:
             self.best = row[f"val_{self.metric}"]
             save_dense(self.model, self.spec, best_path, self.model_state())
@@ -361,11 +360,12 @@ class SegmentationTrainer(DenseTrainer):
     def validate(self) -> dict[str, float]:
         c, p = self.config, self.model.backbone.config.preprocessing
         loader = self.eval_loader(SegmentationEvalTransform(c.scale, p.mean, p.std), batch_size=1)
-        confusion, _ = evaluate_segmentation(
+        confusion, bad = evaluate_segmentation(
             self.model, loader, len(self.classes), c.ignore_index, c.test_mode, c.crop_size, c.slide_stride, self.dist
         )
         scores = segmentation_scores(confusion)
-        return {f"val_{name}": scores[name] for name in ("mIoU", "mAcc", "aAcc")}
+        (val_bad,) = self.dist.sum([len(bad)])  # each process's part of the held-out images
+        return {**{f"val_{name}": scores[name] for name in ("mIoU", "mAcc", "aAcc")}, "val_bad_images": int(val_bad)}
 
 
 class DetectionTrainer(DenseTrainer):
@@ -435,8 +435,9 @@ class DetectionTrainer(DenseTrainer):
 
     def validate(self) -> dict[str, float]:
         loader = self.eval_loader(detection_eval_transform, batch_size=self.config.batch_size)
-        scores = evaluate_detection(self.model, loader, self.val_set, self.dist)
-        return {f"val_{k}": v for k, v in scores.items() if k.endswith(("_AP", "_AP50", "_AP75"))}
+        scores = evaluate_detection(self.model, loader, self.val_set, self.dist)  # bad images gathered there
+        row = {f"val_{k}": v for k, v in scores.items() if k.endswith(("_AP", "_AP50", "_AP75"))}
+        return {**row, "val_bad_images": scores["bad_images"]}
 
 
 def segmentation_classes(root: str | os.PathLike, num_classes: int | None) -> list[str]:

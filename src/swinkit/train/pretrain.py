@@ -460,13 +460,14 @@ class PretrainTrainer(Trainer):
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.forward_model.eval()
-        total, count = 0.0, 0
+        total, count, bad = 0.0, 0, 0
         for batch in self.val_loader:
+            bad += len(batch["bad"])
             if batch["images"] is not None:
                 loss, images = self._loss(self.forward_model, batch)
                 total, count = total + loss.item() * images, count + images
-        total, count = self.dist.sum([total, count])
-        return {"val_loss": total / max(count, 1)}
+        total, count, bad = self.dist.sum([total, count, bad])
+        return {"val_loss": total / max(count, 1), "val_bad_images": int(bad)}
 
     def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
         best_state = self._new_best(-row["val_loss"])
