@@ -455,6 +455,13 @@ def test_a_plain_pickle_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_save_refuses_class_names_that_are_not_a_list_of_strings(tmp_path, tiny):
+    for names in ("abc", [1, 2, 3]):  # was saved: "abc" as ['a', 'b', 'c'], numbers as a file that did not load
+        with pytest.raises(TypeError, match="class_names must be a list of strings"):
+            swinkit.save(tiny, tmp_path / "m.safetensors", class_names=names)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny):
     swinkit.save(tiny, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match=r"m\.safetensors is the file being converted"):

@@ -273,7 +273,7 @@ def test_a_timm_v2_files_window_comes_from_its_name_or_the_model_never_silently_
         config = model.config
         assert (config.window_size, config.img_size, config.pretrained_window_sizes) == (16, 64, (8, 4, 2, 1))
         assert relative_error(_logits(model, x), _logits(fine_tuned, x)) < 1e-10, source
-        assert "window 16 at 64 px taken from the name" in str(model.load_report)
+        assert "window 16 at 64 px, pretrained windows (8, 4, 2, 1) taken from the name" in str(model.load_report)
 
     own_window = _timm_v2(16, (0, 0, 0, 0))
     unnamed = tmp_path / "weights.safetensors"

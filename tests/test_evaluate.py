@@ -171,3 +171,6 @@ def test_predict_skips_a_decompression_bomb_like_any_bad_image(tmp_path, capsys)
     results = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
     assert len(results) == 2 and "predictions" in results[str(next(folder.rglob("[0-9]*.png")))]
     assert "400000000 pixels is over PIL's limit" in results[str(bomb)]["error"]
+    # One path given alone is one input (it was split into one-letter paths: "/" then scanned the disk)
+    alone = predict(str(bomb), checkpoint)
+    assert [r["path"] for r in alone] == [str(bomb)] and predict(bomb, checkpoint)[0]["path"] == str(bomb)

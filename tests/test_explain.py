@@ -213,7 +213,8 @@ def test_explain_leaves_the_model_as_it_was_and_refuses_bad_requests():
         (lambda: explain(model, x, stage=4), "stage must be in -4..3 for this model, got 4"),
         (lambda: explain(model, x, target=3), r"target must be one class in 0..2 or one per image \(2\), got 3"),
         (lambda: explain(model, x, target=[0]), r"target must be one class in 0..2 or one per image \(2\), got \[0\]"),
-        (lambda: explain(model, x[0]), r"images must be \(B, C, H, W\), got shape \(3, 64, 64\)"),
+        (lambda: explain(model, x[0]), r"expected images of shape \(B, 3, H, W\), got \(3, 64, 64\)"),
+        (lambda: explain(model, x, target=1.5), r"target must be one class .* got 1.5"),  # was "not iterable"
         (lambda: record_attention(model, x, 4), "first_stage must be in 0..3 for this model, got 4"),
         (
             lambda: explain(swinkit.create_model("swin_test", features_only=True), x),
@@ -223,6 +224,11 @@ def test_explain_leaves_the_model_as_it_was_and_refuses_bad_requests():
     for call, message in bad:
         with pytest.raises(ValueError, match=message):
             call()
+    # One class as a 0-d tensor (an argmax) or a numpy integer, as an int; was "iteration over a 0-d tensor"
+    top = explain(model, x, target=1).targets
+    assert explain(model, x, target=torch.tensor(1)).targets == explain(model, x, target=np.int64(1)).targets == top
+    with pytest.raises(TypeError, match="floating-point"):  # was "only Tensors of floating point dtype can require"
+        explain(model, torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
 def test_overlay_blends_the_colour_ramp_over_the_image():

@@ -324,6 +324,26 @@ def test_bad_inputs_have_clear_errors():
     for option, rate in (("drop_path_rate", 1.0), ("drop_rate", -0.1), ("attn_drop_rate", 1.5)):
         with pytest.raises(ValueError, match=rf"{option} must be in \[0, 1\), got {rate}"):
             swinkit.create_model("swin_test", **{option: rate})
+    with pytest.raises(TypeError, match=r"images of dtype torch.float16 for a model in torch.float32"):
+        model(torch.randn(1, 3, 32, 32).half())  # was torch's "Input type (c10::Half) and bias type (float)"
+    for option, value, message in [  # each was accepted (a backbone built, no head) or failed deep in torch
+        ("features_only", "False", "field features_only must be bool, got 'False'"),
+        ("window_size", 7.5, "field window_size must be int, got 7.5"),
+        ("depths", (2, 0, 2, 2), r"depths must be at least 1 \(each\), got \(2, 0, 2, 2\)"),
+        ("num_heads", (0, 2, 2, 4), r"num_heads must be at least 1 \(each\)"),
+        ("num_classes", -1, r"num_classes must be 0 or more \(0: no head\), got -1"),
+        ("mlp_ratio", 0, "mlp_ratio must be above 0, got 0"),
+        ("pretrained_window_sizes", (-4, 0, 0, 0), "pretrained_window_sizes must be 0 or more"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            swinkit.create_model("swin_test", **{option: value})
+    with pytest.raises(TypeError, match="build_model takes a SwinConfig, got 'swin_t'; create_model"):
+        swinkit.build_model("swin_t")
+    for size in [(32, 32), (3, -32, 32), (3, 0, 0), 224]:
+        with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) of one image"):
+            swinkit.flops(model, size)
+    with pytest.raises(ValueError, match=r"input_size \(1, 32, 32\) has 1 channels; the model takes 3"):
+        swinkit.flops(model, (1, 32, 32))  # was a report of 3 channels' work
 
 
 def test_config_overrides():

@@ -450,6 +450,10 @@ def test_window_change_on_load_takes_the_files_windows_as_pretrained(tmp_path):
     expected = tuple(swinkit.model.stage_window(source.config, i) for i in range(len(source.config.depths)))
     assert model.config.pretrained_window_sizes == expected and model.load_report.ok
     assert [f"pretrained_window_sizes {expected}" in item for item in model.load_report.adapted] == [True]
+    # The same without a preset name: the file's architecture, its window overridden (was (0, 0, 0, 0), unsaid)
+    unnamed = swinkit.create_model(window_size=bigger, checkpoint=tmp_path / "v2.pth")
+    assert unnamed.config.pretrained_window_sizes == expected
+    assert [f"pretrained_window_sizes {expected}" in item for item in unnamed.load_report.adapted] == [True]
     explicit = swinkit.create_model(
         "swinv2_test", window_size=bigger, pretrained_window_sizes=(0, 0, 0, 0), checkpoint=tmp_path / "v2.pth"
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from .attention import combine_bias_and_mask, reference_attention
 from .checkpoint.io import make_folder, writable_file
 from .data import eval_crop, eval_transform
-from .model import cells, window_and_shift, window_gather_indices
+from .model import cells, check_images, window_and_shift, window_gather_indices
 
 METHODS = ("gradcam", "rollout")
 # Grad-CAM's default stage: the deepest whose map is at least this many tokens on each side (the
@@ -98,6 +99,7 @@ def explain(
     """
     check_method(method)
     config = model.config
+    check_images(images, config.in_chans, next(model.parameters()).dtype)  # before gradients are asked of them
     if config.features_only or config.num_classes <= 0:
         raise ValueError("explanations need a classifier; this model has no head (features_only or num_classes 0)")
     stage = _chosen_stage(method, images, config.patch_size, len(model.layers), stage)
@@ -165,10 +167,18 @@ def _targets(target: int | Sequence[int] | None, logits: Tensor) -> Tensor:
 
 
 def _given_targets(target: int | Sequence[int], batch: int, classes: int, device: torch.device) -> Tensor:
-    """``target`` as one class index per image, checked."""
-    chosen = [target] * batch if isinstance(target, int) else list(target)
+    """``target`` as one class index per image, checked: an int (a 0-d tensor and a numpy integer
+    count as one) or a sequence of them."""
+    refused = ValueError(f"target must be one class in 0..{classes - 1} or one per image ({batch}), got {target!r}")
+    try:
+        chosen = [operator.index(target)] * batch
+    except TypeError:
+        try:
+            chosen = [operator.index(t) for t in target]
+        except TypeError:  # not an integer, nor a sequence of them (a float, a string of names, ...)
+            raise refused from None
     if len(chosen) != batch or any(not 0 <= t < classes for t in chosen):
-        raise ValueError(f"target must be one class in 0..{classes - 1} or one per image ({batch}), got {target!r}")
+        raise refused
     return torch.tensor(chosen, device=device)
 
 
@@ -486,7 +496,7 @@ def overlay(image: Image.Image, heat: Tensor, alpha: float = 0.5) -> Image.Image
 
 
 def explain_files(
-    inputs: Sequence[str | os.PathLike],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     method: str = "gradcam",

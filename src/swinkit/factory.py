@@ -21,6 +21,8 @@ _V1_SIZE_FOR_WINDOW = {7: 224, 12: 384}
 
 def build_model(config: SwinConfig, attn_impl: str = "auto") -> nn.Module:
     """A randomly initialised model for ``config`` (V1 or V2)."""
+    if not isinstance(config, SwinConfig):  # a preset's name: create_model's
+        raise TypeError(f"build_model takes a SwinConfig, got {config!r}; create_model(name) builds a preset")
     if config.family == "v2":
         from .model_v2 import SwinTransformerV2
 
@@ -75,7 +77,8 @@ def create_model(
             overrides["num_classes"] = loaded.state_dict["head.weight"].shape[0]
         config = get_config(name, **overrides)
     windows = ""
-    if name is not None and loaded is not None and "pretrained_window_sizes" not in overrides:
+    geometry_given = name is not None or {"window_size", "img_size"} & set(overrides)  # else the file's own
+    if loaded is not None and geometry_given and "pretrained_window_sizes" not in overrides:
         config, windows = _with_pretrained_windows(config, loaded)
     model = build_model(config, attn_impl=attn_impl)
     if loaded is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -82,6 +83,7 @@ def count_flops(
     figures (:mod:`swinkit.dense.flops`), counts 2 and True, and ``position_mlp``: V2's
     position-bias MLP, which each block runs once per forward (:func:`_position_mlp_flops`).
     """
+    _check_input_size(input_size, config.in_chans)
     _, H, W = input_size
     p, C = config.patch_size, config.embed_dim
     H, W = math.ceil(H / p), math.ceil(W / p)
@@ -111,9 +113,21 @@ def count_flops(
     return FlopsReport((config.in_chans, *input_size[1:]), patch_embed, stages, head, shapes)
 
 
+def _check_input_size(input_size: Any, channels: int) -> None:
+    """``(C, H, W)`` of one image, the model's channels and positive sides, or an error naming it."""
+    fits = isinstance(input_size, (tuple, list)) and len(input_size) == 3
+    if not fits or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
+        raise ValueError(f"input_size must be (C, H, W) of one image, three whole numbers above 0; got {input_size!r}")
+    if input_size[0] != channels:
+        raise ValueError(f"input_size {tuple(input_size)} has {input_size[0]} channels; the model takes {channels}")
+
+
 def flops(model: nn.Module | SwinConfig, input_size: tuple[int, int, int] = (3, 224, 224)) -> FlopsReport:
     """FLOPs of a swinkit model (or config) on one image of ``input_size`` ``(C, H, W)``."""
-    config = model if isinstance(model, SwinConfig) else model.config
+    config = model if isinstance(model, SwinConfig) else getattr(model, "config", None)
+    if not isinstance(config, SwinConfig):
+        raise TypeError(f"flops takes a swinkit model or SwinConfig, got {type(model).__name__}")
+    _check_input_size(input_size, config.in_chans)
     return count_flops(config, tuple(input_size))
 
 

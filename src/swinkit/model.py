@@ -727,7 +727,7 @@ class SwinTransformer(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> tokens ``(B, H/4, W/4, C)`` with the optional absolute position."""
-        check_images(x, self.config.in_chans)
+        check_images(x, self.config.in_chans, self.patch_embed.proj.weight.dtype)
         static_size_under_compile(x)
         return self.add_position(self.patch_embed(x))
 
@@ -766,7 +766,7 @@ class SwinTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        check_images(x, self.config.in_chans)
+        check_images(x, self.config.in_chans, self.patch_embed.proj.weight.dtype)
         parts = image_splits(self, x)  # fused CPU path: images over worker threads (swinkit.parallel)
         if parts > 1:
             return run_split(forward_function(self, split=True), x, parts, self)
@@ -790,8 +790,9 @@ class SwinTransformer(nn.Module):
         return self.forward_head(self.stage_maps(x)[-1])
 
 
-def check_images(x: Tensor, in_chans: int) -> None:
-    """Fail early, naming the shape, instead of deep inside a convolution."""
+def check_images(x: Tensor, in_chans: int, dtype: torch.dtype | None = None) -> None:
+    """Fail early, naming the shape or dtype, instead of deep inside a convolution. ``dtype``: the
+    model's; the images must have it unless autocast casts them."""
     if torch.jit.is_tracing():
         # The jit tracer hands sizes over as tensors and records only this thread's PyTorch
         # operations: a trace failed, or (with the native kernel or the worker threads) stored their
@@ -809,6 +810,11 @@ def check_images(x: Tensor, in_chans: int) -> None:
         raise TypeError(f"expected floating-point images (normalised), got dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"images of dtype {x.dtype} for a model in {dtype}: convert one to the other (images.to(...) "
+            "or model.to(...)), or run under torch.autocast"
+        )
 
 
 def static_size_under_compile(x: Tensor) -> None:

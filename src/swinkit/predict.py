@@ -24,8 +24,11 @@ from .quantize import quantize_dynamic
 logger = logging.getLogger(__name__)
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files given directly, plus the image files found (recursively, sorted) in folders."""
+def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files given directly, plus the image files found (recursively, sorted) in folders. One
+    path given alone (not in a list) is one input, not a sequence of one-letter paths."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -120,7 +123,7 @@ def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None
 
 @torch.no_grad()
 def predict(
-    inputs: Sequence[str | os.PathLike],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
     topk: int = 5,
     batch_size: int = 32,

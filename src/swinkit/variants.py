@@ -103,8 +103,25 @@ class SwinConfig:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def __post_init__(self) -> None:
+        # Types first (``features_only="False"`` would build a backbone; ``window_size=7.5`` fail deep in torch).
+        _check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if self.family not in ("v1", "v2"):
             raise ValueError(f"family must be 'v1' or 'v2', got {self.family!r}")
+        sizes = {"embed_dim": (self.embed_dim,), "in_chans": (self.in_chans,), "depths": self.depths}
+        for name, values in {**sizes, "num_heads": self.num_heads}.items():
+            if not values or min(values) < 1:
+                raise ValueError(f"{name} must be at least 1 (each), got {getattr(self, name)}")
+        for name, fits, rule in [
+            ("mlp_ratio", self.mlp_ratio > 0, "above 0"),
+            ("num_classes", self.num_classes >= 0, "0 or more (0: no head)"),
+            ("extra_norm_period", self.extra_norm_period >= 0, "0 or more (0: none)"),
+        ]:
+            if not fits:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        if min(self.pretrained_window_sizes, default=0) < 0:
+            raise ValueError(
+                f"pretrained_window_sizes must be 0 or more (0: the stage's window), got {self.pretrained_window_sizes}"
+            )
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
         for stage, heads in enumerate(self.num_heads):

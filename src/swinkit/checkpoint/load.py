@@ -174,8 +174,11 @@ def _name_v2_geometry(checkpoint: Checkpoint, names: list[str]) -> None:
         named = v2_geometry_from_name(name, len(fields["depths"]), fields["patch_size"])
         if named:
             checkpoint.hints.update(named)
+            trained = (
+                f", pretrained windows {named['pretrained_window_sizes']}" if "pretrained_window_sizes" in named else ""
+            )
             checkpoint.notes.append(
-                f"window {named['window_size']} at {named['img_size']} px taken from the name {name!r} "
+                f"window {named['window_size']} at {named['img_size']} px{trained} taken from the name {name!r} "
                 "(Swin V2 weights do not show their window)"
             )
             return

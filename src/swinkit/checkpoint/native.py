@@ -43,6 +43,8 @@ def write(
     class_names: Sequence[str] | None = None,
 ) -> None:
     """Write swinkit-layout weights with ``config`` (architecture, num_classes, preprocessing) and class names."""
+    if class_names is not None and (isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)):
+        raise TypeError(f"class_names must be a list of strings, one per class; got {class_names!r}")
     if class_names is not None and len(class_names) != config.num_classes:
         raise ValueError(f"{len(class_names)} class names given for a model with {config.num_classes} classes")
     metadata = {"format": "pt", "swinkit_config": json.dumps(config.to_dict()), "swinkit_version": _version()}

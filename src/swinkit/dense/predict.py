@@ -265,7 +265,7 @@ def explain_detections(
 
 @torch.no_grad()
 def predict_dense(
-    inputs: Sequence[str | os.PathLike],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
     device: str = "cpu",
