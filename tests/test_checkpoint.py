@@ -462,6 +462,12 @@ def test_save_refuses_class_names_that_are_not_a_list_of_strings(tmp_path, tiny)
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_file_that_cannot_be_written_is_named_not_its_temporary(tiny):
+    with pytest.raises(OSError, match=r"cannot write /proc/m\.safetensors: ") as error:
+        swinkit.save(tiny, "/proc/m.safetensors")  # /proc takes no new files, even from root
+    assert ".tmp" not in str(error.value)
+
+
 def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny):
     swinkit.save(tiny, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match=r"m\.safetensors is the file being converted"):

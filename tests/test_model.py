@@ -344,6 +344,17 @@ def test_bad_inputs_have_clear_errors():
             swinkit.flops(model, size)
     with pytest.raises(ValueError, match=r"input_size \(1, 32, 32\) has 1 channels; the model takes 3"):
         swinkit.flops(model, (1, 32, 32))  # was a report of 3 channels' work
+    with pytest.raises(TypeError, match="set_grad_checkpointing takes True or False, got 'no'"):
+        model.set_grad_checkpointing("no")  # was stored: a truthy "no" turned it on
+    with pytest.raises(ValueError, match="num_classes must be 0 or more"):
+        model.reset_classifier(-1)  # was: the head silently removed
+    assert isinstance(model.head, torch.nn.Linear) and model.config.num_classes == 2
+    from swinkit.export import image_sides
+
+    assert image_sides(32) == (32, 32) and image_sides([32, 48]) == (32, 48)  # `export(..., img_size=32)` failed
+    for size in [(32,), -3, (32, 0), "32"]:
+        with pytest.raises(ValueError, match="img_size must be a side or \\(height, width\\)"):
+            image_sides(size)
 
 
 def test_config_overrides():

@@ -45,9 +45,20 @@ DEFAULT_OPSET = 18  # the opset torch's dynamo exporter targets
 MIN_OPSET = 17
 
 
-def _example(model: nn.Module, img_size: tuple[int, int] | None, batch: int) -> torch.Tensor:
+def image_sides(img_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``img_size`` as ``(height, width)``: one whole number is a square; ``None`` stays."""
+    if img_size is None:
+        return None
+    sides = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    fits = isinstance(sides, (tuple, list)) and len(sides) == 2
+    if not fits or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        raise ValueError(f"img_size must be a side or (height, width), whole numbers above 0; got {img_size!r}")
+    return tuple(sides)
+
+
+def _example(model: nn.Module, img_size: int | tuple[int, int] | None, batch: int) -> torch.Tensor:
     config = model.config
-    height, width = img_size or (config.img_size, config.img_size)
+    height, width = image_sides(img_size) or (config.img_size, config.img_size)
     parameter = next(model.parameters())
     return torch.randn(batch, config.in_chans, height, width, dtype=parameter.dtype, device=parameter.device)
 
@@ -201,7 +212,7 @@ def save_program(
     program = export_program(model, img_size, dynamic_size)
     extra = {}
     if _is_swinkit(model):
-        size = tuple(img_size or (model.config.img_size,) * 2)
+        size = image_sides(img_size) or (model.config.img_size,) * 2
         extra[PROGRAM_METADATA] = json.dumps(_model_metadata(model, size, class_names, static_size=not dynamic_size))
     atomic_write(path, lambda temporary: torch.export.save(program, temporary, extra_files=extra))
     return path

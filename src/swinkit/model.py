@@ -708,6 +708,8 @@ class SwinTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
+        if not isinstance(enable, bool):  # "no" would turn it on
+            raise TypeError(f"set_grad_checkpointing takes True or False, got {enable!r}")
         for layer in self.layers:
             layer.grad_checkpointing = enable
 
@@ -715,9 +717,10 @@ class SwinTransformer(nn.Module):
         """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
         if self.config.features_only:
             raise ValueError("a features_only backbone has no classifier to reset")
-        self.head = nn.Linear(self.config.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        config = self.config.replace(num_classes=num_classes)  # checked there: a whole number, 0 or more
+        self.head = nn.Linear(config.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
-        self.config = self.config.replace(num_classes=num_classes)
+        self.config = config
 
     def no_weight_decay(self) -> set[str]:
         """Position tables and embeddings: trained without weight decay, like norms and biases."""

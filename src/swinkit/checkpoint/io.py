@@ -258,7 +258,10 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     path = writable_file(path)
     # The temporary file has the destination's name, in a folder of its own beside it: torch's zip
     # archives (torch.save, torch.export.save) name their top folder after the file they write.
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:  # named by the file asked for, not the temporary one
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     tmp = folder / path.name
     try:
         write(str(tmp))
