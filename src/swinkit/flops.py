@@ -127,8 +127,7 @@ def flops(model: nn.Module | SwinConfig, input_size: tuple[int, int, int] = (3, 
     config = model if isinstance(model, SwinConfig) else getattr(model, "config", None)
     if not isinstance(config, SwinConfig):
         raise TypeError(f"flops takes a swinkit model or SwinConfig, got {type(model).__name__}")
-    _check_input_size(input_size, config.in_chans)
-    return count_flops(config, tuple(input_size))
+    return count_flops(config, input_size)  # which checks input_size
 
 
 def count_parameters(model: nn.Module) -> int:

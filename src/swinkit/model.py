@@ -815,8 +815,12 @@ def check_images(x: Tensor, in_chans: int, dtype: torch.dtype | None = None) -> 
         raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
     # Not while compiling: there the autocast query doubled the time to compile a training step
     # (swin_test: 17 -> 37 s); a compiled graph's own dtype error names the dtypes too.
-    compiling = torch.compiler.is_compiling()
-    if dtype is not None and x.dtype != dtype and not compiling and not torch.is_autocast_enabled(x.device.type):
+    if (
+        dtype is not None
+        and x.dtype != dtype
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
         raise TypeError(
             f"images of dtype {x.dtype} for a model in {dtype}: convert one to the other (images.to(...) "
             "or model.to(...)), or run under torch.autocast"

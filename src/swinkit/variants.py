@@ -51,6 +51,7 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
+        _check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "preprocessing.")
         if len(self.mean) != len(self.std) or not self.mean:
             raise ValueError(f"preprocessing mean {self.mean} and std {self.std} need one value per channel each")
         if not all(value > 0 for value in self.std):
@@ -107,8 +108,13 @@ class SwinConfig:
         _check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if self.family not in ("v1", "v2"):
             raise ValueError(f"family must be 'v1' or 'v2', got {self.family!r}")
-        sizes = {"embed_dim": (self.embed_dim,), "in_chans": (self.in_chans,), "depths": self.depths}
-        for name, values in {**sizes, "num_heads": self.num_heads}.items():
+        sizes = {
+            "embed_dim": (self.embed_dim,),
+            "in_chans": (self.in_chans,),
+            "depths": self.depths,
+            "num_heads": self.num_heads,
+        }
+        for name, values in sizes.items():
             if not values or min(values) < 1:
                 raise ValueError(f"{name} must be at least 1 (each), got {getattr(self, name)}")
         for name, fits, rule in [
@@ -172,12 +178,10 @@ class SwinConfig:
             unknown = sorted(set(preprocessing) - {f.name for f in dataclasses.fields(Preprocessing)})
             if unknown:
                 raise ValueError(f"unknown preprocessing fields {unknown}")
-            _check_types(Preprocessing, preprocessing, "preprocessing.")
             values["preprocessing"] = Preprocessing(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
             )
-        _check_types(cls, values)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # types checked there
 
     def replace(self, **overrides: Any) -> SwinConfig:
         """A copy with ``overrides``; an unknown name fails listing the accepted ones."""

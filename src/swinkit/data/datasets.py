@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .images import IMAGE_EXTENSIONS, BadImageError, find_image_files, load_image
+from .images import IMAGE_EXTENSIONS, BadImageError, find_image_files, list_folder, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,7 @@ def image_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
-    try:
-        entries = list(root.iterdir())
-    except OSError as error:
-        kind = PermissionError if isinstance(error, PermissionError) else OSError
-        raise kind(f"cannot read dataset folder {root}: {error.strerror or error}") from None
+    entries = list_folder(root, "dataset folder")
     classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")

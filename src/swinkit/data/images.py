@@ -67,6 +67,17 @@ def _bomb_reason(error: Image.DecompressionBombError) -> str:
     )
 
 
+def list_folder(folder: Path, what: str) -> list[os.DirEntry]:
+    """The entries of ``folder``; one that cannot be listed raises ``OSError`` (``PermissionError``
+    for permissions) naming it as ``"cannot read {what} {folder}: ..."``."""
+    try:
+        with os.scandir(folder) as listing:
+            return list(listing)
+    except OSError as error:
+        kind = PermissionError if isinstance(error, PermissionError) else OSError
+        raise kind(f"cannot read {what} {folder}: {error.strerror or error}") from None
+
+
 def find_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
     """The image files (by extension) in ``folder`` and its sub-folders, sorted, as ``rglob`` finds them
     (symlinked files are taken, symlinked sub-folders are not followed).
@@ -78,13 +89,7 @@ def find_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Pa
     pending = [Path(folder)]
     while pending:
         current = pending.pop()
-        try:
-            with os.scandir(current) as listing:
-                entries = list(listing)
-        except OSError as error:
-            kind = PermissionError if isinstance(error, PermissionError) else OSError
-            raise kind(f"cannot read {what} {current}: {error.strerror or error}") from None
-        for entry in entries:
+        for entry in list_folder(current, what):
             path = current / entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
