@@ -29,8 +29,12 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     path given alone (not in a list) is one input, not a sequence of one-letter paths."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs are image files or folders: a path or a list of paths, got {type(inputs).__name__}")
     paths: list[Path] = []
     for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"inputs are paths of image files or folders, got a {type(item).__name__}")
         path = Path(item)
         if path.is_dir():
             found = find_image_files(path)  # a sub-folder that cannot be read is named, not skipped

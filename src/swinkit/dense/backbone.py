@@ -32,12 +32,17 @@ class SwinBackbone(nn.Module):
 
     def __init__(self, swin: nn.Module, frozen_stages: int = -1) -> None:
         super().__init__()
+        if not isinstance(getattr(swin, "config", None), SwinConfig):
+            raise TypeError(
+                f"SwinBackbone wraps a swinkit Swin model (create_model(..., features_only=True)), "
+                f"got {type(swin).__name__}"
+            )
         config: SwinConfig = swin.config
         if not config.features_only:
             raise ValueError("SwinBackbone needs a model built with features_only=True")
         stages = len(config.depths)
-        if not -1 <= frozen_stages <= stages:
-            raise ValueError(f"frozen_stages must be between -1 and {stages}, got {frozen_stages}")
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= stages:
+            raise ValueError(f"frozen_stages must be an int between -1 and {stages}, got {frozen_stages!r}")
         self.swin = swin
         self.frozen_stages = frozen_stages
         self.out_indices = tuple(config.out_indices)
@@ -94,6 +99,8 @@ def create_backbone(
     ``always_shift`` (the official dense rule) is the default here; ``overrides`` change any
     :class:`~swinkit.variants.SwinConfig` field (``drop_path_rate``, ``window_size``, ...).
     """
+    if "features_only" in overrides:  # else "got multiple values for keyword argument"
+        raise ValueError("a dense backbone always gives feature maps (features_only=True); leave features_only out")
     swin = create_model(
         name,
         checkpoint=checkpoint,

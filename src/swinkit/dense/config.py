@@ -27,6 +27,7 @@ from ..train.config import (
     resolve_options,
 )
 from .mmdet import GEOMETRIES, LOSSES
+from .segmentation_data import check_ignore_index
 
 # The options whose --help text is classification's.
 CLASSIFICATION_HELP = [
@@ -208,6 +209,8 @@ class SegmentationConfig(DenseConfig):
         super().__post_init__()
         if self.test_mode not in TEST_MODES:  # validation would meet it only after the first epoch
             raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}, got {self.test_mode!r}")
+        if self.num_classes is not None:  # else checked once classes.txt gives the count
+            check_ignore_index(self.ignore_index, self.num_classes)
 
 
 @dataclass

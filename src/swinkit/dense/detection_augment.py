@@ -36,6 +36,7 @@ from torchvision.ops import boxes as box_ops
 
 from .cascade import CascadeRoIHeads, _box_forward, _mask_forward
 from .detection_data import mirror_boxes
+from .segmentation import check_test_ratios
 
 # Swin's detection configs test at one scale; these (with flip) are swinkit's --aug-test for
 # detectors: the test scale (800, at most 1333 for the longer side) times each ratio.
@@ -51,10 +52,13 @@ class View:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        if not all(isinstance(side, int) and side >= 1 for side in (self.short, self.long)):
+        whole = [isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in (self.short, self.long)]
+        if not all(whole):
             raise ValueError(
                 f"a view's sides are whole pixels, 1 or more; got short={self.short!r}, long={self.long!r}"
             )
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"a view's flip is True or False, got {self.flip!r}")
 
 
 @dataclass
@@ -70,6 +74,11 @@ class _Seen:
 
 def augmented_views(model: nn.Module, ratios: Sequence[float] | None = None, flip: bool = False) -> list[View]:
     """The views of ``ratios`` of the detector's test scale (None: the test scale), each also mirrored if ``flip``."""
+    if not isinstance(model, GeneralizedRCNN):
+        raise TypeError(f"augmented_views needs a detector (swinkit.dense.create_detector), got {type(model).__name__}")
+    check_test_ratios(ratios)
+    if not isinstance(flip, bool):
+        raise ValueError(f"flip is True or False, got {flip!r}")
     short, long = model.transform.min_size[-1], model.transform.max_size
     views = []
     for ratio in ratios if ratios is not None else (1.0,):
@@ -86,10 +95,12 @@ def detect_augmented(model: nn.Module, image: Tensor, views: Sequence[View]) -> 
     check_detector(model)
     if not views:
         raise ValueError("detect_augmented needs at least one view")
+    if not all(isinstance(view, View) for view in views):
+        raise TypeError("detect_augmented's views are View objects (swinkit.dense.augmented_views makes them)")
     if model.training:
         raise ValueError("detect_augmented tests a detector in eval mode; call model.eval() first")
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"detect_augmented takes one RGB image (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"detect_augmented takes one RGB image (3, H, W) in [0, 1], got {_described(image)}")
     original = (image.shape[-2], image.shape[-1])
     seen = [_see(model, image, view) for view in views]
     proposals = _merged_proposals(seen, model.rpn.nms_thresh, model.rpn.post_nms_top_n())
@@ -102,6 +113,10 @@ def detect_augmented(model: nn.Module, image: Tensor, views: Sequence[View]) -> 
         masks = [m for s in seen for m in _mask_probabilities(heads, s, result, original)]
         result["masks"] = torch.stack(masks).mean(dim=0)
     return model.transform.postprocess([result], [original], [original])[0]
+
+
+def _described(image: object) -> str:
+    return f"shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
 
 
 def check_detector(model: nn.Module, source: str | os.PathLike = "the model") -> None:

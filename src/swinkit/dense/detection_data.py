@@ -74,6 +74,9 @@ class CocoDetection(Dataset):
         filter_empty: bool = False,
         min_side: int = 0,
     ) -> None:
+        for name, value in {"masks": masks, "strict": strict, "filter_empty": filter_empty}.items():
+            if not isinstance(value, bool):  # "no" would be true
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         self.source = Path(annotation_file)
         self.root = Path(images) if images is not None else self.source.parent
         self.masks, self.strict = masks, strict

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import atomic_write, export_destination
+from ..devices import check_device
 from ..export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -213,6 +214,7 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
     (a segmentor's ``.onnx`` / ``.pt2``: :class:`ExportedSegmentor`; a detector's ``.onnx``:
     :class:`~swinkit.dense.detection_export.ExportedDetector`), and its description."""
     path = Path(path)
+    check_device(device)
     if path.suffix.lower() not in EXPORTED_SUFFIXES:
         return load_dense(path, device)
     if torch.device(device).type != "cpu":

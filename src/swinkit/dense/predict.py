@@ -314,6 +314,8 @@ def predict_dense(
 def _refuse_other_task(
     checkpoint: str | os.PathLike, spec: DenseSpec, task: str | None, action: str, verb: str
 ) -> None:
+    if task not in (None, "segment", "detect"):
+        raise ValueError(f"task must be 'segment' or 'detect' (or None: the file's), got {task!r}")
     if task is not None and spec.task != task:
         raise ValueError(f"{checkpoint} is a {spec.task} model; 'swinkit {task} {action}' {verb} {task} models")
 
@@ -346,6 +348,8 @@ def evaluate_dense(
     _refuse_other_task(checkpoint, spec, task, "eval", "evaluates")
     views = _test_augmentation(checkpoint, model, spec, ratios, flip)
     if spec.task == "segment":
+        if images is not None:  # a segmentation folder holds its images; a silently unused path misleads
+            raise ValueError(f"images is for a detector's COCO JSON; {checkpoint} is a segmentation model")
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)
     else:
         metrics = _evaluate_detection(model, spec, data, images, workers, strict_data, views)
@@ -363,6 +367,8 @@ def _test_augmentation(
     from .segmentation import check_test_ratios
 
     check_test_ratios(ratios)
+    if not isinstance(flip, bool):
+        raise ValueError(f"flip must be True or False, got {flip!r}")
     if spec.task == "segment" or (ratios is None and not flip):
         return []
     check_detector(model, checkpoint)

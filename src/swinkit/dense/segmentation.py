@@ -62,6 +62,14 @@ def build_segmentor(
     backbone: SwinBackbone, num_classes: int, channels: int = 512, aux_channels: int = 256, aux: bool = True
 ) -> Segmentor:
     """UPerNet on all four maps of ``backbone`` and (``aux``) an FCN head on stage 3."""
+    if not isinstance(backbone, SwinBackbone):
+        raise TypeError(
+            f"build_segmentor needs a SwinBackbone (swinkit.dense.create_backbone), got {type(backbone).__name__}"
+        )
+    sizes = {"num_classes": num_classes, "channels": channels, **({"aux_channels": aux_channels} if aux else {})}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int of 1 or more, got {value!r}")
     if tuple(backbone.out_indices) != (0, 1, 2, 3):
         raise ValueError(f"UPerNet takes the four stage maps; the backbone gives stages {backbone.out_indices}")
     decode_head = UPerHead(backbone.out_channels, num_classes, channels)
@@ -105,10 +113,33 @@ def segmentation_losses(
 ) -> dict[str, Tensor]:
     """The terms of :func:`segmentation_loss`: ``loss_decode`` (UPerNet's) and, with an auxiliary
     head and weight, ``loss_aux`` (weighted), as mmseg logs them."""
+    if not isinstance(outputs, dict) or "out" not in outputs:
+        raise TypeError("outputs must be a segmentation model's output, a dict with 'out' logits (B, K, H, W)")
+    if not math.isfinite(aux_weight) or aux_weight < 0:
+        raise ValueError(f"aux_weight must be 0 or more, got {aux_weight!r}")
+    masks = _checked_masks(masks, outputs["out"], ignore_index)
     losses = {"loss_decode": pixel_cross_entropy(outputs["out"], masks, ignore_index)}
     if "aux" in outputs and aux_weight > 0:
         losses["loss_aux"] = aux_weight * pixel_cross_entropy(outputs["aux"], masks, ignore_index)
     return losses
+
+
+def _checked_masks(masks: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
+    """``masks`` as int64 ``(B, H, W)`` labels, once they are labels of ``logits``' classes."""
+    if not isinstance(masks, Tensor) or masks.is_floating_point() or masks.dtype == torch.bool or masks.dim() != 3:
+        got = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, Tensor) else type(masks).__name__
+        raise ValueError(f"masks must be integer label maps (B, H, W), got {got}")
+    if len(masks) != len(logits):
+        raise ValueError(f"{len(masks)} masks for a batch of {len(logits)} images")
+    masks = masks.long()
+    num_classes = logits.shape[1]
+    outside = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
+    if outside.any():
+        raise ValueError(
+            f"masks hold label {masks[outside][0].item()}, neither a class (0..{num_classes - 1}) "
+            f"nor ignore_index {ignore_index}"
+        )
+    return masks
 
 
 def pixel_cross_entropy(logits: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
@@ -127,10 +158,15 @@ def infer(model: nn.Module, images: Tensor, mode: str = "whole", crop_size: int 
     average the logits where they overlap (``mmseg``'s slide inference); an image no larger than the
     crop is one window.
     """
-    if mode == "whole":
-        return model(images)["out"]
-    if mode != "slide":
+    if mode not in ("whole", "slide"):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
+    if mode == "whole":
+        return _logits(model, images)
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in (crop_size, stride)):
+        raise ValueError(f"crop_size and stride must be ints, got {crop_size!r} and {stride!r}")
     if not 0 < stride <= crop_size:
         raise ValueError(f"slide stride must be between 1 and the crop size {crop_size}, got {stride}")
     H, W = images.shape[-2:]
@@ -139,12 +175,22 @@ def infer(model: nn.Module, images: Tensor, mode: str = "whole", crop_size: int 
     for top in _starts(H, crop_size, stride):
         for left in _starts(W, crop_size, stride):
             window = (slice(None), slice(None), slice(top, top + crop_size), slice(left, left + crop_size))
-            out = model(images[window])["out"].float()
+            out = _logits(model, images[window]).float()
             if logits is None:
                 logits = images.new_zeros(images.shape[0], out.shape[1], H, W, dtype=torch.float32)
             logits[window] += out
             counts[window] += 1
     return logits / counts
+
+
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    outputs = model(images)
+    if not isinstance(outputs, dict) or "out" not in outputs:
+        raise TypeError(
+            f"infer needs a segmentation model (swinkit.dense Segmentor, whose output is a dict with 'out'), "
+            f"got {type(model).__name__}"
+        )
+    return outputs["out"]
 
 
 def _starts(length: int, crop: int, stride: int) -> list[int]:
@@ -168,8 +214,7 @@ def infer_augmented(
     Each view's logits (:func:`infer` with ``mode``) are resized to ``size``, turned into
     probabilities, and mirrored back where the view was mirrored, in that order, as mmseg does.
     """
-    if not views:
-        raise ValueError("infer_augmented needs at least one view of the images")
+    _check_views(views, size)
     total: Tensor | None = None
     for view in views:
         for mirrored in (False, True) if flip else (False,):
@@ -181,6 +226,31 @@ def infer_augmented(
     return total / (len(views) * (2 if flip else 1))
 
 
+def _check_views(views: Sequence[Tensor], size: Sequence[int]) -> None:
+    """Views of one batch: a list of ``(B, C, h, w)`` tensors of one ``B`` (tensors of other batch
+    sizes would broadcast into a wrong average), and an output ``size`` of two positive ints."""
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"views must be a list of (B, C, H, W) tensors, one per scale; got {type(views).__name__}")
+    if not views:
+        raise ValueError("infer_augmented needs at least one view of the images")
+    if not all(isinstance(view, Tensor) and view.dim() == 4 for view in views):
+        raise ValueError("views must be (B, C, H, W) tensors, one per scale")
+    batches = {len(view) for view in views}
+    if len(batches) > 1:
+        raise ValueError(f"views must be of the same images; they have batch sizes {sorted(batches)}")
+    size = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else size
+    if not isinstance(size, tuple) or len(size) != 2 or not all(_positive_int(side) for side in size):
+        raise ValueError(f"size must be (height, width), two ints of 1 or more; got {size!r}")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s parameters are; the CPU for a model without any (an exported file's)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -190,7 +260,9 @@ def check_test_ratios(ratios: Sequence[float] | None) -> None:
     """Ratios of the test scale: None (one scale) or finite numbers above 0, at least one."""
     if ratios is None:
         return
-    if len(ratios) == 0 or not all(math.isfinite(r) and r > 0 for r in ratios):
+    if not isinstance(ratios, (list, tuple)):
+        raise TypeError(f"test ratios must be a list of numbers, got {ratios!r}")
+    if len(ratios) == 0 or not all(_real(r) and math.isfinite(r) and r > 0 for r in ratios):
         raise ValueError(f"test ratios must be one or more numbers above 0, got {list(ratios)}")
 
 

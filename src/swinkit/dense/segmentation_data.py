@@ -43,6 +43,18 @@ class BadMaskError(ValueError):
     """A label map that cannot be used (unreadable, wrong size, nothing labelled)."""
 
 
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    """Refuse an ``ignore_index`` that is one of the classes: that class would silently drop out of
+    the loss and the metrics."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index {ignore_index} is one of the {num_classes} classes (0..{num_classes - 1}): that class "
+            "would count for nothing in the loss and the metrics; use a label outside them, e.g. 255"
+        )
+
+
 class SegmentationFolder(Dataset):
     """Images and same-named PNG label maps (pixel value = class index).
 
@@ -68,8 +80,12 @@ class SegmentationFolder(Dataset):
         for folder in (self.images, self.masks):
             if not folder.is_dir():
                 raise FileNotFoundError(f"segmentation folder {folder} does not exist")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int of 1 or more, got {num_classes!r}")
+        check_ignore_index(ignore_index, num_classes)
+        for name, value in {"reduce_zero_label": reduce_zero_label, "strict": strict}.items():
+            if not isinstance(value, bool):  # "no" would be true
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
         self.ignore_index, self.strict = ignore_index, strict
         self.samples, missing = self._pair_files()
