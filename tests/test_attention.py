@@ -263,6 +263,37 @@ def test_a_forward_after_fused_optimizer_steps_uses_the_new_weights(precision, o
     torch.testing.assert_close(evaluate(model), evaluate(fresh), rtol=tolerance, atol=tolerance)
 
 
+def test_an_optimizer_step_renews_caches_of_weights_written_without_their_version_counter():
+    # FSDP gathers the trained shards into the same unsharded storage each forward without moving
+    # the version counters: validation under --fsdp ran on packed weights and position biases of an
+    # earlier epoch (val_loss differed run to run). Written through .data here, which is uncounted too.
+    model = perturb(swinkit.create_model("swin_test", num_classes=4), scale=0.05).eval()
+    fresh = swinkit.create_model("swin_test", num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def scaled_without_counting(factor: float) -> torch.Tensor:
+        """``model``'s output once its weights are scaled (the caches asked for first), and the right one."""
+        with torch.no_grad():
+            model(x)  # fills the caches
+            versions = [p._version for p in model.parameters()]
+            for p in model.parameters():
+                p.data.mul_(factor)
+            assert [p._version for p in model.parameters()] == versions  # the case at hand
+            fresh.load_state_dict(model.state_dict())
+            return fresh(x)
+
+    expected = scaled_without_counting(1.5)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), expected, atol=1e-3)  # stale within a cache generation
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1).step()  # any optimizer's step (FSDP's shards')
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    expected = scaled_without_counting(0.5)
+    fast.forget_cached_weights()  # the same, asked for directly
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 def test_eval_is_deterministic_with_attention_dropout(impl):
     model = swinkit.create_model("swin_test", num_classes=4, attn_drop_rate=0.5, drop_rate=0.3, drop_path_rate=0.3)

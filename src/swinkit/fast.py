@@ -95,14 +95,29 @@ def _window_order(
 _cached_window_order = functools.lru_cache(maxsize=128)(_window_order)
 
 
+# Part of every cache key below, bumped after every optimizer step and by forget_cached_weights():
+# a parameter written without its version counter moving (FSDP gathers the trained shards into the
+# same unsharded storage each forward, uncounted) must not serve the caches of before the write.
+_generation = 0
+
+
+def forget_cached_weights() -> None:
+    """Drop what the no-grad caches derived from parameters (packed linear weights, position biases):
+    the next forward rebuilds it. Every optimizer step does this; call it after writing parameters
+    in a way torch does not count (the training loop does before each validation)."""
+    global _generation
+    _generation += 1
+
+
 def _count_fused_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    """After every optimizer step: a fused one (``fused=True``, which swinkit's ``build_optimizer``
-    picks) writes the parameters in place without counting it in their version counters (torch
-    2.14; the foreach and for-loop forms count it), and the caches here are keyed by those counters.
-    Without this, a no-grad forward after training steps ran on the packed linear weights and
-    position biases of before them: the demo's validation during training read 94% where the
-    trained model gave 99%. Counted here for every parameter of the fused groups, as the other
-    forms do."""
+    """After every optimizer step: the caches start a new generation (:data:`_generation`), and a
+    fused step is counted. A fused one (``fused=True``, which swinkit's ``build_optimizer`` picks)
+    writes the parameters in place without counting it in their version counters (torch 2.14; the
+    foreach and for-loop forms count it). Without this, a no-grad forward after training steps ran
+    on the packed linear weights and position biases of before them: the demo's validation during
+    training read 94% where the trained model gave 99%. Counted here for every parameter of the
+    fused groups, as the other forms do."""
+    forget_cached_weights()
     for group in optimizer.param_groups:
         if group.get("fused"):
             torch.autograd.graph.increment_version([p for p in group["params"] if not p.is_inference()])
@@ -112,15 +127,14 @@ register_optimizer_step_post_hook(_count_fused_step)
 
 
 def _parameter_versions(module: nn.Module) -> tuple[int | tuple[int, int], ...]:
-    # Each parameter's storage address with its version counter: an in-place write bumps the
-    # counter, and a replaced parameter (`load_state_dict(assign=True)`, `param.data = ...`) is new
+    # The cache generation, then each parameter's storage address with its version counter: an
+    # in-place write bumps the counter, and a replaced parameter (`load_state_dict(assign=True)`, `param.data = ...`) is new
     # storage, whose counter may well be the old one's (0 for two loads in a row: the counters
     # alone served the first load's position bias after the second). Parameters made under
     # torch.inference_mode have no version counter, so their address alone (a model built that way
     # is not trained, and loads into it copy in place under inference mode, untracked anyway).
-    return tuple(
-        p.data_ptr() if p.is_inference() else (p.data_ptr(), p._version) for p in module.parameters(recurse=True)
-    )
+    versions = (p.data_ptr() if p.is_inference() else (p.data_ptr(), p._version) for p in module.parameters())
+    return (_generation, *versions)
 
 
 class WindowBias:
@@ -392,7 +406,7 @@ def _packed(weight: Tensor, rows: int, dtype: torch.dtype = torch.float32) -> Te
     if weight.is_inference():
         # No version counter to see an in-place load by: converted and reordered per call instead.
         return weight.to(dtype)
-    version = (weight.data_ptr(), weight._version)
+    version = (_generation, weight.data_ptr(), weight._version)
     per_dtype = _packed_weights.setdefault(weight, {})
     cached = per_dtype.get(dtype)
     if cached is None or cached[0] != version:
