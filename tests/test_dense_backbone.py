@@ -73,7 +73,7 @@ def test_frozen_stages_get_no_gradient_and_stay_in_eval_mode(frozen_stages):
 
 
 def test_frozen_stages_out_of_range_is_an_error():
-    with pytest.raises(ValueError, match="frozen_stages must be between -1 and 4, got 5"):
+    with pytest.raises(ValueError, match="frozen_stages must be an int between -1 and 4, got 5"):
         create_backbone("swin_test", frozen_stages=5)
 
 

@@ -63,7 +63,8 @@ def test_coco_map_refuses_results_pycocotools_would_score_wrongly():
         coco_map(GROUND_TRUTH, [_result()], "segm")
     with pytest.raises(TypeError, match="results must be a list of dicts"):
         coco_map(GROUND_TRUTH, _result())
-    without_area = {**GROUND_TRUTH, "annotations": [{k: v for k, v in GROUND_TRUTH["annotations"][0].items() if k != "area"}]}
+    annotation = {k: v for k, v in GROUND_TRUTH["annotations"][0].items() if k != "area"}
+    without_area = {**GROUND_TRUTH, "annotations": [annotation]}
     with pytest.raises(ValueError, match=r"ground_truth\['annotations'\]\[0\] has no 'area'"):
         coco_map(without_area, [_result()])
     with pytest.raises(TypeError, match="ground_truth must be COCO's JSON as a dict"):

@@ -128,11 +128,12 @@ register_optimizer_step_post_hook(_count_fused_step)
 
 def _parameter_versions(module: nn.Module) -> tuple[int | tuple[int, int], ...]:
     # The cache generation, then each parameter's storage address with its version counter: an
-    # in-place write bumps the counter, and a replaced parameter (`load_state_dict(assign=True)`, `param.data = ...`) is new
-    # storage, whose counter may well be the old one's (0 for two loads in a row: the counters
-    # alone served the first load's position bias after the second). Parameters made under
-    # torch.inference_mode have no version counter, so their address alone (a model built that way
-    # is not trained, and loads into it copy in place under inference mode, untracked anyway).
+    # in-place write bumps the counter, and a replaced parameter (`load_state_dict(assign=True)`,
+    # `param.data = ...`) is new storage, whose counter may well be the old one's (0 for two loads
+    # in a row: the counters alone served the first load's position bias after the second).
+    # Parameters made under torch.inference_mode have no version counter, so their address alone (a
+    # model built that way is not trained, and loads into it copy in place under inference mode,
+    # untracked anyway).
     versions = (p.data_ptr() if p.is_inference() else (p.data_ptr(), p._version) for p in module.parameters())
     return (_generation, *versions)
 
