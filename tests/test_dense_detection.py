@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -846,3 +847,228 @@ def test_detection_grad_cam_is_the_top_detection_score_gradient_on_a_backbone_st
         explain_detection(strict, image.float())
     with pytest.raises(ValueError, match="needs a detector"):
         explain_detection(model.backbone.body.swin, image)
+
+
+# -- bad input, named -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_mask_rcnn():
+    torch.manual_seed(0)
+    return create_detector("swin_test", 3, detector_options=TINY)
+
+
+def _target(**changes):
+    masks = torch.zeros(1, 80, 100, dtype=torch.uint8)
+    masks[0, 10:40, 10:50] = 1
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}
+    return {key: value for key, value in {**target, **changes}.items() if value is not None}
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        pytest.param(_target(labels=torch.tensor([0])), r'targets\[0\]\["labels"\] holds 0: labels count from 1 \(0 '
+                     r"is the background\), 1\.\.3 for this detector", id="label 0"),
+        pytest.param(_target(labels=torch.tensor([-1])), r'\["labels"\] holds -1: labels count from 1', id="label -1"),
+        pytest.param(_target(labels=torch.tensor([4])), r'\["labels"\] holds 4: .* 1\.\.3 for this', id="label 4"),
+        pytest.param(_target(labels=torch.tensor([1.0])), r'\["labels"\] must be an int64 tensor \(1,\), one per '
+                     r"box; got a torch\.float32", id="float labels"),
+        pytest.param(_target(labels=torch.tensor([1, 2])), r'\["labels"\] must be an int64 tensor \(1,\), .* shape '
+                     r"\(2,\)", id="two labels"),
+        pytest.param(_target(boxes=torch.tensor([[10.0, float("nan"), 50.0, 40.0]])), r'\["boxes"\] holds \[10\.0, '
+                     r"nan, 50\.0", id="NaN box"),
+        pytest.param(_target(boxes=torch.tensor([[10.0, 10.0, 5.0, 5.0]])), r"with x2 > x1 and y2 > y1 \(COCO's x, "
+                     r"y, width", id="x y w h box"),
+        pytest.param(_target(boxes=torch.tensor([[10, 10, 50, 40]])), r'\["boxes"\] must be a float tensor \(N, 4\)',
+                     id="integer boxes"),
+        pytest.param(_target(masks=torch.zeros(2, 80, 100)), r'\["masks"\] must be a tensor \(N, H, W\) = \(1, 80, '
+                     r"100\)", id="two masks"),
+        pytest.param(_target(masks=torch.zeros(1, 40, 50)), r"= \(1, 80, 100\): one per box, at its image's size; "
+                     r"got .*40, 50", id="mask size"),
+        pytest.param(_target(masks=torch.zeros(1, 1, 80, 100)), r'\["masks"\] must be a tensor .* \(1, 1, 80, 100\)',
+                     id="4-d masks"),
+        pytest.param(_target(masks=torch.full((1, 80, 100), 255.0)), r'\["masks"\] holds 255\.0; masks are 0 .* or '
+                     r"1", id="masks of 255"),
+        pytest.param(_target(masks=None), r"targets\[0\] has no masks; a target is a dict of boxes, labels and "
+                     r"masks", id="no masks"),
+    ],
+)  # fmt: skip
+def test_bad_training_targets_are_refused_naming_the_item(tiny_mask_rcnn, target, message):
+    # torchvision trained label 0 as background, dropped -1, stretched masks of another size and
+    # trained on masks of 0 / 255 or NaN boxes without a word; the rest failed deep inside.
+    with pytest.raises(ValueError, match=message):
+        tiny_mask_rcnn.train()([torch.rand(3, 80, 100)], [target])
+
+
+def test_bad_detector_images_and_target_lists_are_refused_naming_them(tiny_mask_rcnn):
+    from swinkit.dense import augmented_views, detect_augmented
+
+    model, image = tiny_mask_rcnn.train(), torch.rand(3, 80, 100)
+    with pytest.raises(TypeError, match=r"targets must be a list of one dict per image \(boxes, labels and masks"):
+        model([image], _target())
+    with pytest.raises(ValueError, match="2 images but 1 targets: give one target dict per image"):
+        model([image, image], [_target()])
+    with pytest.raises(ValueError, match="a detector in training mode needs targets"):
+        model([image])
+    model.eval()
+    refused = [
+        ([], ValueError, r"takes a list of RGB images \(3, H, W\) in \[0, 1\]; got an empty one"),
+        (["a.png"], TypeError, r"images\[0\] is a str; the detector takes RGB image tensors"),
+        (image, TypeError, r"one tensor per image; got a Tensor of shape \(3, 80, 100\)"),
+        ([image[:1]], ValueError, r"takes RGB images \(3, H, W\), H and W 1 or more; got \(1, 80, 100\) for images"),
+        ([(image * 255).byte()], TypeError, r"images\[0\] is torch\.uint8; the detector takes float RGB images"),
+        ([image, image * 255], ValueError, r"images\[1\] holds values from \S+ to 255; .* in \[0, 1\] .*divide"),
+        ([(image - 0.45) / 0.225], ValueError, r"images\[0\] holds values from -2 to 2\.4.* do not normalise them"),
+        ([image * float("nan")], ValueError, r"images\[0\] holds NaN or infinite values"),
+    ]
+    for images, kind, message in refused:
+        with pytest.raises(kind, match=message):
+            model(images)
+    with pytest.raises(ValueError, match=r"images\[0\] holds values from \S+ to 255"):  # the views' transform too
+        detect_augmented(model, image * 255, augmented_views(model))
+    model([image * 1.2 - 0.1])  # within the tolerance of resizing and colour jitter overshoot
+
+
+def test_the_exported_detector_refuses_what_the_eager_one_refuses(tiny_mask_rcnn):
+    # It turned a uint8 image into float 0..255 and ran it; here a stand-in session records what it is given.
+    from types import SimpleNamespace
+
+    from swinkit.dense.detection_export import POOLING_KEY, ExportedDetector
+
+    spec = DenseSpec("detect", tiny_mask_rcnn.backbone.body.config, ["a", "b", "c"], head={**TINY, "masks": False})
+    fed = []
+
+    class Session:
+        def get_modelmeta(self):
+            return SimpleNamespace(custom_metadata_map={"swinkit.dense": spec.to_json(), POOLING_KEY: "scatter"})
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=name) for name in ("boxes", "labels", "scores")]
+
+        def run(self, names, feeds):
+            fed.append(feeds["image"])
+            return [np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)]
+
+    exported = ExportedDetector("detector.onnx", Session())
+    image = torch.rand(3, 60, 80)
+    with pytest.raises(TypeError, match=r"images\[0\] is torch\.uint8; detector\.onnx takes float RGB images"):
+        exported([(image * 255).byte()])
+    with pytest.raises(ValueError, match=r"images\[0\] holds values from \S+ to 255; detector\.onnx takes RGB"):
+        exported([image * 255])
+    assert not fed
+    assert exported([image.double()])[0]["boxes"].shape == (0, 4) and fed[0].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "options, kind, message",
+    [
+        ({"detections_per_img": -1}, ValueError, r"'detections_per_img' must be at least 1, got -1"),
+        ({"score_threshold": float("nan")}, ValueError, r"'score_threshold' must be between 0 and 1, got nan"),
+        ({"score_threshold": 2}, ValueError, r"'score_threshold' must be between 0 and 1, got 2"),
+        ({"roi_batch_size": 0}, ValueError, r"'roi_batch_size' must be at least 1, got 0"),
+        ({"fpn_channels": 0}, ValueError, r"'fpn_channels' must be at least 1, got 0"),
+        ({"mask_head_dim": 0}, ValueError, r"'mask_head_dim' must be at least 1, got 0"),
+        ({"min_size": 0}, ValueError, r"'min_size' must be at least 1, got 0"),
+        ({"min_size": ()}, TypeError, r"'min_size' must be a whole number or a non-empty list of them, got \(\)"),
+        ({"min_size": (64.5,)}, TypeError, r"'min_size' must be a whole number .*, got \(64\.5,\)"),
+        ({"max_size": 32}, ValueError, r"'max_size' \(32, the most pixels of the longer side\) is below .* 64"),
+        ({"agnostic_boxes": True}, ValueError, r"agnostic_boxes .* is an option of the cascade's heads only"),
+        ({"cascade": "yes"}, TypeError, r"detector option 'cascade' must be True or False, got 'yes'"),
+        ({"num_classes": 0}, ValueError, r"num_classes must be 1 or more \(the background is not counted\), got 0"),
+        ({"num_classes": 2.5}, TypeError, r"num_classes must be a whole number \(the object classes\), got 2\.5"),
+        ({"num_classes": True}, TypeError, r"num_classes must be a whole number .*, got True"),
+    ],
+    ids=["detections -1", "score NaN", "score 2", "regions 0", "channels 0", "mask dim 0", "min 0", "min ()",
+         "min 64.5", "max below min", "agnostic alone", "cascade 'yes'", "classes 0", "classes 2.5", "classes True"],
+)  # fmt: skip
+def test_detector_options_are_checked_with_the_clis_limits(tiny_mask_rcnn, options, kind, message):
+    from swinkit.dense.detection import build_detector
+
+    options = {**TINY, "num_classes": 3, **options}
+    with pytest.raises(kind, match=message):
+        build_detector(tiny_mask_rcnn.backbone.body, **options)
+
+
+def test_models_of_the_wrong_kind_are_refused_by_what_is_expected(tiny_mask_rcnn, tmp_path):
+    from swinkit.dense.detection import build_detector, evaluate_detection
+    from swinkit.dense.detection_export import export_detection
+    from swinkit.dense.weights import load_dense_weights
+
+    swin = tiny_mask_rcnn.backbone.body.swin
+    with pytest.raises(TypeError, match="build_detector needs a SwinBackbone .* got a SwinTransformer"):
+        build_detector(swin, 3, **TINY)
+    spec = DenseSpec("detect", swin.config, ["a", "b", "c"], head={**TINY, "masks": True})
+    with pytest.raises(TypeError, match="export_detection exports a detector .* got a SwinTransformer"):
+        export_detection(swin, spec, tmp_path / "detector.onnx")
+    with pytest.raises(TypeError, match="evaluate_detection scores against a swinkit.dense.CocoDetection .* str"):
+        evaluate_detection(tiny_mask_rcnn, [], "instances.json")
+    with pytest.raises(TypeError, match="load_dense_weights' model must be a segmentor or detector .* got a str"):
+        load_dense_weights("model", tmp_path / "model.safetensors", "detect")
+    with pytest.raises(ValueError, match="unknown dense task 'detection'; accepted: segment, detect"):
+        load_dense_weights(tiny_mask_rcnn, tmp_path / "model.safetensors", "detection")
+
+
+def test_dense_specs_check_their_fields(tiny_mask_rcnn):
+    config = tiny_mask_rcnn.backbone.body.config
+    refused = [
+        (("segmentation", config, ["a"]), {}, ValueError, "unknown dense task 'segmentation'; accepted: segment, "),
+        (("detect", config.to_dict(), ["a"]), {}, TypeError, "backbone must be a SwinConfig, got a dict"),
+        (("detect", dataclasses.replace(config, features_only=False), ["a"]), {}, ValueError, "features_only=False"),
+        (("detect", config, []), {}, ValueError, r"classes must be a non-empty list of class names \(str\), got \[\]"),
+        (("detect", config, "abc"), {}, ValueError, "classes must be a non-empty list .* got 'abc'"),
+        (("detect", config, ["a"]), {"frozen_stages": 5}, ValueError, r"frozen_stages must be .* in -1\.\.4, got 5"),
+        (("detect", config, ["a"]), {"head": None}, TypeError, "head must be a dict, got a NoneType"),
+    ]
+    for args, keywords, kind, message in refused:
+        with pytest.raises(kind, match=message):
+            DenseSpec(*args, **keywords)
+
+
+def test_a_spec_that_does_not_describe_the_model_is_not_written(tiny_mask_rcnn, tmp_path):
+    # Such files were written; the safetensors one then failed to load, the ONNX one carried wrong names.
+    from swinkit.dense import save_mmdet, save_mmseg
+    from swinkit.dense.detection_export import export_detection
+    from swinkit.dense.weights import build_dense_model
+
+    config = tiny_mask_rcnn.backbone.body.config
+    head = {**TINY, "masks": True, "geometry": "mmdet", "agnostic_boxes": False}
+    five = DenseSpec("detect", config, list("abcde"), head=head)
+    shapes = r"the model has 3 classes; shapes differ \(model vs spec\) \['roi_heads\.box_predictor\.cls_score\.weight "
+    for save, path in ((save_dense, "d.safetensors"), (export_detection, "d.onnx")):
+        with pytest.raises(ValueError, match=r"the spec \(detect: Mask R-CNN, 5 classes\) does not .*" + shapes):
+            save(tiny_mask_rcnn, five, tmp_path / path)
+    with pytest.raises(ValueError, match=r"only this model has \['roi_heads\.mask_head\.0\.0\.weight'"):
+        save_dense(tiny_mask_rcnn, DenseSpec("detect", config, list("abc"), head={**head, "masks": False}),
+                   tmp_path / "d.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match=r"\(detect: Cascade Mask R-CNN, 3 classes\) .*: only the spec's model has "
+                                         r"\['roi_heads\.stages\.0\."):  # fmt: skip
+        export_detection(tiny_mask_rcnn, DenseSpec("detect", config, list("abc"), head={**head, "cascade": True}),
+                         tmp_path / "d.onnx")  # fmt: skip
+    # An mmdet / mmseg file takes its classes and backbone from the spec (its heads from its weights).
+    with pytest.raises(ValueError, match=r"does not describe this detect model .*: the model has 3 classes$"):
+        save_mmdet(tiny_mask_rcnn, five, tmp_path / "d.pth")
+    segment = DenseSpec("segment", config, list("ab"), head={"channels": 8, "aux": False})
+    segmentor = build_dense_model(segment)
+    with pytest.raises(ValueError, match=r"\(segment: UPerNet, 4 classes\) .*: the model has 2 classes$"):
+        save_mmseg(segmentor, dataclasses.replace(segment, classes=list("abcd")), tmp_path / "s.pth")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_whose_model_description_cannot_be_built_is_named(tiny_mask_rcnn, tmp_path):
+    from safetensors.torch import save_file
+
+    from swinkit.checkpoint.io import CheckpointError
+
+    spec = DenseSpec("detect", tiny_mask_rcnn.backbone.body.config, ["a", "b", "c"], head={**TINY, "masks": True})
+    save_dense(tiny_mask_rcnn, spec, tmp_path / "good.safetensors")
+    weights = load_file(tmp_path / "good.safetensors")
+    for name, change, message in [
+        ("head.safetensors", lambda d: d["head"].update(foo=1), "its model description cannot be built: .*'foo'"),
+        ("backbone.safetensors", lambda d: d["backbone"].update(features_only=False), "invalid: .*features_only=False"),
+    ]:
+        described = json.loads(spec.to_json())
+        change(described)
+        save_file(weights, tmp_path / name, {"format": "pt", "swinkit_dense": json.dumps(described)})
+        with pytest.raises(CheckpointError, match=f"{name}: .*{message}"):
+            load_dense(tmp_path / name)

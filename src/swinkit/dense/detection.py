@@ -7,6 +7,7 @@ plugs Swin into the standard frameworks.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ from .cascade import (
     BoxPredictor,
     CascadeRoIHeads,
 )
+from .config import DetectionConfig
 from .detection_augment import View, detect_augmented
+from .detection_data import CocoDetection
 from .mmdet import (
     GEOMETRIES,
     LOSSES,
@@ -42,6 +45,9 @@ from .mmdet import (
     MinimumIoUMatcher,
     MmdetTransform,
     UnroundedAnchorGenerator,
+    _tracing,
+    check_detection_images,
+    check_detection_targets,
     l1_region_proposals,
     l1_roi_heads,
     transform_like,
@@ -63,6 +69,72 @@ class SwinFPN(nn.Module):
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         maps = self.body(images)
         return self.fpn(OrderedDict((str(i), x) for i, x in enumerate(maps)))
+
+
+class _CheckedInputs:
+    """torchvision's detector ``forward`` after a check of the inputs' kinds: its first lines read
+    ``img.shape`` and, in training, ``target["boxes"]`` of whatever they are given (a path, a dict of
+    targets), before the transform checks images and targets in full (:class:`DetectionTransform`)."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        if not _tracing():
+            check_detection_images(images, values=False)
+            classes, masks = getattr(self.transform, "num_classes", None), getattr(self.transform, "masks", False)
+            check_detection_targets(images, targets, self.training, classes, masks, values=False)
+        return super().forward(images, targets)
+
+
+class SwinFasterRCNN(_CheckedInputs, FasterRCNN):
+    """torchvision's ``FasterRCNN``, its inputs checked (:class:`_CheckedInputs`)."""
+
+
+class SwinMaskRCNN(_CheckedInputs, MaskRCNN):
+    """torchvision's ``MaskRCNN``, its inputs checked (:class:`_CheckedInputs`)."""
+
+
+# build_detector's options -> DetectionConfig's fields, whose limits they share with the CLI.
+_LIMITED_OPTIONS = {
+    "min_size": "min_sizes",
+    "max_size": "max_size",
+    "fpn_channels": "fpn_channels",
+    "anchor_sizes": "anchor_sizes",
+    "box_head_dim": "box_head_dim",
+    "mask_head_dim": "mask_head_dim",
+    "roi_batch_size": "roi_batch_size",
+    "score_threshold": "score_threshold",
+    "detections_per_img": "detections_per_img",
+}
+
+
+def _check_options(num_classes: Any, flags: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse a class count, flag or size build_detector's parts would take without a word or fail on later."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be a whole number (the object classes), got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be 1 or more (the background is not counted), got {num_classes}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"detector option {name!r} must be True or False, got {value!r}")
+    if flags["agnostic_boxes"] and not flags["cascade"]:
+        raise ValueError("agnostic_boxes (one box for every class) is an option of the cascade's heads only")
+    for name, field in _LIMITED_OPTIONS.items():
+        value = settings[name]
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        kind = numbers.Real if name == "score_threshold" else numbers.Integral
+        what = "a number" if kind is numbers.Real else "a whole number"
+        what += " or a non-empty list of them" if name in ("min_size", "anchor_sizes") else ""
+        if not values or any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
+            raise TypeError(f"detector option {name!r} must be {what}, got {value!r}")
+        limit = DetectionConfig.LIMITS[field]
+        if not all(limit.accepts(v) for v in values):
+            each = " each" if isinstance(value, (list, tuple)) else ""
+            raise ValueError(f"detector option {name!r} must be {limit.text}{each}, got {value!r}")
+    min_size, max_size = settings["min_size"], settings["max_size"]
+    if max_size < (max(min_size) if isinstance(min_size, (list, tuple)) else min_size):
+        raise ValueError(
+            f"detector option 'max_size' ({max_size}, the most pixels of the longer side) is below the shorter "
+            f"side's min_size {min_size!r}"
+        )
 
 
 def build_detector(
@@ -103,6 +175,24 @@ def build_detector(
     matches only at IoU 0.3 or more), or ``"torchvision"`` (smooth L1, beta 1/9, 2000 proposals,
     every object's best anchors matched).
     """
+    if not isinstance(backbone, SwinBackbone):
+        raise TypeError(
+            f"build_detector needs a SwinBackbone (swinkit.dense.create_backbone; create_detector builds the "
+            f"whole detector), got a {type(backbone).__name__}"
+        )
+    flags = dict(masks=masks, cascade=cascade, agnostic_boxes=agnostic_boxes)
+    settings = dict(
+        min_size=min_size,
+        max_size=max_size,
+        fpn_channels=fpn_channels,
+        anchor_sizes=anchor_sizes,
+        box_head_dim=box_head_dim,
+        mask_head_dim=mask_head_dim,
+        roi_batch_size=roi_batch_size,
+        score_threshold=score_threshold,
+        detections_per_img=detections_per_img,
+    )
+    _check_options(num_classes, flags, settings)
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
     if losses not in LOSSES:
@@ -131,11 +221,12 @@ def build_detector(
     if masks:
         options["mask_head"] = MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1)
         options["mask_predictor"] = MaskRCNNPredictor(mask_head_dim, mask_head_dim, num_classes + 1)
-    detector = MaskRCNN(fpn, **options) if masks else FasterRCNN(fpn, **options)
+    detector = SwinMaskRCNN(fpn, **options) if masks else SwinFasterRCNN(fpn, **options)
     # (torchvision's constructors only take its own pooling and transform classes)
     detector.transform = transform_like(
         detector.transform, MmdetTransform if geometry == "mmdet" else DetectionTransform
     )
+    detector.transform.num_classes, detector.transform.masks = num_classes, masks  # what targets are checked by
     if geometry == "mmdet":
         _pool_as_mmdet(detector.roi_heads, backbone.strides)
     if losses == "mmdet" and not cascade:
@@ -244,6 +335,11 @@ def evaluate_detection(
     from .metrics import coco_map
     from .segmentation import model_device
 
+    if not isinstance(dataset, CocoDetection):
+        raise TypeError(
+            f"evaluate_detection scores against a swinkit.dense.CocoDetection (the dataset the loader reads), "
+            f"got a {type(dataset).__name__}"
+        )
     was_training = model.training
     model.eval()
     device = model_device(model)

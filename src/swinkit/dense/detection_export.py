@@ -38,13 +38,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..checkpoint.io import atomic_write, export_destination
 from ..export import DEFAULT_OPSET, MIN_OPSET, _at_opset, _quiet, export_program, onnx_session
 from ..variants import SwinConfig
-from .mmdet import MmdetTransform, transform_like
-from .weights import DenseSpec
+from .mmdet import MmdetTransform, check_detection_images, transform_like
+from .weights import DenseSpec, check_spec
 
 INPUT = "image"
 OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -195,6 +196,13 @@ def export_detection(
     """
     import onnx
 
+    if not isinstance(model, GeneralizedRCNN):
+        raise TypeError(
+            f"export_detection exports a detector (swinkit.dense.create_detector, or load_dense of a detection "
+            f"file), got a {type(model).__name__}"
+        )
+    if not isinstance(spec, DenseSpec):
+        raise TypeError(f"spec must be a swinkit.dense.DenseSpec, got a {type(spec).__name__}")
     if spec.task != "detect":
         raise ValueError(f"export_detection exports detection models; this is a {spec.task} model")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -205,6 +213,7 @@ def export_detection(
     path = export_destination(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"{path}: a detector exports to ONNX only (.onnx); torch.export cannot take its loops")
+    check_spec(spec, model.state_dict(), f"this detector (nothing written to {path})")  # classes, masks, cascade
     model = model.eval()
     size = check_sizes_for(model, img_size)[0]
     if min(size) < 1:
@@ -325,7 +334,8 @@ class ExportedDetector(nn.Module):
 
     ``forward(images)`` takes a list of RGB ``(3, H, W)`` images in [0, 1] and returns one dict of
     ``boxes``, ``labels``, ``scores`` (and ``masks``) per image, as torchvision's detectors do in
-    eval mode; onnxruntime runs the file on the CPU. ``spec`` is the description in its metadata,
+    eval mode, and refuses what they refuse (:func:`~swinkit.dense.mmdet.check_detection_images`);
+    onnxruntime runs the file on the CPU in float32. ``spec`` is the description in its metadata,
     so ``swinkit detect predict`` and ``eval`` check the deployed file itself.
     """
 
@@ -347,10 +357,9 @@ class ExportedDetector(nn.Module):
         return self
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        check_detection_images(images, str(self.path))
         results = []
         for image in images:
-            if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-                raise ValueError(f"{self.path} takes RGB images (3, H, W), H and W 1 or more; got {tuple(image.shape)}")
             values = self._run(image)
             results.append(
                 {name: torch.from_numpy(v).to(image.device) for name, v in zip(self.outputs, values, strict=True)}
@@ -359,6 +368,7 @@ class ExportedDetector(nn.Module):
 
     def _run(self, image: Tensor) -> list[Any]:
         try:
+            # The graph takes float32; forward refused anything but float RGB in [0, 1] (never 0..255 integers).
             return self.session.run(None, {INPUT: image.detach().cpu().float().numpy()})
         except Exception as error:  # onnxruntime's own classes (Fail, InvalidArgument, ...)
             size = "x".join(str(side) for side in image.shape[1:])

@@ -25,6 +25,7 @@ losses and files.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +47,10 @@ LOSSES = ("mmdet", "torchvision")
 MASK_RCNN_TRAIN_PROPOSALS = 1000  # Swin's Mask R-CNN config (its cascade keeps torchvision's 2000)
 RPN_MIN_POSITIVE_IOU = 0.3  # both configs' RPN assigner: a low-quality match needs this overlap
 FINEST_SCALE = 56  # mmdet's SingleRoIExtractor: a box of sqrt(area) below 112 pools from the finest level
+# Detector images are RGB in [0, 1]. Resizing with overshooting kernels (bicubic, antialiasing) or a
+# colour jitter leaves values a little outside; 0..255 pixels (up to 255) and images already
+# normalised with a mean and std (ImageNet's: about -2.1 to 2.6) lie far outside this range.
+IMAGE_RANGE = (-0.5, 1.5)
 
 # The 80 COCO classes in mmdet's order (category ids ascending) and their category ids.
 COCO_CLASSES = (  # noqa: SIM905 (80 names read better as one string)
@@ -151,13 +156,147 @@ def rescaled_size(height: int, width: int, short: int, long: int, offset: float 
     return int(height * scale + offset), int(width * scale + offset)
 
 
+def check_detection_images(images: Any, who: str = "the detector", values: bool = True) -> None:
+    """Refuse anything but a non-empty list of float RGB images ``(3, H, W)`` in [0, 1] (within
+    :data:`IMAGE_RANGE`), naming the image. ``values``: also read each image's extremes (one
+    reduction per image); without it only types and shapes are checked."""
+    if not isinstance(images, (list, tuple)):
+        shape = f" of shape {tuple(images.shape)}" if isinstance(images, Tensor) else ""
+        raise TypeError(
+            f"{who} takes a list of RGB images (3, H, W) in [0, 1], one tensor per image; got a "
+            f"{type(images).__name__}{shape}"
+        )
+    if not images:
+        raise ValueError(f"{who} takes a list of RGB images (3, H, W) in [0, 1]; got an empty one")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise TypeError(f"images[{i}] is a {type(image).__name__}; {who} takes RGB image tensors (3, H, W)")
+        if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
+            raise ValueError(
+                f"{who} takes RGB images (3, H, W), H and W 1 or more; got {tuple(image.shape)} for images[{i}]"
+            )
+        if not image.is_floating_point():
+            raise TypeError(
+                f"images[{i}] is {image.dtype}; {who} takes float RGB images in [0, 1] (divide 0..255 pixels by 255)"
+            )
+    if not values:
+        return
+    low_limit, high_limit = IMAGE_RANGE
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            low, high = torch.stack(image.aminmax()).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"images[{i}] holds NaN or infinite values; {who} takes RGB images in [0, 1]")
+        if low < low_limit or high > high_limit:
+            raise ValueError(
+                f"images[{i}] holds values from {low:.4g} to {high:.4g}; {who} takes RGB images in [0, 1] (values "
+                f"{low_limit} to {high_limit} pass): divide 0..255 pixels by 255, and do not normalise them (the "
+                f"detector normalises with its backbone's mean and std)"
+            )
+
+
+def check_detection_targets(
+    images: Sequence[Tensor],
+    targets: Any,
+    training: bool,
+    num_classes: int | None = None,
+    masks: bool = False,
+    values: bool = True,
+) -> None:
+    """Refuse targets torchvision would train on wrongly or fail on deep inside, naming the item: one
+    dict per image of ``boxes`` (float ``(N, 4)``, x1, y1, x2, y2 in the image's pixels, x2 > x1 and
+    y2 > y1), ``labels`` (int64 ``(N,)`` in 1..``num_classes``; 0 is the background) and, needed
+    in training where ``masks``, ``masks`` (``(N, H, W)`` of 0 and 1 at the image's size).
+    ``values``: also read the values (a reduction or two per target), not only types and shapes."""
+    wanted = "boxes, labels" + (" and masks" if masks else "")
+    if targets is None:
+        if training:
+            raise ValueError(f"a detector in training mode needs targets: a list of one dict per image ({wanted})")
+        return
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets must be a list of one dict per image ({wanted}), got a {type(targets).__name__}")
+    if len(targets) != len(images):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets: give one target dict per image")
+    for i, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise TypeError(f"targets[{i}] is a {type(target).__name__}; a target is a dict of {wanted}")
+        needed = ("boxes", "labels", "masks") if masks and training else ("boxes", "labels")
+        absent = [key for key in needed if key not in target]
+        if absent:
+            raise ValueError(f"targets[{i}] has no {', '.join(absent)}; a target is a dict of {wanted}")
+        _check_target(f"targets[{i}]", target, images[i], num_classes, values)
+
+
+def _check_target(name: str, target: dict[str, Any], image: Tensor, num_classes: int | None, values: bool) -> None:
+    boxes, labels = target["boxes"], target["labels"]
+    if not isinstance(boxes, Tensor) or not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f'{name}["boxes"] must be a float tensor (N, 4) of x1, y1, x2, y2; got {_described(boxes)}')
+    count = boxes.shape[0]
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (count,):
+        raise ValueError(f'{name}["labels"] must be an int64 tensor ({count},), one per box; got {_described(labels)}')
+    found = target.get("masks")
+    height, width = image.shape[-2:]
+    if found is not None and (not isinstance(found, Tensor) or tuple(found.shape) != (count, height, width)):
+        raise ValueError(
+            f'{name}["masks"] must be a tensor (N, H, W) = ({count}, {height}, {width}): one per box, at its '
+            f"image's size; got {_described(found)}"
+        )
+    for key in ("boxes", "labels", "masks"):
+        if isinstance(target.get(key), Tensor) and target[key].device != image.device:
+            raise ValueError(f'{name}["{key}"] is on {target[key].device}, its image on {image.device}')
+    if not values or count == 0:
+        return
+    with torch.no_grad():
+        wrong = ~(boxes.isfinite().all(dim=1) & (boxes[:, 2:] > boxes[:, :2]).all(dim=1))
+        if wrong.any():
+            box = boxes[int(wrong.nonzero()[0])].tolist()
+            raise ValueError(
+                f'{name}["boxes"] holds {box}: boxes are x1, y1, x2, y2 in pixels, finite, with x2 > x1 and '
+                f"y2 > y1 (COCO's x, y, width, height need converting)"
+            )
+        low, high = torch.stack(labels.aminmax()).tolist()
+        if low < 1 or (num_classes is not None and high > num_classes):
+            span = f"1..{num_classes}" if num_classes is not None else "1 or more"
+            raise ValueError(
+                f'{name}["labels"] holds {low if low < 1 else high}: labels count from 1 (0 is the background), '
+                f"{span} for this detector"
+            )
+        if found is not None and ((found != 0) & (found != 1)).any():
+            value = found[(found != 0) & (found != 1)][0].item()
+            raise ValueError(f'{name}["masks"] holds {value}; masks are 0 (not the object) or 1 per pixel')
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _tracing() -> bool:
+    """Whether a tracer or exporter is recording the call: the checks' Python decisions would be
+    recorded as constants (they ran on the example)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's detection transform, its resize written out so that an image too elongated for
     the detector's scale (a side that would resize to 0 pixels) is refused by name rather than by
     torch's ``interpolate``. Each resized side is ``int(side * scale + size_offset)``: with the
-    offset 0 that is torchvision's own floor, and the same size, image and boxes as its resize."""
+    offset 0 that is torchvision's own floor, and the same size, image and boxes as its resize.
+
+    Images and targets are checked first (:func:`check_detection_images`,
+    :func:`check_detection_targets`), against ``num_classes`` and ``masks`` (the detector's, set by
+    :func:`~swinkit.dense.build_detector`; None: labels are only checked to be 1 or more)."""
 
     size_offset = 0.0  # added before the floor (torchvision floors)
+    num_classes: int | None = None
+    masks = False
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        if not _tracing():
+            check_detection_images(images)
+            check_detection_targets(images, targets, self.training, self.num_classes, self.masks)
+        return super().forward(images, targets)
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
         if self.training and self._skip_resize:

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..checkpoint import official
@@ -48,6 +49,27 @@ class DenseSpec:
     head: dict[str, Any] = field(default_factory=dict)  # build options of the heads
     inference: dict[str, Any] = field(default_factory=dict)  # e.g. ignore index, test mode, category ids
 
+    def __post_init__(self) -> None:
+        check_task(self.task)
+        if not isinstance(self.backbone, SwinConfig):
+            raise TypeError(f"a dense spec's backbone must be a SwinConfig, got a {type(self.backbone).__name__}")
+        if not self.backbone.features_only:
+            raise ValueError(
+                "a dense spec's backbone must be a features_only SwinConfig (the dense backbone's: "
+                "create_backbone(...).config), got features_only=False"
+            )
+        classes = self.classes
+        if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"a dense spec's classes must be a non-empty list of class names (str), got {classes!r}")
+        self.classes = list(classes)
+        stages = len(self.backbone.depths)
+        frozen = self.frozen_stages
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or not -1 <= frozen <= stages:
+            raise ValueError(f"a dense spec's frozen_stages must be a whole number in -1..{stages}, got {frozen!r}")
+        for name in ("head", "inference"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"a dense spec's {name} must be a dict, got a {type(getattr(self, name)).__name__}")
+
     def heads(self) -> str:
         """The heads in words: ``UPerNet + FCN auxiliary head``, ``Cascade Mask R-CNN``, ..."""
         if self.task == "segment":
@@ -70,6 +92,70 @@ class DenseSpec:
             raise CheckpointError(
                 f"{source}: the dense model description in the metadata is invalid: {error}"
             ) from None
+
+
+def check_task(task: Any) -> None:
+    """Refuse a dense task other than ``segment`` and ``detect`` (:data:`FILE_PREFIXES`)."""
+    if task not in FILE_PREFIXES:
+        raise ValueError(f"unknown dense task {task!r}; accepted: {', '.join(FILE_PREFIXES)}")
+
+
+def check_spec(spec: DenseSpec, state_dict: dict[str, Tensor], what: str = "the model", heads: bool = True) -> None:
+    """Refuse to describe ``state_dict`` (model keys) with ``spec`` unless the model ``spec`` builds
+    (on the meta device: no memory, no initialisation) has the same keys and shapes, so that a file
+    written with both loads as it was written; a ValueError names the first differences. Without
+    ``heads`` only the backbone and the class count are compared (what an mmdet or mmseg file takes
+    from a spec: its heads are read from its weights)."""
+    if not isinstance(spec, DenseSpec):
+        raise TypeError(f"spec must be a swinkit.dense.DenseSpec, got a {type(spec).__name__}")
+    try:
+        with torch.device("meta"):
+            described = build_dense_model(spec).state_dict()
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"the spec does not describe a model: {error}") from None
+    own = {k: v for k, v in state_dict.items() if not is_derived(k)}
+    classes = _class_rows(own), _class_rows(described)
+    if not heads:
+        backbone = FILE_PREFIXES[spec.task][0][0]
+        own, described = ({k: v for k, v in d.items() if k.startswith(backbone)} for d in (own, described))
+    missing, unexpected, mismatched = _differences(own, described)
+    parts = [
+        f"{label} {names[:6]}" + (f" ({len(names)} in all)" if len(names) > 6 else "")
+        for label, names in (
+            ("shapes differ (model vs spec)", mismatched),
+            ("only the spec's model has", missing),
+            ("only this model has", unexpected),
+        )
+        if names
+    ]
+    if None not in classes and classes[0] != classes[1]:
+        background = classes[1] - len(spec.classes)  # a detector's class scores have the background's row
+        parts.insert(0, f"the model has {classes[0] - background} classes")
+    if parts:
+        raise ValueError(
+            f"the spec ({spec.task}: {spec.heads()}, {len(spec.classes)} classes) does not describe {what}: "
+            + "; ".join(parts)
+        )
+
+
+def _class_rows(state_dict: dict[str, Tensor]) -> int | None:
+    """The rows of a segmentor's or detector's (first) class scores; None for another model."""
+    for key, value in state_dict.items():
+        if key.endswith(("box_predictor.cls_score.weight", "decode_head.conv_seg.weight")):
+            return value.shape[0]
+    return None
+
+
+def _differences(state_dict: dict[str, Tensor], expected: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """The keys of ``expected`` that ``state_dict`` lacks, those it has in excess, and those of other shapes."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
 
 
 def build_dense_model(spec: DenseSpec) -> nn.Module:
@@ -117,7 +203,8 @@ def head_options(spec: DenseSpec) -> dict[str, Any]:
     were choices were trained: torchvision's geometry and losses, a cascade's class-agnostic boxes."""
     if spec.task != "detect":
         return dict(spec.head)
-    return {"geometry": "torchvision", "agnostic_boxes": True, "losses": "torchvision", **spec.head}
+    cascade = bool(spec.head.get("cascade", False))
+    return {"geometry": "torchvision", "agnostic_boxes": cascade, "losses": "torchvision", **spec.head}
 
 
 def mmdet_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: str) -> DenseSpec:
@@ -189,10 +276,15 @@ def save_mmseg(model: nn.Module, spec: DenseSpec, path: str | os.PathLike) -> No
 
 
 def _save_openmmlab(model: nn.Module, spec: DenseSpec, path: str | os.PathLike, task: str, heads_renamed: Any) -> None:
+    _check_model(model, "the model to write")
+    if not isinstance(spec, DenseSpec):
+        raise TypeError(f"spec must be a swinkit.dense.DenseSpec, got a {type(spec).__name__}")
     if spec.task != task:
         layout = {"detect": "mmdet", "segment": "mmseg"}[task]
         raise ValueError(f"only {task} models are written in {layout}'s layout; this is a {spec.task} model")
-    weights = to_file_keys(model.state_dict(), task)
+    own = model.state_dict()
+    check_spec(spec, own, f"this {task} model (nothing written to {path})", heads=False)
+    weights = to_file_keys(own, task)
     prefix = "backbone."
     backbone = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
     heads = {key: value for key, value in weights.items() if not key.startswith(prefix)}
@@ -221,8 +313,12 @@ def from_file_keys(state_dict: dict[str, Tensor], task: str) -> dict[str, Tensor
 def save_dense(
     model: nn.Module, spec: DenseSpec, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None
 ) -> None:
-    """Write ``model`` (or ``state_dict``) and ``spec`` as one safetensors file, atomically."""
+    """Write ``model`` (or ``state_dict``, in the model's keys) and ``spec`` as one safetensors file,
+    atomically; refused where ``spec`` does not describe those weights (:func:`check_spec`)."""
+    if state_dict is None:
+        _check_model(model, "the model to write")
     weights = model.state_dict() if state_dict is None else state_dict
+    check_spec(spec, weights, f"the weights to write (nothing written to {path})")
     save_safetensors(to_file_keys(weights, spec.task), path, {"format": "pt", "swinkit_dense": spec.to_json()})
 
 
@@ -232,19 +328,19 @@ def load_dense_weights(model: nn.Module, path: str | os.PathLike, task: str) -> 
     Derived buffers of official files (``relative_position_index``, ``attn_mask``) are dropped; any
     missing, unexpected or mis-shaped key is an error that names it.
     """
+    _check_model(model, "load_dense_weights' model")
+    check_task(task)
     _fit(model, read_checkpoint(path)[0], path, task)
+
+
+def _check_model(model: Any, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a segmentor or detector (a torch.nn.Module), got a {type(model).__name__}")
 
 
 def _fit(model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLike, task: str) -> None:
     state_dict = from_file_keys({k: v for k, v in state_dict.items() if not is_derived(k)}, task)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    missing, unexpected, mismatched = _differences(state_dict, model.state_dict())
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{path} does not fit the {task} model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
@@ -276,6 +372,7 @@ def load_dense_heads(model: nn.Module, path: str | os.PathLike, task: str) -> di
     Returns ``{"taken": [...], "skipped": [...]}`` (the file's head keys in the model's names); a
     file of another task, or no dense file at all, gives nothing taken.
     """
+    check_task(task)
     found = read_dense_file(path)
     if found is None or found[0].task != task:
         return {"taken": [], "skipped": []}
@@ -304,6 +401,9 @@ def rebuild_dense(
     spec: DenseSpec, state_dict: dict[str, Tensor], source: str | os.PathLike, device: str = "cpu"
 ) -> nn.Module:
     """The model ``spec`` describes with ``state_dict`` (file keys) loaded strictly, in eval mode."""
-    model = build_dense_model(spec)
+    try:
+        model = build_dense_model(spec)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{source}: its model description cannot be built: {error}") from None
     _fit(model, state_dict, source, spec.task)
     return model.to(device).eval()
