@@ -498,8 +498,12 @@ RESUME_HINT = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``swinkit`` and ``python -m swinkit``; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting: a line too (nothing ran yet)
+        print("swinkit: interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.command is None:
         parser.print_help()
