@@ -263,6 +263,24 @@ def test_bad_counts_and_modes_are_refused_by_name_before_anything_runs(arguments
     assert torch.get_num_threads() == threads
 
 
+def test_python_callers_counts_names_and_contenders_are_checked():
+    # A batch of 2.5 or True was a raw randn TypeError.
+    for batch in (2.5, True):
+        with pytest.raises(TypeError, match=f"batch size must be an int of at least 1, got {batch}"):
+            run_bench("swin_test", batch=batch, rounds=1)
+    # One name given as a string is that name (it was iterated letter by letter: "unknown mode 'i'").
+    with pytest.raises(ValueError, match="unknown contender 'mxnet'"):
+        run_bench("swin_test", batch=1, rounds=1, modes="inference", compare="mxnet")
+    # No contenders, or no rounds, gave an empty result without a word.
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="no contenders to time: give at least one"):
+        bench_inference([], x, rounds=1)
+    with pytest.raises(ValueError, match="no contenders to time"):
+        bench_in_fresh_processes([], "inference", "swin_test", batch=1, size=64, rounds=1)
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        bench_inference([Contender("identity", None, lambda images: images)], x, rounds=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bench_times_every_attention_implementation_in_bfloat16():
     report = run_bench(

@@ -15,7 +15,16 @@ from PIL import Image
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit.cli import main
-from swinkit.explain import COLOR_STOPS, colorize, explain, overlay, record_attention
+from swinkit.dense import create_detector, create_segmentor
+from swinkit.explain import (
+    COLOR_STOPS,
+    colorize,
+    explain,
+    explain_detection,
+    explain_segmentation,
+    overlay,
+    record_attention,
+)
 from swinkit.model import shifted_window_attention, window_and_shift
 from swinkit.model_v2 import SwinTransformerBlockV2
 
@@ -231,6 +240,42 @@ def test_explain_leaves_the_model_as_it_was_and_refuses_bad_requests():
         explain(model, torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
+def _refusing_to_run(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, failing the test if it is run (a bad request must be refused before)."""
+
+    def ran(module, inputs):
+        raise AssertionError("the model ran")
+
+    model.register_forward_pre_hook(ran)
+    return model
+
+
+def test_explanations_refuse_the_wrong_model_and_bad_labels_and_images_before_running():
+    segmentor = create_segmentor("swin_test", num_classes=3, channels=8, aux_channels=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    # A dense model, or a name, in place of a classifier: were AttributeErrors on 'config' and 'layers'.
+    for call, name in [(explain, "explain"), (record_attention, "record_attention")]:
+        for model in (segmentor, "swin_t"):
+            with pytest.raises(TypeError, match=f"{name} needs a .*got {type(model).__name__}; explain_segmentation"):
+                call(model, x)
+    _refusing_to_run(segmentor)
+    for target in (3, 1.5):  # were refused only after the model had run
+        with pytest.raises(ValueError, match=rf"target must be one class in 0..2 or one per image \(2\), got {target}"):
+            explain_segmentation(segmentor, x, target)
+    with pytest.raises(TypeError, match="floating-point"):  # was "only Tensors of floating point dtype can require"
+        explain_segmentation(segmentor, torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    options = dict(min_size=64, max_size=96, fpn_channels=16, box_head_dim=32, mask_head_dim=8)
+    detector = _refusing_to_run(create_detector("swin_test", 3, masks=False, detector_options=options).eval())
+    image = torch.rand(3, 50, 70)
+    for label in (99, 0, 1.5, True):  # were "the detector finds nothing of class 99" (0, 1.5 alike)
+        with pytest.raises(ValueError, match=rf"label must be a class of the detector, an int in 1..3 .*got {label}"):
+            explain_detection(detector, image, label)
+    with pytest.raises(TypeError, match="floating-point"):
+        explain_detection(detector, (image * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"image must be one \(3, H, W\) tensor in \[0, 1\], got list"):
+        explain_detection(detector, [image])  # was an AttributeError on 'dim'
+
+
 def test_overlay_blends_the_colour_ramp_over_the_image():
     assert torch.equal(colorize(torch.tensor([0.0, 1.0])), COLOR_STOPS[[0, -1]])
     middle = colorize(torch.tensor([0.1]))[0]  # halfway between the first two stops
@@ -244,6 +289,8 @@ def test_overlay_blends_the_colour_ramp_over_the_image():
         overlay(image, heat.T)
     with pytest.raises(ValueError, match="alpha must be in"):
         overlay(image, heat, alpha=1.5)
+    with pytest.raises(ValueError, match=r"the heat map holds NaN \(20 of 20 values\)"):  # was an IndexError
+        overlay(image, torch.full((4, 5), float("nan")))
 
 
 def test_swinkit_explain_writes_an_overlay_per_image(tmp_path, capsys):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import swinkit
 from helpers import perturb, relative_error, write_digit_folder
 from swinkit.cli import main
+from swinkit.dense import create_backbone
 from swinkit.parallel import image_splits
 from swinkit.pretrain import (
     SimMIM,
@@ -28,7 +29,7 @@ from swinkit.pretrain import (
     random_mask,
     reconstruction_loss,
 )
-from swinkit.train.config import resolve_config
+from swinkit.train.config import TrainConfig, resolve_config
 from swinkit.train.pretrain import (
     PretrainConfig,
     PretrainTrainer,
@@ -97,20 +98,52 @@ def test_random_masks_cover_the_ratio_in_whole_mask_patches():
         (((100, 96), 32, 4, 0.6), r"must be a multiple of the model's patch size \(4\) and divide the image sides"),
         (((96, 96), 30, 4, 0.6), r"mask patch size \(30\)"),
         (((96, 96), 32, 4, 1.0), "mask ratio must be above 0 and below 1, got 1.0"),
+        # Were a ZeroDivisionError, torch's shape or repeat errors, and a (0, 0) mask without a word.
+        (((96, 96), 0, 4, 0.6), "mask_patch_size must be an int of at least 1, got 0"),
+        (((96, 96), 32, -4, 0.6), "patch_size must be an int of at least 1, got -4"),
+        (((0, 0), 32, 4, 0.6), r"size must be two ints of at least 1, got \(0, 0\)"),
     ):
         with pytest.raises(ValueError, match=message):
+            random_mask(*args)
+    for args, message in (  # were an unpack error, zeros()'s and "'<' not supported"
+        ((96, 32, 4, 0.6), r"size must be the image's \(H, W\), two ints, got 96"),
+        (((96.0, 96.0), 32, 4, 0.6), r"two ints, got \(96.0, 96.0\)"),
+        (((96, 96), 32.0, 4, 0.6), "mask_patch_size must be an int of at least 1, got 32.0"),
+        (((96, 96), 32, True, 0.6), "patch_size must be an int of at least 1, got True"),
+        (((96, 96), 32, 4, "0.6"), "mask ratio must be a number above 0 and below 1, got '0.6'"),
+    ):
+        with pytest.raises(TypeError, match=message):
             random_mask(*args)
 
 
 def test_simmim_refuses_a_classifier_and_bad_inputs():
     with pytest.raises(ValueError, match="build it with num_classes=0"):
         SimMIM(swinkit.create_model("swin_test", num_classes=3))
-    model = SimMIM(swinkit.create_model("swin_test", num_classes=0))
+    for encoder in ("swin_t", create_backbone("swin_test")):  # were AttributeErrors on 'config'
+        with pytest.raises(TypeError, match=f"SimMIM needs a Swin encoder .* got {type(encoder).__name__}"):
+            SimMIM(encoder)
+    model = SimMIM(swinkit.create_model("swin_test", num_classes=0)).eval()
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(ValueError, match=r"mask must be \(B, H/4, W/4\) = \(1, 16, 16\), got \(1, 8, 8\)"):
         model(x, torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match="image sides must be multiples of it, got 48x64"):
         model(torch.randn(1, 3, 48, 64), torch.zeros(1, 12, 16))
+    # Masks of other values gave a loss (or NaN) without a word; images of another dtype a raw conv error.
+    mask = random_mask((64, 64), 16)[None]
+    for bad, found in ((mask * 2 - 1, "values from -1 to 1"), (mask * 0.5, "values from 0 to 0.5")):
+        with pytest.raises(ValueError, match=f"mask must hold 0 \\(visible\\) and 1 \\(masked\\) only, got {found}"):
+            model(x, bad)
+    with pytest.raises(ValueError, match="only, got NaN"):
+        model.reconstruct(x, mask.masked_fill(mask == 1, float("nan")))
+    with pytest.raises(ValueError, match="mask is on meta but the images are on cpu"):
+        model.encode(x, mask.to("meta"))
+    with pytest.raises(TypeError, match=r"mask must be a tensor \(B, H/4, W/4\) of 0 and 1, got list"):
+        model(x, mask.tolist())
+    with pytest.raises(TypeError, match="images of dtype torch.float64 for a model in torch.float32"):
+        model(x.double(), mask)
+    assert model(x, mask.bool()) == model(x, mask)  # 0 / 1 of any dtype
+    with pytest.raises(TypeError, match="norm_target_patch must be an int, got 3.0"):
+        SimMIM(swinkit.create_model("swin_test", num_classes=0), norm_target_patch=3.0)
 
 
 def test_simmim_splits_a_cpu_batch_over_the_workers_as_the_serial_path_computes_it(two_threads):
@@ -350,6 +383,9 @@ def test_normalized_target_matches_its_neighbourhood_statistics(patch, size):
         assert model(images, mask).item() != pytest.approx(reconstruction_loss(images, predicted, mask, 4).item())
     with pytest.raises(ValueError, match="norm_target_patch must be 0 \\(off\\) or an odd size of at least 3, got 4"):
         SimMIM(encoder, norm_target_patch=4)
+    for bad in (4, 1, 0):  # were a map one pixel larger, a NaN deviation and a zero-sized kernel
+        with pytest.raises(ValueError, match=f"local_statistics' patch must be an odd size of at least 3, got {bad}"):
+            local_statistics(images, bad)
 
 
 def test_multistep_schedule_is_the_official_one():
@@ -410,6 +446,17 @@ def test_official_simmim_recipes():
         with pytest.raises(ValueError) as error:
             resolve_pretrain_config({"data": "images", **values})
         assert message in str(error.value)
+
+
+def test_pretraining_options_built_in_python_are_checked_and_pretrain_takes_only_them():
+    # Pretraining's own recipes (classification's were taken), its options' types, and no other config.
+    with pytest.raises(ValueError, match="training option 'recipe' must be one of simmim, .*digits, got 'imagenet'"):
+        PretrainConfig(recipe="imagenet")
+    with pytest.raises(ValueError, match="training option 'mask_patch_size' must be int, got 32.5"):
+        PretrainConfig(mask_patch_size=32.5)
+    assert PretrainConfig(lr_milestones=[700]).lr_milestones == (700.0,) and PretrainConfig().lr_milestones == ()
+    with pytest.raises(TypeError, match="expected a PretrainConfig, got TrainConfig"):
+        pretrain(TrainConfig())
 
 
 def test_normalized_target_pretraining_on_a_step_schedule(tmp_path):

@@ -186,6 +186,14 @@ def test_int8_models_are_refused_where_float_weights_are_needed(tmp_path):
         quantize_dynamic(copy.deepcopy(model).double())
     with pytest.raises(ValueError, match="for CPU inference; patch_embed.proj.weight is on meta"):
         quantize_dynamic(copy.deepcopy(model).to("meta"))
+    with pytest.raises(TypeError, match="quantize_dynamic needs a model .* got str"):  # was an AttributeError
+        quantize_dynamic("swin_t")
+    # Training one ran without a word, its int8 weights never changing; it stays in eval mode, a copy too.
+    for trained in (quantized, nn.Sequential(quantized), copy.deepcopy(quantized)):
+        with pytest.raises(ValueError, match="an int8-quantized model is for inference: .* train the float model"):
+            trained.train()
+    assert not any(module.training for module in quantized.modules())
+    assert quantized.eval() is quantized and not quantized.training
 
 
 def test_predict_eval_and_the_cli_take_int8(tmp_path, capsys):

@@ -188,6 +188,57 @@ def test_options_out_of_range_are_refused_by_name(option, value, message, tmp_pa
     resolve_config({option: getattr(TrainConfig(), option)})  # the default passes
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # All trained (a truncated count, a batch of 1) or failed deep in the run, built in Python.
+        (dict(epochs=1.5), "'epochs' must be int, got 1.5"),
+        (dict(batch_size=True), "'batch_size' must be int, got True"),
+        (dict(batch_size="8"), "'batch_size' must be int, got '8'"),  # was "'>=' not supported"
+        (dict(epochs=None), "'epochs' cannot be None; give a int"),
+        (dict(model=5), "'model' must be str, got 5"),
+        (dict(betas=(0.9,)), r"'betas' must be a list of 2 numbers, got \(0.9,\)"),  # was an IndexError in Adam
+        (dict(amp="bf17"), "'amp' must be one of none, bf16, fp16, got 'bf17'"),
+        (dict(attn_impl="fastest"), "'attn_impl' must be one of auto, reference, sdpa, fused, triton, got 'fastest'"),
+        (dict(auto_augment="foo"), "'auto_augment' must be 'none' or a policy timm reads .* got 'foo'"),
+        (dict(recipe="nope"), "'recipe' must be one of imagenet, finetune, .*, got 'nope'"),
+    ],
+)
+def test_options_built_in_python_are_checked_as_yaml_values_are(options, message):
+    with pytest.raises(ValueError, match=f"training option {message}"):
+        TrainConfig(**options)
+
+
+def test_python_options_take_what_yaml_takes_and_dense_options_are_checked_alike():
+    # A whole number for a float, a list for a tuple and a path for a string stand, stored converted.
+    config = TrainConfig(warmup_epochs=2, crop_scale=[0.5, 1], data=Path("images"), img_size=None)
+    assert (config.warmup_epochs, config.crop_scale, config.data, config.img_size) == (2.0, (0.5, 1.0), "images", None)
+    assert isinstance(config.warmup_epochs, float)
+    # The dense configs share the check (scale=512 failed in the data code, () in torchvision).
+    from swinkit.dense.config import DetectionConfig, SegmentationConfig, resolve_dense_config
+
+    for build, message in [
+        (lambda: SegmentationConfig(scale=512), "'scale' must be a list of 2 numbers, got 512"),
+        (lambda: SegmentationConfig(scale=(64, 32, 5)), r"'scale' must be a list of 2 numbers, got \(64, 32, 5\)"),
+        (lambda: SegmentationConfig(epochs=1.5), "'epochs' must be int, got 1.5"),
+        (lambda: SegmentationConfig(amp="fp8"), "'amp' must be one of none, bf16, fp16, got 'fp8'"),
+        (lambda: DetectionConfig(min_sizes=()), r"'min_sizes' must be a list of one or more numbers, got \(\)"),
+        (lambda: resolve_dense_config("detect", {"min_sizes": []}), r"'min_sizes' must be .* one or more .* got \[\]"),
+    ]:
+        with pytest.raises(ValueError, match=f"training option {message}"):
+            build()
+    assert SegmentationConfig(scale=None).scale is None  # an optional tuple
+
+
+def test_fit_takes_a_train_config_only():
+    from swinkit.dense.config import SegmentationConfig
+
+    # Were AttributeErrors on 'val_fraction' and 'deterministic'.
+    for config in (SegmentationConfig(), {"data": None}):
+        with pytest.raises(TypeError, match=f"expected a TrainConfig, got {type(config).__name__} .*fit_dense"):
+            swinkit.train.fit(config)
+
+
 def test_null_is_none_only_where_an_option_takes_none(tmp_path):
     (tmp_path / "run.yaml").write_text("val_fraction: null\n")  # was "'<' not supported ... NoneType"
     with pytest.raises(ValueError, match="training option 'val_fraction' cannot be null .* give a float"):

@@ -30,7 +30,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -416,6 +416,7 @@ def _interleave(
     result: BenchResult, calls: list[tuple[str, Callable[[], Any]]], rounds: int, warmup: int, target: Target
 ) -> None:
     """Warm every call up, then per round: the reference matrix product, then each call once, timed."""
+    _check_timed([name for name, _ in calls], rounds)
     gemm = gemm_operands(target)
     running = dict(calls)
     with target.precision():
@@ -440,6 +441,13 @@ def _interleave(
                     continue
                 result.times.setdefault(name, []).append(time.perf_counter() - start)
     result.refuse_if_none_ran()
+
+
+def _check_timed(names: Sequence[str], rounds: int) -> None:
+    """Refuse, before anything runs, a timing that would return no results without a word."""
+    if not names:
+        raise ValueError("no contenders to time: give at least one")
+    _check_counts(rounds=rounds)
 
 
 def _fail(result: BenchResult, running: dict[str, Any], name: str, failure: Exception) -> None:
@@ -516,6 +524,7 @@ def bench_in_fresh_processes(
     round's time) after one reference matrix product, so no contender's allocations, caches or
     threads are left behind for the next. ``+ort`` contenders are exported once, here.
     """
+    _check_timed(names, rounds)
     for name in names:
         check_contender(name, model_name)
     result = BenchResult(mode, batch, gemm_side=target.gemm_side)
@@ -645,22 +654,32 @@ MODES = ("inference", "training")
 
 
 def _check_counts(**counts: int | None) -> None:
-    """Refuse a batch size, round or thread count below 1 by name (None: the default)."""
+    """Refuse a batch size, round or thread count that is not an int (a bool is not a batch of 1) or
+    is below 1, by name (None: the default)."""
     for name, value in counts.items():
-        if value is not None and value < 1:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name.replace('_', ' ')} must be an int of at least 1, got {value!r}")
+        if value < 1:
             raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
+
+
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    """A list of names; one name given alone is that one (``compare="timm"``), not its letters."""
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def run_bench(
     model_name: str = "swin_t",
     batch: int = 16,
     train_batch: int = 8,
-    compare: list[str] | None = None,
+    compare: str | Sequence[str] | None = None,
     rounds: int = 7,
-    modes: tuple[str, ...] = MODES,
+    modes: str | Sequence[str] = MODES,
     memory: bool = False,
     threads: int | None = None,
-    impls: list[str] | None = None,
+    impls: str | Sequence[str] | None = None,
     compiled: bool = False,
     onnxruntime: bool = False,
     device: str = "cpu",
@@ -671,6 +690,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark swinkit against ``compare`` peers; returns rows (images/s, latency, ratio to the first peer).
 
+    ``compare``, ``modes`` and ``impls`` are lists of names, or one name as a string (none or an
+    empty list of peers: swinkit alone).
     ``impls`` adds swinkit with other ``attn_impl`` values; ``compiled`` adds a ``torch.compile``
     variant of every contender, ``onnxruntime`` an exported one and ``int8`` an int8 dynamic-quantized
     one (those two: inference only, CPU only, float32).
@@ -680,6 +701,7 @@ def run_bench(
     stochastic depth rate every contender trains with, by default the preset's (see :func:`build`).
     """
     _check_counts(batch_size=batch, train_batch_size=train_batch, rounds=rounds, threads=threads)
+    modes, compare, impls = _names(modes), _names(compare), _names(impls)
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or not modes:
         named = f"unknown mode {', '.join(map(repr, unknown))}" if unknown else "no mode given"
@@ -699,7 +721,7 @@ def run_bench(
     config = get_config(model_name, **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}))
     size, drop_path_rate = config.img_size, config.drop_path_rate
     flops_per_image = 2 * count_flops(config, (3, size, size)).total  # multiply-adds -> FLOPs
-    base = ["swinkit", *(f"swinkit:{impl}" for impl in impls or []), *(compare or [])]
+    base = ["swinkit", *(f"swinkit:{impl}" for impl in impls), *compare]
     names = list(base)
     if compiled:
         names += [f"{name}+compile" for name in base]

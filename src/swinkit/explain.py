@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .attention import combine_bias_and_mask, reference_attention
 from .checkpoint.io import make_folder, writable_file
 from .data import eval_crop, eval_transform
-from .model import cells, check_images, window_and_shift, window_gather_indices
+from .model import SwinTransformer, cells, check_images, window_and_shift, window_gather_indices
 
 METHODS = ("gradcam", "rollout")
 # Grad-CAM's default stage: the deepest whose map is at least this many tokens on each side (the
@@ -98,6 +98,7 @@ def explain(
     and is left in the mode it had.
     """
     check_method(method)
+    _check_swin(model, "explain", "a classifier")
     config = model.config
     check_images(images, config.in_chans, next(model.parameters()).dtype)  # before gradients are asked of them
     if config.features_only or config.num_classes <= 0:
@@ -119,6 +120,16 @@ def explain(
         stage=stage,
         stride=stride,
     )
+
+
+def _check_swin(model: Any, function: str, kind: str) -> None:
+    """Refuse, naming what ``function`` takes, a model that is not a swinkit Swin (a dense model's
+    explanations have their own functions)."""
+    if not isinstance(model, SwinTransformer):
+        raise TypeError(
+            f"{function} needs {kind} (swinkit SwinTransformer, swinkit.create_model), got {type(model).__name__}; "
+            "explain_segmentation explains a segmentation model, explain_detection a detector"
+        )
 
 
 def _chosen_stage(method: str, images: Tensor, patch_size: int, stages: int, stage: int | None) -> int:
@@ -226,10 +237,13 @@ def explain_segmentation(
     swin = getattr(getattr(model, "backbone", None), "swin", None)
     if swin is None or not hasattr(model, "decode_head"):
         raise ValueError("explain_segmentation needs a segmentation model (swinkit.dense Segmentor)")
+    check_images(images, swin.config.in_chans, next(model.parameters()).dtype)  # before gradients are asked of them
+    classes = model.num_classes
+    if target is not None:  # before the model runs
+        target = _given_targets(target, len(images), classes, images.device)
     stage = _chosen_stage("gradcam", images, swin.config.patch_size, len(swin.layers), stage)
     with _explaining(model, reference_attention=False):
         labels, raw, targets = _gradcam(swin.layers[stage], functools.partial(_region_score, model, target), images)
-    classes = model.num_classes
     fractions = torch.stack([torch.bincount(row.flatten(), minlength=classes) for row in labels]).float()
     stride = swin.config.patch_size * 2**stage
     return Explanation(
@@ -269,8 +283,12 @@ def explain_detection(
     swin = getattr(getattr(getattr(model, "backbone", None), "body", None), "swin", None)
     if swin is None or not hasattr(model, "roi_heads"):
         raise ValueError("explain_detection needs a detector (swinkit.dense create_detector)")
-    if image.dim() != 3:
-        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+    if not isinstance(image, Tensor) or image.dim() != 3:
+        shown = f"shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got {shown}")
+    check_images(image[None], 3, next(model.parameters()).dtype)  # before gradients are asked of it
+    if label is not None:  # before the model runs: a class it has not is not "nothing found"
+        _check_label(label, _detector_classes(model))
     with _explaining(model, reference_attention=False):
         with torch.no_grad():  # resized and padded as the detector will (eval: no random size)
             batch, _ = model.transform([image])
@@ -294,6 +312,24 @@ def explain_detection(
         stride=stride,
         boxes=detection["box"].reshape(1, 4),
     )
+
+
+def _detector_classes(model: nn.Module) -> int:
+    """A torchvision detector's object classes: its box predictor's logits, the background's less."""
+    predictors = [module for name, module in model.roi_heads.named_modules() if name.endswith("box_predictor")]
+    return predictors[-1].cls_score.out_features - 1
+
+
+def _check_label(label: Any, classes: int) -> None:
+    """A detector's class label: an int in ``1..classes`` (0 is the background)."""
+    try:
+        value = operator.index(label)
+    except TypeError:
+        value = None
+    if isinstance(label, bool) or value is None or not 1 <= value <= classes:
+        raise ValueError(
+            f"label must be a class of the detector, an int in 1..{classes} (0 is the background), got {label!r}"
+        )
 
 
 def _detection_score(
@@ -320,16 +356,13 @@ def _detection_score(
     return {key: value.detach() for key, value in detection.items()}, found["scores"][best], found["labels"][best]
 
 
-def _region_score(model: nn.Module, target: Any, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _region_score(model: nn.Module, targets: Tensor | None, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The predicted labels ``(B, H, W)``, the explained classes' logits summed over their pixels,
-    and the classes (Seg-Grad-CAM's score)."""
+    and the classes (``targets``, checked, or each image's most frequent; Seg-Grad-CAM's score)."""
     logits = model(images)["out"]  # (B, K, H, W)
     labels = logits.argmax(dim=1)
-    classes = logits.shape[1]
-    if target is None:
-        targets = torch.stack([torch.bincount(row.flatten(), minlength=classes).argmax() for row in labels])
-    else:
-        targets = _given_targets(target, len(images), classes, logits.device)
+    if targets is None:
+        targets = torch.stack([torch.bincount(row.flatten(), minlength=logits.shape[1]).argmax() for row in labels])
     region = labels == targets[:, None, None]
     region |= ~region.flatten(1).any(dim=1)[:, None, None]  # a class predicted nowhere: the whole image
     class_logits = logits.gather(1, targets[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))[:, 0]
@@ -376,6 +409,7 @@ class BlockAttention:
 def record_attention(model: nn.Module, images: Tensor, first_stage: int = 0) -> tuple[Tensor, list[BlockAttention]]:
     """Run ``model`` on ``images`` (no gradients) and keep the attention weights of every block from
     stage ``first_stage`` on, in forward order. The blocks run the reference path for this call."""
+    _check_swin(model, "record_attention", "a Swin classifier or encoder")
     if not 0 <= first_stage < len(model.layers):
         raise ValueError(f"first_stage must be in 0..{len(model.layers) - 1} for this model, got {first_stage}")
     records: list[BlockAttention] = []
@@ -478,6 +512,10 @@ COLOR_STOPS = torch.tensor(
 
 def colorize(heat: Tensor) -> Tensor:
     """``(H, W)`` values in [0, 1] -> ``(H, W, 3)`` RGB in [0, 1] on the blue-to-red ramp."""
+    if heat.isnan().any():  # NaN has no colour (as an index it is INT64_MIN)
+        raise ValueError(
+            f"the heat map holds NaN ({int(heat.isnan().sum())} of {heat.numel()} values); maps are values in [0, 1]"
+        )
     position = heat.clamp(0, 1).float() * (len(COLOR_STOPS) - 1)
     low = position.floor().long().clamp(max=len(COLOR_STOPS) - 2)
     fraction = (position - low)[..., None]

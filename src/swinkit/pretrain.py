@@ -19,6 +19,7 @@ Masked Image Modeling", CVPR 2022), as in the official code.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,11 @@ class SimMIM(nn.Module):
 
     def __init__(self, encoder: SwinTransformer, norm_target_patch: int = 0) -> None:
         super().__init__()
+        if not isinstance(encoder, SwinTransformer):
+            raise TypeError(
+                "SimMIM needs a Swin encoder (swinkit SwinTransformer: swinkit.create_model(name, num_classes=0)), "
+                f"got {type(encoder).__name__}"
+            )
         config = encoder.config
         if config.features_only or config.num_classes != 0:
             raise ValueError(
@@ -88,8 +94,11 @@ class SimMIM(nn.Module):
     def encode(self, images: Tensor, mask: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` and ``mask`` ``(B, H/4, W/4)`` (1: masked) -> the final normed map
         ``(B, num_features, H/32, W/32)``."""
-        check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride)
+        self._check_inputs(images, mask)
         return self._encode(images, mask)
+
+    def _check_inputs(self, images: Tensor, mask: Tensor) -> None:
+        check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride, self.mask_token.dtype)
 
     def _encode(self, images: Tensor, mask: Tensor) -> Tensor:
         encoder = self.encoder
@@ -107,7 +116,7 @@ class SimMIM(nn.Module):
         On the CPU's fused path the batch is split over the image-parallel workers, images and
         masks alike, each share encoded and decoded in its own thread (:mod:`swinkit.parallel`).
         """
-        check_mask(images, mask, self.config.in_chans, self.config.patch_size, self.stride)
+        self._check_inputs(images, mask)
         parts = image_splits(self, images)
         if parts > 1:
             return run_split(self._reconstruct, images, parts, self, extras=(mask,))
@@ -166,10 +175,13 @@ def official_state(state: dict[str, Tensor], config: SwinConfig) -> dict[str, di
     return {"model": out}
 
 
-def check_norm_target_patch(patch: int) -> None:
-    """Refuse, by name, a normalized-target patch that is neither 0 (off) nor an odd size of at least 3."""
-    if patch != 0 and (patch < 3 or patch % 2 == 0):
-        raise ValueError(f"norm_target_patch must be 0 (off) or an odd size of at least 3, got {patch}")
+def check_norm_target_patch(patch: int, name: str = "norm_target_patch", off: bool = True) -> None:
+    """Refuse, by name, a normalized-target patch that is neither 0 (off, where ``off``) nor an odd
+    size of at least 3 (an even one is off centre; 1 has no deviation)."""
+    if not _is_int(patch):
+        raise TypeError(f"{name} must be an int, got {patch!r}")
+    if (patch != 0 or not off) and (patch < 3 or patch % 2 == 0):
+        raise ValueError(f"{name} must be {'0 (off) or ' if off else ''}an odd size of at least 3, got {patch}")
 
 
 def local_statistics(images: Tensor, patch: int) -> tuple[Tensor, Tensor]:
@@ -177,6 +189,7 @@ def local_statistics(images: Tensor, patch: int) -> tuple[Tensor, Tensor]:
     centred on it that lie inside the image (``n`` of them): the variance is unbiased (over ``n - 1``),
     clamped at 0, and ``1e-6`` is added before the square root, as the official SwinV2 SimMIM recipe
     does. Float32 at least."""
+    check_norm_target_patch(patch, "local_statistics' patch", off=False)
     x = images.to(torch.promote_types(images.dtype, torch.float32))
     pool = {"kernel_size": patch, "stride": 1, "padding": patch // 2}
     mean = F.avg_pool2d(x, count_include_pad=False, **pool)
@@ -198,15 +211,30 @@ def reconstruction_loss(images: Tensor, predicted: Tensor, mask: Tensor, patch_s
     return (error * pixels).sum() / count / images.shape[1]
 
 
-def check_mask(images: Tensor, mask: Tensor, in_chans: int, patch_size: int, stride: int) -> None:
-    """Images whose sides are multiples of the encoder's stride, and a mask of one value per patch."""
-    check_images(images, in_chans)
+def check_mask(
+    images: Tensor, mask: Tensor, in_chans: int, patch_size: int, stride: int, dtype: torch.dtype | None = None
+) -> None:
+    """Images (of the model's ``dtype``) whose sides are multiples of the encoder's stride, and a mask
+    of one value per patch on their device, 0 (visible) or 1 (masked)."""
+    check_images(images, in_chans, dtype)
     H, W = images.shape[-2:]
     if H % stride or W % stride:
         raise ValueError(f"SimMIM reconstructs at stride {stride}: image sides must be multiples of it, got {H}x{W}")
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"mask must be a tensor (B, H/{patch_size}, W/{patch_size}) of 0 and 1, got {type(mask).__name__}"
+        )
     expected = (images.shape[0], H // patch_size, W // patch_size)
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask must be (B, H/{patch_size}, W/{patch_size}) = {expected}, got {tuple(mask.shape)}")
+    if mask.device != images.device:
+        raise ValueError(f"mask is on {mask.device} but the images are on {images.device}: put both on one device")
+    # Not while compiling: reading the values back would break the graph (the run's own masks are
+    # random_mask's, 0 and 1).
+    if not torch.compiler.is_compiling() and ((mask != 0) & (mask != 1)).any():
+        values = mask.double()
+        found = "NaN" if values.isnan().any() else f"values from {values.min().item():g} to {values.max().item():g}"
+        raise ValueError(f"mask must hold 0 (visible) and 1 (masked) only, got {found}")
 
 
 def random_mask(
@@ -218,6 +246,17 @@ def random_mask(
 ) -> Tensor:
     """SimMIM's random mask for an ``H`` x ``W`` image: ``ceil(ratio * count)`` of the ``count``
     ``mask_patch_size`` squares masked, as a ``(H / patch_size, W / patch_size)`` float tensor of 0 / 1."""
+    if not (isinstance(size, Sequence) and len(size) == 2 and all(map(_is_int, size))):
+        raise TypeError(f"size must be the image's (H, W), two ints, got {size!r}")
+    if min(size) < 1:
+        raise ValueError(f"size must be two ints of at least 1, got {tuple(size)}")
+    for name, value in (("mask_patch_size", mask_patch_size), ("patch_size", patch_size)):
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int of at least 1, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be an int of at least 1, got {value}")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"mask ratio must be a number above 0 and below 1, got {ratio!r}")
     H, W = size
     if mask_patch_size % patch_size or H % mask_patch_size or W % mask_patch_size:
         raise ValueError(
@@ -231,6 +270,11 @@ def random_mask(
     mask = torch.zeros(rows * cols)
     mask[torch.randperm(rows * cols, generator=generator)[:count]] = 1.0
     return mask_cells(mask.view(rows, cols), mask_patch_size // patch_size)
+
+
+def _is_int(value: object) -> bool:
+    """An integer, not a bool (``True`` is no size) nor a float (a whole one included: ``zeros()`` refuses it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def mask_cells(mask: Tensor, scale: int) -> Tensor:

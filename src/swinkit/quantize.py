@@ -21,6 +21,7 @@ Speed and accuracy change: benchmarks/RESULTS.md, section "Per-token int8 on the
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import Tensor, nn
@@ -80,9 +81,13 @@ def is_int8(linear: nn.Module) -> bool:
 def quantize_dynamic(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (CPU, float32, in eval mode) whose blocks' and mergings' linears are :class:`Int8Linear`.
 
-    For inference only: those layers have no gradients, and the copy is neither saved as a
-    checkpoint nor exported (save or export the float model; quantize after loading).
+    For inference only: those layers have no gradients (the copy refuses ``train()``), and the copy
+    is neither saved as a checkpoint nor exported (save or export the float model; quantize after loading).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"quantize_dynamic needs a model (torch nn.Module, e.g. swinkit.create_model), got {type(model).__name__}"
+        )
     _check_quantizable(model)
     quantized = copy.deepcopy(model).eval()
     names = [
@@ -97,7 +102,19 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
         module = quantized.get_submodule(parent)
         setattr(module, child, Int8Linear(getattr(module, child)))
     quantized.int8_dynamic = True
-    return quantized
+    quantized.train = types.MethodType(_train_for_inference, quantized)  # eval() calls it too
+    return quantized.eval()  # the new layers too
+
+
+def _train_for_inference(model: nn.Module, mode: bool = True) -> nn.Module:
+    """A quantized copy's ``train``: eval mode only (its int8 weights are buffers, which no optimizer
+    updates; training it would leave them as they are without a word)."""
+    if mode:
+        raise ValueError(
+            "an int8-quantized model is for inference: its int8 weights cannot learn; train the float model "
+            "and quantize it after (swinkit.quantize_dynamic)"
+        )
+    return type(model).train(model, False)
 
 
 def _check_quantizable(model: nn.Module) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
+import numbers
 import os
 import textwrap
 import types
@@ -22,13 +24,14 @@ import yaml
 
 from ..attention import ATTENTION_IMPLS
 from ..checkpoint.adapt import TABLE_RESIZES
+from ..evaluate import AMP_DTYPES
 
 
 @dataclass(frozen=True)
 class Limit:
-    """The values a numeric option accepts (every element, for a tuple option), and how to say so."""
+    """The values an option accepts (every element, for a tuple option), and how to say so."""
 
-    accepts: Callable[[float], bool]
+    accepts: Callable[[Any], bool]
     text: str
 
 
@@ -39,11 +42,26 @@ PROBABILITY = Limit(lambda value: 0 <= value <= 1, "between 0 and 1")
 BELOW_ONE = Limit(lambda value: 0 <= value < 1, "at least 0 and below 1")
 
 
+def one_of(names: Any) -> Limit:
+    """The limit of a choice among ``names``."""
+    return Limit(lambda value: value in names, f"one of {', '.join(names)}")
+
+
+# Choices that mean the same in every options class that has the field (training, pretraining, dense).
+SHARED_LIMITS: dict[str, Limit] = {"amp": one_of(tuple(AMP_DTYPES)), "attn_impl": one_of(ATTENTION_IMPLS)}
+
+
 def check_limits(options: Any) -> None:
-    """Refuse an option outside its ``LIMITS`` (or a pair in ``ORDERED`` given high first) by name,
-    before a run starts: a batch of 0 divided by zero deep in the loop, a negative rate or a
-    probability of 3 trained without a word."""
-    for name, limit in type(options).LIMITS.items():
+    """Check every field's type as a YAML value's (:func:`_coerce`, without reading numbers from text)
+    and store it converted (an int where a float is expected, a list for a tuple); then refuse an
+    option outside its ``LIMITS`` (or a pair in ``ORDERED`` given high first) by name, before a run
+    starts: ``epochs=1.5`` or ``batch_size=True`` trained, a batch of 0 divided by zero deep in the
+    loop, a negative rate or a probability of 3 trained without a word."""
+    kind = type(options)
+    for f in dataclasses.fields(options):
+        object.__setattr__(options, f.name, _coerce(f.name, getattr(options, f.name), kind, from_text=False))
+    limits = {name: limit for name, limit in SHARED_LIMITS.items() if name in kind.__dataclass_fields__}
+    for name, limit in (limits | kind.LIMITS).items():
         value = getattr(options, name)
         values = value if isinstance(value, tuple) else (value,)
         if value is not None and not all(limit.accepts(v) for v in values):
@@ -277,6 +295,42 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+@functools.cache
+def _augment_policy(name: str) -> bool:
+    """Whether timm builds the augmentation policy ``name`` (``none`` or empty: no policy), as
+    :func:`~swinkit.data.transforms.train_transform` will ask it to."""
+    if name in ("", "none"):
+        return True
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    # timm's create_transform picks the parser by the name's start, as here.
+    build = (
+        rand_augment_transform
+        if name.startswith("rand")
+        else augment_and_mix_transform
+        if name.startswith("augmix")
+        else auto_augment_transform
+    )
+    try:
+        build(name, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, IndexError, KeyError, ValueError):  # timm asserts on a name it does not know
+        return False
+    return True
+
+
+# The choices named only below the class: its recipes and timm's policies (checked when built, not
+# when the run's transforms are).
+TrainConfig.LIMITS |= {
+    "recipe": one_of(RECIPES),
+    "auto_augment": Limit(
+        _augment_policy,
+        "'none' or a policy timm reads (RandAugment 'rand-m9-mstd0.5-inc1' as the paper, 'augmix-...', or "
+        "AutoAugment's 'v0', 'v0r', 'original', 'originalr', '3a')",
+    ),
+}
+
+
+@functools.cache
 def _field_types(options: type = TrainConfig) -> dict[str, Any]:
     return typing.get_type_hints(options)
 
@@ -288,38 +342,56 @@ def _without_none(kind: Any) -> Any:
     return kind
 
 
-def _coerce(name: str, value: Any, options: type = TrainConfig) -> Any:
-    """Check and convert a value from YAML or the command line to the field's type."""
+def _coerce(name: str, value: Any, options: type = TrainConfig, from_text: bool = True) -> Any:
+    """Check and convert a value from YAML or the command line (``from_text``: numbers may be
+    given as text) or from Python (a value of the field's type, numbers not read from strings, a
+    path for a string) to the field's type."""
     declared = _field_types(options)[name]
     kind = _without_none(declared)
     if value is None:
         if kind is not declared:  # an Optional field: null means none
             return None
+        given = "null (YAML's null, ~ or an empty value)" if from_text else "None"
         raise ValueError(
-            f"training option {name!r} cannot be null (YAML's null, ~ or an empty value); give a "
+            f"training option {name!r} cannot be {given}; give a "
             f"{getattr(kind, '__name__', kind)}, or leave the key out for the default"
         )
     origin = typing.get_origin(kind)
     if origin is tuple:
         items = typing.get_args(kind)
-        count = "one or more" if items[-1] is Ellipsis else len(items)
-        if not isinstance(value, (list, tuple)) or (items[-1] is not Ellipsis and len(value) != len(items)):
+        variable = items[-1] is Ellipsis
+        # A list of any length may be empty only where the default is (no milestones, say).
+        required = variable and options.__dataclass_fields__[name].default != ()
+        count = ("one or more" if required else "zero or more") if variable else len(items)
+        if (
+            not isinstance(value, (list, tuple))
+            or (not variable and len(value) != len(items))
+            or (required and not value)
+        ):
             raise ValueError(f"training option {name!r} must be a list of {count} numbers, got {value!r}")
     try:
         if origin is tuple:
-            return tuple(_convert(items[0], v) for v in value)
-        return _convert(kind, value)
+            return tuple(_convert(items[0], v, from_text) for v in value)
+        return _convert(kind, value, from_text)
     except (TypeError, ValueError):
         raise ValueError(f"training option {name!r} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
 
 
-def _convert(kind: Any, value: Any) -> Any:
+def _convert(kind: Any, value: Any, from_text: bool = True) -> Any:
     """``kind(value)`` without the silent changes Python allows: a bool is not a number (``True`` is
-    not a batch of 1), nor a number a bool, and a whole number is not 2.5 truncated to 2."""
+    not a batch of 1), nor a number a bool, and a whole number is not 2.5 truncated to 2. Not
+    ``from_text``: a string is no number (``batch_size="8"``) and only a string or a path is a string."""
     if (kind is bool) != isinstance(value, bool):
         raise ValueError
-    if kind is int and isinstance(value, float) and not value.is_integer():
+    if kind is int and isinstance(value, numbers.Real) and not float(value).is_integer():
         raise ValueError
+    if not from_text:
+        if kind is str:
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError
+            return os.fspath(value)
+        if isinstance(value, (str, bytes)):
+            raise ValueError
     return kind(value)
 
 

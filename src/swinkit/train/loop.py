@@ -535,6 +535,11 @@ def _same_option(saved: Any, current: Any) -> bool:
 
 def fit(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"expected a TrainConfig, got {type(config).__name__} (swinkit.dense.fit_dense takes a "
+            "SegmentationConfig or DetectionConfig, swinkit.train.pretrain.pretrain a PretrainConfig)"
+        )
     return run_trainer(Trainer, config)
 
 

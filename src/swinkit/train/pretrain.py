@@ -62,6 +62,7 @@ from .config import (
     add_arguments,
     check_limits,
     explicit_options,
+    one_of,
     recipe_note,
     resolve_options,
 )
@@ -161,9 +162,13 @@ def check_schedule(config: PretrainConfig) -> None:
             )
 
 
-# Classification's limits for the options both have, and the masking and schedule ones.
+# Classification's limits for the options both have (but its recipes), and the masking and schedule ones.
 PretrainConfig.LIMITS = {
-    **{name: limit for name, limit in TrainConfig.LIMITS.items() if name in PretrainConfig.__dataclass_fields__},
+    **{
+        name: limit
+        for name, limit in TrainConfig.LIMITS.items()
+        if name in PretrainConfig.__dataclass_fields__ and name != "recipe"
+    },
     "mask_patch_size": AT_LEAST_ONE,
     "mask_ratio": Limit(lambda value: 0 < value < 1, "above 0 and below 1"),
     "lr_milestones": POSITIVE,
@@ -238,6 +243,9 @@ PRETRAIN_RECIPES: dict[str, dict[str, Any]] = {
         output="runs/pretrain-digits",
     ),
 }
+
+
+PretrainConfig.LIMITS["recipe"] = one_of(PRETRAIN_RECIPES)
 
 
 def resolve_pretrain_config(
@@ -556,4 +564,9 @@ class PretrainTrainer(Trainer):
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as ``config`` says (one process, or each process of a ``torchrun`` launch)."""
+    if not isinstance(config, PretrainConfig):
+        raise TypeError(
+            f"expected a PretrainConfig, got {type(config).__name__} (swinkit.train.fit takes a TrainConfig, "
+            "swinkit.dense.fit_dense a SegmentationConfig or DetectionConfig)"
+        )
     return run_trainer(PretrainTrainer, config)
