@@ -192,3 +192,8 @@ def test_image_inputs_are_paths_not_other_objects():
         expand_inputs(torch.rand(3, 8, 8))
     with pytest.raises(TypeError, match="paths of image files or folders, got a int"):
         expand_inputs([3])
+
+
+def test_dense_options_built_in_python_check_their_schedule():
+    with pytest.raises(ValueError, match="'schedule' must be one of cosine, poly, step, got 'linear'"):
+        SegmentationConfig(schedule="linear")  # was found only when the run built its schedule

@@ -23,11 +23,14 @@ from ..train.config import (
     add_arguments,
     check_limits,
     explicit_options,
+    one_of,
     recipe_note,
     resolve_options,
 )
 from .mmdet import GEOMETRIES, LOSSES
 from .segmentation_data import check_ignore_index
+
+SCHEDULES = ("cosine", "poly", "step")  # the dense runs' learning-rate schedules
 
 # The options whose --help text is classification's.
 CLASSIFICATION_HELP = [
@@ -100,6 +103,7 @@ class DenseConfig:
         **dict.fromkeys(["base_lr", "warmup_lr", "min_lr", "warmup_steps", "weight_decay"], NOT_NEGATIVE),
         **dict.fromkeys(["poly_power", "gamma", "eps"], POSITIVE),
         "milestones": NOT_NEGATIVE,
+        "schedule": one_of(SCHEDULES),
         "betas": BELOW_ONE,
         **dict.fromkeys(["clip_grad", "checkpoint_every", "max_steps"], NOT_NEGATIVE),
     }

@@ -31,7 +31,7 @@ from ..train.metrics import MetricsLog
 from ..train.optim import WarmupCosine, WarmupPoly, WarmupSchedule, WarmupStep, build_optimizer
 from ..train.state import TRAIN_CHECKPOINT, save_training_state, set_rng_state
 from .backbone import create_backbone
-from .config import DenseConfig, DetectionConfig, SegmentationConfig
+from .config import SCHEDULES, DenseConfig, DetectionConfig, SegmentationConfig
 from .data import Augmented, Transformed, collate_lists
 from .detection import build_detector, evaluate_detection
 from .detection_data import CocoDetection, DetectionTrainTransform, detection_eval_transform
@@ -62,9 +62,6 @@ class DenseResult:
     skipped_steps: int = 0
     seconds: float = 0.0
     is_main: bool = True  # False in the other processes of a torchrun run, which write and report nothing
-
-
-SCHEDULES = ("cosine", "poly", "step")
 
 
 def check_schedule(name: str) -> None:
