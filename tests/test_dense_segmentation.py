@@ -421,7 +421,7 @@ def test_recipes_pick_the_official_schedules_and_bad_names_are_refused(shapes, t
     schedule = build_schedule(detect, optimizer, steps_per_epoch=100)  # milestones in epochs -> steps
     assert schedule.lr_at(2699) == pytest.approx(1e-4) and schedule.lr_at(2700) == pytest.approx(1e-5)
     assert build_schedule(resolve_dense_config("segment", {"epochs": 2}), optimizer, 10).lr_at(20) == 0.0
-    with pytest.raises(ValueError, match="schedule must be one of cosine, poly, step, got 'linear'"):
+    with pytest.raises(ValueError, match="'schedule' must be one of cosine, poly, step, got 'linear'"):
         fit_dense(_config(shapes, tmp_path / "bad", schedule="linear"))
 
 

@@ -7,6 +7,7 @@ their name.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -269,6 +270,19 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what :func:`atomic_write` calls for ``path`` left behind when killed mid-write (its
+    folder beside ``path``, holding at most a partial ``path.name``); returns the folders removed.
+    Call it where no other process is writing ``path`` (a run resuming in its own folder)."""
+    path = Path(path)
+    removed = []
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if folder.is_dir() and all(item.name == path.name for item in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def save_safetensors(state_dict: StateDict, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:

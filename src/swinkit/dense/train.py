@@ -229,6 +229,7 @@ class DenseTrainer(TrainingLoop):
             "skipped_steps": self.skipped_steps,
             "best": self.best,
             "epoch_totals": totals,
+            **self.run_setting(),
         }
         save_training_state(self.output / TRAIN_CHECKPOINT, state)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.io import make_folder
+from ..checkpoint.io import make_folder, remove_stale_temporaries
 from ..checkpoint.load import read_any
 from ..checkpoint.native import save as save_model
 from ..data import require_some_read, train_transform
@@ -149,21 +149,74 @@ class TrainingLoop:
             return False
         state = load_training_state(path)
         check_same_run(state["config"], dataclasses.asdict(self.config), path)
+        self._check_same_setting(state, path)
         self._load_state(state)
         logger.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step_in_epoch)
         return True
+
+    def run_setting(self) -> dict[str, int]:
+        """What a checkpoint records of the run beyond its options: the processes (``batch_size``
+        is per process, so they set the total batch, the rate scaling and the steps of an epoch) and
+        the training items (they set the steps of an epoch and each epoch's order)."""
+        return {"world_size": self.dist.world_size, "train_items": self.sampler.size}
+
+    def _check_same_setting(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a resume under another number of processes; warn where the data or the length of
+        the run changed (each changes the result from an uninterrupted run's, but may be meant)."""
+        saved_world, saved_items = state.get("world_size"), state.get("train_items")  # None: an older file
+        if saved_world is not None and saved_world != self.dist.world_size:
+            raise ValueError(
+                f"{path} belongs to a run of {saved_world} process(es), this is {self.dist.world_size}: the "
+                f"batch size is per process, so the total batch, the learning rates and the steps of an epoch would "
+                f"change; resume with {saved_world} (torchrun --nproc_per_node {saved_world}), or pass "
+                "--resume never to start over"
+            )
+        if saved_items is not None and saved_items != self.sampler.size:
+            logger.warning(
+                "the training data changed since %s was written (%d items, now %d): resuming, but the epochs' "
+                "order and length, and so the result, differ from an uninterrupted run's",
+                path,
+                saved_items,
+                self.sampler.size,
+            )
+        saved_epochs, epochs = state["config"]["epochs"], self.config.epochs
+        if state["epoch"] > epochs:
+            raise ValueError(
+                f"{path} has trained {state['epoch']} epochs, more than --epochs {epochs}; its model files are "
+                "in the run folder (choose another --output to train a shorter run)"
+            )
+        if saved_epochs != epochs:
+            logger.warning(
+                "--epochs changed from %d to %d: the learning-rate schedule now spans %d epochs from the step "
+                "reached, so the result differs from an uninterrupted run of either length",
+                saved_epochs,
+                epochs,
+                epochs,
+            )
+
+    def _start_output(self, resumed: bool) -> None:
+        """Rank 0: the run's options written; what an earlier run here left behind and this one
+        would not replace removed (metrics of epochs not reached, a killed write's temporary, and on
+        --resume never the old training checkpoint, which a later plain re-run would resume)."""
+        save_yaml(self.config, self.output / "config.yaml")
+        self.metrics.truncate_after(self.epoch)  # 0 on a fresh start: the file starts empty
+        checkpoint = self.output / TRAIN_CHECKPOINT
+        for folder in remove_stale_temporaries(checkpoint):
+            logger.info("removed %s, left by a run killed while writing its checkpoint", folder)
+        if not resumed and checkpoint.exists():
+            checkpoint.unlink()
+            logger.info("starting over: removed the earlier run's %s", checkpoint)
 
     def run(self) -> Any:
         start = time.perf_counter()
         resumed = self.resume()
         if self.dist.is_main:
-            save_yaml(self.config, self.output / "config.yaml")
-            if resumed:
-                self.metrics.truncate_after(self.epoch)
+            self._start_output(resumed)
         best_path = self.output / self.best_file
         while self.epoch < self.config.epochs:
             row = {"epoch": self.epoch, **self.train_epoch(), "lr": self.scheduler.current_lr}
             if self.config.max_steps and self.global_step >= self.config.max_steps:
+                self.save()  # a re-run without --max-steps goes on from here, not from the last save
                 break
             row.update(self.validate(), skipped_steps=self.skipped_steps)
             self._log_epoch(row, best_path)
@@ -180,6 +233,10 @@ class TrainingLoop:
         start = time.perf_counter()
         progress = self._progress()
         for index, batch in enumerate(self.loader):
+            if self.step_in_epoch >= self.steps_per_epoch:
+                # The batches past the last whole accumulation: no step would follow them, and their
+                # gradients would join the next epoch's first step (lost to a resume at the epoch's end).
+                break
             self._seed_step(self.global_step * self.config.accum_steps + index % self.config.accum_steps)
             totals["bad"] += len(batch["bad"])
             self.loss_parts = {}
@@ -344,6 +401,7 @@ class Trainer(TrainingLoop):
             "skipped_steps": self.skipped_steps,
             "best_top1": self.best_top1,
             "epoch_totals": totals,
+            **self.run_setting(),
         }
         save_training_state(self.output / TRAIN_CHECKPOINT, state)
 

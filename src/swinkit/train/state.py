@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,15 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     save_torch({"format": FORMAT, **state, "rng": rng_state()}, path)
 
 
+def _reason(error: Exception) -> str:
+    """torch's first sentence, without its advice to unpickle with ``weights_only=False`` (for a
+    corrupt file, wrong and unsafe)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it is not an archive torch.save wrote"
+    text = str(error).strip()
+    return text.split(". ")[0].rstrip(".") if text else type(error).__name__
+
+
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training checkpoint (``weights_only``); raises a clear error for any other file."""
     path = Path(path)
@@ -52,8 +62,11 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to read is the same user-facing problem
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"cannot read training checkpoint {path} (truncated or corrupt?): {first}") from None
+        raise CheckpointError(
+            f"cannot read training checkpoint {path} ({_reason(error)}): the file is truncated or corrupt "
+            "(swinkit writes it whole, then renames it: was it copied or edited?); delete it, or pass "
+            "--resume never, to start the run over"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a swinkit training checkpoint (expected format {FORMAT}); "
