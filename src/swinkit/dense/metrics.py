@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignor
 
 
 def _check_label_maps(prediction: Tensor, target: Tensor, num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be an int of 1 or more, got {num_classes!r}")
     for name, labels in (("prediction", prediction), ("target", target)):
         if not isinstance(labels, Tensor):
