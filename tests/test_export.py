@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import math
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -28,8 +30,13 @@ import swinkit
 from helpers import relative_error, write_digit_folder
 from swinkit import export as export_module
 from swinkit import fast, native, parallel
+from swinkit.checkpoint import convert
 from swinkit.cli import main
 from swinkit.data import eval_transform, load_image
+from swinkit.dense import DenseSpec, create_backbone
+from swinkit.dense import export as dense_export
+from swinkit.dense.export import export_segmentation
+from swinkit.dense.weights import build_dense_model
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
     FORMATS,
@@ -48,7 +55,7 @@ from swinkit.export import (
     trace_sides,
 )
 from swinkit.parallel import image_splits
-from swinkit.predict import predict
+from swinkit.predict import load_classifier, predict
 from swinkit.variants import Preprocessing
 
 
@@ -136,13 +143,22 @@ def test_onnx_exports_a_v2_backbone_with_four_outputs_at_opsets_18_and_17(tmp_pa
             assert onnx_error(session, model, torch.randn(shape)) < 1e-5, (file.name, shape)
 
 
-def test_onnx_opsets_it_cannot_write_are_refused_by_name(tmp_path):
+def _no_tracing(*args, **kwargs):
+    raise AssertionError("traced: the refusal should have come before the trace")
+
+
+def test_onnx_opsets_it_cannot_write_are_refused_by_name_before_tracing(tmp_path, monkeypatch):
     model = swinkit.create_model("swin_test")
+    monkeypatch.setattr(export_module, "export_program", _no_tracing)
     with pytest.raises(ValueError, match="ONNX opset must be at least 17 .LayerNormalization's., got 16"):
         export_onnx_model(model, tmp_path / "model.onnx", opset=16)
-    # Above the opsets torch's exporter knows it kept 18 and wrote newer operators into it.
-    with pytest.raises(ValueError, match="torch's exporter cannot write ONNX opset 99 here .it wrote 18."):
-        export_onnx_model(model, tmp_path / "model.onnx", opset=99, dynamic_size=False)
+    # Above the opsets torch's exporter writes it kept 18 and wrote newer operators into it; it was
+    # refused only after the trace (a minute for a small model). The limit is onnxscript's converter's.
+    highest = export_module.max_opset()
+    assert highest >= 25  # the newest the exporter wrote here (onnxscript 0.7); 26 kept 18
+    for write in (export_onnx_model, export):
+        with pytest.raises(ValueError, match=rf"cannot write ONNX opset {highest + 1} here: it writes 17 to {highest}"):
+            write(model, tmp_path / "model.onnx", opset=highest + 1)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -160,7 +176,7 @@ def size_generic_program(tmp_path_factory):
 
 def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program):
     model, path, report = size_generic_program
-    assert report["max_abs_error"] < 1e-5
+    assert report["max_abs_error"] < 1e-5 and report["max_relative_error"] < 1e-5
     assert [child.name for child in path.parent.iterdir()] == ["model.pt2"]  # the temporary file renamed
     # The archive's top folder is named for the file (torch names it after the file it writes).
     assert {name.split("/")[0] for name in zipfile.ZipFile(path).namelist()} == {"model"}
@@ -187,6 +203,10 @@ def test_torch_export_program_round_trip(tmp_path, capsys, size_generic_program)
         assert out.device.type == "meta" and out.shape == (shape[0], 5)
     report = export(model, tmp_path / "fixed.pt2", fmt="torch-export", static_size=True)
     assert report["max_abs_error"] < 1e-5 and report["size_range"]["height"] == [64, 64]
+    # As predict and eval run a program: the range named, where torch said "Guard failed: x.size()[2] <= 8192"
+    # (or == 64 for this one).
+    with pytest.raises(ValueError, match="fixed.pt2 takes heights 64..64 and widths 64..64, got 65x64"):
+        ProgramClassifier(tmp_path / "fixed.pt2")(torch.randn(1, 3, 65, 64))
     assert "archive" not in capsys.readouterr().err  # torch's warning about a file not named *.pt2
 
 
@@ -326,6 +346,96 @@ def test_export_cli_writes_onnx_with_class_names(tmp_path, capsys):
     program = str(tmp_path / "x.pt2")
     assert main(["export", program, "--model", "swin_test", "--format", "torch-export", "--external-data"]) == 2
     assert "external weights are an ONNX option" in capsys.readouterr().err
+
+
+def test_names_and_precisions_no_reader_takes_are_refused_before_tracing(tmp_path, monkeypatch):
+    # The readers (predict, eval, the dense commands) pick a file's reader by its name, and feed float32.
+    model = swinkit.create_model("swin_test")
+    segmentor_spec = DenseSpec("segment", create_backbone("swin_test").config, ["a", "b"], head={"channels": 8})
+    segmentor = build_dense_model(segmentor_spec)
+    monkeypatch.setattr(export_module, "export_program", _no_tracing)
+    monkeypatch.setattr(dense_export, "export_program", _no_tracing)
+    for name, fmt, wanted in [("model.bin", "onnx", "model.onnx"), ("program", "torch-export", "program.pt2")]:
+        with pytest.raises(ValueError, match=rf"{name}: an exported file is named \.onnx .* or \.pt2 .*; got "
+                                             rf"('\.bin'|no suffix): name it {wanted}"):  # fmt: skip
+            export(model, tmp_path / name, fmt)
+        with pytest.raises(ValueError, match=rf"{name}: an exported file is named \.onnx"):
+            export_segmentation(segmentor, segmentor_spec, tmp_path / name, fmt, (40, 56))
+    # A float64 or bfloat16 model failed only when checked, after its file was written.
+    for dtype in (torch.float64, torch.bfloat16):
+        message = rf"export writes float32 files .*; this model's weights are {str(dtype)[6:]}: export model\.float\(\)"
+        with pytest.raises(TypeError, match=message):
+            export(copy.deepcopy(model).to(dtype), tmp_path / "model.pt2", "torch-export", static_size=True)
+        with pytest.raises(TypeError, match=message):
+            export_segmentation(copy.deepcopy(segmentor).to(dtype), segmentor_spec, tmp_path / "segmentor.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_leaves_the_model_in_the_mode_it_was_in(tmp_path):
+    # A training run exporting mid-way goes on with dropout and stochastic depth; a part kept in eval
+    # mode (a frozen stage) stays so.
+    model = _perturbed(swinkit.create_model("swin_test", drop_path_rate=0.2)).train()
+    model.patch_embed.eval()
+    report = export(model, tmp_path / "model.pt2", "torch-export", static_size=True)
+    assert model.training and model.layers[0].blocks[0].training and not model.patch_embed.training
+    assert report["max_relative_error"] < 1e-5  # checked in eval mode (stochastic depth would differ)
+
+
+def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch, capsys, size_generic_program):
+    model, program, _ = size_generic_program
+    # Written as another model's export (no trace): its check against this model fails, by size and error.
+    monkeypatch.setattr(export_module, "save_program", lambda _, temporary, *args: shutil.copy(program, temporary))
+    other = swinkit.create_model("swin_test", depths=(2, 2, 3, 2), num_classes=5)
+    destination = tmp_path / "other.pt2"
+    destination.write_bytes(b"an older file, kept as it was")
+    with pytest.raises(ValueError, match=r"other.pt2 was not written: .*: 64x64 \(batch 1\): relative error "
+                                         r"[0-9.e+-]+; 103x27 \(batch 3\): relative error .*up to 1e-05 in "
+                                         r"torch-export"):  # fmt: skip
+        export(other, destination, "torch-export")
+    assert destination.read_bytes() == b"an older file, kept as it was"
+    assert [path.name for path in tmp_path.iterdir()] == ["other.pt2"]  # no temporary folder left
+
+    # NaN at one size (the file stands for itself here): Python's max dropped it, and the check read 0.
+    def nan_at_batch_3(images):
+        return [model(images) * (math.nan if len(images) == 3 else 1.0)]
+
+    monkeypatch.setattr(export_module, "_file_runner", lambda path, fmt: nan_at_batch_3)
+    with pytest.raises(ValueError, match=r"nan.pt2 was not written: .*: 103x27 \(batch 3\): NaN or infinity"):
+        export(model, tmp_path / "nan.pt2", "torch-export")
+    assert not (tmp_path / "nan.pt2").exists()
+    # The command exits with an error, naming the file and the sizes (another preset: other shapes too).
+    assert main(["export", str(tmp_path / "cli.pt2"), "--model", "swin_test"]) == 2
+    assert "cli.pt2 was not written: the exported file does not compute" in capsys.readouterr().err
+    assert not (tmp_path / "cli.pt2").exists()
+
+
+def test_export_and_predict_take_the_label_names_of_a_hugging_face_folder(tmp_path, monkeypatch):
+    # transformers' config.json names the classes (id2label): `swinkit export` and `predict` dropped them.
+    model = swinkit.create_model("swin_test", num_classes=3, img_size=128)  # no clamped window: transformers'
+    swinkit.save(model, tmp_path / "model.safetensors", class_names=["cat", "dog", "emu"])
+    folder = convert(tmp_path / "model.safetensors", tmp_path / "hf", to="hf").target
+    assert load_classifier(folder)[1] == ["cat", "dog", "emu"]
+    exported = {}
+    monkeypatch.setattr(export_module, "export", lambda *args, **options: exported.update(args=args) or {})
+    assert main(["export", str(tmp_path / "model.onnx"), "--checkpoint", str(folder)]) == 0
+    assert exported["args"][6] == ["cat", "dog", "emu"]  # export(model, output, fmt, size, opset, check, names)
+
+
+def test_a_segmentation_export_is_checked_and_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    spec = DenseSpec("segment", create_backbone("swin_test").config, ["a", "b", "c"], head={"channels": 8})
+    segmentor = build_dense_model(spec).train()
+    run = export_module._file_runner
+    # NaN logits: the check took max(0.0, error), which drops a NaN, and reported an error of 0.
+    monkeypatch.setattr(export_module, "_file_runner", lambda *file: lambda x: [o * math.nan for o in run(*file)(x)])
+    path, size = tmp_path / "segmentor.pt2", (40, 56)
+    with pytest.raises(ValueError, match=r"segmentor.pt2 was not written: .*40x56 \(batch 1\): NaN or infinity"):
+        export_segmentation(segmentor, spec, path, "torch-export", size, static_size=True)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    report = export_segmentation(segmentor, spec, path, "torch-export", size, static_size=True)
+    assert segmentor.training and segmentor.backbone.training  # it used to be left in eval mode
+    assert report["max_relative_error"] < 1e-5 and [c["size"] for c in report["checked"]] == [[40, 56]] * 2
 
 
 def _fixed_image_dims(graph: torch.fx.GraphModule) -> tuple:

@@ -291,7 +291,10 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
         help="fix height and width to --img-size (for runtimes that want fixed shapes); the batch stays dynamic",
     )
     parser.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17 or more (default {DEFAULT_OPSET})"
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, 17 up to the newest torch's exporter writes (default {DEFAULT_OPSET})",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch")
     parser.add_argument(
@@ -316,7 +319,8 @@ def _run_export(args: argparse.Namespace) -> int:
         loaded = read_any(args.checkpoint)
         refuse_dense_file(args.checkpoint, loaded)
         model = create_model(checkpoint=loaded)
-        class_names = class_names_from_metadata(loaded.metadata)
+        # What the reader parsed: a swinkit file's names, or a Hugging Face config's id2label.
+        class_names = loaded.class_names or class_names_from_metadata(loaded.metadata)
     else:
         model = create_model(args.model)
     fmt = args.format or format_for(args.output)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,68 @@ DEFAULT_OPSET = 18  # the opset torch's dynamo exporter targets
 # up; for 17 its own conversion failed (and kept 18 without an error), so 17 is converted here after
 # it, by onnx's version converter.
 MIN_OPSET = 17
+# The largest error of an exported file's outputs, relative to the largest eager output, that its
+# check against eager accepts (float32 rounding through a whole model). Measured: trained Swin-T,
+# Swin-B 384 and SwinV2-B 384 reach 4e-7 to 8e-7 in onnxruntime; the tiny test models up to 5.2e-6
+# (one class: a logit or two set the scale); programs run torch's own kernels (4.4e-7, often 0).
+CHECK_TOLERANCE = {"onnx": 2e-5, "torch-export": 1e-5}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; after it every sub-module in the mode it had before.
+
+    Exporting traces the eval-mode function; a caller's model that was training (a run exporting
+    mid-way) must go on training, with dropout and stochastic depth, and its frozen parts in eval.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def refuse_non_float32(model: nn.Module, what: str = "export") -> None:
+    """Refuse a model whose floating-point weights are not all float32, before any tracing.
+
+    An exported file takes and computes float32: onnxruntime's CPU kernels (its convolutions among
+    them) are float32 ones, and swinkit's readers of the files (predict, eval, the dense commands) feed
+    float32 images; a float64 or bfloat16 trace failed when checked, after the file was written.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+    if dtypes not in ([], ["float32"]):
+        raise TypeError(
+            f"{what} writes float32 files (onnxruntime's CPU kernels and swinkit's predict and eval take float32); "
+            f"this model's weights are {', '.join(dtypes)}: export model.float()"
+        )
+
+
+def max_opset() -> int | None:
+    """The newest ONNX opset torch's dynamo exporter writes here: onnxscript's version converter's
+    last (25 with onnxscript 0.7), which converts the exporter's graph to the opset asked for; None
+    where onnxscript does not say (the written file's opset is still checked, :func:`_at_opset`)."""
+    try:
+        from onnxscript.version_converter import _version_converter
+    except ImportError:
+        return None
+    return getattr(_version_converter, "SUPPORTED_MAX_ONNX_OPSET", None)
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an ONNX opset the exporter cannot write, before the trace (which takes minutes)."""
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"the ONNX opset is a whole number, got {opset!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
+    highest = max_opset()
+    if highest is not None and opset > highest:
+        raise ValueError(
+            f"torch's exporter cannot write ONNX opset {opset} here: it writes {MIN_OPSET} to {highest} "
+            f"({highest} is the last its version converter, onnxscript's, knows)"
+        )
 
 
 def image_sides(img_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -126,9 +190,8 @@ def export_program(
     of ``img_size`` or ``example``'s size, and the program's scalar assertions are dropped (see
     :func:`_drop_layout_assertions`); the input range (:data:`SIDE_RANGE`) is still checked.
     ``nan_outside_range`` makes every output NaN for an image size outside the range, for runtimes
-    that do not check it (ONNX).
+    that do not check it (ONNX). ``model`` is left in the mode it was in.
     """
-    model = model.eval()
     example = _example(model, img_size, 2) if example is None else example
     if example.shape[0] < 2:  # torch.export would tie a dynamic batch traced at 1 to 1
         example = example.expand(2, *example.shape[1:]).contiguous()
@@ -136,15 +199,14 @@ def export_program(
     dynamic_sides = len(shapes["x"]) == 3
     if dynamic_sides:
         example = _example(model, trace_sides(model), example.shape[0])
-    if nan_outside_range and dynamic_sides:
-        model = _NaNOutsideRange(model, [list(SIDE_RANGE)] * 2).eval()
+    traced = _NaNOutsideRange(model, [list(SIDE_RANGE)] * 2) if nan_outside_range and dynamic_sides else model
     # Size-oblivious: the shape engine otherwise decides layouts assuming no map side is 1 and
     # guards on it (Swin-T: every side at least 33, and exporting fails for a range from 1);
     # with it one graph serves every side from 1 (tested against eager down to 1 x 1).
     oblivious = fx_config.patch(backed_size_oblivious=dynamic_sides)
-    with torch.no_grad(), oblivious, derived_once_per_trace():
+    with eval_mode(traced), torch.no_grad(), oblivious, derived_once_per_trace():
         program = torch.export.export(
-            model, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
+            traced, (example,), dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True
         )
     if dynamic_sides:
         _drop_layout_assertions(program)
@@ -208,6 +270,7 @@ def save_program(
     (config with its preprocessing, size range, class names), so that prediction and evaluation
     take the program in place of a checkpoint (:class:`ProgramClassifier`).
     """
+    refuse_non_float32(model)
     path = Path(path)
     program = export_program(model, img_size, dynamic_size)
     extra = {}
@@ -287,10 +350,9 @@ def export_onnx_model(
     assert the range; see :class:`_NaNOutsideRange`). With ``external_data`` (automatic for weights
     above 1.5 GiB, as protobuf files end at 2 GiB) the weights go to ``<file>.data`` beside it.
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
+    check_opset(opset)
+    refuse_non_float32(model)
     path = Path(path)
-    model = model.eval()
     example = example if example is not None else _example(model, None, 2)
     config = getattr(model, "config", None)
     features = _is_swinkit(model) and config.features_only
@@ -350,22 +412,34 @@ def _drop_newer_reduce_attributes(graph: Any) -> None:
 
 
 def _save_onnx(onnx_program: Any, path: Path, external_data: bool | None) -> None:
-    """Write the file, and its weights file if external, each replacing its destination at once.
+    """Write the file, and its weights file if external, each replacing its destination at once (:func:`staged`)."""
+    with staged(path) as temporary:
+        onnx_program.save(str(temporary), external_data=external_data)
 
-    They are written under their final names in a temporary folder beside ``path``, because the
-    model file refers to its weights file by name. A file with its weights inside that replaces one
-    with external weights removes that weights file: only the replaced file named it.
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A path named as ``path`` in a new folder beside it, to write (and check) an export at.
+
+    When the block ends the file replaces ``path`` at once, an ONNX file's weights file
+    (``<name>.data``) first, so that the model file never names a weights file not yet there; both
+    are written under their final names because the model file refers to its weights by name. When
+    the block raises, nothing is moved and the folder is removed: ``path`` stays as it was. An ONNX
+    file with its weights inside that replaces one with external weights removes that weights file:
+    only the replaced file named it.
     """
+    path = Path(path)
     old_weights = path.with_name(f"{path.name}.data")
-    replaces_external = path.exists() and old_weights.exists()
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
-        staged = Path(folder) / path.name
-        onnx_program.save(str(staged), external_data=external_data)
-        weights = staged.with_name(f"{staged.name}.data")
-        inline = not weights.exists()
-        if not inline:  # first, so the model file never names a weights file not yet there
+    onnx = path.suffix.lower() == ".onnx"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as folder:
+        temporary = Path(folder) / path.name
+        yield temporary
+        replaces_external = onnx and path.exists() and old_weights.exists()
+        weights = temporary.with_name(f"{temporary.name}.data")
+        inline = not (onnx and weights.exists())
+        if not inline:
             os.replace(weights, old_weights)
-        os.replace(staged, path)
+        os.replace(temporary, path)
     if inline and replaces_external:
         old_weights.unlink()
         logger.info("removed %s, the weights of the %s replaced (the new one holds its weights)", old_weights, path)
@@ -422,6 +496,7 @@ class OnnxClassifier(nn.Module):
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
+        self.path = Path(path)
         self.session = onnx_session(path, threads)
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.config = _config_from_metadata(path, metadata)
@@ -429,6 +504,7 @@ class OnnxClassifier(nn.Module):
         self.class_names, self.size_range = _classifier_metadata(path, metadata, self.config, outputs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_image_size(self.path, self.size_range, images)  # outside it the graph returns NaN
         feed = {self.session.get_inputs()[0].name: images.detach().cpu().float().numpy()}
         (logits,) = self.session.run(None, feed)
         return torch.from_numpy(logits).to(images.device)
@@ -451,6 +527,7 @@ class ProgramClassifier(nn.Module):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{path}: device {device!r} asked for, but no CUDA device is available here")
         program, metadata = read_program(path)
+        self.path = Path(path)
         self.config = _config_from_metadata(path, metadata)
         features = self.config.features_only
         outputs = [f"features{i}" for i in self.config.out_indices] if features else ["logits"]
@@ -466,7 +543,21 @@ class ProgramClassifier(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_image_size(self.path, self.size_range, images)  # before torch's "Guard failed" on it
         return self.program(images.detach().to(self.device, torch.float32)).to(images.device)
+
+
+def check_image_size(path: str | os.PathLike, size_range: dict[str, list[int]], images: torch.Tensor) -> None:
+    """Refuse images of a height or width outside an exported file's ``size_range`` (none: any), naming both."""
+    if not size_range:
+        return
+    (low, high), (least, most) = size_range["height"], size_range["width"]
+    height, width = images.shape[-2:]
+    if not (low <= height <= high and least <= width <= most):
+        raise ValueError(
+            f"{path} takes heights {low}..{high} and widths {least}..{most}, got {height}x{width} "
+            "(a file exported with --static-size takes its one size)"
+        )
 
 
 def read_program(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
@@ -540,11 +631,36 @@ def _classifier_metadata(
 
 
 def onnx_error(session: Any, model: nn.Module, images: torch.Tensor) -> float:
-    """Largest absolute difference between onnxruntime's output and eager PyTorch on ``images``."""
+    """Largest absolute difference between onnxruntime's output and eager PyTorch on ``images``
+    (NaN where either is not finite); ``model`` runs in eval mode and is left in its own."""
     output = session.run(None, {session.get_inputs()[0].name: images.detach().cpu().numpy()})
-    with torch.no_grad():
-        expected = _listed(model.eval()(images))
-    return max(float((torch.from_numpy(o) - e.cpu()).abs().max()) for o, e in zip(output, expected, strict=True))
+    with torch.no_grad(), eval_mode(model):
+        expected = _listed(model(images))
+    return _largest([output_errors(torch.from_numpy(o), e.cpu())[0] for o, e in zip(output, expected, strict=True)])
+
+
+def output_errors(found: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """Largest absolute difference of two outputs, and that relative to the largest eager value.
+
+    NaN where either holds a NaN or an infinity, or their shapes differ: a check must not read that
+    as agreement (Python's ``max`` drops a NaN that comes second).
+    """
+    if found.shape != expected.shape:
+        return math.nan, math.nan
+    found, expected = found.double(), expected.double()
+    if not (found.isfinite().all() and expected.isfinite().all()):
+        return math.nan, math.nan
+    if not expected.numel():
+        return 0.0, 0.0
+    absolute = float((found - expected).abs().max())
+    if absolute == 0:  # all zeros agree too
+        return 0.0, 0.0
+    return absolute, absolute / float(expected.abs().max())  # infinite where eager's are all 0
+
+
+def _largest(errors: list[float]) -> float:
+    """The largest of ``errors``, NaN if any is NaN."""
+    return math.nan if any(math.isnan(error) for error in errors) else max(errors, default=0.0)
 
 
 def export(
@@ -558,24 +674,30 @@ def export(
     static_size: bool = False,
     external_data: bool | None = None,
 ) -> dict[str, Any]:
-    """Export and, with ``check``, compare the file with eager (:func:`check_export`).
+    """Export and, with ``check``, compare the file with eager (:func:`check_export`) before it takes its name.
 
-    Returns ``{"path", "format", "example_size", "size_range", "preprocessing", "max_abs_error"}``:
-    the file takes any batch and any height / width inside ``size_range`` (see :data:`SIDE_RANGE`),
-    whatever the example size; ``img_size`` sets the first size checked against eager;
-    ``preprocessing`` is the resize and crop its predict / eval use (:func:`file_preprocessing`). With
-    ``static_size`` height and width are fixed to the example's: the graph pads and crops with
-    plain ops instead of size-generic gathers (in onnxruntime no faster than a dynamic file).
-    ``external_data`` (ONNX only): the weights in a file of their own (see :func:`export_onnx_model`).
+    Returns ``{"path", "format", "example_size", "size_range", "preprocessing", "max_abs_error",
+    "max_relative_error", "checked"}``: the file takes any batch and any height / width inside
+    ``size_range`` (see :data:`SIDE_RANGE`), whatever the example size; ``img_size`` sets the first
+    size checked against eager; ``preprocessing`` is the resize and crop its predict / eval use
+    (:func:`file_preprocessing`). With ``static_size`` height and width are fixed to the example's:
+    the graph pads and crops with plain ops instead of size-generic gathers (in onnxruntime no
+    faster than a dynamic file). ``external_data`` (ONNX only): the weights in a file of their own
+    (see :func:`export_onnx_model`). A file whose check fails (:data:`CHECK_TOLERANCE`, or outputs
+    that are not finite) is not written: a ``ValueError`` names the sizes and errors. ``model``
+    stays in the mode it was in.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
     refuse_int8(model, "export")
+    refuse_non_float32(model)
+    if fmt == "onnx":
+        check_opset(opset)
     if external_data and fmt != "onnx":
         raise ValueError(f"external weights are an ONNX option; format {fmt!r} keeps them in its archive")
     path = export_destination(path)
     check_suffix(path, fmt)
-    model = model.eval()
+    _check_class_names(model, class_names)
     example = _example(model, img_size, 2)
     size = tuple(example.shape[2:])
     low, high = SIDE_RANGE
@@ -584,14 +706,17 @@ def export(
             f"image size {size[0]}x{size[1]} is outside the sides a file with a dynamic height and width accepts "
             f"({low}..{high}); use --static-size"
         )
-    if fmt == "onnx":
-        path = export_onnx_model(model, path, example, opset, class_names, not static_size, external_data)
-    else:
-        path = save_program(model, path, size, not static_size, class_names)
     ranges = size_ranges(size, static_size)
     preprocessing = file_preprocessing(model.config, size, static_size)
     report: dict[str, Any] = {"path": str(path), "format": fmt, "example_size": list(size), "size_range": ranges}
     report["preprocessing"] = {"resize": preprocessing.resize, "crop": preprocessing.crop}
+    with staged(path) as temporary:
+        if fmt == "onnx":
+            export_onnx_model(model, temporary, example, opset, class_names, not static_size, external_data)
+        else:
+            save_program(model, temporary, size, not static_size, class_names)
+        if check:
+            report.update(judge_check(path, check_export(model, temporary, fmt, size, static_size), fmt))
     if static_size and size[0] != size[1]:
         logger.warning(
             "%s takes %dx%d images only: swinkit predict and eval crop squares and refuse it; "
@@ -599,10 +724,17 @@ def export(
             path,
             *size,
         )
-    if check:
-        report["max_abs_error"] = check_export(model, path, fmt, size, static_size)
     logger.info("wrote %s (%s; dynamic batch, height in %s, width in %s)", path, fmt, ranges["height"], ranges["width"])
     return report
+
+
+def _check_class_names(model: nn.Module, class_names: list[str] | None) -> None:
+    classes = model.config.num_classes
+    if class_names is not None and not model.config.features_only and len(class_names) != classes:
+        raise ValueError(f"{len(class_names)} class names given for a model with {classes} classes")
+
+
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export"}
 
 
 def format_for(path: str | os.PathLike) -> str:
@@ -611,8 +743,16 @@ def format_for(path: str | os.PathLike) -> str:
 
 
 def check_suffix(path: Path, fmt: str) -> None:
-    """Refuse a ``.onnx`` / ``.pt2`` name that says another format: predict and eval read a file by it."""
-    named = {".onnx": "onnx", ".pt2": "torch-export"}.get(path.suffix.lower(), fmt)
+    """Refuse a name that does not say ``fmt``: the commands that read an export (predict, eval,
+    the dense commands) pick its reader by the name, ``.onnx`` or ``.pt2`` (any case)."""
+    named = EXPORT_SUFFIXES.get(path.suffix.lower())
+    if named is None:
+        wanted = {form: suffix for suffix, form in EXPORT_SUFFIXES.items()}[fmt]
+        got = repr(path.suffix) if path.suffix else "no suffix"
+        raise ValueError(
+            f"{path}: an exported file is named .onnx (onnx) or .pt2 (torch-export), as the commands that read "
+            f"it go by its name; got {got}: name it {path.stem}{wanted}"
+        )
     if named != fmt:
         raise ValueError(f"{path}: a {path.suffix} file holds the {named} format, but format {fmt!r} was asked for")
 
@@ -640,22 +780,70 @@ def check_sizes(size: tuple[int, ...], static_size: bool = False) -> list[tuple[
 
 def check_export(
     model: nn.Module, path: str | os.PathLike, fmt: str, size: tuple[int, ...], static_size: bool = False
-) -> float:
-    """Largest absolute error of the exported file against eager: batch 1 and 3, two image sizes."""
+) -> list[dict[str, Any]]:
+    """The exported file against eager at batch 1 and 3 and two image sizes (:func:`check_sizes`).
+
+    One entry per batch: ``{"size": [H, W], "batch", "abs_error", "relative_error"}``, the largest
+    over the outputs (:func:`output_errors`: NaN where an output is not finite). ``model`` (with
+    ``config.in_chans``) runs in eval mode and is left in its own.
+    """
     generator = torch.Generator().manual_seed(0)
     channels = model.config.in_chans
     sizes = check_sizes(size, static_size)
     batches = [torch.randn(n, channels, *hw, generator=generator) for n, hw in zip((1, 3), sizes, strict=True)]
+    run = _file_runner(path, fmt)
+    results = []
+    with torch.no_grad(), eval_mode(model):
+        for images in batches:
+            errors = [output_errors(o, e) for o, e in zip(run(images), _listed(model(images)), strict=True)]
+            results.append(
+                {
+                    "size": list(images.shape[2:]),
+                    "batch": images.shape[0],
+                    "abs_error": _largest([absolute for absolute, _ in errors]),
+                    "relative_error": _largest([relative for _, relative in errors]),
+                }
+            )
+    return results
+
+
+def _file_runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """A function from images to an exported file's outputs (onnxruntime, or the program's module)."""
     if fmt == "onnx":
         session = onnx_session(path)
-        return max(onnx_error(session, model, images) for images in batches)
-    program = load_program(path).module()
-    errors = []
-    with torch.no_grad():
-        for images in batches:
-            pairs = zip(_listed(program(images)), _listed(model(images)), strict=True)
-            errors += [float((o - e).abs().max()) for o, e in pairs]
-    return max(errors)
+        name = session.get_inputs()[0].name
+        return lambda images: [torch.from_numpy(o) for o in session.run(None, {name: images.numpy()})]
+    module = load_program(path).module()
+    return lambda images: _listed(module(images))
+
+
+def judge_check(path: str | os.PathLike, results: list[dict[str, Any]], fmt: str) -> dict[str, Any]:
+    """The report of a check (:func:`check_export`): ``max_abs_error``, ``max_relative_error`` and
+    ``checked``; a ``ValueError`` naming each size and its error where one is above the format's
+    :data:`CHECK_TOLERANCE` or not finite (the caller then writes nothing to ``path``)."""
+    tolerance = CHECK_TOLERANCE[fmt]
+    failed = [r for r in results if not r["relative_error"] <= tolerance]  # NaN fails too
+    if failed:
+        described = "; ".join(
+            f"{h}x{w} (batch {r['batch']}): "
+            + (
+                "NaN or infinity in the outputs (or their shapes differ from eager's)"
+                if math.isnan(r["relative_error"])
+                else f"relative error {r['relative_error']:.1e}"
+            )
+            for r in failed
+            for h, w in [r["size"]]
+        )
+        raise ValueError(
+            f"{path} was not written: the exported file does not compute what the model does: {described} "
+            f"(the check against eager accepts a relative error, to the largest eager output, up to {tolerance:.0e} "
+            f"in {fmt})"
+        )
+    return {
+        "max_abs_error": _largest([r["abs_error"] for r in results]),
+        "max_relative_error": _largest([r["relative_error"] for r in results]),
+        "checked": results,
+    }
 
 
 def _listed(output: Any) -> list[torch.Tensor]:

@@ -87,7 +87,9 @@ def load_classifier(
     refuse_dense_file(checkpoint, loaded)
     model = create_model(checkpoint=loaded).to(device).eval()
     _refuse_headless(checkpoint, model.config.num_classes)
-    return quantize_dynamic(model) if int8 else model, class_names_from_metadata(loaded.metadata)
+    # What the reader parsed: a swinkit file's names, or a Hugging Face config's id2label.
+    names = loaded.class_names or class_names_from_metadata(loaded.metadata)
+    return quantize_dynamic(model) if int8 else model, names
 
 
 def _refuse_headless(checkpoint: str | os.PathLike, num_classes: int) -> None:

@@ -28,6 +28,8 @@ import contextlib
 import copy
 import io
 import json
+import logging
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -41,11 +43,23 @@ from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..checkpoint.io import atomic_write, export_destination
-from ..export import DEFAULT_OPSET, MIN_OPSET, _at_opset, _quiet, export_program, onnx_session
+from ..checkpoint.io import export_destination
+from ..export import (
+    DEFAULT_OPSET,
+    MIN_OPSET,
+    _at_opset,
+    _quiet,
+    eval_mode,
+    export_program,
+    onnx_session,
+    refuse_non_float32,
+    staged,
+)
 from ..variants import SwinConfig
-from .mmdet import MmdetTransform, check_detection_images, transform_like
+from .mmdet import MmdetTransform, check_detection_images, rescaled_size, transform_like
 from .weights import DenseSpec, check_spec
+
+logger = logging.getLogger(__name__)
 
 INPUT = "image"
 OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -55,7 +69,25 @@ OUTPUTS_KEY = "swinkit.detection_outputs"  # the metadata entry that marks a det
 # Marks files whose RoI pooling merges its levels by a scatter (2026-12-07): older files can fail in
 # onnxruntime on images with another count of regions on a level than their trace saw.
 POOLING_KEY = "swinkit.roi_levels_merged"
+# The test-time resize in the graph, {"short", "long", "offset"} (:func:`~swinkit.dense.mmdet.rescaled_size`),
+# so that an image too elongated for it is refused by name before onnxruntime fails on it (older
+# files lack it: onnxruntime's error is reported for them).
+RESIZE_KEY = "swinkit.test_resize"
 MAX_OPSET = 20  # the TorchScript exporter's last (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+# What the check accepts between onnxruntime's detections and eager's, float32 through a whole
+# detector. Measured on random test detectors: boxes 3.8e-5 px below 600 x 800 and 9.8e-4 px at it,
+# scores 6.6e-6, pasted mask probabilities 2.8e-4 (a box a thousandth of a pixel off moves a pixel's
+# place in a small box's 28 x 28 mask by a few thousandths of a cell).
+BOX_TOLERANCE = 1e-5  # of the image's longer side, and at least MIN_BOX_TOLERANCE pixels
+MIN_BOX_TOLERANCE = 1e-2
+SCORE_TOLERANCE = 1e-4
+MASK_TOLERANCE = 1e-2
+TIE_BREAKING_NOISE = 1e-3  # of the [0, 1] pixel range: no two regions of a constant image score alike after it
+TIES_NOTE = (
+    "they differ among exactly tied scores: eager ranked equal scores there (a constant image or region gives many "
+    "regions the same one), torch and onnxruntime break such ties in different orders, so other regions survive; "
+    f"with the ties broken (noise of {TIE_BREAKING_NOISE:g} added to the image) every detection agrees"
+)
 
 
 class _BackboneMaps(nn.Module):
@@ -169,12 +201,20 @@ def _has_mask(detector: nn.Module) -> bool:
     return bool(heads.has_masks) if hasattr(heads, "has_masks") else heads.has_mask()
 
 
-def check_sizes_for(detector: nn.Module, img_size: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """The two image sizes an export is checked at: ``img_size`` (default: the test scale, 4:3) and
-    a portrait size that is no multiple of the padding (so both resize bounds and a padded edge run)."""
+def trace_size_for(detector: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The image size an export traces with: ``img_size``, or the test scale at 4:3."""
     short = detector.transform.min_size[-1]
-    height, width = img_size or (short, short * 4 // 3)
-    return [(height, width), (width + 13, height * 3 // 4 + 1)]
+    return tuple(img_size) if img_size else (short, short * 4 // 3)
+
+
+def check_sizes_for(detector: nn.Module, img_size: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """The two image sizes an export is checked at on noise, neither the traced one
+    (:func:`trace_size_for`): a portrait size elongated enough that the longer side's bound sets the
+    scale, and a landscape one where the shorter side's does; both larger than the trace's sides
+    and no multiples of the padding, so that a constant frozen into the trace would show."""
+    height, width = trace_size_for(detector, img_size)
+    longer, shorter = max(height, width), min(height, width)
+    return [(longer + 13, shorter * 3 // 4 + 1), (shorter + 7, shorter * 4 // 3 + 11)]
 
 
 def export_detection(
@@ -188,14 +228,16 @@ def export_detection(
 ) -> dict[str, Any]:
     """Write detector ``model`` (described by ``spec``) as an ONNX file for images of any size.
 
-    ``img_size`` is the size traced with and the first one checked. The check runs the file in
+    ``img_size`` is the size traced with (:func:`trace_size_for`). The check runs the file in
     onnxruntime and the model eagerly on the same images (``check_images``, RGB ``(3, H, W)`` in
-    [0, 1], or noise at two sizes, :func:`check_sizes_for`) and reports the largest differences of
-    the boxes (pixels), scores and mask probabilities and whether the detections agree in number
-    and class. Returns ``{"path", "format", "example_size", "outputs", ...}``.
+    [0, 1], or noise at two other sizes, :func:`check_sizes_for`) and compares their detections
+    (:func:`compare_with_eager`). Where an image's detections differ beyond the tolerances, the file
+    is not written: a ``ValueError`` names the image's size and the differences; unless they differ
+    only among exactly tied scores (a constant image or region: torch and onnxruntime break ties in
+    different orders; ``differ_among_ties``), which is logged as a warning and the file kept.
+    Returns ``{"path", "format", "example_size", "outputs", ...}`` and the comparison's report;
+    ``model`` stays in the mode it was in.
     """
-    import onnx
-
     if not isinstance(model, GeneralizedRCNN):
         raise TypeError(
             f"export_detection exports a detector (swinkit.dense.create_detector, or load_dense of a detection "
@@ -212,37 +254,71 @@ def export_detection(
         )
     path = export_destination(path)
     if path.suffix.lower() != ".onnx":
-        raise ValueError(f"{path}: a detector exports to ONNX only (.onnx); torch.export cannot take its loops")
+        got = repr(path.suffix) if path.suffix else "no suffix"
+        raise ValueError(
+            f"{path}: a detector exports to ONNX only (.onnx; torch.export cannot take its loops), and the commands "
+            f"that read it go by its name; got {got}: name it {path.stem}.onnx"
+        )
     check_spec(spec, model.state_dict(), f"this detector (nothing written to {path})")  # classes, masks, cascade
-    model = model.eval()
-    size = check_sizes_for(model, img_size)[0]
+    refuse_non_float32(model)
+    size = trace_size_for(model, img_size)
     if min(size) < 1:
         raise ValueError(f"image size must be positive, got {size[0]}x{size[1]}")
-    traced = _Traced(model).eval()
-    example = torch.rand(3, *size, generator=torch.Generator().manual_seed(0))
-    merged = _inline(_trace_heads(traced, example, opset), _backbone_graph(model.backbone, opset))
-    merged.metadata_props.extend(
-        [onnx.StringStringEntryProto(key=k, value=v) for k, v in _metadata(spec, traced.outputs).items()]
-    )
-    onnx.checker.check_model(merged)
-    atomic_write(path, lambda temporary: onnx.save(merged, temporary))
-    report: dict[str, Any] = {
-        "path": str(path),
-        "format": "onnx",
-        "example_size": list(size),
-        "outputs": list(traced.outputs),
-    }
-    if check:
-        images = check_images or [
-            torch.rand(3, *hw, generator=torch.Generator().manual_seed(i))
-            for i, hw in enumerate(check_sizes_for(model, img_size))
-        ]
-        report.update(compare_with_eager(model, ExportedDetector(path), images))
+    with eval_mode(model), staged(path) as temporary:
+        outputs = _write(model, spec, temporary, size, opset)
+        report: dict[str, Any] = {"path": str(path), "format": "onnx", "example_size": list(size), "outputs": outputs}
+        if check:
+            images = check_images or [
+                torch.rand(3, *hw, generator=torch.Generator().manual_seed(seed))
+                for seed, hw in enumerate(check_sizes_for(model, img_size), start=1)
+            ]
+            report.update(compare_with_eager(model, ExportedDetector(temporary), images))
+            _judge(path, report)
     return report
 
 
-def _metadata(spec: DenseSpec, outputs: tuple[str, ...]) -> dict[str, str]:
-    return {"swinkit.dense": spec.to_json(), OUTPUTS_KEY: json.dumps(list(outputs)), POOLING_KEY: "scatter"}
+def _write(model: nn.Module, spec: DenseSpec, path: Path, size: tuple[int, int], opset: int) -> list[str]:
+    """Trace ``model`` (in eval mode) at ``size``, join the graphs, write them to ``path``; the outputs' names."""
+    import onnx
+
+    traced = _Traced(model).eval()
+    example = torch.rand(3, *size, generator=torch.Generator().manual_seed(0))
+    merged = _inline(_trace_heads(traced, example, opset), _backbone_graph(model.backbone, opset))
+    resize = _export_transform(model.transform)
+    metadata = _metadata(spec, traced.outputs, (resize.min_size[-1], resize.max_size, resize.size_offset))
+    merged.metadata_props.extend([onnx.StringStringEntryProto(key=k, value=v) for k, v in metadata.items()])
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(path))
+    return list(traced.outputs)
+
+
+def _judge(path: Path, report: dict[str, Any]) -> None:
+    """Refuse the file where an image's detections differ and eager's scores held no ties there;
+    log the images where they differ among tied scores."""
+    for entry in report["images"]:
+        if not entry["differing"]:
+            continue
+        what = describe_differences(entry)
+        if not entry["differ_among_ties"]:
+            tolerances = ", ".join(f"{name} {value:.0e}" for name, value in report["tolerances"].items())
+            if entry["tied_scores"]:  # an image of one pixel, for one, stays constant whatever noise is added
+                what += f"; eager ranked exactly tied scores there, but with noise of {TIE_BREAKING_NOISE:g} added "
+                what += "they still differ (check on another image)"
+            raise ValueError(
+                f"{path} was not written: the exported detector does not detect what the model does: {what}; "
+                f"tolerances: {tolerances}"
+            )
+        logger.warning("%s: %s; %s", path, what, TIES_NOTE)
+
+
+def _metadata(spec: DenseSpec, outputs: tuple[str, ...], resize: tuple[int, int, float]) -> dict[str, str]:
+    short, long, offset = resize
+    return {
+        "swinkit.dense": spec.to_json(),
+        OUTPUTS_KEY: json.dumps(list(outputs)),
+        POOLING_KEY: "scatter",
+        RESIZE_KEY: json.dumps({"short": short, "long": long, "offset": offset}),
+    }
 
 
 def _trace_heads(traced: _Traced, example: Tensor, opset: int) -> Any:
@@ -349,6 +425,7 @@ class ExportedDetector(nn.Module):
         self.spec = DenseSpec.from_json(metadata["swinkit.dense"], str(self.path))
         self.outputs = [output.name for output in self.session.get_outputs()]
         self.merges_by_scatter = POOLING_KEY in metadata
+        self.resize = json.loads(metadata.get(RESIZE_KEY, "null"))  # None: exported before it was stored
 
     def train(self, mode: bool = True) -> ExportedDetector:
         if mode:
@@ -358,6 +435,8 @@ class ExportedDetector(nn.Module):
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         check_detection_images(images, str(self.path))
+        for image in images:
+            self._check_scale(image)
         results = []
         for image in images:
             values = self._run(image)
@@ -365,6 +444,21 @@ class ExportedDetector(nn.Module):
                 {name: torch.from_numpy(v).to(image.device) for name, v in zip(self.outputs, values, strict=True)}
             )
         return results
+
+    def _check_scale(self, image: Tensor) -> None:
+        """Refuse an image too elongated for the test scale, as the eager detector does
+        (:class:`~swinkit.dense.mmdet.DetectionTransform`), where onnxruntime would fail in its resize."""
+        if self.resize is None:
+            return
+        height, width = image.shape[-2:]
+        short, long = self.resize["short"], self.resize["long"]
+        size = rescaled_size(height, width, short, long, self.resize["offset"])
+        if min(size) < 1:
+            raise ValueError(
+                f"{self.path}: an image of {height}x{width} resizes to {size[0]}x{size[1]} at the detector's scale "
+                f"(shorter side {short}, longer at most {long}): too elongated to detect in (sizes are height x "
+                "width, in pixels)"
+            )
 
     def _run(self, image: Tensor) -> list[Any]:
         try:
@@ -383,38 +477,158 @@ class ExportedDetector(nn.Module):
 
 @torch.no_grad()
 def compare_with_eager(model: nn.Module, exported: nn.Module, images: list[Tensor]) -> dict[str, Any]:
-    """The largest differences between ``exported``'s detections and ``model``'s on ``images``.
+    """``exported``'s detections against ``model``'s (run in eval mode) on ``images``, image by image.
 
     Detections are paired by class and nearest box, not by rank: two scores a rounding apart may
-    come in either order. ``same_detections`` is false where the counts differ or a class has no partner.
+    come in either order. A pair agrees when its boxes (pixels), scores and masks are within the
+    tolerances (:data:`BOX_TOLERANCE`, :data:`SCORE_TOLERANCE`, :data:`MASK_TOLERANCE`). Each entry
+    of ``images`` holds the image's ``size``, the counts (``detections``: eager's,
+    ``exported_detections``), ``unpaired`` (of eager's and of the file's detections, those without
+    an agreeing partner), ``differing`` (their sum) and the largest differences of the pairs
+    (``box_error``, ``score_error``, ``mask_error``). Where detections differ, ``tied_scores`` says
+    whether eager ranked exactly equal scores there (:func:`ranked_ties`; a constant image or region
+    gives many), and ``differ_among_ties`` whether they differ only as such ties let them: with the
+    ties broken (noise of :data:`TIE_BREAKING_NOISE` added to the image) every detection agrees. torch and onnxruntime
+    break ties in different orders (top-k, NMS), so other regions survive. Beside the entries:
+    ``same_detections`` (every detection of every image agrees), ``checked_sizes``, ``detections``,
+    ``max_box_error``, ``max_score_error`` (and ``max_mask_error``) over every image, and the
+    ``tolerances``.
     """
-    report: dict[str, Any] = {"checked_sizes": [list(image.shape[-2:]) for image in images], "detections": []}
-    report.update(same_detections=True, max_box_error=0.0, max_score_error=0.0)
-    for image in images:
-        expected, found = model([image])[0], exported([image])[0]
-        report["detections"].append(len(expected["boxes"]))
-        order = _partners(expected, found)
-        if order is None:
-            report["same_detections"] = False
-            continue
-        for name, key in (("boxes", "max_box_error"), ("scores", "max_score_error"), ("masks", "max_mask_error")):
-            if name in expected and len(order):
-                error = float((found[name][order] - expected[name]).abs().max())
-                report[key] = max(report.get(key, 0.0), error)
+    entries = []
+    with eval_mode(model):
+        for image in images:
+            entry, tied = _compare_image(model, exported, image)
+            if entry["differing"]:
+                entry["tied_scores"] = tied
+                entry["differ_among_ties"] = (
+                    tied and not _compare_image(model, exported, _ties_broken(image))[0]["differing"]
+                )
+            entries.append(entry)
+    report: dict[str, Any] = {
+        "same_detections": not any(entry["differing"] for entry in entries),
+        "checked_sizes": [entry["size"] for entry in entries],
+        "detections": [entry["detections"] for entry in entries],
+    }
+    for key in ERROR_KEYS.values():
+        if all(key in entry for entry in entries):
+            report[f"max_{key}"] = max((entry[key] for entry in entries), default=0.0)
+    longest = max((max(image.shape[-2:]) for image in images), default=0)
+    report["tolerances"] = {
+        "boxes_px": max(MIN_BOX_TOLERANCE, BOX_TOLERANCE * longest),
+        "scores": SCORE_TOLERANCE,
+        "masks": MASK_TOLERANCE,
+    }
+    report["images"] = entries
     return report
 
 
-def _partners(expected: dict[str, Tensor], found: dict[str, Tensor]) -> Tensor | None:
-    """For each expected detection, the found one of its class with the nearest box (each taken once)."""
-    if len(found["boxes"]) != len(expected["boxes"]):
-        return None
+ERROR_KEYS = {"boxes": "box_error", "scores": "score_error", "masks": "mask_error"}
+
+
+def _compare_image(model: nn.Module, exported: nn.Module, image: Tensor) -> tuple[dict[str, Any], bool]:
+    """One image's entry of :func:`compare_with_eager`, and whether eager ranked exactly tied scores in it."""
+    with _proposal_scores(model) as scores:
+        expected = model([image])[0]
+    tied = ranked_ties(scores, _top_proposals(model)) or _repeats(expected["scores"])
+    return _compare_detections(expected, exported([image])[0], image.shape[-2:]), tied
+
+
+def _ties_broken(image: Tensor) -> Tensor:
+    """``image`` with noise of :data:`TIE_BREAKING_NOISE` either way (a fixed draw), kept in [0, 1]."""
+    noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return (image + TIE_BREAKING_NOISE * noise.to(image)).clamp(0, 1)
+
+
+def _compare_detections(expected: dict[str, Tensor], found: dict[str, Tensor], size: Any) -> dict[str, Any]:
+    """One image's entry of :func:`compare_with_eager`, without ``tied_scores``."""
+    height, width = (int(side) for side in size)
+    pairs = _partners(expected, found)
+    tolerances = {
+        "boxes": max(MIN_BOX_TOLERANCE, BOX_TOLERANCE * max(height, width)),
+        "scores": SCORE_TOLERANCE,
+        "masks": MASK_TOLERANCE,
+    }
+    entry: dict[str, Any] = {"size": [height, width]}
+    agree = torch.ones(len(pairs), dtype=torch.bool)
+    for name, tolerance in tolerances.items():
+        if name not in expected:
+            continue
+        errors = torch.zeros(len(pairs))
+        if len(pairs):  # the largest difference of each pair's box corners, score, or mask pixels
+            difference = found[name][pairs[:, 1]].float() - expected[name][pairs[:, 0]].float()
+            errors = difference.abs().reshape(len(pairs), -1).amax(1).nan_to_num(nan=math.inf)  # NaN: no agreement
+        entry[ERROR_KEYS[name]] = float(errors.max()) if len(errors) else 0.0
+        agree &= errors <= tolerance
+    counts = len(expected["boxes"]), len(found["boxes"])
+    agreed = int(agree.sum())
+    entry.update(detections=counts[0], exported_detections=counts[1], unpaired=[count - agreed for count in counts])
+    entry["differing"] = sum(entry["unpaired"])
+    return entry
+
+
+def _partners(expected: dict[str, Tensor], found: dict[str, Tensor]) -> Tensor:
+    """``(P, 2)`` pairs of (expected, found) indices: each expected detection, by rank, takes the found one
+    of its class with the nearest box (the largest coordinate difference) not yet taken, where there is one."""
     distance = (expected["boxes"][:, None] - found["boxes"][None]).abs().amax(dim=-1)
-    distance[expected["labels"][:, None] != found["labels"][None]] = float("inf")
-    order = []
-    for row in distance:
-        index = int(row.argmin())
-        if row[index] == float("inf"):
-            return None
-        order.append(index)
-        distance[:, index] = float("inf")
-    return torch.tensor(order, dtype=torch.long)
+    distance[expected["labels"][:, None] != found["labels"][None]] = math.inf
+    distance = distance.nan_to_num(nan=math.inf)
+    pairs = []
+    for row, distances in enumerate(distance):
+        if not len(distances):
+            break
+        column = int(distances.argmin())
+        if math.isinf(distances[column]):
+            continue
+        pairs.append((row, column))
+        distance[:, column] = math.inf
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def describe_differences(entry: dict[str, Any]) -> str:
+    """One image's differing detections (an entry of :func:`compare_with_eager`'s ``images``) in words."""
+    height, width = entry["size"]
+    eager, exported = entry["unpaired"]
+    errors = f"boxes {entry['box_error']:.1e} px, scores {entry['score_error']:.1e}"
+    if "mask_error" in entry:
+        errors += f", masks {entry['mask_error']:.1e}"
+    return (
+        f"at {height}x{width} {eager} of eager's {entry['detections']} detections and {exported} of onnxruntime's "
+        f"{entry['exported_detections']} have no partner within the tolerances (largest differences of the paired "
+        f"ones: {errors})"
+    )
+
+
+@contextlib.contextmanager
+def _proposal_scores(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Inside the block, the list gets the region proposal network's objectness maps of each call."""
+    scores: list[Tensor] = []
+    head = getattr(getattr(model, "rpn", None), "head", None)
+    if head is None:  # not a torchvision R-CNN: nothing to watch
+        yield scores
+        return
+    handle = head.register_forward_hook(lambda module, inputs, outputs: scores.extend(outputs[0]))
+    try:
+        yield scores
+    finally:
+        handle.remove()
+
+
+def _top_proposals(model: nn.Module) -> int:
+    rpn = getattr(model, "rpn", None)
+    return rpn.pre_nms_top_n() if hasattr(rpn, "pre_nms_top_n") else 0
+
+
+def ranked_ties(objectness: list[Tensor], top: int) -> bool:
+    """Whether a level's ``top`` best proposal scores (and the next one, which top-k leaves out) hold
+    two equal ones, as the region proposal network ranks them (top-k, then NMS by probability:
+    sigmoid, where large logits also meet at 1.0). torch and onnxruntime order such ties differently."""
+    for level in objectness:
+        flat = level.flatten()
+        best = flat.topk(min(top + 1, flat.numel())).values.sigmoid()
+        if _repeats(best):
+            return True
+    return False
+
+
+def _repeats(values: Tensor) -> bool:
+    return values.unique().numel() < values.numel()

@@ -27,19 +27,22 @@ from ..devices import check_device
 from ..export import (
     DEFAULT_OPSET,
     FORMATS,
-    MIN_OPSET,
     PROGRAM_METADATA,
     SIDE_RANGE,
     _at_opset,
     _quiet,
     _save_onnx,
-    check_sizes,
+    check_export,
+    check_image_size,
+    check_opset,
     check_suffix,
     export_program,
-    load_program,
+    judge_check,
     onnx_session,
     read_program,
+    refuse_non_float32,
     size_ranges,
+    staged,
 )
 from ..variants import SwinConfig
 from .detection_export import OUTPUTS_KEY, ExportedDetector
@@ -80,42 +83,45 @@ def export_segmentation(
 
     ``img_size`` (default: the file's crop size) is the first size checked against eager and, with
     ``static_size``, the only size the file takes. Returns ``{"path", "format", "example_size",
-    "size_range", "max_abs_error", "max_relative_error"}`` (errors against eager PyTorch at batch 1
-    and 3, two sizes; relative to the largest logit).
+    "size_range", "max_abs_error", "max_relative_error", "checked"}`` (errors against eager PyTorch at
+    batch 1 and 3, two sizes; relative to the largest logit). A file whose check fails is not
+    written (:func:`~swinkit.export.judge_check`); ``model`` stays in the mode it was in.
     """
     if spec.task != "segment":
         raise ValueError(f"export_segmentation exports segmentation models; this is a {spec.task} model")
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    if fmt == "onnx" and opset < MIN_OPSET:
-        raise ValueError(f"ONNX opset must be at least {MIN_OPSET} (LayerNormalization's), got {opset}")
+    refuse_non_float32(model)
+    if fmt == "onnx":
+        check_opset(opset)
     path = export_destination(path)
     check_suffix(path, fmt)
     size = tuple(img_size or (spec.inference["crop_size"],) * 2)
     low, high = SIDE_RANGE
     if not static_size and not all(low <= side <= high for side in size):
         raise ValueError(f"image size {size[0]}x{size[1]} is outside {low}..{high}; use --static-size")
-    wrapped = SegmentationLogits(model).eval()
-    example = torch.randn(2, wrapped.config.in_chans, *size, dtype=next(model.parameters()).dtype)
+    wrapped = SegmentationLogits(model)
+    example = torch.randn(2, wrapped.config.in_chans, *size)
     metadata = {
         "swinkit.dense": spec.to_json(),
         "swinkit.size_range": json.dumps(size_ranges(size, static_size)),
         "swinkit.test_mode": "whole",
     }
-    if fmt == "onnx":
-        _write_onnx(wrapped, path, example, opset, not static_size, metadata)
-    else:
-        program = export_program(wrapped, size, not static_size, example)
-        extra = {PROGRAM_METADATA: json.dumps(metadata)}
-        atomic_write(path, lambda temporary: torch.export.save(program, temporary, extra_files=extra))
     report: dict[str, Any] = {
         "path": str(path),
         "format": fmt,
         "example_size": list(size),
         "size_range": size_ranges(size, static_size),
     }
-    if check:
-        report["max_abs_error"], report["max_relative_error"] = _check(wrapped, path, fmt, size, static_size)
+    with staged(path) as temporary:
+        if fmt == "onnx":
+            _write_onnx(wrapped, temporary, example, opset, not static_size, metadata)
+        else:
+            program = export_program(wrapped, size, not static_size, example)
+            extra = {PROGRAM_METADATA: json.dumps(metadata)}
+            atomic_write(temporary, lambda written: torch.export.save(program, written, extra_files=extra))
+        if check:
+            report.update(judge_check(path, check_export(wrapped, temporary, fmt, size, static_size), fmt))
     return report
 
 
@@ -142,24 +148,6 @@ def _write_onnx(
     onnx_program.model = _at_opset(onnx_program.model, opset)
     onnx_program.model.metadata_props.update(metadata)
     _save_onnx(onnx_program, path, None)
-
-
-def _check(
-    model: SegmentationLogits, path: Path, fmt: str, size: tuple[int, ...], static_size: bool
-) -> tuple[float, float]:
-    """Largest absolute and relative (to the largest eager logit) error at batch 1 and 3, two sizes."""
-    generator = torch.Generator().manual_seed(0)
-    sizes = check_sizes(size, static_size)
-    channels = model.config.in_chans
-    batches = [torch.randn(n, channels, *hw, generator=generator) for n, hw in zip((1, 3), sizes, strict=True)]
-    run = _onnx_runner(path) if fmt == "onnx" else load_program(path).module()
-    absolute, relative = 0.0, 0.0
-    with torch.no_grad():
-        for images in batches:
-            expected, found = model(images), run(images)
-            error = float((found - expected).abs().max())
-            absolute, relative = max(absolute, error), max(relative, error / float(expected.abs().max()))
-    return absolute, relative
 
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
@@ -199,13 +187,7 @@ class ExportedSegmentor(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        (low, high), (least, most) = self.size_range["height"], self.size_range["width"]
-        height, width = images.shape[-2:]
-        if not (low <= height <= high and least <= width <= most):
-            raise ValueError(
-                f"{self.path} takes heights {low}..{high} and widths {least}..{most}, got {height}x{width} "
-                "(a file exported with --static-size takes its one size)"
-            )
+        check_image_size(self.path, self.size_range, images)
         return {"out": self.run(images.detach().cpu().float()).to(images.device)}
 
 
