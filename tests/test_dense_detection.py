@@ -377,6 +377,25 @@ def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
     assert "(sizes are height x width, in pixels)" in results[0]["error"]  # 900 wide, 2 tall: which is which
 
 
+def test_a_score_threshold_below_the_detectors_own_floor_lowers_it(tmp_path):
+    # The detector drops detections under its score_threshold before predict's own threshold: a
+    # lower --score-threshold found nothing more.
+    torch.manual_seed(0)
+    head = {**TINY, "score_threshold": 0.3}
+    model = create_detector("swin_test", 3, masks=False, detector_options=head).eval()
+    head["masks"] = False
+    spec = DenseSpec(
+        "detect", model.backbone.body.config, ["a", "b", "c"], head=head, inference={"category_ids": [1, 2, 3]}
+    )
+    save_dense(model, spec, tmp_path / "detector.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (result,) = predict_dense(
+        [tmp_path / "a.png"], tmp_path / "detector.safetensors", tmp_path / "out", score_threshold=0.1
+    )
+    scores = [detection["score"] for detection in result["detections"]]
+    assert scores and min(scores) >= 0.1 and min(scores) < 0.3  # an untrained detector's scores are near 1/4
+
+
 def test_flip_moves_boxes_and_masks_together():
     masks = torch.zeros(1, 4, 10, dtype=torch.uint8)
     masks[0, :, 1:3] = 1

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
             "--score-threshold",
             type=float,
             default=0.5,
-            help="detections below this score (0..1) are dropped (default 0.5)",
+            help="detections below this score (0..1) are dropped (default 0.5); below the detector's own floor "
+            "(its score_threshold, 0.05) a model file's floor is lowered to it, an exported file's is fixed",
         )
     predict.add_argument("--device", default="cpu", type=device_argument, help=f"{device}; an exported file: cpu")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -290,6 +290,8 @@ def predict_dense(
     paths = expand_inputs(inputs)
     model, spec = load_dense_file(checkpoint, device)
     _refuse_other_task(checkpoint, spec, task, "predict", "runs")
+    if spec.task == "detect":
+        _lower_score_floor(model, spec, score_threshold, checkpoint)
     views = _test_augmentation(checkpoint, model, spec, ratios, flip)
     folder = make_folder(output)
     results: list[dict[str, Any]] = []
@@ -309,6 +311,25 @@ def predict_dense(
         results.append({"path": str(path), **result})
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _lower_score_floor(model: nn.Module, spec: DenseSpec, threshold: float, checkpoint: str | os.PathLike) -> None:
+    """A detector keeps only detections above its own floor (``score_threshold``, 0.05 as mmdet tests):
+    a lower ``threshold`` lowers it in a model file, and is said to find nothing more in an exported
+    one, whose floor is in its graph."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None:
+        heads.score_thresh = min(heads.score_thresh, threshold)
+        return
+    floor = spec.head.get("score_threshold", 0.05)
+    if threshold < floor:
+        logger.warning(
+            "%s keeps detections of score %g or more (fixed when it was exported): a score threshold of %g "
+            "finds no more than that; run the model file for lower scores",
+            checkpoint,
+            floor,
+            threshold,
+        )
 
 
 def _refuse_other_task(
