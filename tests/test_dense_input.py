@@ -197,3 +197,20 @@ def test_image_inputs_are_paths_not_other_objects():
 def test_dense_options_built_in_python_check_their_schedule():
     with pytest.raises(ValueError, match="'schedule' must be one of cosine, poly, step, got 'linear'"):
         SegmentationConfig(schedule="linear")  # was found only when the run built its schedule
+
+
+def test_a_file_written_from_a_preset_spec_predicts(tmp_path):
+    # A preset's spec had no test settings: predict failed with KeyError: 'scale'.
+    from PIL import Image
+
+    from swinkit.dense import predict_dense, save_dense
+    from swinkit.dense.weights import build_dense_model, preset_spec
+
+    spec = preset_spec("swin_test", "upernet", 3)
+    assert spec.inference["scale"] == [2048, 512] and not spec.inference["reduce_zero_label"]  # not ADE20K's 150
+    spec.inference["scale"] = [64, 64]  # a small test scale keeps the test quick; the other keys stay
+    save_dense(build_dense_model(spec).eval(), spec, tmp_path / "segmentor.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (result,) = predict_dense(tmp_path / "a.png", tmp_path / "segmentor.safetensors", tmp_path / "out")
+    assert sum(result["class_fractions"].values()) == pytest.approx(1.0)
+    assert preset_spec("swin_test", "mask_rcnn").inference["category_ids"][-1] == 90  # COCO's ids

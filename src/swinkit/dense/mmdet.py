@@ -577,8 +577,12 @@ def mmdet_classes(state_dict: StateDict, names: list[str] | None) -> tuple[list[
     count = state_dict[key].shape[0] - 1
     if names is None or len(names) != count:
         names = list(COCO_CLASSES) if count == len(COCO_CLASSES) else [f"class{i}" for i in range(count)]
-    ids = list(COCO_CATEGORY_IDS) if names == list(COCO_CLASSES) else list(range(1, count + 1))
-    return names, ids
+    return names, mmdet_category_ids(names)
+
+
+def mmdet_category_ids(names: list[str]) -> list[int]:
+    """The COCO category ids of ``names``: COCO's own for its 80 classes, else 1..K."""
+    return list(COCO_CATEGORY_IDS) if list(names) == list(COCO_CLASSES) else list(range(1, len(names) + 1))
 
 
 def l1_region_proposals(rpn: RegionProposalNetwork, train_proposals: int) -> L1RegionProposalNetwork:

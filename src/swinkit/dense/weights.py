@@ -26,7 +26,15 @@ from ..checkpoint.io import CheckpointError, read_checkpoint, save_safetensors, 
 from ..checkpoint.official import is_derived
 from ..variants import SwinConfig, get_config
 from .backbone import backbone_from_config
-from .mmdet import COCO_CLASSES, from_mmdet, is_mmdet_detector, mmdet_classes, mmdet_head_options, to_mmdet
+from .mmdet import (
+    COCO_CLASSES,
+    from_mmdet,
+    is_mmdet_detector,
+    mmdet_category_ids,
+    mmdet_classes,
+    mmdet_head_options,
+    to_mmdet,
+)
 
 ADE20K_CLASSES = 150
 COCO_CLASS_COUNT = len(COCO_CLASSES)
@@ -195,7 +203,11 @@ def preset_spec(name: str, kind: str, num_classes: int | None = None) -> DenseSp
         raise ValueError(f"the number of classes must be positive, got {count}")
     names = list(COCO_CLASSES) if task == "detect" and count == COCO_CLASS_COUNT else [str(i) for i in range(count)]
     config = get_config(name, features_only=True, stage_norms=True, out_indices=(0, 1, 2, 3), always_shift=True)
-    return DenseSpec(task, config, names, head=head)
+    if task == "detect":
+        inference: dict[str, Any] = {"category_ids": mmdet_category_ids(names)}
+    else:
+        inference = ade20k_inference(count)
+    return DenseSpec(task, config, names, head=head, inference=inference)  # predict and eval need inference
 
 
 def head_options(spec: DenseSpec) -> dict[str, Any]:
@@ -235,9 +247,15 @@ def mmseg_spec(state_dict: dict[str, Tensor], metadata: dict[str, str], source: 
     count = decode.shape[0]
     names = _class_names(metadata)
     classes = names if names is not None and len(names) == count else [str(i) for i in range(count)]
-    inference = {"ignore_index": 255, "reduce_zero_label": count == ADE20K_CLASSES, "mode": "whole",
-                 "crop_size": 512, "stride": 341, "scale": [2048, 512]}  # fmt: skip
+    inference = ade20k_inference(count)
     return DenseSpec("segment", _official_backbone(state_dict, source), classes, head=head, inference=inference)
+
+
+def ade20k_inference(count: int) -> dict[str, Any]:
+    """The test settings of Swin's ADE20K configs: whole images at scale (2048, 512); a 150-class
+    model is taken for ADE20K, whose label maps need ``reduce_zero_label`` (0 is "other")."""
+    return {"ignore_index": 255, "reduce_zero_label": count == ADE20K_CLASSES, "mode": "whole",
+            "crop_size": 512, "stride": 341, "scale": [2048, 512]}  # fmt: skip
 
 
 def _class_names(metadata: dict[str, str]) -> list[str] | None:
