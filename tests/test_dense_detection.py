@@ -1091,3 +1091,22 @@ def test_a_file_whose_model_description_cannot_be_built_is_named(tiny_mask_rcnn,
         save_file(weights, tmp_path / name, {"format": "pt", "swinkit_dense": json.dumps(described)})
         with pytest.raises(CheckpointError, match=f"{name}: .*{message}"):
             load_dense(tmp_path / name)
+
+
+def test_targets_are_checked_against_the_heads_the_detector_has_now():
+    # torchvision's fine-tuning recipe replaces the predictors: labels of the new classes were refused
+    # against the class count at build time, and masks still asked for without a mask head.
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    detector = create_detector("swin_test", 3, detector_options=TINY).train()
+    detector.roi_heads.box_predictor = FastRCNNPredictor(TINY["box_head_dim"], 7)
+    detector.roi_heads.mask_predictor = MaskRCNNPredictor(TINY["mask_head_dim"], TINY["mask_head_dim"], 7)
+    image, masks = torch.rand(3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.uint8)
+    masks[0, 10:40, 10:50] = 1
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([6]), "masks": masks}
+    assert "loss_mask" in detector([image], [target])
+    with pytest.raises(ValueError, match=r'targets\[0\]\["labels"\] holds 7: .* 1..6 for this detector'):
+        detector([image], [{**target, "labels": torch.tensor([7])}])
+    detector.roi_heads.mask_roi_pool = detector.roi_heads.mask_head = detector.roi_heads.mask_predictor = None
+    assert "loss_mask" not in detector([image], [{"boxes": target["boxes"], "labels": target["labels"]}])

@@ -3,10 +3,13 @@ never scored or averaged into a wrong number."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import swinkit
 from helpers import TINY_DETECTOR
 from swinkit import create_model
 from swinkit.dense import (
@@ -192,6 +195,8 @@ def test_image_inputs_are_paths_not_other_objects():
         expand_inputs(torch.rand(3, 8, 8))
     with pytest.raises(TypeError, match="paths of image files or folders, got a int"):
         expand_inputs([3])
+    samples = sorted((Path(swinkit.__file__).parent / "assets" / "samples").glob("*.png"))
+    assert expand_inputs(path for path in samples) == samples  # a generator (Path.glob's) is a list of paths
 
 
 def test_dense_options_built_in_python_check_their_schedule():

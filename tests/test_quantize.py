@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -189,7 +190,8 @@ def test_int8_models_are_refused_where_float_weights_are_needed(tmp_path):
     with pytest.raises(TypeError, match="quantize_dynamic needs a model .* got str"):  # was an AttributeError
         quantize_dynamic("swin_t")
     # Training one ran without a word, its int8 weights never changing; it stays in eval mode, a copy too.
-    for trained in (quantized, nn.Sequential(quantized), copy.deepcopy(quantized)):
+    restored = pickle.loads(pickle.dumps(quantized))  # a copy sent to a worker process: the refusal pickles
+    for trained in (quantized, nn.Sequential(quantized), copy.deepcopy(quantized), restored):
         with pytest.raises(ValueError, match="an int8-quantized model is for inference: .* train the float model"):
             trained.train()
     assert not any(module.training for module in quantized.modules())

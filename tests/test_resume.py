@@ -86,6 +86,9 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run_to_be_read_as_its_own(f
     leftover = output / f".{TRAIN_CHECKPOINT}.k1ll3d.tmp"
     leftover.mkdir()
     (leftover / TRAIN_CHECKPOINT).write_bytes(b"half a checkpoint")
+    with (output / "metrics.jsonl").open("a") as file:
+        file.write('{"epoch": 1, "train_lo')  # a row a killed run cut short: starting over crashed on it
+    assert (output / "model-best.safetensors").exists()
     not_ours = output / f".{TRAIN_CHECKPOINT}.user.tmp"
     not_ours.mkdir()
     (not_ours / "notes.txt").write_text("kept")
@@ -95,6 +98,8 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run_to_be_read_as_its_own(f
     assert _rows(output) == []
     state = torch.load(output / TRAIN_CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["global_step"]) == (0, 2)  # saved at the stop: --max-steps now saves
+    assert state["epoch_totals"]["images"] == 8  # with the epoch's totals so far (the first fix saved zeros)
+    assert not (output / "model-best.safetensors").exists()  # the earlier run's best is not this run's
     assert not leftover.exists() and (not_ours / "notes.txt").exists()
     # The same command without --max-steps goes on from step 2 to the epoch's end.
     assert _train(folders, output, "--epochs", "1") == 0

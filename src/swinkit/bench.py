@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import numbers
 import os
 import platform
 import resource
@@ -659,7 +660,7 @@ def _check_counts(**counts: int | None) -> None:
     for name, value in counts.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name.replace('_', ' ')} must be an int of at least 1, got {value!r}")
         if value < 1:
             raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {value}")

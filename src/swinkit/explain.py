@@ -288,7 +288,11 @@ def explain_detection(
         raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got {shown}")
     check_images(image[None], 3, next(model.parameters()).dtype)  # before gradients are asked of it
     if label is not None:  # before the model runs: a class it has not is not "nothing found"
-        _check_label(label, _detector_classes(model))
+        from .dense.detection import detector_classes
+
+        classes = detector_classes(model)
+        if classes is not None:
+            _check_label(label, classes)
     with _explaining(model, reference_attention=False):
         with torch.no_grad():  # resized and padded as the detector will (eval: no random size)
             batch, _ = model.transform([image])
@@ -312,12 +316,6 @@ def explain_detection(
         stride=stride,
         boxes=detection["box"].reshape(1, 4),
     )
-
-
-def _detector_classes(model: nn.Module) -> int:
-    """A torchvision detector's object classes: its box predictor's logits, the background's less."""
-    predictors = [module for name, module in model.roi_heads.named_modules() if name.endswith("box_predictor")]
-    return predictors[-1].cls_score.out_features - 1
 
 
 def _check_label(label: Any, classes: int) -> None:

@@ -95,29 +95,48 @@ def _window_order(
 _cached_window_order = functools.lru_cache(maxsize=128)(_window_order)
 
 
-# Part of every cache key below, bumped after every optimizer step and by forget_cached_weights():
-# a parameter written without its version counter moving (FSDP gathers the trained shards into the
-# same unsharded storage each forward, uncounted) must not serve the caches of before the write.
+# Part of every cache key below, bumped by forget_cached_weights(): a parameter written without its
+# version counter moving (FSDP gathers the trained shards into the same unsharded storage each
+# forward, uncounted) must not serve the caches of before the write.
 _generation = 0
 
 
 def forget_cached_weights() -> None:
     """Drop what the no-grad caches derived from parameters (packed linear weights, position biases):
-    the next forward rebuilds it. Every optimizer step does this; call it after writing parameters
-    in a way torch does not count (the training loop does before each validation)."""
+    the next forward rebuilds it. An optimizer step over sharded (FSDP) parameters does this, and the
+    training loop before each validation; call it after writing parameters in a way torch does not
+    count. (Not at every optimizer step: a frozen Swin run under no_grad beside a module that trains
+    would rebuild its caches each step, twice as slow.)"""
     global _generation
     _generation += 1
 
 
+def _is_sharded(parameter: Tensor) -> bool:
+    sharded = _sharded_type()
+    return sharded is not None and isinstance(parameter, sharded)
+
+
+@functools.cache
+def _sharded_type() -> type | None:
+    """FSDP's parameter type, DTensor; imported on first use (None in a torch built without distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
 def _count_fused_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    """After every optimizer step: the caches start a new generation (:data:`_generation`), and a
-    fused step is counted. A fused one (``fused=True``, which swinkit's ``build_optimizer`` picks)
-    writes the parameters in place without counting it in their version counters (torch 2.14; the
-    foreach and for-loop forms count it). Without this, a no-grad forward after training steps ran
-    on the packed linear weights and position biases of before them: the demo's validation during
-    training read 94% where the trained model gave 99%. Counted here for every parameter of the
-    fused groups, as the other forms do."""
-    forget_cached_weights()
+    """After every optimizer step: a fused one (``fused=True``, which swinkit's ``build_optimizer``
+    picks) writes the parameters in place without counting it in their version counters (torch
+    2.14; the foreach and for-loop forms count it), and the caches here are keyed by those counters.
+    Without this, a no-grad forward after training steps ran on the packed linear weights and
+    position biases of before them: the demo's validation during training read 94% where the
+    trained model gave 99%. Counted here for every parameter of the fused groups, as the other
+    forms do. A step over FSDP's sharded parameters (DTensors) starts a new cache generation: the
+    unsharded ones it gathers later move no counter."""
+    if any(_is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+        forget_cached_weights()
     for group in optimizer.param_groups:
         if group.get("fused"):
             torch.autograd.graph.increment_version([p for p in group["params"] if not p.is_inference()])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -29,7 +30,7 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     path given alone (not in a list) is one input, not a sequence of one-letter paths."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    if not isinstance(inputs, (list, tuple)):
+    if isinstance(inputs, (bytes, torch.Tensor, np.ndarray)) or not isinstance(inputs, Iterable):
         raise TypeError(f"inputs are image files or folders: a path or a list of paths, got {type(inputs).__name__}")
     paths: list[Path] = []
     for item in inputs:

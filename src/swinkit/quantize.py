@@ -21,7 +21,7 @@ Speed and accuracy change: benchmarks/RESULTS.md, section "Per-token int8 on the
 from __future__ import annotations
 
 import copy
-import types
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,9 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
         module = quantized.get_submodule(parent)
         setattr(module, child, Int8Linear(getattr(module, child)))
     quantized.int8_dynamic = True
-    quantized.train = types.MethodType(_train_for_inference, quantized)  # eval() calls it too
+    # eval() calls it too. A partial, not a bound method: the copy still pickles (a bound method of
+    # a function the class does not have does not).
+    quantized.train = functools.partial(_train_for_inference, quantized)
     return quantized.eval()  # the new layers too
 
 

@@ -79,9 +79,25 @@ class _CheckedInputs:
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         if not _tracing():
             check_detection_images(images, values=False)
-            classes, masks = getattr(self.transform, "num_classes", None), getattr(self.transform, "masks", False)
+            # Read from the heads now: fine-tuning replaces the predictors (torchvision's recipe).
+            classes, masks = detector_classes(self), detector_has_masks(self)
+            self.transform.num_classes, self.transform.masks = classes, masks  # what the transform checks
             check_detection_targets(images, targets, self.training, classes, masks, values=False)
         return super().forward(images, targets)
+
+
+def detector_classes(model: nn.Module) -> int | None:
+    """A torchvision detector's object classes: its (last) box predictor's logits, the background's
+    less; None where its predictor has no ``cls_score``."""
+    predictors = [module for name, module in model.roi_heads.named_modules() if name.endswith("box_predictor")]
+    scores = getattr(predictors[-1], "cls_score", None) if predictors else None
+    return scores.out_features - 1 if isinstance(scores, nn.Linear) else None
+
+
+def detector_has_masks(model: nn.Module) -> bool:
+    """Whether a torchvision detector (a cascade's included) has a mask head now."""
+    heads = model.roi_heads
+    return heads.has_masks if isinstance(heads, CascadeRoIHeads) else heads.has_mask()
 
 
 class SwinFasterRCNN(_CheckedInputs, FasterRCNN):

@@ -83,6 +83,10 @@ MIN_BOX_TOLERANCE = 1e-2
 SCORE_TOLERANCE = 1e-4
 MASK_TOLERANCE = 1e-2
 TIE_BREAKING_NOISE = 1e-3  # of the [0, 1] pixel range: no two regions of a constant image score alike after it
+BOUNDARY_NOTE = (
+    "a detection sits on a decision boundary there (a score at the threshold, the top-100 cut or an NMS overlap, "
+    f"within float32 rounding); with noise of {TIE_BREAKING_NOISE:g} added to the image every detection agrees"
+)
 TIES_NOTE = (
     "they differ among exactly tied scores: eager ranked equal scores there (a constant image or region gives many "
     "regions the same one), torch and onnxruntime break such ties in different orders, so other regions survive; "
@@ -299,6 +303,9 @@ def _judge(path: Path, report: dict[str, Any]) -> None:
         if not entry["differing"]:
             continue
         what = describe_differences(entry)
+        if entry["agree_with_noise"] and not entry["tied_scores"]:
+            logger.warning("%s: %s; %s", path, what, BOUNDARY_NOTE)
+            continue
         if not entry["differ_among_ties"]:
             tolerances = ", ".join(f"{name} {value:.0e}" for name, value in report["tolerances"].items())
             if entry["tied_scores"]:  # an image of one pixel, for one, stays constant whatever noise is added
@@ -499,10 +506,11 @@ def compare_with_eager(model: nn.Module, exported: nn.Module, images: list[Tenso
         for image in images:
             entry, tied = _compare_image(model, exported, image)
             if entry["differing"]:
-                entry["tied_scores"] = tied
-                entry["differ_among_ties"] = (
-                    tied and not _compare_image(model, exported, _ties_broken(image))[0]["differing"]
-                )
+                # Re-checked with a little noise whether or not eager saw ties: float32 rounding can also
+                # move a trained detector's detection across its score threshold, top-k cut or NMS overlap.
+                agree = not _compare_image(model, exported, _ties_broken(image))[0]["differing"]
+                entry["tied_scores"], entry["agree_with_noise"] = tied, agree
+                entry["differ_among_ties"] = tied and agree
             entries.append(entry)
     report: dict[str, Any] = {
         "same_detections": not any(entry["differing"] for entry in entries),

@@ -319,7 +319,9 @@ def _lower_score_floor(model: nn.Module, spec: DenseSpec, threshold: float, chec
     one, whose floor is in its graph."""
     heads = getattr(model, "roi_heads", None)
     if heads is not None:
-        heads.score_thresh = min(heads.score_thresh, threshold)
+        for stage in heads.modules():  # a cascade's stages each hold one
+            if hasattr(stage, "score_thresh"):
+                stage.score_thresh = min(stage.score_thresh, threshold)
         return
     floor = spec.head.get("score_threshold", 0.05)
     if threshold < floor:
@@ -374,7 +376,7 @@ def evaluate_dense(
         metrics = _evaluate_segmentation(model, spec, data, split, workers, strict_data, ratios, flip)
     else:
         metrics = _evaluate_detection(model, spec, data, images, workers, strict_data, views)
-        metrics |= {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
+        metrics |= {"test_ratios": [float(r) for r in ratios] if ratios is not None else [1.0], "test_flip": flip}
     if output is not None:
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -425,7 +427,7 @@ def _evaluate_segmentation(
     read = len(dataset) - len(bad)
     require_some_read(read, bad, str(data))
     scores = segmentation_scores(confusion, spec.classes)
-    testing = {"test_ratios": list(ratios) if ratios is not None else [1.0], "test_flip": flip}
+    testing = {"test_ratios": [float(r) for r in ratios] if ratios is not None else [1.0], "test_flip": flip}
     return {**scores, **testing, "images": read, "bad_images": bad}
 
 

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,8 +70,9 @@ def build_segmentor(
         )
     sizes = {"num_classes": num_classes, "channels": channels, **({"aux_channels": aux_channels} if aux else {})}
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _positive_int(value):
             raise ValueError(f"{name} must be an int of 1 or more, got {value!r}")
+    num_classes, channels, aux_channels = int(num_classes), int(channels), int(aux_channels)  # numpy's: Python's
     if tuple(backbone.out_indices) != (0, 1, 2, 3):
         raise ValueError(f"UPerNet takes the four stage maps; the backbone gives stages {backbone.out_indices}")
     decode_head = UPerHead(backbone.out_channels, num_classes, channels)
@@ -166,8 +168,9 @@ def infer(model: nn.Module, images: Tensor, mode: str = "whole", crop_size: int 
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
     if mode == "whole":
         return _logits(model, images)
-    if any(isinstance(n, bool) or not isinstance(n, int) for n in (crop_size, stride)):
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in (crop_size, stride)):
         raise ValueError(f"crop_size and stride must be ints, got {crop_size!r} and {stride!r}")
+    crop_size, stride = int(crop_size), int(stride)
     if not 0 < stride <= crop_size:
         raise ValueError(f"slide stride must be between 1 and the crop size {crop_size}, got {stride}")
     H, W = images.shape[-2:]
@@ -245,7 +248,7 @@ def _check_views(views: Sequence[Tensor], size: Sequence[int]) -> None:
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _positive_int(value: Any) -> bool:
@@ -261,7 +264,7 @@ def check_test_ratios(ratios: Sequence[float] | None) -> None:
     """Ratios of the test scale: None (one scale) or finite numbers above 0, at least one."""
     if ratios is None:
         return
-    if not isinstance(ratios, (list, tuple)):
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (Sequence, np.ndarray)):
         raise TypeError(f"test ratios must be a list of numbers, got {ratios!r}")
     if len(ratios) == 0 or not all(_real(r) and math.isfinite(r) and r > 0 for r in ratios):
         raise ValueError(f"test ratios must be one or more numbers above 0, got {list(ratios)}")

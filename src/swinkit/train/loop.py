@@ -23,6 +23,7 @@ from ..checkpoint.native import save as save_model
 from ..data import require_some_read, train_transform
 from ..evaluate import EvalResult, amp_dtype, evaluate
 from ..factory import create_model
+from ..fast import forget_cached_weights
 from ..predict import refuse_dense_file
 from . import distributed
 from .config import TrainConfig, save_yaml
@@ -204,8 +205,9 @@ class TrainingLoop:
         for folder in remove_stale_temporaries(checkpoint):
             logger.info("removed %s, left by a run killed while writing its checkpoint", folder)
         if not resumed and checkpoint.exists():
-            checkpoint.unlink()
-            logger.info("starting over: removed the earlier run's %s", checkpoint)
+            for stale in (checkpoint, self.output / self.best_file):  # the best model: this run's own only
+                stale.unlink(missing_ok=True)
+                logger.info("starting over: removed the earlier run's %s", stale)
 
     def run(self) -> Any:
         start = time.perf_counter()
@@ -216,8 +218,8 @@ class TrainingLoop:
         while self.epoch < self.config.epochs:
             row = {"epoch": self.epoch, **self.train_epoch(), "lr": self.scheduler.current_lr}
             if self.config.max_steps and self.global_step >= self.config.max_steps:
-                self.save()  # a re-run without --max-steps goes on from here, not from the last save
                 break
+            forget_cached_weights()  # weights written without torch counting it (FSDP's gathers) are not served stale
             row.update(self.validate(), skipped_steps=self.skipped_steps)
             self._log_epoch(row, best_path)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -250,6 +252,9 @@ class TrainingLoop:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.current_lr:.2e}")
                 if self._should_stop_or_save():
+                    # Saved with the epoch's totals so far: a re-run without --max-steps goes on from here.
+                    self.epoch_totals = totals
+                    self.save()
                     break
         progress.close()
         self.epoch_totals = totals

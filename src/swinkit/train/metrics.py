@@ -27,13 +27,23 @@ class MetricsLog:
                 logger.warning("tensorboard is not installed: no TensorBoard logs")
 
     def history(self) -> list[dict[str, Any]]:
+        """The rows written so far; a line a killed run left half-written is skipped, and said."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s: line %d is not a JSON row (a killed run's?): left out", self.path, number)
+        return rows
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop lines of epochs >= ``epoch`` (written by a run that died before its checkpoint)."""
-        kept = [row for row in self.history() if row["epoch"] < epoch]
+        """Drop lines of epochs >= ``epoch`` (written by a run that died before its checkpoint); all
+        of them for epoch 0 (a run starting over), without reading them."""
+        kept = [row for row in self.history() if row["epoch"] < epoch] if epoch else []
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict[str, Any]) -> None:
