@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import numbers
 import os
 import platform
 import resource
@@ -44,7 +43,7 @@ from .attention import resolve_impl
 from .export import compile_model, export_onnx_model, onnx_session
 from .flops import count_flops
 from .quantize import quantize_dynamic
-from .variants import SwinConfig
+from .variants import SwinConfig, is_whole
 
 # swinkit preset -> the peers' names for the same architecture (Hugging Face: the hub id, for reference;
 # the benchmark builds it from swinkit's config, with random weights, offline).
@@ -660,7 +659,7 @@ def _check_counts(**counts: int | None) -> None:
     for name, value in counts.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_whole(value):
             raise TypeError(f"{name.replace('_', ' ')} must be an int of at least 1, got {value!r}")
         if value < 1:
             raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {value}")

@@ -19,7 +19,6 @@ Masked Image Modeling", CVPR 2022), as in the official code.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from .checkpoint import official
 from .model import SwinTransformer, check_images
 from .parallel import image_splits, run_split
-from .variants import SwinConfig
+from .variants import SwinConfig, is_real, is_whole
 
 
 class SimMIM(nn.Module):
@@ -178,7 +177,7 @@ def official_state(state: dict[str, Tensor], config: SwinConfig) -> dict[str, di
 def check_norm_target_patch(patch: int, name: str = "norm_target_patch", off: bool = True) -> None:
     """Refuse, by name, a normalized-target patch that is neither 0 (off, where ``off``) nor an odd
     size of at least 3 (an even one is off centre; 1 has no deviation)."""
-    if not _is_int(patch):
+    if not is_whole(patch):
         raise TypeError(f"{name} must be an int, got {patch!r}")
     if (patch != 0 or not off) and (patch < 3 or patch % 2 == 0):
         raise ValueError(f"{name} must be {'0 (off) or ' if off else ''}an odd size of at least 3, got {patch}")
@@ -246,16 +245,16 @@ def random_mask(
 ) -> Tensor:
     """SimMIM's random mask for an ``H`` x ``W`` image: ``ceil(ratio * count)`` of the ``count``
     ``mask_patch_size`` squares masked, as a ``(H / patch_size, W / patch_size)`` float tensor of 0 / 1."""
-    if not (isinstance(size, Sequence) and len(size) == 2 and all(map(_is_int, size))):
+    if not (isinstance(size, Sequence) and len(size) == 2 and all(map(is_whole, size))):
         raise TypeError(f"size must be the image's (H, W), two ints, got {size!r}")
     if min(size) < 1:
         raise ValueError(f"size must be two ints of at least 1, got {tuple(size)}")
     for name, value in (("mask_patch_size", mask_patch_size), ("patch_size", patch_size)):
-        if not _is_int(value):
+        if not is_whole(value):
             raise TypeError(f"{name} must be an int of at least 1, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be an int of at least 1, got {value}")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+    if not is_real(ratio):
         raise TypeError(f"mask ratio must be a number above 0 and below 1, got {ratio!r}")
     H, W = size
     if mask_patch_size % patch_size or H % mask_patch_size or W % mask_patch_size:
@@ -270,11 +269,6 @@ def random_mask(
     mask = torch.zeros(rows * cols)
     mask[torch.randperm(rows * cols, generator=generator)[:count]] = 1.0
     return mask_cells(mask.view(rows, cols), mask_patch_size // patch_size)
-
-
-def _is_int(value: object) -> bool:
-    """An integer, not a bool (``True`` is no size) nor a float (a whole one included: ``zeros()`` refuses it)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def mask_cells(mask: Tensor, scale: int) -> Tensor:

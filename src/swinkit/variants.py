@@ -7,6 +7,7 @@ files store), so ``create_model(name, **overrides)`` is ``dataclasses.replace(PR
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,18 @@ def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
             raise ValueError(f"field {prefix}{name} must be {shown}, got {value!r}")
 
 
+def is_whole(value: Any) -> bool:
+    """An integer of any type (numpy's too), never a bool: ``True`` is no count or size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number of any type (a whole one too, numpy's too), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_kind(kind: Any, value: Any) -> bool:
+    # Python's own numbers only: a stored config is written back as JSON, which numpy's are not.
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:

@@ -7,7 +7,6 @@ plugs Swin into the standard frameworks.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..variants import is_real, is_whole
 from .backbone import SwinBackbone, create_backbone
 from .cascade import (
     CASCADE_BOX_WEIGHTS,
@@ -124,7 +124,7 @@ _LIMITED_OPTIONS = {
 
 def _check_options(num_classes: Any, flags: dict[str, Any], settings: dict[str, Any]) -> None:
     """Refuse a class count, flag or size build_detector's parts would take without a word or fail on later."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+    if not is_whole(num_classes):
         raise TypeError(f"num_classes must be a whole number (the object classes), got {num_classes!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be 1 or more (the background is not counted), got {num_classes}")
@@ -136,10 +136,10 @@ def _check_options(num_classes: Any, flags: dict[str, Any], settings: dict[str, 
     for name, field in _LIMITED_OPTIONS.items():
         value = settings[name]
         values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        kind = numbers.Real if name == "score_threshold" else numbers.Integral
-        what = "a number" if kind is numbers.Real else "a whole number"
+        fits = is_real if name == "score_threshold" else is_whole
+        what = "a number" if fits is is_real else "a whole number"
         what += " or a non-empty list of them" if name in ("min_size", "anchor_sizes") else ""
-        if not values or any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
+        if not values or not all(map(fits, values)):
             raise TypeError(f"detector option {name!r} must be {what}, got {value!r}")
         limit = DetectionConfig.LIMITS[field]
         if not all(limit.accepts(v) for v in values):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import numbers
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..variants import is_real, is_whole
 
 # ---------------------------------------------------------------------------------------------
 # Semantic segmentation
@@ -41,7 +43,7 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignor
 
 
 def _check_label_maps(prediction: Tensor, target: Tensor, num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    if not is_whole(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be an int of 1 or more, got {num_classes!r}")
     for name, labels in (("prediction", prediction), ("target", target)):
         if not isinstance(labels, Tensor):
@@ -187,7 +189,7 @@ def _check_box(box: Any, where: str) -> None:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    return is_real(value) and math.isfinite(value)
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

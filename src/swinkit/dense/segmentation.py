@@ -4,7 +4,6 @@ inference and multi-scale + flip testing."""
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..variants import is_real, is_whole
 from .backbone import SwinBackbone, create_backbone
 from .heads import FCNHead, UPerHead, resize
 from .metrics import confusion_matrix
@@ -168,7 +168,7 @@ def infer(model: nn.Module, images: Tensor, mode: str = "whole", crop_size: int 
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
     if mode == "whole":
         return _logits(model, images)
-    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in (crop_size, stride)):
+    if not (is_whole(crop_size) and is_whole(stride)):
         raise ValueError(f"crop_size and stride must be ints, got {crop_size!r} and {stride!r}")
     crop_size, stride = int(crop_size), int(stride)
     if not 0 < stride <= crop_size:
@@ -247,12 +247,8 @@ def _check_views(views: Sequence[Tensor], size: Sequence[int]) -> None:
         raise ValueError(f"size must be (height, width), two ints of 1 or more; got {size!r}")
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_whole(value) and value >= 1
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -266,7 +262,7 @@ def check_test_ratios(ratios: Sequence[float] | None) -> None:
         return
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (Sequence, np.ndarray)):
         raise TypeError(f"test ratios must be a list of numbers, got {ratios!r}")
-    if len(ratios) == 0 or not all(_real(r) and math.isfinite(r) and r > 0 for r in ratios):
+    if len(ratios) == 0 or not all(is_real(r) and math.isfinite(r) and r > 0 for r in ratios):
         raise ValueError(f"test ratios must be one or more numbers above 0, got {list(ratios)}")
 
 

@@ -9,7 +9,6 @@ read, whose mask does not match its image, or that has no labelled pixel is a
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import random
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from torchvision.transforms import functional as TF
 
 from ..data import BadImageError, BadItem, load_image
 from ..data.images import find_image_files
+from ..variants import is_whole
 from .data import photometric_distortion
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class BadMaskError(ValueError):
 def check_ignore_index(ignore_index: int, num_classes: int) -> None:
     """Refuse an ``ignore_index`` that is one of the classes: that class would silently drop out of
     the loss and the metrics."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not is_whole(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if 0 <= ignore_index < num_classes:
         raise ValueError(
@@ -82,7 +82,7 @@ class SegmentationFolder(Dataset):
         for folder in (self.images, self.masks):
             if not folder.is_dir():
                 raise FileNotFoundError(f"segmentation folder {folder} does not exist")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        if not is_whole(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be an int of 1 or more, got {num_classes!r}")
         check_ignore_index(ignore_index, num_classes)
         for name, value in {"reduce_zero_label": reduce_zero_label, "strict": strict}.items():
