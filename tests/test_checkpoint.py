@@ -374,6 +374,25 @@ def test_written_files_get_the_permissions_any_new_file_gets(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.safetensors", "plain.txt", "state.pt"]
 
 
+def test_staging_moves_the_file_and_what_was_written_beside_it_or_nothing(tmp_path):
+    # One mechanism writes checkpoints and exports: an ONNX file names its weights file
+    # (<name>.data) beside it, which must arrive with it; a block that raises changes nothing.
+    from swinkit.checkpoint.io import staging
+
+    target = tmp_path / "out" / "model.onnx"
+    with staging(target) as temporary:
+        assert temporary.name == "model.onnx" and temporary.parent.parent == target.parent
+        temporary.write_text("new model")
+        temporary.with_name("model.onnx.data").write_text("new weights")
+    assert target.read_text() == "new model" and (target.parent / "model.onnx.data").read_text() == "new weights"
+    with pytest.raises(RuntimeError, match="check failed"), staging(target) as temporary:
+        temporary.write_text("bad model")
+        temporary.with_name("model.onnx.data").write_text("bad weights")
+        raise RuntimeError("check failed")
+    assert target.read_text() == "new model" and (target.parent / "model.onnx.data").read_text() == "new weights"
+    assert sorted(path.name for path in target.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def _edited_copy(source: Path, target: Path, tensors=None, **metadata) -> Path:
     """``source`` (a swinkit file) written again with some tensors and metadata entries replaced."""
     from safetensors import safe_open

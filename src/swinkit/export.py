@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from .checkpoint.io import atomic_write, export_destination, file_kind
+from .checkpoint.io import atomic_write, export_destination, file_kind, staging
 from .model import SwinTransformer, cells, derived_once_per_trace
 from .quantize import refuse_int8
 
@@ -419,27 +418,18 @@ def _save_onnx(onnx_program: Any, path: Path, external_data: bool | None) -> Non
 
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
-    """A path named as ``path`` in a new folder beside it, to write (and check) an export at.
-
-    When the block ends the file replaces ``path`` at once, an ONNX file's weights file
-    (``<name>.data``) first, so that the model file never names a weights file not yet there; both
-    are written under their final names because the model file refers to its weights by name. When
-    the block raises, nothing is moved and the folder is removed: ``path`` stays as it was. An ONNX
-    file with its weights inside that replaces one with external weights removes that weights file:
-    only the replaced file named it.
+    """:func:`~swinkit.checkpoint.io.staging` for an export: the file, and an ONNX file's weights
+    file, replace their destinations at once when the block ends, and nothing changes when it
+    raises. An ONNX file with its weights inside that replaces one with external weights removes
+    that weights file: only the replaced file named it.
     """
     path = Path(path)
     old_weights = path.with_name(f"{path.name}.data")
     onnx = path.suffix.lower() == ".onnx"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as folder:
-        temporary = Path(folder) / path.name
+    with staging(path) as temporary:
         yield temporary
         replaces_external = onnx and path.exists() and old_weights.exists()
-        weights = temporary.with_name(f"{temporary.name}.data")
-        inline = not (onnx and weights.exists())
-        if not inline:
-            os.replace(weights, old_weights)
-        os.replace(temporary, path)
+        inline = not temporary.with_name(f"{temporary.name}.data").exists()
     if inline and replaces_external:
         old_weights.unlink()
         logger.info("removed %s, the weights of the %s replaced (the new one holds its weights)", old_weights, path)

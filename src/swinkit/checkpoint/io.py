@@ -7,6 +7,7 @@ their name.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -254,22 +255,39 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()  # read once, at import: setting the umask is process-wide
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def staging(path: str | os.PathLike) -> Iterator[Path]:
+    """A path named as ``path`` in a new folder beside it, to write ``path`` at in one step.
+
+    When the block ends, what was written there replaces its namesake beside ``path`` at once: first
+    any file the writer put beside the temporary one (an ONNX file's external weights,
+    ``<name>.data``, which the model file names), then the file itself, so that it never names a file
+    not yet there. When the block raises, nothing is moved and the folder is removed: ``path`` stays
+    as it was, and a crash never leaves a half-written file at it.
+    """
     path = writable_file(path)
     # The temporary file has the destination's name, in a folder of its own beside it: torch's zip
-    # archives (torch.save, torch.export.save) name their top folder after the file they write.
+    # archives (torch.save, torch.export.save) name their top folder after the file they write, and
+    # an ONNX file names its weights file after itself.
     try:
         folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as error:  # named by the file asked for, not the temporary one
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
-    tmp = folder / path.name
+    temporary = folder / path.name
     try:
-        write(str(tmp))
-        os.chmod(tmp, FILE_MODE)  # as open() makes a file: safetensors' writer makes it private (0600)
-        os.replace(tmp, path)
+        yield temporary
+        companions = sorted(item for item in folder.iterdir() if item != temporary and item.is_file())
+        for written in [*companions, temporary]:
+            os.chmod(written, FILE_MODE)  # as open() makes a file: safetensors' writer makes it private (0600)
+            os.replace(written, path.with_name(written.name))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)`` then move the file onto ``path`` (:func:`staging`)."""
+    with staging(path) as temporary:
+        write(str(temporary))
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

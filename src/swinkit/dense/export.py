@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.io import atomic_write, export_destination
+from ..checkpoint.io import export_destination
 from ..devices import check_device
 from ..export import (
     DEFAULT_OPSET,
@@ -119,7 +119,7 @@ def export_segmentation(
         else:
             program = export_program(wrapped, size, not static_size, example)
             extra = {PROGRAM_METADATA: json.dumps(metadata)}
-            atomic_write(temporary, lambda written: torch.export.save(program, written, extra_files=extra))
+            torch.export.save(program, str(temporary), extra_files=extra)  # staged: moved into place once checked
         if check:
             report.update(judge_check(path, check_export(wrapped, temporary, fmt, size, static_size), fmt))
     return report
