@@ -161,6 +161,44 @@ def test_config_resolution_order(tmp_path):
         resolve_config({"epochs": "many"})
 
 
+def test_schedules_that_contradict_themselves_are_refused_or_said():
+    from swinkit.dense.config import DetectionConfig, SegmentationConfig
+    from swinkit.train.config import schedule_notes
+    from swinkit.train.pretrain import PretrainConfig
+
+    # A small base_lr given alone sat below the default min_lr: the cosine rose as training went on.
+    for options in (TrainConfig, PretrainConfig, SegmentationConfig):
+        with pytest.raises(
+            ValueError, match=r"'min_lr' \(5e-06\) is above 'base_lr' \(1e-06\): the \w+ schedule would raise"
+        ):
+            options(base_lr=1e-6, min_lr=5e-6)
+    TrainConfig(base_lr=1e-6, min_lr=1e-6)  # a constant rate after the warm-up
+    PretrainConfig(base_lr=1e-6, min_lr=5e-6, lr_schedule="multistep", lr_milestones=(50,))  # min_lr unused
+    DetectionConfig(base_lr=1e-6, min_lr=5e-6, schedule="step")
+    # Milestones mean something to the step schedule only: the others may have none.
+    assert DetectionConfig(schedule="cosine", milestones=()).milestones == ()
+    assert SegmentationConfig(schedule="poly", milestones=[]).milestones == ()
+    with pytest.raises(ValueError, match="schedule 'step' needs milestones"):
+        DetectionConfig(schedule="step", milestones=())
+    # Valid, but likely not meant: said when the run starts, as steps of an epoch are known.
+    assert schedule_notes(TrainConfig(epochs=300, warmup_epochs=20), steps_per_epoch=100) == []
+    assert schedule_notes(DetectionConfig(), steps_per_epoch=100) == []  # the 3x recipe
+    (warmup,) = schedule_notes(TrainConfig(epochs=10, warmup_epochs=20), steps_per_epoch=100)
+    assert warmup.startswith("the warm-up (warmup_epochs 20: 2000 steps) lasts the whole run (10 epoch(s) of 100")
+    (warmup,) = schedule_notes(SegmentationConfig(epochs=2, warmup_steps=1500), steps_per_epoch=10)
+    assert warmup.startswith("the warm-up (warmup_steps 1500: 1500 steps) lasts the whole run (2 epoch(s) of 10")
+    (late,) = schedule_notes(DetectionConfig(schedule="step", epochs=12, warmup_steps=0), steps_per_epoch=100)
+    assert late.startswith("milestone epoch(s) [27, 33] come at or after the end of the run (12 epochs)")
+    assert schedule_notes(DetectionConfig(schedule="cosine", epochs=12, warmup_steps=0), steps_per_epoch=100) == []
+    pretrain = PretrainConfig(epochs=100, warmup_epochs=10, lr_schedule="multistep", lr_milestones=(50, 100))
+    (late,) = schedule_notes(pretrain, steps_per_epoch=10)
+    assert late == "milestone epoch(s) [100.0] come at or after the end of the run (100 epochs): " + (
+        "the rate is not multiplied by gamma there"
+    )
+    (down,) = schedule_notes(TrainConfig(base_lr=1e-4, warmup_lr=1e-3, min_lr=0), steps_per_epoch=10)
+    assert down == "warmup_lr (0.001) is above base_lr (0.0001): the warm-up lowers the rate"
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -356,6 +394,8 @@ def test_bad_images_in_training_data_are_skipped_and_counted(digit_folder, tmp_p
         )
         assert swinkit.train.fit(run).history[0]["val_bad_images"] == 1
     assert "1 held-out images could not be decoded and were left out of the scores" in caplog.text
+    # The ImageNet recipe's 20 warm-up epochs in a 1-epoch run: said, as the run starts.
+    assert "the warm-up (warmup_epochs 20: " in caplog.text and "the rate never reaches base_lr" in caplog.text
     strict = resolve_config(
         {
             **{k: getattr(config, k) for k in ("data", "model", "img_size", "workers", "epochs")},

@@ -22,6 +22,7 @@ from ..train.config import (
     TrainConfig,
     add_arguments,
     check_limits,
+    check_rates,
     explicit_options,
     one_of,
     recipe_note,
@@ -108,6 +109,7 @@ class DenseConfig:
         **dict.fromkeys(["clip_grad", "checkpoint_every", "max_steps"], NOT_NEGATIVE),
     }
     ORDERED: ClassVar[tuple[str, ...]] = ("milestones",)
+    MAY_BE_EMPTY: ClassVar[tuple[str, ...]] = ("milestones",)  # a step schedule without them keeps one rate
     # One line per field for --help (add_arguments adds the default).
     HELP: ClassVar[dict[str, str]] = {
         **{name: TrainConfig.HELP[name] for name in CLASSIFICATION_HELP},
@@ -144,6 +146,9 @@ class DenseConfig:
 
     def __post_init__(self) -> None:
         check_limits(self)
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones: the epochs at which to multiply the rate by gamma")
+        check_rates(self)
 
 
 TEST_MODES = ("whole", "slide")  # segmentation's inference: the image at once, or mmseg's sliding crops

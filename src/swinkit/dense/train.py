@@ -25,6 +25,7 @@ from ..checkpoint.io import make_folder
 from ..data import collate_skipping_bad
 from ..evaluate import amp_dtype
 from ..train import distributed
+from ..train.config import schedule_notes
 from ..train.data import EpochBatchSampler
 from ..train.loop import TrainingLoop, plain, warn_bad_images
 from ..train.metrics import MetricsLog
@@ -116,6 +117,8 @@ class DenseTrainer(TrainingLoop):
         self.forward_model = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
         self.scheduler = build_schedule(config, self.optimizer, self.steps_per_epoch)
+        for note in schedule_notes(config, self.steps_per_epoch):
+            logger.warning(note)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step, self.skipped_steps = 0, 0, 0, 0

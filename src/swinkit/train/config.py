@@ -73,6 +73,52 @@ def check_limits(options: Any) -> None:
             raise ValueError(f"training option {name!r} must be given low to high, got {value!r}")
 
 
+def _schedule_name(options: Any) -> str:
+    """The learning-rate schedule ``options`` runs (classification has only the cosine)."""
+    return getattr(options, "schedule", getattr(options, "lr_schedule", "cosine"))
+
+
+def check_rates(options: Any) -> None:
+    """Refuse a ``min_lr`` above ``base_lr`` where the schedule ends at ``min_lr`` (cosine, poly):
+    the rate would rise as training goes on, which no recipe means (a small ``base_lr`` given
+    alone, below the default ``min_lr``, did it without a word)."""
+    schedule = _schedule_name(options)
+    if schedule in ("cosine", "poly") and options.min_lr > options.base_lr:
+        raise ValueError(
+            f"training option 'min_lr' ({options.min_lr:g}) is above 'base_lr' ({options.base_lr:g}): the {schedule} "
+            f"schedule would raise the rate as training goes on; give min_lr at or below base_lr (0 ends at zero)"
+        )
+
+
+def schedule_notes(options: Any, steps_per_epoch: int) -> list[str]:
+    """What in the learning-rate schedule of ``options`` is valid but likely not meant: a warm-up
+    that outlasts the run, a milestone the run never reaches, a warm-up that lowers the rate."""
+    total = options.epochs * steps_per_epoch
+    if hasattr(options, "warmup_epochs"):
+        warmup, given = round(options.warmup_epochs * steps_per_epoch), f"warmup_epochs {options.warmup_epochs:g}"
+    else:
+        warmup, given = options.warmup_steps, f"warmup_steps {options.warmup_steps}"
+    notes = []
+    if warmup >= total:
+        notes.append(
+            f"the warm-up ({given}: {warmup} steps) lasts the whole run ({options.epochs} epoch(s) of "
+            f"{steps_per_epoch} steps): the rate never reaches base_lr"
+        )
+    if _schedule_name(options) in ("step", "multistep"):
+        milestones = getattr(options, "milestones", getattr(options, "lr_milestones", ()))
+        late = [epoch for epoch in milestones if epoch >= options.epochs]
+        if late:
+            notes.append(
+                f"milestone epoch(s) {late} come at or after the end of the run ({options.epochs} epochs): "
+                "the rate is not multiplied by gamma there"
+            )
+    if warmup and options.warmup_lr > options.base_lr:
+        notes.append(
+            f"warmup_lr ({options.warmup_lr:g}) is above base_lr ({options.base_lr:g}): the warm-up lowers the rate"
+        )
+    return notes
+
+
 class BatchScaling:
     """The official linear scaling of learning rates with the total batch (``batch_size``,
     ``accum_steps`` fields), shared by the training and pretraining options."""
@@ -238,6 +284,7 @@ class TrainConfig(BatchScaling):
 
     def __post_init__(self) -> None:
         check_limits(self)
+        check_rates(self)
         if self.table_resize not in TABLE_RESIZES:
             raise ValueError(f"table_resize must be one of {', '.join(TABLE_RESIZES)}, got {self.table_resize!r}")
 
@@ -360,8 +407,10 @@ def _coerce(name: str, value: Any, options: type = TrainConfig, from_text: bool 
     if origin is tuple:
         items = typing.get_args(kind)
         variable = items[-1] is Ellipsis
-        # A list of any length may be empty only where the default is (no milestones, say).
-        required = variable and options.__dataclass_fields__[name].default != ()
+        # A list of any length may be empty where the default is, or where the options say so
+        # (no milestones: a step schedule at one rate).
+        may_be_empty = options.__dataclass_fields__[name].default == () or name in getattr(options, "MAY_BE_EMPTY", ())
+        required = variable and not may_be_empty
         count = ("one or more" if required else "zero or more") if variable else len(items)
         if (
             not isinstance(value, (list, tuple))
@@ -478,7 +527,8 @@ def add_arguments(
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is tuple:
             items = typing.get_args(kind)
-            count = "+" if items[-1] is Ellipsis else len(items)
+            variable = "*" if f.name in getattr(options, "MAY_BE_EMPTY", ()) else "+"
+            count = variable if items[-1] is Ellipsis else len(items)
             parser.add_argument(flag, nargs=count, type=items[0], default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)

@@ -26,7 +26,7 @@ from ..factory import create_model
 from ..fast import forget_cached_weights
 from ..predict import refuse_dense_file
 from . import distributed
-from .config import TrainConfig, save_yaml
+from .config import TrainConfig, save_yaml, schedule_notes
 from .data import RunData, eval_loader, load_datasets, train_loader
 from .ema import ModelEma
 from .metrics import MetricsLog, plot_curves
@@ -333,6 +333,8 @@ class Trainer(TrainingLoop):
             self.model, config.weight_decay, config.layer_decay, betas=config.betas, eps=config.eps
         )
         self.scheduler = warmup_cosine(self.optimizer, config, self.steps_per_epoch, dist.world_size)
+        for note in schedule_notes(config, self.steps_per_epoch):
+            logger.warning(note)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         if config.ema and config.fsdp:

@@ -61,10 +61,12 @@ from .config import (
     TrainConfig,
     add_arguments,
     check_limits,
+    check_rates,
     explicit_options,
     one_of,
     recipe_note,
     resolve_options,
+    schedule_notes,
 )
 from .data import SPLIT_SEED, RunData, load_datasets, train_loader
 from .loop import Trainer, build_model, run_trainer, warmup_cosine, warn_bad_images
@@ -143,6 +145,7 @@ class PretrainConfig(BatchScaling):
         check_limits(self)
         check_norm_target_patch(self.norm_target_patch)
         check_schedule(self)
+        check_rates(self)
 
 
 LR_SCHEDULES = ("cosine", "multistep")
@@ -420,6 +423,8 @@ class PretrainTrainer(Trainer):
             register_fsdp_forward_method(self.model, "reconstruct")
         self.optimizer = build_optimizer(self.model, config.weight_decay, None, betas=config.betas, eps=config.eps)
         self.scheduler = pretrain_schedule(self.optimizer, config, self.steps_per_epoch, dist.world_size)
+        for note in schedule_notes(config, self.steps_per_epoch):
+            logger.warning(note)
         self.amp_dtype = amp_dtype(config.amp)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.amp == "fp16")
         self.ema = None
