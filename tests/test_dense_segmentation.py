@@ -533,10 +533,10 @@ def test_seg_grad_cam_is_the_region_score_gradient_on_a_backbone_stage():
         explain_segmentation(model, images, 7)
 
 
-def test_a_static_size_segment_export_takes_its_one_size_and_refuses_others_by_name(tmp_path, capsys):
+def test_a_static_size_segment_export_takes_its_one_size_and_predict_and_eval_resize_to_it(shapes, tmp_path, capsys):
     torch.manual_seed(0)
     config = create_backbone("swin_test").config
-    spec = DenseSpec("segment", config, ["a", "b", "c"], head={"channels": 8, "aux": False})
+    spec = DenseSpec("segment", config, ["a", "b", "c", "d"], head={"channels": 8, "aux": False})
     spec.inference = {"ignore_index": 255, "reduce_zero_label": False, "mode": "whole", "crop_size": 48,
                       "stride": 32, "scale": [56, 40]}  # fmt: skip
     model = build_dense_model(spec).eval()
@@ -565,3 +565,24 @@ def test_a_static_size_segment_export_takes_its_one_size_and_refuses_others_by_n
     written = np.asarray(Image.open(out / "0000_scene_labels.png"))
     reference = segment_image(model, spec, Image.open(image).convert("RGB")).numpy()
     assert written.shape == (80, 112) and (written == reference).mean() > 0.99
+    # An image of another shape (the test scale would make it 40 x 44) is resized to 40 x 56, as a
+    # fixed-shape deployment feeds the file, and the labels back to its size: it was refused.
+    tall = tmp_path / "tall.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 100, 3), dtype=np.uint8)).save(tall)
+    assert main(["segment", "predict", str(tall), "--checkpoint", str(onnx_file), "--output", str(out)]) == 0
+    written = np.asarray(Image.open(out / "0000_tall_labels.png"))
+    p = spec.backbone.preprocessing
+    squeezed = TF.normalize(
+        TF.to_tensor(Image.open(tall).convert("RGB").resize((56, 40), Image.BILINEAR)), p.mean, p.std
+    )
+    with torch.no_grad():
+        logits = resize(model(squeezed[None])["out"], (90, 100))
+    assert written.shape == (90, 100) and (written == logits.argmax(1)[0].numpy()).mean() > 0.99
+    with pytest.raises(ValueError, match=r"static.onnx takes 40x56 images only: it cannot test at several scales"):
+        segment_image(exported, spec, Image.open(tall).convert("RGB"), ratios=(0.5, 1.0))
+    evaluate = ["segment", "eval", "--checkpoint", str(onnx_file), "--data", str(shapes), "--workers", "0", "--json"]
+    capsys.readouterr()
+    assert main(evaluate) == 0  # 64 x 64 scenes: refused before
+    assert json.loads(capsys.readouterr().out)["images"] == 4
+    assert main([*evaluate, "--aug-test"]) == 2
+    assert "takes 40x56 images only: it cannot test at several scales" in capsys.readouterr().err

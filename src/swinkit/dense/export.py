@@ -14,6 +14,7 @@ reads either kind of exported file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -47,6 +48,8 @@ from ..export import (
 from ..variants import SwinConfig
 from .detection_export import OUTPUTS_KEY, ExportedDetector
 from .weights import DenseSpec, load_dense
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentationLogits(nn.Module):
@@ -179,6 +182,12 @@ class ExportedSegmentor(nn.Module):
         self.path = path
         self.size_range = json.loads(metadata.get("swinkit.size_range", "null")) or size_ranges((1, 1))
 
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """The one (height, width) the file takes (exported with ``--static-size``), else None."""
+        (low_height, high_height), (low_width, high_width) = self.size_range["height"], self.size_range["width"]
+        return (low_height, low_width) if low_height == high_height and low_width == high_width else None
+
     def train(self, mode: bool = True) -> ExportedSegmentor:
         # The exported graph is the eval-mode function (and a program's module refuses train()).
         if mode:
@@ -209,6 +218,13 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
             model = ExportedSegmentor(path, session).eval()
     else:
         model = ExportedSegmentor(path).eval()
+    if getattr(model, "fixed_size", None):
+        logger.warning(
+            "%s takes %dx%d images only (exported with --static-size): each image is resized to it, its aspect "
+            "ratio not kept, in one pass (not the file's test scale), and the result back to the image's size",
+            path,
+            *model.fixed_size,
+        )
     return model, model.spec
 
 

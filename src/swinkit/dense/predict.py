@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
 from .export import load_dense_file
 from .weights import DenseSpec, load_dense
+
+if TYPE_CHECKING:
+    from .segmentation_data import SegmentationEvalTransform
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +59,34 @@ def segment_image(
     ``--aug-test``); ``flip``: with each view mirrored too. Their probabilities are averaged.
     """
     from .segmentation import check_test_ratios, infer_augmented, model_device
-    from .segmentation_data import SegmentationEvalTransform
 
     check_test_ratios(ratios)
-    s = spec.inference
-    preprocessing = spec.backbone.preprocessing
-    transform = SegmentationEvalTransform(s["scale"], preprocessing.mean, preprocessing.std, ratios)
+    transform, s = inference_setup(model, spec, ratios)
     device = model_device(model)
     views = [view[None].to(device) for view in transform.views(image)]
     size = (image.height, image.width)
     probabilities = infer_augmented(model, views, size, flip, s["mode"], s["crop_size"], s["stride"])
     return probabilities.argmax(dim=1)[0].cpu()
+
+
+def inference_setup(
+    model: nn.Module, spec: DenseSpec, ratios: Sequence[float] | None = None
+) -> tuple[SegmentationEvalTransform, dict[str, Any]]:
+    """The image transform and inference settings (``mode``, ``crop_size``, ``stride``) of a test:
+    the file's own (``spec.inference``), or for a file exported for one size (``--static-size``)
+    the image resized to that size exactly, in one pass, as a fixed-shape deployment runs it."""
+    from .segmentation_data import FixedSizeEvalTransform, SegmentationEvalTransform
+
+    s, preprocessing = spec.inference, spec.backbone.preprocessing
+    fixed = getattr(model, "fixed_size", None)
+    if fixed is None:
+        return SegmentationEvalTransform(s["scale"], preprocessing.mean, preprocessing.std, ratios), s
+    if ratios is not None:
+        raise ValueError(
+            f"{model.path} takes {fixed[0]}x{fixed[1]} images only: it cannot test at several scales; "
+            "export it without --static-size for that"
+        )
+    return FixedSizeEvalTransform(fixed, preprocessing.mean, preprocessing.std), {**s, "mode": "whole"}
 
 
 def segmentation_overlay(image: Image.Image, labels: Tensor, num_classes: int, alpha: float = 0.5) -> Image.Image:
@@ -411,13 +431,12 @@ def _evaluate_segmentation(
     from ..data import collate_skipping_bad
     from .metrics import segmentation_scores
     from .segmentation import evaluate_segmentation
-    from .segmentation_data import SegmentationEvalTransform, SegmentationFolder, find_split
+    from .segmentation_data import SegmentationFolder, find_split
 
-    s, p = spec.inference, spec.backbone.preprocessing
+    transform, s = inference_setup(model, spec, ratios)
     dataset = SegmentationFolder(
         *find_split(data, split), len(spec.classes), s["reduce_zero_label"], s["ignore_index"], strict
     )
-    transform = SegmentationEvalTransform(s["scale"], p.mean, p.std, ratios)
     loader = DataLoader(
         Transformed(dataset, transform), batch_size=1, num_workers=workers, collate_fn=collate_skipping_bad
     )

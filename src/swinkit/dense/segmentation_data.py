@@ -310,3 +310,19 @@ class SegmentationEvalTransform:
         sides = self.scale if self.scale is not None else image.size
         size = rescale_size(image.size, (int(sides[0] * ratio), int(sides[1] * ratio)))
         return image if size == image.size else image.resize(size, Image.BILINEAR)
+
+
+class FixedSizeEvalTransform(SegmentationEvalTransform):
+    """Resize the image to ``size`` (height, width) exactly, its aspect ratio not kept, and normalise:
+    what a fixed-shape deployment feeds a file exported for one size (``--static-size``). The
+    probabilities go back to the image's size as at any test scale; the label map stays as it is."""
+
+    def __init__(self, size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(None, mean, std)
+        self.size = (int(size[0]), int(size[1]))
+
+    def image(self, image: Image.Image) -> Tensor:
+        height, width = self.size
+        if (image.height, image.width) != self.size:
+            image = image.resize((width, height), Image.BILINEAR)
+        return normalise(image, self.mean, self.std)
