@@ -36,6 +36,15 @@ def _rows(output) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+def _tensorboard(output, tag: str = "train_loss") -> list[tuple[int, float]]:
+    """(epoch, value) of ``tag`` as TensorBoard shows them: every event file, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 def test_batches_past_the_last_whole_accumulation_do_not_reach_the_next_epoch(folders, tmp_path, caplog):
     # They ran backward with no step after them; their gradients joined the next epoch's first step,
     # and a run resumed at the epoch's end, which never saved them, went another way (3.8e-2).
@@ -105,6 +114,23 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run_to_be_read_as_its_own(f
     assert _train(folders, output, "--epochs", "1") == 0
     assert [row["epoch"] for row in _rows(output)] == [0]
     assert torch.load(output / TRAIN_CHECKPOINT, weights_only=True)["global_step"] == 5
+    # TensorBoard shows this run's epoch alone: the earlier run's event file showed beside it.
+    (row,) = _rows(output)
+    assert _tensorboard(output) == [(0, pytest.approx(row["train_loss"]))]
+    # Killed after logging epoch 1 but before saving it: its scalars are hidden on resume, as its row is.
+    assert _train(folders, output, "--epochs", "2") == 0
+    rows = _rows(output)
+    with (output / "metrics.jsonl").open("a") as file:
+        file.write(json.dumps({**rows[1], "epoch": 2}) + "\n")
+    from swinkit.train.metrics import MetricsLog
+
+    unsaved = MetricsLog(output)
+    unsaved.append({"epoch": 2, "train_loss": 123.0})  # as a killed run's writer left it
+    unsaved.close()
+    assert _train(folders, output, "--epochs", "3") == 0
+    assert [(step, round(value, 6)) for step, value in _tensorboard(output)] == [
+        (row["epoch"], round(row["train_loss"], 6)) for row in _rows(output)
+    ]
 
 
 def test_a_corrupt_training_checkpoint_is_named_without_torchs_advice_to_unpickle_it(folders, tmp_path, capsys):
