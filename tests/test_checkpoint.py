@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -391,6 +392,40 @@ def test_staging_moves_the_file_and_what_was_written_beside_it_or_nothing(tmp_pa
         raise RuntimeError("check failed")
     assert target.read_text() == "new model" and (target.parent / "model.onnx.data").read_text() == "new weights"
     assert sorted(path.name for path in target.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_staged_files_reach_the_disk_before_their_names_do(tmp_path, monkeypatch):
+    # A rename is atomic, but without fsync a power cut may leave the new name on an empty file.
+    # What reached the disk cannot be observed here; the order of the real calls can.
+    from swinkit.checkpoint import io
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        return fsync(descriptor)
+
+    def recorded_replace(source, target):
+        calls.append(("replace", str(target)))
+        return replace(source, target)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name a file descriptor's file")
+    monkeypatch.setattr(io.os, "fsync", recorded_fsync)
+    monkeypatch.setattr(io.os, "replace", recorded_replace)
+    target = tmp_path / "model.onnx"
+    with io.staging(target) as temporary:
+        temporary.write_text("model")
+        temporary.with_name("model.onnx.data").write_text("weights")
+    weights, model = (temporary.with_name(name) for name in ("model.onnx.data", "model.onnx"))
+    assert calls == [
+        ("fsync", str(weights)),
+        ("replace", str(tmp_path / "model.onnx.data")),
+        ("fsync", str(model)),
+        ("replace", str(target)),
+        ("fsync", str(tmp_path)),
+    ]
 
 
 def _edited_copy(source: Path, target: Path, tensors=None, **metadata) -> Path:

@@ -279,9 +279,25 @@ def staging(path: str | os.PathLike) -> Iterator[Path]:
         companions = sorted(item for item in folder.iterdir() if item != temporary and item.is_file())
         for written in [*companions, temporary]:
             os.chmod(written, FILE_MODE)  # as open() makes a file: safetensors' writer makes it private (0600)
+            _sync(written)  # on disk before its name is: a power cut leaves the old file, not an empty one
             os.replace(written, path.with_name(written.name))
+        _sync(path.parent)  # the new names too
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder's entries) to the disk, where the system allows it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows: its entries are written through there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # a file system without fsync (some network or virtual ones)
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
