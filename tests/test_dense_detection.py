@@ -864,7 +864,7 @@ def test_detection_grad_cam_is_the_top_detection_score_gradient_on_a_backbone_st
     strict = create_detector("swin_test", 3, masks=False, detector_options=dict(TINY, score_threshold=1.0)).eval()
     with pytest.raises(NothingDetected, match="the detector finds nothing in this image"):
         explain_detection(strict, image.float())
-    with pytest.raises(ValueError, match="needs a detector"):
+    with pytest.raises(TypeError, match="needs a detector .*, got SwinTransformer"):
         explain_detection(model.backbone.body.swin, image)
 
 

@@ -527,7 +527,7 @@ def test_seg_grad_cam_is_the_region_score_gradient_on_a_backbone_stage():
             assert torch.allclose(found.probabilities[b].double(), counts.double() / labels[b].numel())
         assert found.maps.shape == (2, 64, 80) and found.stride == 4 * 2**stage
     assert model.training is False and not model.backbone.swin.layers[1]._forward_hooks
-    with pytest.raises(ValueError, match="needs a segmentation model"):
+    with pytest.raises(TypeError, match="needs a segmentation model .*, got SwinTransformer"):
         explain_segmentation(model.backbone.swin, images)
     with pytest.raises(ValueError, match=r"target must be one class in 0..3 or one per image \(2\), got 7"):
         explain_segmentation(model, images, 7)

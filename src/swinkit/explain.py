@@ -236,7 +236,10 @@ def explain_segmentation(
     """
     swin = getattr(getattr(model, "backbone", None), "swin", None)
     if swin is None or not hasattr(model, "decode_head"):
-        raise ValueError("explain_segmentation needs a segmentation model (swinkit.dense Segmentor)")
+        raise TypeError(
+            "explain_segmentation needs a segmentation model (swinkit.dense Segmentor, "
+            f"create_segmentor), got {type(model).__name__}"
+        )
     check_images(images, swin.config.in_chans, next(model.parameters()).dtype)  # before gradients are asked of them
     classes = model.num_classes
     if target is not None:  # before the model runs
@@ -282,7 +285,9 @@ def explain_detection(
         raise ValueError(f"box must be x1 y1 x2 y2 with x1 < x2 and y1 < y2, got {list(box)}")
     swin = getattr(getattr(getattr(model, "backbone", None), "body", None), "swin", None)
     if swin is None or not hasattr(model, "roi_heads"):
-        raise ValueError("explain_detection needs a detector (swinkit.dense create_detector)")
+        raise TypeError(
+            f"explain_detection needs a detector (swinkit.dense create_detector), got {type(model).__name__}"
+        )
     if not isinstance(image, Tensor) or image.dim() != 3:
         shown = f"shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got {shown}")
