@@ -220,8 +220,8 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
         model = ExportedSegmentor(path).eval()
     if getattr(model, "fixed_size", None):
         logger.warning(
-            "%s takes %dx%d images only (exported with --static-size): each image is resized to it, its aspect "
-            "ratio not kept, in one pass (not the file's test scale), and the result back to the image's size",
+            "%s takes %dx%d images only (exported with --static-size): segment predict and eval resize each image "
+            "to it, its aspect ratio not kept, in one pass (not at the file's test scale), and the result back",
             path,
             *model.fixed_size,
         )
