@@ -178,6 +178,27 @@ def test_hf_backbone_file_loads_into_features_only(tmp_path):
     assert max(relative_error(a, b) for a, b in zip(maps, expected, strict=True)) < 1e-10
 
 
+@pytest.mark.parametrize("family, published", [("v1", 224), ("v2", 256)])
+def test_a_torchvision_files_image_size_is_said_to_be_assumed(family, published, tmp_path):
+    # torchvision's files hold no image size (its models take any): the one taken sets predict's
+    # and eval's preprocessing, and was taken without a word (a 192-pixel model came back at 256).
+    _needs_v2(family)
+    name = "swin_test" if family == "v1" else "swinv2_test"
+    model = swinkit.create_model(name, img_size=192, window_size=6, num_classes=4)
+    swinkit.save(model, tmp_path / "model.safetensors")
+    conversion = swinkit.checkpoint.convert(tmp_path / "model.safetensors", tmp_path / "tv.pth", to="torchvision")
+    loaded = swinkit.create_model(checkpoint=tmp_path / "tv.pth")
+    note = f"torchvision files do not hold the image size: taken as {loaded.config.img_size} px"
+    assert loaded.config.window_size == 6 and any(n.startswith(note) for n in loaded.load_report.notes)
+    assert f"published Swin{' V2' if family == 'v2' else ''} files are at {published})" in str(loaded.load_report)
+    converted = swinkit.checkpoint.convert(tmp_path / "tv.pth", tmp_path / "back.safetensors", to="swinkit")
+    assert any(n.startswith(note) for n in converted.notes) and not conversion.notes
+    given = swinkit.create_model(checkpoint=tmp_path / "tv.pth", img_size=192)
+    preset = swinkit.create_model(name, checkpoint=tmp_path / "tv.pth", img_size=192, window_size=6)
+    assert given.config.img_size == preset.config.img_size == 192
+    assert not any(n.startswith("torchvision files") for n in given.load_report.notes + preset.load_report.notes)
+
+
 @pytest.mark.parametrize("source_library", LIBRARIES)
 def test_v2_layouts_convert_between_libraries(source_library, tmp_path):
     """V2 mappings without swinkit's V2 model: one library's file, written for another, gives its logits."""

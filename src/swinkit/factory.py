@@ -32,8 +32,11 @@ def build_model(config: SwinConfig, attn_impl: str = "auto") -> nn.Module:
     return SwinTransformer(config, attn_impl=attn_impl)
 
 
-def config_from_checkpoint(checkpoint: Checkpoint) -> SwinConfig:
-    """The config stored in a swinkit file, or the one the weights of a foreign file imply."""
+def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> SwinConfig:
+    """The config stored in a swinkit file, or the one the weights of a foreign file imply.
+
+    ``say_assumed``: note in ``checkpoint.notes`` what the file does not hold and was assumed (a
+    torchvision file's image size)."""
     if checkpoint.format == "swinkit":
         return config_from_metadata(checkpoint.metadata, checkpoint.source)
     if checkpoint.geometry_assumed:
@@ -42,11 +45,24 @@ def config_from_checkpoint(checkpoint: Checkpoint) -> SwinConfig:
     if "img_size" not in fields and fields["family"] == "v1":
         fields["img_size"] = _V1_SIZE_FOR_WINDOW.get(fields.get("window_size", 7), 224)
     img_size = fields.get("img_size", 224)
+    if say_assumed and checkpoint.format == "torchvision":
+        published = "Swin V2 files are at 256" if fields["family"] == "v2" else "Swin files are at 224"
+        _note_once(
+            checkpoint,
+            f"torchvision files do not hold the image size: taken as {img_size} px (torchvision's published "
+            f"{published}); it sets the preprocessing of predict and eval: give img_size if the model was "
+            "trained at another",
+        )
     # The official evaluation: center crop at 224 and below; the fine-tuned larger models without crop.
     fields["preprocessing"] = (
         Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing.for_size(img_size)
     )
     return SwinConfig(**fields)
+
+
+def _note_once(checkpoint: Checkpoint, note: str) -> None:
+    if note not in checkpoint.notes:
+        checkpoint.notes.append(note)
 
 
 def create_model(
@@ -71,7 +87,7 @@ def create_model(
         raise ValueError("create_model needs a model name or a checkpoint (or both)")
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) or checkpoint is None else read_any(checkpoint)
     if name is None:
-        config = config_from_checkpoint(loaded).replace(**overrides) if overrides else config_from_checkpoint(loaded)
+        config = config_from_checkpoint(loaded, say_assumed="img_size" not in overrides).replace(**overrides)
     else:
         if loaded is not None and "num_classes" not in overrides and "head.weight" in loaded.state_dict:
             overrides["num_classes"] = loaded.state_dict["head.weight"].shape[0]
@@ -104,7 +120,7 @@ def _with_pretrained_windows(config: SwinConfig, loaded: Checkpoint) -> tuple[Sw
         )
         logger.warning("%s: %s", loaded.source, note)
         return config, note
-    source = config_from_checkpoint(loaded)
+    source = config_from_checkpoint(loaded, say_assumed=False)  # its windows alone: the model's geometry is given
     trained_with = _coordinate_windows(source)
     if trained_with == _coordinate_windows(config):
         return config, ""
