@@ -47,6 +47,23 @@ def digits(tmp_path_factory):
     return write_digit_folder(tmp_path_factory.mktemp("digits"), per_class=2)
 
 
+@pytest.mark.parametrize(
+    "argv, command, unknown",
+    [
+        (["train", "--data", "x", "--bogus", "3"], "train", "--bogus 3"),
+        (["eval", "--data", "x", "--checkpoint", "y", "--bogus"], "eval", "--bogus"),
+        (["segment", "train", "--bogus", "1"], "segment train", "--bogus 1"),
+        (["detect", "eval", "--checkpoint", "x", "--data", "y", "extra"], "detect eval", "extra"),
+    ],
+)
+def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(argv, command, unknown, capsys):
+    # argparse named the top level instead ("swinkit: error: ...", with the list of commands).
+    err = _refused(argv, capsys)
+    assert err.startswith(f"usage: swinkit {command} ")
+    assert err.rstrip().endswith(f"swinkit {command}: error: unrecognized arguments: {unknown}")
+    assert _refused(["--bogus"], capsys).rstrip().endswith("swinkit: error: unrecognized arguments: --bogus")
+
+
 def test_devices_are_checked_by_name():
     assert check_device("cpu") == torch.device("cpu")
     for name, message in [
@@ -250,3 +267,8 @@ def test_a_checkpoint_named_onnx_a_folder_or_a_dead_link_is_called_what_it_is(cl
     (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # was "loop.png does not exist"
     err = _refused(["predict", str(tmp_path / "loop.png"), "--checkpoint", str(classifier)], capsys)
     assert "loop.png is a symbolic link to" in err and "leads to no file (missing, or a loop)" in err
+    # A checkpoint that is a dead link is called one too ("checkpoint file ... does not exist" before).
+    for name in ("dead.safetensors", "dead.onnx", "dead.pt2"):
+        (tmp_path / name).symlink_to(tmp_path / "gone" / name)
+        err = _refused(["predict", image, "--checkpoint", str(tmp_path / name)], capsys)
+        assert f"{tmp_path / name} is a symbolic link to {tmp_path / 'gone' / name} that leads to no file" in err

@@ -271,7 +271,7 @@ def test_swinkit_pretrain_then_train_from_the_encoder(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == f"swinkit pretrain: error: {message}"
     with pytest.raises(SystemExit):  # classification's options are not pretraining's
         main([*args, "--mixup", "0.8"])
-    assert "unrecognized arguments: --mixup 0.8" in capsys.readouterr().err
+    assert "swinkit pretrain: error: unrecognized arguments: --mixup 0.8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

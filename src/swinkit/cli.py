@@ -493,6 +493,16 @@ def _add_verbose_everywhere(subparsers: argparse._SubParsersAction) -> None:
             command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command (and its action: ``segment eval``) that ``args`` were parsed for."""
+    for name in (args.command, getattr(args, "action", None)):
+        choices = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if name is None or not choices:
+            break
+        parser = choices[0].choices[name]
+    return parser
+
+
 TRAINING_COMMANDS = ("train", "pretrain", "segment train", "detect train")
 RESUME_HINT = (
     "; run the same command again to resume from the last checkpoint it saved (at each epoch's end, "
@@ -504,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``swinkit`` and ``python -m swinkit``; returns the exit code."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command, with its usage (argparse's top level names neither)
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     except KeyboardInterrupt:  # Ctrl-C while starting: a line too (nothing ran yet)
         print("swinkit: interrupted", file=sys.stderr)
         return 130
