@@ -214,7 +214,7 @@ def test_bad_exports_and_files_are_clear_errors(tmp_path, capsys):
     for load in (load_dense_file, ExportedDetector):  # the class on its own too
         with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
             load(garbage)
-        with pytest.raises(FileNotFoundError, match="nothing.onnx: no such file"):
+        with pytest.raises(FileNotFoundError, match="nothing.onnx does not exist"):
             load(tmp_path / "nothing.onnx")
     # The CLI: a segmentation model to 'detect export' is refused with the command that takes it.
     segmentor_spec = DenseSpec("segment", spec.backbone, ["x", "y"], head={"channels": 16})

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from .checkpoint.io import atomic_write, export_destination, file_kind, staging
+from .checkpoint.io import atomic_write, export_destination, file_kind, missing_file, staging
 from .model import SwinTransformer, cells, derived_once_per_trace
 from .quantize import refuse_int8
 
@@ -291,7 +291,7 @@ def load_program(path: str | os.PathLike, extra_files: dict[str, Any] | None = N
     not a program archive is refused by name (torch would log a traceback and try older formats).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise missing_file(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch.export program (a .pt2 zip archive)")
     with _parse_each_size_once():
@@ -463,7 +463,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an ONNX file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise missing_file(path)
     kind = file_kind(path)
     if kind != "unknown":  # a checkpoint renamed, or written under the wrong name
         suffix = ".safetensors" if kind == "safetensors" else ".pth"

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .checkpoint.io import missing_file
 from .checkpoint.load import Checkpoint, read_any
 from .checkpoint.native import class_names_from_metadata
 from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
@@ -44,11 +45,8 @@ def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             paths += found
         elif path.exists():
             paths.append(path)
-        elif path.is_symlink():
-            target = os.readlink(path)
-            raise FileNotFoundError(f"{path} is a symbolic link to {target} that leads to no file (missing, or a loop)")
         else:
-            raise FileNotFoundError(f"{path} does not exist")
+            raise missing_file(path)
     return paths
 
 

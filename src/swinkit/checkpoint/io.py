@@ -52,9 +52,19 @@ def file_kind(path: Path) -> str:
     return "unknown"
 
 
+def missing_file(path: str | os.PathLike, what: str = "") -> FileNotFoundError:
+    """The error for ``path`` not being there, a symbolic link that leads nowhere named as one;
+    ``what`` names the kind of file (``checkpoint file``)."""
+    path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        return FileNotFoundError(f"{path} is a symbolic link to {target} that leads to no file (missing, or a loop)")
+    return FileNotFoundError(f"{what} {path} does not exist".lstrip())
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        raise missing_file(path, "checkpoint file")
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a directory; pass a checkpoint file (.pth, .bin or .safetensors) or a Hugging Face "

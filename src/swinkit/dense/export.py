@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.io import export_destination
+from ..checkpoint.io import export_destination, missing_file
 from ..devices import check_device
 from ..export import (
     DEFAULT_OPSET,
@@ -173,7 +173,7 @@ class ExportedSegmentor(nn.Module):
             self.run = _onnx_runner(path, session)
         else:
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
+                raise missing_file(path)
             program, metadata = read_program(path)
             self.run = program.module()
         if "swinkit.dense" not in metadata:
