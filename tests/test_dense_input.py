@@ -114,6 +114,16 @@ def test_an_ignore_index_that_is_a_class_is_refused(tmp_path):
         SegmentationFolder(images, masks, 4, reduce_zero_label="no")
     assert len(SegmentationFolder(images, masks, 4, ignore_index=255)) == 1
     SegmentationConfig(num_classes=3, ignore_index=-1)  # outside the classes: fine
+    # From Python too: the loss and the confusion matrix took it (class 1's row and column all 0).
+    outputs, labels = {"out": torch.randn(1, 3, 8, 8)}, torch.randint(0, 3, (1, 8, 8))
+    for refused in (
+        lambda: segmentation_loss(outputs, labels, ignore_index=1),
+        lambda: confusion_matrix(labels, labels, 3, ignore_index=1),
+    ):
+        with pytest.raises(ValueError, match=r"ignore_index 1 is one of the 3 classes \(0..2\)"):
+            refused()
+    assert segmentation_loss(outputs, labels, ignore_index=-1) > 0
+    assert confusion_matrix(labels, labels, 3, ignore_index=3).trace() == 64
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ from ..train.config import (
     recipe_note,
     resolve_options,
 )
+from .metrics import check_ignore_index
 from .mmdet import GEOMETRIES, LOSSES
-from .segmentation_data import check_ignore_index
 
 SCHEDULES = ("cosine", "poly", "step")  # the dense runs' learning-rate schedules
 

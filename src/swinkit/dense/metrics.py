@@ -20,6 +20,19 @@ from ..variants import is_real, is_whole
 # ---------------------------------------------------------------------------------------------
 
 
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    """Refuse an ``ignore_index`` that is one of the classes: that class would silently drop out of
+    the loss and the metrics."""
+    if not is_whole(ignore_index):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index {ignore_index} is one of the {num_classes} classes (0..{num_classes - 1}): that class "
+            "would count for nothing in the loss and the metrics; use a label outside them, e.g. 255 (to leave "
+            "out label 0, ADE20K's 'other', use reduce_zero_label)"
+        )
+
+
 def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
     """``(K, K)`` int64 counts, rows the true class, columns the predicted one; ignored pixels left out.
 
@@ -27,6 +40,7 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignor
     not logits), with labels in ``0..K-1`` (``target`` also ``ignore_index``).
     """
     _check_label_maps(prediction, target, num_classes)
+    check_ignore_index(ignore_index, num_classes)
     keep = target != ignore_index
     kept_target, kept_prediction = target[keep].long(), prediction[keep].long()
     for name, labels in (("target", kept_target), ("prediction", kept_prediction)):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..variants import is_real, is_whole
 from .backbone import SwinBackbone, create_backbone
 from .heads import FCNHead, UPerHead, resize
-from .metrics import confusion_matrix
+from .metrics import check_ignore_index, confusion_matrix
 
 # The auxiliary head reads stage 3 (index 2), as in the paper's ADE20K setup.
 AUX_STAGE = 2
@@ -136,6 +136,7 @@ def _checked_masks(masks: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
         raise ValueError(f"{len(masks)} masks for a batch of {len(logits)} images")
     masks = masks.long()
     num_classes = logits.shape[1]
+    check_ignore_index(ignore_index, num_classes)
     outside = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
     if outside.any():
         raise ValueError(

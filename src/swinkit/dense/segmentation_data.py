@@ -26,6 +26,7 @@ from ..data import BadImageError, BadItem, load_image
 from ..data.images import find_image_files
 from ..variants import is_whole
 from .data import photometric_distortion
+from .metrics import check_ignore_index
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ class SegmentationSample:
 
 class BadMaskError(ValueError):
     """A label map that cannot be used (unreadable, wrong size, nothing labelled)."""
-
-
-def check_ignore_index(ignore_index: int, num_classes: int) -> None:
-    """Refuse an ``ignore_index`` that is one of the classes: that class would silently drop out of
-    the loss and the metrics."""
-    if not is_whole(ignore_index):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"ignore_index {ignore_index} is one of the {num_classes} classes (0..{num_classes - 1}): that class "
-            "would count for nothing in the loss and the metrics; use a label outside them, e.g. 255 (to leave "
-            "out label 0, ADE20K's 'other', use reduce_zero_label)"
-        )
 
 
 class SegmentationFolder(Dataset):
