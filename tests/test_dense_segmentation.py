@@ -338,6 +338,11 @@ def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     first = explained[0]
     assert first["class"] == "circle" and first["index"] == 1 and 0 <= first["pixels"] <= 1
     assert Image.open(first["output"]).size == (64, 64) and first["output"].endswith(".gradcam.png")
+    one = tmp_path / "one.png"  # a file for one image, as swinkit explain takes (it made a folder one.png/)
+    assert main(["segment", "explain", str(first["path"]), "--checkpoint", model, "--out", str(one)]) == 0
+    assert one.is_file() and Image.open(one).size == (64, 64)
+    assert main([*explain, "--out", str(one)]) == 2
+    assert "names one image file, but 5 images were given; give a folder" in capsys.readouterr().err
     assert main([*explain[:3], "--checkpoint", model, "--class", "hexagon"]) == 2
     assert "class 'hexagon' is neither a class name of the checkpoint" in capsys.readouterr().err
     assert main(["detect", "explain", str(images), "--checkpoint", model]) == 2

@@ -569,19 +569,12 @@ def explain_files(
             "not an exported .onnx or .pt2 file"
         )
     paths = expand_inputs(inputs)
-    single_file = Path(out).suffix.lower() in IMAGE_SUFFIXES
-    if single_file and len(paths) != 1:
-        raise ValueError(f"--out {out} names one image file, but {len(paths)} images were given; give a folder")
-    if single_file:  # a file or folder in the way: refused before the work, not after it
-        writable_file(out)
-    else:
-        make_folder(out)
+    destination_of = overlay_destinations(out, paths, method)
     model, stored = load_classifier(checkpoint, device)
     names = stored or [str(i) for i in range(model.config.num_classes)]
     index = _class_index(target, names)
     transform, view = eval_transform(model.config.preprocessing), eval_crop(model.config.preprocessing)
     results: list[dict[str, Any]] = []
-    used: set[Path] = set()
     for start in range(0, len(paths), batch_size):
         loaded = _load_batch(paths[start : start + batch_size])
         decoded = [(path, image) for path, image in loaded if isinstance(image, Image.Image)]
@@ -595,7 +588,7 @@ def explain_files(
                 results.append(image)
                 continue
             assert found is not None
-            destination = Path(out) if single_file else _free_name(Path(out), path.stem, method, used)
+            destination = destination_of(path)
             overlay(view(image), found.maps[row], alpha).save(destination)
             chosen = found.targets[row]
             probability = found.probabilities[row, chosen].item()
@@ -631,6 +624,21 @@ def _class_index(target: str | None, names: list[str]) -> int | None:
     raise ValueError(
         f"class {target!r} is neither a class name of the checkpoint ({shown}) nor an index 0..{len(names) - 1}"
     )
+
+
+def overlay_destinations(out: str | os.PathLike, paths: Sequence[Path], method: str) -> Callable[[Path], Path]:
+    """Where each image's overlay goes: ``out`` itself where it names a ``.png`` / ``.jpg`` file
+    (one image only), else ``out/<stem>.<method>.png``, a name no other image of the run took. A
+    file or folder in the way is refused here, before the work, not after it."""
+    single_file = Path(out).suffix.lower() in IMAGE_SUFFIXES
+    if single_file and len(paths) != 1:
+        raise ValueError(f"--out {out} names one image file, but {len(paths)} images were given; give a folder")
+    if single_file:
+        file = writable_file(out)
+        return lambda path: file
+    make_folder(out)
+    used: set[Path] = set()
+    return lambda path: _free_name(Path(out), path.stem, method, used)
 
 
 def _free_name(folder: Path, stem: str, method: str, used: set[Path]) -> Path:

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "--output",
         "--out",
         default=f"runs/{task}-explain",
-        help=f"folder for the overlay PNGs (default: runs/{task}-explain)",
+        help=f"folder for the overlay PNGs, or a .png / .jpg / .jpeg file for one image (default: runs/{task}-explain)",
     )
     explain.add_argument("--class", dest="target", help=f"class name or index (default: {default_class})")
     explain.add_argument("--stage", type=int, help="backbone stage (default: the deepest with 4+ tokens a side)")

@@ -137,14 +137,15 @@ def _explain_each(
     explained: Callable[[Image.Image], tuple[Image.Image, dict[str, Any]]],
 ) -> list[dict[str, Any]]:
     """``explained(image)`` -> (overlay picture, result) for every image of ``inputs``, each picture
-    saved as ``output/<stem>.gradcam.png``; a file that cannot be decoded, or an image with nothing
-    to explain (:class:`~swinkit.explain.NothingDetected`), is reported and the others go on."""
-    from ..explain import NothingDetected, _free_name
+    saved as ``output/<stem>.gradcam.png`` (or as ``output`` where it names one ``.png`` / ``.jpg``
+    file, for one image); a file that cannot be decoded, or an image with nothing to explain
+    (:class:`~swinkit.explain.NothingDetected`), is reported and the others go on."""
+    from ..explain import NothingDetected, overlay_destinations
 
-    make_folder(output)
+    paths = expand_inputs(inputs)
+    destination_of = overlay_destinations(output, paths, "gradcam")
     results: list[dict[str, Any]] = []
-    used: set[Path] = set()
-    for path in expand_inputs(inputs):
+    for path in paths:
         image = load_or_report(path, results)
         if image is None:
             continue
@@ -153,7 +154,7 @@ def _explain_each(
         except NothingDetected as error:
             results.append({"path": str(path), "error": str(error)})
             continue
-        destination = _free_name(Path(output), path.stem, "gradcam", used)
+        destination = destination_of(path)
         picture.save(destination)
         results.append({"path": str(path), **result, "output": str(destination)})
     return results
