@@ -214,8 +214,9 @@ def trace_size_for(detector: nn.Module, img_size: tuple[int, int] | None) -> tup
 def check_sizes_for(detector: nn.Module, img_size: tuple[int, int] | None) -> list[tuple[int, int]]:
     """The two image sizes an export is checked at on noise, neither the traced one
     (:func:`trace_size_for`): a portrait size elongated enough that the longer side's bound sets the
-    scale, and a landscape one where the shorter side's does; both larger than the trace's sides
-    and no multiples of the padding, so that a constant frozen into the trace would show."""
+    scale (its longer side longer than the trace's), and a landscape one where the shorter side's
+    does (larger than the trace both ways); neither side a multiple of the padding, so that a
+    constant frozen into the trace would show."""
     height, width = trace_size_for(detector, img_size)
     longer, shorter = max(height, width), min(height, width)
     return [(longer + 13, shorter * 3 // 4 + 1), (shorter + 7, shorter * 4 // 3 + 11)]
