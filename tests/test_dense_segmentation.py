@@ -583,11 +583,41 @@ def test_a_static_size_segment_export_takes_its_one_size_and_predict_and_eval_re
     with torch.no_grad():
         logits = resize(model(squeezed[None])["out"], (90, 100))
     assert written.shape == (90, 100) and (written == logits.argmax(1)[0].numpy()).mean() > 0.99
-    with pytest.raises(ValueError, match=r"static.onnx takes 40x56 images only: it cannot test at several scales"):
+    with pytest.raises(ValueError, match=r"static.onnx takes 40x56 images only, which each image is resized to"):
         segment_image(exported, spec, Image.open(tall).convert("RGB"), ratios=(0.5, 1.0))
+    predict = ["segment", "predict", str(tall), "--checkpoint", str(onnx_file), "--output", str(out)]
+    assert main([*predict, "--test-ratios", "1", "1.5"]) == 2  # up front, not once an image
+    assert "cannot test at other scales (--aug-test, --test-ratios)" in capsys.readouterr().err
     evaluate = ["segment", "eval", "--checkpoint", str(onnx_file), "--data", str(shapes), "--workers", "0", "--json"]
     capsys.readouterr()
     assert main(evaluate) == 0  # 64 x 64 scenes: refused before
     assert json.loads(capsys.readouterr().out)["images"] == 4
     assert main([*evaluate, "--aug-test"]) == 2
-    assert "takes 40x56 images only: it cannot test at several scales" in capsys.readouterr().err
+    assert "takes 40x56 images only, which each image is resized to" in capsys.readouterr().err
+
+
+def test_a_static_size_export_at_the_slide_crop_is_fed_the_crops_as_the_model_file(tmp_path, capsys, caplog):
+    # What segment export --static-size traces by default for a slide-mode model: the crop. Its
+    # test feeds that size, so the file is run as the model file is (not squashed to one crop).
+    torch.manual_seed(0)
+    config = create_backbone("swin_test").config
+    spec = DenseSpec("segment", config, ["a", "b", "c"], head={"channels": 8, "aux": False})
+    spec.inference = {"ignore_index": 255, "reduce_zero_label": False, "mode": "slide", "crop_size": 32,
+                      "stride": 24, "scale": [96, 64]}  # fmt: skip
+    model = build_dense_model(spec).eval()
+    save_dense(model, spec, tmp_path / "model.safetensors")
+    static = tmp_path / "static.onnx"
+    export = ["segment", "export", str(static), "--checkpoint", str(tmp_path / "model.safetensors"), "--static-size"]
+    assert main([*export, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["size_range"] == {"height": [32, 32], "width": [32, 32]}
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "predicted"
+    with caplog.at_level("WARNING"):
+        assert main(["segment", "predict", str(image), "--checkpoint", str(static), "--output", str(out)]) == 0
+    assert "resize each image" not in caplog.text
+    written = np.asarray(Image.open(out / "0000_scene_labels.png"))
+    reference = segment_image(model, spec, Image.open(image).convert("RGB")).numpy()
+    assert (written == reference).mean() > 0.999
+    ratios = ["--test-ratios", "1", "1.25", "--output", str(tmp_path / "ratios")]
+    assert main(["segment", "predict", str(image), "--checkpoint", str(static), *ratios]) == 0  # crops again

@@ -172,6 +172,8 @@ class ExportedSegmentor(nn.Module):
             metadata = session.get_modelmeta().custom_metadata_map
             self.run = _onnx_runner(path, session)
         else:
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder, not a .pt2 program")
             if not path.is_file():
                 raise missing_file(path)
             program, metadata = read_program(path)
@@ -187,6 +189,15 @@ class ExportedSegmentor(nn.Module):
         """The one (height, width) the file takes (exported with ``--static-size``), else None."""
         (low_height, high_height), (low_width, high_width) = self.size_range["height"], self.size_range["width"]
         return (low_height, low_width) if low_height == high_height and low_width == high_width else None
+
+    def resized_test(self, inference: dict[str, Any]) -> tuple[int, int] | None:
+        """The size a test with ``inference`` settings must resize images to for this file: its one
+        size, unless the test feeds it crops of that size (a slide test at the crop size, what
+        ``segment export --static-size`` traces by default); None where the file takes what the
+        test gives it."""
+        fixed = self.fixed_size
+        crops = inference.get("mode") == "slide" and fixed == (inference.get("crop_size"),) * 2
+        return None if fixed is None or crops else fixed
 
     def train(self, mode: bool = True) -> ExportedSegmentor:
         # The exported graph is the eval-mode function (and a program's module refuses train()).
@@ -218,12 +229,13 @@ def load_dense_file(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
             model = ExportedSegmentor(path, session).eval()
     else:
         model = ExportedSegmentor(path).eval()
-    if getattr(model, "fixed_size", None):
+    resized = model.resized_test(model.spec.inference) if isinstance(model, ExportedSegmentor) else None
+    if resized:
         logger.warning(
             "%s takes %dx%d images only (exported with --static-size): segment predict and eval resize each image "
             "to it, its aspect ratio not kept, in one pass (not at the file's test scale), and the result back",
             path,
-            *model.fixed_size,
+            *resized,
         )
     return model, model.spec
 

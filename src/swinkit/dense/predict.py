@@ -74,17 +74,19 @@ def inference_setup(
 ) -> tuple[SegmentationEvalTransform, dict[str, Any]]:
     """The image transform and inference settings (``mode``, ``crop_size``, ``stride``) of a test:
     the file's own (``spec.inference``), or for a file exported for one size (``--static-size``)
-    the image resized to that size exactly, in one pass, as a fixed-shape deployment runs it."""
+    that the file's own test would not feed that size (a whole-image test), the image resized to it
+    exactly, in one pass, as a fixed-shape deployment runs it."""
+    from .export import ExportedSegmentor
     from .segmentation_data import FixedSizeEvalTransform, SegmentationEvalTransform
 
     s, preprocessing = spec.inference, spec.backbone.preprocessing
-    fixed = getattr(model, "fixed_size", None)
+    fixed = model.resized_test(s) if isinstance(model, ExportedSegmentor) else None
     if fixed is None:
         return SegmentationEvalTransform(s["scale"], preprocessing.mean, preprocessing.std, ratios), s
     if ratios is not None:
         raise ValueError(
-            f"{model.path} takes {fixed[0]}x{fixed[1]} images only: it cannot test at several scales; "
-            "export it without --static-size for that"
+            f"{model.path} takes {fixed[0]}x{fixed[1]} images only, which each image is resized to: it cannot "
+            "test at other scales (--aug-test, --test-ratios); export it without --static-size for that"
         )
     return FixedSizeEvalTransform(fixed, preprocessing.mean, preprocessing.std), {**s, "mode": "whole"}
 
@@ -413,7 +415,10 @@ def _test_augmentation(
     check_test_ratios(ratios)
     if not isinstance(flip, bool):
         raise ValueError(f"flip must be True or False, got {flip!r}")
-    if spec.task == "segment" or (ratios is None and not flip):
+    if spec.task == "segment":
+        inference_setup(model, spec, ratios)  # refused here, not once an image
+        return []
+    if ratios is None and not flip:
         return []
     check_detector(model, checkpoint)
     return augmented_views(model, ratios, flip)
