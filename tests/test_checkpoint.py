@@ -392,6 +392,11 @@ def test_staging_moves_the_file_and_what_was_written_beside_it_or_nothing(tmp_pa
         raise RuntimeError("check failed")
     assert target.read_text() == "new model" and (target.parent / "model.onnx.data").read_text() == "new weights"
     assert sorted(path.name for path in target.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    with staging(target.parent / "bundle") as temporary:  # a writer that makes a folder: kept enterable
+        temporary.mkdir()
+        (temporary / "part").write_text("inside")
+    assert (target.parent / "bundle" / "part").read_text() == "inside"
+    assert (target.parent / "bundle").stat().st_mode & 0o100  # not given a file's mode (0644)
 
 
 def test_staged_files_reach_the_disk_before_their_names_do(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from swinkit.cli import main
 from swinkit.data import eval_transform, load_image
 from swinkit.dense import DenseSpec, create_backbone
 from swinkit.dense import export as dense_export
-from swinkit.dense.export import export_segmentation
+from swinkit.dense.export import export_segmentation, load_dense_file
 from swinkit.dense.weights import build_dense_model
 from swinkit.evaluate import evaluate_checkpoint
 from swinkit.export import (
@@ -247,6 +247,9 @@ def test_load_program_reads_the_same_program_as_torch(tmp_path, size_generic_pro
         load_program(tmp_path / "noise.pt2")
     with pytest.raises(FileNotFoundError, match="absent.pt2 does not exist"):
         load_program(tmp_path / "absent.pt2")
+    (tmp_path / "folder.pt2").mkdir()  # was "does not exist"
+    with pytest.raises(IsADirectoryError, match="folder.pt2 is a folder, not a .pt2 program"):
+        load_dense_file(tmp_path / "folder.pt2")
     assert GraphModuleDeserializer._parse_sym_expr is parse
 
 

@@ -50,8 +50,8 @@ def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> 
         _note_once(
             checkpoint,
             f"torchvision files do not hold the image size: taken as {img_size} px (torchvision's published "
-            f"{published}); it sets the preprocessing of predict and eval: give img_size if the model was "
-            "trained at another",
+            f"{published}); it sets the preprocessing of predict and eval: if the model was trained at another, "
+            "load it with create_model(checkpoint=..., img_size=...) and save it",
         )
     # The official evaluation: center crop at 224 and below; the fine-tuned larger models without crop.
     fields["preprocessing"] = (

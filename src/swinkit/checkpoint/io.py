@@ -288,7 +288,8 @@ def staging(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         companions = sorted(item for item in folder.iterdir() if item != temporary and item.is_file())
         for written in [*companions, temporary]:
-            os.chmod(written, FILE_MODE)  # as open() makes a file: safetensors' writer makes it private (0600)
+            if written.is_file():  # as open() makes a file: safetensors' writer makes it private (0600)
+                os.chmod(written, FILE_MODE)
             _sync(written)  # on disk before its name is: a power cut leaves the old file, not an empty one
             os.replace(written, path.with_name(written.name))
         _sync(path.parent)  # the new names too

@@ -26,10 +26,11 @@ def check_ignore_index(ignore_index: int, num_classes: int) -> None:
     if not is_whole(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if 0 <= ignore_index < num_classes:
+        outside = 255 if num_classes <= 255 else -1
         raise ValueError(
             f"ignore_index {ignore_index} is one of the {num_classes} classes (0..{num_classes - 1}): that class "
-            "would count for nothing in the loss and the metrics; use a label outside them, e.g. 255 (to leave "
-            "out label 0, ADE20K's 'other', use reduce_zero_label)"
+            f"would count for nothing in the loss and the metrics; use a label outside them, e.g. {outside} (to "
+            "leave out label 0, ADE20K's 'other', use reduce_zero_label)"
         )
 
 
