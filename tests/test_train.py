@@ -161,6 +161,19 @@ def test_config_resolution_order(tmp_path):
         resolve_config({"epochs": "many"})
 
 
+def test_the_finetune_recipe_takes_each_models_official_drop_path(tmp_path):
+    # The official 22K -> 1K configs: Swin-T 0.1, the others 0.2 (the recipe gave Swin-T 0.2).
+    finetune = {"data": "somewhere", "recipe": "finetune"}
+    assert resolve_config(finetune).drop_path_rate == 0.1  # swin_t, the default model
+    assert resolve_config({**finetune, "model": "swin_s"}).drop_path_rate == 0.2
+    assert resolve_config({**finetune, "drop_path_rate": 0.3}).drop_path_rate == 0.3  # given: it wins
+    (tmp_path / "run.yaml").write_text("recipe: finetune\nmodel: swin_b\n")
+    assert resolve_config({"data": "somewhere"}, tmp_path / "run.yaml").drop_path_rate == 0.2
+    (tmp_path / "run.yaml").write_text("recipe: finetune\ndrop_path_rate: 0.15\n")
+    assert resolve_config({"data": "somewhere"}, tmp_path / "run.yaml").drop_path_rate == 0.15
+    assert resolve_config({"data": "somewhere"}).drop_path_rate is None  # other recipes: the preset's
+
+
 def test_schedules_that_contradict_themselves_are_refused_or_said():
     from swinkit.dense.config import DetectionConfig, SegmentationConfig
     from swinkit.train.config import schedule_notes

@@ -303,7 +303,7 @@ _SIMMIM_FINETUNE: dict[str, Any] = dict(
 RECIPES: dict[str, dict[str, Any]] = {
     # The official ImageNet-1K recipe is the dataclass defaults.
     "imagenet": {},
-    # Official 22K -> 1K fine-tuning (drop path 0.2 as for Swin-S/B/L; Swin-T's config has 0.1).
+    # Official 22K -> 1K fine-tuning (drop path: RECIPE_MODELS has Swin-T's own).
     "finetune": dict(
         epochs=30, warmup_epochs=5, base_lr=2e-5, warmup_lr=2e-8, min_lr=2e-7, weight_decay=1e-8, drop_path_rate=0.2
     ),
@@ -444,6 +444,11 @@ def _convert(kind: Any, value: Any, from_text: bool = True) -> Any:
     return kind(value)
 
 
+# What a recipe sets otherwise for one model: the official 22K -> 1K fine-tuning configs give
+# Swin-T drop path 0.1, the others (S, B, L, V2 B and L) 0.2.
+RECIPE_MODELS: dict[str, dict[str, dict[str, Any]]] = {"finetune": {"swin_t": dict(drop_path_rate=0.1)}}
+
+
 def resolve_config(explicit: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None) -> TrainConfig:
     """Defaults, then the recipe, then ``config_file`` (YAML), then ``explicit`` values."""
     return resolve_options(
@@ -452,6 +457,7 @@ def resolve_config(explicit: dict[str, Any] | None = None, config_file: str | os
         explicit,
         config_file,
         lambda values: "imagenet" if values.get("data") is not None else "digits",
+        RECIPE_MODELS,
     )
 
 
@@ -461,10 +467,12 @@ def resolve_options(
     explicit: dict[str, Any] | None,
     config_file: str | os.PathLike | None,
     default_recipe: Callable[[dict[str, Any]], str],
+    recipe_models: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> Any:
     """Build the ``options`` dataclass (one with a ``recipe`` field): defaults, recipe, YAML, explicit values.
 
-    ``default_recipe`` picks the recipe from the file and explicit values when neither names one.
+    ``default_recipe`` picks the recipe from the file and explicit values when neither names one;
+    ``recipe_models`` holds what a recipe sets otherwise for one model (recipe -> model -> values).
     """
     explicit = dict(explicit or {})
     from_file = load_yaml(config_file) if config_file else {}
@@ -475,7 +483,10 @@ def resolve_options(
     recipe = explicit.get("recipe", from_file.get("recipe", default_recipe({**from_file, **explicit})))
     if recipe not in recipes:
         raise ValueError(f"unknown recipe {recipe!r}; accepted: {', '.join(recipes)}")
-    values = {**recipes[recipe], **from_file, **explicit, "recipe": recipe}
+    given = {**recipes[recipe], **from_file, **explicit}
+    model = given.get("model", options.__dataclass_fields__["model"].default)
+    for_model = (recipe_models or {}).get(recipe, {}).get(model, {})
+    values = {**recipes[recipe], **for_model, **from_file, **explicit, "recipe": recipe}
     return options(**{name: _coerce(name, value, options) for name, value in values.items()})
 
 
