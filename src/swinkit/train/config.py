@@ -445,7 +445,7 @@ def _convert(kind: Any, value: Any, from_text: bool = True) -> Any:
 
 
 # What a recipe sets otherwise for one model: the official 22K -> 1K fine-tuning configs give
-# Swin-T drop path 0.1, the others (S, B, L, V2 B and L) 0.2.
+# Swin-T drop path 0.1, the others (Swin-S, B, L, SwinV2-B) 0.2.
 RECIPE_MODELS: dict[str, dict[str, dict[str, Any]]] = {"finetune": {"swin_t": dict(drop_path_rate=0.1)}}
 
 
