@@ -62,6 +62,13 @@ def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(argv, 
     assert err.startswith(f"usage: swinkit {command} ")
     assert err.rstrip().endswith(f"swinkit {command}: error: unrecognized arguments: {unknown}")
     assert _refused(["--bogus"], capsys).rstrip().endswith("swinkit: error: unrecognized arguments: --bogus")
+    # Before the command's word, the flag is the level above's: there it was unknown.
+    known = [word for word in argv if word not in unknown.split()]
+    for before, level in ((["--bogus", *known], "swinkit"), ([known[0], "--bogus", *known[1:]], f"swinkit {known[0]}")):
+        err = _refused(before, capsys)
+        assert err.startswith(f"usage: {level} ") and err.rstrip().endswith(
+            f"{level}: error: unrecognized arguments: --bogus"
+        )
 
 
 def test_devices_are_checked_by_name():
@@ -124,6 +131,15 @@ def test_a_file_where_a_folder_must_be_or_a_folder_where_a_file_must_be(classifi
     ]:  # fmt: skip
         assert message in _refused(argv, capsys), argv
     assert a_file.read_text() == "in the way" and list(a_folder.iterdir()) == []  # nothing written over
+    # A run refused for its checkpoint leaves no empty output folder behind (checked, not made, first).
+    missing, new = str(tmp_path / "missing.safetensors"), tmp_path / "new" / "out"
+    for argv in [
+        ["eval", "--data", str(digits), "--checkpoint", missing, "--output", str(new)],
+        ["segment", "eval", "--data", str(digits), "--checkpoint", missing, "--output", str(new)],
+        ["explain", image, "--checkpoint", missing, "--out", str(new)],
+    ]:
+        assert "missing.safetensors" in _refused(argv, capsys), argv
+        assert not new.parent.exists(), argv
 
 
 def test_training_options_of_the_wrong_shape_are_refused_by_name(digits, tmp_path, capsys):

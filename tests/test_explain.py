@@ -347,3 +347,14 @@ def test_swinkit_explain_writes_an_overlay_per_image(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == f"swinkit explain: error: {message}"
     assert main(["explain", str(image), "--checkpoint", str(tmp_path / "m.onnx"), "--out", str(out)]) == 2
     assert "give a checkpoint, not an exported .onnx or .pt2 file" in capsys.readouterr().err
+
+    # A refused checkpoint leaves nothing behind: neither the folder nor a single file's folder is
+    # made before the model is read; a file in the folder's way is still refused before it.
+    for destination in (tmp_path / "new" / "maps", tmp_path / "new2" / "one.png"):
+        bad = ["explain", str(image), "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(destination)]
+        assert main(bad) == 2
+        assert "missing.safetensors" in capsys.readouterr().err
+        assert not destination.parent.exists()
+    (tmp_path / "taken").write_text("a file")
+    assert main([*args[:-1], str(tmp_path / "taken" / "maps")]) == 2
+    assert f"{tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err

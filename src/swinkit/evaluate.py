@@ -197,18 +197,17 @@ def evaluate_checkpoint(
     Writes ``metrics.json`` and ``confusion.png`` to ``output`` when given; returns the metrics.
     """
     import json
-    from pathlib import Path
 
     from torch.utils.data import DataLoader
 
-    from .checkpoint.io import make_folder
+    from .checkpoint.io import check_folder, make_folder
     from .data import collate_skipping_bad, csv_list, eval_transform, image_folder, require_some_read
     from .predict import load_classifier
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch size must be at least 1 and workers 0 or more, got {batch_size} and {workers}")
     if output is not None:  # before the evaluation: a file in the way is refused now, not after it
-        make_folder(output)
+        check_folder(output)
     dtype = amp_dtype(amp)
     model, stored = load_classifier(checkpoint, device, amp, int8)
     names = stored or [str(i) for i in range(model.config.num_classes)]
@@ -232,6 +231,7 @@ def evaluate_checkpoint(
             speed = throughput(model, first["images"].to(device), warmup=5, iterations=10)
         metrics["throughput_images_per_second"] = speed
     if output is not None:
-        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_confusion(result.confusion, names, Path(output) / "confusion.png")
+        folder = make_folder(output)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_confusion(result.confusion, names, folder / "confusion.png")
     return metrics

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .attention import combine_bias_and_mask, reference_attention
-from .checkpoint.io import make_folder, writable_file
+from .checkpoint.io import check_folder, make_folder, writable_file
 from .data import eval_crop, eval_transform
 from .model import SwinTransformer, cells, check_images, window_and_shift, window_gather_indices
 
@@ -629,16 +629,20 @@ def _class_index(target: str | None, names: list[str]) -> int | None:
 def overlay_destinations(out: str | os.PathLike, paths: Sequence[Path], method: str) -> Callable[[Path], Path]:
     """Where each image's overlay goes: ``out`` itself where it names a ``.png`` / ``.jpg`` file
     (one image only), else ``out/<stem>.<method>.png``, a name no other image of the run took. A
-    file or folder in the way is refused here, before the work, not after it."""
+    file or folder in the way is refused here, before the work, not after it; the folder itself is
+    made at the first overlay written (a run refused before, say for its checkpoint, leaves none)."""
     single_file = Path(out).suffix.lower() in IMAGE_SUFFIXES
     if single_file and len(paths) != 1:
         raise ValueError(f"--out {out} names one image file, but {len(paths)} images were given; give a folder")
     if single_file:
-        file = writable_file(out)
-        return lambda path: file
-    make_folder(out)
+        file = Path(out)
+        if file.is_dir():
+            raise ValueError(f"{file} is a folder: give the name of the file to write")
+        check_folder(file.parent)
+        return lambda path: writable_file(file)
+    folder = check_folder(out)
     used: set[Path] = set()
-    return lambda path: _free_name(Path(out), path.stem, method, used)
+    return lambda path: _free_name(make_folder(folder), path.stem, method, used)
 
 
 def _free_name(folder: Path, stem: str, method: str, used: set[Path]) -> Path:

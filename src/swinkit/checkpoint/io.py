@@ -219,13 +219,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     return state_dict, metadata
 
 
-def make_folder(path: str | os.PathLike) -> Path:
-    """Create the folder ``path`` and its parents; a file where a folder must be is refused by name."""
+def check_folder(path: str | os.PathLike) -> Path:
+    """Refuse by name a file where the folder ``path`` (or one of its parents) must be; create nothing
+    (a run refused later, say for its checkpoint, leaves no empty folder behind)."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
     if existing is not None and not existing.is_dir():
         where = "it" if existing == path else existing
         raise ValueError(f"cannot make the folder {path}: {where} is a file, not a folder")
+    return path
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents; a file where a folder must be is refused by name."""
+    path = check_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # no permission, a read-only or virtual file system

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..checkpoint.io import make_folder
+from ..checkpoint.io import check_folder, make_folder
 from ..data import require_some_read
 from ..predict import expand_inputs, load_or_report
 from .data import Transformed, collate_lists
@@ -389,7 +389,7 @@ def evaluate_dense(
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, got {workers}")
     if output is not None:  # before the evaluation: a file in the way is refused now, not after it
-        make_folder(output)
+        check_folder(output)
     model, spec = load_dense_file(checkpoint, device)
     _refuse_other_task(checkpoint, spec, task, "eval", "evaluates")
     views = _test_augmentation(checkpoint, model, spec, ratios, flip)
@@ -401,7 +401,7 @@ def evaluate_dense(
         metrics = _evaluate_detection(model, spec, data, images, workers, strict_data, views)
         metrics |= {"test_ratios": [float(r) for r in ratios] if ratios is not None else [1.0], "test_flip": flip}
     if output is not None:
-        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (make_folder(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
