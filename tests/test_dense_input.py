@@ -124,6 +124,16 @@ def test_an_ignore_index_that_is_a_class_is_refused(tmp_path):
             refused()
     assert segmentation_loss(outputs, labels, ignore_index=-1) > 0
     assert confusion_matrix(labels, labels, 3, ignore_index=3).trace() == 64
+    # A 0-d integer tensor (as a batch or a metric may hold it) is taken as its value, checked alike.
+    labels[0, 0, :2] = 255
+    for index in (255, torch.tensor(255), np.int64(255)):
+        assert confusion_matrix(labels, labels, 3, ignore_index=index).sum() == 62
+        assert segmentation_loss(outputs, labels, ignore_index=index) == segmentation_loss(outputs, labels)
+    with pytest.raises(ValueError, match=r"ignore_index 1 is one of the 3 classes"):
+        confusion_matrix(labels, labels, 3, ignore_index=torch.tensor(1))
+    for bad in (torch.tensor(255.0), torch.tensor([255]), 255.0):
+        with pytest.raises(ValueError, match="ignore_index must be an int, got"):
+            confusion_matrix(labels, labels, 3, ignore_index=bad)
 
 
 @pytest.fixture(scope="module")

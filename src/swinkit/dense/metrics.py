@@ -20,9 +20,11 @@ from ..variants import is_real, is_whole
 # ---------------------------------------------------------------------------------------------
 
 
-def check_ignore_index(ignore_index: int, num_classes: int) -> None:
-    """Refuse an ``ignore_index`` that is one of the classes: that class would silently drop out of
-    the loss and the metrics."""
+def check_ignore_index(ignore_index: int | Tensor, num_classes: int) -> int:
+    """``ignore_index`` as an int (a 0-d integer tensor is taken too), once it is not one of the
+    classes: that class would silently drop out of the loss and the metrics."""
+    if isinstance(ignore_index, Tensor) and ignore_index.dim() == 0 and not ignore_index.is_floating_point():
+        ignore_index = ignore_index.item() if ignore_index.dtype != torch.bool else ignore_index
     if not is_whole(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if 0 <= ignore_index < num_classes:
@@ -32,6 +34,7 @@ def check_ignore_index(ignore_index: int, num_classes: int) -> None:
             f"would count for nothing in the loss and the metrics; use a label outside them, e.g. {outside} (to "
             "leave out label 0, ADE20K's 'other', use reduce_zero_label)"
         )
+    return int(ignore_index)
 
 
 def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -41,7 +44,7 @@ def confusion_matrix(prediction: Tensor, target: Tensor, num_classes: int, ignor
     not logits), with labels in ``0..K-1`` (``target`` also ``ignore_index``).
     """
     _check_label_maps(prediction, target, num_classes)
-    check_ignore_index(ignore_index, num_classes)
+    ignore_index = check_ignore_index(ignore_index, num_classes)
     keep = target != ignore_index
     kept_target, kept_prediction = target[keep].long(), prediction[keep].long()
     for name, labels in (("target", kept_target), ("prediction", kept_prediction)):

@@ -120,6 +120,7 @@ def segmentation_losses(
         raise TypeError("outputs must be a segmentation model's output, a dict with 'out' logits (B, K, H, W)")
     if not math.isfinite(aux_weight) or aux_weight < 0:
         raise ValueError(f"aux_weight must be 0 or more, got {aux_weight!r}")
+    ignore_index = check_ignore_index(ignore_index, outputs["out"].shape[1])
     masks = _checked_masks(masks, outputs["out"], ignore_index)
     losses = {"loss_decode": pixel_cross_entropy(outputs["out"], masks, ignore_index)}
     if "aux" in outputs and aux_weight > 0:
@@ -136,7 +137,6 @@ def _checked_masks(masks: Tensor, logits: Tensor, ignore_index: int) -> Tensor:
         raise ValueError(f"{len(masks)} masks for a batch of {len(logits)} images")
     masks = masks.long()
     num_classes = logits.shape[1]
-    check_ignore_index(ignore_index, num_classes)
     outside = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
     if outside.any():
         raise ValueError(
