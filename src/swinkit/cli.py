@@ -493,11 +493,19 @@ def _add_verbose_everywhere(subparsers: argparse._SubParsersAction) -> None:
             command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
-def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The parser of the command (and its action: ``segment eval``) that ``args`` were parsed for."""
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], unknown: str
+) -> argparse.ArgumentParser:
+    """The parser that ``unknown`` stood under: the command (and its action: ``segment eval``) that
+    ``args`` were parsed for, or the level above where it came before that word (``swinkit --bogus
+    train`` is the top level's)."""
+    unknown_at, word_at = argv.index(unknown), -1
     for name in (args.command, getattr(args, "action", None)):
         choices = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-        if name is None or not choices:
+        if name is None or not choices or name not in argv[word_at + 1 :]:
+            break
+        word_at = argv.index(name, word_at + 1)
+        if unknown_at < word_at:
             break
         parser = choices[0].choices[name]
     return parser
@@ -514,9 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``swinkit`` and ``python -m swinkit``; returns the exit code."""
     try:
         parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # named by the command, with its usage (argparse's top level names neither)
-            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+            _command_parser(parser, args, argv, unknown[0]).error(f"unrecognized arguments: {' '.join(unknown)}")
     except KeyboardInterrupt:  # Ctrl-C while starting: a line too (nothing ran yet)
         print("swinkit: interrupted", file=sys.stderr)
         return 130
