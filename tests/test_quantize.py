@@ -191,7 +191,8 @@ def test_int8_models_are_refused_where_float_weights_are_needed(tmp_path):
         quantize_dynamic("swin_t")
     # Training one ran without a word, its int8 weights never changing; it stays in eval mode, a copy too.
     restored = pickle.loads(pickle.dumps(quantized))  # a copy sent to a worker process: the refusal pickles
-    for trained in (quantized, nn.Sequential(quantized), copy.deepcopy(quantized), restored):
+    parts = (quantized.layers[0], quantized.layers[1].blocks[0].mlp, quantized.layers[0].blocks[1].attn.qkv)
+    for trained in (quantized, nn.Sequential(quantized), copy.deepcopy(quantized), restored, *parts):
         with pytest.raises(ValueError, match="an int8-quantized model is for inference: .* train the float model"):
             trained.train()
     assert not any(module.training for module in quantized.modules())

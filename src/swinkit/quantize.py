@@ -81,7 +81,7 @@ def is_int8(linear: nn.Module) -> bool:
 def quantize_dynamic(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (CPU, float32, in eval mode) whose blocks' and mergings' linears are :class:`Int8Linear`.
 
-    For inference only: those layers have no gradients (the copy refuses ``train()``), and the copy
+    For inference only: those layers have no gradients (the copy and its parts refuse ``train()``), and the copy
     is neither saved as a checkpoint nor exported (save or export the float model; quantize after loading).
     """
     if not isinstance(model, nn.Module):
@@ -102,10 +102,20 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
         module = quantized.get_submodule(parent)
         setattr(module, child, Int8Linear(getattr(module, child)))
     quantized.int8_dynamic = True
-    # eval() calls it too. A partial, not a bound method: the copy still pickles (a bound method of
-    # a function the class does not have does not).
-    quantized.train = functools.partial(_train_for_inference, quantized)
+    # On the model and every part holding an int8 layer (model.layers[0].train() too), refused before
+    # any module is switched; eval() calls it too. A partial, not a bound method: the copy still
+    # pickles (a bound method of a function the class does not have does not).
+    holders = {prefix for name in names for prefix in _prefixes(name)}
+    for name in holders | set(names):
+        module = quantized.get_submodule(name)
+        module.train = functools.partial(_train_for_inference, module)
     return quantized.eval()  # the new layers too
+
+
+def _prefixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``["", "a", "a.b"]``: the names of the modules above ``a.b.c``."""
+    parts = name.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts))]
 
 
 def _train_for_inference(model: nn.Module, mode: bool = True) -> nn.Module:
