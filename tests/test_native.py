@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -487,6 +489,19 @@ def test_failed_build_falls_back_to_pytorch(fresh_kernel, monkeypatch):
         fused = model(x)
         model.set_attn_impl("reference")
         assert relative_error(fused, model(x)) < 1e-5
+
+
+def test_the_kernel_check_is_marked_constant_for_compile_as_torch_marks_it_and_import_stays_light():
+    # torch.compile must not trace into the build check (a file cache, ctypes): torch's decorator
+    # marks it so; swinkit sets the same mark without importing torch._dynamo (a second per import).
+    def probe() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(probe)
+    assert vars(probe) == vars(native.built) == {"_dynamo_marked_constant": True}
+    code = "import sys, swinkit; print('torch._dynamo' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
 
 
 def test_built_kernel_is_loaded_from_the_cache(fresh_kernel, monkeypatch):

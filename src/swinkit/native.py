@@ -276,7 +276,15 @@ def takes(qkv: Tensor, heads: int, tokens: int, bias: Tensor) -> bool:
     )
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks once, while it traces
+def _constant_under_compile(function: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` (torch.compile asks once, while it traces) without
+    its import of torch._dynamo, a second of every ``import swinkit``: it only sets this mark, which
+    dynamo reads when it traces (a test checks that torch's decorator sets the same)."""
+    function._dynamo_marked_constant = True
+    return function
+
+
+@_constant_under_compile
 def built() -> bool:
     """Whether the kernel for this CPU is built and loaded (building it on first call)."""
     return kernel() is not None
