@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import check_impl, combine_bias_and_mask, resolve_impl, window_attention
 from .parallel import compile_forward, drop_path_scales, forward_function, image_splits, run_split
@@ -76,12 +75,22 @@ def cells(length: int, size: int) -> int:
     these plain floor divisions keep their expressions small enough to simplify quickly. Inside
     :func:`derived_once_per_trace` a count of a count is one division (:func:`_traced_cells`).
     """
-    if statically_known_true(length == size):  # a side clamped to its window; symbolic (2n-1)//n stays unsimplified
+    if _known_equal(length, size):  # a side clamped to its window; symbolic (2n-1)//n stays unsimplified
         return 1
     memo = _TRACE_MEMO.get() if isinstance(length, torch.SymInt) and isinstance(size, int) else None
     if memo is None:
         return (length + size - 1) // size
     return _traced_cells(length, size, memo)
+
+
+def _known_equal(length: int, size: int) -> bool:
+    """``length == size`` where it is known without a guard; the shape engine (and sympy, half a
+    second of every ``import swinkit``) is imported only when a size is symbolic, under tracing."""
+    if isinstance(length, int) and isinstance(size, int):
+        return length == size
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(length == size)
 
 
 def _traced_cells(length: torch.SymInt, size: int, memo: dict) -> torch.SymInt:
