@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import io
 import json
 import math
+import pickle
 import shutil
 import threading
 import zipfile
@@ -51,6 +53,7 @@ from swinkit.export import (
     onnx_error,
     onnx_session,
     program_on,
+    read_program,
     save_program,
     trace_sides,
 )
@@ -262,6 +265,67 @@ def test_program_on_moves_tensor_constants_too():
     assert program.constants  # what this test is about
     out = program_on(program, "meta")(torch.randn(3, 2, device="meta"))
     assert out.device.type == "meta" and out.shape == (3, 2)
+
+
+class _WritesAFile:
+    """Unpickled, it creates the file ``marker``: what a crafted file's pickle could do (anything)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _with_a_pickled_weight(program_file: Path, crafted: Path, payload: object) -> None:
+    """``program_file`` with its first weight marked ``use_pickle`` and replaced by ``payload``'s
+    pickle, as torch's reader takes it (it reads such a weight with ``weights_only=False``)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with zipfile.ZipFile(program_file) as source, zipfile.ZipFile(crafted, "w") as target:
+        configs = [name for name in source.namelist() if name.endswith("_weights_config.json")]
+        config = json.loads(source.read(configs[0]))
+        entry = next(iter(config["config"].values()))
+        entry["use_pickle"] = True
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == configs[0]:
+                data = json.dumps(config).encode()
+            elif item.filename.endswith(f"data/weights/{entry['path_name']}"):
+                data = buffer.getvalue()
+            target.writestr(item, data)
+
+
+def test_a_program_holding_pickled_objects_is_refused_before_they_run(tmp_path, capsys):
+    # torch.export.load reads a weight marked use_pickle with torch.load(weights_only=False): a
+    # crafted .pt2 given to predict ran its code (then failed to load). Now nothing is unpickled.
+    program_file, crafted, marker = tmp_path / "plain.pt2", tmp_path / "crafted.pt2", tmp_path / "ran"
+    program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(2, 2)), (torch.randn(1, 2),))
+    torch.export.save(program, program_file)
+    _with_a_pickled_weight(program_file, crafted, _WritesAFile(marker))
+    with pytest.raises(ValueError, match="crafted.pt2: refused: it holds pickled Python objects"):
+        read_program(crafted)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for command in (["predict", str(image)], ["segment", "predict", str(image)]):
+        assert main([*command, "--checkpoint", str(crafted)]) == 2
+        assert "refused: it holds pickled Python objects" in capsys.readouterr().err
+    assert not marker.exists()
+    # A pickled plain tensor is read (weights_only reads tensors), torch's own check then naming
+    # it; and the reader is whole again afterwards: the plain file loads, torch.load is torch's.
+    _with_a_pickled_weight(program_file, crafted, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="crafted.pt2: torch.export cannot load it: .*not an instance of"):
+        read_program(crafted)
+    assert read_program(program_file)[0].module()(torch.ones(1, 2)).shape == (1, 2)
+    assert torch.load.__module__ == "torch.serialization"
+    # The reader's other two ways to unpickle (opaque and TorchScript constants) refuse while it reads.
+    from torch.export.pt2_archive import _package
+
+    with export_module._tensors_only():
+        for unpickle in (_package.pickle.loads, torch._C._pickle_load_obj):
+            with pytest.raises(export_module.PickledObjectRefused):
+                unpickle(pickle.dumps(_WritesAFile(marker)))
+    assert not marker.exists() and _package.pickle is pickle
 
 
 def test_programs_run_on_the_cpu_or_an_available_gpu(tmp_path):

@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import threading
+import types
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -288,17 +290,67 @@ def load_program(path: str | os.PathLike, extra_files: dict[str, Any] | None = N
     and takes 25-30 s to read on two cores. Here the reader keeps what it parsed for the length of
     the load (the same objects, the same shape environment), which reads that file in about 6 s.
     A torch whose reader lacks the method patched for this loads the plain way. A file that is
-    not a program archive is refused by name (torch would log a traceback and try older formats).
+    not a program archive is refused by name (torch would log a traceback and try older formats),
+    as is one holding pickled Python objects (:func:`_tensors_only`): reading those could run code.
     """
     if not os.path.exists(path):
         raise missing_file(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a torch.export program (a .pt2 zip archive)")
-    with _parse_each_size_once():
-        return torch.export.load(str(path), extra_files=extra_files)
+    try:
+        with _parse_each_size_once(), _tensors_only():
+            return torch.export.load(str(path), extra_files=extra_files)
+    except PickledObjectRefused as error:
+        raise ValueError(
+            f"{path}: refused: it holds pickled Python objects ({error}), which could run code when read; "
+            "swinkit reads programs whose weights and constants are plain tensors, as its own exports are"
+        ) from None
 
 
-_parse_lock = threading.Lock()
+class PickledObjectRefused(pickle.UnpicklingError):
+    """What torch's program reader met where it would have unpickled more than tensors."""
+
+
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """While open, torch's program reader unpickles tensors only.
+
+    ``torch.export.load`` reads a weight or constant marked ``use_pickle`` (and an older archive's
+    weights, after a safe try) with ``torch.load(weights_only=False)``, and an opaque constant
+    with ``pickle.loads``: a crafted file would run code (the project reads no file that way).
+    Here every ``torch.load`` is a ``weights_only=True`` one and the reader's ``pickle.loads``
+    refuses; swinkit's exports hold neither kind of entry.
+    """
+    from torch.export.pt2_archive import _package
+
+    load, module_pickle = torch.load, getattr(_package, "pickle", None)
+
+    def tensors_only_load(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(*args, **{**kwargs, "weights_only": True})
+        except pickle.UnpicklingError as error:
+            raise PickledObjectRefused("a weight or constant that only a full unpickling reads") from error
+
+    def refused(kind: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise PickledObjectRefused(kind)
+
+        return refuse
+
+    script_objects = torch._C._pickle_load_obj
+    with _parse_lock:
+        torch.load, torch._C._pickle_load_obj = tensors_only_load, refused("a TorchScript object")
+        if module_pickle is not None:
+            _package.pickle = types.SimpleNamespace(loads=refused("an opaque object, read with pickle.loads"))
+        try:
+            yield
+        finally:
+            torch.load, torch._C._pickle_load_obj = load, script_objects
+            if module_pickle is not None:
+                _package.pickle = module_pickle
+
+
+_parse_lock = threading.RLock()  # both patches of torch's reader below hold it
 
 
 @contextlib.contextmanager
