@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import swinkit
-from helpers import perturb
+from helpers import perturb, write_digit_folder
 from swinkit.checkpoint import CheckpointError, detect_format, read_checkpoint
+from swinkit.cli import main
+from swinkit.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -532,3 +534,26 @@ def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"m\.safetensors is the file being converted"):
         swinkit.checkpoint.convert(tmp_path / "m.safetensors", tmp_path / "." / "m.safetensors", to="timm")
     assert swinkit.checkpoint.read_any(tmp_path / "m.safetensors").format == "swinkit"  # untouched
+
+
+def test_a_training_runs_last_checkpoint_is_read_with_its_config_and_class_names(tmp_path):
+    # Read as a bare state dict, checkpoint-last.pt was predicted with ImageNet's mean and std at
+    # 224 and class indices, while model-final.safetensors (the same weights) had the run's own.
+    digits = write_digit_folder(tmp_path / "digits", classes=(3, 7), per_class=3)
+    run = tmp_path / "run"
+    argv = ["train", "--model", "swin_test", "--img-size", "32", "--data", str(digits), "--output", str(run),
+            "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "2", "--max-steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    image = next(digits.glob("*/*.png"))
+    final, last = (
+        predict([image], run / name, topk=2)[0] for name in ("model-final.safetensors", "checkpoint-last.pt")
+    )
+    assert [p["class"] for p in last["predictions"]] == [p["class"] for p in final["predictions"]]
+    assert {p["class"] for p in last["predictions"]} == {"digit3", "digit7"}
+    for got, expected in zip(last["predictions"], final["predictions"], strict=True):
+        assert got["probability"] == pytest.approx(expected["probability"], rel=1e-6)
+    model = swinkit.create_model(checkpoint=run / "checkpoint-last.pt")
+    assert (
+        model.config.preprocessing
+        == swinkit.create_model(checkpoint=run / "model-final.safetensors").config.preprocessing
+    )

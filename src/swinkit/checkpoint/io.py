@@ -150,6 +150,8 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
         obj = _load_pickle(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("spec"), str) and "optimizer" in obj:
             return _dense_run_checkpoint(obj, path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model_config"), Mapping) and "optimizer" in obj:
+            return _training_run_checkpoint(obj, path)
         return unwrap_state_dict(obj, str(path)), _openmmlab_metadata(obj)
     raise CheckpointError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
@@ -164,6 +166,18 @@ def _dense_run_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[StateDict
 
     spec = DenseSpec.from_json(obj["spec"], str(path))
     return to_file_keys(unwrap_state_dict(obj["model"], str(path)), spec.task), {"swinkit_dense": obj["spec"]}
+
+
+def _training_run_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[StateDict, dict[str, str]]:
+    """A ``swinkit train`` run's ``checkpoint-last.pt``: its weights with the model's config
+    (preprocessing too) and class names as metadata, as the run's ``model-*.safetensors`` hold them
+    (read as a bare state dict, a run under way was predicted with ImageNet's statistics and
+    class indices)."""
+    metadata = {"swinkit_config": json.dumps(dict(obj["model_config"]))}
+    classes = obj.get("classes")
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        metadata["class_names"] = json.dumps(list(classes))
+    return unwrap_state_dict(obj, str(path)), metadata
 
 
 def _openmmlab_metadata(obj: Any) -> dict[str, str]:
