@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 import swinkit
 from helpers import perturb, write_digit_folder
-from swinkit.checkpoint import CheckpointError, detect_format, read_checkpoint
+from swinkit.checkpoint import CheckpointError, detect_format, read_any, read_checkpoint
 from swinkit.cli import main
 from swinkit.predict import predict
 
@@ -490,6 +491,58 @@ def test_weights_with_nan_or_infinity_are_refused_naming_the_tensor(tmp_path, ti
     state = {**tiny.state_dict(), "head.bias": torch.full((3,), float("inf"))}
     with pytest.raises(CheckpointError, match="non-finite values .* in head.bias"):
         swinkit.load_checkpoint(swinkit.create_model("swin_test", num_classes=3), state)
+
+
+def test_tensors_no_swin_has_are_refused_by_name_before_they_are_read(tmp_path, tiny):
+    # Each one failed deep in the reading (IndexError, ZeroDivisionError, a reshape's RuntimeError,
+    # a bicubic resize's NotImplementedError) or was cast to float without a word.
+    state = tiny.state_dict()
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    for name, changed, message in [
+        ("head", {"head.weight": torch.zeros(3)}, r"head\.weight has shape \(3,\), not 2-d"),
+        ("patch", {"patch_embed.proj.weight": torch.tensor(1.0)}, r"patch_embed\.proj\.weight has shape \(\), not 4-d"),
+        ("table", {table: torch.zeros(50, state[table].shape[1])}, rf"{table} has 50 rows, not \(2 window - 1\)\^2"),
+        ("empty", {key: value[:0] for key, value in state.items()}, r"\S+ is empty \(0, 3, 4, 4\); .* in all"),
+        ("int", {"head.bias": state["head.bias"].int()}, r"head\.bias is torch\.int32, not floating point"),
+        ("bool", {"head.bias": state["head.bias"] > 0}, r"head\.bias is torch\.bool, not floating point"),
+    ]:  # fmt: skip
+        path = tmp_path / f"{name}.pth"
+        torch.save({**state, **changed}, path)
+        with pytest.raises(CheckpointError, match=rf"{name}\.pth: not the weights of a Swin model: {message}"):
+            swinkit.create_model(checkpoint=path)
+    for half in (torch.float16, torch.bfloat16, torch.float64):  # other floating types are read as they were
+        torch.save({key: value.to(half) for key, value in state.items()}, tmp_path / "half.pth")
+        swinkit.create_model(checkpoint=tmp_path / "half.pth")
+    with pytest.raises(TypeError, match="load_checkpoint needs a swinkit model .* got Linear"):  # was AttributeError
+        swinkit.load_checkpoint(torch.nn.Linear(2, 2), state)
+
+
+def test_a_hugging_face_folder_that_contradicts_itself_is_refused_naming_its_file(tmp_path):
+    import json
+
+    from swinkit.checkpoint import hf
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    model = swinkit.create_model("swin_test", num_classes=3, img_size=128)  # transformers' windows at every stage
+    save_file(hf.from_swinkit(model.state_dict(), model.config), folder / "model.safetensors")
+    config = folder / "config.json"
+    for text, message in [
+        ("[1, 2]", "its config.json must be a JSON object (a transformers config), got list"),  # was AttributeError
+        ("{", "its config.json is not JSON"),  # was json's bare message
+        (json.dumps({"id2label": {"0": "a"}}), "its config.json's id2label has 1 class names but the head has 3"),
+        (json.dumps({"id2label": {"x": "a"}}), "its config.json's id2label must map class indices to names"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"{folder}: {re.escape(message)}"):
+            swinkit.create_model(checkpoint=folder)
+    config.write_text(json.dumps({"id2label": {"0": "a", "1": "b", "2": "c"}}))
+    assert read_any(folder).class_names == ["a", "b", "c"]
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": 5}))  # was AttributeError
+    with pytest.raises(CheckpointError, match="not a valid shard index: its weight_map must map tensor names to"):
+        swinkit.create_model(checkpoint=sharded)
 
 
 def test_a_file_whose_weights_do_not_fit_its_own_architecture_says_so(tmp_path, tiny):

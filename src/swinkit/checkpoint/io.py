@@ -197,11 +197,7 @@ def _read_hf_directory(path: Path) -> tuple[StateDict, dict[str, str]] | None:
         if (path / name).is_file():
             files = [path / name]
         elif index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as error:
-                raise CheckpointError(f"{index} is not a valid shard index: {error}") from None
-            files = [path / shard for shard in shards]
+            files = [path / shard for shard in _shards(index)]
         if files:
             break
     if not files:
@@ -212,6 +208,20 @@ def _read_hf_directory(path: Path) -> tuple[StateDict, dict[str, str]] | None:
     config = path / "config.json"
     metadata = {"hf_config": config.read_text()} if config.is_file() else {}
     return state_dict, metadata
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a Hugging Face ``*.index.json`` names, once its ``weight_map`` maps tensor
+    names to file names."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:  # TypeError: not a JSON object
+        raise CheckpointError(f"{index} is not a valid shard index: {error!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise CheckpointError(
+            f"{index} is not a valid shard index: its weight_map must map tensor names to shard file names"
+        )
+    return sorted(set(weight_map.values()))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..variants import SwinConfig
 from . import adapt, hf, official, timm, torchvision
 from .formats import (
     check_stage_windows,
@@ -98,14 +99,16 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     except CheckpointError as error:
         raise CheckpointError(f"{label}: {error}") from None
     converted = CONVERTERS[fmt].to_swinkit(state_dict)
-    _refuse_non_finite(converted, label)
+    _refuse_malformed(converted, label)
+    refuse_non_finite(converted, label)
     checkpoint = Checkpoint(label, fmt, detect_family(converted), converted, metadata)
     if fmt == "swinkit":
         checkpoint.class_names = class_names_from_metadata(metadata, label)
         _check_own_config(checkpoint)
     elif fmt == "hf" and "hf_config" in metadata:
-        hf_config = json.loads(metadata["hf_config"])
-        checkpoint.hints, checkpoint.class_names = hf.config_hints(hf_config), hf.class_names(hf_config)
+        hf_config = _hf_config(metadata["hf_config"], label)
+        checkpoint.hints, checkpoint.class_names = hf.config_hints(hf_config), _hf_class_names(hf_config, label)
+        _check_class_count(checkpoint, "its config.json's id2label")
     elif fmt in ("official", "torchvision"):
         checkpoint.hints = CONVERTERS[fmt].config_hints(state_dict)
     if checkpoint.family == "v1":
@@ -124,14 +127,81 @@ def read_any(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     return checkpoint
 
 
-def _refuse_non_finite(state_dict: StateDict, label: str) -> None:
-    """Weights holding NaN or infinity give NaN for every image: refuse them, naming the tensors."""
+# The tensors whose shape the reading itself relies on (the layout hints, window and head
+# adaptation), as key suffixes with the number of dimensions each must have.
+RANKS = {"head.weight": 2, "patch_embed.proj.weight": 4, "relative_position_bias_table": 2, "absolute_pos_embed": 3}
+
+
+def _refuse_malformed(state_dict: StateDict, label: str) -> None:
+    """Weights that are not floating point, empty, or of a rank (or a bias table of a size) that no
+    Swin has: refused by name here, before they are read as a Swin's (an IndexError or a
+    division by zero deep in the reading, or weights cast to float without a word)."""
+    problems = [
+        f"{key} is {value.dtype}, not floating point"
+        for key, value in state_dict.items()
+        if not value.is_floating_point()
+    ]
+    problems += [f"{key} is empty {tuple(value.shape)}" for key, value in state_dict.items() if value.numel() == 0]
+    for key, value in state_dict.items():
+        rank = next((rank for suffix, rank in RANKS.items() if key.endswith(suffix)), None)
+        if rank is not None and value.dim() != rank:
+            problems.append(f"{key} has shape {tuple(value.shape)}, not {rank}-d")
+        elif key.endswith("relative_position_bias_table") and not _is_odd_square(value.shape[0]):
+            problems.append(f"{key} has {value.shape[0]} rows, not (2 window - 1)^2")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise CheckpointError(f"{label}: not the weights of a Swin model: {shown}")
+
+
+def _is_odd_square(count: int) -> bool:
+    side = math.isqrt(count)
+    return side * side == count and side % 2 == 1
+
+
+def refuse_non_finite(state_dict: StateDict, label: str) -> None:
+    """Weights holding NaN or infinity give NaN for every image: refuse them, naming the tensors
+    (a classifier's, a backbone's, a dense model's)."""
     broken = [key for key, value in state_dict.items() if value.is_floating_point() and not value.isfinite().all()]
     if broken:
         shown = ", ".join(broken[:5]) + (f", ... ({len(broken)} in all)" if len(broken) > 5 else "")
         raise CheckpointError(
             f"{label}: non-finite values (NaN or infinity) in {shown}: these weights give NaN for every "
             "image (saved from a run that diverged?)"
+        )
+
+
+def _hf_config(text: str, label: str) -> dict[str, Any]:
+    """The transformers ``config.json`` beside the weights, once it is a JSON object."""
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(f"{label}: its config.json is not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{label}: its config.json must be a JSON object (a transformers config), got {type(config).__name__}"
+        )
+    return config
+
+
+def _hf_class_names(hf_config: dict[str, Any], label: str) -> list[str] | None:
+    """``id2label``'s names in index order, once its keys are indices and its names strings."""
+    labels = hf_config.get("id2label") or {}
+    if not isinstance(labels, dict) or not all(
+        str(key).isdigit() and isinstance(name, str) for key, name in labels.items()
+    ):
+        raise CheckpointError(
+            f"{label}: its config.json's id2label must map class indices to names, got {str(labels)[:100]}"
+        )
+    return hf.class_names(hf_config)
+
+
+def _check_class_count(checkpoint: Checkpoint, where: str) -> None:
+    """As many class names as the head has rows: a file that contradicts itself is refused."""
+    head, names = checkpoint.state_dict.get("head.weight"), checkpoint.class_names
+    if head is not None and names is not None and len(names) != head.shape[0]:
+        raise CheckpointError(
+            f"{checkpoint.source}: {where} has {len(names)} class names but the head has {head.shape[0]} classes: "
+            "the file contradicts itself; give one name per class"
         )
 
 
@@ -232,8 +302,12 @@ def load_checkpoint(
         model, source = source, model
     if table_resize not in adapt.TABLE_RESIZES:
         raise ValueError(f"table_resize must be one of {', '.join(adapt.TABLE_RESIZES)}, got {table_resize!r}")
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(config, SwinConfig):
+        raise TypeError(
+            f"load_checkpoint needs a swinkit model (swinkit.create_model / build_model), got {type(model).__name__}"
+        )
     checkpoint = source if isinstance(source, Checkpoint) else read_any(source)
-    config = model.config
     report = LoadReport(checkpoint.source, checkpoint.format, checkpoint.family, notes=list(checkpoint.notes))
     if checkpoint.family != config.family:
         raise CheckpointError(
