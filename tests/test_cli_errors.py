@@ -165,6 +165,15 @@ def test_a_pretrained_encoder_is_not_taken_for_a_classifier(digits, tmp_path, ca
     ]:
         err = _refused(argv, capsys)
         assert f"{encoder} holds no classifier head (num_classes 0" in err and "swinkit train --checkpoint" in err
+    # A backbone (features_only) file: its model returns feature maps (predict and eval failed with
+    # an AttributeError on the list of them).
+    backbone = tmp_path / "backbone.safetensors"
+    swinkit.save(swinkit.create_model("swin_test", num_classes=3, features_only=True), backbone)
+    for argv in [
+        ["predict", image, "--checkpoint", str(backbone)],
+        ["eval", "--data", str(digits), "--checkpoint", str(backbone)],
+    ]:
+        assert f"{backbone} holds no classifier head (features_only" in _refused(argv, capsys), argv
 
 
 def test_nothing_to_read_is_an_error_not_an_empty_success(classifier, digits, tmp_path, capsys):

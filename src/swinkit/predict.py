@@ -22,6 +22,7 @@ from .data.images import find_image_files
 from .evaluate import amp_dtype
 from .factory import create_model
 from .quantize import quantize_dynamic
+from .variants import SwinConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +81,32 @@ def load_classifier(
         from .export import OnnxClassifier, ProgramClassifier
 
         model = OnnxClassifier(checkpoint) if suffix == ".onnx" else ProgramClassifier(checkpoint, device)
-        _refuse_headless(checkpoint, model.config.num_classes)
+        _refuse_headless(checkpoint, model.config)
         return model.eval(), model.class_names
     loaded = read_any(checkpoint)
     refuse_dense_file(checkpoint, loaded)
     model = create_model(checkpoint=loaded).to(device).eval()
-    _refuse_headless(checkpoint, model.config.num_classes)
+    _refuse_headless(checkpoint, model.config)
     # What the reader parsed: a swinkit file's names, or a Hugging Face config's id2label.
     names = loaded.class_names or class_names_from_metadata(loaded.metadata)
     return quantize_dynamic(model) if int8 else model, names
 
 
-def _refuse_headless(checkpoint: str | os.PathLike, num_classes: int) -> None:
-    """A model without a classifier (a pretrained encoder: its outputs are features, not classes)."""
-    if num_classes >= 1:
+def _refuse_headless(checkpoint: str | os.PathLike, config: SwinConfig) -> None:
+    """A model without a classifier (a pretrained encoder, or a backbone: its outputs are features,
+    not classes)."""
+    if config.num_classes >= 1 and not config.features_only:
         return
     if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):
         advice = "export a classifier (a model file with a head) instead"
     else:
         advice = f"fine-tune it into a classifier first (swinkit train --checkpoint {checkpoint} ...)"
-    raise ValueError(
-        f"{checkpoint} holds no classifier head (num_classes 0: a pretrained encoder, e.g. from swinkit "
-        f"pretrain): {advice}"
+    kind = (
+        "features_only: a backbone's feature maps"
+        if config.features_only
+        else "num_classes 0: a pretrained encoder, e.g. from swinkit pretrain"
     )
+    raise ValueError(f"{checkpoint} holds no classifier head ({kind}): {advice}")
 
 
 def refuse_dense_file(checkpoint: str | os.PathLike, loaded: Checkpoint) -> None:
