@@ -3,6 +3,7 @@ never scored or averaged into a wrong number."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,44 @@ def test_a_file_written_from_a_preset_spec_predicts(tmp_path):
     (result,) = predict_dense(tmp_path / "a.png", tmp_path / "segmentor.safetensors", tmp_path / "out")
     assert sum(result["class_fractions"].values()) == pytest.approx(1.0)
     assert preset_spec("swin_test", "mask_rcnn").inference["category_ids"][-1] == 90  # COCO's ids
+
+
+def test_a_dense_file_with_bad_test_settings_or_non_finite_weights_is_refused_by_name(tmp_path):
+    # A detector with fewer category ids than classes failed at its first detection of the last
+    # class (IndexError); a bad segmentation mode or scale was an error for every image (exit 1),
+    # and NaN weights predicted as if nothing were wrong.
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from swinkit.checkpoint import CheckpointError
+    from swinkit.dense import load_dense, save_dense
+    from swinkit.dense.weights import DenseSpec, build_dense_model, preset_spec
+
+    spec = preset_spec("swin_test", "upernet", 3)
+    save_dense(build_dense_model(spec).eval(), spec, tmp_path / "segmentor.safetensors")
+    with safe_open(str(tmp_path / "segmentor.safetensors"), framework="pt") as file:
+        weights, metadata = {key: file.get_tensor(key) for key in file.keys()}, file.metadata()  # noqa: SIM118
+    stored = json.loads(metadata["swinkit_dense"])
+    for name, inference, message in [
+        ("mode", {"mode": "banana"}, "mode must be 'whole' or 'slide', got 'banana'"),
+        ("scale", {"scale": "big"}, r"scale must be 2 positive numbers \(long side, short side\), got 'big'"),
+        ("crop", {"crop_size": 0}, "crop_size must be a whole number of pixels of 1 or more, got 0"),
+    ]:
+        edited = {**stored, "inference": {**stored["inference"], **inference}}
+        save_file(weights, tmp_path / f"{name}.safetensors", {**metadata, "swinkit_dense": json.dumps(edited)})
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors: the dense model description .* {message}"):
+            load_dense(tmp_path / f"{name}.safetensors")
+    detector = preset_spec("swin_test", "mask_rcnn", 3)
+    for ids in ([1, 2], [1, 1, 2], [1, 2, "3"]):
+        with pytest.raises(ValueError, match=r"category_ids must be 3 distinct whole numbers, one per class"):
+            DenseSpec(
+                "detect", detector.backbone, detector.classes, head=detector.head, inference={"category_ids": ids}
+            )
+    broken = dict(weights)
+    key = next(key for key in broken if key.startswith("decode_head") and key.endswith("weight"))
+    broken[key] = torch.full_like(broken[key], float("nan"))
+    save_file(broken, tmp_path / "nan.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=rf"nan\.safetensors: non-finite values .* in {re.escape(key)}"):
+        load_dense(tmp_path / "nan.safetensors")

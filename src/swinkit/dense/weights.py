@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from ..checkpoint import official
 from ..checkpoint.io import CheckpointError, read_checkpoint, save_safetensors, save_torch
+from ..checkpoint.load import refuse_non_finite
 from ..checkpoint.official import is_derived
-from ..variants import SwinConfig, get_config
+from ..variants import SwinConfig, get_config, is_real, is_whole
 from .backbone import backbone_from_config
 from .mmdet import (
     COCO_CLASSES,
@@ -77,6 +78,9 @@ class DenseSpec:
         for name in ("head", "inference"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"a dense spec's {name} must be a dict, got a {type(getattr(self, name)).__name__}")
+        problems = _inference_problems(self.task, self.inference, len(self.classes))
+        if problems:
+            raise ValueError("a dense spec's inference settings are invalid: " + "; ".join(problems))
 
     def heads(self) -> str:
         """The heads in words: ``UPerNet + FCN auxiliary head``, ``Cascade Mask R-CNN``, ..."""
@@ -100,6 +104,27 @@ class DenseSpec:
             raise CheckpointError(
                 f"{source}: the dense model description in the metadata is invalid: {error}"
             ) from None
+
+
+def _inference_problems(task: str, inference: dict[str, Any], classes: int) -> list[str]:
+    """What is wrong with the test settings a file stores (each is read as it is when the model
+    runs: a category id list shorter than the classes failed at the first detection of the last)."""
+    problems = []
+    ids = inference.get("category_ids")
+    if task == "detect" and ids is not None:
+        listed = isinstance(ids, (list, tuple)) and all(is_whole(i) for i in ids)
+        if not listed or len(ids) != classes or len(set(ids)) != len(ids):
+            problems.append(f"category_ids must be {classes} distinct whole numbers, one per class, got {ids!r}")
+    if task == "segment":
+        if "mode" in inference and inference["mode"] not in ("whole", "slide"):
+            problems.append(f"mode must be 'whole' or 'slide', got {inference['mode']!r}")
+        scale = inference.get("scale", (1, 1))
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(is_real(v) and v > 0 for v in scale)):
+            problems.append(f"scale must be 2 positive numbers (long side, short side), got {scale!r}")
+        for key in ("crop_size", "stride"):
+            if key in inference and not (is_whole(inference[key]) and inference[key] >= 1):
+                problems.append(f"{key} must be a whole number of pixels of 1 or more, got {inference[key]!r}")
+    return problems
 
 
 def check_task(task: Any) -> None:
@@ -364,6 +389,7 @@ def _fit(model: nn.Module, state_dict: dict[str, Tensor], path: str | os.PathLik
             f"{path} does not fit the {task} model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"shape mismatches (file vs model) {mismatched[:8]}"
         )
+    refuse_non_finite(state_dict, str(path))
     model.load_state_dict(state_dict)
 
 
