@@ -610,3 +610,58 @@ def test_a_training_runs_last_checkpoint_is_read_with_its_config_and_class_names
         model.config.preprocessing
         == swinkit.create_model(checkpoint=run / "model-final.safetensors").config.preprocessing
     )
+
+
+def test_an_exported_or_cut_file_is_named_for_what_it_is(tmp_path, tiny, capsys):
+    # A .pt2 program was "truncated or corrupt?" with torch's "internal miniz error"; an .onnx file
+    # "neither a PyTorch file nor safetensors"; a safetensors file cut inside its header too.
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from swinkit.export import PROGRAM_METADATA
+
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    metadata = {PROGRAM_METADATA: json.dumps({"swinkit.config": json.dumps(tiny.config.to_dict())})}
+    torch.export.save(program, tmp_path / "model.pt2", extra_files=metadata)
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value], [value])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    swinkit.save(tiny, tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:200])
+    for name, message in [
+        ("model.pt2", re.escape("is a torch.export program (.pt2), not a checkpoint: predict and eval run an")),
+        ("model.onnx", "is an ONNX file, not a checkpoint: predict and eval run an exported file"),
+        ("cut.safetensors", r"is a truncated safetensors file: its header says \d+ bytes of description, but the file"),
+    ]:
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)} {message}"):
+            swinkit.create_model(checkpoint=tmp_path / name)
+    # A classifier's export given to a dense command (it said "not written by swinkit segment export").
+    from PIL import Image
+
+    image = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["segment", "predict", str(image), "--checkpoint", str(tmp_path / "model.pt2")]) == 2
+    assert (
+        "model.pt2 is a classifier's export (swinkit export): swinkit predict and eval run it"
+        in capsys.readouterr().err
+    )
+
+
+def test_an_official_file_of_three_stages_is_read_as_one_not_refused_for_out_indices(tmp_path, tiny):
+    # Its config kept the four default out_indices: "out_indices (0, 1, 2, 3) must name stages in
+    # 0..2", an option the user never gave. Now three stages come out, and its last merging is named.
+    from swinkit.checkpoint import official
+
+    state = official.from_swinkit(tiny.state_dict(), tiny.config)
+    torch.save({k: v for k, v in state.items() if not k.startswith("layers.3.")}, tmp_path / "three.pth")
+    with pytest.raises(CheckpointError, match=r"three\.pth does not fit the model, .* depths=\(2, 2, 2\)") as error:
+        swinkit.create_model(checkpoint=tmp_path / "three.pth")
+    assert "unexpected in the file: layers.2.downsample" in str(error.value)
+    backbone = {
+        k: v for k, v in state.items() if not k.startswith(("layers.3.", "layers.2.downsample", "norm.", "head."))
+    }
+    torch.save(backbone, tmp_path / "backbone.pth")
+    model = swinkit.create_model(checkpoint=tmp_path / "backbone.pth", features_only=True)
+    assert model.config.out_indices == (0, 1, 2) and len(model(torch.randn(1, 3, 64, 64))) == 3

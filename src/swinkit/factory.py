@@ -57,7 +57,8 @@ def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> 
     fields["preprocessing"] = (
         Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing.for_size(img_size)
     )
-    return SwinConfig(**fields)
+    # Through replace: a file of another number of stages brings its own out_indices (every stage).
+    return SwinConfig().replace(**fields)
 
 
 def _note_once(checkpoint: Checkpoint, note: str) -> None:

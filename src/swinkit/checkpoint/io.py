@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -147,15 +148,53 @@ def _read_file(path: Path) -> tuple[StateDict, dict[str, str]]:
         tensors, metadata = _load_safetensors(path)
         return unwrap_state_dict(tensors, str(path)), metadata
     if kind == "torch":
+        _refuse_program(path)
         obj = _load_pickle(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("spec"), str) and "optimizer" in obj:
             return _dense_run_checkpoint(obj, path)
         if isinstance(obj, Mapping) and isinstance(obj.get("model_config"), Mapping) and "optimizer" in obj:
             return _training_run_checkpoint(obj, path)
         return unwrap_state_dict(obj, str(path)), _openmmlab_metadata(obj)
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path} is an ONNX file, not a checkpoint: {EXPORTED_FILE_ADVICE}")
+    truncated = _truncated_safetensors(path)
+    if truncated:
+        raise CheckpointError(f"{path} is a truncated safetensors file: {truncated}")
     raise CheckpointError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (.pth/.bin, zip or pickle) nor a safetensors file"
     )
+
+
+EXPORTED_FILE_ADVICE = (
+    "predict and eval run an exported file (segment / detect predict and eval a dense one); here, give the "
+    "checkpoint it was exported from"
+)
+
+
+def _refuse_program(path: Path) -> None:
+    """A torch.export program (a ``.pt2`` zip archive) is no checkpoint: said as such, not as a
+    corrupt PyTorch file (torch's reader finds no ``data.pkl`` in it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # a pickle, or a damaged zip: torch.load says what it is
+    if any(name.endswith(("/archive_format", "/models/model.json")) for name in names):
+        raise CheckpointError(f"{path} is a torch.export program (.pt2), not a checkpoint: {EXPORTED_FILE_ADVICE}")
+
+
+def _truncated_safetensors(path: Path) -> str:
+    """Why ``path`` looks like the start of a safetensors file cut short (its header's length, then
+    ``{``, with fewer bytes after it than the length says), or ``""``."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return ""
+    (header_len,) = struct.unpack("<Q", head[:8])
+    size = path.stat().st_size
+    if 8 + header_len <= size:
+        return ""
+    return f"its header says {header_len} bytes of description, but the file has {size} bytes in all (copied in part?)"
 
 
 def _dense_run_checkpoint(obj: Mapping[str, Any], path: Path) -> tuple[StateDict, dict[str, str]]:

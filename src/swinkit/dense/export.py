@@ -178,8 +178,12 @@ class ExportedSegmentor(nn.Module):
                 raise missing_file(path)
             program, metadata = read_program(path)
             self.run = program.module()
+        if "swinkit.config" in metadata and "swinkit.dense" not in metadata:
+            raise ValueError(f"{path} is a classifier's export (swinkit export): swinkit predict and eval run it")
         if "swinkit.dense" not in metadata:
-            raise ValueError(f"{path} was not written by swinkit segment export (no 'swinkit.dense' metadata)")
+            raise ValueError(
+                f"{path} was not written by swinkit segment export or detect export (no 'swinkit.dense' metadata)"
+            )
         self.spec = DenseSpec.from_json(metadata["swinkit.dense"], str(path))
         self.path = path
         self.size_range = json.loads(metadata.get("swinkit.size_range", "null")) or size_ranges((1, 1))
