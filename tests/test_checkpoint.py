@@ -587,6 +587,11 @@ def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"m\.safetensors is the file being converted"):
         swinkit.checkpoint.convert(tmp_path / "m.safetensors", tmp_path / "." / "m.safetensors", to="timm")
     assert swinkit.checkpoint.read_any(tmp_path / "m.safetensors").format == "swinkit"  # untouched
+    # A checkpoint under an export's name was written, then refused by predict as a bad export.
+    for suffix in (".onnx", ".pt2"):
+        with pytest.raises(ValueError, match=rf"m{suffix}: convert writes checkpoints .* 'swinkit export' writes"):
+            swinkit.checkpoint.convert(tmp_path / "m.safetensors", tmp_path / f"m{suffix}")
+        assert not (tmp_path / f"m{suffix}").exists()
 
 
 def test_a_training_runs_last_checkpoint_is_read_with_its_config_and_class_names(tmp_path):

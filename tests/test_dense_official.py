@@ -464,6 +464,10 @@ def test_detectors_that_swinkit_cannot_build_are_refused_by_name(tmp_path, capsy
     assert "is a segment model" in capsys.readouterr().err
     assert main(["detect", "convert", str(tmp_path / "m.pth"), str(tmp_path / "out.bin")]) == 2
     assert "--to swinkit|mmdet" in capsys.readouterr().err
+    # A model file under an export's name (--to given) was written, then refused as a bad export.
+    assert main(["detect", "convert", str(tmp_path / "m.pth"), str(tmp_path / "m.onnx"), "--to", "swinkit"]) == 2
+    assert "convert writes model files; 'swinkit detect export' writes .onnx files" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_mmseg_upernet_file_is_read_whole_with_its_class_names(tmp_path, capsys):

@@ -99,6 +99,11 @@ def convert(
     """
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; accepted: {', '.join(FORMATS)}")
+    if Path(target).suffix.lower() in (".onnx", ".pt2"):  # a checkpoint under an export's name: refused later
+        raise ValueError(
+            f"{target}: convert writes checkpoints (.safetensors, .pth, .bin); "
+            f"'swinkit export' writes {Path(target).suffix.lower()} files"
+        )
     if Path(source).resolve() == Path(target).resolve():
         raise ValueError(f"{target} is the file being converted: writing it would replace the original; give another")
     checkpoint = read_any(source)

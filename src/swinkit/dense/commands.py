@@ -179,6 +179,8 @@ def _convert(args: argparse.Namespace, task: str) -> str:
 
     layout = {"detect": "mmdet", "segment": "mmseg"}[task]
     suffix = Path(args.output).suffix
+    if suffix.lower() in (".onnx", ".pt2"):
+        raise ValueError(f"{args.output}: convert writes model files; 'swinkit {task} export' writes {suffix} files")
     to = args.to or {".safetensors": "swinkit", ".pth": layout, ".pt": layout}.get(suffix)
     if to is None:
         raise ValueError(
