@@ -53,6 +53,13 @@ def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> 
             f"{published}); it sets the preprocessing of predict and eval: if the model was trained at another, "
             "load it with create_model(checkpoint=..., img_size=...) and save it",
         )
+    if say_assumed and checkpoint.format == "hf" and "img_size" not in checkpoint.hints:
+        _note_once(
+            checkpoint,
+            f"no image_size in a config.json beside the weights: taken as {img_size} px; it sets "
+            "the preprocessing of predict and eval: if the model was trained at another, load it with "
+            "create_model(checkpoint=..., img_size=...) and save it",
+        )
     # The official evaluation: center crop at 224 and below; the fine-tuned larger models without crop.
     fields["preprocessing"] = (
         Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing.for_size(img_size)
