@@ -538,6 +538,7 @@ def test_a_hugging_face_folder_that_contradicts_itself_is_refused_naming_its_fil
         ("{", "its config.json is not JSON"),  # was json's bare message
         (json.dumps({"id2label": {"0": "a"}}), "its config.json's id2label has 1 class names but the head has 3"),
         (json.dumps({"id2label": {"x": "a"}}), "its config.json's id2label must map class indices to names"),
+        (json.dumps({"window_size": -3}), "the architecture its config.json describes is invalid: window_size"),
     ]:
         config.write_text(text)
         with pytest.raises(CheckpointError, match=rf"{folder}: {re.escape(message)}"):

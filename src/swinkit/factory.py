@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint.formats import infer_config
+from .checkpoint.io import CheckpointError
 from .checkpoint.load import Checkpoint, load_checkpoint, read_any
 from .checkpoint.native import config_from_metadata
 from .variants import Preprocessing, SwinConfig, get_config
@@ -65,7 +66,11 @@ def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> 
         Preprocessing(resize=img_size, crop=img_size) if img_size > 224 else Preprocessing.for_size(img_size)
     )
     # Through replace: a file of another number of stages brings its own out_indices (every stage).
-    return SwinConfig().replace(**fields)
+    try:
+        return SwinConfig().replace(**fields)
+    except (ValueError, TypeError) as error:  # a config.json's values (the weights' own always fit)
+        where = "its config.json describes" if checkpoint.format == "hf" else "its weights describe"
+        raise CheckpointError(f"{checkpoint.source}: the architecture {where} is invalid: {error}") from None
 
 
 def _note_once(checkpoint: Checkpoint, note: str) -> None:
