@@ -262,6 +262,44 @@ def test_rle_masks_not_of_their_image_are_left_out_and_named(tmp_path, caplog):
     assert len(CocoDetection(tmp_path / "rle.json", masks=False).target(0)["labels"]) == 8
 
 
+def test_polygons_with_non_finite_or_far_away_coordinates_are_left_out_and_named(tmp_path, caplog):
+    # pycocotools rasterises a polygon in memory proportional to its coordinates' range: one NaN or
+    # 1e7 coordinate asked for ~23 GB and the process was killed without a word. Checked before it.
+    from swinkit.dense.detection_data import InvalidPolygonError, check_polygon
+
+    _grey_images(tmp_path, [("a.png", 90)])  # 40 wide, 30 tall
+    segmentations = {
+        1: [[2, 3, 12, 3, 12, 11, 2, 11]],  # right: kept
+        2: [[-10, -5, 70, -5, 70, 50]],  # partly outside, within an image size: kept, clipped by pycocotools
+        3: [[1, 1, 5, 5, float("nan"), 3]],
+        4: [[1, 1, 5, 5, 1e7, 3]],
+        5: [[1, 1, 5, 5, 3, float("-inf")]],
+        6: [[2, 3, 12, 3, 12, 11], [1, 1, 5, "x", 3, 3]],  # one bad polygon of two: the mask is not what was drawn
+        7: [[1, 1, 5, 5, float("inf"), 3]],  # a crowd region: left out of evaluation too
+    }
+    annotations = [
+        {"id": i, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": int(i == 7), "segmentation": s}
+        for i, s in segmentations.items()
+    ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    (tmp_path / "poly.json").write_text(json.dumps(data))  # Python's json writes and reads NaN and Infinity
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(tmp_path / "poly.json")
+    assert dict(dataset.problems.counts) == {"invalid polygons": 5}
+    assert "poly.json" in caplog.text
+    assert "annotation 3: polygon coordinate 4 is nan, not a finite number" in caplog.text
+    assert "annotation 4: polygon coordinate 4 (x = 10000000.0) is far outside its 40x30 image" in caplog.text
+    assert "annotation 6: polygon coordinate 3 is 'x', not a finite number" in caplog.text
+    _, target = dataset[0]
+    assert target["masks"].shape == (2, 30, 40) and target["masks"][1].sum() > 0
+    assert [a["id"] for a in dataset.ground_truth()["annotations"]] == [1, 2]
+    assert len(CocoDetection(tmp_path / "poly.json", masks=False).target(0)["labels"]) == 6  # boxes only: all
+    with pytest.raises(InvalidPolygonError, match=r"coordinate 1 \(y = -31\) is far outside .*accepted: -30 to 60"):
+        check_polygon([0, -31, 5, 5, 3, 3], 30, 40)
+    check_polygon([-40, -30, 80, 60, 0, 0], 30, 40)  # the margin's edges
+
+
 def test_compressed_rle_counts_are_read_as_pycocotools_writes_them():
     generator = np.random.default_rng(0)
     for height, width, fill in [(1, 1, 1.0), (30, 40, 0.0), (30, 40, 1.0), (57, 13, 0.3), (64, 64, 0.02)]:

@@ -4,7 +4,8 @@ Checked once when the file is read (counted by kind and logged as one summary):
 annotations of unknown images or with unknown category ids, boxes that are malformed, empty or
 entirely outside their image (skipped), boxes partly outside (clipped), instances without a usable
 mask when masks are trained (skipped), RLE masks of another size than their image's or whose counts
-do not cover it exactly (skipped, crowd regions too). Crowd regions are not trained on but count in
+do not cover it exactly, and polygons with a coordinate that is not a finite number within an
+image size of the image (skipped, crowd regions too). Crowd regions are not trained on but count in
 evaluation, as COCO's evaluation expects. An image file that is missing or cannot be decoded, or
 whose size differs from the file's, is a :class:`~swinkit.data.BadItem` when loaded (reported,
 skipped by the loader, left out of the scores); an image folder holding none of the files is an error.
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 MIN_BOX_SIDE = 1.0  # pixels; a box thinner than this after clipping is treated as outside the image
 INVALID_RLE = "invalid RLE masks"  # the problem kind of an RLE that is not a mask of its image
+INVALID_POLYGON = "invalid polygons"  # the problem kind of a polygon pycocotools cannot rasterise safely
+# How far (in image sizes) a polygon may reach outside its image: pycocotools' memory and time grow
+# with the coordinates' range, and a NaN, infinite or huge one (1e7) asks it for tens of gigabytes.
+POLYGON_MARGIN = 1.0
 
 
 @dataclass
@@ -162,7 +167,7 @@ class CocoDetection(Dataset):
         crowd = bool(annotation.get("iscrowd", 0))
         segmentation = annotation.get("segmentation")
         problem = mask_problem(segmentation, record.height, record.width) if self.masks else None
-        if problem is not None and (not crowd or problem[0] == INVALID_RLE):  # crowd regions may have no mask
+        if problem is not None and (not crowd or problem[0] in (INVALID_RLE, INVALID_POLYGON)):  # may have no mask
             kind, detail = problem
             self.problems.add(kind, f"{ident}: {detail}" if detail else ident)
             return
@@ -283,18 +288,26 @@ class InvalidMaskError(ValueError):
     """A segmentation that is not a mask of its image (an RLE of another size, or counts not covering it)."""
 
 
+class InvalidPolygonError(InvalidMaskError):
+    """A polygon with a coordinate that is not a finite number near its image (pycocotools would
+    allocate memory in proportion to the coordinates' range: gigabytes, or a crash, for NaN or 1e7)."""
+
+
 def _rle(segmentation: Any, height: int, width: int) -> Any:
     """COCO polygons / uncompressed RLE / compressed RLE -> one compressed RLE (pycocotools).
 
     An RLE is checked first (:class:`InvalidMaskError`): its ``size`` must be the image's
     ``[height, width]`` and its counts must cover the image's pixels exactly; pycocotools
-    decodes others into memory it never wrote (values other than 0 and 1)."""
+    decodes others into memory it never wrote (values other than 0 and 1). So are polygons
+    (:class:`InvalidPolygonError`, :func:`check_polygon`)."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
             raise ValueError("no polygon with at least three points")
+        for polygon in polygons:
+            check_polygon(polygon, height, width)
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation:
         _check_rle(segmentation, height, width)
@@ -303,6 +316,21 @@ def _rle(segmentation: Any, height: int, width: int) -> Any:
         counts = segmentation["counts"]
         return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     raise ValueError(f"segmentation must be polygons or an RLE, got {type(segmentation).__name__}")
+
+
+def check_polygon(polygon: list[Any], height: int, width: int) -> None:
+    """Raise :class:`InvalidPolygonError` unless every coordinate of ``polygon`` (``[x1, y1, x2, y2, ...]``)
+    is a finite number at most :data:`POLYGON_MARGIN` image sizes outside a ``height`` x ``width`` image."""
+    for index, value in enumerate(polygon):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise InvalidPolygonError(f"polygon coordinate {index} is {value!r}, not a finite number")
+        size = height if index % 2 else width
+        if not -POLYGON_MARGIN * size <= value <= (1 + POLYGON_MARGIN) * size:
+            axis = "y" if index % 2 else "x"
+            raise InvalidPolygonError(
+                f"polygon coordinate {index} ({axis} = {value!r}) is far outside its {width}x{height} image "
+                f"(accepted: {-POLYGON_MARGIN * size:g} to {(1 + POLYGON_MARGIN) * size:g})"
+            )
 
 
 def _is_count(value: Any) -> bool:
@@ -375,6 +403,8 @@ def mask_problem(segmentation: Any, height: int, width: int) -> tuple[str, str] 
     try:
         if mask_utils.area(_rle(segmentation, height, width)) > 0:
             return None
+    except InvalidPolygonError as error:
+        return INVALID_POLYGON, str(error)
     except InvalidMaskError as error:
         return INVALID_RLE, str(error)
     except (ValueError, TypeError, KeyError):
