@@ -111,3 +111,28 @@ def test_every_public_function_and_class_has_a_docstring_and_type_hints():
                     unhinted.append(f"{module.__name__}.{name}")
     assert not undocumented, f"no docstring: {undocumented}"
     assert not unhinted, f"no type hints: {unhinted}"
+
+
+def test_predict_and_explain_report_an_image_too_elongated_to_resize_and_go_on(tmp_path, capsys):
+    # Resizing its shorter side to 36 would make a 40000x1 image 1440000x36 (100000x1 at 256: 25 GB).
+    from PIL import Image
+
+    import swinkit
+    from helpers import write_digit_folder
+
+    folder = write_digit_folder(tmp_path / "digits", classes=(0,), per_class=1, formats=("png",))
+    long = folder / "digit0" / "long.png"
+    Image.new("RGB", (40000, 1)).save(long)
+    checkpoint = tmp_path / "model.safetensors"
+    model = swinkit.create_model("swin_test", img_size=32, num_classes=2)
+    assert model.config.preprocessing.resize == 36  # the short-side resize, then a crop of 32
+    swinkit.save(model, checkpoint, class_names=["a", "b"])
+    expected = f"image {long}: an image of 40000x1 pixels is too elongated to evaluate"
+    assert main(["predict", str(folder), "--checkpoint", str(checkpoint), "--json"]) == 0
+    results = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
+    assert len(results) == 2 and results[str(long)]["error"].startswith(expected)
+    out = tmp_path / "maps"
+    assert main(["explain", str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["error"].startswith(expected) for r in results if "error" in r] == [True]
+    assert len(list(out.glob("*.png"))) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,48 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     with pytest.raises(BadImageError, match="cannot decode image"):
         for i in range(len(strict)):
             strict[i]
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_eval_crop_is_torchvisions_resize_and_center_crop_exactly(interpolation):
+    from torchvision import transforms as T
+
+    from swinkit.data import eval_crop
+    from swinkit.data.transforms import interpolation_mode
+
+    generator = np.random.default_rng(0)
+    mode = interpolation_mode(interpolation)
+    for width, height, resize, crop in [(64, 48, 36, 32), (30, 90, 40, 32), (2000, 7, 20, 16), (16, 16, 24, 32)]:
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(crop)])(image)
+        found = eval_crop(Preprocessing(resize=resize, crop=crop, interpolation=interpolation))(image)
+        assert found.size == expected.size and np.array_equal(np.asarray(found), np.asarray(expected))
+
+
+def test_an_image_too_elongated_to_resize_for_evaluation_is_a_bad_image_naming_it(tmp_path):
+    # A 105-byte 8000x1 PNG took 2 GB to resize to a short side of 256, one of 100000x1 25 GB (killed).
+    root = write_digit_folder(tmp_path / "data", classes=(0,), per_class=1, formats=("png",))
+    long = root / "digit0" / "long.png"
+    Image.new("RGB", (40000, 1)).save(long)  # resized to 1440000x36: over 2**25 pixels
+    transform = eval_transform(Preprocessing(resize=36, crop=32))
+    dataset = image_folder(root, transform=transform)
+    items = {Path(dataset.name(i)).name: dataset[i] for i in range(len(dataset))}
+    assert len(items) == 2 and items.pop("long.png") == BadItem(
+        str(long),
+        f"image {long}: an image of 40000x1 pixels is too elongated to evaluate: resizing its shorter side to 36 "
+        "makes it 1440000x36, over the 33554432 pixels accepted",
+    )
+    assert [image.shape for image, _ in items.values()] == [(3, 32, 32)]
+    index = [dataset.name(i) for i in range(len(dataset))].index(str(long))
+    with pytest.raises(BadImageError, match=f"image {re.escape(str(long))}: an image of 40000x1 pixels is too"):
+        image_folder(root, transform=transform, strict=True)[index]
+    # Pretraining's held-out images take evaluation's crop through a seeded wrapper: the same.
+    augmented = AugmentedDataset(image_folder(root), SeededTransform(transform, seed=0))
+    assert isinstance(augmented[index], BadItem) and "too elongated" in augmented[index].reason
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (1, 40000)).save(tall)
+    with pytest.raises(BadImageError, match="1x40000 pixels .* makes it 36x1440000"):
+        transform(load_image(tall))
 
 
 def test_all_bad_batch_collates_to_none():

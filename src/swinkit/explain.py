@@ -576,17 +576,18 @@ def explain_files(
     transform, view = eval_transform(model.config.preprocessing), eval_crop(model.config.preprocessing)
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
-        loaded = _load_batch(paths[start : start + batch_size])
-        decoded = [(path, image) for path, image in loaded if isinstance(image, Image.Image)]
+        loaded = _load_batch(paths[start : start + batch_size], transform)
+        decoded = [item for _, item in loaded if isinstance(item, tuple)]
         found = None
         if decoded:
-            images = torch.stack([transform(image) for _, image in decoded]).to(device)
+            images = torch.stack([tensor for _, tensor in decoded]).to(device)
             found = explain(model, images, method, index, stage)
         row = 0
-        for path, image in loaded:
-            if not isinstance(image, Image.Image):
-                results.append(image)
+        for path, item in loaded:
+            if not isinstance(item, tuple):
+                results.append(item)
                 continue
+            image = item[0]
             assert found is not None
             destination = destination_of(path)
             overlay(view(image), found.maps[row], alpha).save(destination)
@@ -600,15 +601,18 @@ def explain_files(
     return results
 
 
-def _load_batch(paths: Sequence[Path]) -> list[tuple[Path, Image.Image | dict[str, Any]]]:
-    """Each path with its decoded image, or with the ``{"path", "error"}`` result reporting it."""
+def _load_batch(
+    paths: Sequence[Path], transform: Callable[[Image.Image], Tensor]
+) -> list[tuple[Path, tuple[Image.Image, Tensor] | dict[str, Any]]]:
+    """Each path with its decoded image and the model's input, or with the ``{"path", "error"}`` result
+    reporting it (an image that cannot be decoded, or that the transform refuses: too elongated)."""
     from .predict import load_or_report
 
-    loaded: list[tuple[Path, Image.Image | dict[str, Any]]] = []
+    loaded: list[tuple[Path, tuple[Image.Image, Tensor] | dict[str, Any]]] = []
     for path in paths:
         reported: list[dict[str, Any]] = []
-        image = load_or_report(path, reported)
-        loaded.append((path, image if image is not None else reported[0]))
+        pair = load_or_report(path, reported, transform)
+        loaded.append((path, pair if pair is not None else reported[0]))
     return loaded
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint.io import missing_file
 from .checkpoint.load import Checkpoint, read_any
 from .checkpoint.native import class_names_from_metadata
-from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image
+from .data import IMAGE_EXTENSIONS, BadImageError, eval_transform, load_image, transform_image
 from .data.images import find_image_files
 from .evaluate import amp_dtype
 from .factory import create_model
@@ -159,7 +159,7 @@ def predict(
         batch, good = [], []
         for path in paths[start : start + batch_size]:
             try:
-                batch.append(transform(load_image(path)))
+                batch.append(transform_image(transform, load_image(path), path))
                 good.append(len(results))
                 results.append({"path": str(path)})
             except BadImageError as error:
@@ -178,10 +178,14 @@ def predict(
     return results
 
 
-def load_or_report(path: Path, results: list[dict[str, Any]]) -> Image.Image | None:
-    """The decoded image at ``path``, or None after logging and appending ``{"path", "error"}``."""
+def load_or_report(
+    path: Path, results: list[dict[str, Any]], transform: Callable[[Image.Image], Any] | None = None
+) -> Image.Image | tuple[Image.Image, Any] | None:
+    """The decoded image at ``path`` (with ``transform``: the pair of it and its transformed version),
+    or None after logging and appending ``{"path", "error"}``."""
     try:
-        return load_image(path)
+        image = load_image(path)
+        return image if transform is None else (image, transform_image(transform, image, path))
     except BadImageError as error:
         logger.warning("%s", error)
         results.append({"path": str(path), "error": str(error)})

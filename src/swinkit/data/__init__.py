@@ -11,6 +11,7 @@ from .datasets import (
     image_folder,
     require_some_read,
     split_dataset,
+    transform_image,
 )
 from .images import IMAGE_EXTENSIONS, BadImageError, load_image
 from .transforms import eval_crop, eval_transform, train_transform
@@ -32,4 +33,5 @@ __all__ = [
     "require_some_read",
     "split_dataset",
     "train_transform",
+    "transform_image",
 ]

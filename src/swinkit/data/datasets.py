@@ -65,12 +65,27 @@ class FileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int] | BadItem:
         try:
             image = self.load(index)
+            if self.transform:
+                image = transform_image(self.transform, image, self.name(index))
         except BadImageError as error:
-            if self.strict:
-                raise
-            logger.warning("skipping %s", error)
-            return BadItem(self.name(index), str(error))
-        return (self.transform(image) if self.transform else image), self.label(index)
+            return self.bad_item(index, error)
+        return image, self.label(index)
+
+    def bad_item(self, index: int, error: BadImageError) -> BadItem:
+        """Item ``index`` reported as bad and skipped, or ``error`` raised where the dataset is ``strict``."""
+        if self.strict:
+            raise error
+        logger.warning("skipping %s", error)
+        return BadItem(self.name(index), str(error))
+
+
+def transform_image(transform: Transform, image: Image.Image, path: str | os.PathLike) -> Any:
+    """``transform(image)``; a :class:`BadImageError` it raises (an image it refuses, e.g. too elongated
+    to resize) names ``path``."""
+    try:
+        return transform(image)
+    except BadImageError as error:
+        raise BadImageError(f"image {path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -297,7 +312,10 @@ class AugmentedDataset(Dataset):
         if isinstance(item, BadItem):
             return item
         image, label = item
-        return self.transform(image, index), label
+        try:
+            return transform_image(lambda image: self.transform(image, index), image, self.dataset.name(index)), label
+        except BadImageError as error:  # an image the transform refuses (evaluation's, too elongated)
+            return self.dataset.bad_item(index, error)
 
 
 def collate_skipping_bad(items: list[Any]) -> dict[str, Any]:

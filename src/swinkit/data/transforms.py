@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from PIL import Image
 from torchvision import transforms as T
 
 from ..variants import Preprocessing
+from .images import BadImageError
 
 _INTERPOLATION = {
     "bicubic": T.InterpolationMode.BICUBIC,
@@ -22,14 +24,45 @@ def interpolation_mode(name: str) -> T.InterpolationMode:
     return _INTERPOLATION[name]
 
 
+# The most pixels evaluation's short-side resize may make (about 100 MB in RGB) before the center
+# crop: an image of 8000x1 pixels (a 105-byte PNG) resized to a short side of 256 took 2 GB, one of
+# 100000x1 25 GB. At 256 only images longer than 512 times their width (or height) reach it.
+MAX_RESIZED_PIXELS = 1 << 25
+
+
+class ShortSideResize:
+    """torchvision's ``Resize(size)`` (the short side to ``size``, the same pixels), refusing an image
+    it would make larger than :data:`MAX_RESIZED_PIXELS` as a :class:`BadImageError` (a bad image,
+    reported and skipped like an undecodable one) instead of asking for gigabytes."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode) -> None:
+        self.resize = T.Resize(size, interpolation=interpolation)
+        self.size = size
+
+    def __call__(self, image: Any) -> Any:
+        if isinstance(image, Image.Image):
+            width, height = image.size
+            new_long = int(self.size * max(width, height) / min(width, height))  # torchvision's rounding
+            if self.size * new_long > MAX_RESIZED_PIXELS:
+                resized = f"{new_long}x{self.size}" if width > height else f"{self.size}x{new_long}"
+                raise BadImageError(
+                    f"an image of {width}x{height} pixels is too elongated to evaluate: resizing its shorter side "
+                    f"to {self.size} makes it {resized}, over the {MAX_RESIZED_PIXELS} pixels accepted"
+                )
+        return self.resize(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.resize.interpolation.value})"
+
+
 def eval_crop(preprocessing: Preprocessing) -> T.Compose:
-    """The picture the model sees, as a PIL image: resize the short side (or squash when resize ==
-    crop), center crop."""
+    """The picture the model sees, as a PIL image: resize the short side (:class:`ShortSideResize`; or
+    squash when resize == crop), center crop."""
     mode = interpolation_mode(preprocessing.interpolation)
     if preprocessing.resize == preprocessing.crop:
         resize = T.Resize((preprocessing.crop, preprocessing.crop), interpolation=mode)
     else:
-        resize = T.Resize(preprocessing.resize, interpolation=mode)
+        resize = ShortSideResize(preprocessing.resize, mode)
     return T.Compose([resize, T.CenterCrop(preprocessing.crop)])
 
 
