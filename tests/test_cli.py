@@ -136,3 +136,24 @@ def test_predict_and_explain_report_an_image_too_elongated_to_resize_and_go_on(t
     results = json.loads(capsys.readouterr().out)
     assert [r["error"].startswith(expected) for r in results if "error" in r] == [True]
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_strict_data_with_workers_prints_the_bad_images_own_message_in_one_line(tmp_path, capsys):
+    # torch re-raises a worker's error with its whole traceback as the message: 22 lines after "error:".
+    import swinkit
+    from helpers import write_digit_folder
+
+    folder = write_digit_folder(tmp_path / "digits", classes=(0, 1), per_class=2, formats=("png",))
+    broken = folder / "digit1" / "broken.png"
+    broken.write_bytes(b"not a png")
+    checkpoint = tmp_path / "model.safetensors"
+    model = swinkit.create_model("swin_test", img_size=32, num_classes=2)
+    swinkit.save(model, checkpoint, class_names=["digit0", "digit1"])
+    lines = {}
+    for workers in ("0", "1"):
+        args = ["eval", "--data", str(folder), "--checkpoint", str(checkpoint), "--strict-data", "--workers", workers]
+        assert main(args) == 2
+        lines[workers] = capsys.readouterr().err.strip().splitlines()
+    assert lines["1"] == lines["0"] and len(lines["1"]) == 1, lines
+    assert lines["1"][0].startswith(f"swinkit eval: error: cannot decode image {broken}: ")
+    assert "Traceback" not in lines["1"][0]

@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -518,6 +519,24 @@ RESUME_HINT = (
 )
 
 
+# How torch re-raises an error of a DataLoader worker: the same type, its message the worker's traceback.
+WORKER_ERROR = re.compile(r"Caught (\w+) in [^\n]*\.\nOriginal Traceback \(most recent call last\):\n")
+
+
+def error_message(error: BaseException) -> str:
+    """The message of ``error``; of one a DataLoader worker raised, the worker's own (say, a bad image's,
+    naming the file), as with ``--workers 0``, not the traceback torch puts in its place."""
+    text = str(error)
+    caught = WORKER_ERROR.match(text)
+    if caught is None:
+        return text
+    last = text.rsplit("Traceback (most recent call last):\n", 1)[-1]  # the last of chained ones
+    lines = last.splitlines()
+    start = next((i for i, line in enumerate(lines) if line and not line.startswith(" ")), len(lines))
+    message = "\n".join(lines[start:])  # "module.Type: message", after the indented frames
+    return re.sub(rf"^(?:[\w.]+\.)?{caught.group(1)}: ", "", message, count=1) or caught.group(1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``swinkit`` and ``python -m swinkit``; returns the exit code."""
     try:
@@ -542,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         # User errors get one clear line, not a traceback (--verbose shows it).
-        print(f"swinkit {command}: error: {error}", file=sys.stderr)
+        print(f"swinkit {command}: error: {error_message(error)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the work was
         if args.verbose:
