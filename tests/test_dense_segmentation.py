@@ -222,6 +222,25 @@ def test_pyramid_pooling_bins_as_matrices_are_adaptive_average_pooling():
             torch.testing.assert_close(rows @ x @ columns.T, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_validation_split_of_which_no_image_can_be_read_stops_segment_training(shapes, tmp_path, capsys):
+    # It was scored "val_mIoU 0.00" and a model-best.safetensors saved on it (segment eval stopped).
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    images = data / "images" / "validation"
+    for image in images.iterdir():
+        image.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = ["segment", "train", "--data", str(data), *FAST, "--epochs", "1", "--batch-size", "4", "--output", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(
+        f"swinkit segment train: error: no image of the validation set ({images}) could be read: all 4 failed"
+    ), error
+    assert not (out / "model-best.safetensors").exists()
+
+
 def test_cli_train_eval_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     train = [

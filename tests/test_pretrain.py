@@ -506,3 +506,21 @@ def test_an_encoder_the_official_code_would_build_otherwise_is_not_written_offic
         PretrainTrainer._save_official(trainer, model.state_dict())
     assert not (tmp_path / "simmim-final.pth").exists()
     assert "simmim-final.pth is not written: this model cannot be written in the official layout" in caplog.text
+
+
+def test_a_validation_set_of_which_no_image_can_be_read_stops_pretraining_before_a_best_encoder(tmp_path, capsys):
+    # Its val loss was 0.0000 over no image, the best possible: encoder-best.safetensors was picked on it.
+    train = write_digit_folder(tmp_path / "train", classes=(0, 1), per_class=4, formats=("png",))
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "a.png").write_bytes(b"not an image")
+    (val / "b.jpg").write_bytes(b"")
+    output = tmp_path / "pretrain"
+    args = ["pretrain", "--data", str(train), "--val-data", str(val), "--model", "swin_test", "--img-size", "32"]
+    args += ["--window-size", "4", "--mask-patch-size", "8", "--batch-size", "4", "--epochs", "1", "--workers", "0"]
+    assert main([*args, "--no-progress", "--warmup-epochs", "0", "--output", str(output)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(
+        f"swinkit pretrain: error: no image of the validation set ({val}) could be read: all 2 failed (the first: "
+    ), error
+    assert not (output / "encoder-best.safetensors").exists()

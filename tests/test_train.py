@@ -800,3 +800,21 @@ def test_max_steps_inside_the_first_epoch_says_where_the_outputs_are(digit_folde
         == f"stopped at --max-steps before an epoch ended (not validated); outputs in {out}/"
     )
     assert (out / "model-final.safetensors").is_file()  # was: nothing printed at all
+
+
+def test_a_validation_set_of_which_no_image_can_be_read_stops_training_before_a_best_model(tmp_path, capsys):
+    # It was scored "val top-1 0.00%, val loss 0.0000" and a model-best.safetensors saved on it.
+    data = tmp_path / "data"
+    write_digit_folder(data / "train", classes=(0, 1), per_class=4, formats=("png",))
+    for name in ("digit0", "digit1"):
+        (data / "val" / name).mkdir(parents=True)
+        (data / "val" / name / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), *FAST, "--epochs", "1", "--batch-size", "4", "--output", str(out)]
+    assert main([*args, "--warmup-epochs", "0", "--resume", "never"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"swinkit train: error: no image of the validation set ({data / 'val'}) could be read: all 2 failed "
+        f"(the first: {data / 'val' / 'digit0' / 'bad.png'})"
+    )
+    assert not (out / "model-best.safetensors").exists()

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint.io import make_folder
-from ..data import collate_skipping_bad
+from ..data import collate_skipping_bad, require_some_read
 from ..evaluate import amp_dtype
 from ..train import distributed
 from ..train.config import schedule_notes
 from ..train.data import EpochBatchSampler
-from ..train.loop import TrainingLoop, plain, warn_bad_images
+from ..train.loop import TrainingLoop, held_out_bad, plain, warn_bad_images
 from ..train.metrics import MetricsLog
 from ..train.optim import WarmupCosine, WarmupPoly, WarmupSchedule, WarmupStep, build_optimizer
 from ..train.state import TRAIN_CHECKPOINT, save_training_state, set_rng_state
@@ -364,8 +364,11 @@ class SegmentationTrainer(DenseTrainer):
         confusion, bad = evaluate_segmentation(
             self.model, loader, len(self.classes), c.ignore_index, c.test_mode, c.crop_size, c.slide_stride, self.dist
         )
-        scores = segmentation_scores(confusion)
         (val_bad,) = self.dist.sum([len(bad)])  # each process's part of the held-out images
+        # Scores of 0 over no image would pass for a result, and pick a "best" model.
+        source = f"the validation set ({self.val_set.images})"
+        require_some_read(len(self.val_set) - int(val_bad), held_out_bad(bad, val_bad), source)
+        scores = segmentation_scores(confusion)
         return {**{f"val_{name}": scores[name] for name in ("mIoU", "mAcc", "aAcc")}, "val_bad_images": int(val_bad)}
 
 
@@ -437,6 +440,8 @@ class DetectionTrainer(DenseTrainer):
     def validate(self) -> dict[str, float]:
         loader = self.eval_loader(detection_eval_transform, batch_size=self.config.batch_size)
         scores = evaluate_detection(self.model, loader, self.val_set, self.dist)  # bad images gathered there
+        source = f"the validation set ({self.config.val_data}, images in {self.val_set.root})"
+        require_some_read(len(self.val_set) - scores["bad_images"], scores["bad_images"], source)
         row = {f"val_{k}": v for k, v in scores.items() if k.endswith(("_AP", "_AP50", "_AP75"))}
         return {**row, "val_bad_images": scores["bad_images"]}
 

@@ -65,6 +65,18 @@ def load_datasets(config: TrainConfig) -> RunData:
     return RunData(train, val, train.classes, str(config.data))
 
 
+def validation_source(config: Any) -> str:
+    """The held-out images of a run (a training or pretraining config) as messages name them."""
+    if config.val_data is not None:
+        return f"the validation set ({config.val_data})"
+    if config.data is None:
+        return "the validation set (the held-out part of the bundled digits)"
+    root = Path(config.data)
+    if root.is_dir() and (root / "train").is_dir() and (root / "val").is_dir():
+        return f"the validation set ({root / 'val'})"
+    return f"the validation set (the part of {config.data} held out by --val-fraction)"
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """This process's share of each global batch, in an order fixed by (seed, epoch).
 

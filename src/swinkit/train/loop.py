@@ -27,7 +27,7 @@ from ..fast import forget_cached_weights
 from ..predict import refuse_dense_file
 from . import distributed
 from .config import TrainConfig, save_yaml, schedule_notes
-from .data import RunData, eval_loader, load_datasets, train_loader
+from .data import RunData, eval_loader, load_datasets, train_loader, validation_source
 from .ema import ModelEma
 from .metrics import MetricsLog, plot_curves
 from .optim import WarmupCosine, build_optimizer
@@ -68,6 +68,12 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     freeze_stages(model, config.freeze_stages)
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model
+
+
+def held_out_bad(bad_items: list[str], total: float) -> list[str] | int:
+    """The unreadable held-out images for :func:`~swinkit.data.require_some_read`: this process's paths
+    where they are all of them (one process), else their count over every process."""
+    return bad_items if len(bad_items) == int(total) else int(total)
 
 
 def warn_bad_images(row: dict[str, Any]) -> None:
@@ -475,6 +481,8 @@ class Trainer(TrainingLoop):
             self.forward_model, self.val_loader, num_classes, self.dist.device, self.amp_dtype, self.dist
         )
         (val_bad,) = self.dist.sum([len(result.bad_items)])  # each process's part of the held-out images
+        # Scores of 0 over no image would pass for a result, and pick a "best" model.
+        require_some_read(result.count, held_out_bad(result.bad_items, val_bad), validation_source(self.config))
         row = {
             "val_loss": result.loss,
             "val_top1": result.top1,

@@ -36,6 +36,7 @@ from ..data import (
     collate_skipping_bad,
     csv_list,
     eval_crop,
+    require_some_read,
     split_dataset,
 )
 from ..data.datasets import Sample
@@ -68,8 +69,8 @@ from .config import (
     resolve_options,
     schedule_notes,
 )
-from .data import SPLIT_SEED, RunData, load_datasets, train_loader
-from .loop import Trainer, build_model, run_trainer, warmup_cosine, warn_bad_images
+from .data import SPLIT_SEED, RunData, load_datasets, train_loader, validation_source
+from .loop import Trainer, build_model, held_out_bad, run_trainer, warmup_cosine, warn_bad_images
 from .metrics import MetricsLog, plot_curves
 from .optim import WarmupSchedule, WarmupStep, build_optimizer
 
@@ -473,14 +474,16 @@ class PretrainTrainer(Trainer):
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.forward_model.eval()
-        total, count, bad = 0.0, 0, 0
+        total, count, bad = 0.0, 0, []
         for batch in self.val_loader:
-            bad += len(batch["bad"])
+            bad += batch["bad"]
             if batch["images"] is not None:
                 loss, images = self._loss(self.forward_model, batch)
                 total, count = total + loss.item() * images, count + images
-        total, count, bad = self.dist.sum([total, count, bad])
-        return {"val_loss": total / max(count, 1), "val_bad_images": int(bad)}
+        total, count, bad_count = self.dist.sum([total, count, len(bad)])
+        # A loss of 0 over no image would be the best possible, and pick the "best" encoder.
+        require_some_read(int(count), held_out_bad(bad, bad_count), validation_source(self.config))
+        return {"val_loss": total / max(count, 1), "val_bad_images": int(bad_count)}
 
     def _log_epoch(self, row: dict[str, Any], best_path: Path) -> None:
         best_state = self._new_best(-row["val_loss"])
