@@ -818,3 +818,25 @@ def test_a_validation_set_of_which_no_image_can_be_read_stops_training_before_a_
         f"(the first: {data / 'val' / 'digit0' / 'bad.png'})"
     )
     assert not (out / "model-best.safetensors").exists()
+
+
+@pytest.mark.parametrize("present", [("train",), ("val",)])
+def test_half_of_the_train_val_layout_is_refused_not_taken_as_one_class(tmp_path, capsys, present):
+    # data/train/<class>/ without data/val/ trained a one-class model named "train", "100%" held-out accuracy.
+    data = tmp_path / "data"
+    for split in present:
+        write_digit_folder(data / split, classes=(0, 1), per_class=2, formats=("png",))
+    (missing,) = {"train", "val"} - set(present)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), *FAST, "--epochs", "1", "--batch-size", "4", "--output", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(
+        f"swinkit train: error: {data} has {present[0]}/ but no {missing}/: split folders, not classes. "
+        f"Give {data} both train/ and val/ (each holding class folders), or class folders alone"
+    ), error
+    assert not out.exists() or not any(out.glob("*.safetensors"))
+    # A class named "train" among others is a class (a vehicles data set), and is trained on.
+    write_digit_folder(data / "bus", classes=(0, 1), per_class=2, formats=("png",))
+    dataset = swinkit.train.data.load_datasets(resolve_config({"data": str(data), "val_fraction": 0.5}))
+    assert dataset.classes == sorted([present[0], "bus"])

@@ -36,11 +36,35 @@ class RunData:
     source: str
 
 
+SPLIT_FOLDERS = ("train", "val")
+
+
 def _load(path: str, strict: bool, held_out: bool = False) -> FileDataset:
     """A CSV list or class folders; held-out images may leave a class folder empty (a warning)."""
     if Path(path).suffix.lower() == ".csv":
         return csv_list(path, strict=strict)
-    return image_folder(path, strict=strict, allow_empty=held_out)
+    dataset = image_folder(path, strict=strict, allow_empty=held_out)
+    _refuse_split_folders_as_classes(path, dataset.classes)
+    return dataset
+
+
+def _refuse_split_folders_as_classes(path: str, classes: list[str]) -> None:
+    """Refuse class folders that are only ``train/`` or ``val/``: half of the split layout, which as
+    class folders trains a one-class model named after the split ("100%" held-out accuracy)."""
+    if not set(classes) <= set(SPLIT_FOLDERS):
+        return
+    missing = [name for name in SPLIT_FOLDERS if name not in classes]
+    train = "--data and --val-data each naming a folder of class folders"
+    if not missing:
+        raise ValueError(
+            f"{path} has train/ and val/, split folders, not classes: leave out --val-data (val/ is the "
+            f"held-out part), or {train}"
+        )
+    raise ValueError(
+        f"{path} has {classes[0]}/ but no {missing[0]}/: split folders, not classes. Give {path} both train/ "
+        f"and val/ (each holding class folders), or class folders alone ({path}/<class>/<images>, split by "
+        f"--val-fraction), or {train}"
+    )
 
 
 def load_datasets(config: TrainConfig) -> RunData:
