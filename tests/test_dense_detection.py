@@ -300,6 +300,34 @@ def test_polygons_with_non_finite_or_far_away_coordinates_are_left_out_and_named
     check_polygon([-40, -30, 80, 60, 0, 0], 30, 40)  # the margin's edges
 
 
+def test_list_or_object_ids_are_reported_as_bad_entries_naming_the_key(tmp_path, caplog):
+    # They stopped the command with "error: unhashable type: 'list'", naming neither the file nor the key.
+    _grey_images(tmp_path, [("a.png", 90), ("b.png", 90)])
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": [2], "file_name": "b.png", "width": 40, "height": 30},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8]},
+            {"id": 2, "image_id": [1], "category_id": 1, "bbox": [2, 3, 10, 8]},
+            {"id": 3, "image_id": 1, "category_id": {"id": 1}, "bbox": [2, 3, 10, 8]},
+        ],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    (tmp_path / "ids.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(tmp_path / "ids.json", masks=False)
+    assert dict(dataset.problems.counts) == {
+        "invalid image entries": 1,
+        "annotations of unknown images": 1,
+        "unknown category ids": 1,
+    }
+    assert "ids.json" in caplog.text and "invalid image entries (e.g. image id [2])" in caplog.text
+    assert "annotation 2: image_id [1]" in caplog.text and "annotation 3: category_id {'id': 1}" in caplog.text
+    assert [record.id for record in dataset.records] == [1] and dataset.target(0)["labels"].tolist() == [1]
+
+
 def test_compressed_rle_counts_are_read_as_pycocotools_writes_them():
     generator = np.random.default_rng(0)
     for height, width, fill in [(1, 1, 1.0), (30, 40, 0.0), (30, 40, 1.0), (57, 13, 0.3), (64, 64, 0.02)]:

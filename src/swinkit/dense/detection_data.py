@@ -144,7 +144,7 @@ class CocoDetection(Dataset):
             except (KeyError, TypeError, ValueError):
                 self.problems.add("invalid image entries", repr(entry)[:80])
                 continue
-            if record.id in seen or record.width < 1 or record.height < 1:
+            if not is_id(record.id) or record.id in seen or record.width < 1 or record.height < 1:
                 self.problems.add("invalid image entries", f"image id {record.id!r}")
                 continue
             seen.add(record.id)
@@ -153,11 +153,12 @@ class CocoDetection(Dataset):
 
     def _add_annotation(self, annotation: Any, by_id: dict[Any, ImageRecord]) -> None:
         ident = f"annotation {annotation.get('id', '?')}" if isinstance(annotation, dict) else repr(annotation)[:40]
-        record = by_id.get(annotation.get("image_id")) if isinstance(annotation, dict) else None
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        record = by_id.get(image_id) if is_id(image_id) else None
         if record is None:
-            self.problems.add("annotations of unknown images", ident)
+            self.problems.add("annotations of unknown images", f"{ident}: image_id {image_id!r}")
             return
-        if annotation.get("category_id") not in self.label_of:
+        if not is_id(annotation.get("category_id")) or annotation.get("category_id") not in self.label_of:
             self.problems.add("unknown category ids", f"{ident}: category_id {annotation.get('category_id')!r}")
             return
         self.annotated.add(record.id)
@@ -262,6 +263,11 @@ class CocoDetection(Dataset):
                     entry["segmentation"] = a["segmentation"]
                 annotations.append(entry)
         return {"images": images, "annotations": annotations, "categories": self.categories}
+
+
+def is_id(value: Any) -> bool:
+    """Whether a JSON value can be an id: not a list or an object (they cannot be looked up)."""
+    return not isinstance(value, list | dict)
 
 
 def read_coco_json(path: Path) -> dict[str, Any]:
