@@ -443,6 +443,42 @@ def test_an_image_too_elongated_for_the_test_scale_is_a_clear_error(tmp_path):
     assert "(sizes are height x width, in pixels)" in results[0]["error"]  # 900 wide, 2 tall: which is which
 
 
+def test_an_image_too_elongated_for_the_detector_is_left_out_of_eval_and_training(shapes, tmp_path, capsys, caplog):
+    # It stopped detect eval and detect train, and train's error named every file of its batch.
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images" / "validation", images)
+    Image.fromarray(np.full((2, 900, 3), 128, dtype=np.uint8)).save(images / "thin.png")
+    data = json.loads((shapes / "instances_validation.json").read_text())
+    data["images"].append({"id": 77, "file_name": "thin.png", "width": 900, "height": 2})
+    data["annotations"].append({**data["annotations"][0], "id": 777, "image_id": 77, "bbox": [1, 0, 50, 2]})
+    data["annotations"][-1].pop("segmentation", None)
+    (tmp_path / "thin.json").write_text(json.dumps(data))
+    thin = f"{images / 'thin.png'}: an image of 2x900 resizes to 0x96 at the detector's scale (shorter side 64"
+    model = create_detector("swin_test", 3, detector_options=TINY).eval()
+    spec = DenseSpec("detect", model.backbone.body.config, ["circle", "square", "triangle"],
+                     head={**TINY, "masks": True}, inference={"category_ids": [1, 2, 3]})  # fmt: skip
+    save_dense(model, spec, tmp_path / "detector.safetensors")
+    evaluate = ["detect", "eval", "--checkpoint", str(tmp_path / "detector.safetensors"), "--workers", "0"]
+    evaluate += ["--data", str(tmp_path / "thin.json"), "--images", str(images)]
+    with caplog.at_level("WARNING"):
+        assert main(evaluate) == 0
+    assert "thin.json: 1 of 5 images left out, too elongated to detect in: " + thin in caplog.text
+    assert "(4 images, 0 unreadable" in capsys.readouterr().out
+    assert main([*evaluate, "--strict-data"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("swinkit detect eval: error: " + thin) and "validation_0000" not in error
+    # Training: left out of both sets (the training file's --min-image-side filter let it through).
+    train = ["detect", "train", "--data", str(tmp_path / "thin.json"), "--images", str(images), "--val-data",
+             str(tmp_path / "thin.json"), "--val-images", str(images), *FAST, "--epochs", "1", "--batch-size", "2",
+             "--min-image-side", "0", "--max-steps", "1", "--output", str(tmp_path / "run")]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(train) == 0
+    assert caplog.text.count("1 of 5 images left out, too elongated to detect in: " + thin) == 2
+
+
 def test_a_score_threshold_below_the_detectors_own_floor_lowers_it(tmp_path):
     # The detector drops detections under its score_threshold before predict's own threshold: a
     # lower --score-threshold found nothing more.

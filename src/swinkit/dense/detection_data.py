@@ -106,6 +106,36 @@ class CocoDetection(Dataset):
             small = f"have a side under {min_side} pixels"
             self._leave_out(lambda record: min(record.width, record.height) >= min_side, small)
 
+    def leave_out_too_elongated(self, short: int, long: int, size_offset: float) -> None:
+        """Leave out the images a detector that resizes to shorter side ``short``, longer at most ``long``
+        (each side ``int(side * scale + size_offset)``), cannot take: a side would be 0 pixels. Judged by
+        their size in the file (an image of another size is a bad item when loaded). The detector refuses
+        such an image, and with it its whole batch: here it is reported and left out, or with ``strict``
+        stops the command, naming it."""
+
+        def resized(record: ImageRecord) -> tuple[int, int]:
+            return rescaled_size(record.height, record.width, short, long, size_offset)
+
+        elongated = [record for record in self.records if min(resized(record)) < 1]
+        if not elongated:
+            return
+        first = elongated[0]
+        height, width = resized(first)
+        problem = (
+            f"{first.path}: an image of {first.height}x{first.width} resizes to {height}x{width} at the detector's "
+            f"scale (shorter side {short}, longer at most {long}): too elongated to detect in (sizes are height x "
+            "width, in pixels)"
+        )
+        if self.strict:
+            raise ValueError(problem)
+        if len(elongated) == len(self.records):
+            raise ValueError(f"{self.source}: none left: all {len(self.records)} of its images, e.g. {problem}")
+        self.records = [record for record in self.records if min(resized(record)) >= 1]
+        logger.warning(
+            "%s: %d of %d images left out, too elongated to detect in: %s",
+            self.source, len(elongated), len(elongated) + len(self.records), problem,
+        )  # fmt: skip
+
     def _leave_out(self, keep: Callable[[ImageRecord], bool], reason: str) -> None:
         """Training's filters of mmdet's ``CocoDataset._filter_imgs``: the records ``keep`` accepts."""
         kept = [record for record in self.records if keep(record)]
@@ -263,6 +293,16 @@ class CocoDetection(Dataset):
                     entry["segmentation"] = a["segmentation"]
                 annotations.append(entry)
         return {"images": images, "annotations": annotations, "categories": self.categories}
+
+
+def detector_scale(model: Any) -> tuple[int, int, float] | None:
+    """The test scale of a detector (eager or exported) as :meth:`CocoDetection.leave_out_too_elongated`
+    takes it: shorter side, longer side's bound, rounding offset; None where the file does not say."""
+    transform = getattr(model, "transform", None)
+    if transform is not None:
+        return transform.min_size[-1], transform.max_size, transform.size_offset
+    resize = getattr(model, "resize", None)  # an exported file's, from its metadata
+    return (resize["short"], resize["long"], resize["offset"]) if isinstance(resize, dict) else None
 
 
 def is_id(value: Any) -> bool:

@@ -466,13 +466,15 @@ def _evaluate_detection(
     views: list[Any],
 ) -> dict[str, Any]:
     from .detection import evaluate_detection
-    from .detection_data import CocoDetection, detection_eval_transform
+    from .detection_data import CocoDetection, detection_eval_transform, detector_scale
 
     dataset = CocoDetection(data, images, masks=spec.head.get("masks", False), strict=strict)
     if dataset.category_ids != spec.inference["category_ids"]:
         raise ValueError(
             f"{data} has categories {dataset.category_ids}, the model was trained on {spec.inference['category_ids']}"
         )
+    if (scale := detector_scale(model)) is not None:  # such an image stopped the whole evaluation
+        dataset.leave_out_too_elongated(*scale)
     loader = DataLoader(
         Transformed(dataset, detection_eval_transform), batch_size=2, num_workers=workers, collate_fn=collate_lists
     )

@@ -35,7 +35,7 @@ from .backbone import create_backbone
 from .config import SCHEDULES, DenseConfig, DetectionConfig, SegmentationConfig
 from .data import Augmented, Transformed, collate_lists
 from .detection import build_detector, evaluate_detection
-from .detection_data import CocoDetection, DetectionTrainTransform, detection_eval_transform
+from .detection_data import CocoDetection, DetectionTrainTransform, detection_eval_transform, detector_scale
 from .metrics import segmentation_scores
 from .segmentation import build_segmentor, evaluate_segmentation, segmentation_losses
 from .segmentation_data import (
@@ -413,6 +413,9 @@ class DetectionTrainer(DenseTrainer):
 
     def build_model(self) -> nn.Module:
         model = build_detector(self.create_backbone(), len(self.classes), **self.head_options())
+        # Images its resize cannot take stopped the run, naming the whole batch: left out by name first.
+        for dataset in (self.train_set, self.val_set):
+            dataset.leave_out_too_elongated(*detector_scale(model))
         return self.with_file_heads(model, "detect")
 
     def describe(self) -> DenseSpec:
