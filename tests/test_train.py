@@ -840,3 +840,20 @@ def test_half_of_the_train_val_layout_is_refused_not_taken_as_one_class(tmp_path
     write_digit_folder(data / "bus", classes=(0, 1), per_class=2, formats=("png",))
     dataset = swinkit.train.data.load_datasets(resolve_config({"data": str(data), "val_fraction": 0.5}))
     assert dataset.classes == sorted([present[0], "bus"])
+
+
+def test_a_one_class_data_set_is_refused_by_name(tmp_path, capsys):
+    # It trained silently to a loss of 0 and "100%" accuracy: cross-entropy over one class is always 0.
+    data = write_digit_folder(tmp_path / "data", classes=(3,), per_class=4, formats=("png",))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), *FAST, "--epochs", "1", "--batch-size", "2", "--output", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"swinkit train: error: {data} has one class ('digit3'): a classifier needs at least two; add the other "
+        "classes' folders (or CSV rows)"
+    )
+    rows = tmp_path / "one.csv"
+    rows.write_text("".join(f"{path},cat\n" for path in sorted(data.rglob("*.png"))))
+    assert main([*args[:2], str(rows), *args[3:]]) == 2
+    assert "one.csv has one class ('cat')" in capsys.readouterr().err

@@ -86,6 +86,11 @@ def load_datasets(config: TrainConfig) -> RunData:
         raise ValueError(
             f"train and val classes differ: {sorted(set(train.classes) ^ set(val.classes))[:10]} are in only one"
         )
+    if len(train.classes) < 2:  # cross-entropy over one class is 0 whatever the model: nothing is learned
+        raise ValueError(
+            f"{config.data} has one class ({train.classes[0]!r}): a classifier needs at least two; add the "
+            "other classes' folders (or CSV rows)"
+        )
     return RunData(train, val, train.classes, str(config.data))
 
 
