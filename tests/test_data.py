@@ -98,6 +98,21 @@ def test_an_image_too_elongated_to_resize_for_evaluation_is_a_bad_image_naming_i
         transform(load_image(tall))
 
 
+def test_a_symbolic_link_that_leads_nowhere_is_a_bad_image_not_lost(tmp_path):
+    # A dangling link in a class folder vanished without a word: "(8 images, 0 unreadable)".
+    root = write_digit_folder(tmp_path / "data", classes=(0, 1), per_class=1, formats=("png",))
+    broken = root / "digit1" / "broken.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    (root / "digit1" / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # not an image's name: not listed
+    dataset = image_folder(root)
+    assert len(dataset) == 3 and str(broken) in [sample.path for sample in dataset.samples]
+    index = [sample.path for sample in dataset.samples].index(str(broken))
+    reason = f"cannot decode image {broken}: a symbolic link to {tmp_path / 'nowhere.png'} that leads to no file"
+    assert isinstance(dataset[index], BadItem) and dataset[index].reason.startswith(reason)
+    with pytest.raises(BadImageError, match=re.escape(reason)):
+        image_folder(root, strict=True)[index]
+
+
 def test_all_bad_batch_collates_to_none():
     batch = collate_skipping_bad([BadItem("a.png", "x"), BadItem("b.png", "y")])
     assert batch["images"] is None and batch["bad"] == ["a.png", "b.png"]

@@ -51,6 +51,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise BadImageError(f"cannot decode image {path}: {_bomb_reason(error)}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        if os.path.islink(path) and not os.path.exists(path):
+            reason = f"a symbolic link to {os.readlink(path)} that leads to no file (missing, or a loop)"
+            raise BadImageError(f"cannot decode image {path}: {reason}") from None
         # PIL reports truncated data as OSError and some corrupt headers as SyntaxError.
         raise BadImageError(f"cannot decode image {path}: {error}") from None
 
@@ -80,7 +83,8 @@ def list_folder(folder: Path, what: str) -> list[os.DirEntry]:
 
 def find_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
     """The image files (by extension) in ``folder`` and its sub-folders, sorted, as ``rglob`` finds them
-    (symlinked files are taken, symlinked sub-folders are not followed).
+    (symlinked files are taken, symlinked sub-folders are not followed). A symbolic link that leads to
+    no file is taken too, so that it is reported as a bad image when loaded rather than lost unsaid.
 
     A folder that cannot be listed raises ``OSError`` (``PermissionError`` for permissions) naming it
     as ``"cannot read {what} {path}: ..."``: ``rglob`` would skip it silently.
@@ -93,8 +97,8 @@ def find_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Pa
             path = current / entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
-                is_file = not is_dir and entry.is_file()
-            except OSError:  # a vanished entry or a broken link: not an image file
+                is_file = not is_dir and (entry.is_file() or (entry.is_symlink() and not path.exists()))
+            except OSError:  # a vanished entry: not an image file
                 continue
             if is_dir:
                 pending.append(path)
