@@ -142,3 +142,35 @@ def test_a_corrupt_training_checkpoint_is_named_without_torchs_advice_to_unpickl
     assert f"cannot read training checkpoint {output / TRAIN_CHECKPOINT}" in error
     assert "truncated or corrupt" in error and "--resume never" in error
     assert "weights_only" not in error  # torch advised unpickling it, which would run its code
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_resume_names_a_folder_an_unsafe_pickle_and_another_commands_checkpoint(folders, tmp_path, capsys):
+    # A folder was "does not exist"; a pickle refused for safety "truncated or corrupt"; a pretraining
+    # run's checkpoint "a run with different options (auto_augment ..., base_lr ...)".
+    train, _ = folders
+    run = tmp_path / "run"
+    assert _train(folders, run, "--epochs", "1", "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _train(folders, tmp_path / "other", "--epochs", "1", "--resume", str(run)) == 2
+    assert f"--resume {run} is a folder: give its {TRAIN_CHECKPOINT}, or --resume auto" in capsys.readouterr().err
+    torch.save({"format": "swinkit-train-v1", "code": _RunsCode()}, tmp_path / "unsafe.pt")
+    assert _train(folders, tmp_path / "other", "--epochs", "1", "--resume", str(tmp_path / "unsafe.pt")) == 2
+    error = capsys.readouterr()
+    assert "refusing to read training checkpoint" in error.err and "needs to import and run code" in error.err
+    assert "ran" not in error.out
+    pretraining = tmp_path / "pretrain"
+    options = ["--model", "swin_test", "--img-size", "32", "--window-size", "4", "--mask-patch-size", "8"]
+    options += ["--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--workers", "0", "--no-progress"]
+    assert main(["pretrain", "--data", str(train), *options, "--output", str(pretraining)]) == 0
+    checkpoint = pretraining / TRAIN_CHECKPOINT
+    assert _train(folders, tmp_path / "other", "--epochs", "1", "--resume", str(checkpoint)) == 2
+    expected = f"{checkpoint} is a swinkit pretrain checkpoint: resume it with swinkit pretrain --resume"
+    assert expected in capsys.readouterr().err
+    resumed = ["pretrain", "--data", str(train), *options, "--output", str(tmp_path / "p2"), "--resume"]
+    assert main([*resumed, str(run / TRAIN_CHECKPOINT)]) == 2
+    assert "is a swinkit train checkpoint: resume it with swinkit train --resume" in capsys.readouterr().err

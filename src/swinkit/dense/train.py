@@ -303,6 +303,7 @@ class SegmentationTrainer(DenseTrainer):
     """Swin + UPerNet (+ auxiliary FCN head) on image / label-map folders; best model by validation mIoU."""
 
     metric = "mIoU"
+    command = "segment train"
     config: SegmentationConfig
 
     def load_data(self) -> tuple[Dataset, Dataset]:
@@ -376,6 +377,7 @@ class DetectionTrainer(DenseTrainer):
     """Swin + FPN + torchvision Mask / Faster R-CNN on COCO JSON files; best model by validation box AP."""
 
     metric = "bbox_AP"
+    command = "detect train"
     config: DetectionConfig
     collate = staticmethod(collate_lists)
 

@@ -31,7 +31,7 @@ from .data import RunData, eval_loader, load_datasets, train_loader, validation_
 from .ema import ModelEma
 from .metrics import MetricsLog, plot_curves
 from .optim import WarmupCosine, build_optimizer
-from .state import TRAIN_CHECKPOINT, load_training_state, save_training_state
+from .state import TRAIN_CHECKPOINT, check_written_by, load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class TrainingLoop:
         if self.config.resume == "auto" and not path.exists():
             return False
         state = load_training_state(path)
+        check_written_by(state, self.command, path)
         check_same_run(state["config"], dataclasses.asdict(self.config), path)
         self._check_same_setting(state, path)
         self._load_state(state)
@@ -320,6 +321,8 @@ class TrainingLoop:
 
 class Trainer(TrainingLoop):
     """A training run: model, optimizer, schedule, data and everything needed to resume it."""
+
+    command = "train"  # the swinkit command whose checkpoints it resumes
 
     def __init__(self, config: TrainConfig, dist: distributed.Distributed) -> None:
         self.config, self.dist = config, dist

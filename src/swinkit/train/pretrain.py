@@ -398,6 +398,8 @@ class PretrainTrainer(Trainer):
     """A SimMIM run: the classification :class:`~swinkit.train.Trainer` with a masked-image model,
     its loss and a reconstruction-loss validation (the loop's best score is minus that loss)."""
 
+    command = "pretrain"
+
     best_file = "encoder-best.safetensors"
 
     def __init__(self, config: PretrainConfig, dist: distributed.Distributed) -> None:
