@@ -262,13 +262,17 @@ def test_a_dense_file_with_bad_test_settings_or_non_finite_weights_is_refused_by
     stored = json.loads(metadata["swinkit_dense"])
     for name, inference, message in [
         ("mode", {"mode": "banana"}, "mode must be 'whole' or 'slide', got 'banana'"),
-        ("scale", {"scale": "big"}, r"scale must be 2 positive numbers \(long side, short side\), got 'big'"),
+        ("scale", {"scale": "big"}, r"scale must be 2 positive numbers \(long side, short side\) or null, got 'big'"),
         ("crop", {"crop_size": 0}, "crop_size must be a whole number of pixels of 1 or more, got 0"),
     ]:
         edited = {**stored, "inference": {**stored["inference"], **inference}}
         save_file(weights, tmp_path / f"{name}.safetensors", {**metadata, "swinkit_dense": json.dumps(edited)})
         with pytest.raises(CheckpointError, match=rf"{name}\.safetensors: the dense model description .* {message}"):
             load_dense(tmp_path / f"{name}.safetensors")
+    # A null scale (each image at its own size, as segment train's --help documents) is valid.
+    own_size = {**stored, "inference": {**stored["inference"], "scale": None}}
+    save_file(weights, tmp_path / "own.safetensors", {**metadata, "swinkit_dense": json.dumps(own_size)})
+    assert load_dense(tmp_path / "own.safetensors")[1].inference["scale"] is None
     detector = preset_spec("swin_test", "mask_rcnn", 3)
     for ids in ([1, 2], [1, 1, 2], [1, 2, "3"]):
         with pytest.raises(ValueError, match=r"category_ids must be 3 distinct whole numbers, one per class"):

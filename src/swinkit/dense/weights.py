@@ -118,9 +118,11 @@ def _inference_problems(task: str, inference: dict[str, Any], classes: int) -> l
     if task == "segment":
         if "mode" in inference and inference["mode"] not in ("whole", "slide"):
             problems.append(f"mode must be 'whole' or 'slide', got {inference['mode']!r}")
-        scale = inference.get("scale", (1, 1))
-        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(is_real(v) and v > 0 for v in scale)):
-            problems.append(f"scale must be 2 positive numbers (long side, short side), got {scale!r}")
+        scale = inference.get("scale")  # None: each image at its own size
+        if scale is not None and not (
+            isinstance(scale, (list, tuple)) and len(scale) == 2 and all(is_real(v) and v > 0 for v in scale)
+        ):
+            problems.append(f"scale must be 2 positive numbers (long side, short side) or null, got {scale!r}")
         for key in ("crop_size", "stride"):
             if key in inference and not (is_whole(inference[key]) and inference[key] >= 1):
                 problems.append(f"{key} must be a whole number of pixels of 1 or more, got {inference[key]!r}")
