@@ -321,14 +321,18 @@ def _tensors_only() -> Iterator[None]:
     Here every ``torch.load`` is a ``weights_only=True`` one and the reader's ``pickle.loads``
     refuses; swinkit's exports hold neither kind of entry.
     """
-    from torch.export.pt2_archive import _package
-
+    try:  # the archive reader of torch 2.8 and later; older ones unpickle through torch.load only
+        from torch.export.pt2_archive import _package
+    except ImportError:
+        _package = None
     load, module_pickle = torch.load, getattr(_package, "pickle", None)
 
     def tensors_only_load(*args: Any, **kwargs: Any) -> Any:
         try:
             return load(*args, **{**kwargs, "weights_only": True})
         except pickle.UnpicklingError as error:
+            if "global" not in str(error).lower():  # damaged, not refused: torch's reader names it
+                raise
             raise PickledObjectRefused("a weight or constant that only a full unpickling reads") from error
 
     def refused(kind: str) -> Callable[..., Any]:
@@ -337,15 +341,19 @@ def _tensors_only() -> Iterator[None]:
 
         return refuse
 
-    script_objects = torch._C._pickle_load_obj
+    script_objects = getattr(torch._C, "_pickle_load_obj", None)
     with _parse_lock:
-        torch.load, torch._C._pickle_load_obj = tensors_only_load, refused("a TorchScript object")
+        torch.load = tensors_only_load
+        if script_objects is not None:
+            torch._C._pickle_load_obj = refused("a TorchScript object")
         if module_pickle is not None:
             _package.pickle = types.SimpleNamespace(loads=refused("an opaque object, read with pickle.loads"))
         try:
             yield
         finally:
-            torch.load, torch._C._pickle_load_obj = load, script_objects
+            torch.load = load
+            if script_objects is not None:
+                torch._C._pickle_load_obj = script_objects
             if module_pickle is not None:
                 _package.pickle = module_pickle
 
