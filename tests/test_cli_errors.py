@@ -4,6 +4,7 @@ traceback (the cases a sweep of every subcommand found answered by a raw traceba
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(argv, 
         assert err.startswith(f"usage: {level} ") and err.rstrip().endswith(
             f"{level}: error: unrecognized arguments: --bogus"
         )
+    # An unknown word that repeats the command's is placed where it stands, not at the command's word.
+    err = _refused(["segment", "train", "--data", "x", "segment"], capsys)
+    assert err.rstrip().endswith("swinkit segment train: error: unrecognized arguments: segment")
 
 
 def test_devices_are_checked_by_name():
@@ -140,6 +144,10 @@ def test_a_file_where_a_folder_must_be_or_a_folder_where_a_file_must_be(classifi
     ]:
         assert "missing.safetensors" in _refused(argv, capsys), argv
         assert not new.parent.exists(), argv
+    # A folder the system will not make is still refused before the work (tried, then removed).
+    if Path("/proc").is_dir():
+        argv = ["eval", "--data", str(digits), "--checkpoint", str(classifier), "--output", "/proc/swinkit/out"]
+        assert "cannot make the folder /proc/swinkit/out" in _refused(argv, capsys)
 
 
 def test_training_options_of_the_wrong_shape_are_refused_by_name(digits, tmp_path, capsys):

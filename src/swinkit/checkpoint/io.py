@@ -283,23 +283,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
 
 
 def check_folder(path: str | os.PathLike) -> Path:
-    """Refuse by name a file where the folder ``path`` (or one of its parents) must be; create nothing
-    (a run refused later, say for its checkpoint, leaves no empty folder behind)."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
-    if existing is not None and not existing.is_dir():
-        where = "it" if existing == path else existing
-        raise ValueError(f"cannot make the folder {path}: {where} is a file, not a folder")
+    """Refuse now what :func:`make_folder` would refuse later (a file in the way, a folder the system
+    will not make), leaving nothing behind: a folder made to try is removed again, so that a run
+    refused later, say for its checkpoint, leaves no empty folder."""
+    path = _no_file_in_the_way(Path(path))
+    missing = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]
+    make_folder(path)
+    for made in missing:  # the deepest first
+        with contextlib.suppress(OSError):
+            made.rmdir()
     return path
 
 
 def make_folder(path: str | os.PathLike) -> Path:
     """Create the folder ``path`` and its parents; a file where a folder must be is refused by name."""
-    path = check_folder(path)
+    path = _no_file_in_the_way(Path(path))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # no permission, a read-only or virtual file system
         raise ValueError(f"cannot make the folder {path}: {error.strerror or error}") from None
+    return path
+
+
+def _no_file_in_the_way(path: Path) -> Path:
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        where = "it" if existing == path else existing
+        raise ValueError(f"cannot make the folder {path}: {where} is a file, not a folder")
     return path
 
 
