@@ -500,13 +500,18 @@ def _command_parser(
     """The parser that ``unknown`` stood under: the command (and its action: ``segment eval``) that
     ``args`` were parsed for, or the level above where it came before that word (``swinkit --bogus
     train`` is the top level's)."""
-    unknown_at, word_at = argv.index(unknown), -1
+    words, word_at = [], -1  # where the command's and the action's words stand in argv
     for name in (args.command, getattr(args, "action", None)):
-        choices = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-        if name is None or not choices or name not in argv[word_at + 1 :]:
+        if name is None or name not in argv[word_at + 1 :]:
             break
         word_at = argv.index(name, word_at + 1)
-        if unknown_at < word_at:
+        words.append((name, word_at))
+    # The unknown's place: its first occurrence that is not one of those words (it may repeat one).
+    taken = {at for _, at in words}
+    unknown_at = next((i for i, word in enumerate(argv) if word == unknown and i not in taken), len(argv))
+    for name, at in words:
+        choices = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if not choices or unknown_at < at:
             break
         parser = choices[0].choices[name]
     return parser
