@@ -326,6 +326,11 @@ def test_list_or_object_ids_are_reported_as_bad_entries_naming_the_key(tmp_path,
     assert "ids.json" in caplog.text and "invalid image entries (e.g. image id [2])" in caplog.text
     assert "annotation 2: image_id [1]" in caplog.text and "annotation 3: category_id {'id': 1}" in caplog.text
     assert [record.id for record in dataset.records] == [1] and dataset.target(0)["labels"].tolist() == [1]
+    # Two categories of one id: the objects went to one name and the other was never trained.
+    data["categories"] = [{"id": 1, "name": "box"}, {"id": 1, "name": "circle"}, {"id": 2, "name": "dot"}]
+    (tmp_path / "repeated.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"repeated\.json: categories repeat the ids \[1\]; each category needs"):
+        CocoDetection(tmp_path / "repeated.json", masks=False)
 
 
 def test_compressed_rle_counts_are_read_as_pycocotools_writes_them():

@@ -327,6 +327,10 @@ def read_coco_json(path: Path) -> dict[str, Any]:
     bad = [c for c in data["categories"] if not isinstance(c, dict) or not isinstance(c.get("id"), int)]
     if bad or not data["categories"]:
         raise ValueError(f"{path}: categories must be objects with an integer 'id'; bad entries: {bad[:3]}")
+    ids = [c["id"] for c in data["categories"]]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:  # one id, two names: its objects would be trained under one of them, the other never seen
+        raise ValueError(f"{path}: categories repeat the ids {repeated}; each category needs its own id")
     return data
 
 
