@@ -527,7 +527,7 @@ def test_a_hugging_face_folder_that_contradicts_itself_is_refused_naming_its_fil
     model = swinkit.create_model("swin_test", num_classes=3, img_size=128)  # transformers' windows at every stage
     save_file(hf.from_swinkit(model.state_dict(), model.config), folder / "model.safetensors")
     # Without a config.json (or an image_size in it) the size is assumed: said, as for torchvision files.
-    note = "no image_size in a config.json beside the weights: taken as 224 px"
+    note = "no config.json with an image_size beside the weights: taken as 224 px"
     assert any(n.startswith(note) for n in swinkit.create_model(checkpoint=folder).load_report.notes)
     config = folder / "config.json"
     config.write_text(json.dumps({"image_size": 128}))

@@ -57,7 +57,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, say_assumed: bool = True) -> 
     if say_assumed and checkpoint.format == "hf" and "img_size" not in checkpoint.hints:
         _note_once(
             checkpoint,
-            f"no image_size in a config.json beside the weights: taken as {img_size} px; it sets "
+            f"no config.json with an image_size beside the weights: taken as {img_size} px; it sets "
             "the preprocessing of predict and eval: if the model was trained at another, load it with "
             "create_model(checkpoint=..., img_size=...) and save it",
         )
