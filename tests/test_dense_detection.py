@@ -326,6 +326,20 @@ def test_list_or_object_ids_are_reported_as_bad_entries_naming_the_key(tmp_path,
     assert "ids.json" in caplog.text and "invalid image entries (e.g. image id [2])" in caplog.text
     assert "annotation 2: image_id [1]" in caplog.text and "annotation 3: category_id {'id': 1}" in caplog.text
     assert [record.id for record in dataset.records] == [1] and dataset.target(0)["labels"].tolist() == [1]
+    # "iscrowd": "0" (a string, so true) made a region never trained on; category_id true was read as 1.
+    data["annotations"] = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8]},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": "0"},
+        {"id": 3, "image_id": 1, "category_id": True, "bbox": [2, 3, 10, 8]},
+        {"id": 4, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": 1},
+    ]
+    (tmp_path / "flags.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(tmp_path / "flags.json", masks=False)
+    counts = {"invalid image entries": 1, "invalid iscrowd values": 1, "unknown category ids": 1}  # image [2] too
+    assert dict(dataset.problems.counts) == counts
+    assert "annotation 2: iscrowd '0' (accepted: 0 or 1)" in caplog.text and "category_id True" in caplog.text
+    assert len(dataset.records[0].annotations) == 1 and len(dataset.records[0].crowd) == 1
     # Two categories of one id: the objects went to one name and the other was never trained.
     data["categories"] = [{"id": 1, "name": "box"}, {"id": 1, "name": "circle"}, {"id": 2, "name": "dot"}]
     (tmp_path / "repeated.json").write_text(json.dumps(data))

@@ -1,14 +1,15 @@
 """COCO-format detection data, validated: bad annotations are repaired or skipped and reported, never fatal.
 
 Checked once when the file is read (counted by kind and logged as one summary):
-annotations of unknown images or with unknown category ids, boxes that are malformed, empty or
-entirely outside their image (skipped), boxes partly outside (clipped), instances without a usable
-mask when masks are trained (skipped), RLE masks of another size than their image's or whose counts
-do not cover it exactly, and polygons with a coordinate that is not a finite number within an
-image size of the image (skipped, crowd regions too). Crowd regions are not trained on but count in
-evaluation, as COCO's evaluation expects. An image file that is missing or cannot be decoded, or
-whose size differs from the file's, is a :class:`~swinkit.data.BadItem` when loaded (reported,
-skipped by the loader, left out of the scores); an image folder holding none of the files is an error.
+annotations of unknown images or with unknown category ids, an ``iscrowd`` not 0 or 1, boxes
+that are malformed, empty or entirely outside their image (skipped), boxes partly outside
+(clipped), instances without a usable mask when masks are trained (skipped), RLE masks of another
+size than their image's or whose counts do not cover it exactly, and polygons with a coordinate
+that is not a finite number within an image size of the image (skipped, crowd regions too). Crowd
+regions are not trained on but count in evaluation, as COCO's evaluation expects. An image file
+that is missing or cannot be decoded, or whose size differs from the file's, is a
+:class:`~swinkit.data.BadItem` when loaded (reported, skipped by the loader, left out of the
+scores); an image folder holding none of the files is an error.
 """
 
 from __future__ import annotations
@@ -195,7 +196,11 @@ class CocoDetection(Dataset):
         box = self._checked_box(annotation.get("bbox"), record, ident)
         if box is None:
             return
-        crowd = bool(annotation.get("iscrowd", 0))
+        crowd = annotation.get("iscrowd", 0)
+        if crowd not in (0, 1):  # "0" is truthy: it made a region that was silently never trained on
+            self.problems.add("invalid iscrowd values", f"{ident}: iscrowd {crowd!r} (accepted: 0 or 1)")
+            return
+        crowd = bool(crowd)
         segmentation = annotation.get("segmentation")
         problem = mask_problem(segmentation, record.height, record.width) if self.masks else None
         if problem is not None and (not crowd or problem[0] in (INVALID_RLE, INVALID_POLYGON)):  # may have no mask
@@ -306,8 +311,9 @@ def detector_scale(model: Any) -> tuple[int, int, float] | None:
 
 
 def is_id(value: Any) -> bool:
-    """Whether a JSON value can be an id: not a list or an object (they cannot be looked up)."""
-    return not isinstance(value, list | dict)
+    """Whether a JSON value can be an id: not a list or an object (they cannot be looked up), nor
+    true / false (which Python would take for the ids 1 and 0)."""
+    return not isinstance(value, list | dict | bool)
 
 
 def read_coco_json(path: Path) -> dict[str, Any]:
