@@ -211,6 +211,18 @@ def _grey_images(folder, names_and_levels, size=(40, 30)):
         Image.fromarray(np.full((size[1], size[0], 3), level, np.uint8)).save(folder / name)
 
 
+def _one_image_coco(path, segmentations: dict, crowd: set) -> None:
+    """A COCO file at ``path`` of one 40x30 image ``a.png`` with one box annotation per segmentation
+    (its key the id; crowd regions the ids in ``crowd``), all of category 1."""
+    annotations = [
+        {"id": i, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": int(i in crowd), "segmentation": s}
+        for i, s in segmentations.items()
+    ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
+    path.write_text(json.dumps(data))
+
+
 def test_rle_masks_not_of_their_image_are_left_out_and_named(tmp_path, caplog):
     # pycocotools decodes an RLE of another size, or whose counts do not cover the image, into
     # memory it never wrote (values up to 240 as "mask" targets: a negative mask loss); a malformed
@@ -231,13 +243,7 @@ def test_rle_masks_not_of_their_image_are_left_out_and_named(tmp_path, caplog):
         9: {"counts": [5, 5], "size": [10, 10]},  # a crowd region: left out of evaluation too
         10: mask_to_rle(np.ones((30, 40), np.uint8)),  # a crowd region, right: kept
     }
-    annotations = [
-        {"id": i, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": int(i > 8), "segmentation": s}
-        for i, s in segmentations.items()
-    ]
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": annotations,
-            "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
-    (tmp_path / "rle.json").write_text(json.dumps(data))
+    _one_image_coco(tmp_path / "rle.json", segmentations, crowd={9, 10})
     with caplog.at_level("WARNING"):
         dataset = CocoDetection(tmp_path / "rle.json")
     assert dict(dataset.problems.counts) == {"invalid RLE masks": 7}
@@ -277,13 +283,7 @@ def test_polygons_with_non_finite_or_far_away_coordinates_are_left_out_and_named
         6: [[2, 3, 12, 3, 12, 11], [1, 1, 5, "x", 3, 3]],  # one bad polygon of two: the mask is not what was drawn
         7: [[1, 1, 5, 5, float("inf"), 3]],  # a crowd region: left out of evaluation too
     }
-    annotations = [
-        {"id": i, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8], "iscrowd": int(i == 7), "segmentation": s}
-        for i, s in segmentations.items()
-    ]
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": annotations,
-            "categories": [{"id": 1, "name": "box"}]}  # fmt: skip
-    (tmp_path / "poly.json").write_text(json.dumps(data))  # Python's json writes and reads NaN and Infinity
+    _one_image_coco(tmp_path / "poly.json", segmentations, crowd={7})  # json writes and reads NaN and Infinity
     with caplog.at_level("WARNING"):
         dataset = CocoDetection(tmp_path / "poly.json")
     assert dict(dataset.problems.counts) == {"invalid polygons": 5}
